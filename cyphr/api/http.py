@@ -1,0 +1,441 @@
+"""
+HTTP plumbing shared by every route: the Site and its Request, body limits,
+JSON in and out, the contract's error answers, security headers, CORS and
+the client address behind trusted proxies.
+
+Every answer passes through CyphrRequest.process(), so the headers and the
+limits hold for every resource, the realtime one included. Routes live in
+Klein apps (one class per area of the API, see cyphr.api); ApiRouter picks
+the app whose routes match and answers 404 / 405 itself otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+from urllib.parse import unquote_to_bytes
+
+from klein import Klein
+from twisted.internet.address import UNIXAddress
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from twisted.web.http import datetimeToString
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.exceptions import NotFound as WerkzeugNotFound
+from werkzeug.routing import RequestRedirect
+
+from cyphr.config import Config
+from cyphr.errors import (
+    CORS_ORIGIN_DENIED,
+    ApiError,
+    BadRequest,
+    Forbidden,
+    InternalError,
+    InvalidJson,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+
+_log = Logger()
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+# A JSON API loads nothing and is framed by nobody.
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"X-Frame-Options", b"DENY"),
+    (b"Content-Security-Policy", b"default-src 'none'; frame-ancestors 'none'"),
+    (b"Referrer-Policy", b"no-referrer"),
+    (b"Cross-Origin-Resource-Policy", b"same-site"),
+    (b"Cache-Control", b"no-store"),
+)
+HSTS = b"max-age=31536000; includeSubDomains"
+CORS_METHODS = b"GET, POST, PUT, DELETE"
+CORS_HEADERS = b"Content-Type, Authorization"
+CORS_MAX_AGE = b"600"
+
+
+# -- JSON in and out ----------------------------------------------------------
+
+
+def json_bytes(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def answer(request: Any, body: Any, status: int = 200) -> bytes:
+    """Set the status and content type; the bytes to return from a route."""
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    return json_bytes(body)
+
+
+def error_answer(request: Any, error: ApiError) -> bytes:
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    return answer(request, error.to_json(), error.status)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _is_json_type(content_type: bytes | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def parse_json(raw: bytes) -> Any:
+    """Decode a JSON document, or raise InvalidJson saying where it breaks."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidJson("The request body is not valid UTF-8",
+                          details={"position": e.start}) from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as e:
+        raise InvalidJson(
+            f"The request body is not valid JSON: {e.msg}",
+            details={"line": e.lineno, "column": e.colno, "position": e.pos},
+        ) from None
+    except RecursionError:
+        raise InvalidJson("The request body is nested too deeply") from None
+    except ValueError as e:  # NaN, Infinity, integers of too many digits
+        raise InvalidJson(f"The request body is not valid JSON: {e}") from None
+
+
+def read_json(request: Any, *, required: bool = True) -> dict[str, Any]:
+    """
+    The request's body as a JSON object. A body that is not declared as JSON
+    is 415; malformed JSON is 400 INVALID_JSON with its position; anything
+    but an object is 400 INVALID_BODY. An empty body is ``{}`` when the
+    route's fields are all optional (``required=False``).
+    """
+    request.content.seek(0)
+    raw = request.content.read()
+    if not raw.strip():
+        if required:
+            raise InvalidJson("A JSON object is required as the request body")
+        return {}
+    if not _is_json_type(request.getHeader(b"content-type")):
+        raise UnsupportedMediaType()
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object", code="INVALID_BODY")
+    return body
+
+
+# -- routing ------------------------------------------------------------------
+
+
+def install_error_handlers(app: Klein) -> None:
+    """Answer errors of the routes of ``app`` in the contract's format.
+    Call it once in the body of every API class, after ``app = Klein()``."""
+
+    @app.handle_errors(ApiError)
+    def _api_error(instance: Any, request: Any, failure: Failure) -> bytes:
+        return error_answer(request, failure.value)
+
+    @app.handle_errors(Exception)
+    def _unexpected(instance: Any, request: Any, failure: Failure) -> bytes:
+        _log.failure("Unexpected error answering {method} {route}", failure,
+                     method=request.method.decode("ascii", "replace"),
+                     route=getattr(request, "route", "?"))
+        return error_answer(request, InternalError())
+
+
+def _request_path(request: Any) -> str | None:
+    try:
+        return "/" + "/".join(segment.decode("utf-8") for segment in request.postpath)
+    except UnicodeDecodeError:
+        return None
+
+
+class ApiRouter(resource.Resource):
+    """
+    Hands each request to the first API (a Klein app bound to its instance)
+    whose routes match it. When none matches: 404, or 405 with ``Allow`` if
+    some route matches the path with another method. Sets
+    ``request.route`` to the matching route template (for logs and
+    metrics: never a raw path).
+    """
+
+    isLeaf = True
+
+    def __init__(self, apis: Sequence[Any]) -> None:
+        super().__init__()
+        self._apis = [(api, api.app.url_map) for api in apis]
+
+    def render(self, request: Any) -> Any:
+        path = _request_path(request)
+        if path is None:
+            return error_answer(request, NotFound())
+        method = request.method.decode("ascii", "replace")
+        allowed: set[str] = set()
+        for api, url_map in self._apis:
+            adapter = url_map.bind("cyphr", "/")
+            try:
+                rule, _ = adapter.match(path, method, return_rule=True)
+            except WerkzeugMethodNotAllowed as e:
+                allowed.update(e.valid_methods or ())
+                continue
+            except (WerkzeugNotFound, RequestRedirect):
+                continue
+            request.route = rule.rule.replace("<", ":").replace(">", "")
+            return api.app.resource().render(request)
+        if allowed:
+            request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
+            return error_answer(request, MethodNotAllowed())
+        return error_answer(request, NotFound(f"No route for {method} {path}"))
+
+
+class Root(resource.Resource):
+    """The site's root: ``/socket.io/`` goes to the realtime resource when
+    there is one; every other path, ``/`` included, to the API router."""
+
+    def __init__(self, router: resource.Resource, realtime: resource.Resource | None = None) -> None:
+        super().__init__()
+        self._router = router
+        self._realtime = realtime
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> resource.Resource:
+        if name == b"socket.io" and self._realtime is not None:
+            return self._realtime
+        # Give the segment back: routes are matched on the whole path.
+        request.postpath.insert(0, request.prepath.pop())
+        return self._router
+
+    def render(self, request: Any) -> Any:
+        return self._router.render(request)
+
+
+# -- the site -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """What every request is held to, from the configuration."""
+
+    max_body: int
+    cors_origins: frozenset[bytes]
+    trusted_networks: tuple[Any, ...]
+    trust_unix: bool
+    access_log: bool
+
+    @classmethod
+    def from_config(cls, config: Config) -> HttpPolicy:
+        return cls(
+            max_body=config.max_body,
+            cors_origins=frozenset(o.rstrip("/").encode("ascii") for o in config.cors_origin),
+            trusted_networks=config.trusted_networks,
+            trust_unix=config.trust_unix_peers,
+            access_log=config.access_log,
+        )
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trusted_networks)
+
+    def client_ip(self, request: Any) -> str:
+        """
+        The client's address. Proxy headers are believed only when the peer
+        is a trusted proxy; then X-Forwarded-For is read from the right,
+        skipping trusted proxies, and X-Real-IP is the fallback.
+        """
+        peer = request.getClientAddress()
+        if isinstance(peer, UNIXAddress):
+            peer_ip, trusted = "unix", self.trust_unix
+        else:
+            peer_ip = getattr(peer, "host", "") or ""
+            trusted = self._trusted(peer_ip)
+        if not trusted:
+            return peer_ip
+        forwarded = b",".join(request.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
+        hops = [h.strip().decode("latin-1") for h in forwarded.split(b",") if h.strip()]
+        for hop in reversed(hops):
+            if not _valid_ip(hop):
+                break  # a forged or garbled entry: trust nothing to its left
+            if not self._trusted(hop):
+                return hop
+        real_ip = (request.getHeader(b"x-real-ip") or b"").strip().decode("latin-1")
+        if _valid_ip(real_ip):
+            return real_ip
+        return peer_ip
+
+    def allows_origin(self, origin: bytes) -> bool:
+        return origin in self.cors_origins
+
+
+def _valid_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class CyphrRequest(server.Request):
+    """A request held to the site's policy: body limit, headers, CORS."""
+
+    client_ip = ""
+    route = ""
+    _body_refused = False
+    _body_received = 0
+
+    @property
+    def policy(self) -> HttpPolicy:
+        return self.channel.site.policy
+
+    # -- the body limit: checked as it arrives, never buffered past it --
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.policy.max_body:
+            self._refuse_body()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._body_refused:
+            return
+        self._body_received += len(data)
+        if self._body_received > self.policy.max_body:
+            self._refuse_body()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse_body(self) -> None:
+        """Answer 413 now and close the connection: the rest of the body is
+        never read. Like Twisted's own answer to a malformed request, this is
+        written straight to the transport, since the request line and headers
+        are all there is of this request."""
+        self._body_refused = True
+        self.content = io.BytesIO()
+        body = json_bytes(PayloadTooLarge(
+            f"The request body is larger than {self.policy.max_body} bytes",
+            details={"limit": self.policy.max_body},
+        ).to_json())
+        headers = [
+            (b"Server", b"Cyphr"),
+            (b"Date", datetimeToString()),
+            (b"Content-Type", JSON_TYPE),
+            (b"Content-Length", str(len(body)).encode("ascii")),
+            (b"Connection", b"close"),
+            *SECURITY_HEADERS,
+            *self._cors_headers(),
+        ]
+        head = b"HTTP/1.1 413 Payload Too Large\r\n" + b"".join(
+            name + b": " + value + b"\r\n" for name, value in headers
+        )
+        self.channel.transport.write(head + b"\r\n" + body)
+        if self.policy.access_log:
+            _log.info("{client} - 413 request body too large", client=self.policy.client_ip(self))
+        self.channel.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._body_refused:
+            return  # already answered
+        super().requestReceived(command, path, version)
+
+    # -- every answer ---------------------------------------------------
+
+    def _cors_headers(self) -> list[tuple[bytes, bytes]]:
+        origin = self.getHeader(b"origin")
+        if origin is None or not self.policy.allows_origin(origin):
+            return []
+        return [
+            (b"Access-Control-Allow-Origin", origin),
+            (b"Access-Control-Allow-Credentials", b"true"),
+            (b"Vary", b"Origin"),
+        ]
+
+    def process(self) -> None:
+        # Twisted's Request.process, with the site's policy applied first and
+        # no version in the Server header.
+        self.site = self.channel.site
+        self.client_ip = self.policy.client_ip(self)
+        self.setHeader(b"Server", b"Cyphr")
+        self.setHeader(b"Date", datetimeToString())
+        for name, value in SECURITY_HEADERS:
+            self.setHeader(name, value)
+        if self.isSecure():
+            self.setHeader(b"Strict-Transport-Security", HSTS)
+        for name, value in self._cors_headers():
+            self.setHeader(name, value)
+        if self.method == b"OPTIONS" and self.getHeader(b"access-control-request-method"):
+            self._preflight()
+            return
+        self.prepath = []
+        self.postpath = [unquote_to_bytes(s) for s in self.path[1:].split(b"/")]
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            self.render(self.site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def _preflight(self) -> None:
+        origin = self.getHeader(b"origin")
+        if origin is not None and self.policy.allows_origin(origin):
+            self.setResponseCode(http.NO_CONTENT)
+            self.setHeader(b"Access-Control-Allow-Methods", CORS_METHODS)
+            self.setHeader(b"Access-Control-Allow-Headers", CORS_HEADERS)
+            self.setHeader(b"Access-Control-Max-Age", CORS_MAX_AGE)
+            self.finish()
+            return
+        self.write(error_answer(self, Forbidden(
+            "This origin may not call the API", code=CORS_ORIGIN_DENIED)))
+        self.finish()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        _log.failure("Unexpected error answering {method} {route}", reason,
+                     method=self.method.decode("ascii", "replace"), route=self.route or "?")
+        if not self.startedWriting:
+            body = error_answer(self, InternalError())
+            self.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+            self.write(body)
+        if not self.finished:
+            self.finish()
+        return reason
+
+
+class CyphrSite(server.Site):
+    """The one Site of a server process."""
+
+    requestFactory = CyphrRequest
+    displayTracebacks = False
+
+    def __init__(self, root: resource.Resource, policy: HttpPolicy, reactor: Any,
+                 timeout: float = 75) -> None:
+        # The idle timeout must outlast a long-polling GET (pingInterval +
+        # pingTimeout) and stay short enough to shed idle sockets.
+        super().__init__(root, timeout=timeout, reactor=reactor)
+        self.policy = policy
+        self.noisy = False
+
+    def log(self, request: Any) -> None:
+        # Access logs hold client addresses: only when the operator asks.
+        if not self.policy.access_log:
+            return
+        _log.info(
+            '{client} "{method} {path}" {code} {length}',
+            client=request.client_ip,
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.decode("ascii", "replace").split("?", 1)[0],
+            code=request.code,
+            length=request.sentLength,
+        )
+

@@ -1,0 +1,398 @@
+"""
+Settings: one frozen Config, built from defaults < TOML file < CYPHR_*
+environment variables < command line, and validated.
+
+Every setting is declared once in SETTINGS; the command line options, the
+environment variables, the TOML keys and their help all come from there.
+Nonsense raises ConfigError with a message meant for the operator.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from twisted.python.usage import UsageError
+
+MiB = 1024 * 1024
+DEFAULT_CORS_ORIGINS = ("http://localhost:5173", "https://app.cyphrmessenger.app")
+ENV_PREFIX = "CYPHR_"
+
+
+class ConfigError(UsageError):
+    """A setting is missing, malformed or impossible."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name (TOML key; CYPHR_<NAME> in the environment;
+    --name-with-dashes on the command line), its kind and its help."""
+
+    name: str
+    kind: str  # "str", "int", "size", "bool", "list", "choice"
+    help: str
+    choices: tuple[str, ...] = ()
+    cli: bool = True  # secrets are settable only in the file or environment
+    metavar: str = ""
+
+    @property
+    def option(self) -> str:
+        return self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "list",
+            "Endpoint to serve HTTP and Socket.IO on, as a Twisted endpoint "
+            "string (tcp:3001, ssl:3443:privateKey=key.pem:certKey=cert.pem, "
+            "unix:/run/cyphr.sock). Repeatable.", metavar="ENDPOINT"),
+    Setting("database", "str",
+            "A SQLite file path, or a postgresql:// URL. Default: "
+            "cyphr.sqlite3 in the data directory.", metavar="PATH|URL"),
+    Setting("data_dir", "str",
+            "Directory for the embedded database and generated secrets "
+            "(created mode 0700).", metavar="DIR"),
+    Setting("max_body", "size",
+            "Largest request body and Socket.IO event, in bytes (suffixes "
+            "KiB, MiB allowed).", metavar="BYTES"),
+    Setting("cors_origin", "list",
+            "Origin allowed to call the API from a browser. Repeatable.",
+            metavar="ORIGIN"),
+    Setting("trusted_proxy", "list",
+            "Address or network (CIDR) of a reverse proxy whose "
+            "X-Forwarded-For / X-Real-IP headers are believed; 'unix' trusts "
+            "peers on unix sockets. Repeatable.", metavar="NETWORK"),
+    Setting("access_log", "bool",
+            "Log one line per HTTP request (off by default: it holds client "
+            "addresses)."),
+    Setting("log_format", "choice", "Log format: text or json (one JSON "
+            "object per line on standard output).", choices=("text", "json"),
+            metavar="FORMAT"),
+    Setting("db_pool_size", "int",
+            "Number of PostgreSQL connections in the pool.", metavar="N"),
+    Setting("node_id", "str",
+            "Name of this process in health answers and logs. Default: "
+            "hostname:pid.", metavar="NAME"),
+    Setting("jwt_secret", "str",
+            "Secret signing session tokens (at least 32 characters). Default: "
+            "generated into the data directory. Every node of a cluster needs "
+            "the same one.", cli=False),
+    Setting("fingerprint_key", "str",
+            "Key of the HMAC stored in place of device fingerprints (at least "
+            "32 characters). Default: generated into the data directory.",
+            cli=False),
+    Setting("totp_key", "str",
+            "Key encrypting stored TOTP secrets (at least 32 characters). "
+            "Default: generated into the data directory.", cli=False),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated settings of one server process."""
+
+    listen: tuple[str, ...] = ("tcp:3001",)
+    database: str = ""
+    data_dir: str = "cyphr-data"
+    max_body: int = 10 * MiB
+    cors_origin: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    trusted_proxy: tuple[str, ...] = ()
+    access_log: bool = False
+    log_format: str = "text"
+    db_pool_size: int = 10
+    node_id: str = ""
+    jwt_secret: str = field(default="", repr=False)
+    fingerprint_key: str = field(default="", repr=False)
+    totp_key: str = field(default="", repr=False)
+    config_file: str = ""
+
+    @property
+    def database_engine(self) -> str:
+        return "postgresql" if is_postgres_url(self.database) else "sqlite"
+
+    @property
+    def sqlite_path(self) -> str:
+        if self.database:
+            return self.database
+        return os.path.join(self.data_dir, "cyphr.sqlite3")
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(
+            ipaddress.ip_network(p, strict=False)
+            for p in self.trusted_proxy
+            if p != "unix"
+        )
+
+    @property
+    def trust_unix_peers(self) -> bool:
+        return "unix" in self.trusted_proxy
+
+    def describe_database(self) -> str:
+        """The database, for logs: never with its password."""
+        if self.database_engine == "sqlite":
+            return f"sqlite:{self.sqlite_path}"
+        parts = urlsplit(self.database)
+        host = parts.hostname or "localhost"
+        port = f":{parts.port}" if parts.port else ""
+        return f"postgresql://{host}{port}{parts.path}"
+
+
+def is_postgres_url(value: str) -> bool:
+    return value.startswith(("postgresql://", "postgres://"))
+
+
+# -- parsing one value of each kind ----------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": MiB, "g": 1024 * MiB}
+
+
+def parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a size such as 10485760 or 10MiB, not {value!r}")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, not {value!r}")
+
+
+def parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer")
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"expected an integer, not {value!r}") from None
+
+
+def parse_list(value: Any, *, from_env: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str):
+        # The environment holds one string: items are comma separated.
+        items = value.split(",") if from_env else [value]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError("expected a list of strings")
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError("expected a list of strings")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _parse(setting: Setting, value: Any, *, from_env: bool = False) -> Any:
+    kind = setting.kind
+    if kind == "list":
+        return parse_list(value, from_env=from_env)
+    if kind == "size":
+        return parse_size(value)
+    if kind == "int":
+        return parse_int(value)
+    if kind == "bool":
+        return parse_bool(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    if kind == "choice" and value not in setting.choices:
+        raise ValueError(f"expected one of {', '.join(setting.choices)}, not {value!r}")
+    return value
+
+
+# -- sources ----------------------------------------------------------------
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings of a TOML file, parsed but not yet validated."""
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    values = {}
+    for key, value in document.items():
+        name = key.replace("-", "_")
+        setting = SETTINGS_BY_NAME.get(name)
+        if setting is None:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        try:
+            values[name] = _parse(setting, value)
+        except ValueError as e:
+            raise ConfigError(f"config file {path}: {key}: {e}") from None
+    return values
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings given as CYPHR_* variables. Other variables are ignored:
+    CYPHR_* names not naming a setting (such as CYPHR_TEST_POSTGRES) belong
+    to other tools."""
+    values = {}
+    for setting in SETTINGS:
+        if setting.env in environ:
+            try:
+                values[setting.name] = _parse(setting, environ[setting.env], from_env=True)
+            except ValueError as e:
+                raise ConfigError(f"environment variable {setting.env}: {e}") from None
+    return values
+
+
+def load_config(
+    command_line: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+) -> Config:
+    """
+    Merge the sources, later ones winning: defaults, the TOML file, the
+    environment, the command line. ``command_line`` holds only the options
+    that were given. A repeatable option given in a later source replaces
+    the list of an earlier one; it does not add to it.
+    """
+    if config_file is None:
+        config_file = environ.get(ENV_PREFIX + "CONFIG") or None
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(read_config_file(config_file))
+    merged.update(read_environment(environ))
+    for name, value in command_line.items():
+        setting = SETTINGS_BY_NAME[name]
+        try:
+            merged[name] = _parse(setting, value)
+        except ValueError as e:
+            raise ConfigError(f"--{setting.option}: {e}") from None
+    merged["config_file"] = config_file or ""
+    config = Config(**merged)
+    validate(config)
+    return config
+
+
+# -- validation -------------------------------------------------------------
+
+
+def _check_endpoint(description: str) -> None:
+    # Parsing builds the endpoint against a memory reactor: nothing listens,
+    # but a malformed string or an ssl: endpoint whose files cannot be read
+    # is found now rather than after the process has started.
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:  # Twisted raises many kinds here, none of them useful to a traceback
+        reason = str(e) or type(e).__name__
+        raise ConfigError(f"--listen {description!r} is not a valid endpoint: {reason}") from None
+
+
+def _check_postgres_url(url: str) -> None:
+    from psycopg2.extensions import parse_dsn
+    from psycopg2 import ProgrammingError
+
+    try:
+        parsed = parse_dsn(url)
+    except ProgrammingError as e:
+        raise ConfigError(f"--database is not a valid PostgreSQL URL: {str(e).strip()}") from None
+    if not parsed.get("dbname"):
+        raise ConfigError("--database: the PostgreSQL URL names no database")
+    try:
+        urlsplit(url).port
+    except ValueError as e:
+        raise ConfigError(f"--database: {e}") from None
+
+
+def _check_origin(origin: str) -> None:
+    parts = urlsplit(origin)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username
+    ):
+        raise ConfigError(
+            f"--cors-origin {origin!r} is not an origin such as https://app.example.com"
+        )
+
+
+def validate(config: Config) -> None:
+    if not config.listen:
+        raise ConfigError("at least one --listen endpoint is required")
+    for description in config.listen:
+        _check_endpoint(description)
+    if config.database:
+        if is_postgres_url(config.database):
+            _check_postgres_url(config.database)
+        elif "://" in config.database:
+            raise ConfigError(
+                f"--database {config.describe_database()!r}: only SQLite paths "
+                "and postgresql:// URLs are supported"
+            )
+    if not config.data_dir:
+        raise ConfigError("--data-dir must not be empty")
+    if not 1024 <= config.max_body <= 1024 * MiB:
+        raise ConfigError("--max-body must be between 1KiB and 1GiB")
+    for origin in config.cors_origin:
+        _check_origin(origin)
+    for proxy in config.trusted_proxy:
+        if proxy == "unix":
+            continue
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"--trusted-proxy {proxy!r} is not an IP address, a network or 'unix'"
+            ) from None
+    if not 1 <= config.db_pool_size <= 500:
+        raise ConfigError("--db-pool-size must be between 1 and 500")
+    for name in ("jwt_secret", "fingerprint_key", "totp_key"):
+        value = getattr(config, name)
+        if value and len(value) < 32:
+            raise ConfigError(f"{name} must be at least 32 characters long")
+
+
+def cli_settings() -> list[Setting]:
+    return [s for s in SETTINGS if s.cli]
+
+
+def default_value(setting: Setting) -> Any:
+    return {f.name: f.default for f in fields(Config)}[setting.name]
+
+
+def describe_default(setting: Setting) -> str:
+    value = default_value(setting)
+    if setting.name == "database":
+        return "DATA_DIR/cyphr.sqlite3"
+    if setting.name == "node_id":
+        return "hostname:pid"
+    if setting.kind == "list":
+        return ", ".join(value) if value else "none"
+    if setting.kind == "bool":
+        return "on" if value else "off"
+    if setting.kind == "size":
+        return f"{value // MiB}MiB" if value % MiB == 0 else str(value)
+    return str(value) if value != "" else "generated"
+

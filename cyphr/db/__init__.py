@@ -1,0 +1,160 @@
+"""
+The storage engines behind one small async interface.
+
+SQL is written once, with ``?`` placeholders; the PostgreSQL engine turns
+them into psycopg2's ``%s``. Rows come back as tuples of plain Python values
+(``bytes`` for binary columns on both engines). Store modules (cyphr.store)
+are the only users; they turn rows into frozen dataclasses.
+
+A transaction is an ``async`` function taking a Transaction::
+
+    async def _add_member_txn(txn, chat_id, user_id):
+        await txn.execute("INSERT INTO ...", (chat_id, user_id))
+        return await txn.execute("SELECT ...", (chat_id,))
+
+    await database.run_interaction("add_member", _add_member_txn, chat_id, user_id)
+
+It commits when the function returns and rolls back when it raises. Inside
+it, use only the Transaction: calling the Database again from inside a
+transaction waits for a connection the transaction itself may hold.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from twisted.internet.defer import Deferred
+
+from cyphr.errors import DatabaseUnavailable
+
+__all__ = [
+    "Database",
+    "DatabaseUnavailable",
+    "IntegrityError",
+    "SchemaTooNew",
+    "Transaction",
+    "UnusableDatabase",
+    "open_database",
+    "preflight",
+]
+
+Row = tuple[Any, ...]
+T = TypeVar("T")
+
+
+class IntegrityError(Exception):
+    """A constraint refused a write (unique, foreign key, check), on either
+    engine."""
+
+
+class UnusableDatabase(Exception):
+    """The database can never be used by this code as it is: no retry helps."""
+
+
+class SchemaTooNew(UnusableDatabase):
+    """The database was written by a newer version of Cyphr."""
+
+
+class Transaction(ABC):
+    """The handle a transaction function gets."""
+
+    rowcount: int = -1
+
+    @abstractmethod
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Run one statement; answer its rows (empty when it returns none).
+        ``rowcount`` is then the number of rows it changed."""
+
+    @abstractmethod
+    async def execute_script(self, script: str) -> None:
+        """Run a script of several statements without parameters (schema
+        migrations)."""
+
+
+class Database(ABC):
+    """One database, on one engine."""
+
+    engine: str
+
+    def __init__(self) -> None:
+        self._ready_waiters: list[Deferred[None]] = []
+        self.schema_version: int | None = None
+        self.on_fatal: Callable[[str], None] | None = None
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool:
+        """Connected and migrated: queries can be answered."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start connecting and migrating, without waiting. An unreachable
+        database is retried with backoff until close()."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop: wait for running work, close every connection."""
+
+    @abstractmethod
+    async def run_query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Run one statement on its own (autocommit) and answer its rows."""
+
+    @abstractmethod
+    async def run_operation(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement on its own and answer how many rows it changed."""
+
+    @abstractmethod
+    async def run_interaction(
+        self,
+        name: str,
+        func: Callable[..., Awaitable[T]],
+        *args: Any,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``await func(txn, *args, **kwargs)`` in one transaction.
+        ``name`` says what it is, for logs and metrics."""
+
+    def when_ready(self) -> Deferred[None]:
+        """A Deferred that fires once the database is ready."""
+        d: Deferred[None] = Deferred()
+        if self.ready:
+            d.callback(None)
+        else:
+            self._ready_waiters.append(d)
+        return d
+
+    def _became_ready(self) -> None:
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _fatal(self, message: str) -> None:
+        """A condition no retry can mend (a database newer than the code)."""
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+
+
+def open_database(config: Any, reactor: Any) -> Database:
+    """The engine the configuration names, not yet started."""
+    if config.database_engine == "postgresql":
+        from cyphr.db.postgres import PostgresDatabase
+
+        return PostgresDatabase(config.database, reactor, pool_size=config.db_pool_size)
+    from cyphr.db.sqlite import SQLiteDatabase
+
+    return SQLiteDatabase(config.sqlite_path, reactor)
+
+
+def preflight(config: Any) -> None:
+    """Before the reactor runs: raise UnusableDatabase if the configured
+    database exists and can never be used (a newer schema, not a database).
+    An unreachable PostgreSQL passes: the server starts and keeps trying."""
+    if config.database_engine == "postgresql":
+        from cyphr.db import postgres
+
+        postgres.preflight(config.database)
+    else:
+        from cyphr.db import sqlite
+
+        sqlite.preflight(config.sqlite_path)

@@ -1,0 +1,436 @@
+"""
+The PostgreSQL engine: a pool of txpostgres connections that heals itself.
+
+txpostgres's own ConnectionPool never recovers once PostgreSQL restarts, so
+this pool gives each connection a DeadConnectionDetector: when a connection
+dies (a query fails with a connection error, or the idle socket closes), it
+is taken out of the pool and reconnected with a short backoff, and put back
+when it answers again. While no connection is up, callers are answered
+DatabaseUnavailable at once (503 to HTTP clients) rather than left hanging.
+
+The first connection that comes up applies the schema migrations; the pool
+serves queries only after that.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from functools import lru_cache
+from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres import txpostgres
+from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
+
+from cyphr.db import Database, DatabaseUnavailable, IntegrityError, Row, SchemaTooNew, Transaction
+from cyphr.db.migrations import check_version, migrate_txn
+
+_log = Logger()
+T = TypeVar("T")
+
+
+@lru_cache(maxsize=4096)
+def to_pyformat(sql: str) -> str:
+    """``?`` placeholders to psycopg2's ``%s``, with literal ``%`` escaped,
+    so that SQL is written once for both engines."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _plain(value: Any) -> Any:
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+def _fetch(cursor: Any) -> list[Row]:
+    if cursor.description is None:
+        return []
+    return [tuple(_plain(v) for v in row) for row in cursor.fetchall()]
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Did this fail because the connection (or the server) went away,
+    rather than because of the statement?"""
+    if isinstance(error, (ConnectionDead, txpostgres.RollbackFailed, psycopg2.InterfaceError)):
+        return True
+    if isinstance(error, psycopg2.OperationalError):
+        # Cancelled statements, deadlocks and serialisation failures are
+        # OperationalErrors too, but the connection is fine.
+        return not isinstance(
+            error,
+            (psycopg2.errors.QueryCanceled, psycopg2.extensions.TransactionRollbackError),
+        )
+    return False
+
+
+def _death_checker(failure: Failure) -> bool:
+    return is_connection_error(failure.value)
+
+
+def backoff(initial: float = 0.25, maximum: float = 2.0) -> Iterator[float]:
+    """Reconnection delays: short, since an outage of PostgreSQL is usually a
+    restart, with jitter so that the connections do not reconnect in step."""
+    delay = initial
+    while True:
+        yield delay * random.uniform(0.8, 1.2)
+        delay = min(delay * 2, maximum)
+
+
+def connection_dsn(url: str) -> str:
+    """The URL with the connection settings a server wants unless the
+    operator chose otherwise: a connect timeout, and TCP keepalives so that
+    a vanished server is noticed within seconds."""
+    params = psycopg2.extensions.parse_dsn(url)
+    params.setdefault("connect_timeout", "5")
+    params.setdefault("application_name", "cyphr")
+    params.setdefault("keepalives", "1")
+    params.setdefault("keepalives_idle", "10")
+    params.setdefault("keepalives_interval", "3")
+    params.setdefault("keepalives_count", "3")
+    return psycopg2.extensions.make_dsn(**params)
+
+
+class _Connection(txpostgres.Connection):
+    def doRead(self) -> Any:
+        # When the server closes an idle connection, psycopg2 raises from
+        # poll(). Handing the exception back (rather than raising it) makes
+        # the reactor call connectionLost quietly, which wakes the detector;
+        # raised, it would also be logged as an "Unhandled Error".
+        try:
+            return super().doRead()
+        except psycopg2.Error as e:
+            return e
+
+    def execute(self, sql: str, params: Sequence[Any]) -> Deferred[tuple[list[Row], int]]:
+        """One statement in autocommit, through the detector and the lock."""
+        return self._doit(self._execute, sql, params)
+
+    def _execute(self, sql: str, params: Sequence[Any]) -> Deferred[tuple[list[Row], int]]:
+        d = self.cursor().execute(sql, params)
+        return d.addCallback(lambda cursor: (_fetch(cursor), cursor.rowcount))
+
+
+class _Detector(DeadConnectionDetector):
+    """Reconnects one connection. Unlike the stock detector it can be
+    stopped (so that closing the pool leaves no timer behind) and it tells
+    the pool about every death and failed attempt."""
+
+    def __init__(self, database: PostgresDatabase, reactor: Any) -> None:
+        super().__init__(deathChecker=_death_checker, reactor=reactor)
+        self._database = database
+        self._delays: Iterator[float] = iter(())
+        self._timer: Any = None
+        self._attempt: Deferred[Any] | None = None
+        self._stopped = False
+
+    def startReconnecting(self, f: Failure) -> None:
+        self._database._connection_died(self.reconnectable, f)
+        self._delays = backoff()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._stopped:
+            self._timer = self.reactor.callLater(next(self._delays), self._try)
+
+    def _try(self) -> None:
+        self._timer = None
+        self._attempt = maybeDeferred(self.reconnect)
+        self._attempt.addCallbacks(self._reconnected, self._failed)
+
+    def _reconnected(self, _: Any) -> None:
+        self._attempt = None
+        if self._stopped:
+            self.reconnectable.close()
+            return
+        self.connectionRecovered()
+
+    def _failed(self, f: Failure) -> None:
+        self._attempt = None
+        self._database._reconnect_failed(f)
+        self._schedule()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._attempt is not None:
+            attempt = self._attempt
+            attempt.addErrback(lambda _: None)
+            await attempt
+
+
+class _PostgresTransaction(Transaction):
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        try:
+            await self._cursor.execute(to_pyformat(sql), tuple(params))
+        except psycopg2.IntegrityError as e:
+            raise IntegrityError(str(e).strip()) from None
+        self.rowcount = self._cursor.rowcount
+        return _fetch(self._cursor)
+
+    async def execute_script(self, script: str) -> None:
+        # No parameters: psycopg2 then leaves every % of the script alone.
+        await self._cursor.execute(script)
+
+
+class PostgresDatabase(Database):
+    engine = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        reactor: Any,
+        *,
+        pool_size: int = 10,
+        acquire_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self._dsn = connection_dsn(url)
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._acquire_timeout = acquire_timeout
+        self._connections: list[_Connection] = []
+        self._up: set[_Connection] = set()
+        self._busy: set[_Connection] = set()
+        self._free: deque[_Connection] = deque()
+        self._waiters: deque[tuple[Deferred[_Connection], Any]] = deque()
+        self._migrated = False
+        self._migrating = False
+        self._closing = False
+        self._idle: Deferred[None] | None = None
+        self._last_down_report = float("-inf")
+
+    # -- state ----------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._migrated and bool(self._up) and not self._closing
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """For health and metrics."""
+        return {
+            "size": self._pool_size,
+            "up": len(self._up),
+            "busy": len(self._busy),
+            "waiting": len(self._waiters),
+        }
+
+    # -- lifecycle ------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self._pool_size):
+            conn = _Connection(self._reactor, detector=_Detector(self, self._reactor))
+            conn.detector.addRecoveryHandler(lambda conn=conn: self._connection_up(conn))
+            self._connections.append(conn)
+            d = conn.connect(self._dsn)
+            d.addCallbacks(lambda _, conn=conn: self._connection_up(conn),
+                           lambda f, conn=conn: self._first_connect_failed(conn, f))
+
+    def _first_connect_failed(self, conn: _Connection, f: Failure) -> None:
+        if self._closing:
+            return
+        conn.detector.connectionIsDead = True
+        conn.detector.startReconnecting(f)
+
+    def _connection_up(self, conn: _Connection) -> None:
+        if self._closing:
+            conn.close()
+            return
+        if not self._up and self._last_down_report > float("-inf"):
+            _log.info("PostgreSQL answers again")
+            self._last_down_report = float("-inf")
+        self._up.add(conn)
+        if self._migrated:
+            self._release(conn)
+        elif not self._migrating:
+            self._migrating = True
+            self._busy.add(conn)
+            d = Deferred.fromCoroutine(self._migrate(conn))
+            d.addErrback(self._migration_failed, conn)
+
+    async def _migrate(self, conn: _Connection) -> None:
+        def txn(cursor: Any) -> Deferred[int]:
+            return Deferred.fromCoroutine(migrate_txn(_PostgresTransaction(cursor), self.engine))
+
+        self.schema_version = await conn.runInteraction(txn)
+        self._migrating = False
+        self._migrated = True
+        _log.info("PostgreSQL database ready at schema version {version}",
+                  version=self.schema_version)
+        self._release(conn)
+        for other in list(self._up):
+            if other is not conn and other not in self._busy and other not in self._free:
+                self._release(other)
+        self._became_ready()
+
+    def _migration_failed(self, f: Failure, conn: _Connection) -> None:
+        self._migrating = False
+        self._busy.discard(conn)
+        if f.check(SchemaTooNew):
+            _log.critical("Refusing the PostgreSQL database: {reason}", reason=f.getErrorMessage())
+            self._fatal(f.getErrorMessage())
+        elif is_connection_error(f.value):
+            # The next connection to come up tries again.
+            _log.warn("Schema migration interrupted: {reason}", reason=f.getErrorMessage())
+        else:
+            _log.failure("Schema migration failed", f)
+            self._fatal(f"schema migration failed: {f.getErrorMessage()}")
+
+    def _connection_died(self, conn: _Connection, f: Failure) -> None:
+        self._up.discard(conn)
+        try:
+            self._free.remove(conn)
+        except ValueError:
+            pass
+        if self._closing:
+            return
+        if not self._up:
+            self._report_down(f)
+            self._fail_waiters()
+
+    def _reconnect_failed(self, f: Failure) -> None:
+        if not self._up:
+            self._report_down(f)
+
+    def _report_down(self, f: Failure) -> None:
+        # Once on the way down, then every 30 s while it lasts: one line per
+        # connection and attempt would drown the log.
+        now = self._reactor.seconds()
+        if now - self._last_down_report >= 30:
+            self._last_down_report = now
+            _log.warn("PostgreSQL is unreachable, reconnecting: {reason}",
+                      reason=f.getErrorMessage().strip())
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._fail_waiters()
+        for conn in self._connections:
+            await conn.detector.stop()
+        if self._busy:
+            self._idle = Deferred()
+            timer = self._reactor.callLater(10, self._idle.callback, None)
+            await self._idle
+            if timer.active():
+                timer.cancel()
+        for conn in self._connections:
+            try:
+                conn.close()
+            except Exception:
+                pass  # never connected
+        self._up.clear()
+        self._free.clear()
+
+    # -- the pool -------------------------------------------------------
+
+    def _acquire(self) -> Deferred[_Connection]:
+        if not self.ready:
+            raise DatabaseUnavailable()
+        while self._free:
+            conn = self._free.popleft()
+            if conn in self._up and not conn.detector.connectionIsDead:
+                self._busy.add(conn)
+                d: Deferred[_Connection] = Deferred()
+                d.callback(conn)
+                return d
+        waiter: Deferred[_Connection] = Deferred()
+        timer = self._reactor.callLater(self._acquire_timeout, self._waiter_timed_out, waiter)
+        self._waiters.append((waiter, timer))
+        return waiter
+
+    def _waiter_timed_out(self, waiter: Deferred[_Connection]) -> None:
+        self._waiters = deque((d, t) for d, t in self._waiters if d is not waiter)
+        waiter.errback(DatabaseUnavailable("The database is busy, try again shortly"))
+
+    def _fail_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, deque()
+        for d, timer in waiters:
+            if timer.active():
+                timer.cancel()
+            d.errback(DatabaseUnavailable())
+
+    def _release(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
+        if self._closing:
+            if not self._busy and self._idle is not None and not self._idle.called:
+                self._idle.callback(None)
+            return
+        if conn not in self._up:
+            return
+        if self._waiters:
+            d, timer = self._waiters.popleft()
+            timer.cancel()
+            self._busy.add(conn)
+            d.callback(conn)
+        else:
+            self._free.append(conn)
+
+    async def _run(self, operation: Callable[[_Connection], Deferred[T]]) -> T:
+        conn = await self._acquire()
+        try:
+            return await operation(conn)
+        except psycopg2.IntegrityError as e:
+            raise IntegrityError(str(e).strip()) from None
+        except Exception as e:
+            if is_connection_error(e):
+                raise DatabaseUnavailable() from e
+            raise
+        finally:
+            self._release(conn)
+
+    # -- work -----------------------------------------------------------
+
+    async def run_query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        rows, _ = await self._run(lambda conn: conn.execute(to_pyformat(sql), tuple(params)))
+        return rows
+
+    async def run_operation(self, sql: str, params: Sequence[Any] = ()) -> int:
+        _, rowcount = await self._run(lambda conn: conn.execute(to_pyformat(sql), tuple(params)))
+        return rowcount
+
+    async def run_interaction(
+        self, name: str, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T:
+        def interaction(cursor: Any) -> Deferred[T]:
+            return Deferred.fromCoroutine(func(_PostgresTransaction(cursor), *args, **kwargs))
+
+        return await self._run(lambda conn: conn.runInteraction(interaction))
+
+
+def read_schema_version(url: str, timeout: int = 3) -> int | None:
+    """The schema version of the database, read synchronously before the
+    reactor runs; None when it cannot be reached or has no schema yet (the
+    server then starts anyway and keeps trying)."""
+    try:
+        conn = psycopg2.connect(url, connect_timeout=timeout, application_name="cyphr")
+    except psycopg2.Error:
+        return None
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+            if not cursor.fetchone()[0]:
+                return None
+            cursor.execute("SELECT version FROM schema_version WHERE id = 1")
+            row = cursor.fetchone()
+            return row[0] if row else None
+    except psycopg2.Error:
+        return None
+    finally:
+        conn.close()
+
+
+def preflight(url: str) -> None:
+    """Raise SchemaTooNew if the database holds a newer schema."""
+    version = read_schema_version(url)
+    if version is not None:
+        check_version(version, "postgresql")

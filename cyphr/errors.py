@@ -1,0 +1,164 @@
+"""
+The contract's errors.
+
+Raise an ApiError (or a subclass) anywhere below the HTTP layer; one place
+(cyphr.api.http) turns it into the contract's JSON:
+``{"success": false, "error": ..., "code": ..., "details": {...}}``.
+Anything else that escapes a route is logged with its traceback and answered
+with a bare 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+# Error codes of API.md, in one place so that clients and tests can rely on
+# the spelling.
+BAD_REQUEST = "BAD_REQUEST"
+INVALID_JSON = "INVALID_JSON"
+INVALID_BODY = "INVALID_BODY"
+UNAUTHORIZED = "UNAUTHORIZED"
+FORBIDDEN = "FORBIDDEN"
+NOT_FOUND = "NOT_FOUND"
+METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+CONFLICT = "CONFLICT"
+PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
+RATE_LIMITED = "RATE_LIMITED"
+CORS_ORIGIN_DENIED = "CORS_ORIGIN_DENIED"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+
+INVALID_CYPHR_ID = "INVALID_CYPHR_ID"
+CYPHR_ID_TAKEN = "CYPHR_ID_TAKEN"
+INVALID_CHALLENGE = "INVALID_CHALLENGE"
+INVALID_SIGNATURE = "INVALID_SIGNATURE"
+DEVICE_MISMATCH = "DEVICE_MISMATCH"
+TOTP_REQUIRED = "TOTP_REQUIRED"
+INVALID_TOTP = "INVALID_TOTP"
+INVALID_STELLAR_ADDRESS = "INVALID_STELLAR_ADDRESS"
+
+
+class ApiError(Exception):
+    """
+    A failure the client is told about: an HTTP status, a stable code and a
+    human readable message. ``details`` must never hold anything secret.
+    """
+
+    status = 400
+    code = BAD_REQUEST
+    message = "Bad request"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        details: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if message is not None:
+            self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.details = dict(details) if details else None
+        self.headers = dict(headers) if headers else {}
+        super().__init__(self.message)
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "success": False,
+            "error": self.message,
+            "code": self.code,
+        }
+        if self.details:
+            body["details"] = self.details
+        return body
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status}, {self.code!r}, {self.message!r})"
+
+
+class BadRequest(ApiError):
+    status = 400
+    code = BAD_REQUEST
+    message = "Bad request"
+
+
+class InvalidJson(BadRequest):
+    code = INVALID_JSON
+    message = "The request body is not valid JSON"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = UNAUTHORIZED
+    message = "Authentication required"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = FORBIDDEN
+    message = "Not allowed"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = NOT_FOUND
+    message = "Not found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    code = METHOD_NOT_ALLOWED
+    message = "Method not allowed"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = CONFLICT
+    message = "Conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = PAYLOAD_TOO_LARGE
+    message = "The request body is too large"
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    code = UNSUPPORTED_MEDIA_TYPE
+    message = "The request body must be JSON (Content-Type: application/json)"
+
+
+class RateLimited(ApiError):
+    status = 429
+    code = RATE_LIMITED
+    message = "Too many requests"
+
+    def __init__(self, retry_after: int, message: str | None = None) -> None:
+        super().__init__(
+            message,
+            details={"retryAfter": retry_after},
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+class InternalError(ApiError):
+    """The bare answer for an unexpected exception: no details, ever."""
+
+    status = 500
+    code = INTERNAL_ERROR
+    message = "Internal server error"
+
+
+class DatabaseUnavailable(ApiError):
+    """The database does not answer; the request changed nothing it knows of."""
+
+    status = 503
+    code = DATABASE_UNAVAILABLE
+    message = "The database is unavailable, try again shortly"

@@ -1,0 +1,1 @@
+"""Cyphr's test suite: ``trial tests``."""

@@ -1,0 +1,144 @@
+"""Test helpers: configurations, servers on either engine, in-process HTTP."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from cyphr.api.http import CyphrSite, HttpPolicy
+from cyphr.config import Config, validate
+from cyphr.server import Server, build_server
+from tests import postgres
+
+
+def make_config(testcase: Any, **overrides: Any) -> Config:
+    """A valid configuration with a data directory of the test's own and an
+    ephemeral port on 127.0.0.1."""
+    values: dict[str, Any] = {
+        "listen": ("tcp:0:interface=127.0.0.1",),
+        "data_dir": testcase.mktemp(),
+    }
+    values.update(overrides)
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+class SQLiteMixin:
+    """Runs the test class on the embedded SQLite engine."""
+
+    engine = "sqlite"
+
+    def database_setting(self) -> str:
+        return ""
+
+
+class PostgresMixin:
+    """Runs the test class on a fresh database in the throwaway cluster."""
+
+    engine = "postgresql"
+
+    def database_setting(self) -> str:
+        return postgres.database_url()
+
+
+async def start_server(testcase: Any, *, listen: bool = False, **overrides: Any) -> Server:
+    """
+    A server on the test class's engine, with its database started and
+    migrated. With ``listen`` the whole service runs (real ports); the test
+    then finds the ports with ``server.listening()``. Everything is stopped
+    when the test ends.
+    """
+    overrides.setdefault("database", testcase.database_setting())
+    config = make_config(testcase, **overrides)
+    fatal: list[str] = []
+    server = build_server(config, reactor, on_fatal=fatal.append)
+    server.fatal_messages = fatal  # type: ignore[attr-defined]
+    if listen:
+        server.service.startService()
+        testcase.addCleanup(server.service.stopService)
+    else:
+        server.database.start()
+        testcase.addCleanup(lambda: Deferred.fromCoroutine(server.database.close()))
+    await server.database.when_ready()
+    return server
+
+
+class InProcessHTTP:
+    """
+    treq's StubTreq over the server's root resource, with a Site built by
+    the same class and policy as the real one (so body limits, headers and
+    CORS are those of production). Answers may wait on the database thread
+    or PostgreSQL, so each request pumps the in-memory connection until the
+    answer is complete.
+    """
+
+    def __init__(self, root: Any, policy: HttpPolicy) -> None:
+        self._stub = StubTreq(root)
+        agent = self._stub._agent
+        agent._serverFactory = CyphrSite(root, policy, agent._memoryReactor)
+
+    @classmethod
+    def for_server(cls, server: Server) -> InProcessHTTP:
+        return cls(server.root, server.site.policy)
+
+    async def _settle(self, d: Deferred[Any]) -> Any:
+        # ``d.called`` is not enough: treq chains Deferreds, and a called
+        # Deferred may still wait on another.
+        settled: list[bool] = []
+
+        def mark(result: Any) -> Any:
+            settled.append(True)
+            return result
+
+        d.addBoth(mark)
+        while not settled:
+            self._stub.flush()
+            if not settled:
+                await deferLater(reactor, 0.002, lambda: None)
+        return await d
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> Response:
+        if not url.startswith("http"):
+            url = "http://cyphr.test" + url
+        response = await self._settle(self._stub.request(method, url, **kwargs))
+        body = await self._settle(self._stub.content(response))
+        return Response(response, body)
+
+    async def get(self, url: str, **kwargs: Any) -> Response:
+        return await self.request("GET", url, **kwargs)
+
+    async def post(self, url: str, body: Any = None, **kwargs: Any) -> Response:
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode("utf-8")
+            headers = kwargs.setdefault("headers", {})
+            headers.setdefault(b"Content-Type", [b"application/json"])
+        return await self.request("POST", url, **kwargs)
+
+
+class Response:
+    """An answer, read whole."""
+
+    def __init__(self, response: Any, body: bytes) -> None:
+        self.code = response.code
+        self.headers = response.headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def with_config(config: Config, **changes: Any) -> Config:
+    config = replace(config, **changes)
+    validate(config)
+    return config
