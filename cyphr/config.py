@@ -307,20 +307,29 @@ def _check_endpoint(description: str) -> None:
         raise ConfigError(f"--listen {description!r} is not a valid endpoint: {reason}") from None
 
 
+def _redact(message: str, url: str) -> str:
+    """The message without the URL's password, should it quote it."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    return message.replace(password, "***") if password else message
+
+
 def _check_postgres_url(url: str) -> None:
-    from psycopg2.extensions import parse_dsn
     from psycopg2 import ProgrammingError
+    from psycopg2.extensions import parse_dsn
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(_redact(f"--database is not a valid PostgreSQL URL: {reason}", url))
 
     try:
         parsed = parse_dsn(url)
-    except ProgrammingError as e:
-        raise ConfigError(f"--database is not a valid PostgreSQL URL: {str(e).strip()}") from None
-    if not parsed.get("dbname"):
-        raise ConfigError("--database: the PostgreSQL URL names no database")
-    try:
         urlsplit(url).port
-    except ValueError as e:
-        raise ConfigError(f"--database: {e}") from None
+    except (ProgrammingError, ValueError) as e:
+        raise refuse(" ".join(str(e).split())) from None
+    if not parsed.get("dbname"):
+        raise refuse("it names no database")
 
 
 def _check_origin(origin: str) -> None:
@@ -347,9 +356,10 @@ def validate(config: Config) -> None:
         if is_postgres_url(config.database):
             _check_postgres_url(config.database)
         elif "://" in config.database:
+            scheme = config.database.split("://", 1)[0]
             raise ConfigError(
-                f"--database {config.describe_database()!r}: only SQLite paths "
-                "and postgresql:// URLs are supported"
+                f"--database: {scheme}:// URLs are not supported; give a SQLite "
+                "path or a postgresql:// URL"
             )
     if not config.data_dir:
         raise ConfigError("--data-dir must not be empty")

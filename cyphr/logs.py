@@ -52,9 +52,10 @@ def event_as_json(event: dict[str, Any]) -> str:
 @implementer(ILogObserver)
 class JsonLogObserver:
     def __init__(self, out: IO[str] | None = None) -> None:
-        self._out = out
+        # Taken now: once logging starts, twistd points sys.stdout at the log
+        # itself, and writing there would feed this observer its own lines.
+        self._out = out or sys.stdout
 
     def __call__(self, event: dict[str, Any]) -> None:
-        out = self._out or sys.stdout
-        out.write(event_as_json(event) + "\n")
-        out.flush()
+        self._out.write(event_as_json(event) + "\n")
+        self._out.flush()

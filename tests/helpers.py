@@ -48,10 +48,10 @@ class PostgresMixin:
         return postgres.database_url()
 
 
-async def start_server(testcase: Any, *, listen: bool = False, **overrides: Any) -> Server:
+async def start_server(testcase: Any, *, serve: bool = False, **overrides: Any) -> Server:
     """
     A server on the test class's engine, with its database started and
-    migrated. With ``listen`` the whole service runs (real ports); the test
+    migrated. With ``serve`` the whole service runs (real ports); the test
     then finds the ports with ``server.listening()``. Everything is stopped
     when the test ends.
     """
@@ -60,7 +60,7 @@ async def start_server(testcase: Any, *, listen: bool = False, **overrides: Any)
     fatal: list[str] = []
     server = build_server(config, reactor, on_fatal=fatal.append)
     server.fatal_messages = fatal  # type: ignore[attr-defined]
-    if listen:
+    if serve:
         server.service.startService()
         testcase.addCleanup(server.service.stopService)
     else:

@@ -90,7 +90,9 @@ class Database(ABC):
     @abstractmethod
     def start(self) -> None:
         """Start connecting and migrating, without waiting. An unreachable
-        database is retried with backoff until close()."""
+        database is retried with backoff until close(). The schema is
+        brought to the latest version (or to ``schema_target``, given to the
+        engine's constructor: tests use it to upgrade step by step)."""
 
     @abstractmethod
     async def close(self) -> None:

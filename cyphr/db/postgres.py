@@ -191,8 +191,10 @@ class PostgresDatabase(Database):
         *,
         pool_size: int = 10,
         acquire_timeout: float = 10.0,
+        schema_target: int | None = None,
     ) -> None:
         super().__init__()
+        self._schema_target = schema_target
         self._dsn = connection_dsn(url)
         self._reactor = reactor
         self._pool_size = pool_size
@@ -259,7 +261,8 @@ class PostgresDatabase(Database):
 
     async def _migrate(self, conn: _Connection) -> None:
         def txn(cursor: Any) -> Deferred[int]:
-            return Deferred.fromCoroutine(migrate_txn(_PostgresTransaction(cursor), self.engine))
+            return Deferred.fromCoroutine(
+                migrate_txn(_PostgresTransaction(cursor), self.engine, self._schema_target))
 
         self.schema_version = await conn.runInteraction(txn)
         self._migrating = False
@@ -308,7 +311,7 @@ class PostgresDatabase(Database):
         if now - self._last_down_report >= 30:
             self._last_down_report = now
             _log.warn("PostgreSQL is unreachable, reconnecting: {reason}",
-                      reason=f.getErrorMessage().strip())
+                      reason=" ".join(f.getErrorMessage().split()))
 
     async def close(self) -> None:
         if self._closing:

@@ -75,8 +75,9 @@ class _SQLiteTransaction(Transaction):
 class SQLiteDatabase(Database):
     engine = "sqlite"
 
-    def __init__(self, path: str, reactor: Any) -> None:
+    def __init__(self, path: str, reactor: Any, *, schema_target: int | None = None) -> None:
         super().__init__()
+        self._schema_target = schema_target
         self.path = path
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="cyphr-sqlite")
@@ -132,7 +133,7 @@ class SQLiteDatabase(Database):
 
     async def _open_and_migrate(self) -> None:
         await deferToThreadPool(self._reactor, self._pool, self._open_in_thread)
-        self.schema_version = await self._transaction(migrate_txn, self.engine)
+        self.schema_version = await self._transaction(migrate_txn, self.engine, self._schema_target)
         self._ready = True
         _log.info(
             "SQLite database {path} ready at schema version {version}",

@@ -1,0 +1,179 @@
+"""Settings: defaults < TOML file < environment < command line, and nonsense refused."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from cyphr.config import SETTINGS, Config, ConfigError, load_config, parse_size
+from cyphr.tap import Options
+
+
+def write(testcase: TestCase, text: str) -> str:
+    path = testcase.mktemp() + ".toml"
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+class DefaultsTests(TestCase):
+    def test_defaults(self) -> None:
+        """With nothing given: HTTP on tcp:3001, SQLite in ./cyphr-data, 10 MiB bodies, text logs."""
+        config = load_config({}, {})
+        self.assertEqual(config.listen, ("tcp:3001",))
+        self.assertEqual(config.database_engine, "sqlite")
+        self.assertEqual(config.sqlite_path, os.path.join("cyphr-data", "cyphr.sqlite3"))
+        self.assertEqual(config.max_body, 10 * 1024 * 1024)
+        self.assertEqual(config.cors_origin, ("http://localhost:5173", "https://app.cyphrmessenger.app"))
+        self.assertEqual(config.trusted_proxy, ())
+        self.assertEqual((config.access_log, config.log_format, config.db_pool_size), (False, "text", 10))
+
+    def test_every_setting_is_a_field(self) -> None:
+        """Each declared setting is a field of Config, so none is forgotten."""
+        fields = set(Config.__dataclass_fields__)
+        self.assertEqual({s.name for s in SETTINGS} - fields, set())
+
+
+class PrecedenceTests(TestCase):
+    def test_file_over_defaults(self) -> None:
+        """The TOML file overrides the defaults."""
+        path = write(self, 'max_body = "1MiB"\nlisten = ["tcp:4000"]\naccess_log = true\n')
+        config = load_config({}, {}, path)
+        self.assertEqual((config.max_body, config.listen, config.access_log), (1024 * 1024, ("tcp:4000",), True))
+        self.assertEqual(config.config_file, path)
+
+    def test_environment_over_file(self) -> None:
+        """CYPHR_* variables override the file."""
+        path = write(self, 'max_body = "1MiB"\nlisten = ["tcp:4000"]\naccess_log = true\n')
+        env = {"CYPHR_MAX_BODY": "2048", "CYPHR_LISTEN": "tcp:5000, tcp:5001", "CYPHR_ACCESS_LOG": "no"}
+        config = load_config({}, env, path)
+        self.assertEqual(config.max_body, 2048)
+        self.assertEqual(config.listen, ("tcp:5000", "tcp:5001"))
+        self.assertFalse(config.access_log)
+
+    def test_command_line_over_environment(self) -> None:
+        """The command line overrides the environment; a repeated option replaces the list."""
+        path = write(self, 'db_pool_size = 3\n')
+        env = {"CYPHR_LISTEN": "tcp:5000,tcp:5001", "CYPHR_DB_POOL_SIZE": "4"}
+        config = load_config({"listen": ("tcp:6000",), "db_pool_size": "5"}, env, path)
+        self.assertEqual(config.listen, ("tcp:6000",))
+        self.assertEqual(config.db_pool_size, 5)
+
+    def test_config_file_from_environment(self) -> None:
+        """CYPHR_CONFIG names the file when --config does not."""
+        path = write(self, 'node_id = "from-file"\n')
+        self.assertEqual(load_config({}, {"CYPHR_CONFIG": path}).node_id, "from-file")
+
+    def test_dashes_in_file_keys(self) -> None:
+        """File keys may be spelled like the options, with dashes."""
+        path = write(self, 'data-dir = "/var/lib/cyphr"\n')
+        self.assertEqual(load_config({}, {}, path).data_dir, "/var/lib/cyphr")
+
+    def test_unrelated_environment_ignored(self) -> None:
+        """CYPHR_* variables that name no setting (CYPHR_TEST_POSTGRES) are left alone."""
+        load_config({}, {"CYPHR_TEST_POSTGRES": "required"})
+
+    def test_options_end_to_end(self) -> None:
+        """twistd's options parse into the same Config, repeatable options included."""
+        options = Options()
+        options.environ = {"CYPHR_LOG_FORMAT": "json"}
+        options.parseOptions([
+            "--listen", "tcp:7000", "--listen", "unix:/tmp/cyphr-test.sock",
+            "--cors-origin", "https://a.example", "--trusted-proxy", "10.0.0.0/8",
+            "--max-body", "64KiB", "--access-log", "--database", "postgresql://u@db.example/cyphr",
+        ])
+        config = options.config
+        self.assertEqual(config.listen, ("tcp:7000", "unix:/tmp/cyphr-test.sock"))
+        self.assertEqual(config.cors_origin, ("https://a.example",))
+        self.assertEqual(config.trusted_proxy, ("10.0.0.0/8",))
+        self.assertEqual(config.max_body, 64 * 1024)
+        self.assertTrue(config.access_log)
+        self.assertEqual(config.log_format, "json")
+        self.assertEqual(config.database_engine, "postgresql")
+
+    def test_help_documents_every_option(self) -> None:
+        """--help names every command line option with its default and variable."""
+        text = str(Options())
+        for setting in SETTINGS:
+            if setting.cli:
+                self.assertIn(f"--{setting.option}", text)
+                self.assertIn(setting.env, text)
+        self.assertIn("--config", text)
+
+    def test_secrets_not_on_command_line(self) -> None:
+        """Secrets can be set in the file or environment, never as options (ps would show them)."""
+        self.assertNotIn("--jwt-secret", str(Options()))
+        config = load_config({}, {"CYPHR_JWT_SECRET": "s" * 40})
+        self.assertEqual(config.jwt_secret, "s" * 40)
+        self.assertNotIn("s" * 40, repr(config))
+
+
+class NonsenseTests(TestCase):
+    def refused(self, command_line: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                path: str | None = None) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            load_config(command_line or {}, env or {}, path)
+        return str(caught.exception)
+
+    def test_malformed_endpoint(self) -> None:
+        """A listen string Twisted cannot parse is refused, naming it."""
+        self.assertIn("tcp:notaport", self.refused({"listen": ("tcp:notaport",)}))
+        self.assertIn("bogus:1", self.refused({"listen": ("bogus:1",)}))
+
+    def test_tls_endpoint_without_files(self) -> None:
+        """An ssl: endpoint whose certificate cannot be read is refused at once."""
+        self.assertIn("ssl:", self.refused({"listen": ("ssl:3443:privateKey=/nonexistent/key.pem",)}))
+
+    def test_bad_database_urls(self) -> None:
+        """A malformed PostgreSQL URL, or another kind of URL, is refused."""
+        self.assertIn("PostgreSQL URL", self.refused({"database": "postgresql://u@h:notaport/db"}))
+        self.assertIn("names no database", self.refused({"database": "postgresql://u@host"}))
+        self.assertIn("mysql:// URLs are not supported", self.refused({"database": "mysql://u@h/db"}))
+
+    def test_password_not_echoed(self) -> None:
+        """An error about a database URL never repeats its password."""
+        for url in ("mysql://user:hunter2@h/db", "postgresql://user:hunter2@h:bad/db",
+                    "postgresql://user:hunter2@h/db?nosuch=1"):
+            self.assertNotIn("hunter2", self.refused({"database": url}))
+
+    def test_unreadable_config_file(self) -> None:
+        """A config file that cannot be read or parsed is refused with its path."""
+        self.assertIn("cannot read config file", self.refused(path="/nonexistent/cyphr.toml"))
+        self.assertIn("not valid TOML", self.refused(path=write(self, "listen = [")))
+        self.assertIn("unknown setting 'colour'", self.refused(path=write(self, 'colour = "blue"\n')))
+        self.assertIn("max_body", self.refused(path=write(self, 'max_body = "huge"\n')))
+
+    def test_bad_values(self) -> None:
+        """Values of the wrong kind or range are refused, naming the setting."""
+        self.assertIn("CYPHR_ACCESS_LOG", self.refused(env={"CYPHR_ACCESS_LOG": "maybe"}))
+        self.assertIn("CYPHR_DB_POOL_SIZE", self.refused(env={"CYPHR_DB_POOL_SIZE": "many"}))
+        self.assertIn("--db-pool-size", self.refused({"db_pool_size": "0"}))
+        self.assertIn("--max-body", self.refused({"max_body": "10"}))
+        self.assertIn("--log-format", self.refused({"log_format": "xml"}))
+        self.assertIn("--cors-origin", self.refused({"cors_origin": ("https://a.example/path",)}))
+        self.assertIn("--trusted-proxy", self.refused({"trusted_proxy": ("proxy.example",)}))
+        self.assertIn("jwt_secret", self.refused(env={"CYPHR_JWT_SECRET": "short"}))
+
+    def test_sizes(self) -> None:
+        """Sizes take plain bytes or KiB/MiB/GiB suffixes."""
+        self.assertEqual(parse_size("512"), 512)
+        self.assertEqual(parse_size("64KiB"), 65536)
+        self.assertEqual(parse_size("10 MiB"), 10 * 1024 * 1024)
+        self.assertEqual(parse_size("1g"), 1024 ** 3)
+        with self.assertRaises(ValueError):
+            parse_size("ten")
+
+    def test_unknown_option(self) -> None:
+        """An unknown option ends with one line naming it, not the whole usage text."""
+        with self.assertRaises(SystemExit) as caught:
+            Options().parseOptions(["--colour", "blue"])
+        self.assertIn("colour", str(caught.exception.code))
+        self.assertLess(str(caught.exception.code).count("\n"), 3)
+
+    def test_nonsense_through_options(self) -> None:
+        """A bad value given as an option ends the same way."""
+        with self.assertRaises(SystemExit) as caught:
+            Options().parseOptions(["--listen", "tcp:notaport"])
+        self.assertIn("tcp:notaport", str(caught.exception.code))

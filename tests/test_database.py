@@ -1,0 +1,222 @@
+"""The Database interface, on both engines."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.trial.unittest import TestCase
+
+from cyphr.db import DatabaseUnavailable, IntegrityError, Transaction, open_database
+from cyphr.db.postgres import to_pyformat
+from cyphr.db.sqlite import SQLiteDatabase
+from tests.helpers import PostgresMixin, SQLiteMixin, make_config, start_server
+
+NOW = 1_790_000_000_000
+
+
+async def _add_identity(txn: Transaction, cyphr_id: str, key: bytes = b"\x00" * 32) -> str:
+    user_id = str(uuid.uuid4())
+    await txn.execute(
+        "INSERT INTO cyphr_identities (id, cyphr_id, public_key, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (user_id, cyphr_id, key, NOW, NOW),
+    )
+    return user_id
+
+
+async def _add_chat(txn: Transaction) -> str:
+    chat_id = str(uuid.uuid4())
+    await txn.execute(
+        "INSERT INTO chats (id, chat_type, created_at, updated_at) VALUES (?, 'group', ?, ?)",
+        (chat_id, NOW, NOW),
+    )
+    return chat_id
+
+
+class DatabaseTestsMixin:
+    """Behaviour both engines must share."""
+
+    async def setUp(self) -> None:
+        self.server = await start_server(self)
+        self.db = self.server.database
+
+    async def test_round_trip_of_values(self) -> None:
+        """Text, integers, NULL and raw bytes come back as they went in (bytes as bytes)."""
+        key = bytes(range(256)) * 6 + b"\x00\xff" * 16
+        user_id = await self.db.run_interaction("add", _add_identity, "alice", key)
+        rows = await self.db.run_query(
+            "SELECT id, cyphr_id, public_key, created_at, last_seen FROM cyphr_identities"
+            " WHERE cyphr_id = ?", ("alice",))
+        self.assertEqual(rows, [(user_id, "alice", key, NOW, None)])
+        self.assertIsInstance(rows[0][2], bytes)
+
+    async def test_run_operation_counts_rows(self) -> None:
+        """run_operation answers how many rows a statement changed."""
+        for name in ("ann", "bob", "cat"):
+            await self.db.run_interaction("add", _add_identity, name)
+        changed = await self.db.run_operation(
+            "UPDATE cyphr_identities SET display_name = ? WHERE cyphr_id <> ?", ("x", "bob"))
+        self.assertEqual(changed, 2)
+
+    async def test_percent_and_placeholders(self) -> None:
+        """SQL is written once with ? placeholders; a literal % is just a character."""
+        await self.db.run_interaction("add", _add_identity, "percent_user")
+        rows = await self.db.run_query(
+            "SELECT cyphr_id, '100%' FROM cyphr_identities WHERE cyphr_id LIKE ?", ("percent%",))
+        self.assertEqual(rows, [("percent_user", "100%")])
+
+    async def test_interaction_commits(self) -> None:
+        """An interaction that returns commits everything it wrote, and answers its result."""
+        async def txn(t: Transaction) -> int:
+            await _add_identity(t, "one")
+            await _add_identity(t, "two")
+            rows = await t.execute("SELECT COUNT(*) FROM cyphr_identities")
+            return rows[0][0]
+
+        self.assertEqual(await self.db.run_interaction("two", txn), 2)
+        rows = await self.db.run_query("SELECT cyphr_id FROM cyphr_identities ORDER BY cyphr_id")
+        self.assertEqual(rows, [("one",), ("two",)])
+
+    async def test_interaction_rolls_back_on_error(self) -> None:
+        """An interaction that raises leaves nothing behind and re-raises."""
+        class Boom(Exception):
+            pass
+
+        async def txn(t: Transaction) -> None:
+            await _add_identity(t, "ghost")
+            raise Boom()
+
+        with self.assertRaises(Boom):
+            await self.db.run_interaction("boom", txn)
+        self.assertEqual(await self.db.run_query("SELECT * FROM cyphr_identities"), [])
+
+    async def test_integrity_error(self) -> None:
+        """A unique violation is cyphr.db.IntegrityError on both engines, and the transaction is undone."""
+        await self.db.run_interaction("add", _add_identity, "taken")
+
+        async def txn(t: Transaction) -> None:
+            await _add_identity(t, "fresh")
+            await _add_identity(t, "taken")
+
+        with self.assertRaises(IntegrityError):
+            await self.db.run_interaction("dup", txn)
+        with self.assertRaises(IntegrityError):
+            await self.db.run_operation(
+                "INSERT INTO cyphr_identities (id, cyphr_id, public_key, created_at, updated_at)"
+                " VALUES (?, 'taken', ?, 0, 0)", (str(uuid.uuid4()), b"k"))
+        rows = await self.db.run_query("SELECT cyphr_id FROM cyphr_identities")
+        self.assertEqual(rows, [("taken",)])
+
+    async def test_foreign_keys_enforced(self) -> None:
+        """Foreign keys hold: a member of a chat that does not exist is refused."""
+        await self.db.run_interaction("add", _add_identity, "member")
+        with self.assertRaises(IntegrityError):
+            await self.db.run_operation(
+                "INSERT INTO chat_participants (chat_id, user_id, joined_at) VALUES (?, 'member', 0)",
+                (str(uuid.uuid4()),))
+
+    async def test_cascade_on_identity_delete(self) -> None:
+        """Deleting an identity removes its memberships and prekeys with it."""
+        user_id = await self.db.run_interaction("add", _add_identity, "leaver")
+        chat_id = await self.db.run_interaction("chat", _add_chat)
+        await self.db.run_operation(
+            "INSERT INTO chat_participants (chat_id, user_id, joined_at) VALUES (?, 'leaver', 0)", (chat_id,))
+        await self.db.run_operation(
+            "INSERT INTO one_time_prekeys (user_id, key_id, kyber_public_key, signature, created_at)"
+            " VALUES (?, 1, ?, ?, 0)", (user_id, b"k", b"s"))
+        await self.db.run_operation("DELETE FROM cyphr_identities WHERE id = ?", (user_id,))
+        self.assertEqual(await self.db.run_query("SELECT * FROM chat_participants"), [])
+        self.assertEqual(await self.db.run_query("SELECT * FROM one_time_prekeys"), [])
+
+    async def test_concurrent_interactions(self) -> None:
+        """Many interactions at once all complete, and none sees another's half-done work:
+        a counter bumped by 30 concurrent transactions hands out 1..30 exactly once."""
+        chat_id = await self.db.run_interaction("chat", _add_chat)
+
+        async def bump(t: Transaction) -> int:
+            rows = await t.execute(
+                "UPDATE chats SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq", (chat_id,))
+            await t.execute(
+                "INSERT INTO messages (chat_id, seq, id, sender_id, encrypted_content, created_at)"
+                " VALUES (?, ?, ?, 'x', '{}', 0)", (chat_id, rows[0][0], str(uuid.uuid4())))
+            return rows[0][0]
+
+        results = await gatherResults([
+            Deferred.fromCoroutine(self.db.run_interaction("bump", bump)) for _ in range(30)])
+        self.assertEqual(sorted(results), list(range(1, 31)))
+        rows = await self.db.run_query("SELECT seq FROM messages WHERE chat_id = ? ORDER BY seq", (chat_id,))
+        self.assertEqual([r[0] for r in rows], list(range(1, 31)))
+
+    async def test_closed_database_is_unavailable(self) -> None:
+        """After close, every call is answered DatabaseUnavailable at once."""
+        await self.db.close()
+        with self.assertRaises(DatabaseUnavailable):
+            await self.db.run_query("SELECT 1")
+        with self.assertRaises(DatabaseUnavailable):
+            await self.db.run_interaction("x", _add_chat)
+
+
+class SQLiteDatabaseTests(SQLiteMixin, DatabaseTestsMixin, TestCase):
+    async def test_no_sqlite_on_the_reactor_thread(self) -> None:
+        """Every statement, transactions included, runs on the engine's own thread."""
+        threads: list[int] = []
+        await self.db._call(lambda conn: conn.set_trace_callback(lambda _: threads.append(threading.get_ident())))
+        await self.db.run_interaction("add", _add_identity, "traced")
+        await self.db.run_query("SELECT * FROM cyphr_identities")
+        await self.db.run_operation("UPDATE cyphr_identities SET display_name = 'x'")
+        self.assertEqual(len(threads), 5)  # BEGIN, INSERT, COMMIT, SELECT, UPDATE
+        self.assertNotIn(threading.get_ident(), threads)
+
+    async def test_wal_and_foreign_keys(self) -> None:
+        """The connection runs in WAL mode with foreign keys on."""
+        self.assertEqual(await self.db.run_query("PRAGMA journal_mode"), [("wal",)])
+        self.assertEqual(await self.db.run_query("PRAGMA foreign_keys"), [(1,)])
+
+    async def test_file_modes(self) -> None:
+        """The database file is readable by its owner only."""
+        import os
+        import stat
+
+        mode = stat.S_IMODE(os.stat(self.db.path).st_mode)
+        self.assertEqual(mode & 0o077, 0)
+
+
+class PostgresDatabaseTests(PostgresMixin, DatabaseTestsMixin, TestCase):
+    async def test_messages_are_partitioned(self) -> None:
+        """messages is hash-partitioned into 100 partitions."""
+        rows = await self.db.run_query(
+            "SELECT COUNT(*) FROM pg_inherits WHERE inhparent = 'messages'::regclass")
+        self.assertEqual(rows, [(100,)])
+
+    async def test_pool_stats(self) -> None:
+        """The pool reports its size and how many connections are up."""
+        stats = self.db.stats
+        self.assertEqual(stats["size"], 10)
+        self.assertEqual(stats["up"], 10)
+        self.assertEqual(stats["waiting"], 0)
+
+
+class PlaceholderTests(TestCase):
+    def test_to_pyformat(self) -> None:
+        """? becomes %s and a literal % is escaped for psycopg2."""
+        self.assertEqual(to_pyformat("SELECT '5%' WHERE a = ? AND b = ?"), "SELECT '5%%' WHERE a = %s AND b = %s")
+
+
+class EngineChoiceTests(TestCase):
+    def test_sqlite_by_default(self) -> None:
+        """Without --database the engine is SQLite in the data directory."""
+        config = make_config(self)
+        database = open_database(config, reactor)
+        self.assertIsInstance(database, SQLiteDatabase)
+        self.assertTrue(database.path.endswith("cyphr.sqlite3"))
+        self.assertFalse(database.ready)
+
+    async def test_not_ready_before_start(self) -> None:
+        """A database that has not started answers DatabaseUnavailable, not a hang."""
+        database = open_database(make_config(self), reactor)
+        with self.assertRaises(DatabaseUnavailable):
+            await database.run_query("SELECT 1")

@@ -1,0 +1,182 @@
+"""Schema migrations, on both engines."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from cyphr.db import Database, SchemaTooNew, Transaction, migrations as migrations_module
+from cyphr.db.migrations import Migration, dump_schema, latest_version, migrate_txn, migrations
+from cyphr.db.postgres import PostgresDatabase
+from cyphr.db.postgres import preflight as postgres_preflight
+from cyphr.db.sqlite import SQLiteDatabase
+from cyphr.db.sqlite import preflight as sqlite_preflight
+from tests import postgres
+
+
+class MigrationTestsMixin:
+    def new_location(self) -> str:
+        raise NotImplementedError
+
+    def open(self, location: str, target: int | None = None) -> Database:
+        raise NotImplementedError
+
+    async def started(self, location: str, target: int | None = None) -> Database:
+        database = self.open(location, target)
+        database.on_fatal = self.fatal.append
+        database.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(database.close()))
+        await database.when_ready()
+        return database
+
+    def setUp(self) -> None:
+        self.fatal: list[str] = []
+
+    async def test_fresh_equals_step_by_step(self) -> None:
+        """A database created at the latest version equals one upgraded one
+        version at a time, with a restart between versions."""
+        fresh = await self.started(self.new_location())
+        self.assertEqual(fresh.schema_version, latest_version(fresh.engine))
+
+        location = self.new_location()
+        for version in range(1, latest_version(fresh.engine) + 1):
+            stepped = await self.started(location, target=version)
+            self.assertEqual(stepped.schema_version, version)
+            if version < latest_version(fresh.engine):
+                await stepped.close()
+        self.assertEqual(await dump_schema(stepped), await dump_schema(fresh))
+        self.assertGreater(len(await dump_schema(fresh)), 10)
+
+    async def test_restart_changes_nothing(self) -> None:
+        """Starting again on an up-to-date database applies nothing and keeps the data."""
+        location = self.new_location()
+        first = await self.started(location)
+        await first.run_operation(
+            "INSERT INTO chats (id, created_at, updated_at) VALUES (?, 0, 0)",
+            ("00000000-0000-4000-8000-000000000001",))
+        before = await dump_schema(first)
+        await first.close()
+        second = await self.started(location)
+        self.assertEqual(await dump_schema(second), before)
+        self.assertEqual(len(await second.run_query("SELECT id FROM chats")), 1)
+
+    async def test_too_new_is_refused(self) -> None:
+        """A database whose schema is newer than the code is refused with a
+        clear message and never served."""
+        location = self.new_location()
+        database = await self.started(location)
+        await database.run_operation("UPDATE schema_version SET version = ?", (latest_version() + 1,))
+        await database.close()
+
+        refused = self.open(location)
+        refused.on_fatal = self.fatal.append
+        refused.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(refused.close()))
+        for _ in range(200):
+            if self.fatal:
+                break
+            await deferLater(0.01)
+        self.assertEqual(len(self.fatal), 1)
+        self.assertIn("newer Cyphr", self.fatal[0])
+        self.assertFalse(refused.ready)
+        with self.assertRaises(SchemaTooNew):
+            self.preflight(location)
+
+    async def test_failed_migration_changes_nothing(self) -> None:
+        """Pending migrations apply in one transaction: when one fails, none is applied."""
+        database = await self.started(self.new_location(), target=1)
+        real = migrations(database.engine)
+        broken = real + (Migration(len(real) + 1, "broken", "CREATE TABLE half_done (x INTEGER);\nNOT SQL;\n"),)
+        self.patch(migrations_module, "migrations", lambda engine: broken)
+        self.patch(migrations_module, "latest_version", lambda engine="sqlite": len(broken))
+
+        async def upgrade(txn: Transaction) -> int:
+            return await migrate_txn(txn, database.engine)
+
+        with self.assertRaises(Exception):
+            await database.run_interaction("upgrade", upgrade)
+        self.assertEqual(await database.run_query("SELECT version FROM schema_version"), [(1,)])
+        with self.assertRaises(Exception):
+            await database.run_query("SELECT * FROM chats")
+        with self.assertRaises(Exception):
+            await database.run_query("SELECT * FROM half_done")
+
+
+async def deferLater(seconds: float) -> None:
+    from twisted.internet.task import deferLater as later
+
+    await later(reactor, seconds, lambda: None)
+
+
+class SQLiteMigrationTests(MigrationTestsMixin, TestCase):
+    def new_location(self) -> str:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        return os.path.join(directory, "cyphr.sqlite3")
+
+    def open(self, location: str, target: int | None = None) -> Database:
+        return SQLiteDatabase(location, reactor, schema_target=target)
+
+    def preflight(self, location: str) -> None:
+        sqlite_preflight(location)
+
+    def test_preflight_on_missing_file(self) -> None:
+        """A database file that does not exist yet passes the preflight check."""
+        sqlite_preflight(os.path.join(self.mktemp(), "none.sqlite3"))
+
+
+class PostgresMigrationTests(MigrationTestsMixin, TestCase):
+    def new_location(self) -> str:
+        return postgres.database_url()
+
+    def open(self, location: str, target: int | None = None) -> Database:
+        return PostgresDatabase(location, reactor, pool_size=2, schema_target=target)
+
+    def preflight(self, location: str) -> None:
+        postgres_preflight(location)
+
+
+class TwinTests(TestCase):
+    """The SQLite and PostgreSQL schemas describe the same tables and columns."""
+
+    async def columns(self, database: Database) -> dict[str, set[str]]:
+        if database.engine == "sqlite":
+            tables = await database.run_query(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+            result = {}
+            for (table,) in tables:
+                rows = await database.run_query("SELECT name FROM pragma_table_info(?)", (table,))
+                result[table] = {r[0] for r in rows}
+            return result
+        rows = await database.run_query(
+            "SELECT c.table_name, c.column_name FROM information_schema.columns c"
+            " JOIN pg_class t ON t.relname = c.table_name"
+            " WHERE c.table_schema = 'public' AND NOT t.relispartition")
+        result: dict[str, set[str]] = {}
+        for table, column in rows:
+            result.setdefault(table, set()).add(column)
+        return result
+
+    async def open_started(self, database: Database) -> Database:
+        database.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(database.close()))
+        await database.when_ready()
+        return database
+
+    async def test_same_tables_and_columns(self) -> None:
+        """Every table has the same columns on both engines."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        lite = await self.open_started(SQLiteDatabase(os.path.join(directory, "db.sqlite3"), reactor))
+        pg = await self.open_started(PostgresDatabase(postgres.database_url(), reactor, pool_size=1))
+        self.assertEqual(await self.columns(lite), await self.columns(pg))
+
+    def test_versions_are_dense(self) -> None:
+        """Migration files are numbered 1..N on both engines, named alike."""
+        lite, pg = migrations("sqlite"), migrations("postgresql")
+        self.assertEqual([m.version for m in lite], list(range(1, len(lite) + 1)))
+        self.assertEqual([(m.version, m.name) for m in lite], [(m.version, m.name) for m in pg])

@@ -1,0 +1,93 @@
+"""The server on real sockets: plain HTTP on both engines, and TLS."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import ipaddress
+import json
+import os
+import ssl
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.helpers import PostgresMixin, SQLiteMixin, start_server
+
+
+def fetch(port: int, path: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET over a real socket from another thread, closing the connection."""
+    if context is None:
+        conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+class RealPortMixin:
+    async def test_health_over_tcp(self) -> None:
+        """A started server answers /health and /api/health on its real port, without HSTS."""
+        server = await start_server(self, serve=True)
+        port = (await server.listening()[0]).getHost().port
+        status, headers, body = await deferToThread(fetch, port, "/health")
+        self.assertEqual((status, body), (200, b'{"status":"ok"}'))
+        self.assertNotIn("strict-transport-security", headers)
+        status, headers, body = await deferToThread(fetch, port, "/api/health")
+        self.assertEqual(status, 200)
+        self.assertTrue(json.loads(body)["database"]["ok"])
+
+
+class SQLiteRealPortTests(SQLiteMixin, RealPortMixin, TestCase):
+    pass
+
+
+class PostgresRealPortTests(PostgresMixin, RealPortMixin, TestCase):
+    pass
+
+
+def self_signed(directory: str) -> tuple[str, str]:
+    """A key and a certificate for 127.0.0.1, made for this test only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class TLSTests(SQLiteMixin, TestCase):
+    async def test_tls_endpoint(self) -> None:
+        """An ssl: endpoint serves HTTPS with the given certificate, and adds HSTS."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        key_path, cert_path = self_signed(directory)
+        endpoint = f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
+        server = await start_server(self, serve=True, listen=(endpoint,))
+        port = (await server.listening()[0]).getHost().port
+        context = ssl.create_default_context(cafile=cert_path)
+        status, headers, body = await deferToThread(fetch, port, "/health", context)
+        self.assertEqual((status, body), (200, b'{"status":"ok"}'))
+        self.assertEqual(headers["strict-transport-security"], "max-age=31536000; includeSubDomains")
