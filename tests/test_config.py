@@ -177,3 +177,37 @@ class NonsenseTests(TestCase):
         with self.assertRaises(SystemExit) as caught:
             Options().parseOptions(["--listen", "tcp:notaport"])
         self.assertIn("tcp:notaport", str(caught.exception.code))
+
+
+class ExampleFileTests(TestCase):
+    EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "etc", "cyphr.example.toml")
+
+    def test_every_setting_documented(self) -> None:
+        """etc/cyphr.example.toml shows every setting."""
+        with open(self.EXAMPLE) as f:
+            text = f.read()
+        for setting in SETTINGS:
+            self.assertIn(f"# {setting.name} = ", text)
+
+    def test_uncommented_example_is_valid(self) -> None:
+        """Uncommenting every setting of the example gives a valid configuration with the defaults."""
+        names = {s.name for s in SETTINGS}
+        lines = []
+        with open(self.EXAMPLE) as f:
+            for line in f:
+                key = line[2:].split(" = ", 1)[0] if line.startswith("# ") else ""
+                lines.append(line[2:] if key in names else line)
+        path = write(self, "".join(lines))
+        config = load_config({}, {}, path)
+        defaults = load_config({}, {})
+        self.assertEqual(config.listen, defaults.listen)
+        self.assertEqual(config.max_body, defaults.max_body)
+        self.assertEqual(config.cors_origin, defaults.cors_origin)
+
+    def test_readme_documents_every_option(self) -> None:
+        """README.rst names every command line option."""
+        with open(os.path.join(os.path.dirname(self.EXAMPLE), "..", "README.rst")) as f:
+            text = f.read()
+        for setting in SETTINGS:
+            self.assertIn(f"--{setting.option}" if setting.cli else setting.name, text)
