@@ -395,8 +395,8 @@ class AccessLogTests(TestCase):
                          ("127.0.0.1", "GET", "/api/items/1", 200))
 
 
-class BodyLimitOverSocketTests(TestCase):
-    """The body limit, over a real socket, since it acts before the body is read."""
+class _OverSocket:
+    """A site with a 1 KiB body limit on a real port, and raw exchanges with it."""
 
     async def setUp(self) -> None:
         self.api, root, policy = make_site(self, max_body=1024)
@@ -418,6 +418,10 @@ class BodyLimitOverSocketTests(TestCase):
                     received += chunk
 
         return deferToThread(talk)
+
+
+class BodyLimitOverSocketTests(_OverSocket, TestCase):
+    """The body limit, over a real socket, since it acts before the body is read."""
 
     async def test_declared_length_over_limit(self) -> None:
         """A Content-Length over the limit is 413 at once and the connection
@@ -456,3 +460,16 @@ class ConfigReuseTests(TestCase):
         config = with_config(make_config(self), max_body=2048, access_log=True)
         policy = HttpPolicy.from_config(config)
         self.assertEqual((policy.max_body, policy.access_log), (2048, True))
+
+
+class ExpectContinueTests(_OverSocket, TestCase):
+    """The same limits for clients that wait for 100 Continue (curl does, for large bodies)."""
+
+    async def test_no_continue_for_refused_body(self) -> None:
+        """A refused body is not invited with 100 Continue: the answer is the 413 alone."""
+        answer_bytes = await self.exchange(
+            b"POST /api/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
+        self.assertTrue(answer_bytes.startswith(b"HTTP/1.1 413 "), answer_bytes[:80])
+        self.assertNotIn(b"100 Continue", answer_bytes)
+        self.assertTrue(answer_bytes.endswith(b"}"), answer_bytes[-40:])

@@ -323,6 +323,9 @@ class CyphrRequest(server.Request):
         are all there is of this request."""
         self._body_refused = True
         self.content = io.BytesIO()
+        # Twisted would answer "100 Continue" after this: the client must not
+        # be invited to send what will not be read.
+        self.requestHeaders.removeHeader(b"expect")
         body = json_bytes(PayloadTooLarge(
             f"The request body is larger than {self.policy.max_body} bytes",
             details={"limit": self.policy.max_body},
