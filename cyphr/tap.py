@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cyphr.config import (
+    SETTINGS_BY_NAME,
     ConfigError,
     Setting,
     cli_settings,
@@ -62,9 +63,9 @@ class Options(usage.Options):
     ]
     optFlags = [[s.option, None, _help(s)] for s in cli_settings() if s.kind == "bool"]
 
-    opt_listen = _repeatable(next(s for s in cli_settings() if s.name == "listen"))
-    opt_cors_origin = _repeatable(next(s for s in cli_settings() if s.name == "cors_origin"))
-    opt_trusted_proxy = _repeatable(next(s for s in cli_settings() if s.name == "trusted_proxy"))
+    opt_listen = _repeatable(SETTINGS_BY_NAME["listen"])
+    opt_cors_origin = _repeatable(SETTINGS_BY_NAME["cors_origin"])
+    opt_trusted_proxy = _repeatable(SETTINGS_BY_NAME["trusted_proxy"])
 
     def __init__(self) -> None:
         super().__init__()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults

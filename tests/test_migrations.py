@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from cyphr.db import Database, SchemaTooNew, Transaction, migrations as migrations_module
+from cyphr.db import Database, SchemaTooNew, Transaction
+from cyphr.db import migrations as migrations_module
 from cyphr.db.migrations import Migration, dump_schema, latest_version, migrate_txn, migrations
 from cyphr.db.postgres import PostgresDatabase
 from cyphr.db.postgres import preflight as postgres_preflight

@@ -11,9 +11,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cyphr.db import DatabaseUnavailable
+from cyphr.server import build_server
 from tests import postgres
 from tests.helpers import InProcessHTTP, make_config
-from cyphr.server import build_server
 
 
 class OutageTests(TestCase):

@@ -31,6 +31,7 @@ from werkzeug.routing import RequestRedirect
 from cyphr.config import Config
 from cyphr.errors import (
     CORS_ORIGIN_DENIED,
+    INVALID_BODY,
     ApiError,
     BadRequest,
     Forbidden,
@@ -129,7 +130,7 @@ def read_json(request: Any, *, required: bool = True) -> dict[str, Any]:
         raise UnsupportedMediaType()
     body = parse_json(raw)
     if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object", code="INVALID_BODY")
+        raise BadRequest("The request body must be a JSON object", code=INVALID_BODY)
     return body
 
 

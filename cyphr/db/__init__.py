@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred
 
+from cyphr.config import Config
 from cyphr.errors import DatabaseUnavailable
 
 __all__ = [
@@ -137,7 +138,7 @@ class Database(ABC):
             self.on_fatal(message)
 
 
-def open_database(config: Any, reactor: Any) -> Database:
+def open_database(config: Config, reactor: Any) -> Database:
     """The engine the configuration names, not yet started."""
     if config.database_engine == "postgresql":
         from cyphr.db.postgres import PostgresDatabase
@@ -148,7 +149,7 @@ def open_database(config: Any, reactor: Any) -> Database:
     return SQLiteDatabase(config.sqlite_path, reactor)
 
 
-def preflight(config: Any) -> None:
+def preflight(config: Config) -> None:
     """Before the reactor runs: raise UnusableDatabase if the configured
     database exists and can never be used (a newer schema, not a database).
     An unreachable PostgreSQL passes: the server starts and keeps trying."""

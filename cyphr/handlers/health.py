@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 import cyphr
@@ -44,7 +44,7 @@ def within(awaitable: Awaitable[Any], seconds: float, clock: Any) -> Deferred[An
     ``seconds``. The work itself is left to finish on its own: cancelling a
     PostgreSQL query means a blocking cancel request, which a hung server
     would turn into a hung reactor."""
-    inner = Deferred.fromCoroutine(_await(awaitable))
+    inner = ensureDeferred(awaitable)
     outer: Deferred[Any] = Deferred()
 
     def expire() -> None:
@@ -68,10 +68,6 @@ def within(awaitable: Awaitable[Any], seconds: float, clock: Any) -> Deferred[An
 
     inner.addCallbacks(succeeded, failed)
     return outer
-
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 class HealthHandler:
