@@ -34,7 +34,7 @@ class Setting:
     --name-with-dashes on the command line), its kind and its help."""
 
     name: str
-    kind: str  # "str", "int", "size", "bool", "list", "choice"
+    kind: str  # "str", "int", "size", "bool", "list", "choice", "duration", "rate"
     help: str
     choices: tuple[str, ...] = ()
     cli: bool = True  # secrets are settable only in the file or environment
@@ -81,6 +81,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("node_id", "str",
             "Name of this process in health answers and logs. Default: "
             "hostname:pid.", metavar="NAME"),
+    Setting("token_lifetime", "duration",
+            "How long a session token is valid (s, m, h, d suffixes).",
+            metavar="DURATION"),
+    Setting("max_prekeys", "int",
+            "Most one-time prekeys one user may hold on the server.", metavar="N"),
+    Setting("rate_limit_auth", "rate",
+            "Requests per client address to /api/cyphr-id/* and /api/auth/*, "
+            "as COUNT/PERIOD.", metavar="RATE"),
+    Setting("rate_limit_search", "rate",
+            "User searches per user, as COUNT/PERIOD.", metavar="RATE"),
+    Setting("rate_limit_claim", "rate",
+            "One-time prekey claims per caller and target user, as "
+            "COUNT/PERIOD.", metavar="RATE"),
+    Setting("rate_limit_password", "rate",
+            "Argon2 password hashes (POST /api/auth/hash-password) per user, "
+            "as COUNT/PERIOD.", metavar="RATE"),
     Setting("jwt_secret", "str",
             "Secret signing session tokens (at least 32 characters). Default: "
             "generated into the data directory. Every node of a cluster needs "
@@ -111,6 +127,12 @@ class Config:
     log_format: str = "text"
     db_pool_size: int = 10
     node_id: str = ""
+    token_lifetime: int = 7 * 24 * 3600
+    max_prekeys: int = 1000
+    rate_limit_auth: tuple[int, int] = (100, 15 * 60)
+    rate_limit_search: tuple[int, int] = (30, 60)
+    rate_limit_claim: tuple[int, int] = (20, 3600)
+    rate_limit_password: tuple[int, int] = (10, 60)
     jwt_secret: str = field(default="", repr=False)
     fingerprint_key: str = field(default="", repr=False)
     totp_key: str = field(default="", repr=False)
@@ -170,6 +192,39 @@ def parse_size(value: Any) -> int:
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> int:
+    """Seconds, from 3600 or "1h" (s, m, h, d)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int):
+        return value
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"expected a duration such as 3600, 15m or 7d, not {value!r}")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
+def parse_rate(value: Any) -> tuple[int, int]:
+    """(count, period in seconds), from "100/15m"."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    if not isinstance(value, str) or value.count("/") != 1:
+        raise ValueError(f"expected a rate such as 100/15m, not {value!r}")
+    count, period = value.split("/")
+    return parse_int(count), parse_duration(period)
+
+
+def format_duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -215,6 +270,10 @@ def _parse(setting: Setting, value: Any, *, from_env: bool = False) -> Any:
         return parse_int(value)
     if kind == "bool":
         return parse_bool(value)
+    if kind == "duration":
+        return parse_duration(value)
+    if kind == "rate":
+        return parse_rate(value)
     if not isinstance(value, str):
         raise ValueError("expected a string")
     if kind == "choice" and value not in setting.choices:
@@ -378,6 +437,15 @@ def validate(config: Config) -> None:
             ) from None
     if not 1 <= config.db_pool_size <= 500:
         raise ConfigError("--db-pool-size must be between 1 and 500")
+    if not 60 <= config.token_lifetime <= 365 * 86400:
+        raise ConfigError("--token-lifetime must be between 1m and 365d")
+    if not 1 <= config.max_prekeys <= 100_000:
+        raise ConfigError("--max-prekeys must be between 1 and 100000")
+    for setting in SETTINGS:
+        if setting.kind == "rate":
+            count, period = getattr(config, setting.name)
+            if count < 1 or period < 1:
+                raise ConfigError(f"--{setting.option}: a rate needs a count and a period of at least 1")
     for name in ("jwt_secret", "fingerprint_key", "totp_key"):
         value = getattr(config, name)
         if value and len(value) < 32:
@@ -404,5 +472,9 @@ def describe_default(setting: Setting) -> str:
         return "on" if value else "off"
     if setting.kind == "size":
         return f"{value // MiB}MiB" if value % MiB == 0 else str(value)
+    if setting.kind == "duration":
+        return format_duration(value)
+    if setting.kind == "rate":
+        return f"{value[0]}/{format_duration(value[1])}"
     return str(value) if value != "" else "generated"
 

@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -23,14 +23,34 @@ from twisted.python.components import Componentized
 import cyphr
 from cyphr.api.health import HealthAPI
 from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root
+from cyphr.api.identity import IdentityAPI
+from cyphr.api.keys import KeysAPI
+from cyphr.api.security import SecurityAPI
+from cyphr.api.wallet import WalletAPI
 from cyphr.config import Config
+from cyphr.cpu import CpuPool
 from cyphr.datadir import ServerSecrets, load_secrets, prepare_data_dir
 from cyphr.db import Database, open_database
+from cyphr.handlers.auth import Authenticator
 from cyphr.handlers.health import HealthHandler
+from cyphr.handlers.identity import IdentityHandler
+from cyphr.handlers.keys import KeysHandler
+from cyphr.handlers.maintenance import Maintenance
+from cyphr.handlers.ratelimit import RateLimits
+from cyphr.handlers.security import PasswordHashing, TotpHandler
+from cyphr.handlers.tokens import TokenService
+from cyphr.handlers.wallet import WalletHandler
 from cyphr.logs import JsonLogObserver
+from cyphr.store.challenges import ChallengeStore
+from cyphr.store.identities import IdentityStore
+from cyphr.store.keys import PrekeyStore
 from cyphr.store.status import StatusStore
+from cyphr.store.tokens import TokenStore
+from cyphr.store.totp import TotpStore
+from cyphr.store.wallet import WalletStore
 
 _log = Logger()
+MAINTENANCE_INTERVAL = 300  # seconds between purges of expired challenges and revocations
 
 
 class DatabaseService(Service):
@@ -97,6 +117,8 @@ class Server:
     site: CyphrSite
     service: CyphrService
     endpoint_services: list[StreamServerEndpointService]
+    limits: RateLimits
+    maintenance: Maintenance
 
     def listening(self) -> list[Deferred[Any]]:
         """The listening ports, once the service has started."""
@@ -133,15 +155,38 @@ def build_server(
 
     database.on_fatal = on_fatal or fatal
 
-    status_store = StatusStore(database)
-    health = HealthHandler(status_store, clock, node_id=config.node_id or default_node_id())
+    cpu = CpuPool(reactor)
+    limits = RateLimits(clock, config)
+    identities = IdentityStore(database)
+    challenges = ChallengeStore(database)
+    revocations = TokenStore(database)
 
-    router = ApiRouter([HealthAPI(health)])
+    tokens = TokenService(secrets.jwt_key, config.token_lifetime, clock)
+    authenticator = Authenticator(tokens, identities)
+    totp = TotpHandler(TotpStore(database), secrets.totp_key, clock)
+    identity = IdentityHandler(identities, challenges, revocations, tokens, totp,
+                               secrets.fingerprint_key, clock)
+    keys = KeysHandler(identities, identity, PrekeyStore(database), cpu, limits.claim,
+                       config.max_prekeys, clock)
+    wallet = WalletHandler(WalletStore(database), identity, clock)
+    health = HealthHandler(StatusStore(database), clock, node_id=config.node_id or default_node_id())
+    maintenance = Maintenance(challenges, revocations, clock)
+
+    router = ApiRouter([
+        HealthAPI(health),
+        IdentityAPI(identity, authenticator, limits),
+        KeysAPI(keys, authenticator, limits),
+        SecurityAPI(totp, PasswordHashing(cpu), authenticator, limits),
+        WalletAPI(wallet, authenticator, limits),
+    ])
     root = Root(router)
     site = CyphrSite(root, HttpPolicy.from_config(config), reactor)
 
     service = CyphrService(config)
     DatabaseService(database).setServiceParent(service)
+    purge = TimerService(MAINTENANCE_INTERVAL, lambda: Deferred.fromCoroutine(maintenance.run()))
+    purge.clock = clock
+    purge.setServiceParent(service)
     endpoint_services = []
     for description in config.listen:
         endpoint_service = StreamServerEndpointService(serverFromString(reactor, description), site)
@@ -161,4 +206,6 @@ def build_server(
         site=site,
         service=service,
         endpoint_services=endpoint_services,
+        limits=limits,
+        maintenance=maintenance,
     )

@@ -11,6 +11,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cyphr.db import DatabaseUnavailable
+from cyphr.db.migrations import latest_version
 from cyphr.server import build_server
 from tests import postgres
 from tests.helpers import InProcessHTTP, make_config
@@ -89,4 +90,4 @@ class OutageTests(TestCase):
 
         await deferToThread(self.cluster.start)
         await self.health_until(http, 200, seconds=10)
-        self.assertEqual(server.database.schema_version, 2)
+        self.assertEqual(server.database.schema_version, latest_version())

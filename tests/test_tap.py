@@ -153,13 +153,13 @@ class TwistdTests(TestCase):
 
 class MakeServiceTests(TestCase):
     def test_make_service(self) -> None:
-        """makeService builds the database service and one listener per --listen."""
+        """makeService builds the database service, the periodic purge and one listener per --listen."""
         options = Options()
         options.environ = {}
         options.parseOptions(["--data-dir", self.mktemp(), "--listen", "tcp:0:interface=127.0.0.1",
                               "--listen", "tcp:0:interface=127.0.0.1"])
         service = makeService(options)
-        self.assertEqual(len(list(IServiceCollection(service))), 3)
+        self.assertEqual(len(list(IServiceCollection(service))), 4)
 
     def test_make_service_refuses_unusable_database(self) -> None:
         """makeService turns an unusable database into a message, not a traceback."""

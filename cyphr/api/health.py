@@ -6,6 +6,7 @@ from typing import Any
 
 from klein import Klein
 
+from cyphr.api.guard import public
 from cyphr.api.http import answer, install_error_handlers
 from cyphr.errors import DATABASE_UNAVAILABLE
 from cyphr.handlers.health import HealthHandler
@@ -19,11 +20,13 @@ class HealthAPI:
         self._health = health
 
     @app.route("/health", methods=["GET"])
+    @public()
     def liveness(self, request: Any) -> bytes:
         """200 while the process runs, whatever the database does."""
         return answer(request, {"status": "ok"})
 
     @app.route("/api/health", methods=["GET"])
+    @public()
     async def readiness(self, request: Any) -> bytes:
         """The process and a real round trip to its database; 503 when the
         database does not answer."""

@@ -1,0 +1,107 @@
+"""Keys: the caller's Kyber key, others' public keys, one-time prekeys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+
+from cyphr.api.guard import authenticated
+from cyphr.api.http import answer, install_error_handlers, read_json
+from cyphr.crypto import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, MLKEM1024_KEY_BYTES
+from cyphr.errors import DUPLICATE_KEY_ID, BadRequest, Forbidden
+from cyphr.handlers.auth import AuthUser, Authenticator
+from cyphr.handlers.keys import MAX_PREKEYS_PER_CALL, KeysHandler
+from cyphr.handlers.ratelimit import RateLimits
+from cyphr.handlers.validation import Fields, b64, check_cyphr_id, invalid
+from cyphr.store.keys import Prekey
+
+MAX_KEY_ID = 2**31 - 1
+
+
+class KeysAPI:
+    app = Klein()
+    install_error_handlers(app)
+
+    def __init__(self, keys: KeysHandler, authenticator: Authenticator, limits: RateLimits) -> None:
+        self._keys = keys
+        self.authenticator = authenticator
+        self.limits = limits
+
+    async def _store_public_key(self, request: Any, user: AuthUser) -> bytes:
+        # The original clients also send userId and publicKey: accepted
+        # when they name the caller, refused when they name anyone else.
+        fields = Fields(read_json(request), {"kyberPublicKey", "kyberKeySignature", "userId", "publicKey"})
+        claimed = fields.text("userId", required=False, max_length=64)
+        if claimed is not None and claimed not in (user.cyphr_id, user.user_id):
+            raise Forbidden("Only your own key can be stored")
+        identity_key = fields.base64("publicKey", length=ED25519_KEY_BYTES, required=False)
+        key = fields.base64("kyberPublicKey", length=MLKEM1024_KEY_BYTES)
+        signature = fields.base64("kyberKeySignature", length=ED25519_SIGNATURE_BYTES)
+        if identity_key is not None:
+            current = await self._keys.public_key(user.cyphr_id)
+            if identity_key != current.public_key:
+                raise Forbidden("The identity key cannot be changed; recover the identity instead")
+        await self._keys.rotate(user, key, signature)
+        return answer(request, {"success": True})
+
+    @app.route("/api/messaging/store-public-key", methods=["POST"])
+    @authenticated()
+    async def store_public_key(self, request: Any, user: AuthUser) -> bytes:
+        return await self._store_public_key(request, user)
+
+    @app.route("/api/auth/register-public-key", methods=["POST"])
+    @authenticated(ip_limited=True)
+    async def register_public_key(self, request: Any, user: AuthUser) -> bytes:
+        """The original backend's name for store-public-key."""
+        return await self._store_public_key(request, user)
+
+    @app.route("/api/messaging/public-key/<cyphr_id>", methods=["GET"])
+    @authenticated()
+    async def public_key(self, request: Any, user: AuthUser, cyphr_id: str) -> bytes:
+        identity = await self._keys.public_key(check_cyphr_id(cyphr_id))
+        return answer(request, {
+            "success": True,
+            "cyphrId": identity.cyphr_id,
+            "publicKey": b64(identity.public_key),
+            "kyberPublicKey": b64(identity.kyber_public_key),
+            "kyberKeySignature": b64(identity.kyber_key_signature),
+        })
+
+    @app.route("/api/keys/prekeys", methods=["POST"])
+    @authenticated()
+    async def add_prekeys(self, request: Any, user: AuthUser) -> bytes:
+        items = Fields(read_json(request), {"prekeys"}).list("prekeys", max_items=MAX_PREKEYS_PER_CALL)
+        prekeys = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise invalid(f"prekeys[{index}]", "each prekey must be an object")
+            fields = Fields(item, {"keyId", "kyberPublicKey", "signature"})
+            prekeys.append(Prekey(
+                key_id=fields.integer("keyId", minimum=0, maximum=MAX_KEY_ID),
+                kyber_public_key=fields.base64("kyberPublicKey", length=MLKEM1024_KEY_BYTES),
+                signature=fields.base64("signature", length=ED25519_SIGNATURE_BYTES),
+            ))
+        if len({p.key_id for p in prekeys}) != len(prekeys):
+            raise BadRequest("Each keyId may appear once", code=DUPLICATE_KEY_ID,
+                             details={"field": "prekeys"})
+        stored, total = await self._keys.add_prekeys(user, prekeys)
+        return answer(request, {"success": True, "stored": stored, "total": total})
+
+    @app.route("/api/keys/claim/<cyphr_id>", methods=["POST"])
+    @authenticated()
+    async def claim(self, request: Any, user: AuthUser, cyphr_id: str) -> bytes:
+        Fields(read_json(request, required=False), set())
+        claimed = await self._keys.claim(user, check_cyphr_id(cyphr_id))
+        return answer(request, {
+            "success": True,
+            "keyId": claimed.key_id,
+            "kyberPublicKey": b64(claimed.kyber_public_key),
+            "signature": b64(claimed.signature),
+            "oneTime": claimed.one_time,
+        })
+
+    @app.route("/api/keys/count", methods=["GET"])
+    @authenticated()
+    async def count(self, request: Any, user: AuthUser) -> bytes:
+        return answer(request, {"success": True, "remaining": await self._keys.remaining(user)})

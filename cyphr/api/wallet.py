@@ -1,0 +1,47 @@
+"""/api/wallet: a Stellar account linked to a Cyphr ID."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+
+from cyphr.api.guard import authenticated
+from cyphr.api.http import answer, install_error_handlers, read_json
+from cyphr.crypto import ED25519_SIGNATURE_BYTES
+from cyphr.handlers.auth import AuthUser, Authenticator
+from cyphr.handlers.ratelimit import RateLimits
+from cyphr.handlers.validation import Fields, check_cyphr_id
+from cyphr.handlers.wallet import WalletHandler, check_stellar_address
+
+
+class WalletAPI:
+    app = Klein()
+    install_error_handlers(app)
+
+    def __init__(self, wallet: WalletHandler, authenticator: Authenticator, limits: RateLimits) -> None:
+        self._wallet = wallet
+        self.authenticator = authenticator
+        self.limits = limits
+
+    @app.route("/api/wallet/link", methods=["POST"])
+    @authenticated()
+    async def link(self, request: Any, user: AuthUser) -> bytes:
+        fields = Fields(read_json(request), {"stellarAddress", "challengeId", "signature"})
+        address = check_stellar_address(fields.text("stellarAddress", max_length=64))
+        await self._wallet.link(user, address, fields.uuid("challengeId"),
+                                fields.base64("signature", length=ED25519_SIGNATURE_BYTES))
+        return answer(request, {"success": True, "stellarAddress": address})
+
+    @app.route("/api/wallet/link", methods=["DELETE"])
+    @authenticated()
+    async def unlink(self, request: Any, user: AuthUser) -> bytes:
+        Fields(read_json(request, required=False), set())
+        return answer(request, {"success": True, "unlinked": await self._wallet.unlink(user)})
+
+    @app.route("/api/wallet/<cyphr_id>", methods=["GET"])
+    @authenticated()
+    async def address_of(self, request: Any, user: AuthUser, cyphr_id: str) -> bytes:
+        cyphr_id = check_cyphr_id(cyphr_id)
+        address = await self._wallet.address_of(cyphr_id)
+        return answer(request, {"success": True, "cyphrId": cyphr_id, "stellarAddress": address})

@@ -1,0 +1,31 @@
+"""
+A thread pool for CPU-heavy work (Argon2, batches of key checks), so that it
+never runs on the reactor thread. Started on first use, stopped when the
+reactor shuts down; as many threads as cores, so that the work cannot take
+more than the machine has.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+
+class CpuPool:
+    def __init__(self, reactor: Any, threads: int | None = None) -> None:
+        self._reactor = reactor
+        self._threads = threads or max(1, os.cpu_count() or 1)
+        self._pool: ThreadPool | None = None
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name="cyphr-cpu")
+            self._pool.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)

@@ -1,0 +1,117 @@
+"""Two-factor login (TOTP) and Argon2 password hashing for clients."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+import pyotp
+import segno
+from argon2 import PasswordHasher
+from nacl.exceptions import CryptoError
+from nacl.secret import SecretBox
+
+from cyphr.clock import now_ms
+from cyphr.cpu import CpuPool
+from cyphr.errors import (
+    INVALID_TOTP,
+    TOTP_ALREADY_ENABLED,
+    TOTP_NOT_ENABLED,
+    TOTP_REQUIRED,
+    BadRequest,
+    Conflict,
+    Unauthorized,
+)
+from cyphr.store.totp import TotpStore
+
+ISSUER = "Cyphr"
+STEP_SECONDS = 30
+WINDOW = 1  # steps either side of now, for clocks a little off
+
+
+@dataclass(frozen=True)
+class TotpSetup:
+    secret: str
+    otpauth_url: str
+    qr_code: str  # an SVG data URL
+
+
+class TotpHandler:
+    def __init__(self, store: TotpStore, key: bytes, clock: Any) -> None:
+        self._store = store
+        self._box = SecretBox(key)
+        self._clock = clock
+
+    async def generate(self, user_id: str, cyphr_id: str) -> TotpSetup:
+        """A new secret, stored encrypted and not active until verified."""
+        secret = pyotp.random_base32()
+        if not await self._store.put_pending(user_id, self._box.encrypt(secret.encode("ascii")),
+                                             now_ms(self._clock)):
+            raise Conflict("Two-factor login is already enabled", code=TOTP_ALREADY_ENABLED)
+        url = pyotp.TOTP(secret).provisioning_uri(name=cyphr_id, issuer_name=ISSUER)
+        svg = segno.make(url, error="m").svg_inline(scale=4)
+        qr = "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
+        return TotpSetup(secret, url, qr)
+
+    def _matching_step(self, encrypted_secret: bytes, code: str) -> int | None:
+        try:
+            secret = self._box.decrypt(encrypted_secret).decode("ascii")
+        except CryptoError:
+            # Stored under another key (the TOTP key was changed): no code can match.
+            return None
+        totp = pyotp.TOTP(secret, interval=STEP_SECONDS)
+        now_step = int(self._clock.seconds() // STEP_SECONDS)
+        for step in range(now_step - WINDOW, now_step + WINDOW + 1):
+            if hmac.compare_digest(totp.generate_otp(step), code):
+                return step
+        return None
+
+    async def _use(self, user_id: str, code: str, *, must_be_enabled: bool,
+                   enable: bool = False) -> bool:
+        state = await self._store.get(user_id)
+        if state is None or state.enabled != must_be_enabled:
+            return False
+        step = self._matching_step(state.encrypted_secret, code)
+        if step is None:
+            return False
+        return await self._store.use_step(user_id, step, now_ms(self._clock), enable=enable)
+
+    async def verify(self, user_id: str, code: str) -> None:
+        """Enable two-factor login with a first code from the authenticator."""
+        state = await self._store.get(user_id)
+        if state is not None and state.enabled:
+            raise Conflict("Two-factor login is already enabled", code=TOTP_ALREADY_ENABLED)
+        if state is None:
+            raise BadRequest("Generate a TOTP secret first", code=TOTP_NOT_ENABLED)
+        if not await self._use(user_id, code, must_be_enabled=False, enable=True):
+            raise BadRequest("The code is not valid", code=INVALID_TOTP)
+
+    async def disable(self, user_id: str, code: str) -> None:
+        state = await self._store.get(user_id)
+        if state is None or not state.enabled:
+            raise BadRequest("Two-factor login is not enabled", code=TOTP_NOT_ENABLED)
+        if not await self._use(user_id, code, must_be_enabled=True):
+            raise BadRequest("The code is not valid", code=INVALID_TOTP)
+        await self._store.delete(user_id)
+
+    async def check_login(self, user_id: str, code: str | None) -> None:
+        """For a user with two-factor on: the code must be given, right, and unused."""
+        if code is None:
+            raise Unauthorized("This account needs a TOTP code", code=TOTP_REQUIRED)
+        if not await self._use(user_id, code, must_be_enabled=True):
+            raise Unauthorized("The TOTP code is not valid", code=INVALID_TOTP)
+
+
+class PasswordHashing:
+    """Argon2id for clients that have no Argon2 of their own. Each hash costs
+    about 100 ms of CPU and 64 MiB: it runs in the CPU pool, never on the
+    reactor, and the route is rate limited."""
+
+    def __init__(self, cpu: CpuPool) -> None:
+        self._cpu = cpu
+        self._hasher = PasswordHasher()
+
+    async def hash(self, password: str) -> str:
+        return await self._cpu.run(self._hasher.hash, password)

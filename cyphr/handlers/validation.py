@@ -1,0 +1,150 @@
+"""
+Reading client input: one place that says what a well-formed field is, for
+REST routes and Socket.IO events alike. Every refusal is a 400 naming the
+field, and happens before anything is stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from typing import Any, Iterable, Mapping
+
+from cyphr.errors import (
+    INVALID_CYPHR_ID,
+    INVALID_FIELD,
+    MISSING_FIELD,
+    UNKNOWN_FIELD,
+    BadRequest,
+)
+
+# ASCII only: fullmatch with re.ASCII admits no look-alike letters or digits.
+CYPHR_ID = re.compile(r"[a-z0-9_]{3,30}", re.ASCII)
+CYPHR_ID_PREFIX = re.compile(r"[a-z0-9_]{1,30}", re.ASCII)
+FINGERPRINT = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_MISSING = object()
+
+
+def invalid(field: str, message: str, code: str = INVALID_FIELD) -> BadRequest:
+    return BadRequest(message, code=code, details={"field": field})
+
+
+def is_cyphr_id(value: Any) -> bool:
+    return isinstance(value, str) and CYPHR_ID.fullmatch(value) is not None
+
+
+def check_cyphr_id(value: Any, field: str = "cyphrId") -> str:
+    if not is_cyphr_id(value):
+        raise invalid(field, "A Cyphr ID is 3 to 30 characters of a-z, 0-9 and _",
+                      INVALID_CYPHR_ID)
+    return value
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
+class Fields:
+    """The fields of a JSON object body, read one by one with their rules.
+    Fields the route does not know are refused up front."""
+
+    def __init__(self, body: Mapping[str, Any], allowed: Iterable[str]) -> None:
+        unknown = sorted(set(body) - set(allowed))
+        if unknown:
+            raise BadRequest(f"Unknown field: {', '.join(unknown)}", code=UNKNOWN_FIELD,
+                             details={"fields": unknown})
+        self._body = body
+
+    def present(self, name: str) -> bool:
+        return name in self._body
+
+    def _get(self, name: str, required: bool) -> Any:
+        value = self._body.get(name, _MISSING)
+        if value is _MISSING or (value is None and required):
+            if required:
+                raise invalid(name, f"{name} is required", MISSING_FIELD)
+            return None
+        return value
+
+    def text(self, name: str, *, required: bool = True, max_length: int = 1000,
+             allow_control: bool = False) -> str | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise invalid(name, f"{name} must be a string")
+        if len(value) > max_length:
+            raise invalid(name, f"{name} is longer than {max_length} characters")
+        if not allow_control and _has_control_characters(value):
+            raise invalid(name, f"{name} holds control characters")
+        return value
+
+    def cyphr_id(self, name: str = "cyphrId", *, required: bool = True) -> str | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        return check_cyphr_id(value, name)
+
+    def fingerprint(self, name: str) -> str:
+        value = self._get(name, True)
+        if not isinstance(value, str) or not FINGERPRINT.fullmatch(value):
+            raise invalid(name, f"{name} must be 64 lowercase hexadecimal characters")
+        return value
+
+    def uuid(self, name: str) -> str:
+        value = self._get(name, True)
+        if not isinstance(value, str) or len(value) != 36:
+            raise invalid(name, f"{name} must be a UUID")
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            raise invalid(name, f"{name} must be a UUID") from None
+
+    def base64(self, name: str, *, length: int | None = None, max_length: int = 4096,
+               required: bool = True) -> bytes | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        return decode_base64(value, name, length=length, max_length=max_length)
+
+    def integer(self, name: str, *, minimum: int, maximum: int, required: bool = True) -> int | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise invalid(name, f"{name} must be an integer from {minimum} to {maximum}")
+        return value
+
+    def list(self, name: str, *, max_items: int) -> list[Any]:
+        value = self._get(name, True)
+        if not isinstance(value, list):
+            raise invalid(name, f"{name} must be a list")
+        if not value:
+            raise invalid(name, f"{name} must not be empty")
+        if len(value) > max_items:
+            raise invalid(name, f"{name} holds more than {max_items} items")
+        return value
+
+
+def decode_base64(value: Any, field: str, *, length: int | None = None,
+                  max_length: int = 4096) -> bytes:
+    """Standard base64 with padding, of the given decoded length."""
+    if not isinstance(value, str):
+        raise invalid(field, f"{field} must be a base64 string")
+    if len(value) > (max_length * 4 // 3) + 4:
+        raise invalid(field, f"{field} is too long")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise invalid(field, f"{field} is not valid base64") from None
+    if length is not None and len(raw) != length:
+        raise invalid(field, f"{field} must be {length} bytes, not {len(raw)}")
+    if len(raw) > max_length:
+        raise invalid(field, f"{field} is too long")
+    return raw
+
+
+def b64(raw: bytes | None) -> str | None:
+    return base64.b64encode(raw).decode("ascii") if raw is not None else None

@@ -1,0 +1,172 @@
+"""Identities: who is who, with their public keys and profile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cyphr.db import Database, IntegrityError, Transaction
+
+_COLUMNS = (
+    "i.id, i.cyphr_id, i.public_key, i.kyber_public_key, i.kyber_key_signature,"
+    " i.device_fingerprint_hash, i.display_name, i.avatar_url, i.encrypted_settings,"
+    " i.recovery_phrase_hint, i.tokens_valid_after, i.created_at, i.updated_at, i.last_seen,"
+    " COALESCE(t.enabled, FALSE)"
+)
+_FROM = " FROM cyphr_identities i LEFT JOIN totp_secrets t ON t.user_id = i.id"
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: str
+    cyphr_id: str
+    public_key: bytes
+    kyber_public_key: bytes | None
+    kyber_key_signature: bytes | None
+    device_fingerprint_hash: str | None
+    display_name: str | None
+    avatar_url: str | None
+    encrypted_settings: str | None
+    recovery_phrase_hint: str | None
+    tokens_valid_after: int
+    created_at: int
+    updated_at: int
+    last_seen: int | None
+    totp_enabled: bool
+
+
+def _identity(row: tuple[Any, ...]) -> Identity:
+    return Identity(*row[:14], totp_enabled=bool(row[14]))
+
+
+@dataclass(frozen=True)
+class AuthState:
+    """What authenticating a token needs to know of its identity."""
+
+    cyphr_id: str
+    device_fingerprint_hash: str | None
+    tokens_valid_after: int
+    revoked: bool
+
+
+class IdentityTaken(Exception):
+    pass
+
+
+class IdentityStore:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def is_available(self, cyphr_id: str) -> bool:
+        rows = await self._db.run_query(
+            "SELECT 1 FROM cyphr_identities WHERE cyphr_id = ?"
+            " UNION ALL SELECT 1 FROM retired_cyphr_ids WHERE cyphr_id = ?",
+            (cyphr_id, cyphr_id))
+        return not rows
+
+    async def create(self, identity: Identity) -> None:
+        """Store a new identity; IdentityTaken if the name is in use or retired."""
+        try:
+            changed = await self._db.run_operation(
+                "INSERT INTO cyphr_identities (id, cyphr_id, public_key, kyber_public_key,"
+                " kyber_key_signature, device_fingerprint_hash, display_name, created_at, updated_at)"
+                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM retired_cyphr_ids WHERE cyphr_id = ?)",
+                (identity.id, identity.cyphr_id, identity.public_key, identity.kyber_public_key,
+                 identity.kyber_key_signature, identity.device_fingerprint_hash,
+                 identity.display_name, identity.created_at, identity.updated_at,
+                 identity.cyphr_id))
+        except IntegrityError:
+            raise IdentityTaken() from None
+        if changed != 1:
+            raise IdentityTaken()
+
+    async def by_cyphr_id(self, cyphr_id: str) -> Identity | None:
+        rows = await self._db.run_query(
+            "SELECT " + _COLUMNS + _FROM + " WHERE i.cyphr_id = ?", (cyphr_id,))
+        return _identity(rows[0]) if rows else None
+
+    async def by_id(self, user_id: str) -> Identity | None:
+        rows = await self._db.run_query(
+            "SELECT " + _COLUMNS + _FROM + " WHERE i.id = ?", (user_id,))
+        return _identity(rows[0]) if rows else None
+
+    async def auth_state(self, user_id: str, jti: str) -> AuthState | None:
+        """One round trip for every authenticated request."""
+        rows = await self._db.run_query(
+            "SELECT cyphr_id, device_fingerprint_hash, tokens_valid_after,"
+            " EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = ?)"
+            " FROM cyphr_identities WHERE id = ?", (jti, user_id))
+        if not rows:
+            return None
+        cyphr_id, device, valid_after, revoked = rows[0]
+        return AuthState(cyphr_id, device, valid_after, bool(revoked))
+
+    async def search(self, prefix: str, limit: int) -> list[Identity]:
+        # A range on the (binary-collated) unique index: every character a
+        # Cyphr ID may hold sorts below DEL (0x7f).
+        rows = await self._db.run_query(
+            "SELECT " + _COLUMNS + _FROM + " WHERE i.cyphr_id >= ? AND i.cyphr_id < ?"
+            " ORDER BY i.cyphr_id LIMIT ?", (prefix, prefix + "\x7f", limit))
+        return [_identity(row) for row in rows]
+
+    async def update_profile(self, user_id: str, changes: dict[str, Any], now: int) -> None:
+        columns = {
+            "display_name", "avatar_url", "encrypted_settings", "recovery_phrase_hint",
+        }
+        assert set(changes) <= columns  # names are constants, never input
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        await self._db.run_operation(
+            f"UPDATE cyphr_identities SET {assignments}, updated_at = ? WHERE id = ?",
+            (*changes.values(), now, user_id))
+
+    async def set_kyber_key(self, user_id: str, key: bytes, signature: bytes, now: int) -> None:
+        await self._db.run_operation(
+            "UPDATE cyphr_identities SET kyber_public_key = ?, kyber_key_signature = ?,"
+            " updated_at = ? WHERE id = ?", (key, signature, now, user_id))
+
+    async def rebind_device(self, user_id: str, device_hash: str, tokens_valid_after: int,
+                            kyber: tuple[bytes, bytes] | None, now: int) -> None:
+        """Recovery: the identity moves to a new device; earlier tokens stop working."""
+        if kyber is None:
+            await self._db.run_operation(
+                "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?,"
+                " updated_at = ? WHERE id = ?", (device_hash, tokens_valid_after, now, user_id))
+        else:
+            await self._db.run_operation(
+                "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?,"
+                " kyber_public_key = ?, kyber_key_signature = ?, updated_at = ? WHERE id = ?",
+                (device_hash, tokens_valid_after, kyber[0], kyber[1], now, user_id))
+
+    async def delete(self, identity: Identity, now: int) -> None:
+        await self._db.run_interaction("delete_identity", _delete_txn, identity, now)
+
+
+async def _delete_txn(txn: Transaction, identity: Identity, now: int) -> None:
+    """Delete an identity and everything that is only its own. Its sent
+    messages stay in their chats; a group it alone administered passes to its
+    oldest remaining member; a chat left with no member goes."""
+    user, name = identity.id, identity.cyphr_id
+    chats = [row[0] for row in await txn.execute(
+        "SELECT chat_id FROM chat_participants WHERE user_id = ?", (name,))]
+    orphaned_groups = await txn.execute(
+        "SELECT p.chat_id FROM chat_participants p JOIN chats c ON c.id = p.chat_id"
+        " WHERE p.user_id = ? AND p.role = 'admin' AND c.chat_type = 'group'"
+        " AND NOT EXISTS (SELECT 1 FROM chat_participants o"
+        "  WHERE o.chat_id = p.chat_id AND o.user_id <> p.user_id AND o.role = 'admin')",
+        (name,))
+    for (chat_id,) in orphaned_groups:
+        await txn.execute(
+            "UPDATE chat_participants SET role = 'admin' WHERE chat_id = ? AND user_id ="
+            " (SELECT user_id FROM chat_participants WHERE chat_id = ? AND user_id <> ?"
+            "  ORDER BY joined_at, user_id LIMIT 1)", (chat_id, chat_id, name))
+    await txn.execute("DELETE FROM auth_challenges WHERE cyphr_id = ?", (name,))
+    # Cascades to revoked tokens, prekeys, TOTP, wallet link, memberships
+    # and receipts.
+    await txn.execute("DELETE FROM cyphr_identities WHERE id = ?", (user,))
+    await txn.execute(
+        "INSERT INTO retired_cyphr_ids (cyphr_id, retired_at) VALUES (?, ?)", (name, now))
+    for chat_id in chats:
+        await txn.execute(
+            "DELETE FROM chats WHERE id = ? AND NOT EXISTS"
+            " (SELECT 1 FROM chat_participants WHERE chat_id = ?)", (chat_id, chat_id))
