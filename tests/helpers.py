@@ -48,17 +48,20 @@ class PostgresMixin:
         return postgres.database_url()
 
 
-async def start_server(testcase: Any, *, serve: bool = False, **overrides: Any) -> Server:
+async def start_server(testcase: Any, *, serve: bool = False, clock: Any = None,
+                       **overrides: Any) -> Server:
     """
     A server on the test class's engine, with its database started and
     migrated. With ``serve`` the whole service runs (real ports); the test
-    then finds the ports with ``server.listening()``. Everything is stopped
-    when the test ends.
+    then finds the ports with ``server.listening()``. With ``clock`` (a
+    task.Clock), the server reads time from it, so tests can move time;
+    the database still runs on the real reactor. Everything is stopped when
+    the test ends.
     """
     overrides.setdefault("database", testcase.database_setting())
     config = make_config(testcase, **overrides)
     fatal: list[str] = []
-    server = build_server(config, reactor, on_fatal=fatal.append)
+    server = build_server(config, reactor, clock=clock, on_fatal=fatal.append)
     server.fatal_messages = fatal  # type: ignore[attr-defined]
     if serve:
         server.service.startService()
@@ -136,6 +139,15 @@ class Response:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+def fixed_clock() -> Any:
+    """A task.Clock set to a plausible present (2026-09-21T14:13:20Z), for servers whose time tests move."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(1_790_000_000)
+    return clock
 
 
 def with_config(config: Config, **changes: Any) -> Config:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import http.client
 import ipaddress
@@ -17,6 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import PostgresMixin, SQLiteMixin, start_server
+from tests.users import User
 
 
 def fetch(port: int, path: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -91,3 +93,46 @@ class TLSTests(SQLiteMixin, TestCase):
         status, headers, body = await deferToThread(fetch, port, "/health", context)
         self.assertEqual((status, body), (200, b'{"status":"ok"}'))
         self.assertEqual(headers["strict-transport-security"], "max-age=31536000; includeSubDomains")
+
+
+class IdentityOverTcpTests(PostgresMixin, TestCase):
+    async def test_register_login_flow(self) -> None:
+        """Challenge, register, challenge, login and a protected route, over a real port."""
+        server = await start_server(self, serve=True)
+        port = (await server.listening()[0]).getHost().port
+        user = User("tcp_user")
+        kyber_signature = user.kyber_signature()
+
+        def flow() -> tuple[int, int, int]:
+            def call(method: str, path: str, body: dict | None = None, token: str | None = None
+                     ) -> tuple[int, dict]:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                try:
+                    headers = {"Connection": "close", "Content-Type": "application/json"}
+                    if token:
+                        headers["Authorization"] = f"Bearer {token}"
+                    conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                                 headers=headers)
+                    response = conn.getresponse()
+                    return response.status, json.loads(response.read())
+                finally:
+                    conn.close()
+
+            def challenge() -> tuple[str, bytes]:
+                _, body = call("POST", "/api/cyphr-id/challenge", {"cyphrId": user.cyphr_id})
+                return body["challengeId"], base64.b64decode(body["challenge"])
+
+            challenge_id, raw = challenge()
+            status_register, registered = call("POST", "/api/cyphr-id/register", {
+                "cyphrId": user.cyphr_id, "publicKey": base64.b64encode(user.public_key).decode(),
+                "kyberPublicKey": base64.b64encode(user.kyber_key).decode(),
+                "kyberKeySignature": kyber_signature, "deviceFingerprint": user.fingerprint,
+                "challengeId": challenge_id, "signature": user.sign(raw)})
+            challenge_id, raw = challenge()
+            status_login, logged_in = call("POST", "/api/cyphr-id/login", {
+                "cyphrId": user.cyphr_id, "deviceFingerprint": user.fingerprint,
+                "challengeId": challenge_id, "signature": user.sign(raw)})
+            status_me, _ = call("GET", f"/api/cyphr-id/user/{user.cyphr_id}", token=logged_in["token"])
+            return status_register, status_login, status_me
+
+        self.assertEqual(await deferToThread(flow), (201, 200, 200))
