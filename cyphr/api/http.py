@@ -174,6 +174,8 @@ class ApiRouter(resource.Resource):
     def __init__(self, apis: Sequence[Any]) -> None:
         super().__init__()
         self._apis = [(api, api.app.url_map) for api in apis]
+        # Bound once: matching takes the path and method as arguments.
+        self._routes = [(api.app.url_map.bind("cyphr", "/"), api.app.resource()) for api in apis]
 
     def render(self, request: Any) -> Any:
         path = _request_path(request)
@@ -181,8 +183,7 @@ class ApiRouter(resource.Resource):
             return error_answer(request, NotFound())
         method = request.method.decode("ascii", "replace")
         allowed: set[str] = set()
-        for api, url_map in self._apis:
-            adapter = url_map.bind("cyphr", "/")
+        for adapter, klein_resource in self._routes:
             try:
                 rule, _ = adapter.match(path, method, return_rule=True)
             except WerkzeugMethodNotAllowed as e:
@@ -191,7 +192,7 @@ class ApiRouter(resource.Resource):
             except (WerkzeugNotFound, RequestRedirect):
                 continue
             request.route = rule.rule.replace("<", ":").replace(">", "")
-            return api.app.resource().render(request)
+            return klein_resource.render(request)
         if allowed:
             request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
             return error_answer(request, MethodNotAllowed())
@@ -293,6 +294,8 @@ class CyphrRequest(server.Request):
 
     client_ip = ""
     route = ""
+    # Twisted would parse form bodies into request.args; the API takes JSON only.
+    _parsePOSTFormSubmission = False
     _body_refused = False
     _body_received = 0
 
