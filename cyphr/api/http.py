@@ -294,8 +294,6 @@ class CyphrRequest(server.Request):
 
     client_ip = ""
     route = ""
-    # Twisted would parse form bodies into request.args; the API takes JSON only.
-    _parsePOSTFormSubmission = False
     _body_refused = False
     _body_received = 0
 
@@ -429,7 +427,8 @@ class CyphrSite(server.Site):
                  timeout: float = 75) -> None:
         # The idle timeout must outlast a long-polling GET (pingInterval +
         # pingTimeout) and stay short enough to shed idle sockets.
-        super().__init__(root, timeout=timeout, reactor=reactor)
+        # No parsing of form bodies into request.args: the API takes JSON only.
+        super().__init__(root, timeout=timeout, reactor=reactor, parsePOSTFormSubmission=False)
         self.policy = policy
         self.noisy = False
 

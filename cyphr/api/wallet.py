@@ -28,7 +28,7 @@ class WalletAPI:
     @authenticated()
     async def link(self, request: Any, user: AuthUser) -> bytes:
         fields = Fields(read_json(request), {"stellarAddress", "challengeId", "signature"})
-        address = check_stellar_address(fields.text("stellarAddress", max_length=64))
+        address = check_stellar_address(fields.value("stellarAddress"))
         await self._wallet.link(user, address, fields.uuid("challengeId"),
                                 fields.base64("signature", length=ED25519_SIGNATURE_BYTES))
         return answer(request, {"success": True, "stellarAddress": address})

@@ -68,6 +68,10 @@ class Fields:
             return None
         return value
 
+    def value(self, name: str) -> Any:
+        """A required field as it came, for a check of its own."""
+        return self._get(name, True)
+
     def text(self, name: str, *, required: bool = True, max_length: int = 1000,
              allow_control: bool = False) -> str | None:
         value = self._get(name, required)

@@ -1,0 +1,418 @@
+"""Two-factor login (TOTP), Argon2 password hashing and Stellar wallet links
+through the REST API, on both engines, with real keys and real crypto."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from typing import Any
+
+import pyotp
+from argon2 import PasswordHasher
+from argon2.exceptions import VerifyMismatchError
+from stellar_sdk import Keypair
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.helpers import (
+    InProcessHTTP,
+    PostgresMixin,
+    Response,
+    SQLiteMixin,
+    start_server,
+)
+from tests.users import User, b64
+
+STEP = 30  # seconds per TOTP step
+GENERATE = "/api/auth/totp/generate"
+VERIFY = "/api/auth/totp/verify"
+DISABLE = "/api/auth/totp/disable"
+HASH, LINK = "/api/auth/hash-password", "/api/wallet/link"
+
+
+async def current_step() -> int:
+    """The TOTP step of now. Near the end of a step it first waits for the
+    next one, so that the server, a moment later, sees the same step."""
+    left = STEP - reactor.seconds() % STEP
+    if left < 2:
+        await deferLater(reactor, left + 0.1, lambda: None)
+    return int(reactor.seconds() // STEP)
+
+
+def code(secret: str, step: int) -> str:
+    return pyotp.TOTP(secret, interval=STEP).generate_otp(step)
+
+
+def wrong_code(secret: str, step: int) -> str:
+    """Six digits that are no code of the steps around ``step``."""
+    near = {code(secret, s) for s in range(step - 3, step + 4)}
+    return next(c for c in (f"{n:06d}" for n in range(0, 10**6, 7919)) if c not in near)
+
+
+class SecurityTestsMixin:
+    async def start(self, **overrides: Any) -> None:
+        self.server = await start_server(self, **overrides)
+        self.http = InProcessHTTP.for_server(self.server)
+        self.alice, self.bob = User("alice"), User("bob")
+        await self.alice.register(self.http)
+        await self.bob.register(self.http)
+
+    async def call(self, path: str, body: Any = None, user: User | None = None,
+                   method: str = "POST") -> Response:
+        headers = user.auth() if user else {}
+        if method == "POST":
+            return await self.http.post(path, body, headers=headers)
+        return await self.http.request(method, path, headers=headers)
+
+    def assertError(self, response: Response, status: int, error: str | None = None) -> None:
+        self.assertEqual(response.code, status, response.body)
+        self.assertIs(response.json()["success"], False)
+        if error is not None:
+            self.assertEqual(response.json()["code"], error)
+
+    def assertLoggedIn(self, response: Response, totp_enabled: bool) -> None:
+        self.assertEqual(response.code, 200, response.body)
+        self.assertIs(response.json()["user"]["totpEnabled"], totp_enabled)
+
+    async def generate(self, user: User) -> str:
+        response = await self.call(GENERATE, user=user)
+        self.assertEqual(response.code, 200, response.body)
+        return response.json()["secret"]
+
+    async def enable(self, user: User) -> tuple[str, int]:
+        """Two-factor on for ``user`` with the code of the step before now;
+        answers the secret and that step (the last one used)."""
+        secret = await self.generate(user)
+        step = await current_step() - 1
+        response = await self.call(VERIFY, {"code": code(secret, step)}, user)
+        self.assertEqual(response.json(), {"success": True, "enabled": True})
+        return secret, step
+
+    async def stored_secrets(self) -> list[bytes]:
+        rows = await self.server.database.run_query("SELECT encrypted_secret FROM totp_secrets")
+        return [bytes(row[0]) for row in rows]
+
+    # -- TOTP -----------------------------------------------------------
+
+    async def test_generate(self) -> None:
+        """Generate answers a base32 secret, its otpauth URL (issuer Cyphr)
+        and an SVG QR code; two-factor is not on until verified."""
+        await self.start()
+        body = (await self.call(GENERATE, user=self.alice)).json()
+        secret = body["secret"]
+        self.assertRegex(secret, r"^[A-Z2-7]{32}$")
+        self.assertTrue(body["otpauthUrl"].startswith("otpauth://totp/"))
+        self.assertIn("issuer=Cyphr", body["otpauthUrl"])
+        parsed = pyotp.parse_uri(body["otpauthUrl"])
+        self.assertEqual((parsed.secret, parsed.issuer, parsed.name), (secret, "Cyphr", "alice"))
+        prefix = "data:image/svg+xml;base64,"
+        self.assertTrue(body["qrCode"].startswith(prefix))
+        self.assertIn(b"<svg", base64.b64decode(body["qrCode"][len(prefix):], validate=True))
+        self.assertLoggedIn(await self.alice.login(self.http), totp_enabled=False)
+
+    async def test_generate_again_replaces_pending_secret(self) -> None:
+        """Before verification a new generate replaces the secret: codes of
+        the old one stop working, codes of the new one enable two-factor."""
+        await self.start()
+        old, new = await self.generate(self.alice), await self.generate(self.alice)
+        self.assertNotEqual(old, new)
+        step = await current_step()
+        near_new = {code(new, s) for s in range(step - 2, step + 3)}
+        stale = next(c for c in (code(old, s) for s in range(step - 1, step + 2)) if c not in near_new)
+        self.assertError(await self.call(VERIFY, {"code": stale}, self.alice), 400, "INVALID_TOTP")
+        response = await self.call(VERIFY, {"code": code(new, step)}, self.alice)
+        self.assertEqual(response.code, 200, response.body)
+
+    async def test_verify(self) -> None:
+        """Verify refuses, without enabling anything, a wrong code and codes
+        two or more steps from now; the right code enables two-factor."""
+        await self.start()
+        self.assertError(await self.call(VERIFY, {"code": "123456"}, self.alice), 400,
+                         "TOTP_NOT_ENABLED")
+        secret = await self.generate(self.alice)
+        step = await current_step()
+        for bad in (wrong_code(secret, step), code(secret, step - 3), code(secret, step + 2)):
+            self.assertError(await self.call(VERIFY, {"code": bad}, self.alice), 400, "INVALID_TOTP")
+        self.assertLoggedIn(await self.alice.login(self.http), totp_enabled=False)
+        response = await self.call(VERIFY, {"code": code(secret, await current_step())}, self.alice)
+        self.assertEqual(response.json(), {"success": True, "enabled": True})
+        self.assertError(await self.alice.login(self.http), 401, "TOTP_REQUIRED")
+
+    async def test_malformed_codes(self) -> None:
+        """Codes that are not a string of six ASCII digits are 400, for
+        verify and login alike, and change nothing."""
+        await self.start()
+        secret = await self.generate(self.alice)
+        right = code(secret, await current_step())
+        for bad in ("12345", "1234567", "abcdef", " 12345", "\uff11" * 6, int(right), None, [right]):
+            response = await self.call(VERIFY, {"code": bad}, self.alice)
+            self.assertError(response, 400)
+            self.assertIn(response.json()["code"], {"INVALID_FIELD", "MISSING_FIELD"})
+        self.assertLoggedIn(await self.alice.login(self.http), totp_enabled=False)
+        self.assertEqual((await self.call(VERIFY, {"code": right}, self.alice)).code, 200)
+        for bad in ("12345", "abcdef", int(right)):
+            self.assertError(await self.alice.login(self.http, totpCode=bad), 400, "INVALID_FIELD")
+
+    async def test_login_with_totp(self) -> None:
+        """With two-factor on, login needs a right code from the window of
+        one step either side of now, and each code works once."""
+        await self.start()
+        secret, _ = await self.enable(self.alice)
+        before = await self.stored_secrets()
+        self.assertError(await self.call(GENERATE, user=self.alice), 409, "TOTP_ALREADY_ENABLED")
+        self.assertEqual(await self.stored_secrets(), before)
+        self.assertError(await self.alice.login(self.http), 401, "TOTP_REQUIRED")
+        step = await current_step()
+        for bad in (wrong_code(secret, step), code(secret, step + 3), code(secret, step - 3)):
+            self.assertError(await self.alice.login(self.http, totpCode=bad), 401, "INVALID_TOTP")
+        now = code(secret, step)
+        self.assertLoggedIn(await self.alice.login(self.http, totpCode=now), totp_enabled=True)
+        self.assertError(await self.alice.login(self.http, totpCode=now), 401, "INVALID_TOTP")
+        following = code(secret, await current_step() + 1)
+        self.assertLoggedIn(await self.alice.login(self.http, totpCode=following), totp_enabled=True)
+        # Two-factor is alice's alone.
+        self.assertLoggedIn(await self.bob.login(self.http), totp_enabled=False)
+
+    async def test_earlier_step_refused(self) -> None:
+        """Once a step's code was used, an unused code of an earlier step in
+        the window is refused too; a later step's code still works."""
+        await self.start()
+        secret = await self.generate(self.alice)
+        step = await current_step()
+        self.assertEqual((await self.call(VERIFY, {"code": code(secret, step)}, self.alice)).code, 200)
+        earlier = code(secret, step - 1)
+        self.assertError(await self.alice.login(self.http, totpCode=earlier), 401, "INVALID_TOTP")
+        later = code(secret, step + 1)
+        self.assertLoggedIn(await self.alice.login(self.http, totpCode=later), totp_enabled=True)
+
+    async def recover(self, user: User, fingerprint: str, **extra: Any) -> Response:
+        challenge_id, challenge = await user.challenge(self.http)
+        return await self.http.post("/api/cyphr-id/recover", {
+            "cyphrId": user.cyphr_id, "newDeviceFingerprint": fingerprint,
+            "challengeId": challenge_id, "signature": user.sign(challenge), **extra})
+
+    async def test_recover_with_totp(self) -> None:
+        """With two-factor on, recovery on a new device needs a right code;
+        refused, it rebinds nothing and the old token keeps working."""
+        await self.start()
+        secret, _ = await self.enable(self.alice)
+        new_device = hashlib.sha256(os.urandom(16)).hexdigest()
+        profile = "/api/cyphr-id/user/bob"
+        self.assertError(await self.recover(self.alice, new_device), 401, "TOTP_REQUIRED")
+        step = await current_step()
+        response = await self.recover(self.alice, new_device, totpCode=wrong_code(secret, step))
+        self.assertError(response, 401, "INVALID_TOTP")
+        self.assertEqual((await self.call(profile, user=self.alice, method="GET")).code, 200)
+        old_token = self.alice.token
+        response = await self.recover(self.alice, new_device, totpCode=code(secret, step))
+        self.assertLoggedIn(response, totp_enabled=True)
+        self.assertError(await self.call(profile, user=self.alice, method="GET"), 401)
+        self.assertEqual((await self.call(profile, method="GET", user=User(
+            "alice", token=response.json()["token"]))).code, 200)
+        self.assertError(await self.alice.login(self.http), 401, "DEVICE_MISMATCH")
+        self.alice.fingerprint = new_device
+        later = code(secret, await current_step() + 1)
+        self.assertLoggedIn(await self.alice.login(self.http, totpCode=later), totp_enabled=True)
+        self.assertNotEqual(self.alice.token, old_token)
+
+    async def test_disable(self) -> None:
+        """Disable needs a right, unused code; then the secret is gone and
+        login needs no code. Without two-factor on it is TOTP_NOT_ENABLED."""
+        await self.start()
+        secret, used = await self.enable(self.alice)
+        step = await current_step()
+        for bad in (wrong_code(secret, step), code(secret, used)):
+            self.assertError(await self.call(DISABLE, {"code": bad}, self.alice), 400, "INVALID_TOTP")
+        self.assertError(await self.alice.login(self.http), 401, "TOTP_REQUIRED")
+        self.assertEqual(len(await self.stored_secrets()), 1)
+        response = await self.call(DISABLE, {"code": code(secret, step)}, self.alice)
+        self.assertEqual(response.json(), {"success": True, "enabled": False})
+        self.assertEqual(await self.stored_secrets(), [])
+        self.assertLoggedIn(await self.alice.login(self.http), totp_enabled=False)
+        self.assertError(await self.call(DISABLE, {"code": code(secret, step + 1)}, self.alice),
+                         400, "TOTP_NOT_ENABLED")
+        # A generated but unverified secret is not "enabled" either.
+        pending = await self.generate(self.bob)
+        response = await self.call(DISABLE, {"code": code(pending, await current_step())}, self.bob)
+        self.assertError(response, 400, "TOTP_NOT_ENABLED")
+        self.assertLoggedIn(await self.bob.login(self.http), totp_enabled=False)
+
+    async def test_secret_stored_encrypted(self) -> None:
+        """The stored TOTP secret is ciphertext: neither the base32 text nor
+        the raw key bytes appear in it."""
+        await self.start()
+        secret = await self.generate(self.alice)
+        [stored] = await self.stored_secrets()
+        for plain in (secret.encode("ascii"), secret.lower().encode("ascii"), base64.b32decode(secret)):
+            self.assertNotIn(plain, stored)
+        self.assertGreaterEqual(len(stored), len(secret) + 40)  # nonce and MAC of a SecretBox
+
+    async def test_totp_needs_token(self) -> None:
+        """The TOTP routes are 401 without a token."""
+        await self.start()
+        for path, body in ((GENERATE, None), (VERIFY, {"code": "123456"}), (DISABLE, {"code": "123456"})):
+            self.assertError(await self.call(path, body), 401)
+        self.assertEqual(await self.stored_secrets(), [])
+
+    # -- password hashing -----------------------------------------------
+
+    async def test_hash_password(self) -> None:
+        """hash-password answers an Argon2id hash of the password, up to 1024
+        characters long."""
+        await self.start()
+        for password in ("correct horse \u2603 battery\n", "p" * 1024):
+            response = await self.call(HASH, {"password": password}, self.alice)
+            self.assertEqual(response.code, 200, response.body)
+            hashed = response.json()["hash"]
+            self.assertTrue(hashed.startswith("$argon2id$"))
+            self.assertTrue(PasswordHasher().verify(hashed, password))
+            self.assertRaises(VerifyMismatchError, PasswordHasher().verify, hashed, password + "x")
+
+    async def test_hash_password_bad_input(self) -> None:
+        """An empty, missing, non-string or over-long password is 400, an
+        unknown field is 400, and no token is 401."""
+        await self.start()
+        for body in ({"password": ""}, {}, {"password": None}, {"password": 12345678},
+                     {"password": ["x"]}, {"password": "p" * 1025}, {"password": "x", "salt": "y"}):
+            self.assertError(await self.call(HASH, body, self.alice), 400)
+        self.assertError(await self.call(HASH, {"password": "secret"}), 401)
+
+    async def test_hash_password_rate_limited(self) -> None:
+        """hash-password is limited per user: past the limit it is 429
+        RATE_LIMITED with Retry-After; refused input and other users do not
+        count against it."""
+        await self.start(rate_limit_password=(2, 60))
+        self.assertError(await self.call(HASH, {"password": ""}, self.alice), 400)
+        for _ in range(2):
+            self.assertEqual((await self.call(HASH, {"password": "pw"}, self.alice)).code, 200)
+        response = await self.call(HASH, {"password": "pw"}, self.alice)
+        self.assertError(response, 429, "RATE_LIMITED")
+        self.assertTrue(0 < int(response.header("Retry-After")) <= 60)
+        self.assertEqual((await self.call(HASH, {"password": "pw"}, self.bob)).code, 200)
+
+    # -- wallet ---------------------------------------------------------
+
+    async def link(self, user: User, keypair: Keypair, *, signer: Keypair | None = None,
+                   challenge: tuple[str, bytes] | None = None, **overrides: Any) -> Response:
+        challenge_id, raw = challenge or await user.challenge(self.http)
+        body = {"stellarAddress": keypair.public_key, "challengeId": challenge_id,
+                "signature": b64((signer or keypair).sign(raw)), **overrides}
+        return await self.call(LINK, body, user)
+
+    async def wallet_of(self, cyphr_id: str, user: User | None = None) -> Response:
+        return await self.call(f"/api/wallet/{cyphr_id}", user=user or self.bob, method="GET")
+
+    async def test_link_and_lookup(self) -> None:
+        """A Stellar account proven by its key's signature is linked and
+        others can look it up; linking another one replaces it."""
+        await self.start()
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+        first, second = Keypair.random(), Keypair.random()
+        response = await self.link(self.alice, first)
+        self.assertEqual(response.json(), {"success": True, "stellarAddress": first.public_key})
+        expected = {"success": True, "cyphrId": "alice", "stellarAddress": first.public_key}
+        self.assertEqual((await self.wallet_of("alice")).json(), expected)
+        self.assertEqual((await self.wallet_of("alice", self.alice)).json(), expected)
+        self.assertEqual((await self.link(self.alice, second)).code, 200)
+        self.assertEqual((await self.wallet_of("alice")).json()["stellarAddress"], second.public_key)
+
+    async def refused_addresses(self, bad_addresses: tuple[Any, ...]) -> None:
+        """Each address is 400 INVALID_STELLAR_ADDRESS, and links nothing nor
+        uses up the challenge presented with it."""
+        keypair = Keypair.random()
+        challenge = await self.alice.challenge(self.http)
+        for bad in bad_addresses:
+            response = await self.link(self.alice, keypair, challenge=challenge, stellarAddress=bad)
+            self.assertError(response, 400, "INVALID_STELLAR_ADDRESS")
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+        self.assertEqual((await self.link(self.alice, keypair, challenge=challenge)).code, 200)
+
+    async def test_malformed_address(self) -> None:
+        """A bad checksum, a secret seed or another malformed string is 400
+        INVALID_STELLAR_ADDRESS and uses up neither the link nor the challenge."""
+        await self.start()
+        keypair = Keypair.random()
+        address = keypair.public_key
+        checksum = address[:-1] + ("A" if address[-1] != "A" else "B")
+        await self.refused_addresses(
+            (checksum, keypair.secret, address.lower(), address[:-1], address + "A", ""))
+
+    async def test_non_string_address(self) -> None:
+        """A stellarAddress that is not a string is 400 INVALID_STELLAR_ADDRESS
+        and changes nothing."""
+        await self.start()
+        await self.refused_addresses((12345, True, [Keypair.random().public_key], {}))
+
+    async def test_wrong_key_signature(self) -> None:
+        """A signature by another Stellar key, or by the identity key, is 401
+        INVALID_SIGNATURE and links nothing."""
+        await self.start()
+        keypair = Keypair.random()
+        response = await self.link(self.alice, keypair, signer=Keypair.random())
+        self.assertError(response, 401, "INVALID_SIGNATURE")
+        challenge_id, raw = await self.alice.challenge(self.http)
+        response = await self.link(self.alice, keypair, challenge=(challenge_id, raw),
+                                   signature=self.alice.sign(raw))
+        self.assertError(response, 401, "INVALID_SIGNATURE")
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+
+    async def test_challenge_of_another_user(self) -> None:
+        """A challenge issued for another Cyphr ID is 401 INVALID_CHALLENGE
+        and links nothing."""
+        await self.start()
+        keypair = Keypair.random()
+        challenge = await self.bob.challenge(self.http)
+        response = await self.link(self.alice, keypair, challenge=challenge)
+        self.assertError(response, 401, "INVALID_CHALLENGE")
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+
+    async def test_challenge_single_use(self) -> None:
+        """A challenge links once: presented again it is 401
+        INVALID_CHALLENGE and the first link stays."""
+        await self.start()
+        first, second = Keypair.random(), Keypair.random()
+        challenge = await self.alice.challenge(self.http)
+        self.assertEqual((await self.link(self.alice, first, challenge=challenge)).code, 200)
+        response = await self.link(self.alice, second, challenge=challenge)
+        self.assertError(response, 401, "INVALID_CHALLENGE")
+        self.assertEqual((await self.wallet_of("alice")).json()["stellarAddress"], first.public_key)
+
+    async def test_unlink(self) -> None:
+        """DELETE /api/wallet/link unlinks the caller's account only; then
+        lookups are 404 WALLET_NOT_LINKED."""
+        await self.start()
+        alice_key, bob_key = Keypair.random(), Keypair.random()
+        self.assertEqual((await self.link(self.alice, alice_key)).code, 200)
+        self.assertEqual((await self.link(self.bob, bob_key)).code, 200)
+        response = await self.call(LINK, user=self.alice, method="DELETE")
+        self.assertEqual(response.json(), {"success": True, "unlinked": True})
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+        response = await self.call(LINK, user=self.alice, method="DELETE")
+        self.assertEqual(response.json(), {"success": True, "unlinked": False})
+        bob = await self.wallet_of("bob", self.alice)
+        self.assertEqual(bob.json()["stellarAddress"], bob_key.public_key)
+
+    async def test_unknown_user_and_no_token(self) -> None:
+        """A lookup of an unknown user is 404 USER_NOT_FOUND, of a malformed
+        Cyphr ID 400; every wallet route is 401 without a token."""
+        await self.start()
+        self.assertError(await self.wallet_of("nobody"), 404, "USER_NOT_FOUND")
+        self.assertError(await self.wallet_of("Not-An-Id"), 400, "INVALID_CYPHR_ID")
+        keypair = Keypair.random()
+        challenge_id, raw = await self.alice.challenge(self.http)
+        body = {"stellarAddress": keypair.public_key, "challengeId": challenge_id,
+                "signature": b64(keypair.sign(raw))}
+        self.assertError(await self.call(LINK, body), 401)
+        self.assertError(await self.call(LINK, method="DELETE"), 401)
+        self.assertError(await self.call("/api/wallet/alice", method="GET"), 401)
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+
+
+class SQLiteSecurityTests(SQLiteMixin, SecurityTestsMixin, TestCase):
+    pass
+
+
+class PostgresSecurityTests(PostgresMixin, SecurityTestsMixin, TestCase):
+    pass
