@@ -9,7 +9,7 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall
 
 from cyphr.api.http import CyphrSite, HttpPolicy
 from cyphr.config import Config, validate
@@ -86,26 +86,27 @@ class InProcessHTTP:
         self._stub = StubTreq(root)
         agent = self._stub._agent
         agent._serverFactory = CyphrSite(root, policy, agent._memoryReactor)
+        self._in_flight = 0
+        self._pump: LoopingCall | None = None
 
     @classmethod
     def for_server(cls, server: Server) -> InProcessHTTP:
         return cls(server.root, server.site.policy)
 
     async def _settle(self, d: Deferred[Any]) -> Any:
-        # ``d.called`` is not enough: treq chains Deferreds, and a called
-        # Deferred may still wait on another.
-        settled: list[bool] = []
-
-        def mark(result: Any) -> Any:
-            settled.append(True)
-            return result
-
-        d.addBoth(mark)
-        while not settled:
-            self._stub.flush()
-            if not settled:
-                await deferLater(reactor, 0.002, lambda: None)
-        return await d
+        # One pump serves every request in flight: pumping per request would
+        # cost O(requests^2) when many run at once.
+        self._in_flight += 1
+        if self._pump is None:
+            self._pump = LoopingCall(self._stub.flush)
+            self._pump.start(0.001, now=True)
+        try:
+            return await d
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._pump is not None:
+                self._pump.stop()
+                self._pump = None
 
     async def request(self, method: str, url: str, **kwargs: Any) -> Response:
         if not url.startswith("http"):
