@@ -10,6 +10,7 @@ from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -21,7 +22,6 @@ from cyphr.api.http import (
     HttpPolicy,
     Root,
     answer,
-    install_error_handlers,
     read_json,
 )
 from cyphr.errors import Conflict
@@ -32,10 +32,12 @@ class EchoAPI:
     """Routes that exercise the plumbing; they stand for every real route."""
 
     app = Klein()
-    install_error_handlers(app)
 
     def __init__(self) -> None:
         self.bodies: list[Any] = []
+        self.slow_started: Deferred[None] = Deferred()
+        self.slow_release: Deferred[None] = Deferred()
+        self.slow_finished = False
 
     @app.route("/api/echo", methods=["POST"])
     def echo(self, request: Any) -> bytes:
@@ -63,6 +65,17 @@ class EchoAPI:
     @app.route("/api/conflict", methods=["POST"])
     def conflict(self, request: Any) -> bytes:
         raise Conflict("That name is taken", code="CYPHR_ID_TAKEN", details={"name": "alice"})
+
+    @app.route("/api/slow", methods=["GET"])
+    async def slow(self, request: Any) -> bytes:
+        self.slow_started.callback(None)
+        await self.slow_release
+        self.slow_finished = True
+        return answer(request, {"success": True})
+
+    @app.route("/api/not-bytes", methods=["GET"])
+    def not_bytes(self, request: Any) -> Any:
+        return {"success": True}
 
     @app.route("/api/items/<item_id>", methods=["GET", "DELETE"])
     def item(self, request: Any, item_id: str) -> bytes:
@@ -232,6 +245,12 @@ class ErrorFormatTests(TestCase):
         self.assertEqual(response.code, 500)
         self.assertEqual(response.json()["code"], "INTERNAL_ERROR")
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    async def test_route_answering_other_than_bytes(self) -> None:
+        """A route that answers something other than bytes is a bare 500, logged."""
+        response = await self.http.get("/api/not-bytes")
+        self.assertEqual((response.code, response.json()["code"]), (500, "INTERNAL_ERROR"))
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
     async def test_undecodable_path_is_404(self) -> None:
         """A path that is not UTF-8 is 404, not 500."""
@@ -460,6 +479,20 @@ class ConfigReuseTests(TestCase):
         config = with_config(make_config(self), max_body=2048, access_log=True)
         policy = HttpPolicy.from_config(config)
         self.assertEqual((policy.max_body, policy.access_log), (2048, True))
+
+
+class GoneClientTests(_OverSocket, TestCase):
+    async def test_route_finishes_after_client_leaves(self) -> None:
+        """A route whose client disconnects runs to its end; its answer is dropped quietly."""
+        port = self.port.getHost().port
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await self.api.slow_started
+        client.close()
+        await deferLater(reactor, 0.05, lambda: None)  # the server sees the close
+        self.api.slow_release.callback(None)
+        self.assertTrue(self.api.slow_finished)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class ExpectContinueTests(_OverSocket, TestCase):

@@ -7,14 +7,13 @@ from typing import Any
 from klein import Klein
 
 from cyphr.api.guard import public
-from cyphr.api.http import answer, install_error_handlers
+from cyphr.api.http import answer
 from cyphr.errors import DATABASE_UNAVAILABLE
 from cyphr.handlers.health import HealthHandler
 
 
 class HealthAPI:
     app = Klein()
-    install_error_handlers(app)
 
     def __init__(self, health: HealthHandler) -> None:
         self._health = health

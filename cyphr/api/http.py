@@ -4,9 +4,9 @@ JSON in and out, the contract's error answers, security headers, CORS and
 the client address behind trusted proxies.
 
 Every answer passes through CyphrRequest.process(), so the headers and the
-limits hold for every resource, the realtime one included. Routes live in
-Klein apps (one class per area of the API, see cyphr.api); ApiRouter picks
-the app whose routes match and answers 404 / 405 itself otherwise.
+limits hold for every resource, the realtime one included. Routes are
+declared with Klein (one class per area of the API, see cyphr.api);
+ApiRouter dispatches to them and turns every outcome into an answer.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 from urllib.parse import unquote_to_bytes
 
-from klein import Klein
 from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -137,22 +137,6 @@ def read_json(request: Any, *, required: bool = True) -> dict[str, Any]:
 # -- routing ------------------------------------------------------------------
 
 
-def install_error_handlers(app: Klein) -> None:
-    """Answer errors of the routes of ``app`` in the contract's format.
-    Call it once in the body of every API class, after ``app = Klein()``."""
-
-    @app.handle_errors(ApiError)
-    def _api_error(instance: Any, request: Any, failure: Failure) -> bytes:
-        return error_answer(request, failure.value)
-
-    @app.handle_errors(Exception)
-    def _unexpected(instance: Any, request: Any, failure: Failure) -> bytes:
-        _log.failure("Unexpected error answering {method} {route}", failure,
-                     method=request.method.decode("ascii", "replace"),
-                     route=getattr(request, "route", "?"))
-        return error_answer(request, InternalError())
-
-
 def _request_path(request: Any) -> str | None:
     try:
         return "/" + "/".join(segment.decode("utf-8") for segment in request.postpath)
@@ -162,20 +146,27 @@ def _request_path(request: Any) -> str | None:
 
 class ApiRouter(resource.Resource):
     """
-    Hands each request to the first API (a Klein app bound to its instance)
-    whose routes match it. When none matches: 404, or 405 with ``Allow`` if
-    some route matches the path with another method. Sets
-    ``request.route`` to the matching route template (for logs and
-    metrics: never a raw path).
+    Routes each request to the API (a Klein app bound to its instance)
+    whose routes match it, and is the one place where the outcome becomes
+    an answer: the route's bytes, an ApiError in the contract's format, or
+    a bare 500 for anything unexpected (logged with its traceback). When no
+    route matches: 404, or 405 with ``Allow`` if some route matches the path
+    with another method.
+
+    Klein declares the routes; dispatch is done here, matching each request
+    once. A route still running when its client goes away runs to its end
+    (its database work is never cut off half way); its answer is dropped.
+    ``request.route`` is set to the matching route template, for logs and
+    metrics (never a raw path).
     """
 
     isLeaf = True
 
     def __init__(self, apis: Sequence[Any]) -> None:
         super().__init__()
-        self._apis = [(api, api.app.url_map) for api in apis]
+        self.apis = list(apis)
         # Bound once: matching takes the path and method as arguments.
-        self._routes = [(api.app.url_map.bind("cyphr", "/"), api.app.resource()) for api in apis]
+        self._routes = [(api.app, api.app.url_map.bind("cyphr", "/")) for api in self.apis]
 
     def render(self, request: Any) -> Any:
         path = _request_path(request)
@@ -183,20 +174,45 @@ class ApiRouter(resource.Resource):
             return error_answer(request, NotFound())
         method = request.method.decode("ascii", "replace")
         allowed: set[str] = set()
-        for adapter, klein_resource in self._routes:
+        for app, adapter in self._routes:
             try:
-                rule, _ = adapter.match(path, method, return_rule=True)
+                rule, arguments = adapter.match(path, method, return_rule=True)
             except WerkzeugMethodNotAllowed as e:
                 allowed.update(e.valid_methods or ())
                 continue
             except (WerkzeugNotFound, RequestRedirect):
                 continue
             request.route = rule.rule.replace("<", ":").replace(">", "")
-            return klein_resource.render(request)
+            self._respond(request, maybeDeferred(app.execute_endpoint, rule.endpoint, request, **arguments))
+            return server.NOT_DONE_YET
         if allowed:
             request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
             return error_answer(request, MethodNotAllowed())
         return error_answer(request, NotFound(f"No route for {method} {path}"))
+
+    def _respond(self, request: Any, outcome: Deferred[Any]) -> None:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def check(body: Any) -> bytes:
+            if not isinstance(body, bytes):
+                raise TypeError(f"route {request.route} answered {type(body).__name__}, not bytes")
+            return body
+
+        def failed(failure: Failure) -> bytes:
+            if failure.check(ApiError):
+                return error_answer(request, failure.value)
+            _log.failure("Unexpected error answering {method} {route}", failure,
+                         method=request.method.decode("ascii", "replace"), route=request.route)
+            return error_answer(request, InternalError())
+
+        def send(body: bytes) -> None:
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        outcome.addCallback(check).addErrback(failed).addCallback(send)
+        outcome.addErrback(lambda failure: _log.failure("Could not send an answer", failure))
 
 
 class Root(resource.Resource):

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 from klein import Klein
 
 from cyphr.api.guard import authenticated, public
-from cyphr.api.http import answer, install_error_handlers, read_json
+from cyphr.api.http import answer, read_json
 from cyphr.clock import iso
 from cyphr.crypto import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, MLKEM1024_KEY_BYTES
 from cyphr.errors import INVALID_QUERY, MISSING_FIELD, BadRequest
@@ -59,7 +59,6 @@ def totp_code(fields: Fields, name: str = "totpCode", *, required: bool = False)
 
 class IdentityAPI:
     app = Klein()
-    install_error_handlers(app)
 
     def __init__(self, identity: IdentityHandler, authenticator: Authenticator, limits: RateLimits) -> None:
         self._identity = identity

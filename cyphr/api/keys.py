@@ -7,7 +7,7 @@ from typing import Any
 from klein import Klein
 
 from cyphr.api.guard import authenticated
-from cyphr.api.http import answer, install_error_handlers, read_json
+from cyphr.api.http import answer, read_json
 from cyphr.crypto import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, MLKEM1024_KEY_BYTES
 from cyphr.errors import DUPLICATE_KEY_ID, BadRequest, Forbidden
 from cyphr.handlers.auth import AuthUser, Authenticator
@@ -21,7 +21,6 @@ MAX_KEY_ID = 2**31 - 1
 
 class KeysAPI:
     app = Klein()
-    install_error_handlers(app)
 
     def __init__(self, keys: KeysHandler, authenticator: Authenticator, limits: RateLimits) -> None:
         self._keys = keys

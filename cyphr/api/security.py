@@ -7,7 +7,7 @@ from typing import Any
 from klein import Klein
 
 from cyphr.api.guard import authenticated
-from cyphr.api.http import answer, install_error_handlers, read_json
+from cyphr.api.http import answer, read_json
 from cyphr.api.identity import totp_code
 from cyphr.handlers.auth import AuthUser, Authenticator
 from cyphr.handlers.ratelimit import RateLimits
@@ -19,7 +19,6 @@ MAX_PASSWORD_LENGTH = 1024
 
 class SecurityAPI:
     app = Klein()
-    install_error_handlers(app)
 
     def __init__(self, totp: TotpHandler, passwords: PasswordHashing, authenticator: Authenticator,
                  limits: RateLimits) -> None:

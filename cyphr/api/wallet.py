@@ -7,7 +7,7 @@ from typing import Any
 from klein import Klein
 
 from cyphr.api.guard import authenticated
-from cyphr.api.http import answer, install_error_handlers, read_json
+from cyphr.api.http import answer, read_json
 from cyphr.crypto import ED25519_SIGNATURE_BYTES
 from cyphr.handlers.auth import AuthUser, Authenticator
 from cyphr.handlers.ratelimit import RateLimits
@@ -17,7 +17,6 @@ from cyphr.handlers.wallet import WalletHandler, check_stellar_address
 
 class WalletAPI:
     app = Klein()
-    install_error_handlers(app)
 
     def __init__(self, wallet: WalletHandler, authenticator: Authenticator, limits: RateLimits) -> None:
         self._wallet = wallet
