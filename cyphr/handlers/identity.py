@@ -143,19 +143,22 @@ class IdentityHandler:
         assert device_hash is not None
         return self._tokens.issue(identity.id, identity.cyphr_id, device_hash)
 
-    async def _existing(self, cyphr_id: str, challenge_id: str) -> Identity:
-        identity = await self._identities.by_cyphr_id(cyphr_id)
-        if identity is None:
-            # Use up the challenge all the same, and say no more than a
-            # wrong signature would.
-            await self.consume_challenge(challenge_id, cyphr_id)
+    async def _proven(self, cyphr_id: str, challenge_id: str, signature: bytes) -> Identity:
+        """The identity ``cyphr_id``, whose key signed a fresh challenge. An
+        unknown Cyphr ID is refused like a wrong signature (after the
+        challenge is used up all the same), so as to tell no more."""
+        challenge, identity = await self._identities.consume_challenge_and_get(
+            challenge_id, cyphr_id, now_ms(self._clock))
+        if challenge is None:
+            raise Unauthorized("The challenge is unknown, used, expired or for another Cyphr ID",
+                               code=INVALID_CHALLENGE)
+        if identity is None or not verify_ed25519(identity.public_key, challenge, signature):
             raise Unauthorized("The signature does not verify", code=INVALID_SIGNATURE)
         return identity
 
     async def login(self, *, cyphr_id: str, device_fingerprint: str, challenge_id: str,
                     signature: bytes, totp_code: str | None) -> Session:
-        identity = await self._existing(cyphr_id, challenge_id)
-        await self.prove(identity, challenge_id, signature)
+        identity = await self._proven(cyphr_id, challenge_id, signature)
         device = self._device(device_fingerprint)
         if identity.device_fingerprint_hash is None or not hmac.compare_digest(
             identity.device_fingerprint_hash, device
@@ -171,10 +174,9 @@ class IdentityHandler:
                       totp_code: str | None) -> Session:
         """The recovery phrase re-creates the identity key on a new device;
         proving it moves the identity there and revokes every earlier token."""
-        identity = await self._existing(cyphr_id, challenge_id)
+        identity = await self._proven(cyphr_id, challenge_id, signature)
         if kyber is not None:
             check_kyber_key(identity.public_key, *kyber)
-        await self.prove(identity, challenge_id, signature)
         if identity.totp_enabled:
             await self._totp.check_login(identity.id, totp_code)
         now = now_ms(self._clock)

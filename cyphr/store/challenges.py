@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from cyphr.db import Database
 
+# Uses up a challenge if it was issued for the Cyphr ID, is unexpired and
+# unused. One statement, so two requests presenting the same challenge
+# cannot both have it. Parameters: now, challenge id, cyphr id, now.
+CONSUME = (
+    "UPDATE auth_challenges SET used_at = ?"
+    " WHERE id = ? AND cyphr_id = ? AND used_at IS NULL AND expires_at > ?"
+    " RETURNING challenge"
+)
+
 
 class ChallengeStore:
     def __init__(self, database: Database) -> None:
@@ -17,12 +26,8 @@ class ChallengeStore:
 
     async def consume(self, challenge_id: str, cyphr_id: str, now: int) -> bytes | None:
         """The challenge's bytes, if it was issued for ``cyphr_id``, is
-        unexpired and unused; it is used from then on. One statement, so two
-        requests presenting the same challenge cannot both have it."""
-        rows = await self._db.run_query(
-            "UPDATE auth_challenges SET used_at = ?"
-            " WHERE id = ? AND cyphr_id = ? AND used_at IS NULL AND expires_at > ?"
-            " RETURNING challenge", (now, challenge_id, cyphr_id, now))
+        unexpired and unused; it is used from then on."""
+        rows = await self._db.run_query(CONSUME, (now, challenge_id, cyphr_id, now))
         return rows[0][0] if rows else None
 
     async def purge(self, now: int, batch: int = 1000) -> int:

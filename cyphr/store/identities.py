@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cyphr.db import Database, IntegrityError, Transaction
+from cyphr.store.challenges import CONSUME
 
 _COLUMNS = (
     "i.id, i.cyphr_id, i.public_key, i.kyber_public_key, i.kyber_key_signature,"
@@ -90,6 +91,26 @@ class IdentityStore:
         rows = await self._db.run_query(
             "SELECT " + _COLUMNS + _FROM + " WHERE i.id = ?", (user_id,))
         return _identity(rows[0]) if rows else None
+
+    async def consume_challenge_and_get(self, challenge_id: str, cyphr_id: str, now: int
+                                        ) -> tuple[bytes | None, Identity | None]:
+        """Use up a challenge issued for ``cyphr_id`` (see ChallengeStore.consume)
+        and read that identity: the challenge's bytes (None if it was not
+        usable) and the identity (None if there is none). Login does this on
+        every call, so on PostgreSQL it is one round trip, the UPDATE running
+        in a WITH clause; SQLite has no data-modifying WITH, and runs two
+        statements on its local file."""
+        if self._db.engine == "postgresql":
+            rows = await self._db.run_query(
+                "WITH used AS (" + CONSUME + ")"
+                " SELECT (SELECT challenge FROM used), " + _COLUMNS +
+                " FROM (SELECT 1) AS one LEFT JOIN"
+                " (cyphr_identities i LEFT JOIN totp_secrets t ON t.user_id = i.id)"
+                " ON i.cyphr_id = ?", (now, challenge_id, cyphr_id, now, cyphr_id))
+            challenge, identity = rows[0][0], rows[0][1:]
+            return challenge, (_identity(identity) if identity[0] is not None else None)
+        rows = await self._db.run_query(CONSUME, (now, challenge_id, cyphr_id, now))
+        return (rows[0][0] if rows else None), await self.by_cyphr_id(cyphr_id)
 
     async def auth_state(self, user_id: str, jti: str) -> AuthState | None:
         """One round trip for every authenticated request."""
