@@ -1,0 +1,119 @@
+"""Bad input on every route: a 4xx in the contract's format, never a 5xx."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, start_server
+from tests.users import User, b64, new_kyber_key
+
+BAD_VALUES: list[Any] = [
+    None, 0, -1, 2**64, 1.5, True, "", " ", "x" * 100_000, "\u0000", "\ud83d\ude00" * 10,
+    "аlice", [], [1], {}, {"a": {"b": []}}, "====", "AAAA" * 1000,
+]
+BAD_PATH_SEGMENTS = ["%00", "A", "a" * 300, "%F0%9F%98%80", "..", "%2e%2e", "al%20ice", "alice%0a"]
+
+
+class BadInputTestsMixin:
+    async def setUp(self) -> None:
+        self.server = await start_server(self, rate_limit_auth=(1_000_000, 1))
+        self.http = InProcessHTTP.for_server(self.server)
+        self.alice = User("alice")
+        await self.alice.register(self.http)
+        self.bob = User("bob")
+        await self.bob.register(self.http)
+
+    def templates(self, challenge_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+        key = new_kyber_key()
+        signature = b64(b"\x01" * 64)
+        return [
+            ("POST", "/api/cyphr-id/check", {"cyphrId": "carol"}),
+            ("POST", "/api/cyphr-id/challenge", {"cyphrId": "carol"}),
+            ("POST", "/api/cyphr-id/register", {
+                "cyphrId": "carol", "publicKey": b64(b"\x02" * 32), "kyberPublicKey": b64(key),
+                "kyberKeySignature": signature, "deviceFingerprint": "a" * 64,
+                "displayName": "Carol", "challengeId": challenge_id, "signature": signature}),
+            ("POST", "/api/cyphr-id/login", {
+                "cyphrId": "alice", "deviceFingerprint": "a" * 64, "challengeId": challenge_id,
+                "signature": signature, "totpCode": "123456"}),
+            ("POST", "/api/cyphr-id/recover", {
+                "cyphrId": "alice", "newDeviceFingerprint": "b" * 64, "challengeId": challenge_id,
+                "signature": signature, "kyberPublicKey": b64(key), "kyberKeySignature": signature,
+                "totpCode": "123456"}),
+            ("POST", "/api/cyphr-id/update-profile", {
+                "displayName": "A", "avatarUrl": "https://x.example/a.png", "encryptedSettings": "s",
+                "recoveryPhraseHint": "h"}),
+            ("DELETE", "/api/cyphr-id/account", {"challengeId": challenge_id, "signature": signature}),
+            ("POST", "/api/messaging/store-public-key", {
+                "kyberPublicKey": b64(key), "kyberKeySignature": signature, "userId": "alice",
+                "publicKey": b64(self.alice.public_key)}),
+            ("POST", "/api/auth/register-public-key", {
+                "kyberPublicKey": b64(key), "kyberKeySignature": signature}),
+            ("POST", "/api/keys/prekeys", {
+                "prekeys": [{"keyId": 1, "kyberPublicKey": b64(key), "signature": signature}]}),
+            ("POST", "/api/keys/claim/bob", {}),
+            ("POST", "/api/auth/hash-password", {"password": "pw"}),
+            ("POST", "/api/auth/totp/generate", {}),
+            ("POST", "/api/auth/totp/verify", {"code": "123456"}),
+            ("POST", "/api/auth/totp/disable", {"code": "123456"}),
+            ("POST", "/api/wallet/link", {
+                "stellarAddress": "GAAZI4TCR3TY5OJHCTJC2A4QSY6CJWJH5IAJTGKIN2ER7LBNVKOCCWN7",
+                "challengeId": challenge_id, "signature": signature}),
+            ("DELETE", "/api/wallet/link", {}),
+            # Last: an empty body is a valid logout.
+            ("POST", "/api/cyphr-id/logout", {}),
+        ]
+
+    async def send(self, method: str, path: str, body: bytes, auth: bool = True) -> Any:
+        headers = {b"Content-Type": [b"application/json"]}
+        if auth:
+            headers.update(self.alice.auth())
+        return await self.http.request(method, path, data=body, headers=headers)
+
+    def assertClientError(self, response: Any, what: Any) -> None:
+        self.assertTrue(200 <= response.code < 500, (what, response.code, response.body[:300]))
+        if response.code >= 400:
+            body = response.json()
+            self.assertIs(body["success"], False, what)
+            self.assertRegex(body["code"], r"^[A-Z_]+$", what)
+
+    async def test_every_field_of_every_route(self) -> None:
+        """Each field of each route, replaced by values of every wrong kind, and
+        whole bodies that are not objects, get a 4xx, never a 5xx."""
+        challenge_id, _ = await self.alice.challenge(self.http)
+        for method, path, template in self.templates(challenge_id):
+            for raw in (b"[]", b'"text"', b"null", b"{", b"{}", b'{"unknown": 1}'):
+                self.assertClientError(await self.send(method, path, raw), (path, raw))
+            for field in template:
+                for value in BAD_VALUES:
+                    body = json.dumps({**template, field: value}).encode()
+                    self.assertClientError(await self.send(method, path, body), (path, field, value))
+            if path != "/api/cyphr-id/logout":
+                # The sweep reached the route's own checks, not a dead token.
+                still = await self.http.get("/api/keys/count", headers=self.alice.auth())
+                self.assertEqual(still.code, 200, path)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_path_parameters(self) -> None:
+        """Malformed Cyphr IDs in paths are 4xx on every route that takes one."""
+        for segment in BAD_PATH_SEGMENTS:
+            for method, path in (("GET", "/api/cyphr-id/user/"), ("GET", "/api/messaging/public-key/"),
+                                 ("POST", "/api/keys/claim/"), ("GET", "/api/wallet/")):
+                response = await self.send(method, path + segment, b"")
+                self.assertClientError(response, (path, segment))
+        for query in ("q=%00", "q=" + "a" * 1000, "q=al&limit=-1", "q=al&limit=99999999999999999999",
+                      "q=%FF", "limit=5", "q=al&q=bo"):
+            response = await self.send("GET", "/api/cyphr-id/search?" + query, b"")
+            self.assertClientError(response, query)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class SQLiteBadInputTests(SQLiteMixin, BadInputTestsMixin, TestCase):
+    pass
+
+
+class PostgresBadInputTests(PostgresMixin, BadInputTestsMixin, TestCase):
+    pass
