@@ -36,7 +36,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from nacl.signing import SigningKey  # noqa: E402
 
 from tests import postgres  # noqa: E402
 from tests.users import User  # noqa: E402

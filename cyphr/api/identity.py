@@ -12,10 +12,16 @@ from cyphr.api.http import answer, read_json
 from cyphr.clock import iso
 from cyphr.crypto import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, MLKEM1024_KEY_BYTES
 from cyphr.errors import INVALID_QUERY, MISSING_FIELD, BadRequest
-from cyphr.handlers.auth import AuthUser, Authenticator
+from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.identity import IdentityHandler, Session
 from cyphr.handlers.ratelimit import RateLimits
-from cyphr.handlers.validation import CYPHR_ID_PREFIX, Fields, b64, check_cyphr_id, invalid
+from cyphr.handlers.validation import (
+    CYPHR_ID_PREFIX,
+    Fields,
+    b64,
+    check_cyphr_id,
+    invalid,
+)
 from cyphr.store.identities import Identity
 
 SEARCH_DEFAULT_LIMIT = 20

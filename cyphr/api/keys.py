@@ -10,7 +10,7 @@ from cyphr.api.guard import authenticated
 from cyphr.api.http import answer, read_json
 from cyphr.crypto import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, MLKEM1024_KEY_BYTES
 from cyphr.errors import DUPLICATE_KEY_ID, BadRequest, Forbidden
-from cyphr.handlers.auth import AuthUser, Authenticator
+from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.keys import MAX_PREKEYS_PER_CALL, KeysHandler
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import Fields, b64, check_cyphr_id, invalid

@@ -9,7 +9,7 @@ from klein import Klein
 from cyphr.api.guard import authenticated
 from cyphr.api.http import answer, read_json
 from cyphr.api.identity import totp_code
-from cyphr.handlers.auth import AuthUser, Authenticator
+from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.security import PasswordHashing, TotpHandler
 from cyphr.handlers.validation import Fields, invalid

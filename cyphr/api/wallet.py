@@ -9,7 +9,7 @@ from klein import Klein
 from cyphr.api.guard import authenticated
 from cyphr.api.http import answer, read_json
 from cyphr.crypto import ED25519_SIGNATURE_BYTES
-from cyphr.handlers.auth import AuthUser, Authenticator
+from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import Fields, check_cyphr_id
 from cyphr.handlers.wallet import WalletHandler, check_stellar_address

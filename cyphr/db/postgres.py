@@ -28,7 +28,14 @@ from twisted.python.failure import Failure
 from txpostgres import txpostgres
 from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 
-from cyphr.db import Database, DatabaseUnavailable, IntegrityError, Row, SchemaTooNew, Transaction
+from cyphr.db import (
+    Database,
+    DatabaseUnavailable,
+    IntegrityError,
+    Row,
+    SchemaTooNew,
+    Transaction,
+)
 from cyphr.db.migrations import check_version, migrate_txn
 
 _log = Logger()

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from cyphr.clock import now_ms
-from cyphr.crypto import fingerprint_hash, is_mlkem1024_key, verify_ed25519, verify_kyber_key_signature
+from cyphr.crypto import (
+    fingerprint_hash,
+    is_mlkem1024_key,
+    verify_ed25519,
+    verify_kyber_key_signature,
+)
 from cyphr.errors import (
     CYPHR_ID_TAKEN,
     DEVICE_MISMATCH,

@@ -7,7 +7,13 @@ from typing import Any
 
 from cyphr.clock import now_ms
 from cyphr.cpu import CpuPool
-from cyphr.errors import DUPLICATE_KEY_ID, PREKEY_LIMIT, USER_NOT_FOUND, Conflict, NotFound
+from cyphr.errors import (
+    DUPLICATE_KEY_ID,
+    PREKEY_LIMIT,
+    USER_NOT_FOUND,
+    Conflict,
+    NotFound,
+)
 from cyphr.handlers.auth import AuthUser
 from cyphr.handlers.identity import IdentityHandler, check_kyber_key
 from cyphr.handlers.ratelimit import RateLimit

@@ -50,6 +50,14 @@ class AuthState:
     revoked: bool
 
 
+PROFILE_COLUMNS = {
+    "display_name": "display_name = ?",
+    "avatar_url": "avatar_url = ?",
+    "encrypted_settings": "encrypted_settings = ?",
+    "recovery_phrase_hint": "recovery_phrase_hint = ?",
+}
+
+
 class IdentityTaken(Exception):
     pass
 
@@ -132,13 +140,14 @@ class IdentityStore:
         return [_identity(row) for row in rows]
 
     async def update_profile(self, user_id: str, changes: dict[str, Any], now: int) -> None:
-        columns = {
-            "display_name", "avatar_url", "encrypted_settings", "recovery_phrase_hint",
-        }
-        assert set(changes) <= columns  # names are constants, never input
-        assignments = ", ".join(f"{name} = ?" for name in changes)
+        """Set the given profile columns (keys of PROFILE_COLUMNS) to their values."""
+        unknown = set(changes) - set(PROFILE_COLUMNS)
+        if unknown:
+            raise ValueError(f"not profile columns: {sorted(unknown)}")
+        # The statement is assembled from the constant fragments only.
+        assignments = ", ".join(PROFILE_COLUMNS[name] for name in changes)
         await self._db.run_operation(
-            f"UPDATE cyphr_identities SET {assignments}, updated_at = ? WHERE id = ?",
+            "UPDATE cyphr_identities SET " + assignments + ", updated_at = ? WHERE id = ?",
             (*changes.values(), now, user_id))
 
     async def set_kyber_key(self, user_id: str, key: bytes, signature: bytes, now: int) -> None:
