@@ -60,6 +60,11 @@ class Session:
     identity: Identity
 
 
+def _challenge_refused() -> Unauthorized:
+    return Unauthorized("The challenge is unknown, used, expired or for another Cyphr ID",
+                        code=INVALID_CHALLENGE)
+
+
 def check_kyber_key(identity_key: bytes, kyber_key: bytes, signature: bytes,
                     field: str = "kyberPublicKey") -> None:
     """Refuse a Kyber key that is not a valid ML-KEM-1024 key, or that the
@@ -108,8 +113,7 @@ class IdentityHandler:
     async def consume_challenge(self, challenge_id: str, cyphr_id: str) -> bytes:
         challenge = await self._challenges.consume(challenge_id, cyphr_id, now_ms(self._clock))
         if challenge is None:
-            raise Unauthorized("The challenge is unknown, used, expired or for another Cyphr ID",
-                               code=INVALID_CHALLENGE)
+            raise _challenge_refused()
         return challenge
 
     async def prove(self, identity: Identity, challenge_id: str, signature: bytes) -> None:
@@ -155,8 +159,7 @@ class IdentityHandler:
         challenge, identity = await self._identities.consume_challenge_and_get(
             challenge_id, cyphr_id, now_ms(self._clock))
         if challenge is None:
-            raise Unauthorized("The challenge is unknown, used, expired or for another Cyphr ID",
-                               code=INVALID_CHALLENGE)
+            raise _challenge_refused()
         if identity is None or not verify_ed25519(identity.public_key, challenge, signature):
             raise Unauthorized("The signature does not verify", code=INVALID_SIGNATURE)
         return identity
