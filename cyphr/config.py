@@ -86,6 +86,17 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="DURATION"),
     Setting("max_prekeys", "int",
             "Most one-time prekeys one user may hold on the server.", metavar="N"),
+    Setting("max_payload", "size",
+            "Largest encryptedPayload of one message, in bytes of JSON (the "
+            "request body limit applies too).",
+            metavar="BYTES"),
+    Setting("retention_days", "int",
+            "Delete messages older than this many days (0: keep them).",
+            metavar="DAYS"),
+    Setting("rate_limit_send", "rate",
+            "Messages sent per user (REST and realtime together), as "
+            "COUNT/PERIOD: COUNT is the burst, COUNT/PERIOD the sustained rate.",
+            metavar="RATE"),
     Setting("rate_limit_auth", "rate",
             "Requests per client address to /api/cyphr-id/* and /api/auth/*, "
             "as COUNT/PERIOD.", metavar="RATE"),
@@ -129,6 +140,9 @@ class Config:
     node_id: str = ""
     token_lifetime: int = 7 * 24 * 3600
     max_prekeys: int = 1000
+    max_payload: int = 1 * MiB
+    retention_days: int = 0
+    rate_limit_send: tuple[int, int] = (300, 10)
     rate_limit_auth: tuple[int, int] = (100, 15 * 60)
     rate_limit_search: tuple[int, int] = (30, 60)
     rate_limit_claim: tuple[int, int] = (20, 3600)
@@ -439,6 +453,10 @@ def validate(config: Config) -> None:
         raise ConfigError("--db-pool-size must be between 1 and 500")
     if not 60 <= config.token_lifetime <= 365 * 86400:
         raise ConfigError("--token-lifetime must be between 1m and 365d")
+    if not 1024 <= config.max_payload <= 1024 * MiB:
+        raise ConfigError("--max-payload must be between 1KiB and 1GiB")
+    if not 0 <= config.retention_days <= 100_000:
+        raise ConfigError("--retention-days must be 0 (keep) or a number of days")
     if not 1 <= config.max_prekeys <= 100_000:
         raise ConfigError("--max-prekeys must be between 1 and 100000")
     for setting in SETTINGS:

@@ -25,6 +25,7 @@ from cyphr.api.health import HealthAPI
 from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root
 from cyphr.api.identity import IdentityAPI
 from cyphr.api.keys import KeysAPI
+from cyphr.api.messaging import ChatsAPI, MessagingAPI
 from cyphr.api.security import SecurityAPI
 from cyphr.api.wallet import WalletAPI
 from cyphr.config import Config
@@ -36,14 +37,18 @@ from cyphr.handlers.health import HealthHandler
 from cyphr.handlers.identity import IdentityHandler
 from cyphr.handlers.keys import KeysHandler
 from cyphr.handlers.maintenance import Maintenance
+from cyphr.handlers.messaging import MessagingHandler
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.security import PasswordHashing, TotpHandler
+from cyphr.handlers.sending import SendBatcher
 from cyphr.handlers.tokens import TokenService
 from cyphr.handlers.wallet import WalletHandler
 from cyphr.logs import JsonLogObserver
 from cyphr.store.challenges import ChallengeStore
+from cyphr.store.chats import ChatStore
 from cyphr.store.identities import IdentityStore
 from cyphr.store.keys import PrekeyStore
+from cyphr.store.messages import MessageStore
 from cyphr.store.status import StatusStore
 from cyphr.store.tokens import TokenStore
 from cyphr.store.totp import TotpStore
@@ -55,10 +60,12 @@ MAINTENANCE_INTERVAL = 300  # seconds between purges of expired challenges and r
 
 class DatabaseService(Service):
     """Starts the database with the process (connecting, retrying and
-    migrating in the background) and closes it last."""
+    migrating in the background). At the end it writes the messages still
+    waiting for a batch, then closes the database."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, batcher: SendBatcher) -> None:
         self.database = database
+        self.batcher = batcher
 
     def startService(self) -> None:
         super().startService()
@@ -66,7 +73,11 @@ class DatabaseService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return Deferred.fromCoroutine(self.database.close())
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self.batcher.stop()
+        await self.database.close()
 
 
 class CyphrService(MultiService):
@@ -119,6 +130,7 @@ class Server:
     endpoint_services: list[StreamServerEndpointService]
     limits: RateLimits
     maintenance: Maintenance
+    batcher: SendBatcher
 
     def listening(self) -> list[Deferred[Any]]:
         """The listening ports, once the service has started."""
@@ -169,8 +181,11 @@ def build_server(
     keys = KeysHandler(identities, identity, PrekeyStore(database), cpu, limits.claim,
                        config.max_prekeys, clock)
     wallet = WalletHandler(WalletStore(database), identity, clock)
+    messages = MessageStore(database)
+    batcher = SendBatcher(messages, reactor)
+    messaging = MessagingHandler(ChatStore(database), messages, identities, batcher, limits.send, clock)
     health = HealthHandler(StatusStore(database), clock, node_id=config.node_id or default_node_id())
-    maintenance = Maintenance(challenges, revocations, clock)
+    maintenance = Maintenance(challenges, revocations, messages, config.retention_days, clock)
 
     router = ApiRouter([
         HealthAPI(health),
@@ -178,12 +193,14 @@ def build_server(
         KeysAPI(keys, authenticator, limits),
         SecurityAPI(totp, PasswordHashing(cpu), authenticator, limits),
         WalletAPI(wallet, authenticator, limits),
+        MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
+        ChatsAPI(messaging, authenticator, limits),
     ])
     root = Root(router)
     site = CyphrSite(root, HttpPolicy.from_config(config), reactor)
 
     service = CyphrService(config)
-    DatabaseService(database).setServiceParent(service)
+    DatabaseService(database, batcher).setServiceParent(service)
     purge = TimerService(MAINTENANCE_INTERVAL, lambda: Deferred.fromCoroutine(maintenance.run()))
     purge.clock = clock
     purge.setServiceParent(service)
@@ -208,4 +225,5 @@ def build_server(
         endpoint_services=endpoint_services,
         limits=limits,
         maintenance=maintenance,
+        batcher=batcher,
     )

@@ -1,4 +1,5 @@
-"""Periodic clean-up: expired challenges and revocations of expired tokens."""
+"""Periodic clean-up: expired challenges, revocations of expired tokens, and
+messages past the retention period (when the operator set one)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from twisted.logger import Logger
 from cyphr.clock import now_ms
 from cyphr.db import DatabaseUnavailable
 from cyphr.store.challenges import ChallengeStore
+from cyphr.store.messages import MessageStore
 from cyphr.store.tokens import TokenStore
 
 _log = Logger()
@@ -17,16 +19,27 @@ MAX_BATCHES = 20  # per run: the rest waits for the next run
 
 
 class Maintenance:
-    def __init__(self, challenges: ChallengeStore, revocations: TokenStore, clock: Any) -> None:
+    def __init__(self, challenges: ChallengeStore, revocations: TokenStore, messages: MessageStore,
+                 retention_days: int, clock: Any) -> None:
         self._challenges = challenges
         self._revocations = revocations
+        self._messages = messages
+        self._retention_ms = retention_days * 86_400_000
         self._clock = clock
 
+    async def _expired_messages(self, now: int, batch: int) -> int:
+        if not self._retention_ms:
+            return 0
+        return await self._messages.purge_older_than(now - self._retention_ms, batch)
+
     async def run(self) -> None:
-        """One round. Each step is caught and logged on its own, so one
-        failure neither stops the other nor the schedule."""
+        """One round, in batches of BATCH rows (each its own short transaction,
+        so neither the reactor nor other writers wait long). Each step is
+        caught and logged on its own, so one failure neither stops the others
+        nor the schedule."""
         for name, purge in (("challenges", self._challenges.purge),
-                            ("revoked tokens", self._revocations.purge)):
+                            ("revoked tokens", self._revocations.purge),
+                            ("messages", self._expired_messages)):
             try:
                 for _ in range(MAX_BATCHES):
                     if await purge(now_ms(self._clock), BATCH) < BATCH:

@@ -49,3 +49,4 @@ class RateLimits:
         self.search = RateLimit(clock, *config.rate_limit_search)
         self.claim = RateLimit(clock, *config.rate_limit_claim)
         self.password = RateLimit(clock, *config.rate_limit_password)
+        self.send = RateLimit(clock, *config.rate_limit_send)

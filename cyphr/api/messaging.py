@@ -1,0 +1,226 @@
+"""/api/messaging and /api/chats: messages, chats, groups and members."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from klein import Klein
+
+from cyphr.api.guard import authenticated
+from cyphr.api.http import answer, read_json
+from cyphr.clock import iso
+from cyphr.errors import (
+    CHAT_NOT_FOUND,
+    INVALID_QUERY,
+    MESSAGE_NOT_FOUND,
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+)
+from cyphr.handlers.auth import AuthUser, Authenticator
+from cyphr.handlers.messaging import MessagingHandler
+from cyphr.handlers.ratelimit import RateLimits
+from cyphr.handlers.validation import Fields, check_cyphr_id, invalid
+from cyphr.store.messages import Message
+
+MESSAGE_TYPES = ("text", "image", "file", "audio", "video", "call", "payment", "system")
+HISTORY_DEFAULT, HISTORY_MAX = 50, 200
+SYNC_DEFAULT, SYNC_MAX = 100, 500
+MAX_GROUP_MEMBERS = 1000
+MAX_ENCRYPTED_NAME = 4096
+MAX_ENCRYPTED_SETTINGS = 65536
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "chatId": message.chat_id,
+        "seq": message.seq,
+        "senderId": message.sender_id,
+        # Stored as the JSON the sender sent; never looked into.
+        "encryptedPayload": json.loads(message.payload) if message.payload is not None else None,
+        "messageType": message.message_type,
+        "clientMessageId": message.client_message_id,
+        "timestamp": iso(message.created_at),
+        "editedAt": iso(message.edited_at),
+        "deletedAt": iso(message.deleted_at),
+    }
+
+
+def _uuid_or_404(value: str, code: str, what: str) -> str:
+    try:
+        if len(value) == 36:
+            return str(uuid.UUID(value))
+    except ValueError:
+        pass
+    raise NotFound(f"No such {what}", code=code)
+
+
+def _query_int(request: Any, name: str, minimum: int, maximum: int) -> int | None:
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    text = values[0]
+    if not text.isdigit() or len(text) > 19 or not minimum <= int(text) <= maximum:
+        raise BadRequest(f"{name} must be an integer from {minimum} to {maximum}", code=INVALID_QUERY,
+                         details={"field": name})
+    return int(text)
+
+
+class MessagingAPI:
+    app = Klein()
+
+    def __init__(self, messaging: MessagingHandler, authenticator: Authenticator, limits: RateLimits,
+                 max_payload: int) -> None:
+        self._messaging = messaging
+        self.authenticator = authenticator
+        self.limits = limits
+        self._max_payload = max_payload
+
+    def _payload(self, fields: Fields) -> str:
+        value = fields.value("encryptedPayload")
+        if not isinstance(value, dict):
+            raise invalid("encryptedPayload", "encryptedPayload must be a JSON object")
+        try:
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            raise invalid("encryptedPayload", "encryptedPayload holds a number JSON cannot carry") from None
+        if len(text.encode("utf-8")) > self._max_payload:
+            raise PayloadTooLarge(f"encryptedPayload is larger than {self._max_payload} bytes",
+                                  details={"field": "encryptedPayload", "limit": self._max_payload})
+        return text
+
+    @app.route("/api/messaging/send", methods=["POST"])
+    @authenticated()
+    async def send(self, request: Any, user: AuthUser) -> bytes:
+        fields = Fields(read_json(request), {
+            "recipientId", "chatId", "encryptedPayload", "messageType", "clientMessageId"})
+        recipient = fields.cyphr_id("recipientId", required=False)
+        chat_id = fields.uuid("chatId") if fields.present("chatId") else None
+        if (recipient is None) == (chat_id is None):
+            raise BadRequest("Give either recipientId or chatId", code="MISSING_FIELD",
+                             details={"field": "recipientId"})
+        message_type = fields.text("messageType", required=False, max_length=16) or "text"
+        if message_type not in MESSAGE_TYPES:
+            raise invalid("messageType", f"messageType must be one of {', '.join(MESSAGE_TYPES)}")
+        client_message_id = fields.text("clientMessageId", required=False, max_length=128)
+        if client_message_id == "":
+            raise invalid("clientMessageId", "clientMessageId must not be empty")
+        message = await self._messaging.send(
+            user, payload=self._payload(fields), message_type=message_type,
+            client_message_id=client_message_id, chat_id=chat_id, recipient_id=recipient)
+        return answer(request, {
+            "success": True, "messageId": message.id, "chatId": message.chat_id,
+            "seq": message.seq, "timestamp": iso(message.created_at)}, 201)
+
+    @app.route("/api/messaging/chat/<chat_id>", methods=["GET"])
+    @authenticated()
+    async def history(self, request: Any, user: AuthUser, chat_id: str) -> bytes:
+        chat_id = _uuid_or_404(chat_id, CHAT_NOT_FOUND, "chat")
+        before = _query_int(request, "before", 1, 2**62)
+        after = _query_int(request, "after", 0, 2**62)
+        if before is not None and after is not None:
+            raise BadRequest("Give before or after, not both", code=INVALID_QUERY, details={"field": "after"})
+        limit = _query_int(request, "limit", 1, HISTORY_MAX) or HISTORY_DEFAULT
+        messages, has_more = await self._messaging.history(user, chat_id, before=before, after=after,
+                                                           limit=limit)
+        return answer(request, {"success": True, "messages": [message_json(m) for m in messages],
+                                "hasMore": has_more})
+
+    @app.route("/api/messaging/chats", methods=["GET"])
+    @authenticated()
+    async def chats(self, request: Any, user: AuthUser) -> bytes:
+        chats = await self._messaging.chats(user)
+        return answer(request, {"success": True, "chats": [{
+            "chatId": summary.chat.id,
+            "chatType": summary.chat.chat_type,
+            "participants": summary.participants,
+            "encryptedName": summary.chat.encrypted_name,
+            "lastMessageAt": iso(summary.chat.last_message_at),
+            "unreadCount": summary.unread,
+            "role": summary.role,
+        } for summary in chats]})
+
+    @app.route("/api/messaging/sync", methods=["GET"])
+    @authenticated()
+    async def sync(self, request: Any, user: AuthUser) -> bytes:
+        since = _query_int(request, "since", 0, 2**62) or 0
+        limit = _query_int(request, "limit", 1, SYNC_MAX) or SYNC_DEFAULT
+        messages, has_more = await self._messaging.sync(user, since, limit)
+        cursor = messages[-1].stream_position if messages else since
+        return answer(request, {"success": True, "messages": [message_json(m) for m in messages],
+                                "cursor": cursor, "hasMore": has_more})
+
+    @app.route("/api/messaging/create-group", methods=["POST"])
+    @authenticated()
+    async def create_group(self, request: Any, user: AuthUser) -> bytes:
+        fields = Fields(read_json(request), {"encryptedName", "members", "encryptedSettings"})
+        members = fields.list("members", max_items=MAX_GROUP_MEMBERS)
+        for index, member in enumerate(members):
+            check_cyphr_id(member, f"members[{index}]")
+        chat_id = await self._messaging.create_group(
+            user, members,
+            fields.text("encryptedName", required=False, max_length=MAX_ENCRYPTED_NAME),
+            fields.text("encryptedSettings", required=False, max_length=MAX_ENCRYPTED_SETTINGS))
+        return answer(request, {"success": True, "chatId": chat_id}, 201)
+
+    @app.route("/api/messaging/message/<message_id>", methods=["PUT"])
+    @authenticated()
+    async def edit(self, request: Any, user: AuthUser, message_id: str) -> bytes:
+        message_id = _uuid_or_404(message_id, MESSAGE_NOT_FOUND, "message")
+        fields = Fields(read_json(request), {"encryptedPayload"})
+        message = await self._messaging.edit(user, message_id, self._payload(fields))
+        return answer(request, {"success": True, "message": message_json(message)})
+
+    @app.route("/api/messaging/message/<message_id>", methods=["DELETE"])
+    @authenticated()
+    async def delete(self, request: Any, user: AuthUser, message_id: str) -> bytes:
+        message_id = _uuid_or_404(message_id, MESSAGE_NOT_FOUND, "message")
+        Fields(read_json(request, required=False), set())
+        message = await self._messaging.delete(user, message_id)
+        return answer(request, {"success": True, "message": message_json(message)})
+
+
+class ChatsAPI:
+    app = Klein()
+
+    def __init__(self, messaging: MessagingHandler, authenticator: Authenticator, limits: RateLimits) -> None:
+        self._messaging = messaging
+        self.authenticator = authenticator
+        self.limits = limits
+
+    @app.route("/api/chats/<chat_id>/members", methods=["GET"])
+    @authenticated()
+    async def members(self, request: Any, user: AuthUser, chat_id: str) -> bytes:
+        members = await self._messaging.members(user, _uuid_or_404(chat_id, CHAT_NOT_FOUND, "chat"))
+        return answer(request, {"success": True, "members": [
+            {"cyphrId": m.cyphr_id, "role": m.role, "joinedAt": iso(m.joined_at)} for m in members]})
+
+    @app.route("/api/chats/<chat_id>/members/<cyphr_id>", methods=["POST"])
+    @authenticated()
+    async def add_member(self, request: Any, user: AuthUser, chat_id: str, cyphr_id: str) -> bytes:
+        Fields(read_json(request, required=False), set())
+        await self._messaging.add_member(user, _uuid_or_404(chat_id, CHAT_NOT_FOUND, "chat"),
+                                         check_cyphr_id(cyphr_id))
+        return answer(request, {"success": True})
+
+    @app.route("/api/chats/<chat_id>/members/<cyphr_id>", methods=["DELETE"])
+    @authenticated()
+    async def remove_member(self, request: Any, user: AuthUser, chat_id: str, cyphr_id: str) -> bytes:
+        Fields(read_json(request, required=False), set())
+        await self._messaging.remove_member(user, _uuid_or_404(chat_id, CHAT_NOT_FOUND, "chat"),
+                                            check_cyphr_id(cyphr_id))
+        return answer(request, {"success": True})
+
+    @app.route("/api/chats/<chat_id>/members/<cyphr_id>/role", methods=["PUT"])
+    @authenticated()
+    async def set_role(self, request: Any, user: AuthUser, chat_id: str, cyphr_id: str) -> bytes:
+        fields = Fields(read_json(request), {"role"})
+        role = fields.text("role", max_length=16)
+        if role not in ("admin", "member"):
+            raise invalid("role", "role must be admin or member")
+        await self._messaging.set_role(user, _uuid_or_404(chat_id, CHAT_NOT_FOUND, "chat"),
+                                       check_cyphr_id(cyphr_id), role)
+        return answer(request, {"success": True})

@@ -1,0 +1,169 @@
+"""
+Chats and messages: sending (through group commit), history, the chat list,
+sync, edits and deletions, groups and roles. A non-member learns nothing of
+a chat: every refusal of that kind is 404 CHAT_NOT_FOUND, as for a chat that
+does not exist.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from cyphr.clock import now_ms
+from cyphr.errors import (
+    ALREADY_MEMBER,
+    CHAT_NOT_FOUND,
+    LAST_ADMIN,
+    MESSAGE_DELETED,
+    MESSAGE_NOT_FOUND,
+    NOT_A_GROUP,
+    NOT_A_MEMBER,
+    NOT_ADMIN,
+    NOT_SENDER,
+    USER_NOT_FOUND,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+)
+from cyphr.handlers.auth import AuthUser
+from cyphr.handlers.ratelimit import RateLimit
+from cyphr.handlers.sending import SendBatcher
+from cyphr.store.chats import AlreadyMember, ChatStore, ChatSummary, LastAdmin, Member, Membership
+from cyphr.store.identities import IdentityStore
+from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
+
+
+def _no_chat() -> NotFound:
+    return NotFound("No such chat", code=CHAT_NOT_FOUND)
+
+
+class MessagingHandler:
+    def __init__(self, chats: ChatStore, messages: MessageStore, identities: IdentityStore,
+                 batcher: SendBatcher, send_limit: RateLimit, clock: Any) -> None:
+        self._chats = chats
+        self._messages = messages
+        self._identities = identities
+        self._batcher = batcher
+        self._send_limit = send_limit
+        self._clock = clock
+
+    async def _member(self, user: AuthUser, chat_id: str) -> Membership:
+        membership = await self._chats.membership(chat_id, user.cyphr_id)
+        if membership is None:
+            raise _no_chat()
+        return membership
+
+    async def _exists(self, cyphr_id: str) -> None:
+        if await self._identities.by_cyphr_id(cyphr_id) is None:
+            raise NotFound("No such user", code=USER_NOT_FOUND, details={"cyphrId": cyphr_id})
+
+    # -- messages -------------------------------------------------------
+
+    async def send(self, user: AuthUser, *, payload: str, message_type: str,
+                   client_message_id: str | None, chat_id: str | None = None,
+                   recipient_id: str | None = None) -> Message:
+        """Store one message, in a chat the sender belongs to or in the
+        direct chat with ``recipient_id`` (created on first use). The REST
+        route and the realtime event both come here."""
+        self._send_limit.hit(user.user_id)
+        now = now_ms(self._clock)
+        if recipient_id is not None:
+            await self._exists(recipient_id)
+            chat_id = await self._chats.direct_chat(user.cyphr_id, recipient_id, now)
+        assert chat_id is not None
+        result = await self._batcher.submit(Outgoing(
+            id=str(uuid.uuid4()), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
+            message_type=message_type, client_message_id=client_message_id, created_at=now))
+        if isinstance(result, NotAMember):
+            raise _no_chat()
+        return result
+
+    async def history(self, user: AuthUser, chat_id: str, *, before: int | None, after: int | None,
+                      limit: int) -> tuple[list[Message], bool]:
+        await self._member(user, chat_id)
+        return await self._messages.history(chat_id, before=before, after=after, limit=limit)
+
+    async def sync(self, user: AuthUser, since: int, limit: int) -> tuple[list[Message], bool]:
+        return await self._messages.sync(user.cyphr_id, since, limit)
+
+    async def _own_message(self, user: AuthUser, message_id: str) -> Message:
+        message = await self._messages.by_id(message_id)
+        if message is None or await self._chats.membership(message.chat_id, user.cyphr_id) is None:
+            raise NotFound("No such message", code=MESSAGE_NOT_FOUND)
+        if message.sender_id != user.cyphr_id:
+            raise Forbidden("Only the sender may change a message", code=NOT_SENDER)
+        if message.deleted_at is not None:
+            raise Conflict("The message was deleted", code=MESSAGE_DELETED)
+        return message
+
+    async def edit(self, user: AuthUser, message_id: str, payload: str) -> Message:
+        message = await self._own_message(user, message_id)
+        if not await self._messages.edit(message, payload, now_ms(self._clock)):
+            raise Conflict("The message was deleted", code=MESSAGE_DELETED)
+        edited = await self._messages.by_id(message_id)
+        assert edited is not None
+        return edited
+
+    async def delete(self, user: AuthUser, message_id: str) -> Message:
+        message = await self._own_message(user, message_id)
+        if not await self._messages.delete(message, now_ms(self._clock)):
+            raise Conflict("The message was deleted", code=MESSAGE_DELETED)
+        deleted = await self._messages.by_id(message_id)
+        assert deleted is not None
+        return deleted
+
+    # -- chats and groups -----------------------------------------------
+
+    async def chats(self, user: AuthUser) -> list[ChatSummary]:
+        return await self._chats.chats_of(user.cyphr_id)
+
+    async def create_group(self, user: AuthUser, members: list[str], encrypted_name: str | None,
+                           encrypted_settings: str | None) -> str:
+        others = sorted(set(members) - {user.cyphr_id})
+        missing = [m for m in others if await self._identities.by_cyphr_id(m) is None]
+        if missing:
+            raise NotFound("No such user", code=USER_NOT_FOUND, details={"members": missing})
+        return await self._chats.create_group(user.cyphr_id, others, encrypted_name,
+                                              encrypted_settings, now_ms(self._clock))
+
+    async def _admin_of_group(self, user: AuthUser, chat_id: str) -> Membership:
+        membership = await self._member(user, chat_id)
+        if membership.chat.chat_type != "group":
+            raise BadRequest("Members of a direct chat cannot change", code=NOT_A_GROUP)
+        if membership.role != "admin":
+            raise Forbidden("Only an admin of the group may do this", code=NOT_ADMIN)
+        return membership
+
+    async def members(self, user: AuthUser, chat_id: str) -> list[Member]:
+        await self._member(user, chat_id)
+        return await self._chats.members(chat_id)
+
+    async def add_member(self, user: AuthUser, chat_id: str, cyphr_id: str) -> None:
+        await self._admin_of_group(user, chat_id)
+        await self._exists(cyphr_id)
+        try:
+            await self._chats.add_member(chat_id, cyphr_id, now_ms(self._clock))
+        except AlreadyMember:
+            raise Conflict("Already a member", code=ALREADY_MEMBER) from None
+
+    async def remove_member(self, user: AuthUser, chat_id: str, cyphr_id: str) -> None:
+        """An admin removes a member, or a member leaves."""
+        if cyphr_id == user.cyphr_id:
+            membership = await self._member(user, chat_id)
+            if membership.chat.chat_type != "group":
+                raise BadRequest("A direct chat cannot be left", code=NOT_A_GROUP)
+        else:
+            await self._admin_of_group(user, chat_id)
+        if not await self._chats.remove_member(chat_id, cyphr_id):
+            raise NotFound("Not a member of this chat", code=NOT_A_MEMBER)
+
+    async def set_role(self, user: AuthUser, chat_id: str, cyphr_id: str, role: str) -> None:
+        await self._admin_of_group(user, chat_id)
+        try:
+            changed = await self._chats.set_role(chat_id, cyphr_id, role)
+        except LastAdmin:
+            raise Conflict("A group keeps at least one admin", code=LAST_ADMIN) from None
+        if not changed:
+            raise NotFound("Not a member of this chat", code=NOT_A_MEMBER)

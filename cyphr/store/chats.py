@@ -1,0 +1,223 @@
+"""Chats, their members and roles, and what each member has read."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cyphr.db import Database, IntegrityError, Transaction
+
+_CHAT_COLUMNS = (
+    "c.id, c.chat_type, c.encrypted_name, c.encrypted_settings, c.created_by, c.created_at,"
+    " c.updated_at, c.last_message_at, c.last_seq"
+)
+
+
+@dataclass(frozen=True)
+class Chat:
+    id: str
+    chat_type: str
+    encrypted_name: str | None
+    encrypted_settings: str | None
+    created_by: str | None
+    created_at: int
+    updated_at: int
+    last_message_at: int | None
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class Membership:
+    chat: Chat
+    role: str
+
+
+@dataclass(frozen=True)
+class Member:
+    cyphr_id: str
+    role: str
+    joined_at: int
+
+
+@dataclass(frozen=True)
+class ChatSummary:
+    chat: Chat
+    role: str
+    participants: list[str]
+    unread: int
+
+
+class AlreadyMember(Exception):
+    pass
+
+
+class LastAdmin(Exception):
+    pass
+
+
+def direct_key(a: str, b: str) -> str:
+    return ":".join(sorted((a, b)))
+
+
+class ChatStore:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def direct_chat(self, a: str, b: str, now: int) -> str:
+        """The one direct chat between ``a`` and ``b``, created on first use.
+        The unique direct_key makes two first messages at once agree on one."""
+        key = direct_key(a, b)
+        rows = await self._db.run_query("SELECT id FROM chats WHERE direct_key = ?", (key,))
+        if rows:
+            return rows[0][0]
+        return await self._db.run_interaction("create_direct_chat", _direct_txn, a, b, key, now)
+
+    async def membership(self, chat_id: str, cyphr_id: str) -> Membership | None:
+        rows = await self._db.run_query(
+            "SELECT " + _CHAT_COLUMNS + ", p.role FROM chats c JOIN chat_participants p"
+            " ON p.chat_id = c.id WHERE c.id = ? AND p.user_id = ?", (chat_id, cyphr_id))
+        if not rows:
+            return None
+        return Membership(Chat(*rows[0][:9]), rows[0][9])
+
+    async def create_group(self, creator: str, members: list[str], encrypted_name: str | None,
+                           encrypted_settings: str | None, now: int) -> str:
+        return await self._db.run_interaction(
+            "create_group", _group_txn, creator, members, encrypted_name, encrypted_settings, now)
+
+    async def members(self, chat_id: str) -> list[Member]:
+        rows = await self._db.run_query(
+            "SELECT user_id, role, joined_at FROM chat_participants WHERE chat_id = ?"
+            " ORDER BY joined_at, user_id", (chat_id,))
+        return [Member(*row) for row in rows]
+
+    async def add_member(self, chat_id: str, cyphr_id: str, now: int) -> None:
+        try:
+            await self._db.run_operation(
+                "INSERT INTO chat_participants (chat_id, user_id, role, joined_at, read_up_to_seq,"
+                " delivered_up_to_seq) SELECT ?, ?, 'member', ?, last_seq, last_seq"
+                " FROM chats WHERE id = ?", (chat_id, cyphr_id, now, chat_id))
+        except IntegrityError:
+            raise AlreadyMember() from None
+
+    async def remove_member(self, chat_id: str, cyphr_id: str) -> bool:
+        """Remove a member; answer False if it was none. The last admin's
+        role passes to the oldest remaining member; an empty chat goes."""
+        return await self._db.run_interaction("remove_member", _remove_txn, chat_id, cyphr_id)
+
+    async def set_role(self, chat_id: str, cyphr_id: str, role: str) -> bool:
+        """Answer False if ``cyphr_id`` is no member; LastAdmin if this would
+        leave the group without an admin."""
+        return await self._db.run_interaction("set_role", _role_txn, chat_id, cyphr_id, role)
+
+    async def chats_of(self, cyphr_id: str) -> list[ChatSummary]:
+        """The member's chats, most recently active first, with their members
+        and how many messages of others it has not read."""
+        rows = await self._db.run_query(
+            "SELECT " + _CHAT_COLUMNS + ", p.role,"
+            " (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id AND m.seq > p.read_up_to_seq"
+            "  AND m.sender_id <> p.user_id AND m.deleted_at IS NULL)"
+            " FROM chat_participants p JOIN chats c ON c.id = p.chat_id WHERE p.user_id = ?"
+            " ORDER BY COALESCE(c.last_message_at, c.created_at) DESC, c.id", (cyphr_id,))
+        if not rows:
+            return []
+        members = await self._db.run_query(
+            "SELECT chat_id, user_id FROM chat_participants WHERE chat_id IN"
+            " (SELECT chat_id FROM chat_participants WHERE user_id = ?) ORDER BY joined_at, user_id",
+            (cyphr_id,))
+        by_chat: dict[str, list[str]] = {}
+        for chat_id, user in members:
+            by_chat.setdefault(chat_id, []).append(user)
+        return [ChatSummary(Chat(*row[:9]), row[9], by_chat.get(row[0], []), row[10]) for row in rows]
+
+    async def mark_read(self, chat_id: str, cyphr_id: str, up_to_seq: int) -> None:
+        """The member has read the chat up to ``up_to_seq`` (never moves back)."""
+        await self._db.run_operation(
+            "UPDATE chat_participants SET read_up_to_seq = ?,"
+            " delivered_up_to_seq = CASE WHEN delivered_up_to_seq < ? THEN ? ELSE delivered_up_to_seq END"
+            " WHERE chat_id = ? AND user_id = ? AND read_up_to_seq < ?",
+            (up_to_seq, up_to_seq, up_to_seq, chat_id, cyphr_id, up_to_seq))
+
+    async def mark_delivered(self, chat_id: str, message_id: str, cyphr_id: str, now: int) -> None:
+        await self._db.run_operation(
+            "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (chat_id, message_id, user_id) DO NOTHING", (chat_id, message_id, cyphr_id, now))
+
+    async def mark_message_read(self, chat_id: str, message_id: str, cyphr_id: str, now: int) -> None:
+        await self._db.run_operation(
+            "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at, read_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (chat_id, message_id, user_id) DO UPDATE"
+            " SET read_at = COALESCE(message_receipts.read_at, excluded.read_at),"
+            " delivered_at = COALESCE(message_receipts.delivered_at, excluded.delivered_at)",
+            (chat_id, message_id, cyphr_id, now, now))
+
+
+async def _direct_txn(txn: Transaction, a: str, b: str, key: str, now: int) -> str:
+    chat_id = str(uuid.uuid4())
+    await txn.execute(
+        "INSERT INTO chats (id, chat_type, direct_key, created_by, created_at, updated_at)"
+        " VALUES (?, 'direct', ?, ?, ?, ?) ON CONFLICT (direct_key) DO NOTHING",
+        (chat_id, key, a, now, now))
+    if txn.rowcount == 1:
+        for member in sorted({a, b}):
+            await txn.execute(
+                "INSERT INTO chat_participants (chat_id, user_id, role, joined_at) VALUES (?, ?, 'member', ?)",
+                (chat_id, member, now))
+        return chat_id
+    # The other side created it a moment ago.
+    return (await txn.execute("SELECT id FROM chats WHERE direct_key = ?", (key,)))[0][0]
+
+
+async def _group_txn(txn: Transaction, creator: str, members: list[str], encrypted_name: str | None,
+                     encrypted_settings: str | None, now: int) -> str:
+    chat_id = str(uuid.uuid4())
+    await txn.execute(
+        "INSERT INTO chats (id, chat_type, encrypted_name, encrypted_settings, created_by, created_at,"
+        " updated_at) VALUES (?, 'group', ?, ?, ?, ?, ?)",
+        (chat_id, encrypted_name, encrypted_settings, creator, now, now))
+    values: list[Any] = [chat_id, creator, "admin", now]
+    for member in members:
+        values += [chat_id, member, "member", now]
+    await txn.execute(
+        "INSERT INTO chat_participants (chat_id, user_id, role, joined_at) VALUES "
+        + ", ".join("(?, ?, ?, ?)" for _ in range(len(members) + 1)), values)
+    return chat_id
+
+
+async def _promote_if_adminless(txn: Transaction, chat_id: str) -> None:
+    admins = await txn.execute(
+        "SELECT COUNT(*) FROM chat_participants WHERE chat_id = ? AND role = 'admin'", (chat_id,))
+    if admins[0][0] == 0:
+        await txn.execute(
+            "UPDATE chat_participants SET role = 'admin' WHERE chat_id = ? AND user_id ="
+            " (SELECT user_id FROM chat_participants WHERE chat_id = ? ORDER BY joined_at, user_id LIMIT 1)",
+            (chat_id, chat_id))
+
+
+async def _remove_txn(txn: Transaction, chat_id: str, cyphr_id: str) -> bool:
+    # Lock the chat row: concurrent removals of its members take turns, so
+    # two admins leaving at once cannot both think the other one stays.
+    await txn.execute("UPDATE chats SET updated_at = updated_at WHERE id = ?", (chat_id,))
+    await txn.execute("DELETE FROM chat_participants WHERE chat_id = ? AND user_id = ?", (chat_id, cyphr_id))
+    if txn.rowcount != 1:
+        return False
+    remaining = await txn.execute("SELECT COUNT(*) FROM chat_participants WHERE chat_id = ?", (chat_id,))
+    if remaining[0][0] == 0:
+        await txn.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+    else:
+        await _promote_if_adminless(txn, chat_id)
+    return True
+
+
+async def _role_txn(txn: Transaction, chat_id: str, cyphr_id: str, role: str) -> bool:
+    await txn.execute("UPDATE chats SET updated_at = updated_at WHERE id = ?", (chat_id,))
+    await txn.execute("UPDATE chat_participants SET role = ? WHERE chat_id = ? AND user_id = ?",
+                      (role, chat_id, cyphr_id))
+    if txn.rowcount != 1:
+        return False
+    admins = await txn.execute(
+        "SELECT COUNT(*) FROM chat_participants WHERE chat_id = ? AND role = 'admin'", (chat_id,))
+    if admins[0][0] == 0:
+        raise LastAdmin()
+    return True

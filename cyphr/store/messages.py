@@ -1,0 +1,203 @@
+"""Encrypted messages: stored in batches, read by page or by stream position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cyphr.db import Database, Transaction
+
+_COLUMNS = (
+    "m.id, m.chat_id, m.seq, m.sender_id, m.encrypted_content, m.message_type,"
+    " m.client_message_id, m.created_at, m.edited_at, m.deleted_at, m.stream_position"
+)
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    chat_id: str
+    seq: int
+    sender_id: str
+    payload: str | None  # the encryptedPayload JSON text; None once deleted
+    message_type: str
+    client_message_id: str | None
+    created_at: int
+    edited_at: int | None
+    deleted_at: int | None
+    stream_position: int
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message on its way in: everything but its seq and stream position."""
+
+    id: str
+    chat_id: str
+    sender_id: str
+    payload: str
+    message_type: str
+    client_message_id: str | None
+    created_at: int
+
+
+class NotAMember(Exception):
+    """The sender is not (or no longer) a member of the chat."""
+
+
+class MessageStore:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def store_batch(self, items: list[Outgoing]) -> list[Message | NotAMember]:
+        """
+        Store ``items`` in one transaction and answer, for each, its stored
+        message or NotAMember. A resent clientMessageId answers the message
+        first stored under it. Raises only for the whole batch (the database
+        failed, or a concurrent writer made a constraint refuse it): the
+        caller then decides what to retry.
+        """
+        return await self._db.run_interaction("store_messages", _store_batch_txn, items)
+
+    async def history(self, chat_id: str, *, before: int | None, after: int | None,
+                      limit: int) -> tuple[list[Message], bool]:
+        """A page of the chat in ascending seq, and whether more lie further
+        in that direction: after ``after``, before ``before``, or the latest."""
+        if after is not None:
+            rows = await self._db.run_query(
+                "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id = ? AND m.seq > ?"
+                " ORDER BY m.seq LIMIT ?", (chat_id, after, limit + 1))
+            page = [Message(*row) for row in rows]
+            return page[:limit], len(page) > limit
+        if before is not None:
+            rows = await self._db.run_query(
+                "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id = ? AND m.seq < ?"
+                " ORDER BY m.seq DESC LIMIT ?", (chat_id, before, limit + 1))
+        else:
+            rows = await self._db.run_query(
+                "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id = ?"
+                " ORDER BY m.seq DESC LIMIT ?", (chat_id, limit + 1))
+        page = [Message(*row) for row in rows]
+        return list(reversed(page[:limit])), len(page) > limit
+
+    async def sync(self, cyphr_id: str, since: int, limit: int) -> tuple[list[Message], bool]:
+        """Messages of the member's chats past stream position ``since``, in
+        stream order (see schema 004 for why no message is ever skipped)."""
+        rows = await self._db.run_query(
+            "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id IN"
+            " (SELECT chat_id FROM chat_participants WHERE user_id = ?)"
+            " AND m.stream_position > ? ORDER BY m.stream_position LIMIT ?",
+            (cyphr_id, since, limit + 1))
+        page = [Message(*row) for row in rows]
+        return page[:limit], len(page) > limit
+
+    async def by_id(self, message_id: str) -> Message | None:
+        rows = await self._db.run_query("SELECT " + _COLUMNS + " FROM messages m WHERE m.id = ?",
+                                        (message_id,))
+        return Message(*rows[0]) if rows else None
+
+    async def edit(self, message: Message, payload: str, now: int) -> bool:
+        return await self._db.run_operation(
+            "UPDATE messages SET encrypted_content = ?, edited_at = ?"
+            " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL",
+            (payload, now, message.chat_id, message.seq)) == 1
+
+    async def delete(self, message: Message, now: int) -> bool:
+        """Erase the blob, keep a tombstone (id, seq, sender, times)."""
+        return await self._db.run_operation(
+            "UPDATE messages SET encrypted_content = NULL, deleted_at = ?"
+            " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL",
+            (now, message.chat_id, message.seq)) == 1
+
+    async def purge_older_than(self, cutoff: int, batch: int) -> int:
+        """Delete up to ``batch`` messages created before ``cutoff``, with
+        their receipts; answer how many."""
+        return await self._db.run_interaction("purge_messages", _purge_txn, cutoff, batch)
+
+
+async def _store_batch_txn(txn: Transaction, items: list[Outgoing]) -> list[Message | NotAMember]:
+    results: list[Message | NotAMember | None] = [None] * len(items)
+
+    # Who may write where, in one query.
+    pairs = sorted({(item.chat_id, item.sender_id) for item in items})
+    rows = await txn.execute(
+        "SELECT chat_id, user_id FROM chat_participants WHERE "
+        + " OR ".join("(chat_id = ? AND user_id = ?)" for _ in pairs),
+        [value for pair in pairs for value in pair])
+    members = set(rows)
+
+    # Resends: a clientMessageId already stored, or twice in this batch.
+    keyed = [(i, item) for i, item in enumerate(items)
+             if item.client_message_id is not None and (item.chat_id, item.sender_id) in members]
+    existing: dict[tuple[str, str, str], Message] = {}
+    if keyed:
+        rows = await txn.execute(
+            "SELECT " + _COLUMNS + " FROM messages m WHERE "
+            + " OR ".join("(m.chat_id = ? AND m.sender_id = ? AND m.client_message_id = ?)" for _ in keyed),
+            [v for _, item in keyed for v in (item.chat_id, item.sender_id, item.client_message_id)])
+        for row in rows:
+            message = Message(*row)
+            existing[(message.chat_id, message.sender_id, message.client_message_id or "")] = message
+
+    new: list[tuple[int, Outgoing]] = []
+    first_of_key: dict[tuple[str, str, str], int] = {}
+    for i, item in enumerate(items):
+        if (item.chat_id, item.sender_id) not in members:
+            results[i] = NotAMember()
+            continue
+        if item.client_message_id is not None:
+            key = (item.chat_id, item.sender_id, item.client_message_id)
+            if key in existing:
+                results[i] = existing[key]
+                continue
+            if key in first_of_key:
+                continue  # answered below with the first one's message
+            first_of_key[key] = i
+        new.append((i, item))
+
+    if new:
+        # Positions first: this row lock orders the commits (schema 004).
+        end = (await txn.execute(
+            "UPDATE message_stream SET last_position = last_position + ? WHERE id = 1"
+            " RETURNING last_position", (len(new),)))[0][0]
+        positions = range(end - len(new) + 1, end + 1)
+        per_chat: dict[str, list[int]] = {}
+        for n, (i, item) in enumerate(new):
+            per_chat.setdefault(item.chat_id, []).append(n)
+        seqs: dict[int, int] = {}
+        for chat_id in sorted(per_chat):
+            indexes = per_chat[chat_id]
+            last_at = max(new[n][1].created_at for n in indexes)
+            last = (await txn.execute(
+                "UPDATE chats SET last_seq = last_seq + ?, last_message_at = ?, updated_at = ?"
+                " WHERE id = ? RETURNING last_seq", (len(indexes), last_at, last_at, chat_id)))[0][0]
+            for offset, n in enumerate(indexes):
+                seqs[n] = last - len(indexes) + 1 + offset
+        values: list[Any] = []
+        for n, (i, item) in enumerate(new):
+            values += [item.chat_id, seqs[n], item.id, item.sender_id, item.payload, item.message_type,
+                       item.client_message_id, item.created_at, positions[n]]
+            results[i] = Message(item.id, item.chat_id, seqs[n], item.sender_id, item.payload,
+                                 item.message_type, item.client_message_id, item.created_at, None,
+                                 None, positions[n])
+        # One multi-row statement for the whole batch.
+        await txn.execute(
+            "INSERT INTO messages (chat_id, seq, id, sender_id, encrypted_content, message_type,"
+            " client_message_id, created_at, stream_position) VALUES "
+            + ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in new), values)
+
+    for i, item in enumerate(items):
+        if results[i] is None:  # a resend within the batch
+            key = (item.chat_id, item.sender_id, item.client_message_id or "")
+            results[i] = results[first_of_key[key]]
+    return [r for r in results if r is not None]
+
+
+async def _purge_txn(txn: Transaction, cutoff: int, batch: int) -> int:
+    rows = await txn.execute("SELECT id FROM messages WHERE created_at < ? LIMIT ?", (cutoff, batch))
+    if rows:
+        ids = [row[0] for row in rows]
+        marks = ", ".join("?" for _ in ids)
+        await txn.execute("DELETE FROM message_receipts WHERE message_id IN (" + marks + ")", ids)
+        await txn.execute("DELETE FROM messages WHERE id IN (" + marks + ")", ids)
+    return len(rows)

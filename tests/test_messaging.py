@@ -1,0 +1,340 @@
+"""Chats and messages over REST, on both engines: sending with group commit,
+history, sync, edits, groups and roles, receipts and retention."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.trial.unittest import TestCase
+
+from cyphr.store.messages import NotAMember, Outgoing
+from tests.helpers import InProcessHTTP, PostgresMixin, Response, SQLiteMixin, fixed_clock, start_server
+from tests.users import User
+
+PAYLOAD = {"kyberCiphertext": "AAAA", "encryptedMessage": "QUJD", "nonce": "bm9uY2U=", "tag": "dGFn",
+           "v": 2, "nested": {"list": [1, 2.5, "é", None, True]}}
+
+
+class MessagingTestsMixin:
+    async def setUp(self) -> None:
+        self.clock = fixed_clock()
+        self.server = await start_server(self, clock=self.clock, rate_limit_send=(100_000, 1))
+        self.http = InProcessHTTP.for_server(self.server)
+        self.alice, self.bob, self.carol = User("alice"), User("bob"), User("carol")
+        for user in (self.alice, self.bob, self.carol):
+            await user.register(self.http)
+
+    async def send(self, user: User, payload: Any = PAYLOAD, **fields: Any) -> Response:
+        return await self.http.post("/api/messaging/send", {"encryptedPayload": payload, **fields},
+                                    headers=user.auth())
+
+    async def sent(self, user: User, **fields: Any) -> dict[str, Any]:
+        response = await self.send(user, **fields)
+        self.assertEqual(response.code, 201, response.body)
+        return response.json()
+
+    async def get(self, user: User, path: str) -> Response:
+        return await self.http.get(path, headers=user.auth())
+
+    def assertError(self, response: Response, status: int, code: str) -> None:
+        self.assertEqual((response.code, response.json().get("code")), (status, code), response.body)
+
+    async def group(self, admin: User, *members: User) -> str:
+        response = await self.http.post("/api/messaging/create-group", {
+            "encryptedName": "bmFtZQ==", "members": [m.cyphr_id for m in members]}, headers=admin.auth())
+        self.assertEqual(response.code, 201, response.body)
+        return response.json()["chatId"]
+
+    async def count_messages(self) -> int:
+        return (await self.server.database.run_query("SELECT COUNT(*) FROM messages"))[0][0]
+
+    # -- direct chats -----------------------------------------------------------
+
+    async def test_direct_flow(self) -> None:
+        """A first message creates the direct chat; seq grows by one; the payload
+        comes back exactly as sent; both sides see the chat with their unread counts."""
+        first = await self.sent(self.alice, recipientId="bob")
+        self.assertEqual((first["seq"], first["timestamp"]), (1, "2026-09-21T14:13:20.000Z"))
+        second = await self.sent(self.alice, recipientId="bob", messageType="image")
+        self.assertEqual((second["seq"], second["chatId"]), (2, first["chatId"]))
+        reply = await self.sent(self.bob, chatId=first["chatId"], payload={"x": "y"})
+        self.assertEqual(reply["seq"], 3)
+
+        history = (await self.get(self.bob, f"/api/messaging/chat/{first['chatId']}")).json()
+        self.assertEqual([m["seq"] for m in history["messages"]], [1, 2, 3])
+        self.assertFalse(history["hasMore"])
+        message = history["messages"][0]
+        self.assertEqual(message["encryptedPayload"], PAYLOAD)
+        self.assertEqual((message["id"], message["senderId"], message["messageType"], message["chatId"]),
+                         (first["messageId"], "alice", "text", first["chatId"]))
+        self.assertEqual(set(message), {"id", "chatId", "seq", "senderId", "encryptedPayload", "messageType",
+                                        "clientMessageId", "timestamp", "editedAt", "deletedAt"})
+        self.assertEqual(history["messages"][1]["messageType"], "image")
+
+        for user, unread in ((self.alice, 1), (self.bob, 2)):
+            chats = (await self.get(user, "/api/messaging/chats")).json()["chats"]
+            self.assertEqual(len(chats), 1)
+            self.assertEqual((chats[0]["chatId"], chats[0]["chatType"], chats[0]["role"], chats[0]["unreadCount"]),
+                             (first["chatId"], "direct", "member", unread))
+            self.assertEqual(sorted(chats[0]["participants"]), ["alice", "bob"])
+        self.assertEqual((await self.get(self.carol, "/api/messaging/chats")).json()["chats"], [])
+
+    async def test_one_direct_chat_per_pair(self) -> None:
+        """Both sides sending their first message at once get one chat between them."""
+        results = await gatherResults([
+            Deferred.fromCoroutine(self.sent(self.alice, recipientId="bob")),
+            Deferred.fromCoroutine(self.sent(self.bob, recipientId="alice")),
+            Deferred.fromCoroutine(self.sent(self.alice, recipientId="bob")),
+        ])
+        self.assertEqual(len({r["chatId"] for r in results}), 1)
+        self.assertEqual(sorted(r["seq"] for r in results), [1, 2, 3])
+        rows = await self.server.database.run_query("SELECT COUNT(*) FROM chats")
+        self.assertEqual(rows, [(1,)])
+
+    async def test_bad_sends(self) -> None:
+        """Bad sends are refused with the right code and store nothing."""
+        chat = (await self.sent(self.alice, recipientId="bob"))["chatId"]
+        before = await self.count_messages()
+        cases = [
+            ({"recipientId": "bob", "payload": "text"}, 400, "INVALID_FIELD"),
+            ({"recipientId": "bob", "payload": [1]}, 400, "INVALID_FIELD"),
+            ({"recipientId": "bob", "messageType": "sticker"}, 400, "INVALID_FIELD"),
+            ({"recipientId": "bob", "chatId": chat}, 400, "MISSING_FIELD"),
+            ({}, 400, "MISSING_FIELD"),
+            ({"recipientId": "nobody"}, 404, "USER_NOT_FOUND"),
+            ({"recipientId": "Bob"}, 400, "INVALID_CYPHR_ID"),
+            ({"chatId": "not-a-uuid"}, 400, "INVALID_FIELD"),
+            ({"chatId": str(uuid.uuid4())}, 404, "CHAT_NOT_FOUND"),
+            ({"recipientId": "bob", "clientMessageId": ""}, 400, "INVALID_FIELD"),
+            ({"recipientId": "bob", "clientMessageId": "x" * 129}, 400, "INVALID_FIELD"),
+            ({"recipientId": "bob", "payload": {"big": "x" * (1024 * 1024)}}, 413, "PAYLOAD_TOO_LARGE"),
+        ]
+        for fields, status, code in cases:
+            payload = fields.pop("payload", PAYLOAD)
+            self.assertError(await self.send(self.alice, payload, **fields), status, code)
+        # A stranger cannot write into the chat.
+        self.assertError(await self.send(self.carol, chatId=chat), 404, "CHAT_NOT_FOUND")
+        self.assertEqual(await self.count_messages(), before)
+
+    async def test_client_message_id(self) -> None:
+        """The same clientMessageId from the same sender returns the first message,
+        also when the resends race; it stores nothing new."""
+        first = await self.sent(self.alice, recipientId="bob", clientMessageId="m-1")
+        again = await self.sent(self.alice, recipientId="bob", clientMessageId="m-1", payload={"other": 1})
+        self.assertEqual((again["messageId"], again["seq"]), (first["messageId"], first["seq"]))
+        racing = await gatherResults([
+            Deferred.fromCoroutine(self.sent(self.alice, recipientId="bob", clientMessageId="m-2"))
+            for _ in range(10)])
+        self.assertEqual(len({r["messageId"] for r in racing}), 1)
+        other = await self.sent(self.bob, recipientId="alice", clientMessageId="m-1")
+        self.assertNotEqual(other["messageId"], first["messageId"])
+        self.assertEqual(await self.count_messages(), 3)
+
+    # -- group commit -----------------------------------------------------------
+
+    async def test_concurrent_sends(self) -> None:
+        """200 sends at once into one group from several users get seq 1..200,
+        each exactly once, written in batches."""
+        chat = await self.group(self.alice, self.bob, self.carol)
+        senders = [self.alice, self.bob, self.carol]
+        results = await gatherResults([
+            Deferred.fromCoroutine(self.sent(senders[n % 3], chatId=chat, clientMessageId=f"c{n}"))
+            for n in range(200)])
+        self.assertEqual(sorted(r["seq"] for r in results), list(range(1, 201)))
+        rows = await self.server.database.run_query(
+            "SELECT seq, client_message_id FROM messages WHERE chat_id = ? ORDER BY seq", (chat,))
+        self.assertEqual([r[0] for r in rows], list(range(1, 201)))
+        self.assertEqual(len({r[1] for r in rows}), 200)
+        self.assertGreater(max(self.server.batcher.batch_sizes), 1)
+
+    async def test_batch_failures_stay_apart(self) -> None:
+        """In one batch, a message to a chat its sender was removed from, and one
+        the database refuses, fail on their own; the others are stored."""
+        chat = await self.group(self.alice, self.bob, self.carol)
+        await self.http.request("DELETE", f"/api/chats/{chat}/members/carol", headers=self.alice.auth())
+
+        def outgoing(sender: str, message_type: str = "text") -> Outgoing:
+            return Outgoing(str(uuid.uuid4()), chat, sender, "{}", message_type, None, 0)
+
+        batcher = self.server.batcher
+        items = [outgoing("alice"), outgoing("carol"), outgoing("bob"), outgoing("bob", "bogus"),
+                 outgoing("alice")]
+        outcomes = await gatherResults(
+            [batcher.submit(item).addErrback(lambda f: f.value) for item in items])
+        self.assertIsInstance(outcomes[1], NotAMember)
+        self.assertIsInstance(outcomes[3], Exception)
+        self.assertEqual(sorted(o.seq for o in (outcomes[0], outcomes[2], outcomes[4])), [1, 2, 3])
+        self.assertEqual([o.sender_id for o in (outcomes[0], outcomes[2], outcomes[4])],
+                         ["alice", "bob", "alice"])
+        self.flushLoggedErrors()
+
+    # -- history ------------------------------------------------------------------
+
+    async def test_pagination(self) -> None:
+        """The latest page, the page before a seq and after a seq, with hasMore at the edges."""
+        chat = await self.group(self.alice, self.bob)
+        empty = (await self.get(self.alice, f"/api/messaging/chat/{chat}")).json()
+        self.assertEqual((empty["messages"], empty["hasMore"]), ([], False))
+        for _ in range(7):
+            await self.sent(self.alice, chatId=chat)
+
+        async def page(query: str) -> tuple[list[int], bool]:
+            body = (await self.get(self.bob, f"/api/messaging/chat/{chat}?{query}")).json()
+            return [m["seq"] for m in body["messages"]], body["hasMore"]
+
+        self.assertEqual(await page("limit=3"), ([5, 6, 7], True))
+        self.assertEqual(await page("limit=3&before=5"), ([2, 3, 4], True))
+        self.assertEqual(await page("limit=3&before=4"), ([1, 2, 3], False))
+        self.assertEqual(await page("limit=3&before=2"), ([1], False))
+        self.assertEqual(await page("limit=3&after=4"), ([5, 6, 7], False))
+        self.assertEqual(await page("limit=2&after=3"), ([4, 5], True))
+        self.assertEqual(await page("after=7"), ([], False))
+        self.assertEqual(await page("limit=7"), ([1, 2, 3, 4, 5, 6, 7], False))
+        for query in ("before=3&after=1", "limit=0", "limit=201", "before=x", "after=-1"):
+            self.assertError(await self.get(self.bob, f"/api/messaging/chat/{chat}?{query}"), 400, "INVALID_QUERY")
+        self.assertError(await self.get(self.carol, f"/api/messaging/chat/{chat}"), 404, "CHAT_NOT_FOUND")
+        self.assertError(await self.get(self.bob, "/api/messaging/chat/nope"), 404, "CHAT_NOT_FOUND")
+
+    # -- sync ---------------------------------------------------------------------
+
+    async def test_sync_across_chats(self) -> None:
+        """Sync hands out every message of the caller's chats once, oldest first,
+        page by page, also while messages are written between pages."""
+        direct = (await self.sent(self.bob, recipientId="alice"))["chatId"]
+        group = await self.group(self.carol, self.alice, self.bob)
+        elsewhere = (await self.sent(self.bob, recipientId="carol"))["chatId"]
+        seen: list[str] = []
+        cursor = 0
+        for _ in range(6):
+            writes = [Deferred.fromCoroutine(self.sent(sender, chatId=chat))
+                      for sender, chat in ((self.bob, direct), (self.carol, group), (self.alice, group),
+                                           (self.carol, elsewhere))]
+            body = (await self.get(self.alice, f"/api/messaging/sync?since={cursor}&limit=3")).json()
+            await gatherResults(writes)
+            seen += [m["id"] for m in body["messages"]]
+            cursor = body["cursor"]
+        while True:
+            body = (await self.get(self.alice, f"/api/messaging/sync?since={cursor}&limit=4")).json()
+            seen += [m["id"] for m in body["messages"]]
+            cursor = body["cursor"]
+            if not body["hasMore"]:
+                break
+        rows = await self.server.database.run_query(
+            "SELECT id FROM messages WHERE chat_id IN (?, ?) ORDER BY stream_position", (direct, group))
+        self.assertEqual(seen, [row[0] for row in rows])
+        self.assertEqual(len(seen), 1 + 6 * 3)
+        end = (await self.get(self.alice, f"/api/messaging/sync?since={cursor}")).json()
+        self.assertEqual((end["messages"], end["cursor"], end["hasMore"]), ([], cursor, False))
+
+    # -- edits and deletions ------------------------------------------------------
+
+    async def test_edit_and_delete(self) -> None:
+        """Only the sender edits or deletes; deletion erases the blob and keeps a tombstone."""
+        sent = await self.sent(self.alice, recipientId="bob")
+        path = f"/api/messaging/message/{sent['messageId']}"
+        self.clock.advance(5)
+        edited = await self.http.request("PUT", path, data=json.dumps({"encryptedPayload": {"v": 3}}).encode(),
+                                         headers={**self.alice.auth(), b"Content-Type": [b"application/json"]})
+        message = edited.json()["message"]
+        self.assertEqual((message["encryptedPayload"], message["editedAt"]), ({"v": 3}, "2026-09-21T14:13:25.000Z"))
+        not_sender = await self.http.request("PUT", path, data=json.dumps({"encryptedPayload": {}}).encode(),
+                                             headers={**self.bob.auth(), b"Content-Type": [b"application/json"]})
+        self.assertError(not_sender, 403, "NOT_SENDER")
+        self.assertError(await self.http.request("DELETE", path, headers=self.carol.auth()), 404, "MESSAGE_NOT_FOUND")
+        deleted = (await self.http.request("DELETE", path, headers=self.alice.auth())).json()["message"]
+        self.assertEqual((deleted["encryptedPayload"], deleted["deletedAt"]), (None, "2026-09-21T14:13:25.000Z"))
+        rows = await self.server.database.run_query("SELECT encrypted_content FROM messages")
+        self.assertEqual(rows, [(None,)])
+        self.assertError(await self.http.request("DELETE", path, headers=self.alice.auth()), 409, "MESSAGE_DELETED")
+        history = (await self.get(self.bob, f"/api/messaging/chat/{sent['chatId']}")).json()["messages"]
+        self.assertEqual((history[0]["id"], history[0]["encryptedPayload"]), (sent["messageId"], None))
+
+    # -- groups and roles -----------------------------------------------------------
+
+    async def test_groups_and_roles(self) -> None:
+        """The creator is admin; only admins add, remove and change roles; members
+        leave; the last admin leaving hands admin to the oldest member."""
+        dave = User("dave")
+        await dave.register(self.http)
+        missing = await self.http.post("/api/messaging/create-group", {"members": ["bob", "nobody"]},
+                                       headers=self.alice.auth())
+        self.assertError(missing, 404, "USER_NOT_FOUND")
+        chat = await self.group(self.alice, self.bob)
+        base = f"/api/chats/{chat}/members"
+        members = (await self.get(self.bob, base)).json()["members"]
+        self.assertEqual([(m["cyphrId"], m["role"]) for m in members], [("alice", "admin"), ("bob", "member")])
+
+        self.assertError(await self.http.post(f"{base}/carol", headers=self.bob.auth()), 403, "NOT_ADMIN")
+        self.assertError(await self.http.post(f"{base}/carol", headers=self.carol.auth()), 404, "CHAT_NOT_FOUND")
+        self.assertError(await self.get(self.carol, base), 404, "CHAT_NOT_FOUND")
+        self.clock.advance(1)
+        self.assertEqual((await self.http.post(f"{base}/carol", headers=self.alice.auth())).code, 200)
+        self.assertError(await self.http.post(f"{base}/carol", headers=self.alice.auth()), 409, "ALREADY_MEMBER")
+        self.assertError(await self.http.post(f"{base}/nobody", headers=self.alice.auth()), 404, "USER_NOT_FOUND")
+        self.clock.advance(1)
+        await self.http.post(f"{base}/dave", headers=self.alice.auth())
+
+        role = f"{base}/alice/role"
+        self.assertError(await self.http.request("PUT", role, data=b'{"role": "member"}',
+                                                 headers={**self.alice.auth(), b"Content-Type": [b"application/json"]}),
+                         409, "LAST_ADMIN")
+        self.assertError(await self.http.request("DELETE", f"{base}/carol", headers=self.bob.auth()), 403, "NOT_ADMIN")
+
+        # Removed: no reading, no writing from that moment.
+        await self.sent(dave, chatId=chat)
+        self.assertEqual((await self.http.request("DELETE", f"{base}/dave", headers=self.alice.auth())).code, 200)
+        self.assertError(await self.get(dave, f"/api/messaging/chat/{chat}"), 404, "CHAT_NOT_FOUND")
+        self.assertError(await self.send(dave, chatId=chat), 404, "CHAT_NOT_FOUND")
+        self.assertEqual((await self.get(dave, "/api/messaging/sync")).json()["messages"], [])
+
+        # The last admin leaves: bob, the oldest remaining member, takes over.
+        self.assertEqual((await self.http.request("DELETE", f"{base}/alice", headers=self.alice.auth())).code, 200)
+        members = (await self.get(self.bob, base)).json()["members"]
+        self.assertEqual([(m["cyphrId"], m["role"]) for m in members], [("bob", "admin"), ("carol", "member")])
+        response = await self.http.request("PUT", f"{base}/carol/role", data=b'{"role": "admin"}',
+                                           headers={**self.bob.auth(), b"Content-Type": [b"application/json"]})
+        self.assertEqual(response.code, 200)
+        direct = (await self.sent(self.bob, recipientId="carol"))["chatId"]
+        self.assertError(await self.http.post(f"/api/chats/{direct}/members/alice", headers=self.bob.auth()),
+                         400, "NOT_A_GROUP")
+
+    # -- receipts and retention ------------------------------------------------------
+
+    async def test_unread_follows_read_receipts(self) -> None:
+        """unreadCount counts others' messages past what the member has read."""
+        chat = (await self.sent(self.alice, recipientId="bob"))["chatId"]
+        for _ in range(3):
+            await self.sent(self.alice, chatId=chat)
+        from cyphr.store.chats import ChatStore
+        store = ChatStore(self.server.database)
+        await store.mark_read(chat, "bob", 3)
+        await store.mark_read(chat, "bob", 1)  # never moves back
+        chats = (await self.get(self.bob, "/api/messaging/chats")).json()["chats"]
+        self.assertEqual(chats[0]["unreadCount"], 1)
+
+    async def test_retention(self) -> None:
+        """With a retention period, the periodic job deletes older messages only."""
+        chat = (await self.sent(self.alice, recipientId="bob"))["chatId"]
+        self.clock.advance(2 * 86400)
+        recent = await self.sent(self.alice, chatId=chat)
+        from cyphr.handlers.maintenance import Maintenance
+        from cyphr.store.challenges import ChallengeStore
+        from cyphr.store.messages import MessageStore
+        from cyphr.store.tokens import TokenStore
+        db = self.server.database
+        await Maintenance(ChallengeStore(db), TokenStore(db), MessageStore(db), 1, self.clock).run()
+        rows = await db.run_query("SELECT id FROM messages")
+        self.assertEqual(rows, [(recent["messageId"],)])
+        await Maintenance(ChallengeStore(db), TokenStore(db), MessageStore(db), 0, self.clock).run()
+        self.assertEqual(len(await db.run_query("SELECT id FROM messages")), 1)
+
+
+class SQLiteMessagingTests(SQLiteMixin, MessagingTestsMixin, TestCase):
+    pass
+
+
+class PostgresMessagingTests(PostgresMixin, MessagingTestsMixin, TestCase):
+    pass
