@@ -1,0 +1,169 @@
+"""
+What the HTTP benchmarks share: keep-alive HTTP/1.1 connections on asyncio,
+and Cyphr server processes on a throwaway PostgreSQL cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests import postgres  # noqa: E402
+from tests.users import User  # noqa: E402
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection, JSON in and out."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode()
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n{auth}"
+            f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length, chunked = 0, False
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "transfer-encoding" and "chunked" in value:
+                chunked = True
+        if chunked:
+            payload = b""
+            while True:
+                size = int((await self.reader.readline()).strip(), 16)
+                if size == 0:
+                    await self.reader.readline()
+                    break
+                payload += await self.reader.readexactly(size)
+                await self.reader.readline()
+        else:
+            payload = await self.reader.readexactly(length)
+        return status, json.loads(payload)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            conn = await Connection.open(port)
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        conn.writer.write(b"GET /api/health HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        answer = await conn.reader.read()
+        conn.close()
+        if b" 200 " in answer.split(b"\r\n", 1)[0]:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError("the server did not become ready")
+
+
+async def register(port: int, user: User) -> str:
+    """Register ``user``; its session token."""
+    conn = await Connection.open(port)
+    try:
+        _, challenge = await conn.post("/api/cyphr-id/challenge", {"cyphrId": user.cyphr_id})
+        raw = base64.b64decode(challenge["challenge"])
+        status, body = await conn.post("/api/cyphr-id/register", {
+            "cyphrId": user.cyphr_id,
+            "publicKey": base64.b64encode(user.public_key).decode(),
+            "kyberPublicKey": base64.b64encode(user.kyber_key).decode(),
+            "kyberKeySignature": user.kyber_signature(),
+            "deviceFingerprint": user.fingerprint,
+            "challengeId": challenge["challengeId"],
+            "signature": user.sign(raw),
+        })
+        if status != 201:
+            raise RuntimeError(f"registration failed: {status} {body}")
+        return body["token"]
+    finally:
+        conn.close()
+
+
+@asynccontextmanager
+async def cyphr_servers(processes: int, pool: int, extra: list[str],
+                        profile: str | None = None) -> AsyncIterator[list[int]]:
+    """``processes`` twistd processes on one throwaway database; their ports."""
+    cluster = postgres.new_cluster()
+    running: list[subprocess.Popen[bytes]] = []
+    try:
+        url = cluster.create_database()
+        ports = [free_port() for _ in range(processes)]
+        data_dir = tempfile.mkdtemp(prefix="cyphr-bench-")
+        env = {**os.environ, "PYTHONPATH": ROOT,
+               # The same secrets for every process, as in a cluster.
+               "CYPHR_JWT_SECRET": hashlib.sha256(b"bench-jwt").hexdigest(),
+               "CYPHR_FINGERPRINT_KEY": hashlib.sha256(b"bench-fp").hexdigest(),
+               "CYPHR_TOTP_KEY": hashlib.sha256(b"bench-totp").hexdigest()}
+        for number, port in enumerate(ports):
+            running.append(subprocess.Popen(
+                [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                 "-n", "--pidfile=",
+                 *(["--profile", f"{profile}.{number}", "--profiler", "cprofile", "--savestats"]
+                   if profile else []),
+                 "cyphr", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                 "--database", url, "--data-dir", data_dir, "--node-id", f"bench-{number}",
+                 "--rate-limit-auth", "100000000/1s", "--db-pool-size", str(pool), *extra],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            await wait_ready(port)
+        yield ports
+    finally:
+        for server in running:
+            server.send_signal(signal.SIGTERM)
+        for server in running:
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        cluster.destroy()
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p))]
+
+
+def run_loop(main: object) -> None:
+    try:
+        # The clients share the machine with the server: the cheaper they are,
+        # the closer the figure comes to the server's own capacity.
+        import uvloop
+    except ImportError:
+        asyncio.run(main)  # type: ignore[arg-type]
+    else:
+        uvloop.run(main)  # type: ignore[arg-type]
