@@ -26,7 +26,7 @@ from twisted.web import http, resource, server
 from twisted.web.http import datetimeToString
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
-from werkzeug.routing import RequestRedirect
+from werkzeug.routing import Map, RequestRedirect
 
 from cyphr.config import Config
 from cyphr.errors import (
@@ -165,30 +165,34 @@ class ApiRouter(resource.Resource):
     def __init__(self, apis: Sequence[Any]) -> None:
         super().__init__()
         self.apis = list(apis)
-        # Bound once: matching takes the path and method as arguments.
-        self._routes = [(api.app, api.app.url_map.bind("cyphr", "/")) for api in self.apis]
+        # One map of every API's routes, so that a request is matched once;
+        # each rule's endpoint names its app and its route there.
+        self._apps = [api.app for api in self.apis]
+        rules = []
+        for index, app in enumerate(self._apps):
+            for rule in app.url_map.iter_rules():
+                copy = rule.empty()
+                copy.endpoint = (index, rule.endpoint)
+                rules.append(copy)
+        self._adapter = Map(rules).bind("cyphr", "/")
 
     def render(self, request: Any) -> Any:
         path = _request_path(request)
         if path is None:
             return error_answer(request, NotFound())
         method = request.method.decode("ascii", "replace")
-        allowed: set[str] = set()
-        for app, adapter in self._routes:
-            try:
-                rule, arguments = adapter.match(path, method, return_rule=True)
-            except WerkzeugMethodNotAllowed as e:
-                allowed.update(e.valid_methods or ())
-                continue
-            except (WerkzeugNotFound, RequestRedirect):
-                continue
-            request.route = rule.rule.replace("<", ":").replace(">", "")
-            self._respond(request, maybeDeferred(app.execute_endpoint, rule.endpoint, request, **arguments))
-            return server.NOT_DONE_YET
-        if allowed:
-            request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
+        try:
+            rule, arguments = self._adapter.match(path, method, return_rule=True)
+        except WerkzeugMethodNotAllowed as e:
+            request.setHeader(b"Allow", ", ".join(sorted(e.valid_methods or ())).encode("ascii"))
             return error_answer(request, MethodNotAllowed())
-        return error_answer(request, NotFound(f"No route for {method} {path}"))
+        except (WerkzeugNotFound, RequestRedirect):
+            return error_answer(request, NotFound(f"No route for {method} {path}"))
+        index, endpoint = rule.endpoint
+        app = self._apps[index]
+        request.route = rule.rule.replace("<", ":").replace(">", "")
+        self._respond(request, maybeDeferred(app.execute_endpoint, endpoint, request, **arguments))
+        return server.NOT_DONE_YET
 
     def _respond(self, request: Any, outcome: Deferred[Any]) -> None:
         gone: list[bool] = []
