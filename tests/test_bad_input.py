@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from twisted.trial.unittest import TestCase
@@ -26,7 +27,7 @@ class BadInputTestsMixin:
         self.bob = User("bob")
         await self.bob.register(self.http)
 
-    def templates(self, challenge_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+    def templates(self, challenge_id: str, chat_id: str, message_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         key = new_kyber_key()
         signature = b64(b"\x01" * 64)
         return [
@@ -63,6 +64,14 @@ class BadInputTestsMixin:
                 "stellarAddress": "GAAZI4TCR3TY5OJHCTJC2A4QSY6CJWJH5IAJTGKIN2ER7LBNVKOCCWN7",
                 "challengeId": challenge_id, "signature": signature}),
             ("DELETE", "/api/wallet/link", {}),
+            ("POST", "/api/messaging/send", {
+                "chatId": chat_id, "encryptedPayload": {"c": "x"}, "messageType": "text",
+                "clientMessageId": "m1"}),
+            ("POST", "/api/messaging/send", {"recipientId": "bob", "encryptedPayload": {"c": "x"}}),
+            ("POST", "/api/messaging/create-group", {
+                "encryptedName": "n", "members": ["bob"], "encryptedSettings": "s"}),
+            ("PUT", f"/api/messaging/message/{message_id}", {"encryptedPayload": {"c": "y"}}),
+            ("PUT", f"/api/chats/{chat_id}/members/bob/role", {"role": "member"}),
             # Last: an empty body is a valid logout.
             ("POST", "/api/cyphr-id/logout", {}),
         ]
@@ -84,7 +93,13 @@ class BadInputTestsMixin:
         """Each field of each route, replaced by values of every wrong kind, and
         whole bodies that are not objects, get a 4xx, never a 5xx."""
         challenge_id, _ = await self.alice.challenge(self.http)
-        for method, path, template in self.templates(challenge_id):
+        group = await self.http.post("/api/messaging/create-group", {"members": ["bob"]},
+                                     headers=self.alice.auth())
+        chat_id = group.json()["chatId"]
+        sent = await self.http.post("/api/messaging/send", {"chatId": chat_id, "encryptedPayload": {}},
+                                    headers=self.alice.auth())
+        message_id = sent.json()["messageId"]
+        for method, path, template in self.templates(challenge_id, chat_id, message_id):
             for raw in (b"[]", b'"text"', b"null", b"{", b"{}", b'{"unknown": 1}'):
                 self.assertClientError(await self.send(method, path, raw), (path, raw))
             for field in template:
@@ -101,12 +116,18 @@ class BadInputTestsMixin:
         """Malformed Cyphr IDs in paths are 4xx on every route that takes one."""
         for segment in BAD_PATH_SEGMENTS:
             for method, path in (("GET", "/api/cyphr-id/user/"), ("GET", "/api/messaging/public-key/"),
-                                 ("POST", "/api/keys/claim/"), ("GET", "/api/wallet/")):
+                                 ("POST", "/api/keys/claim/"), ("GET", "/api/wallet/"),
+                                 ("GET", "/api/messaging/chat/"), ("PUT", "/api/messaging/message/"),
+                                 ("DELETE", "/api/messaging/message/"), ("GET", "/api/chats/"),
+                                 ("POST", f"/api/chats/{uuid.uuid4()}/members/")):
                 response = await self.send(method, path + segment, b"")
                 self.assertClientError(response, (path, segment))
         for query in ("q=%00", "q=" + "a" * 1000, "q=al&limit=-1", "q=al&limit=99999999999999999999",
                       "q=%FF", "limit=5", "q=al&q=bo"):
             response = await self.send("GET", "/api/cyphr-id/search?" + query, b"")
+            self.assertClientError(response, query)
+        for query in ("since=-1", "since=%00", "since=" + "9" * 30, "limit=0", "limit=x", "since=1.5"):
+            response = await self.send("GET", "/api/messaging/sync?" + query, b"")
             self.assertClientError(response, query)
         self.assertEqual(self.flushLoggedErrors(), [])
 

@@ -338,3 +338,45 @@ class SQLiteMessagingTests(SQLiteMixin, MessagingTestsMixin, TestCase):
 
 class PostgresMessagingTests(PostgresMixin, MessagingTestsMixin, TestCase):
     pass
+
+
+class TwoNodeSyncTests(PostgresMixin, TestCase):
+    async def test_sync_never_skips_across_nodes(self) -> None:
+        """Two servers on one PostgreSQL database write into the same chats at
+        once while a client syncs page by page from one of them: it receives
+        every message exactly once, in stream order, though the two nodes'
+        transactions commit concurrently."""
+        # A cluster: the nodes share the database and the secrets.
+        shared = {"rate_limit_send": (100_000, 1), "jwt_secret": "j" * 40, "fingerprint_key": "f" * 40,
+                  "totp_key": "t" * 40}
+        first = await start_server(self, **shared)
+        second = await start_server(self, database=first.config.database, **shared)
+        node_a, node_b = InProcessHTTP.for_server(first), InProcessHTTP.for_server(second)
+        alice, bob = User("alice"), User("bob")
+        await alice.register(node_a)
+        await bob.register(node_b)
+        chat = (await node_a.post("/api/messaging/send", {"recipientId": "bob", "encryptedPayload": {}},
+                                  headers=alice.auth())).json()["chatId"]
+
+        async def write(node: InProcessHTTP, user: User, count: int) -> None:
+            for n in range(count):
+                await gatherResults([Deferred.fromCoroutine(node.post(
+                    "/api/messaging/send", {"chatId": chat, "encryptedPayload": {"n": n}},
+                    headers=user.auth())) for _ in range(5)])
+
+        writers = gatherResults([Deferred.fromCoroutine(write(node_a, alice, 20)),
+                                 Deferred.fromCoroutine(write(node_b, bob, 20))])
+        seen: list[str] = []
+        cursor = 0
+        while True:
+            body = (await node_a.get(f"/api/messaging/sync?since={cursor}&limit=7",
+                                     headers=bob.auth())).json()
+            seen += [m["id"] for m in body["messages"]]
+            cursor = body["cursor"]
+            if writers.called and not body["hasMore"]:
+                break
+        await writers
+        rows = await first.database.run_query(
+            "SELECT id FROM messages WHERE chat_id = ? ORDER BY stream_position", (chat,))
+        self.assertEqual(len(rows), 1 + 2 * 20 * 5)
+        self.assertEqual(seen, [row[0] for row in rows])
