@@ -171,6 +171,16 @@ class MessagingTestsMixin:
                          ["alice", "bob", "alice"])
         self.flushLoggedErrors()
 
+    async def test_stop_writes_what_is_pending(self) -> None:
+        """Stopping the batcher writes the messages still waiting for a batch."""
+        chat = await self.group(self.alice, self.bob)
+        batcher = self.server.batcher
+        pending = [batcher.submit(Outgoing(str(uuid.uuid4()), chat, "alice", "{}", "text", None, 0))
+                   for _ in range(5)]
+        await batcher.stop()
+        self.assertTrue(all(d.called for d in pending))
+        self.assertEqual(await self.count_messages(), 5)
+
     # -- history ------------------------------------------------------------------
 
     async def test_pagination(self) -> None:

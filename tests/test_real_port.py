@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import PostgresMixin, SQLiteMixin, start_server
+from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, start_server
 from tests.users import User
 
 
@@ -136,3 +136,32 @@ class IdentityOverTcpTests(PostgresMixin, TestCase):
             return status_register, status_login, status_me
 
         self.assertEqual(await deferToThread(flow), (201, 200, 200))
+
+
+class MessagingOverTcpTests(SQLiteMixin, TestCase):
+    async def test_send_and_read(self) -> None:
+        """A message sent over a real port comes back in the recipient's history."""
+        server = await start_server(self, serve=True)
+        port = (await server.listening()[0]).getHost().port
+        in_process = InProcessHTTP.for_server(server)
+        alice, bob = User("alice"), User("bob")
+        await alice.register(in_process)
+        await bob.register(in_process)
+
+        def call(method: str, path: str, token: str, body: dict | None = None) -> tuple[int, dict]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                             headers={"Connection": "close", "Content-Type": "application/json",
+                                      "Authorization": f"Bearer {token}"})
+                response = conn.getresponse()
+                return response.status, json.loads(response.read())
+            finally:
+                conn.close()
+
+        status, sent = await deferToThread(call, "POST", "/api/messaging/send", alice.token,
+                                           {"recipientId": "bob", "encryptedPayload": {"nonce": "bm9uY2U="}})
+        self.assertEqual((status, sent["seq"]), (201, 1))
+        status, history = await deferToThread(call, "GET", f"/api/messaging/chat/{sent['chatId']}", bob.token)
+        self.assertEqual(status, 200)
+        self.assertEqual([m["encryptedPayload"] for m in history["messages"]], [{"nonce": "bm9uY2U="}])
