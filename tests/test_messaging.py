@@ -390,3 +390,35 @@ class TwoNodeSyncTests(PostgresMixin, TestCase):
             "SELECT id FROM messages WHERE chat_id = ? ORDER BY stream_position", (chat,))
         self.assertEqual(len(rows), 1 + 2 * 20 * 5)
         self.assertEqual(seen, [row[0] for row in rows])
+
+
+class RemovalRaceTests(PostgresMixin, TestCase):
+    async def test_send_waits_for_a_removal_in_progress(self) -> None:
+        """A send racing with the removal of its sender is refused once the
+        removal commits: a removed member cannot post, from that moment."""
+        import psycopg2
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        server = await start_server(self)
+        http = InProcessHTTP.for_server(server)
+        alice, dave = User("alice"), User("dave")
+        await alice.register(http)
+        await dave.register(http)
+        chat = (await http.post("/api/messaging/create-group", {"members": ["dave"]},
+                                headers=alice.auth())).json()["chatId"]
+
+        # Another writer is removing dave: it holds the chat's row lock, as
+        # ChatStore.remove_member does, and has not committed yet.
+        remover = psycopg2.connect(server.config.database)
+        self.addCleanup(remover.close)
+        cursor = remover.cursor()
+        cursor.execute("SELECT id FROM chats WHERE id = %s FOR UPDATE", (chat,))
+        sending = server.batcher.submit(Outgoing(str(uuid.uuid4()), chat, "dave", "{}", "text", None, 0))
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(sending.called)  # waiting for the removal
+        cursor.execute("DELETE FROM chat_participants WHERE chat_id = %s AND user_id = 'dave'", (chat,))
+        remover.commit()
+        self.assertIsInstance(await sending, NotAMember)
+        rows = await server.database.run_query("SELECT COUNT(*) FROM messages WHERE sender_id = 'dave'")
+        self.assertEqual(rows, [(0,)])

@@ -57,7 +57,8 @@ class MessageStore:
         failed, or a concurrent writer made a constraint refuse it): the
         caller then decides what to retry.
         """
-        return await self._db.run_interaction("store_messages", _store_batch_txn, items)
+        return await self._db.run_interaction(
+            "store_messages", _store_batch_txn, items, self._db.engine == "postgresql")
 
     async def history(self, chat_id: str, *, before: int | None, after: int | None,
                       limit: int) -> tuple[list[Message], bool]:
@@ -115,8 +116,21 @@ class MessageStore:
         return await self._db.run_interaction("purge_messages", _purge_txn, cutoff, batch)
 
 
-async def _store_batch_txn(txn: Transaction, items: list[Outgoing]) -> list[Message | NotAMember]:
+async def _store_batch_txn(txn: Transaction, items: list[Outgoing],
+                           lock_chats: bool) -> list[Message | NotAMember]:
     results: list[Message | NotAMember | None] = [None] * len(items)
+
+    if lock_chats:
+        # PostgreSQL runs writers side by side: lock the chats first, in one
+        # order (so batches cannot deadlock), as removing a member does. A
+        # removal in progress is then waited for, and the membership read
+        # below sees it; without this, a member removed a moment ago could
+        # still post. (SQLite runs one writer at a time.) Lock order in
+        # every writer: chats, then members, then the stream.
+        chat_ids = sorted({item.chat_id for item in items})
+        await txn.execute(
+            "SELECT id FROM chats WHERE id IN (" + ", ".join("?" for _ in chat_ids) + ")"
+            " ORDER BY id FOR UPDATE", chat_ids)
 
     # Who may write where, in one query.
     pairs = sorted({(item.chat_id, item.sender_id) for item in items})
