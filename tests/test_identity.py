@@ -14,7 +14,13 @@ from nacl.signing import SigningKey
 from twisted.trial.unittest import TestCase
 
 from cyphr.api.guard import ACCESS_ATTRIBUTE
-from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, fixed_clock, start_server
+from tests.helpers import (
+    InProcessHTTP,
+    PostgresMixin,
+    SQLiteMixin,
+    fixed_clock,
+    start_server,
+)
 from tests.users import User, b64, new_kyber_key
 
 DAY = 86400

@@ -14,7 +14,13 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from cyphr.crypto import KYBER_KEY_CONTEXT
-from tests.helpers import InProcessHTTP, PostgresMixin, Response, SQLiteMixin, start_server
+from tests.helpers import (
+    InProcessHTTP,
+    PostgresMixin,
+    Response,
+    SQLiteMixin,
+    start_server,
+)
 from tests.users import User, b64, new_kyber_key
 
 STORE = "/api/messaging/store-public-key"

@@ -11,7 +11,14 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from cyphr.store.messages import NotAMember, Outgoing
-from tests.helpers import InProcessHTTP, PostgresMixin, Response, SQLiteMixin, fixed_clock, start_server
+from tests.helpers import (
+    InProcessHTTP,
+    PostgresMixin,
+    Response,
+    SQLiteMixin,
+    fixed_clock,
+    start_server,
+)
 from tests.users import User
 
 PAYLOAD = {"kyberCiphertext": "AAAA", "encryptedMessage": "QUJD", "nonce": "bm9uY2U=", "tag": "dGFn",

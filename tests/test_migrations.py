@@ -10,7 +10,13 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.db import Database, SchemaTooNew, Transaction
 from cyphr.db import migrations as migrations_module
-from cyphr.db.migrations import Migration, dump_schema, latest_version, migrate_txn, migrations
+from cyphr.db.migrations import (
+    Migration,
+    dump_schema,
+    latest_version,
+    migrate_txn,
+    migrations,
+)
 from cyphr.db.postgres import PostgresDatabase
 from cyphr.db.postgres import preflight as postgres_preflight
 from cyphr.db.sqlite import SQLiteDatabase

@@ -15,11 +15,12 @@ from cyphr.errors import (
     CHAT_NOT_FOUND,
     INVALID_QUERY,
     MESSAGE_NOT_FOUND,
+    MISSING_FIELD,
     BadRequest,
     NotFound,
     PayloadTooLarge,
 )
-from cyphr.handlers.auth import AuthUser, Authenticator
+from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.messaging import MessagingHandler
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import Fields, check_cyphr_id, invalid
@@ -100,7 +101,7 @@ class MessagingAPI:
         recipient = fields.cyphr_id("recipientId", required=False)
         chat_id = fields.uuid("chatId") if fields.present("chatId") else None
         if (recipient is None) == (chat_id is None):
-            raise BadRequest("Give either recipientId or chatId", code="MISSING_FIELD",
+            raise BadRequest("Give either recipientId or chatId", code=MISSING_FIELD,
                              details={"field": "recipientId"})
         message_type = fields.text("messageType", required=False, max_length=16) or "text"
         if message_type not in MESSAGE_TYPES:

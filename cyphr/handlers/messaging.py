@@ -30,7 +30,14 @@ from cyphr.errors import (
 from cyphr.handlers.auth import AuthUser
 from cyphr.handlers.ratelimit import RateLimit
 from cyphr.handlers.sending import SendBatcher
-from cyphr.store.chats import AlreadyMember, ChatStore, ChatSummary, LastAdmin, Member, Membership
+from cyphr.store.chats import (
+    AlreadyMember,
+    ChatStore,
+    ChatSummary,
+    LastAdmin,
+    Member,
+    Membership,
+)
 from cyphr.store.identities import IdentityStore
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
 
