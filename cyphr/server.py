@@ -174,7 +174,7 @@ def build_server(
     revocations = TokenStore(database)
 
     tokens = TokenService(secrets.jwt_key, config.token_lifetime, clock)
-    authenticator = Authenticator(tokens, identities)
+    authenticator = Authenticator(tokens, identities, reactor)
     totp = TotpHandler(TotpStore(database), secrets.totp_key, clock)
     identity = IdentityHandler(identities, challenges, revocations, tokens, totp,
                                secrets.fingerprint_key, clock)

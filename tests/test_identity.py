@@ -316,6 +316,25 @@ class IdentityTestsMixin:
         await self.assertError(await self.protected(first), 401, "TOKEN_REVOKED")
         self.assertEqual((await self.protected(second)).code, 200)
 
+    async def test_concurrent_authentication(self) -> None:
+        """Many requests authenticated in the same moment (looked up together)
+        each get their own verdict: a revoked token among them is refused, the
+        others pass, whatever order they come in."""
+        from twisted.internet.defer import Deferred, gatherResults
+
+        users = [User(f"user_{n}") for n in range(6)]
+        for user in users:
+            await user.register(self.http)
+        revoked = users[2].token
+        await self.http.post("/api/cyphr-id/logout", headers=users[2].auth())
+        await users[2].login(self.http)
+        tokens = [u.token for u in users] + [revoked, users[0].token, revoked]
+        responses = await gatherResults([
+            Deferred.fromCoroutine(self.http.get("/api/keys/count", headers=self.alice.auth(token)))
+            for token in tokens])
+        self.assertEqual([r.code for r in responses], [200] * 6 + [401, 200, 401])
+        self.assertEqual(responses[6].json()["code"], "TOKEN_REVOKED")
+
     # -- profiles and search -------------------------------------------------------
 
     async def test_search(self) -> None:

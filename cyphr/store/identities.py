@@ -120,16 +120,27 @@ class IdentityStore:
         rows = await self._db.run_query(CONSUME, (now, challenge_id, cyphr_id, now))
         return (rows[0][0] if rows else None), await self.by_cyphr_id(cyphr_id)
 
-    async def auth_state(self, user_id: str, jti: str) -> AuthState | None:
-        """One round trip for every authenticated request."""
+    async def auth_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], AuthState]:
+        """What authenticating needs to know, for many (user id, jti) pairs
+        in one round trip (see AuthStateLoader); pairs whose identity is
+        gone are missing from the answer."""
+        users = sorted({user for user, _ in keys})
+        jtis = sorted({jti for _, jti in keys})
         rows = await self._db.run_query(
-            "SELECT cyphr_id, device_fingerprint_hash, tokens_valid_after,"
-            " EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = ?)"
-            " FROM cyphr_identities WHERE id = ?", (jti, user_id))
-        if not rows:
-            return None
-        cyphr_id, device, valid_after, revoked = rows[0]
-        return AuthState(cyphr_id, device, valid_after, bool(revoked))
+            "SELECT i.id, i.cyphr_id, i.device_fingerprint_hash, i.tokens_valid_after, r.jti"
+            " FROM cyphr_identities i LEFT JOIN revoked_tokens r ON r.user_id = i.id AND r.jti IN ("
+            + ", ".join("?" for _ in jtis) + ") WHERE i.id IN (" + ", ".join("?" for _ in users) + ")",
+            (*jtis, *users))
+        identities: dict[str, tuple[str, str | None, int]] = {}
+        revoked: set[tuple[str, str]] = set()
+        for user, cyphr_id, device, valid_after, jti in rows:
+            identities[user] = (cyphr_id, device, valid_after)
+            if jti is not None:
+                revoked.add((user, jti))
+        return {
+            (user, jti): AuthState(*identities[user], (user, jti) in revoked)
+            for user, jti in keys if user in identities
+        }
 
     async def search(self, prefix: str, limit: int) -> list[Identity]:
         # A range on the (binary-collated) unique index: every character a
