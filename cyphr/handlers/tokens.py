@@ -19,6 +19,7 @@ import hmac
 import json
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from cyphr.errors import INVALID_TOKEN, TOKEN_EXPIRED, Unauthorized
@@ -65,6 +66,10 @@ class TokenService:
         self._key = key
         self._lifetime = lifetime
         self._clock = clock
+        # A client presents the same token on every request: its signature
+        # and claims are checked once. Only tokens that verified are kept
+        # (exceptions are not cached); expiry is checked on every use.
+        self._checked = lru_cache(maxsize=10_000)(self._check)
 
     def issue(self, user_id: str, cyphr_id: str, device_hash: str) -> IssuedToken:
         now = int(self._clock.seconds())
@@ -85,6 +90,12 @@ class TokenService:
 
     def verify(self, token: str) -> Claims:
         """The token's claims if it is ours and unexpired; Unauthorized otherwise."""
+        claims = self._checked(token)
+        if claims.expires_at <= self._clock.seconds():
+            raise Unauthorized("The session token has expired", code=TOKEN_EXPIRED)
+        return claims
+
+    def _check(self, token: str) -> Claims:
         try:
             header, payload, signature = token.encode("ascii").split(b".")
         except (UnicodeEncodeError, ValueError):
@@ -106,7 +117,5 @@ class TokenService:
             isinstance(v, int) and not isinstance(v, bool) for v in times
         ) or claims.get("authMethod") != "cyphr_id":
             raise _invalid()
-        if claims["exp"] <= self._clock.seconds():
-            raise Unauthorized("The session token has expired", code=TOKEN_EXPIRED)
         return Claims(claims["sub"], claims["cyphrId"], claims["dev"], claims["jti"],
                       claims["iat"], claims["exp"])
