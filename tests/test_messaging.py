@@ -332,6 +332,21 @@ class MessagingTestsMixin:
         chats = (await self.get(self.bob, "/api/messaging/chats")).json()["chats"]
         self.assertEqual(chats[0]["unreadCount"], 1)
 
+    async def test_message_receipts(self) -> None:
+        """Delivered and read receipts are kept per message and recipient, once each."""
+        from cyphr.store.chats import ChatStore
+
+        sent = await self.sent(self.alice, recipientId="bob")
+        store = ChatStore(self.server.database)
+        await store.mark_delivered(sent["chatId"], sent["messageId"], "bob", 1000)
+        await store.mark_delivered(sent["chatId"], sent["messageId"], "bob", 2000)  # kept: the first
+        await store.mark_message_read(sent["chatId"], sent["messageId"], "bob", 3000)
+        await store.mark_message_read(sent["chatId"], sent["messageId"], "bob", 4000)
+        rows = await self.server.database.run_query(
+            "SELECT user_id, delivered_at, read_at FROM message_receipts WHERE message_id = ?",
+            (sent["messageId"],))
+        self.assertEqual(rows, [("bob", 1000, 3000)])
+
     async def test_retention(self) -> None:
         """With a retention period, the periodic job deletes older messages only."""
         chat = (await self.sent(self.alice, recipientId="bob"))["chatId"]
