@@ -1,8 +1,8 @@
 """
 A thread pool for CPU-heavy work (Argon2, batches of key checks), so that it
-never runs on the reactor thread. Started on first use, stopped when the
-reactor shuts down; as many threads as cores, so that the work cannot take
-more than the machine has.
+never runs on the reactor thread. Started on first use and stopped with the
+service (or, at the latest, when the reactor shuts down); as many threads as
+cores, so that the work cannot take more than the machine has.
 """
 
 from __future__ import annotations
@@ -27,5 +27,12 @@ class CpuPool:
         if self._pool is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name="cyphr-cpu")
             self._pool.start()
-            self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+            self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    def stop(self) -> None:
+        """Wait for running work, then end the threads; a later run() starts anew."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            pool.stop()

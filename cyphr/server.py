@@ -81,11 +81,16 @@ class DatabaseService(Service):
 
 
 class CyphrService(MultiService):
-    """The process: its listening endpoints and its database."""
+    """The process: its listening endpoints, its database and its CPU pool."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, cpu: CpuPool) -> None:
         super().__init__()
         self.config = config
+        self.cpu = cpu
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[None] = super().stopService()
+        return stopped.addCallback(lambda _: self.cpu.stop())
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -131,6 +136,7 @@ class Server:
     limits: RateLimits
     maintenance: Maintenance
     batcher: SendBatcher
+    cpu: CpuPool
 
     def listening(self) -> list[Deferred[Any]]:
         """The listening ports, once the service has started."""
@@ -199,7 +205,7 @@ def build_server(
     root = Root(router)
     site = CyphrSite(root, HttpPolicy.from_config(config), reactor)
 
-    service = CyphrService(config)
+    service = CyphrService(config, cpu)
     DatabaseService(database, batcher).setServiceParent(service)
     purge = TimerService(MAINTENANCE_INTERVAL, lambda: Deferred.fromCoroutine(maintenance.run()))
     purge.clock = clock
@@ -226,4 +232,5 @@ def build_server(
         limits=limits,
         maintenance=maintenance,
         batcher=batcher,
+        cpu=cpu,
     )

@@ -69,6 +69,7 @@ async def start_server(testcase: Any, *, serve: bool = False, clock: Any = None,
     else:
         server.database.start()
         testcase.addCleanup(lambda: Deferred.fromCoroutine(server.database.close()))
+        testcase.addCleanup(server.cpu.stop)
     await server.database.when_ready()
     return server
 

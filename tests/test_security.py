@@ -416,3 +416,21 @@ class SQLiteSecurityTests(SQLiteMixin, SecurityTestsMixin, TestCase):
 
 class PostgresSecurityTests(PostgresMixin, SecurityTestsMixin, TestCase):
     pass
+
+
+class CpuPoolTests(TestCase):
+    async def test_runs_off_the_reactor_and_stops(self) -> None:
+        """Work runs on a pool thread, not the reactor's; stop() ends the threads,
+        and a later run starts the pool anew."""
+        import threading
+
+        from cyphr.cpu import CpuPool
+
+        pool = CpuPool(reactor, threads=2)
+        self.addCleanup(pool.stop)
+        ident = await pool.run(threading.get_ident)
+        self.assertNotEqual(ident, threading.get_ident())
+        pool.stop()
+        self.assertFalse(any(t.name.startswith("PoolThread-cyphr-cpu") and t.is_alive()
+                             for t in threading.enumerate() if t.ident == ident))
+        self.assertEqual(await pool.run(lambda: 42), 42)
