@@ -116,12 +116,6 @@ class IdentityHandler:
             raise _challenge_refused()
         return challenge
 
-    async def prove(self, identity: Identity, challenge_id: str, signature: bytes) -> None:
-        """The caller holds ``identity``'s key: it signed a fresh challenge."""
-        challenge = await self.consume_challenge(challenge_id, identity.cyphr_id)
-        if not verify_ed25519(identity.public_key, challenge, signature):
-            raise Unauthorized("The signature does not verify", code=INVALID_SIGNATURE)
-
     # -- accounts -------------------------------------------------------
 
     async def is_available(self, cyphr_id: str) -> bool:
@@ -201,10 +195,9 @@ class IdentityHandler:
         await self._revocations.revoke(user.jti, user.user_id, user.expires_at * 1000)
 
     async def delete_account(self, user: AuthUser, challenge_id: str, signature: bytes) -> None:
-        identity = await self._identities.by_id(user.user_id)
-        if identity is None:
+        identity = await self._proven(user.cyphr_id, challenge_id, signature)
+        if identity.id != user.user_id:
             raise Unauthorized("The session token is not valid")
-        await self.prove(identity, challenge_id, signature)
         await self._identities.delete(identity, now_ms(self._clock))
 
     # -- profiles -------------------------------------------------------
