@@ -107,18 +107,16 @@ class MessagingHandler:
 
     async def edit(self, user: AuthUser, message_id: str, payload: str) -> Message:
         message = await self._own_message(user, message_id)
-        if not await self._messages.edit(message, payload, now_ms(self._clock)):
+        edited = await self._messages.edit(message, payload, now_ms(self._clock))
+        if edited is None:
             raise Conflict("The message was deleted", code=MESSAGE_DELETED)
-        edited = await self._messages.by_id(message_id)
-        assert edited is not None
         return edited
 
     async def delete(self, user: AuthUser, message_id: str) -> Message:
         message = await self._own_message(user, message_id)
-        if not await self._messages.delete(message, now_ms(self._clock)):
+        deleted = await self._messages.delete(message, now_ms(self._clock))
+        if deleted is None:
             raise Conflict("The message was deleted", code=MESSAGE_DELETED)
-        deleted = await self._messages.by_id(message_id)
-        assert deleted is not None
         return deleted
 
     # -- chats and groups -----------------------------------------------

@@ -11,6 +11,8 @@ _COLUMNS = (
     "m.id, m.chat_id, m.seq, m.sender_id, m.encrypted_content, m.message_type,"
     " m.client_message_id, m.created_at, m.edited_at, m.deleted_at, m.stream_position"
 )
+# The same columns for RETURNING, where SQLite takes no table alias.
+_RETURNED = _COLUMNS.replace("m.", "")
 
 
 @dataclass(frozen=True)
@@ -97,18 +99,22 @@ class MessageStore:
                                         (message_id,))
         return Message(*rows[0]) if rows else None
 
-    async def edit(self, message: Message, payload: str, now: int) -> bool:
-        return await self._db.run_operation(
+    async def edit(self, message: Message, payload: str, now: int) -> Message | None:
+        """The edited message; None if it was deleted meanwhile."""
+        rows = await self._db.run_query(
             "UPDATE messages SET encrypted_content = ?, edited_at = ?"
-            " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL",
-            (payload, now, message.chat_id, message.seq)) == 1
+            " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL RETURNING " + _RETURNED,
+            (payload, now, message.chat_id, message.seq))
+        return Message(*rows[0]) if rows else None
 
-    async def delete(self, message: Message, now: int) -> bool:
-        """Erase the blob, keep a tombstone (id, seq, sender, times)."""
-        return await self._db.run_operation(
+    async def delete(self, message: Message, now: int) -> Message | None:
+        """Erase the blob, keep a tombstone (id, seq, sender, times); None if
+        it was deleted already."""
+        rows = await self._db.run_query(
             "UPDATE messages SET encrypted_content = NULL, deleted_at = ?"
-            " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL",
-            (now, message.chat_id, message.seq)) == 1
+            " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL RETURNING " + _RETURNED,
+            (now, message.chat_id, message.seq))
+        return Message(*rows[0]) if rows else None
 
     async def purge_older_than(self, cutoff: int, batch: int) -> int:
         """Delete up to ``batch`` messages created before ``cutoff``, with
