@@ -108,6 +108,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate_limit_password", "rate",
             "Argon2 password hashes (POST /api/auth/hash-password) per user, "
             "as COUNT/PERIOD.", metavar="RATE"),
+    Setting("ping_interval", "duration",
+            "Socket.IO: the server pings each connection this often.", metavar="DURATION"),
+    Setting("ping_timeout", "duration",
+            "Socket.IO: a connection that does not answer a ping within this "
+            "time is closed.", metavar="DURATION"),
+    Setting("connect_timeout", "duration",
+            "Socket.IO: a connection that joins no namespace within this time "
+            "is closed.", metavar="DURATION"),
+    Setting("realtime_buffer", "size",
+            "Socket.IO: a connection with more than this much unsent is closed "
+            "(slow consumer); at least max_body.", metavar="BYTES"),
+    Setting("realtime_event_rate", "rate",
+            "Socket.IO: events one connection may send, as COUNT/PERIOD.",
+            metavar="RATE"),
     Setting("jwt_secret", "str",
             "Secret signing session tokens (at least 32 characters). Default: "
             "generated into the data directory. Every node of a cluster needs "
@@ -147,6 +161,11 @@ class Config:
     rate_limit_search: tuple[int, int] = (30, 60)
     rate_limit_claim: tuple[int, int] = (20, 3600)
     rate_limit_password: tuple[int, int] = (10, 60)
+    ping_interval: int = 25
+    ping_timeout: int = 20
+    connect_timeout: int = 45
+    realtime_buffer: int = 32 * MiB
+    realtime_event_rate: tuple[int, int] = (200, 2)
     jwt_secret: str = field(default="", repr=False)
     fingerprint_key: str = field(default="", repr=False)
     totp_key: str = field(default="", repr=False)
@@ -457,6 +476,11 @@ def validate(config: Config) -> None:
         raise ConfigError("--max-payload must be between 1KiB and 1GiB")
     if not 0 <= config.retention_days <= 100_000:
         raise ConfigError("--retention-days must be 0 (keep) or a number of days")
+    for name in ("ping_interval", "ping_timeout", "connect_timeout"):
+        if not 1 <= getattr(config, name) <= 3600:
+            raise ConfigError(f"--{name.replace('_', '-')} must be between 1s and 1h")
+    if not config.max_body <= config.realtime_buffer <= 64 * 1024 * MiB:
+        raise ConfigError("--realtime-buffer must be at least --max-body")
     if not 1 <= config.max_prekeys <= 100_000:
         raise ConfigError("--max-prekeys must be between 1 and 100000")
     for setting in SETTINGS:

@@ -32,8 +32,9 @@ from cyphr.config import Config
 from cyphr.cpu import CpuPool
 from cyphr.datadir import ServerSecrets, load_secrets, prepare_data_dir
 from cyphr.db import Database, open_database
+from cyphr.db.postgres import PostgresDatabase
 from cyphr.handlers.auth import Authenticator
-from cyphr.handlers.health import HealthHandler
+from cyphr.handlers.health import HealthHandler, RealtimeStats
 from cyphr.handlers.identity import IdentityHandler
 from cyphr.handlers.keys import KeysHandler
 from cyphr.handlers.maintenance import Maintenance
@@ -44,6 +45,10 @@ from cyphr.handlers.sending import SendBatcher
 from cyphr.handlers.tokens import TokenService
 from cyphr.handlers.wallet import WalletHandler
 from cyphr.logs import JsonLogObserver
+from cyphr.realtime.bus import Bus, LocalBus, PostgresBus
+from cyphr.realtime.engine import EngineServer
+from cyphr.realtime.events import Realtime
+from cyphr.realtime.socketio import SocketServer
 from cyphr.store.challenges import ChallengeStore
 from cyphr.store.chats import ChatStore
 from cyphr.store.identities import IdentityStore
@@ -59,24 +64,36 @@ MAINTENANCE_INTERVAL = 300  # seconds between purges of expired challenges and r
 
 
 class DatabaseService(Service):
-    """Starts the database with the process (connecting, retrying and
-    migrating in the background). At the end it writes the messages still
-    waiting for a batch, then closes the database."""
+    """Starts the database (connecting, retrying and migrating in the
+    background), the bus and the realtime layer with the process. At the
+    end, in this order: no new realtime sessions; the messages still waiting
+    for a batch are written (and acknowledged); every socket is closed with
+    a reason; the bus and the database close."""
 
-    def __init__(self, database: Database, batcher: SendBatcher) -> None:
+    def __init__(self, database: Database, batcher: SendBatcher, bus: Bus, realtime: Realtime,
+                 engine: EngineServer) -> None:
         self.database = database
         self.batcher = batcher
+        self.bus = bus
+        self.realtime = realtime
+        self.engine = engine
 
     def startService(self) -> None:
         super().startService()
         self.database.start()
+        self.bus.start()
+        self.realtime.start()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self.engine.accepting = False
         await self.batcher.stop()
+        self.engine.close_all("server shutting down")
+        self.realtime.stop()
+        await self.bus.stop()
         await self.database.close()
 
 
@@ -137,6 +154,9 @@ class Server:
     maintenance: Maintenance
     batcher: SendBatcher
     cpu: CpuPool
+    engine: EngineServer
+    realtime: Realtime
+    bus: Bus
 
     def listening(self) -> list[Deferred[Any]]:
         """The listening ports, once the service has started."""
@@ -189,8 +209,30 @@ def build_server(
     wallet = WalletHandler(WalletStore(database), identity, clock)
     messages = MessageStore(database)
     batcher = SendBatcher(messages, reactor)
-    messaging = MessagingHandler(ChatStore(database), messages, identities, batcher, limits.send, clock)
-    health = HealthHandler(StatusStore(database), clock, node_id=config.node_id or default_node_id())
+    chats = ChatStore(database)
+    messaging = MessagingHandler(chats, messages, identities, batcher, limits.send, clock)
+    node_id = config.node_id or default_node_id()
+
+    bus: Bus
+    if isinstance(database, PostgresDatabase):
+        bus = PostgresBus(database, config.database, node_id, reactor)
+    else:
+        bus = LocalBus(node_id)
+    sockets = SocketServer(
+        clock, connect_timeout=config.connect_timeout,
+        event_rate=config.realtime_event_rate[0] / config.realtime_event_rate[1],
+        event_burst=config.realtime_event_rate[0])
+    realtime = Realtime(sockets=sockets, authenticator=authenticator, messaging=messaging, chats=chats,
+                        messages=messages, identities=identities, bus=bus, clock=clock,
+                        max_payload=min(config.max_payload, config.max_body))
+    identity.is_online = realtime.is_online
+    http_policy = HttpPolicy.from_config(config)
+    engine = EngineServer(
+        clock, on_session=sockets.on_session, ping_interval=config.ping_interval,
+        ping_timeout=config.ping_timeout, max_payload=config.max_body,
+        buffer_limit=config.realtime_buffer, client_ip=http_policy.client_ip)
+    health = HealthHandler(StatusStore(database), clock, node_id=node_id,
+                           realtime_stats=lambda: RealtimeStats(**realtime.stats()))
     maintenance = Maintenance(challenges, revocations, messages, config.retention_days, clock)
 
     router = ApiRouter([
@@ -202,11 +244,12 @@ def build_server(
         MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
         ChatsAPI(messaging, authenticator, limits),
     ])
-    root = Root(router)
-    site = CyphrSite(root, HttpPolicy.from_config(config), reactor)
+    root = Root(router, engine.resource)
+    site = CyphrSite(root, http_policy, reactor)
+    site.on_body_refused = engine.resource.body_refused
 
     service = CyphrService(config, cpu)
-    DatabaseService(database, batcher).setServiceParent(service)
+    DatabaseService(database, batcher, bus, realtime, engine).setServiceParent(service)
     purge = TimerService(MAINTENANCE_INTERVAL, lambda: Deferred.fromCoroutine(maintenance.run()))
     purge.clock = clock
     purge.setServiceParent(service)
@@ -233,4 +276,7 @@ def build_server(
         maintenance=maintenance,
         batcher=batcher,
         cpu=cpu,
+        engine=engine,
+        realtime=realtime,
+        bus=bus,
     )

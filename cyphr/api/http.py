@@ -15,7 +15,7 @@ import io
 import ipaddress
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.address import UNIXAddress
@@ -365,6 +365,9 @@ class CyphrRequest(server.Request):
             name + b": " + value + b"\r\n" for name, value in headers
         )
         self.channel.transport.write(head + b"\r\n" + body)
+        uri = getattr(self.channel, "_path", b"") or b""
+        if uri.startswith(b"/socket.io/") and self.channel.site.on_body_refused is not None:
+            self.channel.site.on_body_refused(uri)
         if self.policy.access_log:
             _log.info("{client} - 413 request body too large", client=self.policy.client_ip(self))
         self.channel.loseConnection()
@@ -451,6 +454,9 @@ class CyphrSite(server.Site):
         super().__init__(root, timeout=timeout, reactor=reactor, parsePOSTFormSubmission=False)
         self.policy = policy
         self.noisy = False
+        # Told of the path of a request whose body was refused as too large
+        # (the realtime layer ends the session it was meant for).
+        self.on_body_refused: Callable[[bytes], None] | None = None
 
     def log(self, request: Any) -> None:
         # Access logs hold client addresses: only when the operator asks.

@@ -15,13 +15,11 @@ from cyphr.errors import (
     CHAT_NOT_FOUND,
     INVALID_QUERY,
     MESSAGE_NOT_FOUND,
-    MISSING_FIELD,
     BadRequest,
     NotFound,
-    PayloadTooLarge,
 )
 from cyphr.handlers.auth import Authenticator, AuthUser
-from cyphr.handlers.messaging import MessagingHandler
+from cyphr.handlers.messaging import MessagingHandler, check_payload, parse_send
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import Fields, check_cyphr_id, invalid
 from cyphr.store.messages import Message
@@ -80,38 +78,10 @@ class MessagingAPI:
         self.limits = limits
         self._max_payload = max_payload
 
-    def _payload(self, fields: Fields) -> str:
-        value = fields.value("encryptedPayload")
-        if not isinstance(value, dict):
-            raise invalid("encryptedPayload", "encryptedPayload must be a JSON object")
-        try:
-            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except ValueError:
-            raise invalid("encryptedPayload", "encryptedPayload holds a number JSON cannot carry") from None
-        if len(text.encode("utf-8")) > self._max_payload:
-            raise PayloadTooLarge(f"encryptedPayload is larger than {self._max_payload} bytes",
-                                  details={"field": "encryptedPayload", "limit": self._max_payload})
-        return text
-
     @app.route("/api/messaging/send", methods=["POST"])
     @authenticated()
     async def send(self, request: Any, user: AuthUser) -> bytes:
-        fields = Fields(read_json(request), {
-            "recipientId", "chatId", "encryptedPayload", "messageType", "clientMessageId"})
-        recipient = fields.cyphr_id("recipientId", required=False)
-        chat_id = fields.uuid("chatId") if fields.present("chatId") else None
-        if (recipient is None) == (chat_id is None):
-            raise BadRequest("Give either recipientId or chatId", code=MISSING_FIELD,
-                             details={"field": "recipientId"})
-        message_type = fields.text("messageType", required=False, max_length=16) or "text"
-        if message_type not in MESSAGE_TYPES:
-            raise invalid("messageType", f"messageType must be one of {', '.join(MESSAGE_TYPES)}")
-        client_message_id = fields.text("clientMessageId", required=False, max_length=128)
-        if client_message_id == "":
-            raise invalid("clientMessageId", "clientMessageId must not be empty")
-        message = await self._messaging.send(
-            user, payload=self._payload(fields), message_type=message_type,
-            client_message_id=client_message_id, chat_id=chat_id, recipient_id=recipient)
+        message = await self._messaging.send(user, **parse_send(read_json(request), self._max_payload))
         return answer(request, {
             "success": True, "messageId": message.id, "chatId": message.chat_id,
             "seq": message.seq, "timestamp": iso(message.created_at)}, 201)
@@ -172,7 +142,7 @@ class MessagingAPI:
     async def edit(self, request: Any, user: AuthUser, message_id: str) -> bytes:
         message_id = _uuid_or_404(message_id, MESSAGE_NOT_FOUND, "message")
         fields = Fields(read_json(request), {"encryptedPayload"})
-        message = await self._messaging.edit(user, message_id, self._payload(fields))
+        message = await self._messaging.edit(user, message_id, check_payload(fields.value("encryptedPayload"), self._max_payload))
         return answer(request, {"success": True, "message": message_json(message)})
 
     @app.route("/api/messaging/message/<message_id>", methods=["DELETE"])

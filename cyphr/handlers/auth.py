@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-
 from typing import Any
 
 from twisted.internet.defer import Deferred

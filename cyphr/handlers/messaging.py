@@ -7,8 +7,9 @@ does not exist.
 
 from __future__ import annotations
 
+import json
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from cyphr.clock import now_ms
 from cyphr.errors import (
@@ -17,6 +18,7 @@ from cyphr.errors import (
     LAST_ADMIN,
     MESSAGE_DELETED,
     MESSAGE_NOT_FOUND,
+    MISSING_FIELD,
     NOT_A_GROUP,
     NOT_A_MEMBER,
     NOT_ADMIN,
@@ -26,10 +28,12 @@ from cyphr.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    PayloadTooLarge,
 )
 from cyphr.handlers.auth import AuthUser
 from cyphr.handlers.ratelimit import RateLimit
 from cyphr.handlers.sending import SendBatcher
+from cyphr.handlers.validation import Fields, invalid
 from cyphr.store.chats import (
     AlreadyMember,
     ChatStore,
@@ -41,9 +45,64 @@ from cyphr.store.chats import (
 from cyphr.store.identities import IdentityStore
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
 
+MESSAGE_TYPES = ("text", "image", "file", "audio", "video", "call", "payment", "system")
+
+
+def parse_send(body: dict[str, Any], max_payload: int) -> dict[str, Any]:
+    """The arguments of MessagingHandler.send from a send request's JSON
+    object (REST body or realtime event), checked; ApiError otherwise."""
+    fields = Fields(body, {"recipientId", "chatId", "encryptedPayload", "messageType", "clientMessageId"})
+    recipient = fields.cyphr_id("recipientId", required=False)
+    chat_id = fields.uuid("chatId") if fields.present("chatId") else None
+    if (recipient is None) == (chat_id is None):
+        raise BadRequest("Give either recipientId or chatId", code=MISSING_FIELD,
+                         details={"field": "recipientId"})
+    message_type = fields.text("messageType", required=False, max_length=16) or "text"
+    if message_type not in MESSAGE_TYPES:
+        raise invalid("messageType", f"messageType must be one of {', '.join(MESSAGE_TYPES)}")
+    client_message_id = fields.text("clientMessageId", required=False, max_length=128)
+    if client_message_id == "":
+        raise invalid("clientMessageId", "clientMessageId must not be empty")
+    payload = check_payload(fields.value("encryptedPayload"), max_payload)
+    return {"payload": payload, "message_type": message_type, "client_message_id": client_message_id,
+            "chat_id": chat_id, "recipient_id": recipient}
+
+
+def check_payload(value: Any, max_payload: int) -> str:
+    """An encryptedPayload as the text to store: a JSON object, within size."""
+    if not isinstance(value, dict):
+        raise invalid("encryptedPayload", "encryptedPayload must be a JSON object")
+    try:
+        payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise invalid("encryptedPayload", "encryptedPayload holds a number JSON cannot carry") from None
+    if len(payload.encode("utf-8")) > max_payload:
+        raise PayloadTooLarge(f"encryptedPayload is larger than {max_payload} bytes",
+                              details={"field": "encryptedPayload", "limit": max_payload})
+    return payload
+
 
 def _no_chat() -> NotFound:
     return NotFound("No such chat", code=CHAT_NOT_FOUND)
+
+
+class MessagingListener(Protocol):
+    """Who hears of what changed (the realtime layer)."""
+
+    def message_stored(self, message: Message, origin: Any) -> None: ...
+    def member_joined(self, chat_id: str, cyphr_id: str, last_seq: int = 0) -> None: ...
+    def member_left(self, chat_id: str, cyphr_id: str) -> None: ...
+
+
+class _Nobody:
+    def message_stored(self, message: Message, origin: Any) -> None:
+        pass
+
+    def member_joined(self, chat_id: str, cyphr_id: str, last_seq: int = 0) -> None:
+        pass
+
+    def member_left(self, chat_id: str, cyphr_id: str) -> None:
+        pass
 
 
 class MessagingHandler:
@@ -55,6 +114,7 @@ class MessagingHandler:
         self._batcher = batcher
         self._send_limit = send_limit
         self._clock = clock
+        self.listener: MessagingListener = _Nobody()
 
     async def _member(self, user: AuthUser, chat_id: str) -> Membership:
         membership = await self._chats.membership(chat_id, user.cyphr_id)
@@ -70,21 +130,27 @@ class MessagingHandler:
 
     async def send(self, user: AuthUser, *, payload: str, message_type: str,
                    client_message_id: str | None, chat_id: str | None = None,
-                   recipient_id: str | None = None) -> Message:
+                   recipient_id: str | None = None, origin: Any = None) -> Message:
         """Store one message, in a chat the sender belongs to or in the
         direct chat with ``recipient_id`` (created on first use). The REST
-        route and the realtime event both come here."""
+        route and the realtime event both come here; the listener hears of
+        the message once it is committed (``origin``: the socket that sent
+        it, which is not told)."""
         self._send_limit.hit(user.user_id)
         now = now_ms(self._clock)
         if recipient_id is not None:
             await self._exists(recipient_id)
-            chat_id = await self._chats.direct_chat(user.cyphr_id, recipient_id, now)
+            chat_id, created = await self._chats.direct_chat(user.cyphr_id, recipient_id, now)
+            if created:
+                for member in sorted({user.cyphr_id, recipient_id}):
+                    self.listener.member_joined(chat_id, member)
         assert chat_id is not None
         result = await self._batcher.submit(Outgoing(
             id=str(uuid.uuid4()), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
             message_type=message_type, client_message_id=client_message_id, created_at=now))
         if isinstance(result, NotAMember):
             raise _no_chat()
+        self.listener.message_stored(result, origin)
         return result
 
     async def history(self, user: AuthUser, chat_id: str, *, before: int | None, after: int | None,
@@ -130,8 +196,11 @@ class MessagingHandler:
         missing = [m for m in others if await self._identities.by_cyphr_id(m) is None]
         if missing:
             raise NotFound("No such user", code=USER_NOT_FOUND, details={"members": missing})
-        return await self._chats.create_group(user.cyphr_id, others, encrypted_name,
-                                              encrypted_settings, now_ms(self._clock))
+        chat_id = await self._chats.create_group(user.cyphr_id, others, encrypted_name,
+                                                 encrypted_settings, now_ms(self._clock))
+        for member in [user.cyphr_id, *others]:
+            self.listener.member_joined(chat_id, member)
+        return chat_id
 
     async def _admin_of_group(self, user: AuthUser, chat_id: str) -> Membership:
         membership = await self._member(user, chat_id)
@@ -149,9 +218,10 @@ class MessagingHandler:
         await self._admin_of_group(user, chat_id)
         await self._exists(cyphr_id)
         try:
-            await self._chats.add_member(chat_id, cyphr_id, now_ms(self._clock))
+            last_seq = await self._chats.add_member(chat_id, cyphr_id, now_ms(self._clock))
         except AlreadyMember:
             raise Conflict("Already a member", code=ALREADY_MEMBER) from None
+        self.listener.member_joined(chat_id, cyphr_id, last_seq)
 
     async def remove_member(self, user: AuthUser, chat_id: str, cyphr_id: str) -> None:
         """An admin removes a member, or a member leaves."""
@@ -163,6 +233,7 @@ class MessagingHandler:
             await self._admin_of_group(user, chat_id)
         if not await self._chats.remove_member(chat_id, cyphr_id):
             raise NotFound("Not a member of this chat", code=NOT_A_MEMBER)
+        self.listener.member_left(chat_id, cyphr_id)
 
     async def set_role(self, user: AuthUser, chat_id: str, cyphr_id: str, role: str) -> None:
         await self._admin_of_group(user, chat_id)

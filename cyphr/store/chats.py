@@ -64,13 +64,14 @@ class ChatStore:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def direct_chat(self, a: str, b: str, now: int) -> str:
-        """The one direct chat between ``a`` and ``b``, created on first use.
-        The unique direct_key makes two first messages at once agree on one."""
+    async def direct_chat(self, a: str, b: str, now: int) -> tuple[str, bool]:
+        """The one direct chat between ``a`` and ``b``, created on first use,
+        and whether this call created it. The unique direct_key makes two
+        first messages at once agree on one."""
         key = direct_key(a, b)
         rows = await self._db.run_query("SELECT id FROM chats WHERE direct_key = ?", (key,))
         if rows:
-            return rows[0][0]
+            return rows[0][0], False
         return await self._db.run_interaction("create_direct_chat", _direct_txn, a, b, key, now)
 
     async def membership(self, chat_id: str, cyphr_id: str) -> Membership | None:
@@ -92,14 +93,17 @@ class ChatStore:
             " ORDER BY joined_at, user_id", (chat_id,))
         return [Member(*row) for row in rows]
 
-    async def add_member(self, chat_id: str, cyphr_id: str, now: int) -> None:
+    async def add_member(self, chat_id: str, cyphr_id: str, now: int) -> int:
+        """Add a member, who starts at the chat's newest message (its seq is
+        the answer): what came before was not encrypted for it."""
         try:
-            await self._db.run_operation(
+            rows = await self._db.run_query(
                 "INSERT INTO chat_participants (chat_id, user_id, role, joined_at, read_up_to_seq,"
                 " delivered_up_to_seq) SELECT ?, ?, 'member', ?, last_seq, last_seq"
-                " FROM chats WHERE id = ?", (chat_id, cyphr_id, now, chat_id))
+                " FROM chats WHERE id = ? RETURNING delivered_up_to_seq", (chat_id, cyphr_id, now, chat_id))
         except IntegrityError:
             raise AlreadyMember() from None
+        return rows[0][0] if rows else 0
 
     async def remove_member(self, chat_id: str, cyphr_id: str) -> bool:
         """Remove a member; answer False if it was none. The last admin's
@@ -139,10 +143,51 @@ class ChatStore:
             " WHERE chat_id = ? AND user_id = ? AND read_up_to_seq < ?",
             (up_to_seq, up_to_seq, up_to_seq, chat_id, cyphr_id, up_to_seq))
 
-    async def mark_delivered(self, chat_id: str, message_id: str, cyphr_id: str, now: int) -> None:
+    async def mark_delivered(self, chat_id: str, message_id: str, cyphr_id: str, now: int,
+                             seq: int | None = None) -> None:
+        """A receipt for the message; with its ``seq``, the member's
+        delivered mark moves on too when the message is the next one."""
         await self._db.run_operation(
             "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (chat_id, message_id, user_id) DO NOTHING", (chat_id, message_id, cyphr_id, now))
+        if seq is not None:
+            await self._db.run_operation(
+                "UPDATE chat_participants SET delivered_up_to_seq = ?"
+                " WHERE chat_id = ? AND user_id = ? AND delivered_up_to_seq = ?",
+                (seq, chat_id, cyphr_id, seq - 1))
+
+    async def chat_positions(self, cyphr_id: str) -> list[tuple[str, int]]:
+        """The member's chats, each with the seq of its newest message."""
+        rows = await self._db.run_query(
+            "SELECT c.id, c.last_seq FROM chat_participants p JOIN chats c ON c.id = p.chat_id"
+            " WHERE p.user_id = ?", (cyphr_id,))
+        return [(chat_id, last_seq) for chat_id, last_seq in rows]
+
+    async def last_seq(self, chat_id: str) -> int | None:
+        rows = await self._db.run_query("SELECT last_seq FROM chats WHERE id = ?", (chat_id,))
+        return rows[0][0] if rows else None
+
+    async def partners(self, cyphr_id: str) -> list[str]:
+        """Everyone who shares a chat with ``cyphr_id``."""
+        rows = await self._db.run_query(
+            "SELECT DISTINCT o.user_id FROM chat_participants p JOIN chat_participants o"
+            " ON o.chat_id = p.chat_id WHERE p.user_id = ? AND o.user_id <> ?", (cyphr_id, cyphr_id))
+        return [row[0] for row in rows]
+
+    async def share_a_chat(self, a: str, b: str) -> bool:
+        rows = await self._db.run_query(
+            "SELECT 1 FROM chat_participants p JOIN chat_participants o ON o.chat_id = p.chat_id"
+            " WHERE p.user_id = ? AND o.user_id = ? LIMIT 1", (a, b))
+        return bool(rows)
+
+    async def unread_senders(self, chat_id: str, cyphr_id: str, up_to_seq: int) -> list[str]:
+        """Who sent the messages that reading up to ``up_to_seq`` marks read."""
+        rows = await self._db.run_query(
+            "SELECT DISTINCT m.sender_id FROM messages m JOIN chat_participants p"
+            " ON p.chat_id = m.chat_id AND p.user_id = ?"
+            " WHERE m.chat_id = ? AND m.seq > p.read_up_to_seq AND m.seq <= ? AND m.sender_id <> ?",
+            (cyphr_id, chat_id, up_to_seq, cyphr_id))
+        return [row[0] for row in rows]
 
     async def mark_message_read(self, chat_id: str, message_id: str, cyphr_id: str, now: int) -> None:
         await self._db.run_operation(
@@ -153,7 +198,7 @@ class ChatStore:
             (chat_id, message_id, cyphr_id, now, now))
 
 
-async def _direct_txn(txn: Transaction, a: str, b: str, key: str, now: int) -> str:
+async def _direct_txn(txn: Transaction, a: str, b: str, key: str, now: int) -> tuple[str, bool]:
     chat_id = str(uuid.uuid4())
     await txn.execute(
         "INSERT INTO chats (id, chat_type, direct_key, created_by, created_at, updated_at)"
@@ -164,9 +209,9 @@ async def _direct_txn(txn: Transaction, a: str, b: str, key: str, now: int) -> s
             await txn.execute(
                 "INSERT INTO chat_participants (chat_id, user_id, role, joined_at) VALUES (?, ?, 'member', ?)",
                 (chat_id, member, now))
-        return chat_id
+        return chat_id, True
     # The other side created it a moment ago.
-    return (await txn.execute("SELECT id FROM chats WHERE direct_key = ?", (key,)))[0][0]
+    return (await txn.execute("SELECT id FROM chats WHERE direct_key = ?", (key,)))[0][0], False
 
 
 async def _group_txn(txn: Transaction, creator: str, members: list[str], encrypted_name: str | None,

@@ -179,6 +179,10 @@ class IdentityStore:
                 " kyber_public_key = ?, kyber_key_signature = ?, updated_at = ? WHERE id = ?",
                 (device_hash, tokens_valid_after, kyber[0], kyber[1], now, user_id))
 
+    async def set_last_seen(self, cyphr_id: str, at: int) -> None:
+        await self._db.run_operation(
+            "UPDATE cyphr_identities SET last_seen = ? WHERE cyphr_id = ?", (at, cyphr_id))
+
     async def delete(self, identity: Identity, now: int) -> None:
         await self._db.run_interaction("delete_identity", _delete_txn, identity, now)
 

@@ -94,6 +94,37 @@ class MessageStore:
         page = [Message(*row) for row in rows]
         return page[:limit], len(page) > limit
 
+    async def undelivered(self, cyphr_id: str, after: tuple[str, int], limit: int) -> list[Message]:
+        """Messages of others in the member's chats that it has not
+        acknowledged as delivered, by chat and seq, past ``after``
+        (chat id, seq): the catch-up of a socket that comes back."""
+        rows = await self._db.run_query(
+            "SELECT " + _COLUMNS + " FROM chat_participants p JOIN messages m ON m.chat_id = p.chat_id"
+            " WHERE p.user_id = ? AND m.seq > p.delivered_up_to_seq AND m.sender_id <> p.user_id"
+            " AND m.deleted_at IS NULL AND (m.chat_id > ? OR (m.chat_id = ? AND m.seq > ?))"
+            " AND NOT EXISTS (SELECT 1 FROM message_receipts r WHERE r.chat_id = m.chat_id"
+            "  AND r.message_id = m.id AND r.user_id = p.user_id)"
+            " ORDER BY m.chat_id, m.seq LIMIT ?",
+            (cyphr_id, after[0], after[0], after[1], limit))
+        return [Message(*row) for row in rows]
+
+    async def by_id_for_member(self, message_id: str, cyphr_id: str) -> Message | None:
+        """The message, if ``cyphr_id`` is a member of its chat."""
+        rows = await self._db.run_query(
+            "SELECT " + _COLUMNS + " FROM messages m JOIN chat_participants p"
+            " ON p.chat_id = m.chat_id AND p.user_id = ? WHERE m.id = ?", (cyphr_id, message_id))
+        return Message(*rows[0]) if rows else None
+
+    async def by_seq(self, chat_id: str, seq: int) -> Message | None:
+        rows = await self._db.run_query(
+            "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id = ? AND m.seq = ?", (chat_id, seq))
+        return Message(*rows[0]) if rows else None
+
+    async def stream_position(self) -> int:
+        """The position of the newest committed message."""
+        rows = await self._db.run_query("SELECT last_position FROM message_stream WHERE id = 1")
+        return rows[0][0]
+
     async def by_id(self, message_id: str) -> Message | None:
         rows = await self._db.run_query("SELECT " + _COLUMNS + " FROM messages m WHERE m.id = ?",
                                         (message_id,))

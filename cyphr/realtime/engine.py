@@ -1,0 +1,637 @@
+"""
+Engine.IO v4 on Twisted: sessions, the HTTP long-polling transport, the
+WebSocket transport (Autobahn), the upgrade from one to the other, and the
+heartbeat. What runs over a session (Socket.IO) is someone else's business:
+the server hands every session to ``on_session`` and passes it the
+messages.
+
+Rules (see socketio-protocol.md): a bad handshake, an unknown sid, an
+unknown transport and a protocol violation get HTTP 400 with the reference
+server's ``{"code", "message"}`` body; a POST is answered ``ok``; a session
+whose client breaks the protocol is closed, and only that session.
+
+Outgoing packets wait in the session's queue while the transport cannot
+take them (no poll pending, a WebSocket whose TCP buffer is full, an upgrade
+in progress). A queue that passes ``buffer_limit`` bytes closes the session
+("slow consumer"): the client reconnects and catches up, the process does
+not grow without bound.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, Callable, Protocol
+from urllib.parse import parse_qs
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from cyphr.realtime.codec import (
+    CLOSE,
+    MESSAGE,
+    NOOP,
+    OPEN,
+    PING,
+    PONG,
+    UPGRADE,
+    EnginePacket,
+    ProtocolError,
+    decode_frame,
+    decode_payload,
+    encode_frame,
+    encode_payload,
+)
+
+_log = Logger()
+
+# The reference server's error codes.
+TRANSPORT_UNKNOWN = 0
+SESSION_UNKNOWN = 1
+BAD_HANDSHAKE_METHOD = 2
+BAD_REQUEST = 3
+UNSUPPORTED_PROTOCOL = 5
+_ERROR_MESSAGES = {
+    TRANSPORT_UNKNOWN: "Transport unknown",
+    SESSION_UNKNOWN: "Session ID unknown",
+    BAD_HANDSHAKE_METHOD: "Bad handshake method",
+    BAD_REQUEST: "Bad request",
+    UNSUPPORTED_PROTOCOL: "Unsupported protocol version",
+}
+
+# WebSocket close codes (Autobahn lets a server send 1000 or 3000-4999).
+CLOSE_NORMAL = 1000
+CLOSE_SHUTDOWN = 4001
+CLOSE_SLOW_CONSUMER = 4002
+CLOSE_PROTOCOL_ERROR = 4003
+CLOSE_POLICY = 4008
+
+PING_PACKET = EnginePacket(PING)
+NOOP_PACKET = EnginePacket(NOOP)
+CLOSE_PACKET = EnginePacket(CLOSE)
+
+POLLING = "polling"
+WEBSOCKET = "websocket"
+
+
+class SessionHandler(Protocol):
+    """What runs over a session: Socket.IO, or anything else."""
+
+    def message(self, data: str | bytes) -> None: ...
+    def closed(self, reason: str) -> None: ...
+
+
+class _Closing(Exception):
+    pass
+
+
+class Session:
+    """One Engine.IO session, on polling or on a WebSocket."""
+
+    __slots__ = (
+        "sid", "server", "handler", "transport", "closed", "_queue", "_queued_bytes", "_poll",
+        "_ws", "_probe", "_paused", "_ping_call", "_pong_deadline", "_upgrade_call", "_linger",
+        "client_ip", "__weakref__",
+    )
+
+    def __init__(self, server: EngineServer, sid: str, transport: str, client_ip: str) -> None:
+        self.sid = sid
+        self.server = server
+        self.handler: SessionHandler | None = None
+        self.transport = transport
+        self.client_ip = client_ip
+        self.closed = False
+        self._queue: list[EnginePacket] = []
+        self._queued_bytes = 0
+        self._poll: Any = None          # the pending polling GET
+        self._ws: EngineWebSocket | None = None
+        self._probe: EngineWebSocket | None = None  # the upgrade candidate
+        self._paused = False            # the WebSocket's TCP buffer is full
+        self._ping_call: Any = None
+        self._pong_deadline: Any = None
+        self._upgrade_call: Any = None
+        self._linger: Any = None
+
+    # -- sending --------------------------------------------------------
+
+    def send(self, data: str | bytes) -> None:
+        """Send one Engine.IO message (text or binary)."""
+        self._send_packet(EnginePacket(MESSAGE, data))
+
+    def send_many(self, messages: list[str | bytes]) -> None:
+        for data in messages:
+            self._send_packet(EnginePacket(MESSAGE, data))
+
+    def _send_packet(self, packet: EnginePacket) -> None:
+        if self.closed:
+            return
+        ws = self._ws
+        if ws is not None and not self._paused and not self._queue:
+            ws.send_packet(packet)
+            return
+        self._queue.append(packet)
+        self._queued_bytes += len(packet.data) + 1
+        if self._queued_bytes > self.server.buffer_limit:
+            _log.debug("Session {sid} closed: its client does not keep up", sid=self.sid)
+            self.close("slow consumer", code=CLOSE_SLOW_CONSUMER, flush=False)
+            return
+        if self._poll is not None:
+            self._answer_poll()
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._queued_bytes
+
+    def _take_queue(self) -> list[EnginePacket]:
+        queue, self._queue, self._queued_bytes = self._queue, [], 0
+        return queue
+
+    # -- polling --------------------------------------------------------
+
+    def poll(self, request: Any) -> Any:
+        """A polling GET: answer now if something waits, else hold it."""
+        if self._poll is not None:
+            # Two polls at once: the protocol is broken. Close the session,
+            # telling the older poll.
+            self._respond(self._poll, encode_payload([CLOSE_PACKET]))
+            self._poll = None
+            self.close("protocol error: concurrent polls", flush=False)
+            return self.server.error(request, BAD_REQUEST)
+        if self._probe is not None and self._probe.probed:
+            return encode_payload([NOOP_PACKET])  # the client is switching to the WebSocket
+        if self._queue:
+            body = encode_payload(self._take_queue())
+            if self.closed:
+                self._forget()
+            return body
+        if self.closed:
+            self._forget()
+            return encode_payload([CLOSE_PACKET])
+        self._poll = request
+        request.notifyFinish().addBoth(self._poll_gone, request)
+        return server.NOT_DONE_YET
+
+    def _poll_gone(self, _: Any, request: Any) -> None:
+        if self._poll is request:
+            self._poll = None
+
+    def _answer_poll(self, packets: list[EnginePacket] | None = None) -> None:
+        request, self._poll = self._poll, None
+        if request is None:
+            return
+        self._respond(request, encode_payload(packets if packets is not None else self._take_queue()))
+
+    @staticmethod
+    def _respond(request: Any, body: bytes) -> None:
+        if request.finished or request._disconnected:
+            return
+        request.setHeader(b"Content-Type", b"text/plain; charset=UTF-8")
+        request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+        request.write(body)
+        request.finish()
+
+    def receive_payload(self, body: bytes) -> None:
+        """A polling POST's body. ProtocolError closes the session."""
+        if self.transport != POLLING:
+            raise ProtocolError("POST on a session that upgraded")
+        for packet in decode_payload(body):
+            if self.closed:
+                return
+            self.receive(packet, websocket=False)
+
+    # -- receiving ------------------------------------------------------
+
+    def receive(self, packet: EnginePacket, *, websocket: bool) -> None:
+        kind = packet.type
+        if kind == MESSAGE:
+            if self.handler is not None:
+                self.handler.message(packet.data)
+        elif kind == PONG:
+            self._pong()
+        elif kind == CLOSE:
+            self.close("client close", flush=False, answer_poll=True)
+        elif kind == UPGRADE and websocket:
+            raise ProtocolError("upgrade on an upgraded session")
+        else:
+            raise ProtocolError(f"unexpected packet type {kind}")
+
+    # -- heartbeat ------------------------------------------------------
+
+    def start(self) -> None:
+        self._ping_call = self.server.clock.callLater(self.server.ping_interval, self._ping)
+
+    def _ping(self) -> None:
+        self._ping_call = None
+        self._send_packet(PING_PACKET)
+        if not self.closed:
+            self._pong_deadline = self.server.clock.callLater(self.server.ping_timeout, self._no_pong)
+
+    def _pong(self) -> None:
+        if self._pong_deadline is None:
+            return  # an unasked pong is harmless
+        self._pong_deadline.cancel()
+        self._pong_deadline = None
+        self._ping_call = self.server.clock.callLater(self.server.ping_interval, self._ping)
+
+    def _no_pong(self) -> None:
+        self._pong_deadline = None
+        self.close("ping timeout", flush=False)
+
+    # -- upgrade --------------------------------------------------------
+
+    def begin_upgrade(self, ws: EngineWebSocket) -> bool:
+        if self.closed or self.transport != POLLING or self._probe is not None:
+            return False
+        self._probe = ws
+        self._upgrade_call = self.server.clock.callLater(self.server.upgrade_timeout, self._upgrade_expired)
+        return True
+
+    def probed(self, ws: EngineWebSocket) -> None:
+        """``2probe`` arrived: the pending poll is answered with a noop so
+        that the client's polling loop pauses."""
+        if self._poll is not None:
+            self._answer_poll([NOOP_PACKET])
+
+    def upgraded(self, ws: EngineWebSocket) -> None:
+        """``5`` arrived: the session moves to the WebSocket, with every
+        packet that waited."""
+        if self._upgrade_call is not None and self._upgrade_call.active():
+            self._upgrade_call.cancel()
+        self._upgrade_call = None
+        self._probe = None
+        if self._poll is not None:
+            self._answer_poll([NOOP_PACKET])
+        self.transport = WEBSOCKET
+        self._ws = ws
+        self.flush()
+
+    def probe_lost(self, ws: EngineWebSocket) -> None:
+        if self._probe is ws:
+            self._probe = None
+            if self._upgrade_call is not None and self._upgrade_call.active():
+                self._upgrade_call.cancel()
+            self._upgrade_call = None
+
+    def _upgrade_expired(self) -> None:
+        self._upgrade_call = None
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.close(CLOSE_POLICY, "upgrade timeout")
+
+    # -- the WebSocket --------------------------------------------------
+
+    def attach(self, ws: EngineWebSocket) -> None:
+        self._ws = ws
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what waits, as far as the WebSocket takes it."""
+        ws = self._ws
+        if ws is None or self._paused or not self._queue:
+            return
+        queue = self._take_queue()
+        for index, packet in enumerate(queue):
+            if self._paused:
+                # The TCP buffer filled up: the rest waits for resume().
+                self._queue = queue[index:]
+                self._queued_bytes = sum(len(p.data) + 1 for p in self._queue)
+                return
+            ws.send_packet(packet)
+
+    def transport_lost(self, ws: EngineWebSocket) -> None:
+        if self._ws is ws:
+            self._ws = None
+            self.close("transport close", flush=False)
+
+    # -- closing --------------------------------------------------------
+
+    def close(self, reason: str, *, code: int = CLOSE_NORMAL, flush: bool = True,
+              answer_poll: bool = False) -> None:
+        """
+        End the session. With ``flush`` what is queued is still sent (over a
+        WebSocket at once; to polling at the next poll, if it comes soon).
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for call in (self._ping_call, self._pong_deadline, self._upgrade_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._ping_call = self._pong_deadline = self._upgrade_call = None
+        if self._probe is not None:
+            self._probe.close(CLOSE_NORMAL, reason)
+            self._probe = None
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            try:
+                handler.closed(reason)
+            except Exception:
+                _log.failure("Closing session {sid} failed", sid=self.sid)
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            if flush:
+                for packet in self._take_queue():
+                    ws.send_packet(packet)
+            ws.close(code, reason)
+            self._forget()
+            return
+        if answer_poll or not flush:
+            self._queue, self._queued_bytes = [], 0
+        if self._poll is not None:
+            # A client's close answers the pending poll with a noop; ours with
+            # what waits, then the close packet.
+            self._answer_poll([NOOP_PACKET] if answer_poll else self._take_queue() + [CLOSE_PACKET])
+            self._forget()
+        elif flush and self._queue:
+            # Keep the queue for the next poll, for a little while.
+            self._queue.append(CLOSE_PACKET)
+            self._linger = self.server.clock.callLater(self.server.ping_timeout, self._forget)
+        else:
+            self._forget()
+
+    def _forget(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+        self._queue, self._queued_bytes = [], 0
+        self.server.forget(self)
+
+
+class EngineServer:
+    """The session table and the settings every session follows."""
+
+    def __init__(self, clock: Any, *, on_session: Callable[[Session], SessionHandler],
+                 ping_interval: float = 25.0, ping_timeout: float = 20.0,
+                 upgrade_timeout: float = 10.0, max_payload: int = 1_000_000,
+                 buffer_limit: int = 4 * 1024 * 1024, client_ip: Callable[[Any], str] | None = None,
+                 ) -> None:
+        self.clock = clock
+        self.on_session = on_session
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.upgrade_timeout = upgrade_timeout
+        self.max_payload = max_payload
+        self.buffer_limit = buffer_limit
+        self.client_ip = client_ip or (lambda request: getattr(request.getClientAddress(), "host", ""))
+        self.sessions: dict[str, Session] = {}
+        self.accepting = True
+        self.handover_ip = ""
+        self.resource = EngineResource(self)
+
+    def open_packet(self, upgrades: list[str], sid: str) -> EnginePacket:
+        return EnginePacket(OPEN, json.dumps({
+            "sid": sid,
+            "upgrades": upgrades,
+            "pingInterval": int(self.ping_interval * 1000),
+            "pingTimeout": int(self.ping_timeout * 1000),
+            "maxPayload": self.max_payload,
+        }, separators=(",", ":")))
+
+    def new_session(self, transport: str, client_ip: str) -> Session:
+        sid = secrets.token_urlsafe(15)
+        session = Session(self, sid, transport, client_ip)
+        self.sessions[sid] = session
+        return session
+
+    def started(self, session: Session) -> None:
+        """Hand the open session to its handler and start its heartbeat."""
+        session.start()
+        try:
+            session.handler = self.on_session(session)
+        except Exception:
+            _log.failure("Starting session {sid} failed", sid=session.sid)
+            session.close("server error", flush=False)
+
+    def forget(self, session: Session) -> None:
+        if self.sessions.get(session.sid) is session:
+            del self.sessions[session.sid]
+
+    def counts(self) -> dict[str, int]:
+        counts = {POLLING: 0, WEBSOCKET: 0}
+        for session in self.sessions.values():
+            if not session.closed:
+                counts[session.transport] += 1
+        return counts
+
+    def close_all(self, reason: str, code: int = CLOSE_SHUTDOWN) -> None:
+        """Close every session (the service is stopping), sending what each
+        has queued first."""
+        self.accepting = False
+        for session in list(self.sessions.values()):
+            session.close(reason, code=code)
+        # A polling client that is not polling now will not be waited for.
+        for session in list(self.sessions.values()):
+            session._forget()
+
+    @staticmethod
+    def error(request: Any, code: int, status: int = 400) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({"code": code, "message": _ERROR_MESSAGES[code]}).encode("ascii")
+
+
+class EngineResource(resource.Resource):
+    """``/socket.io/``: the polling transport, and the door to the WebSocket one."""
+
+    isLeaf = True
+
+    def __init__(self, engine: EngineServer) -> None:
+        super().__init__()
+        self.engine = engine
+        factory = WebSocketServerFactory()
+        factory.protocol = EngineWebSocket
+        factory.engine = engine
+        factory.setProtocolOptions(
+            webStatus=False,
+            maxMessagePayloadSize=engine.max_payload,
+            maxFramePayloadSize=engine.max_payload,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            # The Engine.IO heartbeat does the job of WebSocket pings.
+            autoPingInterval=0,
+        )
+        self._websocket = WebSocketResource(factory)
+
+    def render(self, request: Any) -> Any:
+        request.route = "/socket.io/"
+        args = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"))
+        engine = self.engine
+        if args.get("EIO") != ["4"]:
+            return engine.error(request, UNSUPPORTED_PROTOCOL)
+        transport = args.get("transport", [""])[0]
+        if transport not in (POLLING, WEBSOCKET):
+            return engine.error(request, TRANSPORT_UNKNOWN)
+        sid = args.get("sid", [None])[0]
+        method = request.method
+        if sid is None:
+            if method != b"GET":
+                return engine.error(request, BAD_HANDSHAKE_METHOD)
+            if not engine.accepting:
+                return engine.error(request, BAD_REQUEST, 503)
+        elif sid not in engine.sessions or engine.sessions[sid].closed and transport == WEBSOCKET:
+            return engine.error(request, SESSION_UNKNOWN)
+        if transport == WEBSOCKET:
+            if method != b"GET" or (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
+                return engine.error(request, BAD_REQUEST)
+            # The WebSocket takes the connection over: the HTTP channel's
+            # idle timeout must no longer apply to it.
+            request.channel.setTimeout(None)
+            engine.handover_ip = engine.client_ip(request)
+            try:
+                return self._websocket.render(request)
+            finally:
+                engine.handover_ip = ""
+        if sid is None:
+            session = engine.new_session(POLLING, engine.client_ip(request))
+            request.setHeader(b"Content-Type", b"text/plain; charset=UTF-8")
+            body = encode_payload([engine.open_packet([WEBSOCKET], session.sid)])
+            engine.started(session)
+            return body
+        session = engine.sessions[sid]
+        if session.transport != POLLING:
+            return engine.error(request, BAD_REQUEST)
+        if method == b"GET":
+            body = session.poll(request)
+            if body is not server.NOT_DONE_YET and isinstance(body, bytes):
+                request.setHeader(b"Content-Type", b"text/plain; charset=UTF-8")
+            return body
+        if method == b"POST":
+            if session.closed:
+                return engine.error(request, SESSION_UNKNOWN)
+            request.content.seek(0)
+            try:
+                session.receive_payload(request.content.read())
+            except ProtocolError as e:
+                _log.debug("Session {sid} broke the protocol: {error}", sid=sid, error=str(e))
+                session.close("protocol error", flush=False)
+                return engine.error(request, BAD_REQUEST)
+            request.setHeader(b"Content-Type", b"text/html")
+            return b"ok"
+        return engine.error(request, BAD_REQUEST)
+
+    def body_refused(self, uri: bytes) -> None:
+        """A POST whose body passed the limit was refused with 413 before
+        reaching us: the session it was meant for ends too."""
+        args = parse_qs(uri.partition(b"?")[2].decode("latin-1"))
+        sid = args.get("sid", [None])[0]
+        session = self.engine.sessions.get(sid) if sid else None
+        if session is not None:
+            session.close("payload too large", flush=False)
+
+
+class EngineWebSocket(WebSocketServerProtocol):
+    """One WebSocket: a fresh session, or the upgrade of a polling one."""
+
+    session: Session | None = None
+    upgrading = False
+    probed = False
+    client_ip = ""
+
+    def connectionMade(self) -> None:
+        # The site's view of the client (trusted proxies applied), handed
+        # over by EngineResource.render, which runs this synchronously.
+        self.client_ip = self.factory.engine.handover_ip
+        super().connectionMade()
+
+    def onConnect(self, request: Any) -> None:
+        engine: EngineServer = self.factory.engine
+        sid = request.params.get("sid", [None])[0]
+        if sid is not None:
+            session = engine.sessions.get(sid)
+            if session is None or not session.begin_upgrade(self):
+                raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "Session ID unknown")
+            self.session = session
+            self.upgrading = True
+        return None
+
+    def onOpen(self) -> None:
+        engine: EngineServer = self.factory.engine
+        # Twisted's HTTP channel registered itself as the producer of this
+        # connection; from now on the WebSocket is.
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            pass
+        self.transport.registerProducer(self, True)
+        if self.upgrading:
+            return
+        session = engine.new_session(WEBSOCKET, self.client_ip)
+        session.attach(self)
+        self.session = session
+        self.send_packet(engine.open_packet([], session.sid))
+        engine.started(session)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self.session
+        if session is None:
+            return
+        try:
+            frame: str | bytes = payload if isBinary else payload.decode("utf-8")
+            packet = decode_frame(frame)
+            if self.upgrading:
+                self._upgrade_step(session, packet)
+                return
+            session.receive(packet, websocket=True)
+        except (ProtocolError, UnicodeDecodeError) as e:
+            _log.debug("Session {sid} broke the protocol: {error}", sid=session.sid, error=str(e))
+            if self.upgrading:
+                self.close(CLOSE_PROTOCOL_ERROR, "protocol error")
+            else:
+                session.close("protocol error", code=CLOSE_PROTOCOL_ERROR, flush=False)
+
+    def _upgrade_step(self, session: Session, packet: EnginePacket) -> None:
+        if packet.type == PING and packet.data == "probe" and not self.probed:
+            self.probed = True
+            self.send_packet(EnginePacket(PONG, "probe"))
+            session.probed(self)
+        elif packet.type == UPGRADE and self.probed:
+            self.upgrading = False
+            session.upgraded(self)
+        else:
+            raise ProtocolError("unexpected packet during the upgrade")
+
+    def send_packet(self, packet: EnginePacket) -> None:
+        if self.state != self.STATE_OPEN:
+            return  # closing: onClose tells the session
+        frame = encode_frame(packet)
+        if isinstance(frame, bytes):
+            self.sendMessage(frame, isBinary=True)
+        else:
+            self.sendMessage(frame.encode("utf-8"), isBinary=False)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendClose(code, reason)
+        elif self.state not in (self.STATE_CLOSING, self.STATE_CLOSED):
+            self.dropConnection(abort=True)
+
+    # -- flow control (IPushProducer for the TCP transport) --------------
+
+    def pauseProducing(self) -> None:
+        if self.session is not None and not self.upgrading:
+            self.session.pause()
+
+    def resumeProducing(self) -> None:
+        if self.session is not None and not self.upgrading:
+            self.session.resume()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        if self.upgrading:
+            session.probe_lost(self)
+        else:
+            session.transport_lost(self)

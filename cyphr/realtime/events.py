@@ -1,0 +1,697 @@
+"""
+Cyphr's realtime events (API.md, "Realtime") on the Socket.IO layer:
+authentication, rooms, messages and their receipts, typing, presence, call
+signalling, offline catch-up, and fan-out to the other nodes over the bus.
+
+Rooms: ``user:<cyphrId>`` holds a user's sockets, ``chat:<chatId>`` the
+sockets of a chat's members. Every event is checked against the database
+or against room membership, which follows the database (joins and leaves
+are broadcast to every node).
+
+Order: each node keeps one feed per chat that has sockets here. A message
+reaches the feed from this node's commits or from the bus; the feed hands
+messages on in seq order, waits a moment for a missing one and then
+fetches it, so that every socket sees its chats without gaps and in order.
+A socket that comes back first gets what it has not acknowledged as
+delivered (the catch-up), then ``sync_complete``; what arrives live during
+the catch-up is held and sent after it, without duplicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cyphr.api.messaging import message_json
+from cyphr.clock import iso, now_ms
+from cyphr.errors import (
+    CHAT_NOT_FOUND,
+    INTERNAL_ERROR,
+    INVALID_BODY,
+    MESSAGE_NOT_FOUND,
+    RATE_LIMITED,
+    UNAUTHORIZED,
+    USER_NOT_FOUND,
+    ApiError,
+    BadRequest,
+    NotFound,
+    Unauthorized,
+)
+from cyphr.handlers.auth import Authenticator, AuthUser
+from cyphr.handlers.messaging import MessagingHandler, parse_send
+from cyphr.handlers.validation import Fields, invalid
+from cyphr.realtime.bus import Bus
+from cyphr.realtime.codec import EVENT, SocketPacket, encode_packet
+from cyphr.realtime.presence import Presence
+from cyphr.realtime.socketio import (
+    ConnectRefused,
+    RateExceeded,
+    Socket,
+    SocketServer,
+    UnknownEvent,
+)
+from cyphr.store.chats import ChatStore
+from cyphr.store.identities import IdentityStore
+from cyphr.store.messages import Message, MessageStore
+
+_log = Logger()
+
+AUTH_TIMEOUT = 10.0          # seconds an unauthenticated socket may stay
+CATCH_UP_PAGE = 200          # messages per catch-up query
+GAP_WAIT = 0.25              # seconds a feed waits for a missing seq before fetching it
+HEARTBEAT = 15.0             # seconds between a node's heartbeats on the bus
+NODE_SILENCE = 60.0          # a node silent this long has its presence forgotten
+PARTNER_CACHE = 60.0         # seconds "these two share a chat" is believed
+CALL_TYPES = ("audio", "video")
+_FIRST = ("00000000-0000-0000-0000-000000000000", -1)
+
+
+class Client:
+    """What a socket is, to Cyphr."""
+
+    __slots__ = ("auth_timer", "catching_up", "seen", "user", "welcomed")
+
+    def __init__(self) -> None:
+        self.user: AuthUser | None = None
+        self.auth_timer: Any = None
+        self.welcomed = False
+        # While catching up: the live messages that arrive meanwhile.
+        self.catching_up: list[tuple[str, int, list[str | bytes]]] | None = None
+        # chat -> the highest seq the catch-up sent (live ones up to it are dropped).
+        self.seen: dict[str, int] | None = None
+
+
+@dataclass
+class Feed:
+    """The messages of one chat on their way to this node's sockets."""
+
+    next_seq: int
+    pending: dict[int, tuple[dict[str, Any], Socket | None]]
+    timer: Any = None
+    filling: bool = False
+
+
+def _ok(**fields: Any) -> dict[str, Any]:
+    return {"success": True, **fields}
+
+
+def _frames(event: str, data: Any) -> list[str | bytes]:
+    return encode_packet(SocketPacket(EVENT, "/", [event, data]))
+
+
+def _body(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise BadRequest("The event's data must be a JSON object", code=INVALID_BODY)
+    return data
+
+
+class Realtime:
+    def __init__(self, *, sockets: SocketServer, authenticator: Authenticator,
+                 messaging: MessagingHandler, chats: ChatStore, messages: MessageStore,
+                 identities: IdentityStore, bus: Bus, clock: Any, max_payload: int) -> None:
+        self.sockets = sockets
+        self._authenticator = authenticator
+        self._messaging = messaging
+        self._chats = chats
+        self._messages = messages
+        self._identities = identities
+        self.bus = bus
+        self._clock = clock
+        self._max_payload = max_payload
+        self.presence = Presence(clock)
+        self.feeds: dict[str, Feed] = {}
+        self._partners: dict[tuple[str, str], float] = {}
+        self._heartbeat: Any = None
+
+        ns = self.ns = sockets.namespace("/")
+        ns.connect_handler = self._connect
+        ns.connected_handler = self._connected
+        ns.disconnect_handler = self._disconnected
+        ns.error_ack = self._error_ack
+        ns.on("authenticate", self._authenticate)
+        for event, handler in (
+            ("send_message", self._send_message),
+            ("message_delivered", self._message_delivered),
+            ("message_read", self._message_read),
+            ("typing", self._typing),
+            ("join_chat", self._join_chat),
+            ("call_offer", self._call_offer),
+            ("call_answer", self._call_answer),
+            ("call_ice_candidate", self._call_ice_candidate),
+            ("call_end", self._call_end),
+        ):
+            ns.on(event, self._signed_in(handler))
+        messaging.listener = self
+        bus.on_event = self._bus_event
+        bus.on_restored = self._bus_restored
+
+    # -- life cycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._publish({"t": "hello", "n": self.bus.node_id})
+        self._heartbeat = self._clock.callLater(HEARTBEAT, self._beat)
+
+    def stop(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+        for feed in self.feeds.values():
+            if feed.timer is not None and feed.timer.active():
+                feed.timer.cancel()
+
+    def _beat(self) -> None:
+        self._publish({"t": "h", "n": self.bus.node_id})
+        for node in self.presence.silent_nodes(NODE_SILENCE):
+            _log.info("Node {node} went silent; forgetting its users", node=node)
+            self.presence.forget_node(node)
+        self._heartbeat = self._clock.callLater(HEARTBEAT, self._beat)
+
+    def stats(self) -> dict[str, int]:
+        return {"connections": self.presence.connections, "users": self.presence.users}
+
+    def is_online(self, cyphr_id: str) -> bool:
+        return self.presence.is_online(cyphr_id)
+
+    # -- authentication -------------------------------------------------------
+
+    async def _connect(self, socket: Socket, auth: Any) -> None:
+        client = socket.state = Client()
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if token is not None:
+            if not isinstance(token, str):
+                raise ConnectRefused("unauthorized", {"code": UNAUTHORIZED})
+            try:
+                client.user = await self._authenticator.authenticate_token(token)
+            except ApiError as e:
+                raise ConnectRefused(e.message, {"code": e.code}) from None
+
+    def _connected(self, socket: Socket) -> Deferred[None] | None:
+        client: Client = socket.state
+        if client.user is not None:
+            return ensureDeferred(self._welcome(socket))
+        client.auth_timer = self._clock.callLater(AUTH_TIMEOUT, self._auth_expired, socket)
+        return None
+
+    def _auth_expired(self, socket: Socket) -> None:
+        socket.state.auth_timer = None
+        if socket.state.user is None:
+            socket.session.close("authentication timeout")
+
+    async def _authenticate(self, socket: Socket, data: Any = None) -> dict[str, Any]:
+        client: Client = socket.state
+        body = _body(data)
+        if client.user is not None:
+            return _ok(userId=client.user.cyphr_id, cyphrId=client.user.cyphr_id)
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            # The original {userId, publicKey} proves nothing.
+            raise Unauthorized("Authenticate with a session token: {token}", code=UNAUTHORIZED)
+        user = await self._authenticator.authenticate_token(token)
+        if client.user is not None or not socket.connected:
+            return _ok(userId=user.cyphr_id, cyphrId=user.cyphr_id)
+        client.user = user
+        if client.auth_timer is not None and client.auth_timer.active():
+            client.auth_timer.cancel()
+        client.auth_timer = None
+        # The ack first, then the welcome (rooms, catch-up).
+        self._clock.callLater(0, self._start_welcome, socket)
+        return _ok(userId=user.cyphr_id, cyphrId=user.cyphr_id)
+
+    def _start_welcome(self, socket: Socket) -> None:
+        ensureDeferred(self._welcome(socket)).addErrback(
+            lambda f: _log.failure("Welcoming a socket failed", f))
+
+    async def _welcome(self, socket: Socket) -> None:
+        """Rooms, presence, ``authenticated``, the catch-up, ``sync_complete``."""
+        client: Client = socket.state
+        user = client.user
+        assert user is not None
+        if client.welcomed:
+            return
+        client.welcomed = True
+        me = user.cyphr_id
+        client.catching_up = []
+        try:
+            positions = await self._chats.chat_positions(me)
+        except ApiError:
+            socket.session.close("database unavailable")
+            return
+        if not socket.connected:
+            return
+        socket.join("user:" + me)
+        for chat_id, last_seq in positions:
+            self._join(socket, chat_id, last_seq)
+        if self.presence.add(me, socket):
+            self._publish({"t": "p", "n": self.bus.node_id, "u": me, "o": 1})
+            if not self.presence.elsewhere(me):
+                self._spawn(self._announce(me, {"userId": me}, "user_online"))
+        socket.emit("authenticated", {"userId": me, "cyphrId": me})
+        try:
+            await self._catch_up(socket, me)
+        except ApiError:
+            socket.session.close("database unavailable")
+            return
+        except Exception:
+            _log.failure("The catch-up of {user} failed", user=me)
+            socket.session.close("server error")
+            return
+
+    async def _catch_up(self, socket: Socket, me: str) -> None:
+        client: Client = socket.state
+        cursor = await self._messages.stream_position()
+        after = _FIRST
+        seen: dict[str, int] = {}
+        while socket.connected:
+            page = await self._messages.undelivered(me, after, CATCH_UP_PAGE)
+            if not socket.connected:
+                return
+            for message in page:
+                socket.send_frames(_frames("new_message", {"message": message_json(message)}))
+                seen[message.chat_id] = message.seq
+            if len(page) < CATCH_UP_PAGE:
+                break
+            after = (page[-1].chat_id, page[-1].seq)
+            await self._drained(socket)
+        held, client.catching_up = client.catching_up or [], None
+        client.seen = seen or None
+        for chat_id, seq, frames in held:
+            if seq > seen.get(chat_id, 0):
+                socket.send_frames(frames)
+        socket.emit("sync_complete", {"cursor": cursor})
+
+    async def _drained(self, socket: Socket) -> None:
+        """Wait while the socket has much unsent (the catch-up must not
+        outrun a slow client into the buffer limit)."""
+        session = socket.session
+        limit = session.server.buffer_limit // 2
+        while socket.connected and session.buffered_bytes > limit:
+            d: Deferred[None] = Deferred()
+            self._clock.callLater(0.05, d.callback, None)
+            await d
+
+    def _disconnected(self, socket: Socket, reason: str) -> None:
+        client: Client | None = socket.state
+        if client is None:
+            return
+        if client.auth_timer is not None and client.auth_timer.active():
+            client.auth_timer.cancel()
+        client.auth_timer = None
+        for room in socket.rooms:
+            if room.startswith("chat:") and self.ns.room_size(room) <= 1:
+                self._close_feed(room[5:])
+        user = client.user
+        if user is None or not client.welcomed:
+            return
+        me = user.cyphr_id
+        if self.presence.remove(me, socket):
+            now = now_ms(self._clock)
+            self._publish({"t": "p", "n": self.bus.node_id, "u": me, "o": 0})
+            self._spawn(self._identities.set_last_seen(me, now))
+            if not self.presence.elsewhere(me):
+                self._spawn(self._announce(me, {"userId": me, "lastSeen": iso(now)}, "user_offline"))
+
+    async def _announce(self, me: str, data: dict[str, Any], event: str) -> None:
+        """Tell everyone who shares a chat with ``me``, on every node."""
+        partners = await self._chats.partners(me)
+        self.emit_to_users(partners, event, data)
+
+    # -- events ---------------------------------------------------------------
+
+    def _signed_in(self, handler: Any) -> Any:
+        async def guarded(socket: Socket, *args: Any) -> Any:
+            client: Client = socket.state
+            if client.user is None:
+                raise Unauthorized("Authenticate first", code=UNAUTHORIZED)
+            return await handler(socket, client.user, *args)
+        return guarded
+
+    async def _send_message(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
+        arguments = parse_send(_body(data), self._max_payload)
+        message = await self._messaging.send(user, origin=socket, **arguments)
+        return _ok(messageId=message.id, chatId=message.chat_id, seq=message.seq,
+                   timestamp=iso(message.created_at))
+
+    async def _member_message(self, user: AuthUser, body: dict[str, Any]) -> Message:
+        fields = Fields(body, body.keys())
+        message_id = fields.uuid("messageId")
+        chat_id = fields.uuid("chatId") if body.get("chatId") is not None else None
+        message = await self._messages.by_id_for_member(message_id, user.cyphr_id)
+        if message is None or (chat_id is not None and message.chat_id != chat_id):
+            raise NotFound("No such message", code=MESSAGE_NOT_FOUND)
+        return message
+
+    async def _message_delivered(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
+        message = await self._member_message(user, _body(data))
+        if message.sender_id != user.cyphr_id:
+            now = now_ms(self._clock)
+            await self._chats.mark_delivered(message.chat_id, message.id, user.cyphr_id, now,
+                                             seq=message.seq)
+            self.emit_to_users([message.sender_id], "message_delivered", {
+                "messageId": message.id, "chatId": message.chat_id, "userId": user.cyphr_id,
+                "at": iso(now)})
+        return _ok(messageId=message.id, chatId=message.chat_id)
+
+    async def _message_read(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
+        body = _body(data)
+        now = now_ms(self._clock)
+        if body.get("messageId") is not None:
+            message = await self._member_message(user, body)
+            if message.sender_id != user.cyphr_id:
+                await self._chats.mark_message_read(message.chat_id, message.id, user.cyphr_id, now)
+                self.emit_to_users([message.sender_id], "message_read", {
+                    "messageId": message.id, "chatId": message.chat_id, "userId": user.cyphr_id,
+                    "at": iso(now)})
+            return _ok(messageId=message.id, chatId=message.chat_id)
+        fields = Fields(body, body.keys())
+        chat_id = fields.uuid("chatId")
+        up_to = fields.integer("upToSeq", minimum=0, maximum=2**62)
+        assert up_to is not None
+        membership = await self._chats.membership(chat_id, user.cyphr_id)
+        if membership is None:
+            raise NotFound("No such chat", code=CHAT_NOT_FOUND)
+        up_to = min(up_to, membership.chat.last_seq)
+        senders = await self._chats.unread_senders(chat_id, user.cyphr_id, up_to)
+        await self._chats.mark_read(chat_id, user.cyphr_id, up_to)
+        if senders:
+            self.emit_to_users(senders, "message_read", {
+                "upToSeq": up_to, "chatId": chat_id, "userId": user.cyphr_id, "at": iso(now)})
+        return _ok(chatId=chat_id, upToSeq=up_to)
+
+    async def _typing(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
+        body = _body(data)
+        fields = Fields(body, body.keys())
+        chat_id = fields.uuid("chatId")
+        typing = body.get("isTyping", True)
+        if not isinstance(typing, bool):
+            raise invalid("isTyping", "isTyping must be true or false")
+        if "chat:" + chat_id not in socket.rooms:
+            raise NotFound("No such chat", code=CHAT_NOT_FOUND)
+        self.emit_to_rooms(["chat:" + chat_id], "user_typing", {
+            "chatId": chat_id, "userId": user.cyphr_id, "isTyping": typing}, skip_user=user.cyphr_id)
+        return _ok()
+
+    async def _join_chat(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
+        body = _body(data)
+        chat_id = Fields(body, body.keys()).uuid("chatId")
+        membership = await self._chats.membership(chat_id, user.cyphr_id)
+        if membership is None:
+            raise NotFound("No such chat", code=CHAT_NOT_FOUND)
+        if socket.connected:
+            self._join(socket, chat_id, membership.chat.last_seq)
+        return _ok(chatId=chat_id)
+
+    async def _call_target(self, user: AuthUser, body: dict[str, Any]) -> tuple[Fields, str, str]:
+        fields = Fields(body, body.keys())
+        call_id = fields.text("callId", max_length=128)
+        to = fields.cyphr_id("to")
+        assert call_id is not None and to is not None
+        if to == user.cyphr_id or not await self._share_a_chat(user.cyphr_id, to):
+            # Strangers cannot ring each other, nor learn who exists.
+            raise NotFound("No such user", code=USER_NOT_FOUND, details={"to": to})
+        return fields, call_id, to
+
+    async def _share_a_chat(self, a: str, b: str) -> bool:
+        key = (a, b) if a < b else (b, a)
+        now = self._clock.seconds()
+        at = self._partners.get(key)
+        if at is not None and now - at < PARTNER_CACHE:
+            return True
+        if not await self._chats.share_a_chat(a, b):
+            return False
+        if len(self._partners) > 100_000:
+            self._partners.clear()
+        self._partners[key] = now
+        return True
+
+    def _relay(self, to: str, event: str, data: dict[str, Any]) -> dict[str, Any]:
+        if not self.emit_to_users([to], event, data):
+            raise ApiError("The event is too large to relay", code="PAYLOAD_TOO_LARGE", status=413)
+        return _ok()
+
+    async def _call_offer(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
+        body = _body(data)
+        fields, call_id, to = await self._call_target(user, body)
+        call_type = fields.text("callType", required=False, max_length=16) or "audio"
+        if call_type not in CALL_TYPES:
+            raise invalid("callType", "callType must be audio or video")
+        offer = fields.value("offer")
+        return self._relay(to, "incoming_call", {
+            "callId": call_id, "from": user.cyphr_id, "offer": offer, "callType": call_type})
+
+    async def _call_answer(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
+        fields, call_id, to = await self._call_target(user, _body(data))
+        return self._relay(to, "call_answer", {
+            "callId": call_id, "from": user.cyphr_id, "answer": fields.value("answer")})
+
+    async def _call_ice_candidate(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
+        fields, call_id, to = await self._call_target(user, _body(data))
+        return self._relay(to, "call_ice_candidate", {
+            "callId": call_id, "from": user.cyphr_id, "candidate": fields.value("candidate")})
+
+    async def _call_end(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
+        fields, call_id, to = await self._call_target(user, _body(data))
+        reason = fields.text("reason", required=False, max_length=64)
+        return self._relay(to, "call_end", {
+            "callId": call_id, "from": user.cyphr_id, "reason": reason or "ended"})
+
+    @staticmethod
+    def _error_ack(failure: Failure) -> dict[str, Any]:
+        if failure.check(ApiError):
+            return failure.value.to_json()
+        if failure.check(RateExceeded):
+            return {"success": False, "error": "Too many events", "code": RATE_LIMITED}
+        if failure.check(UnknownEvent):
+            return {"success": False, "error": "Unknown event", "code": "UNKNOWN_EVENT"}
+        _log.failure("Unexpected error answering an event", failure)
+        return {"success": False, "error": "Internal server error", "code": INTERNAL_ERROR}
+
+    # -- emitting, here and on the other nodes ----------------------------------
+
+    def emit_to_users(self, users: list[str], event: str, data: dict[str, Any]) -> bool:
+        return self.emit_to_rooms(["user:" + u for u in users], event, data)
+
+    def emit_to_rooms(self, rooms: list[str], event: str, data: dict[str, Any],
+                      skip_user: str | None = None) -> bool:
+        """Emit to these rooms' sockets on every node, once per socket.
+        False if the event was too large for the other nodes (it still
+        reached this node's sockets)."""
+        self._emit_local(rooms, event, data, skip_user)
+        published = True
+        for start in range(0, len(rooms), 100):
+            envelope = {"t": "e", "r": rooms[start:start + 100], "e": event, "d": data}
+            if skip_user is not None:
+                envelope["u"] = skip_user
+            published = self._publish(envelope) and published
+        return published
+
+    def _emit_local(self, rooms: list[str], event: str, data: Any, skip_user: str | None) -> None:
+        targets: set[Socket] = set()
+        for room in rooms:
+            members = self.ns.rooms.get(room)
+            if members:
+                targets.update(members)
+        if not targets:
+            return
+        frames = _frames(event, data)
+        for socket in targets:
+            client = socket.state
+            if skip_user is not None and client.user is not None and client.user.cyphr_id == skip_user:
+                continue
+            socket.send_frames(frames)
+
+    def _publish(self, event: dict[str, Any]) -> bool:
+        try:
+            self.bus.publish(event)
+        except ValueError:
+            return False
+        return True
+
+    @staticmethod
+    def _spawn(coroutine: Any) -> None:
+        ensureDeferred(coroutine).addErrback(_quiet_failure)
+
+    # -- rooms and feeds --------------------------------------------------------
+
+    def _join(self, socket: Socket, chat_id: str, last_seq: int) -> None:
+        socket.join("chat:" + chat_id)
+        if chat_id not in self.feeds:
+            self.feeds[chat_id] = Feed(next_seq=last_seq + 1, pending={})
+
+    def _close_feed(self, chat_id: str) -> None:
+        feed = self.feeds.pop(chat_id, None)
+        if feed is not None and feed.timer is not None and feed.timer.active():
+            feed.timer.cancel()
+
+    def _joined(self, chat_id: str, cyphr_id: str, last_seq: int) -> None:
+        for socket in list(self.presence.sockets(cyphr_id)):
+            if socket.connected:
+                self._join(socket, chat_id, last_seq)
+
+    def _left(self, chat_id: str, cyphr_id: str) -> None:
+        room = "chat:" + chat_id
+        for socket in list(self.presence.sockets(cyphr_id)):
+            socket.leave(room)
+        if not self.ns.room_size(room):
+            self._close_feed(chat_id)
+
+    # MessagingListener: what the REST routes and the events change.
+
+    def member_joined(self, chat_id: str, cyphr_id: str, last_seq: int = 0) -> None:
+        self._joined(chat_id, cyphr_id, last_seq)
+        self._publish({"t": "j", "c": chat_id, "u": cyphr_id, "s": last_seq})
+
+    def member_left(self, chat_id: str, cyphr_id: str) -> None:
+        self._left(chat_id, cyphr_id)
+        self._publish({"t": "l", "c": chat_id, "u": cyphr_id})
+
+    def message_stored(self, message: Message, origin: Any) -> None:
+        as_json = message_json(message)
+        self._arrive(message.chat_id, message.seq, as_json, origin)
+        event = {"t": "m", "c": message.chat_id, "s": message.seq, "m": as_json}
+        if not self.bus.fits(event):
+            del event["m"]  # the other nodes fetch it
+        self._publish(event)
+
+    # -- the feeds: in order, without gaps ---------------------------------------
+
+    def _arrive(self, chat_id: str, seq: int, message: dict[str, Any], origin: Socket | None) -> None:
+        feed = self.feeds.get(chat_id)
+        if feed is None or seq < feed.next_seq:
+            return
+        if seq > feed.next_seq:
+            feed.pending[seq] = (message, origin)
+            if feed.timer is None and not feed.filling:
+                feed.timer = self._clock.callLater(GAP_WAIT, self._gap, chat_id)
+            return
+        self._deliver(chat_id, seq, message, origin)
+        feed.next_seq = seq + 1
+        while feed.next_seq in feed.pending:
+            message, origin = feed.pending.pop(feed.next_seq)
+            self._deliver(chat_id, feed.next_seq, message, origin)
+            feed.next_seq += 1
+        if not feed.pending and feed.timer is not None:
+            if feed.timer.active():
+                feed.timer.cancel()
+            feed.timer = None
+
+    def _deliver(self, chat_id: str, seq: int, message: dict[str, Any], origin: Socket | None) -> None:
+        members = self.ns.rooms.get("chat:" + chat_id)
+        if not members:
+            return
+        frames = _frames("new_message", {"message": message})
+        for socket in members:
+            if socket is origin:
+                continue
+            client: Client = socket.state
+            if client.catching_up is not None:
+                client.catching_up.append((chat_id, seq, frames))
+                continue
+            seen = client.seen
+            if seen is not None and chat_id in seen:
+                if seq <= seen[chat_id]:
+                    continue
+                del seen[chat_id]
+                if not seen:
+                    client.seen = None
+            socket.send_frames(frames)
+
+    def _gap(self, chat_id: str) -> None:
+        feed = self.feeds.get(chat_id)
+        if feed is None:
+            return
+        feed.timer = None
+        if feed.pending:
+            self._spawn(self._fill(chat_id, feed))
+
+    async def _fill(self, chat_id: str, feed: Feed) -> None:
+        """Fetch what the feed misses; skip what no longer exists."""
+        feed.filling = True
+        try:
+            missing_from = feed.next_seq
+            page, _ = await self._messages.history(chat_id, before=None, after=missing_from - 1,
+                                                   limit=200)
+        finally:
+            feed.filling = False
+        if self.feeds.get(chat_id) is not feed:
+            return
+        for message in page:
+            if message.seq >= feed.next_seq and message.seq not in feed.pending:
+                feed.pending[message.seq] = (message_json(message), None)
+        if feed.pending and feed.next_seq not in feed.pending:
+            feed.next_seq = min(feed.pending)  # purged meanwhile: skip it
+        if feed.pending:
+            first = feed.next_seq
+            message, origin = feed.pending.pop(first)
+            self._arrive(chat_id, first, message, origin)
+
+    async def _fetch_and_arrive(self, chat_id: str, seq: int) -> None:
+        message = await self._messages.by_seq(chat_id, seq)
+        if message is not None:
+            self._arrive(chat_id, seq, message_json(message), None)
+
+    # -- the bus ----------------------------------------------------------------
+
+    def _bus_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("t")
+        node = event.get("n", "")
+        if node:
+            self.presence.heard(node)
+        if kind == "m":
+            chat_id, seq = event["c"], event["s"]
+            if chat_id not in self.feeds:
+                return
+            if "m" in event:
+                self._arrive(chat_id, seq, event["m"], None)
+            else:
+                self._spawn(self._fetch_and_arrive(chat_id, seq))
+        elif kind == "e":
+            self._emit_local(event["r"], event["e"], event["d"], event.get("u"))
+        elif kind == "j":
+            self._joined(event["c"], event["u"], event.get("s", 0))
+        elif kind == "l":
+            self._left(event["c"], event["u"])
+        elif kind == "p" and node:
+            if event.get("o"):
+                self.presence.remote_online(node, event["u"])
+            else:
+                self.presence.remote_offline(node, event["u"])
+        elif kind == "P" and node:
+            for user in event.get("us", ()):
+                self.presence.remote_online(node, user)
+        elif kind == "hello":
+            self._announce_users()
+
+    def _announce_users(self) -> None:
+        users = list(self.presence.local)
+        for start in range(0, len(users), 200):
+            self._publish({"t": "P", "n": self.bus.node_id, "us": users[start:start + 200]})
+
+    def _bus_restored(self) -> None:
+        """The bus was down: others may have missed our presence, and our
+        feeds may have missed messages. Catch up on both."""
+        self._announce_users()
+        for chat_id, feed in list(self.feeds.items()):
+            if feed.timer is None and not feed.filling:
+                self._spawn(self._fill_or_check(chat_id, feed))
+
+    async def _fill_or_check(self, chat_id: str, feed: Feed) -> None:
+        last = await self._chats.last_seq(chat_id)
+        while last is not None and last >= feed.next_seq and self.feeds.get(chat_id) is feed:
+            page, more = await self._messages.history(chat_id, before=None, after=feed.next_seq - 1,
+                                                      limit=200)
+            for message in page:
+                self._arrive(chat_id, message.seq, message_json(message), None)
+            if not more or not page:
+                break
+
+
+def _quiet_failure(failure: Failure) -> None:
+    if failure.check(ApiError):
+        _log.info("A realtime task failed: {error}", error=failure.getErrorMessage())
+        return
+    _log.failure("A realtime task failed", failure)
+

@@ -1,0 +1,125 @@
+"""
+The stock python-socketio client, driven from trial tests.
+
+``socketio.Client`` (the threaded one, over requests and websocket-client)
+runs in its own threads; what it receives is kept in order, and tests wait
+for it from the reactor through the thread pool. Nothing here speaks the
+protocol itself: that is the point.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import socketio
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+
+reactor.suggestThreadPoolSize(40)
+
+SERVER_EVENTS = (
+    "authenticated", "new_message", "message_delivered", "message_read", "user_typing",
+    "user_online", "user_offline", "sync_complete", "incoming_call", "call_answer",
+    "call_ice_candidate", "call_end",
+)
+
+
+class SioClient:
+    """One stock client; ``received`` is every event in arrival order."""
+
+    def __init__(self, url: str, *, transports: list[str] | None = None) -> None:
+        self.url = url
+        self.transports = transports
+        self.sio = socketio.Client(reconnection=False)
+        self.received: list[tuple[str, Any]] = []
+        self.connect_errors: list[Any] = []
+        self.disconnects: list[Any] = []
+        self._changed = threading.Condition()
+        for event in SERVER_EVENTS:
+            self.sio.on(event, self._recorder(event))
+        self.sio.on("connect_error", self._connect_error)
+        self.sio.on("disconnect", self._disconnected)
+
+    def _recorder(self, event: str) -> Any:
+        def record(data: Any = None) -> None:
+            with self._changed:
+                self.received.append((event, data))
+                self._changed.notify_all()
+        return record
+
+    def _connect_error(self, data: Any = None) -> None:
+        with self._changed:
+            self.connect_errors.append(data)
+            self._changed.notify_all()
+
+    def _disconnected(self, reason: Any = None) -> None:
+        with self._changed:
+            self.disconnects.append(reason)
+            self._changed.notify_all()
+
+    # -- from the reactor ---------------------------------------------------
+
+    def connect(self, auth: Any = None) -> Deferred[None]:
+        def go() -> None:
+            self.sio.connect(self.url, auth=auth, transports=self.transports, wait_timeout=10)
+        return deferToThread(go)
+
+    def call(self, event: str, data: Any = None, timeout: float = 10) -> Deferred[Any]:
+        return deferToThread(self.sio.call, event, data, timeout=timeout)
+
+    def emit(self, event: str, data: Any = None) -> Deferred[None]:
+        return deferToThread(self.sio.emit, event, data)
+
+    def disconnect(self) -> Deferred[None]:
+        return deferToThread(self.sio.disconnect)
+
+    def events(self, name: str) -> list[Any]:
+        with self._changed:
+            return [data for event, data in self.received if event == name]
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 10) -> Deferred[list[Any]]:
+        """Wait until ``count`` events ``name`` have arrived; answer them all."""
+        def wait() -> list[Any]:
+            deadline = time.monotonic() + timeout
+            with self._changed:
+                while True:
+                    found = [data for event, data in self.received if event == name]
+                    if len(found) >= count:
+                        return found
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise AssertionError(
+                            f"{len(found)} of {count} {name!r} events after {timeout}s;"
+                            f" received {[e for e, _ in self.received]}")
+                    self._changed.wait(left)
+        return deferToThread(wait)
+
+    def wait_disconnected(self, timeout: float = 10) -> Deferred[Any]:
+        def wait() -> Any:
+            deadline = time.monotonic() + timeout
+            with self._changed:
+                while not self.disconnects:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise AssertionError("still connected")
+                    self._changed.wait(left)
+                return self.disconnects[0]
+        return deferToThread(wait)
+
+
+async def sessions_closed(server: Any, timeout: float = 10) -> None:
+    """Wait until the server holds no session (every connection closed)."""
+    deadline = time.monotonic() + timeout
+    while server.engine.sessions:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(server.engine.sessions)} sessions still open")
+        d: Deferred[None] = Deferred()
+        reactor.callLater(0.02, d.callback, None)
+        await d
+
+
+def url_of(server: Any, port: Any) -> str:
+    return f"http://127.0.0.1:{port.getHost().port}"

@@ -1,0 +1,237 @@
+"""
+Several server processes on one PostgreSQL database: realtime events cross
+from node to node over LISTEN/NOTIFY, once per socket and in order, and
+survive PostgreSQL restarting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests import postgres
+from tests.helpers import InProcessHTTP, PostgresMixin, start_server
+from tests.realtime import SioClient, sessions_closed
+from tests.users import User
+
+SHARED = {"jwt_secret": "j" * 40, "fingerprint_key": "f" * 40, "totp_key": "t" * 40,
+          "rate_limit_send": (100_000, 1), "realtime_event_rate": (100_000, 1)}
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+async def until(predicate: Any, timeout: float = 10, what: str = "condition") -> None:
+    waited = 0.0
+    while not predicate():
+        if waited > timeout:
+            raise AssertionError(f"{what} not reached after {timeout}s")
+        await sleep(0.05)
+        waited += 0.05
+
+
+class Node:
+    def __init__(self, server: Any, url: str) -> None:
+        self.server = server
+        self.url = url
+        self.http = InProcessHTTP.for_server(server)
+
+
+class ClusterMixin:
+    timeout = 120
+
+    async def node(self, database: str) -> Node:
+        server = await start_server(self, serve=True, database=database, node_id=f"node{len(self.nodes)}",
+                                    **SHARED)
+        [port] = [await d for d in server.listening()]
+        node = Node(server, f"http://127.0.0.1:{port.getHost().port}")
+        self.nodes.append(node)
+        await until(lambda: server.bus.listening, what="LISTEN")
+        return node
+
+    async def cluster(self, database: str, count: int = 2) -> list[Node]:
+        self.nodes: list[Node] = []
+        self.clients: list[SioClient] = []
+        self.addCleanup(self._close_clients)
+        return [await self.node(database) for _ in range(count)]
+
+    async def _close_clients(self) -> None:
+        for client in self.clients:
+            if client.sio.connected:
+                await client.disconnect()
+        for node in self.nodes:
+            await sessions_closed(node.server)
+
+    async def user(self, node: Node, name: str) -> User:
+        user = User(name)
+        await user.register(node.http)
+        return user
+
+    async def connect(self, node: Node, user: User, transports: list[str] | None = None) -> SioClient:
+        client = SioClient(node.url, transports=transports or ["websocket"])
+        self.clients.append(client)
+        await client.connect({"token": user.token})
+        await client.wait_for("sync_complete")
+        return client
+
+
+class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
+    async def test_events_cross_nodes_once(self) -> None:
+        a_node, b_node = await self.cluster(self.database_setting())
+        alice = await self.user(a_node, "alice")
+        bob = await self.user(b_node, "bob")
+        first = await a_node.http.post("/api/messaging/send", {
+            "recipientId": "bob", "encryptedPayload": {"n": 0}}, headers=alice.auth())
+        chat_id = first.json()["chatId"]
+        a = await self.connect(a_node, alice)
+        b = await self.connect(b_node, bob, transports=["polling", "websocket"])
+        b2 = await self.connect(a_node, bob)  # bob on both nodes
+        # Presence crossed: bob's first socket came on node B.
+        [online] = await a.wait_for("user_online")
+        self.assertEqual(online, {"userId": "bob"})
+
+        ack = await a.call("send_message", {"chatId": chat_id, "encryptedPayload": {"n": 1}})
+        self.assertTrue(ack["success"], ack)
+        got_b = await b.wait_for("new_message", 2)
+        got_b2 = await b2.wait_for("new_message", 2)
+        self.assertEqual([m["message"]["seq"] for m in got_b], [1, 2])
+        self.assertEqual([m["message"]["seq"] for m in got_b2], [1, 2])
+        reply = await b.call("send_message", {"chatId": chat_id, "encryptedPayload": {"n": 2}})
+        [got] = await a.wait_for("new_message")
+        self.assertEqual(got["message"]["id"], reply["messageId"])
+
+        await b.call("message_delivered", {"messageId": ack["messageId"], "chatId": chat_id})
+        [delivered] = await a.wait_for("message_delivered")
+        self.assertEqual(delivered["userId"], "bob")
+        await b.call("message_read", {"chatId": chat_id, "upToSeq": ack["seq"]})
+        [read] = await a.wait_for("message_read")
+        self.assertEqual(read["upToSeq"], ack["seq"])
+
+        await a.call("typing", {"chatId": chat_id, "isTyping": True})
+        await b.wait_for("user_typing")
+        await b2.wait_for("user_typing")
+
+        await b.call("call_offer", {"callId": "k1", "to": "alice", "offer": {"sdp": "o"}})
+        [incoming] = await a.wait_for("incoming_call")
+        self.assertEqual(incoming["from"], "bob")
+        await a.call("call_answer", {"callId": "k1", "to": "bob", "answer": {"sdp": "a"}})
+        await b.wait_for("call_answer")
+        await b2.wait_for("call_answer")
+
+        await sleep(0.5)  # anything duplicated would have come by now
+        self.assertEqual(len(b.events("new_message")), 2)
+        self.assertEqual(len(b2.events("new_message")), 3)  # also bob's own reply from node B
+        self.assertEqual(len(a.events("new_message")), 1)
+        self.assertEqual(len(a.events("message_delivered")), 1)
+        self.assertEqual(len(a.events("message_read")), 1)
+        self.assertEqual(len(b.events("user_typing")), 1)
+        self.assertEqual(len(a.events("incoming_call")), 1)
+        self.assertEqual(len(b.events("call_answer")), 1)
+        self.assertEqual(len(a.events("user_online")), 1)
+
+        # Bob leaves node B but stays on node A: still online.
+        await b.disconnect()
+        await sleep(0.3)
+        self.assertEqual(a.events("user_offline"), [])
+        await b2.disconnect()
+        [offline] = await a.wait_for("user_offline")
+        self.assertEqual(offline["userId"], "bob")
+
+    async def test_ordering_across_nodes(self) -> None:
+        nodes = await self.cluster(self.database_setting())
+        users = [await self.user(nodes[n % 2], f"user{n}") for n in range(4)]
+        response = await nodes[0].http.post("/api/messaging/create-group", {
+            "members": [u.cyphr_id for u in users[1:]]}, headers=users[0].auth())
+        chat_id = response.json()["chatId"]
+        clients = [await self.connect(nodes[n % 2], u) for n, u in enumerate(users)]
+
+        async def burst(client: SioClient, count: int) -> None:
+            results = await DeferredList([
+                client.call("send_message", {"chatId": chat_id, "encryptedPayload": {"i": i}})
+                for i in range(count)], consumeErrors=True)
+            for ok, ack in results:
+                assert ok and ack["success"], ack
+
+        await DeferredList([Deferred.fromCoroutine(burst(c, 25)) for c in clients[1:]],
+                           fireOnOneErrback=True, consumeErrors=True)
+        got = await clients[0].wait_for("new_message", 75)
+        self.assertEqual([m["message"]["seq"] for m in got], list(range(1, 76)))
+        for client in clients[1:]:
+            seqs = [m["message"]["seq"] for m in await client.wait_for("new_message", 50)]
+            self.assertEqual(seqs, sorted(set(seqs)))
+            self.assertEqual(len(seqs), 50)
+
+
+class RestartTests(ClusterMixin, TestCase):
+    """PostgreSQL restarts mid-conversation: nothing acknowledged is lost."""
+
+    async def setUp(self) -> None:
+        self.cluster_pg = await deferToThread(postgres.new_cluster)
+        self.addCleanup(deferToThread, self.cluster_pg.destroy)
+        self.url = await deferToThread(self.cluster_pg.create_database)
+
+    def database_setting(self) -> str:
+        return self.url
+
+    async def test_restart_mid_conversation(self) -> None:
+        a_node, b_node = await self.cluster(self.url)
+        alice = await self.user(a_node, "alice")
+        bob = await self.user(b_node, "bob")
+        a = await self.connect(a_node, alice)
+        b = await self.connect(b_node, bob)
+        acked: list[dict[str, Any]] = []
+        ack = await a.call("send_message", {"recipientId": "bob", "encryptedPayload": {"n": 0}})
+        acked.append(ack)
+        await b.wait_for("new_message")
+
+        await deferToThread(self.cluster_pg.stop)
+        refused = await a.call("send_message", {"chatId": ack["chatId"], "encryptedPayload": {"n": -1}})
+        self.assertEqual((refused["success"], refused["code"]), (False, "DATABASE_UNAVAILABLE"))
+        await deferToThread(self.cluster_pg.start)
+        # Node A writes as soon as its pool is back, perhaps before node B
+        # listens again: B must recover those from the database.
+        await until(lambda: a_node.server.database.ready, what="node A's database")
+        for n in range(1, 6):
+            while True:
+                ack = await a.call("send_message", {"chatId": ack["chatId"], "encryptedPayload": {"n": n}})
+                if ack["success"]:
+                    break
+                await sleep(0.1)
+            acked.append(ack)
+        # No later message comes to reveal a gap: what node B missed while it
+        # was not listening comes from its resync when LISTEN is back.
+        await b.wait_for("new_message", len(acked), timeout=20)
+        await sleep(0.3)
+        got = b.events("new_message")
+        self.assertEqual([m["message"]["id"] for m in got], [m["messageId"] for m in acked])
+
+    async def test_missed_notifications_are_recovered(self) -> None:
+        """Whatever a node missed while its LISTEN was down reaches its
+        sockets when the bus is restored, in order, once."""
+        a_node, b_node = await self.cluster(self.url)
+        alice = await self.user(a_node, "alice")
+        bob = await self.user(b_node, "bob")
+        a = await self.connect(a_node, alice)
+        b = await self.connect(b_node, bob)
+        acked = [await a.call("send_message", {"recipientId": "bob", "encryptedPayload": {"n": 0}})]
+        await b.wait_for("new_message")
+        bus = b_node.server.bus
+        hear, bus.on_event = bus.on_event, lambda event: None  # deaf, as while reconnecting
+        for n in range(1, 4):
+            acked.append(await a.call("send_message", {"chatId": acked[0]["chatId"],
+                                                       "encryptedPayload": {"n": n}}))
+        await sleep(0.3)
+        self.assertEqual(len(b.events("new_message")), 1)
+        bus.on_event = hear
+        bus.on_restored()
+        await b.wait_for("new_message", 4)
+        await sleep(0.3)
+        self.assertEqual([m["message"]["id"] for m in b.events("new_message")],
+                         [m["messageId"] for m in acked])

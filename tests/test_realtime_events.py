@@ -1,0 +1,341 @@
+"""
+Cyphr's realtime events over a real port, with the stock python-socketio
+client: authentication, chat, receipts, typing, presence, calls, the
+offline catch-up, ordering, on both engines and on every transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.trial.unittest import TestCase
+
+from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, start_server
+from tests.realtime import SioClient, sessions_closed
+from tests.users import User
+
+del asyncio
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+class RealtimeMixin:
+    transports: list[str] | None = ["websocket"]
+
+    async def serve(self, **overrides: Any) -> None:
+        self.server = await start_server(self, serve=True, **overrides)
+        [port] = [await d for d in self.server.listening()]
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        self.http = InProcessHTTP.for_server(self.server)
+        self.clients: list[SioClient] = []
+        self.addCleanup(self._close_clients)
+
+    async def _close_clients(self) -> None:
+        for client in self.clients:
+            if client.sio.connected:
+                await client.disconnect()
+        await sessions_closed(self.server)
+
+    async def user(self, name: str) -> User:
+        user = User(name)
+        await user.register(self.http)
+        return user
+
+    async def connect(self, user: User | None, *, auth: Any = None, sync: bool = True,
+                      transports: list[str] | None = None) -> SioClient:
+        client = SioClient(self.url, transports=transports or self.transports)
+        self.clients.append(client)
+        await client.connect(auth if auth is not None else ({"token": user.token} if user else None))
+        if user is not None and sync:
+            await client.wait_for("sync_complete")
+        return client
+
+    async def direct_chat(self, a: User, b: User) -> str:
+        response = await self.http.post("/api/messaging/send", {
+            "recipientId": b.cyphr_id, "encryptedPayload": {"hello": True}}, headers=a.auth())
+        assert response.code == 201, response.body
+        return response.json()["chatId"]
+
+    async def group(self, admin: User, *members: User) -> str:
+        response = await self.http.post("/api/messaging/create-group", {
+            "members": [m.cyphr_id for m in members]}, headers=admin.auth())
+        assert response.code in (200, 201), response.body
+        return response.json()["chatId"]
+
+    # -- authentication ----------------------------------------------------
+
+    async def test_connect_with_token(self) -> None:
+        await self.serve()
+        alice = await self.user("alice")
+        client = await self.connect(alice)
+        [authenticated] = client.events("authenticated")
+        self.assertEqual(authenticated, {"userId": "alice", "cyphrId": "alice"})
+        [done] = client.events("sync_complete")
+        self.assertIsInstance(done["cursor"], int)
+
+    async def test_invalid_token_is_refused(self) -> None:
+        await self.serve()
+        client = SioClient(self.url, transports=self.transports)
+        self.clients.append(client)
+        with self.assertRaises(Exception):
+            await client.connect({"token": "not-a-token"})
+        self.assertEqual(client.connect_errors[0]["data"]["code"], "INVALID_TOKEN")
+        self.assertTrue(client.connect_errors[0]["message"])
+
+    async def test_authenticate_event(self) -> None:
+        await self.serve()
+        alice = await self.user("alice")
+        client = await self.connect(None)
+        # The original unauthenticated form proves nothing and is refused.
+        refused = await client.call("authenticate", {"userId": "alice", "publicKey": "AAAA"})
+        self.assertEqual((refused["success"], refused["code"]), (False, "UNAUTHORIZED"))
+        # Before authentication nothing else is allowed.
+        refused = await client.call("send_message", {"recipientId": "alice", "encryptedPayload": {}})
+        self.assertEqual(refused["code"], "UNAUTHORIZED")
+        bad = await client.call("authenticate", {"token": "x.y.z"})
+        self.assertEqual((bad["success"], bad["code"]), (False, "INVALID_TOKEN"))
+        ack = await client.call("authenticate", {"token": alice.token})
+        self.assertEqual(ack, {"success": True, "userId": "alice", "cyphrId": "alice"})
+        await client.wait_for("authenticated")
+        await client.wait_for("sync_complete")
+
+    # -- messages -------------------------------------------------------------
+
+    async def test_two_users_chat(self) -> None:
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        a = await self.connect(alice)
+        a2 = await self.connect(alice)
+        b = await self.connect(bob)
+        ack = await a.call("send_message", {
+            "recipientId": "bob", "encryptedPayload": {"ct": "AAAA"}, "clientMessageId": "c1"})
+        self.assertTrue(ack["success"], ack)
+        self.assertEqual(ack["seq"], 1)
+        [got] = await b.wait_for("new_message")
+        message = got["message"]
+        self.assertEqual((message["id"], message["senderId"], message["seq"], message["clientMessageId"]),
+                         (ack["messageId"], "alice", 1, "c1"))
+        self.assertEqual(message["encryptedPayload"], {"ct": "AAAA"})
+        # The sender's other socket hears of it; the sending socket does not.
+        await a2.wait_for("new_message")
+        reply = await b.call("send_message", {"chatId": ack["chatId"], "encryptedPayload": {"ct": "BBBB"}})
+        self.assertEqual(reply["seq"], 2)
+        [got] = await a.wait_for("new_message")
+        self.assertEqual(got["message"]["senderId"], "bob")
+        self.assertEqual(len(a.events("new_message")), 1)
+        # The REST route fans out too.
+        await self.direct_chat(bob, alice)
+        await a.wait_for("new_message", 2)
+
+    async def test_send_errors(self) -> None:
+        await self.serve()
+        alice = await self.user("alice")
+        a = await self.connect(alice)
+        for data, code in [
+            ({"recipientId": "nobody", "encryptedPayload": {}}, "USER_NOT_FOUND"),
+            ({"chatId": str(uuid.uuid4()), "encryptedPayload": {}}, "CHAT_NOT_FOUND"),
+            ({"recipientId": "bob"}, "MISSING_FIELD"),
+            ({"recipientId": "alice", "encryptedPayload": "no"}, "INVALID_FIELD"),
+            ("not an object", "INVALID_BODY"),
+        ]:
+            ack = await a.call("send_message", data)
+            self.assertEqual((ack["success"], ack["code"]), (False, code), data)
+        unknown = await a.call("no_such_event", {})
+        self.assertEqual(unknown["code"], "UNKNOWN_EVENT")
+
+    async def test_group_fan_out(self) -> None:
+        await self.serve()
+        alice, bob, carol, dave = [await self.user(n) for n in ("alice", "bob", "carol", "dave")]
+        chat_id = await self.group(alice, bob, carol)
+        a, b, c, d = [await self.connect(u) for u in (alice, bob, carol, dave)]
+        ack = await b.call("send_message", {"chatId": chat_id, "encryptedPayload": {"g": 1}})
+        for client in (a, c):
+            [got] = await client.wait_for("new_message")
+            self.assertEqual(got["message"]["id"], ack["messageId"])
+        await sleep(0.2)
+        self.assertEqual(d.events("new_message"), [])
+        self.assertEqual(b.events("new_message"), [])
+        # A member added later joins the room at once; a removed one leaves it.
+        added = await self.http.post(f"/api/chats/{chat_id}/members/dave", {}, headers=alice.auth())
+        self.assertIn(added.code, (200, 201), added.body)
+        removed = await self.http.request("DELETE", f"/api/chats/{chat_id}/members/carol",
+                                          headers=alice.auth())
+        self.assertEqual(removed.code, 200, removed.body)
+        ack = await a.call("send_message", {"chatId": chat_id, "encryptedPayload": {"g": 2}})
+        [got] = await d.wait_for("new_message")
+        self.assertEqual(got["message"]["seq"], ack["seq"])
+        await b.wait_for("new_message")
+        await sleep(0.2)
+        self.assertEqual(len(c.events("new_message")), 1)
+        typing = await c.call("typing", {"chatId": chat_id, "isTyping": True})
+        self.assertEqual(typing["code"], "CHAT_NOT_FOUND")
+
+    async def test_receipts(self) -> None:
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        a, b = await self.connect(alice), await self.connect(bob)
+        first = await a.call("send_message", {"recipientId": "bob", "encryptedPayload": {"n": 1}})
+        second = await a.call("send_message", {"recipientId": "bob", "encryptedPayload": {"n": 2}})
+        await b.wait_for("new_message", 2)
+        ack = await b.call("message_delivered", {"messageId": first["messageId"]})
+        self.assertTrue(ack["success"], ack)
+        [delivered] = await a.wait_for("message_delivered")
+        self.assertEqual((delivered["messageId"], delivered["chatId"], delivered["userId"]),
+                         (first["messageId"], first["chatId"], "bob"))
+        self.assertTrue(delivered["at"].endswith("Z"))
+        ack = await b.call("message_read", {"chatId": first["chatId"], "upToSeq": second["seq"]})
+        self.assertTrue(ack["success"], ack)
+        [read] = await a.wait_for("message_read")
+        self.assertEqual((read["upToSeq"], read["chatId"], read["userId"]), (2, first["chatId"], "bob"))
+        ack = await b.call("message_read", {"messageId": second["messageId"]})
+        self.assertTrue(ack["success"], ack)
+        reads = await a.wait_for("message_read", 2)
+        self.assertEqual(reads[1]["messageId"], second["messageId"])
+        # Nobody acknowledges a message of a chat it is not in.
+        carol = await self.user("carol")
+        c = await self.connect(carol)
+        refused = await c.call("message_delivered", {"messageId": first["messageId"]})
+        self.assertEqual(refused["code"], "MESSAGE_NOT_FOUND")
+        refused = await c.call("message_read", {"chatId": first["chatId"], "upToSeq": 1})
+        self.assertEqual(refused["code"], "CHAT_NOT_FOUND")
+        await sleep(0.2)
+        self.assertEqual(len(a.events("message_delivered")), 1)
+
+    async def test_typing(self) -> None:
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        chat_id = await self.direct_chat(alice, bob)
+        a, a2, b = await self.connect(alice), await self.connect(alice), await self.connect(bob)
+        ack = await a.call("typing", {"chatId": chat_id, "isTyping": True})
+        self.assertTrue(ack["success"], ack)
+        [typing] = await b.wait_for("user_typing")
+        self.assertEqual(typing, {"chatId": chat_id, "userId": "alice", "isTyping": True})
+        await sleep(0.2)
+        self.assertEqual(a.events("user_typing") + a2.events("user_typing"), [])
+        refused = await a.call("typing", {"chatId": str(uuid.uuid4()), "isTyping": True})
+        self.assertEqual(refused["code"], "CHAT_NOT_FOUND")
+
+    async def test_presence(self) -> None:
+        await self.serve()
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        await self.direct_chat(alice, bob)
+        a = await self.connect(alice)
+        c = await self.connect(carol)
+        b = await self.connect(bob)
+        [online] = await a.wait_for("user_online")
+        self.assertEqual(online, {"userId": "bob"})
+        profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
+        self.assertTrue(profile.json()["user"]["isOnline"], profile.body)
+        b2 = await self.connect(bob)  # a second socket: nobody is told again
+        await b.disconnect()
+        await sleep(0.2)
+        self.assertEqual(a.events("user_offline"), [])
+        await b2.disconnect()
+        [offline] = await a.wait_for("user_offline")
+        self.assertEqual(offline["userId"], "bob")
+        self.assertTrue(offline["lastSeen"].endswith("Z"))
+        await sleep(0.1)
+        profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
+        self.assertFalse(profile.json()["user"]["isOnline"])
+        self.assertEqual(profile.json()["user"]["lastSeen"], offline["lastSeen"])
+        # Carol shares no chat with bob: she saw nothing.
+        self.assertEqual(c.events("user_online") + c.events("user_offline"), [])
+
+    async def test_calls(self) -> None:
+        await self.serve()
+        alice, bob, mallory = await self.user("alice"), await self.user("bob"), await self.user("mallory")
+        await self.direct_chat(alice, bob)
+        a, b, m = await self.connect(alice), await self.connect(bob), await self.connect(mallory)
+        offer = {"type": "offer", "sdp": "v=0..."}
+        ack = await a.call("call_offer", {"callId": "call-1", "to": "bob", "offer": offer, "callType": "video"})
+        self.assertTrue(ack["success"], ack)
+        [incoming] = await b.wait_for("incoming_call")
+        self.assertEqual(incoming, {"callId": "call-1", "from": "alice", "offer": offer, "callType": "video"})
+        await b.call("call_answer", {"callId": "call-1", "to": "alice", "answer": {"sdp": "x"}})
+        [answer] = await a.wait_for("call_answer")
+        self.assertEqual(answer, {"callId": "call-1", "from": "bob", "answer": {"sdp": "x"}})
+        await a.call("call_ice_candidate", {"callId": "call-1", "to": "bob", "candidate": {"c": 1}})
+        [candidate] = await b.wait_for("call_ice_candidate")
+        self.assertEqual(candidate["candidate"], {"c": 1})
+        await b.call("call_end", {"callId": "call-1", "to": "alice"})
+        [end] = await a.wait_for("call_end")
+        self.assertEqual(end, {"callId": "call-1", "from": "bob", "reason": "ended"})
+        # Strangers cannot ring each other.
+        for event in ("call_offer", "call_answer", "call_ice_candidate", "call_end"):
+            refused = await m.call(event, {"callId": "c", "to": "bob", "offer": {}, "answer": {},
+                                           "candidate": {}})
+            self.assertEqual((refused["success"], refused["code"]), (False, "USER_NOT_FOUND"), event)
+        await sleep(0.2)
+        self.assertEqual(len(b.events("incoming_call")), 1)
+
+    async def test_offline_delivery(self) -> None:
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        a = await self.connect(alice)
+        sent = [await a.call("send_message", {"recipientId": "bob", "encryptedPayload": {"n": n}})
+                for n in range(5)]
+        b = await self.connect(bob, sync=False)
+        await b.wait_for("sync_complete")
+        names = [event for event, _ in b.received if event in ("new_message", "sync_complete")]
+        self.assertEqual(names, ["new_message"] * 5 + ["sync_complete"])
+        self.assertEqual([m["message"]["seq"] for m in b.events("new_message")], [1, 2, 3, 4, 5])
+        cursor = b.events("sync_complete")[0]["cursor"]
+        synced = await self.http.get(f"/api/messaging/sync?since={cursor}", headers=bob.auth())
+        self.assertEqual(synced.json()["messages"], [])
+        # Delivered on one socket: not pushed again to another.
+        for ack in sent[:3]:
+            await b.call("message_delivered", {"messageId": ack["messageId"], "chatId": ack["chatId"]})
+        await b.disconnect()
+        b2 = await self.connect(bob)
+        self.assertEqual([m["message"]["seq"] for m in b2.events("new_message")], [4, 5])
+
+    async def test_ordering_under_concurrent_senders(self) -> None:
+        await self.serve()
+        users = [await self.user(f"user{n}") for n in range(4)]
+        chat_id = await self.group(users[0], *users[1:])
+        clients = [await self.connect(u) for u in users]
+        listener = clients[0]
+
+        async def burst(client: SioClient, n: int) -> None:
+            calls = [client.call("send_message", {"chatId": chat_id, "encryptedPayload": {"n": i}})
+                     for i in range(n)]
+            results = await DeferredList(calls, consumeErrors=True)
+            for ok, ack in results:
+                assert ok and ack["success"], ack
+
+        await DeferredList([Deferred.fromCoroutine(burst(c, 20)) for c in clients[1:]],
+                           fireOnOneErrback=True, consumeErrors=True)
+        got = await listener.wait_for("new_message", 60)
+        self.assertEqual([m["message"]["seq"] for m in got], list(range(1, 61)))
+        for client in clients[1:]:
+            seqs = [m["message"]["seq"] for m in await client.wait_for("new_message", 40)]
+            self.assertEqual(seqs, sorted(seqs))
+            self.assertEqual(len(seqs), len(set(seqs)))
+
+
+class SQLiteWebSocketTests(SQLiteMixin, RealtimeMixin, TestCase):
+    transports = ["websocket"]
+
+
+class SQLitePollingTests(SQLiteMixin, RealtimeMixin, TestCase):
+    transports = ["polling"]
+
+
+class SQLiteUpgradeTests(SQLiteMixin, RealtimeMixin, TestCase):
+    transports = ["polling", "websocket"]
+
+
+class PostgresWebSocketTests(PostgresMixin, RealtimeMixin, TestCase):
+    transports = ["websocket"]
+
+
+class PostgresUpgradeTests(PostgresMixin, RealtimeMixin, TestCase):
+    transports = ["polling", "websocket"]
