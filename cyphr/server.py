@@ -224,8 +224,9 @@ def build_server(
         event_burst=config.realtime_event_rate[0])
     realtime = Realtime(sockets=sockets, authenticator=authenticator, messaging=messaging, chats=chats,
                         messages=messages, identities=identities, bus=bus, clock=clock,
-                        max_payload=min(config.max_payload, config.max_body))
+                        max_payload=min(config.max_payload, config.max_body), reactor=reactor)
     identity.is_online = realtime.is_online
+    identity.sessions_ended = realtime.end_sessions
     http_policy = HttpPolicy.from_config(config)
     engine = EngineServer(
         clock, on_session=sockets.on_session, ping_interval=config.ping_interval,

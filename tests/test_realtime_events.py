@@ -6,7 +6,6 @@ offline catch-up, ordering, on both engines and on every transport.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -18,8 +17,6 @@ from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, start_serve
 from tests.realtime import SioClient, sessions_closed
 from tests.users import User
 
-del asyncio
-
 
 def sleep(seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
@@ -27,7 +24,7 @@ def sleep(seconds: float) -> Deferred[None]:
     return d
 
 
-class RealtimeMixin:
+class RealtimeBase:
     transports: list[str] | None = ["websocket"]
 
     async def serve(self, **overrides: Any) -> None:
@@ -70,6 +67,9 @@ class RealtimeMixin:
         assert response.code in (200, 201), response.body
         return response.json()["chatId"]
 
+
+
+class RealtimeMixin(RealtimeBase):
     # -- authentication ----------------------------------------------------
 
     async def test_connect_with_token(self) -> None:
@@ -339,3 +339,96 @@ class PostgresWebSocketTests(PostgresMixin, RealtimeMixin, TestCase):
 
 class PostgresUpgradeTests(PostgresMixin, RealtimeMixin, TestCase):
     transports = ["polling", "websocket"]
+
+
+class RawSocket:
+    """A WebSocket that speaks the wire protocol by hand and answers no
+    ping: a client whose network went away without a goodbye."""
+
+    def __init__(self, url: str) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(
+            url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket", timeout=10)
+        self.frames: list[str] = [self.ws.recv()]
+
+    def recv_until(self, prefix: str) -> str:
+        while True:
+            frame = self.ws.recv()
+            self.frames.append(frame)
+            if frame.startswith(prefix):
+                return frame
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+class TimedRealtimeTests(SQLiteMixin, RealtimeBase, TestCase):
+    """Timeouts on the server's clock, moved by the test."""
+
+    async def test_ping_timeout_ends_presence(self) -> None:
+        from twisted.internet.threads import deferToThread
+
+        from tests.helpers import fixed_clock
+
+        clock = fixed_clock()
+        await self.serve(clock=clock)
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await self.direct_chat(alice, bob)
+        a = await self.connect(alice)
+        raw = await deferToThread(RawSocket, self.url)
+        self.addCleanup(deferToThread, raw.close)
+        await deferToThread(raw.ws.send, '40{"token":"%s"}' % bob.token)
+        await deferToThread(raw.recv_until, '42["sync_complete"')
+        await a.wait_for("user_online")
+        clock.advance(self.server.config.ping_interval)  # a ping to each
+        sessions = list(self.server.engine.sessions.values())
+        for _ in range(100):  # the stock client answers; the raw one does not
+            if sum(s._pong_deadline is None for s in sessions) == 1:
+                break
+            await sleep(0.02)
+        clock.advance(self.server.config.ping_timeout)
+        [offline] = await a.wait_for("user_offline")
+        self.assertEqual(offline, {"userId": "bob", "lastSeen": "2026-09-21T14:14:05.000Z"})
+        self.assertEqual(len(self.server.engine.sessions), 1)  # alice's answered
+        await sleep(0.1)
+        profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
+        self.assertEqual(profile.json()["user"]["lastSeen"], "2026-09-21T14:14:05.000Z")
+
+    async def test_unauthenticated_socket_closed_after_10s(self) -> None:
+        from tests.helpers import fixed_clock
+
+        clock = fixed_clock()
+        await self.serve(clock=clock)
+        client = await self.connect(None)
+        clock.advance(9.9)
+        await sleep(0.1)
+        self.assertEqual(client.disconnects, [])
+        clock.advance(0.2)
+        await client.wait_disconnected()
+
+    async def test_logout_disconnects_that_token(self) -> None:
+        await self.serve()
+        alice = await self.user("alice")
+        first = await self.connect(alice)
+        old_token = alice.token
+        await alice.login(self.http)
+        second = await self.connect(alice)
+        response = await self.http.post("/api/cyphr-id/logout", {},
+                                        headers=alice.auth(old_token))
+        self.assertEqual(response.code, 200, response.body)
+        await first.wait_disconnected()
+        await sleep(0.2)
+        self.assertEqual(second.disconnects, [])
+        self.assertTrue(second.sio.connected)
+
+    async def test_stop_closes_sockets_after_acknowledged_work(self) -> None:
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        a, b = await self.connect(alice), await self.connect(bob)
+        ack = await a.call("send_message", {"recipientId": "bob", "encryptedPayload": {"n": 1}})
+        self.assertTrue(ack["success"])
+        await self.server.service.stopService()
+        for client in (a, b):
+            await client.wait_disconnected()
+        await sessions_closed(self.server)

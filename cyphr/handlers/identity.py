@@ -97,6 +97,9 @@ class IdentityHandler:
         self._fingerprint_key = fingerprint_key
         self._clock = clock
         self.is_online = is_online
+        # Told when tokens of a user end: (cyphrId, jti), or (cyphrId, None)
+        # for all of them. The realtime layer disconnects their sockets.
+        self.sessions_ended: Callable[[str, str | None], None] = lambda cyphr_id, jti: None
 
     def _device(self, fingerprint: str) -> str:
         return fingerprint_hash(self._fingerprint_key, fingerprint)
@@ -187,18 +190,21 @@ class IdentityHandler:
         # stops working (those of the old device stop anyway: their device
         # no longer matches).
         await self._identities.rebind_device(identity.id, device, now - now % 1000, kyber, now)
+        self.sessions_ended(identity.cyphr_id, None)
         recovered = await self._identities.by_id(identity.id)
         assert recovered is not None
         return Session(self._issue(recovered, device), recovered)
 
     async def logout(self, user: AuthUser) -> None:
         await self._revocations.revoke(user.jti, user.user_id, user.expires_at * 1000)
+        self.sessions_ended(user.cyphr_id, user.jti)
 
     async def delete_account(self, user: AuthUser, challenge_id: str, signature: bytes) -> None:
         identity = await self._proven(user.cyphr_id, challenge_id, signature)
         if identity.id != user.user_id:
             raise Unauthorized("The session token is not valid")
         await self._identities.delete(identity, now_ms(self._clock))
+        self.sessions_ended(identity.cyphr_id, None)
 
     # -- profiles -------------------------------------------------------
 

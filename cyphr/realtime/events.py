@@ -112,7 +112,8 @@ def _body(data: Any) -> dict[str, Any]:
 class Realtime:
     def __init__(self, *, sockets: SocketServer, authenticator: Authenticator,
                  messaging: MessagingHandler, chats: ChatStore, messages: MessageStore,
-                 identities: IdentityStore, bus: Bus, clock: Any, max_payload: int) -> None:
+                 identities: IdentityStore, bus: Bus, clock: Any, max_payload: int,
+                 reactor: Any = None) -> None:
         self.sockets = sockets
         self._authenticator = authenticator
         self._messaging = messaging
@@ -121,6 +122,9 @@ class Realtime:
         self._identities = identities
         self.bus = bus
         self._clock = clock
+        # Business time (timeouts, lastSeen) comes from the clock; "soon"
+        # (the next turn, a short wait) from the reactor.
+        self._reactor = reactor if reactor is not None else clock
         self._max_payload = max_payload
         self.presence = Presence(clock)
         self.feeds: dict[str, Feed] = {}
@@ -218,7 +222,7 @@ class Realtime:
             client.auth_timer.cancel()
         client.auth_timer = None
         # The ack first, then the welcome (rooms, catch-up).
-        self._clock.callLater(0, self._start_welcome, socket)
+        self._reactor.callLater(0, self._start_welcome, socket)
         return _ok(userId=user.cyphr_id, cyphrId=user.cyphr_id)
 
     def _start_welcome(self, socket: Socket) -> None:
@@ -290,7 +294,7 @@ class Realtime:
         limit = session.server.buffer_limit // 2
         while socket.connected and session.buffered_bytes > limit:
             d: Deferred[None] = Deferred()
-            self._clock.callLater(0.05, d.callback, None)
+            self._reactor.callLater(0.05, d.callback, None)
             await d
 
     def _disconnected(self, socket: Socket, reason: str) -> None:
@@ -538,6 +542,19 @@ class Realtime:
         if not self.ns.room_size(room):
             self._close_feed(chat_id)
 
+    def end_sessions(self, cyphr_id: str, jti: str | None = None) -> None:
+        """The user logged out (``jti``: that token's sockets), recovered its
+        identity on a new device or deleted it (every socket): on every node,
+        its sockets are disconnected."""
+        self._end_sessions(cyphr_id, jti)
+        self._publish({"t": "k", "u": cyphr_id, "j": jti})
+
+    def _end_sessions(self, cyphr_id: str, jti: str | None) -> None:
+        for socket in list(self.ns.rooms.get("user:" + cyphr_id, ())):
+            user = socket.state.user
+            if user is not None and (jti is None or user.jti == jti):
+                socket.disconnect()
+
     # MessagingListener: what the REST routes and the events change.
 
     def member_joined(self, chat_id: str, cyphr_id: str, last_seq: int = 0) -> None:
@@ -565,7 +582,7 @@ class Realtime:
         if seq > feed.next_seq:
             feed.pending[seq] = (message, origin)
             if feed.timer is None and not feed.filling:
-                feed.timer = self._clock.callLater(GAP_WAIT, self._gap, chat_id)
+                feed.timer = self._reactor.callLater(GAP_WAIT, self._gap, chat_id)
             return
         self._deliver(chat_id, seq, message, origin)
         feed.next_seq = seq + 1
@@ -654,6 +671,8 @@ class Realtime:
             self._joined(event["c"], event["u"], event.get("s", 0))
         elif kind == "l":
             self._left(event["c"], event["u"])
+        elif kind == "k":
+            self._end_sessions(event["u"], event.get("j"))
         elif kind == "p" and node:
             if event.get("o"):
                 self.presence.remote_online(node, event["u"])
