@@ -191,6 +191,8 @@ class RealtimeMixin(RealtimeBase):
         self.assertEqual((delivered["messageId"], delivered["chatId"], delivered["userId"]),
                          (first["messageId"], first["chatId"], "bob"))
         self.assertTrue(delivered["at"].endswith("Z"))
+        again = await b.call("message_delivered", {"messageId": first["messageId"]})
+        self.assertTrue(again["success"], again)  # answered, but the sender is told once
         ack = await b.call("message_read", {"chatId": first["chatId"], "upToSeq": second["seq"]})
         self.assertTrue(ack["success"], ack)
         [read] = await a.wait_for("message_read")

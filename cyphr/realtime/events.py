@@ -44,7 +44,7 @@ from cyphr.errors import (
 from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.messaging import MessagingHandler, parse_send
 from cyphr.handlers.validation import Fields, invalid
-from cyphr.realtime.bus import Bus
+from cyphr.realtime.bus import Bus, LocalBus
 from cyphr.realtime.codec import EVENT, SocketPacket, encode_packet
 from cyphr.realtime.presence import Presence
 from cyphr.realtime.socketio import (
@@ -121,6 +121,7 @@ class Realtime:
         self._messages = messages
         self._identities = identities
         self.bus = bus
+        self._single_node = isinstance(bus, LocalBus)
         self._clock = clock
         # Business time (timeouts, lastSeen) comes from the clock; "soon"
         # (the next turn, a short wait) from the reactor.
@@ -352,11 +353,12 @@ class Realtime:
         message = await self._member_message(user, _body(data))
         if message.sender_id != user.cyphr_id:
             now = now_ms(self._clock)
-            await self._chats.mark_delivered(message.chat_id, message.id, user.cyphr_id, now,
-                                             seq=message.seq)
-            self.emit_to_users([message.sender_id], "message_delivered", {
-                "messageId": message.id, "chatId": message.chat_id, "userId": user.cyphr_id,
-                "at": iso(now)})
+            first = await self._chats.mark_delivered(message.chat_id, message.id, user.cyphr_id, now,
+                                                     seq=message.seq)
+            if first:  # the sender hears of it once, whichever socket says it
+                self.emit_to_users([message.sender_id], "message_delivered", {
+                    "messageId": message.id, "chatId": message.chat_id, "userId": user.cyphr_id,
+                    "at": iso(now)})
         return _ok(messageId=message.id, chatId=message.chat_id)
 
     async def _message_read(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
@@ -508,6 +510,8 @@ class Realtime:
             socket.send_frames(frames)
 
     def _publish(self, event: dict[str, Any]) -> bool:
+        if self._single_node:
+            return True
         try:
             self.bus.publish(event)
         except ValueError:

@@ -144,10 +144,11 @@ class ChatStore:
             (up_to_seq, up_to_seq, up_to_seq, chat_id, cyphr_id, up_to_seq))
 
     async def mark_delivered(self, chat_id: str, message_id: str, cyphr_id: str, now: int,
-                             seq: int | None = None) -> None:
-        """A receipt for the message; with its ``seq``, the member's
-        delivered mark moves on too when the message is the next one."""
-        await self._db.run_operation(
+                             seq: int | None = None) -> bool:
+        """A receipt for the message (False if there was one already); with
+        its ``seq``, the member's delivered mark moves on too when the
+        message is the next one."""
+        inserted = await self._db.run_operation(
             "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (chat_id, message_id, user_id) DO NOTHING", (chat_id, message_id, cyphr_id, now))
         if seq is not None:
@@ -155,6 +156,7 @@ class ChatStore:
                 "UPDATE chat_participants SET delivered_up_to_seq = ?"
                 " WHERE chat_id = ? AND user_id = ? AND delivered_up_to_seq = ?",
                 (seq, chat_id, cyphr_id, seq - 1))
+        return inserted == 1
 
     async def chat_positions(self, cyphr_id: str) -> list[tuple[str, int]]:
         """The member's chats, each with the seq of its newest message."""
