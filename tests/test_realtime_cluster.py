@@ -144,6 +144,21 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         [offline] = await a.wait_for("user_offline")
         self.assertEqual(offline["userId"], "bob")
 
+    async def test_large_message_is_fetched(self) -> None:
+        """A message too large for a notification crosses as ids; the other
+        node fetches it, and it keeps its place in the chat's order."""
+        a_node, b_node = await self.cluster(self.database_setting())
+        alice = await self.user(a_node, "alice")
+        bob = await self.user(b_node, "bob")
+        a = await self.connect(a_node, alice)
+        b = await self.connect(b_node, bob)
+        payloads = [{"n": 1}, {"blob": "A" * 20_000}, {"n": 3}]
+        acks = [await a.call("send_message", {"recipientId": "bob", "encryptedPayload": p})
+                for p in payloads]
+        got = await b.wait_for("new_message", 3)
+        self.assertEqual([m["message"]["encryptedPayload"] for m in got], payloads)
+        self.assertEqual([m["message"]["id"] for m in got], [ack["messageId"] for ack in acks])
+
     async def test_ordering_across_nodes(self) -> None:
         nodes = await self.cluster(self.database_setting())
         users = [await self.user(nodes[n % 2], f"user{n}") for n in range(4)]

@@ -572,10 +572,14 @@ class Realtime:
     def message_stored(self, message: Message, origin: Any) -> None:
         as_json = message_json(message)
         self._arrive(message.chat_id, message.seq, as_json, origin)
+        if self._single_node:
+            return
         event = {"t": "m", "c": message.chat_id, "s": message.seq, "m": as_json}
-        if not self.bus.fits(event):
-            del event["m"]  # the other nodes fetch it
-        self._publish(event)
+        try:
+            self.bus.publish(event)
+        except ValueError:
+            del event["m"]  # too large: the other nodes fetch it
+            self._publish(event)
 
     # -- the feeds: in order, without gaps ---------------------------------------
 
