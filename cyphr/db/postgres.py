@@ -111,6 +111,15 @@ class _Connection(txpostgres.Connection):
             return super().doRead()
         except psycopg2.Error as e:
             return e
+        except ValueError:
+            # A connection attempt failed while reading (the server hung up,
+            # or answered "starting up"): txpostgres has handed the failure
+            # on, then watches the socket again, which is gone (fileno -1).
+            # Nothing is left to watch; raised, this would be logged as an
+            # "Unhandled Error".
+            if self.fileno() != -1:
+                raise
+            return None
 
     def execute(self, sql: str, params: Sequence[Any]) -> Deferred[tuple[list[Row], int]]:
         """One statement in autocommit, through the detector and the lock."""

@@ -174,22 +174,6 @@ class _InOrder:
             pass
 
 
-class _ListenConnection(_Connection):
-    def doRead(self) -> Any:
-        # When a connection attempt fails while reading (the server hangs
-        # up, or answers "starting up"), psycopg2 raises from poll() and
-        # txpostgres schedules the failure for the caller, but then adds the
-        # connection back as a reader: its socket is gone (fileno -1), and
-        # the reactor's ValueError would be logged as an Unhandled Error.
-        # There is nothing left to watch; the failure goes to the detector.
-        try:
-            return super().doRead()
-        except ValueError:
-            if self.fileno() != -1:
-                raise
-            return None
-
-
 class _ListenDetector(_Detector):
     """The pool's detector, with a deadline on each attempt: libpq ignores
     connect_timeout in the asynchronous mode txpostgres uses, so an attempt
@@ -240,7 +224,7 @@ class PostgresBus(Bus):
         self._reactor = reactor
         self._seq = 0
         # listening
-        self._conn: _ListenConnection | None = None
+        self._conn: _Connection | None = None
         self._listening = False
         self._listened_before = False
         self._retry: Any = None
@@ -270,7 +254,7 @@ class PostgresBus(Bus):
         # The pool's connection class and detector, each with one more fix:
         # the same doRead that turns a dead socket into a quiet
         # reconnection, the same backoff.
-        conn = _ListenConnection(
+        conn = _Connection(
             self._reactor, cooperator=_InOrder(),
             detector=_ListenDetector(self, self._reactor, self._connect_timeout))
         conn.addNotifyObserver(self._notified)
