@@ -454,3 +454,29 @@ class OutageTests(BusTestsMixin, TestCase):
         await wait_until(lambda: b.received, "an event")
         self.assertEqual(b.received, [{"found": True}])
         self.assertEqual((a.restored, b.restored), (0, 0))
+
+
+class PoolDeadlineTests(TestCase):
+    """The pool's connection attempts have the same deadline as the bus's."""
+
+    timeout = 30
+
+    async def test_pool_gives_up_on_a_silent_server(self) -> None:
+        factory = Factory.forProtocol(_Silent)
+        factory.made = made = []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        url = f"postgresql://postgres@127.0.0.1:{port.getHost().port}/nothing?connect_timeout=1"
+        db = PostgresDatabase(url, reactor, pool_size=1)
+        db.start()
+        await wait_until(lambda: len(made) >= 1, "a connection attempt")
+        started = reactor.seconds()
+        await made[0].closed  # given up, not waited on for ever
+        self.assertLess(reactor.seconds() - started, 1.5)
+        await wait_until(lambda: len(made) >= 2, "another attempt", seconds=4)
+        started = reactor.seconds()
+        await db.close()
+        self.assertLess(reactor.seconds() - started, 0.5)
+        await port.stopListening()
+        for protocol in made:
+            protocol.transport.loseConnection()
+            await protocol.closed

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from contextlib import suppress
 from functools import lru_cache
 from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
@@ -130,18 +131,48 @@ class _Connection(txpostgres.Connection):
         return d.addCallback(lambda cursor: (_fetch(cursor), cursor.rowcount))
 
 
+def _with_deadline(d: Deferred[Any], conn: _Connection, seconds: float,
+                   reactor: Any) -> Deferred[Any]:
+    """Close ``conn`` if its connection attempt ``d`` takes over ``seconds``."""
+    expired = []
+
+    def expire() -> None:
+        expired.append(True)
+        with suppress(AttributeError):
+            conn.close()  # fails the attempt
+
+    timer = reactor.callLater(seconds, expire)
+
+    def done(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if expired and isinstance(result, Failure):
+            return Failure(psycopg2.OperationalError(
+                f"no answer from PostgreSQL within {seconds:g} s"))
+        return result
+
+    return d.addBoth(done)
+
+
 class _Detector(DeadConnectionDetector):
     """Reconnects one connection. Unlike the stock detector it can be
-    stopped (so that closing the pool leaves no timer behind) and it tells
-    the pool about every death and failed attempt."""
+    stopped (so that closing the pool leaves no timer behind), it tells its
+    owner (the pool, or the bus) about every death and failed attempt, and
+    it gives each attempt a deadline: libpq ignores connect_timeout in the
+    asynchronous mode txpostgres uses, so an attempt on a server that
+    accepts and never answers would wait for ever."""
 
-    def __init__(self, database: PostgresDatabase, reactor: Any) -> None:
+    def __init__(self, database: PostgresDatabase, reactor: Any, timeout: float = 10.0) -> None:
         super().__init__(deathChecker=_death_checker, reactor=reactor)
+        self._timeout = timeout
         self._database = database
         self._delays: Iterator[float] = iter(())
         self._timer: Any = None
         self._attempt: Deferred[Any] | None = None
         self._stopped = False
+
+    def reconnect(self) -> Deferred[Any]:
+        return _with_deadline(super().reconnect(), self.reconnectable, self._timeout, self.reactor)
 
     def startReconnecting(self, f: Failure) -> None:
         self._database._connection_died(self.reconnectable, f)
@@ -177,6 +208,8 @@ class _Detector(DeadConnectionDetector):
         if self._attempt is not None:
             attempt = self._attempt
             attempt.addErrback(lambda _: None)
+            with suppress(Exception):
+                self.reconnectable.close()  # fails the attempt now
             await attempt
 
 
@@ -212,6 +245,7 @@ class PostgresDatabase(Database):
         super().__init__()
         self._schema_target = schema_target
         self._dsn = connection_dsn(url)
+        self._connect_timeout = float(psycopg2.extensions.parse_dsn(self._dsn)["connect_timeout"])
         self._reactor = reactor
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
@@ -246,10 +280,11 @@ class PostgresDatabase(Database):
 
     def start(self) -> None:
         for _ in range(self._pool_size):
-            conn = _Connection(self._reactor, detector=_Detector(self, self._reactor))
+            detector = _Detector(self, self._reactor, self._connect_timeout)
+            conn = _Connection(self._reactor, detector=detector)
             conn.detector.addRecoveryHandler(lambda conn=conn: self._connection_up(conn))
             self._connections.append(conn)
-            d = conn.connect(self._dsn)
+            d = _with_deadline(conn.connect(self._dsn), conn, self._connect_timeout, self._reactor)
             d.addCallbacks(lambda _, conn=conn: self._connection_up(conn),
                            lambda f, conn=conn: self._first_connect_failed(conn, f))
 

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import Any
 
-import psycopg2
 from psycopg2.extensions import parse_dsn
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -39,6 +38,7 @@ from cyphr.db.postgres import (
     PostgresDatabase,
     _Connection,
     _Detector,
+    _with_deadline,
     connection_dsn,
     is_connection_error,
 )
@@ -174,45 +174,6 @@ class _InOrder:
             pass
 
 
-class _ListenDetector(_Detector):
-    """The pool's detector, with a deadline on each attempt: libpq ignores
-    connect_timeout in the asynchronous mode txpostgres uses, so an attempt
-    on a server that accepts and never answers would wait for ever."""
-
-    def __init__(self, bus: PostgresBus, reactor: Any, timeout: float) -> None:
-        # The detector reports to its owner through _connection_died and
-        # _reconnect_failed; the bus has both, like the pool.
-        super().__init__(bus, reactor)  # type: ignore[arg-type]
-        self._timeout = timeout
-
-    def reconnect(self) -> Deferred[Any]:
-        return _with_deadline(super().reconnect(), self.reconnectable, self._timeout,
-                              self.reactor)
-
-
-def _with_deadline(d: Deferred[Any], conn: _Connection, seconds: float,
-                   reactor: Any) -> Deferred[Any]:
-    """Close ``conn`` if its connection attempt ``d`` takes over ``seconds``."""
-    expired = []
-
-    def expire() -> None:
-        expired.append(True)
-        with suppress(AttributeError):
-            conn.close()  # fails the attempt
-
-    timer = reactor.callLater(seconds, expire)
-
-    def done(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
-        if expired and isinstance(result, Failure):
-            return Failure(psycopg2.OperationalError(
-                f"no answer from PostgreSQL within {seconds:g} s"))
-        return result
-
-    return d.addBoth(done)
-
-
 class PostgresBus(Bus):
     """The bus of nodes that share one PostgreSQL database."""
 
@@ -256,7 +217,7 @@ class PostgresBus(Bus):
         # reconnection, the same backoff.
         conn = _Connection(
             self._reactor, cooperator=_InOrder(),
-            detector=_ListenDetector(self, self._reactor, self._connect_timeout))
+            detector=_Detector(self, self._reactor, self._connect_timeout))  # type: ignore[arg-type]
         conn.addNotifyObserver(self._notified)
         conn.detector.addRecoveryHandler(self._listen)
         self._conn = conn
