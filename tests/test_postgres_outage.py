@@ -64,8 +64,11 @@ class OutageTests(TestCase):
         with self.assertRaises(DatabaseUnavailable):
             await server.database.run_query("SELECT 1")
 
+        waiting = server.database.when_ready()  # asked during the outage
+        self.assertFalse(waiting.called)
         await deferToThread(self.cluster.start)
         recovery = await self.health_until(http, 200, seconds=10)
+        await waiting
         self.assertLess(recovery, 10)
         rows = await server.database.run_query("SELECT COUNT(*) FROM schema_version")
         self.assertEqual(rows, [(1,)])

@@ -304,6 +304,7 @@ class PostgresDatabase(Database):
         self._up.add(conn)
         if self._migrated:
             self._release(conn)
+            self._became_ready()  # for whoever waited through an outage
         elif not self._migrating:
             self._migrating = True
             self._busy.add(conn)
