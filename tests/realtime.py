@@ -50,7 +50,7 @@ class SioClient:
                 self._changed.notify_all()
         return record
 
-    def _connect_error(self, data: Any = None) -> None:
+    def _connect_error(self, data: Any = None, *more: Any) -> None:
         with self._changed:
             self.connect_errors.append(data)
             self._changed.notify_all()

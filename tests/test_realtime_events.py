@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, start_server
 from tests.realtime import SioClient, sessions_closed
@@ -341,6 +341,28 @@ class PostgresWebSocketTests(PostgresMixin, RealtimeMixin, TestCase):
 
 class PostgresUpgradeTests(PostgresMixin, RealtimeMixin, TestCase):
     transports = ["polling", "websocket"]
+
+
+class MessageTextTests(SynchronousTestCase):
+    """The hand-made new_message frame equals the codec's."""
+
+    def test_message_text(self) -> None:
+        import json
+
+        from cyphr.api.messaging import message_json
+        from cyphr.handlers.messaging import check_payload
+        from cyphr.realtime.codec import EVENT, SocketPacket, encode_packet
+        from cyphr.realtime.events import _new_message_frames, message_text
+        from cyphr.store.messages import Message
+
+        for value in [{"ct": "AAAA", "nested": {"x": [1, 2, "\x00"]}}, {"é": "\u2028 é"}, None]:
+            payload = check_payload(value, 10_000) if value is not None else None  # as stored
+            message = Message(str(uuid.uuid4()), str(uuid.uuid4()), 7, "alice", payload, "text",
+                              "c-1", 1_790_000_000_000, None, None, 3)
+            text = message_text(message)
+            self.assertEqual(json.loads(text), message_json(message))
+            self.assertEqual(_new_message_frames(text), encode_packet(SocketPacket(
+                EVENT, "/", ["new_message", {"message": json.loads(text)}])))
 
 
 class RawSocket:

@@ -19,6 +19,7 @@ the catch-up is held and sent after it, without duplicates.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,7 @@ class Feed:
     """The messages of one chat on their way to this node's sockets."""
 
     next_seq: int
-    pending: dict[int, tuple[dict[str, Any], Socket | None]]
+    pending: dict[int, tuple[str, Socket | None]]  # seq -> (message JSON text, origin)
     timer: Any = None
     filling: bool = False
 
@@ -101,6 +102,33 @@ def _ok(**fields: Any) -> dict[str, Any]:
 
 def _frames(event: str, data: Any) -> list[str | bytes]:
     return encode_packet(SocketPacket(EVENT, "/", [event, data]))
+
+
+_PAYLOAD_MARK = "\x00payload"
+_PAYLOAD_MARK_JSON = json.dumps(_PAYLOAD_MARK)
+
+
+def message_text(message: Message) -> str:
+    """The message as JSON text, as history shows it. The stored payload
+    text goes in as it is: a message on its way out is never parsed and
+    encoded again (nothing else in it can hold a NUL)."""
+    shape = message_json(_without_payload(message))
+    if message.payload is None:
+        return json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
+    shape["encryptedPayload"] = _PAYLOAD_MARK
+    text = json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
+    return text.replace(_PAYLOAD_MARK_JSON, message.payload, 1)
+
+
+def _without_payload(message: Message) -> Message:
+    return Message(message.id, message.chat_id, message.seq, message.sender_id, None,
+                   message.message_type, message.client_message_id, message.created_at,
+                   message.edited_at, message.deleted_at, message.stream_position)
+
+
+def _new_message_frames(text: str) -> list[str | bytes]:
+    # encode_packet(EVENT, "/", ["new_message", {"message": ...}]), by hand.
+    return ['2["new_message",{"message":' + text + "}]"]
 
 
 def _body(data: Any) -> dict[str, Any]:
@@ -275,7 +303,7 @@ class Realtime:
             if not socket.connected:
                 return
             for message in page:
-                socket.send_frames(_frames("new_message", {"message": message_json(message)}))
+                socket.send_frames(_new_message_frames(message_text(message)))
                 seen[message.chat_id] = message.seq
             if len(page) < CATCH_UP_PAGE:
                 break
@@ -570,7 +598,7 @@ class Realtime:
         self._publish({"t": "l", "c": chat_id, "u": cyphr_id})
 
     def message_stored(self, message: Message, origin: Any) -> None:
-        as_json = message_json(message)
+        as_json = message_text(message)
         self._arrive(message.chat_id, message.seq, as_json, origin)
         if self._single_node:
             return
@@ -583,7 +611,7 @@ class Realtime:
 
     # -- the feeds: in order, without gaps ---------------------------------------
 
-    def _arrive(self, chat_id: str, seq: int, message: dict[str, Any], origin: Socket | None) -> None:
+    def _arrive(self, chat_id: str, seq: int, message: str, origin: Socket | None) -> None:
         feed = self.feeds.get(chat_id)
         if feed is None or seq < feed.next_seq:
             return
@@ -603,11 +631,11 @@ class Realtime:
                 feed.timer.cancel()
             feed.timer = None
 
-    def _deliver(self, chat_id: str, seq: int, message: dict[str, Any], origin: Socket | None) -> None:
+    def _deliver(self, chat_id: str, seq: int, message: str, origin: Socket | None) -> None:
         members = self.ns.rooms.get("chat:" + chat_id)
         if not members:
             return
-        frames = _frames("new_message", {"message": message})
+        frames = _new_message_frames(message)
         for socket in members:
             if socket is origin:
                 continue
@@ -645,7 +673,7 @@ class Realtime:
             return
         for message in page:
             if message.seq >= feed.next_seq and message.seq not in feed.pending:
-                feed.pending[message.seq] = (message_json(message), None)
+                feed.pending[message.seq] = (message_text(message), None)
         if feed.pending and feed.next_seq not in feed.pending:
             feed.next_seq = min(feed.pending)  # purged meanwhile: skip it
         if feed.pending:
@@ -656,7 +684,7 @@ class Realtime:
     async def _fetch_and_arrive(self, chat_id: str, seq: int) -> None:
         message = await self._messages.by_seq(chat_id, seq)
         if message is not None:
-            self._arrive(chat_id, seq, message_json(message), None)
+            self._arrive(chat_id, seq, message_text(message), None)
 
     # -- the bus ----------------------------------------------------------------
 
@@ -669,7 +697,7 @@ class Realtime:
             chat_id, seq = event["c"], event["s"]
             if chat_id not in self.feeds:
                 return
-            if "m" in event:
+            if isinstance(event.get("m"), str):
                 self._arrive(chat_id, seq, event["m"], None)
             else:
                 self._spawn(self._fetch_and_arrive(chat_id, seq))
@@ -711,7 +739,7 @@ class Realtime:
             page, more = await self._messages.history(chat_id, before=None, after=feed.next_seq - 1,
                                                       limit=200)
             for message in page:
-                self._arrive(chat_id, message.seq, message_json(message), None)
+                self._arrive(chat_id, message.seq, message_text(message), None)
             if not more or not page:
                 break
 
