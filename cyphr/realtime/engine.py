@@ -328,7 +328,9 @@ class Session:
                 call.cancel()
         self._ping_call = self._pong_deadline = self._upgrade_call = None
         if self._probe is not None:
-            self._probe.close(CLOSE_NORMAL, reason)
+            # With the session's code: a probe hears "server shutting down"
+            # as 4001, like every other WebSocket.
+            self._probe.close(code, reason)
             self._probe = None
         handler, self.handler = self.handler, None
         if handler is not None:

@@ -266,6 +266,7 @@ class Connection:
 
     def _no_connect(self) -> None:
         self._connect_timer = None
+        # A CONNECT whose handler has not decided yet does not count.
         if not any(socket.connected for socket in self.sockets.values()):
             self.session.close("connect timeout", code=CLOSE_POLICY, flush=False)
 
