@@ -251,7 +251,11 @@ def build_server(
 
     service = CyphrService(config, cpu)
     DatabaseService(database, batcher, bus, realtime, engine).setServiceParent(service)
-    purge = TimerService(MAINTENANCE_INTERVAL, lambda: Deferred.fromCoroutine(maintenance.run()))
+    def purge_now() -> Deferred[None] | None:
+        # Not before the database is up (the pool says so when it is down).
+        return Deferred.fromCoroutine(maintenance.run()) if database.ready else None
+
+    purge = TimerService(MAINTENANCE_INTERVAL, purge_now)
     purge.clock = clock
     purge.setServiceParent(service)
     endpoint_services = []

@@ -429,7 +429,8 @@ class TimedRealtimeTests(SQLiteMixin, RealtimeBase, TestCase):
         await sleep(0.1)
         self.assertEqual(client.disconnects, [])
         clock.advance(0.2)
-        await client.wait_disconnected()
+        reason = await client.wait_disconnected()
+        self.assertEqual(reason, client.sio.reason.SERVER_DISCONNECT)  # told; will not reconnect
 
     async def test_logout_disconnects_that_token(self) -> None:
         await self.serve()

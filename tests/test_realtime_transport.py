@@ -944,10 +944,9 @@ class TransportTests(SQLiteMixin, TestCase):
         ws.send_text(head + "x" * (SMALL - len(head) - 2) + '"]')
         await self.assert_alive(ws)
         ws.send_text(head + "x" * (SMALL - len(head) - 1) + '"]')
-        # Autobahn fails the connection by dropping it (failByDrop): no
-        # close frame, so the client sees an abnormal close.
+        # The server says why: 1009, the message is too big.
         code, _ = await ws.wait_closed()
-        self.assertEqual(code, 1006)
+        self.assertEqual(code, 1009)
         await until(lambda: self.gone(sid), "the session to end")
         await self.assert_alive(bystander)
 

@@ -366,7 +366,7 @@ class CyphrRequest(server.Request):
         )
         self.channel.transport.write(head + b"\r\n" + body)
         uri = getattr(self.channel, "_path", b"") or b""
-        if uri.startswith(b"/socket.io/") and self.channel.site.on_body_refused is not None:
+        if uri.startswith(b"/socket.io") and self.channel.site.on_body_refused is not None:
             self.channel.site.on_body_refused(uri)
         if self.policy.access_log:
             _log.info("{client} - 413 request body too large", client=self.policy.client_ip(self))

@@ -460,6 +460,9 @@ class EngineResource(resource.Resource):
             closeHandshakeTimeout=5,
             # The Engine.IO heartbeat does the job of WebSocket pings.
             autoPingInterval=0,
+            # A frame over the limit is answered with close code 1009
+            # ("message too big") rather than a bare drop.
+            failByDrop=False,
         )
         self._websocket = WebSocketResource(factory)
 

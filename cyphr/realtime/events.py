@@ -232,6 +232,7 @@ class Realtime:
     def _auth_expired(self, socket: Socket) -> None:
         socket.state.auth_timer = None
         if socket.state.user is None:
+            socket.disconnect()  # the client is told, and does not reconnect
             socket.session.close("authentication timeout")
 
     async def _authenticate(self, socket: Socket, data: Any = None) -> dict[str, Any]:
