@@ -637,7 +637,8 @@ class Realtime:
         if not members:
             return
         frames = _new_message_frames(message)
-        for socket in members:
+        # A copy: a socket closed on the way (slow consumer) leaves the room.
+        for socket in list(members):
             if socket is origin:
                 continue
             client: Client = socket.state
