@@ -934,6 +934,18 @@ class TransportTests(SQLiteMixin, TestCase):
 
     # -- 8. limits ------------------------------------------------------------------
 
+    async def test_invalid_utf8_closes_only_that_session(self) -> None:
+        """A text frame that is not UTF-8 breaks the protocol: its session
+        is closed (4003); other sessions go on."""
+        await self.serve()
+        bystander, _, _ = await self.websocket()
+        ws, sid, _ = await self.websocket()
+        ws.sendMessage(b'42["x","\xff\xfe"]', isBinary=False)
+        code, _ = await ws.wait_closed()
+        self.assertEqual(code, 4003)
+        await until(lambda: self.gone(sid), "the session to end")
+        await self.assert_alive(bystander)
+
     async def test_websocket_frame_over_max_body(self) -> None:
         """A frame over max_body closes its session; a frame at the
         limit is read; other sessions go on."""

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 from twisted.web import resource, server
@@ -463,6 +464,9 @@ class EngineResource(resource.Resource):
             # A frame over the limit is answered with close code 1009
             # ("message too big") rather than a bare drop.
             failByDrop=False,
+            # Text is checked once, as a whole message, when it is decoded
+            # (onMessage): no validator state per connection.
+            utf8validateIncoming=False,
         )
         self._websocket = WebSocketResource(factory)
 
@@ -533,6 +537,16 @@ class EngineResource(resource.Resource):
             session.close("payload too large", flush=False)
 
 
+# Autobahn's per-connection handshake records, unused once it is open.
+_HANDSHAKE_ATTRIBUTES = (
+    "http_headers", "http_request_data", "http_response_data", "http_request_params",
+    "http_status_line", "http_request_uri", "http_request_path", "http_request_host",
+    "_wskey", "websocket_origin", "websocket_protocols", "websocket_extensions",
+)
+# Traffic counters nobody reads, shared rather than kept per connection.
+_SHARED_TRAFFIC_STATS = TrafficStats()
+
+
 class EngineWebSocket(WebSocketServerProtocol):
     """One WebSocket: a fresh session, or the upgrade of a polling one."""
 
@@ -558,7 +572,16 @@ class EngineWebSocket(WebSocketServerProtocol):
             self.upgrading = True
         return None
 
+    def _slim(self) -> None:
+        """Drop what Autobahn keeps of the handshake and per connection but
+        never uses again: an idle connection should cost little memory."""
+        for name in _HANDSHAKE_ATTRIBUTES:
+            self.__dict__.pop(name, None)
+        self.trafficStats = _SHARED_TRAFFIC_STATS
+        self.utf8validator = None
+
     def onOpen(self) -> None:
+        self._slim()
         engine: EngineServer = self.factory.engine
         # Twisted's HTTP channel registered itself as the producer of this
         # connection; from now on the WebSocket is.
