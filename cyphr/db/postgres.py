@@ -404,7 +404,8 @@ class PostgresDatabase(Database):
         return waiter
 
     def _waiter_timed_out(self, waiter: Deferred[_Connection]) -> None:
-        self._waiters = deque((d, t) for d, t in self._waiters if d is not waiter)
+        # Left in the queue, and skipped when its turn comes: removing it
+        # here would cost the length of the queue, for every timeout.
         waiter.errback(DatabaseUnavailable("The database is busy, try again shortly"))
 
     def _fail_waiters(self) -> None:
@@ -412,7 +413,8 @@ class PostgresDatabase(Database):
         for d, timer in waiters:
             if timer.active():
                 timer.cancel()
-            d.errback(DatabaseUnavailable())
+            if not d.called:
+                d.errback(DatabaseUnavailable())
 
     def _release(self, conn: _Connection) -> None:
         self._busy.discard(conn)
@@ -422,13 +424,15 @@ class PostgresDatabase(Database):
             return
         if conn not in self._up:
             return
-        if self._waiters:
+        while self._waiters:
             d, timer = self._waiters.popleft()
+            if d.called:
+                continue  # timed out
             timer.cancel()
             self._busy.add(conn)
             d.callback(conn)
-        else:
-            self._free.append(conn)
+            return
+        self._free.append(conn)
 
     async def _run(self, operation: Callable[[_Connection], Deferred[T]]) -> T:
         conn = await self._acquire()

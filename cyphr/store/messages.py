@@ -153,39 +153,53 @@ class MessageStore:
         return await self._db.run_interaction("purge_messages", _purge_txn, cutoff, batch)
 
 
-async def _store_batch_txn(txn: Transaction, items: list[Outgoing],
-                           lock_chats: bool) -> list[Message | NotAMember]:
-    results: list[Message | NotAMember | None] = [None] * len(items)
+def _values(rows: int, casts: tuple[str, ...]) -> str:
+    """``(VALUES (?, ?), ...)`` for ``rows`` rows, each placeholder with its
+    cast (PostgreSQL types the columns of VALUES from its literals)."""
+    row = "(" + ", ".join("?" + cast for cast in casts) + ")"
+    return "(VALUES " + ", ".join([row] * rows) + ")"
 
-    if lock_chats:
+
+async def _store_batch_txn(txn: Transaction, items: list[Outgoing],
+                           postgres: bool) -> list[Message | NotAMember]:
+    """A fixed number of statements whatever the size of the batch: lock
+    the chats, check membership, look for resends, take stream positions,
+    advance the chats' seqs, insert. (Conditions are written as row values
+    IN a VALUES list: an OR per message costs PostgreSQL seconds of planning
+    over the partitions once batches grow.)"""
+    results: list[Message | NotAMember | None] = [None] * len(items)
+    uuid_cast = "::uuid" if postgres else ""
+    chat_ids = sorted({item.chat_id for item in items})
+    chat_marks = ", ".join("?" for _ in chat_ids)
+
+    if postgres:
         # PostgreSQL runs writers side by side: lock the chats first, in one
         # order (so batches cannot deadlock), as removing a member does. A
         # removal in progress is then waited for, and the membership read
         # below sees it; without this, a member removed a moment ago could
         # still post. (SQLite runs one writer at a time.) Lock order in
         # every writer: chats, then members, then the stream.
-        chat_ids = sorted({item.chat_id for item in items})
-        await txn.execute(
-            "SELECT id FROM chats WHERE id IN (" + ", ".join("?" for _ in chat_ids) + ")"
-            " ORDER BY id FOR UPDATE", chat_ids)
+        await txn.execute("SELECT id FROM chats WHERE id IN (" + chat_marks + ") ORDER BY id FOR UPDATE",
+                          chat_ids)
 
     # Who may write where, in one query.
     pairs = sorted({(item.chat_id, item.sender_id) for item in items})
     rows = await txn.execute(
-        "SELECT chat_id, user_id FROM chat_participants WHERE "
-        + " OR ".join("(chat_id = ? AND user_id = ?)" for _ in pairs),
-        [value for pair in pairs for value in pair])
-    members = set(rows)
+        "SELECT chat_id, user_id FROM chat_participants WHERE (chat_id, user_id) IN "
+        + _values(len(pairs), (uuid_cast, "")), [value for pair in pairs for value in pair])
+    members = {(str(chat_id), user_id) for chat_id, user_id in rows}
 
     # Resends: a clientMessageId already stored, or twice in this batch.
-    keyed = [(i, item) for i, item in enumerate(items)
-             if item.client_message_id is not None and (item.chat_id, item.sender_id) in members]
+    keyed = sorted({(item.chat_id, item.sender_id, item.client_message_id) for item in items
+                    if item.client_message_id is not None and (item.chat_id, item.sender_id) in members})
     existing: dict[tuple[str, str, str], Message] = {}
     if keyed:
+        keyed_chats = sorted({key[0] for key in keyed})
         rows = await txn.execute(
-            "SELECT " + _COLUMNS + " FROM messages m WHERE "
-            + " OR ".join("(m.chat_id = ? AND m.sender_id = ? AND m.client_message_id = ?)" for _ in keyed),
-            [v for _, item in keyed for v in (item.chat_id, item.sender_id, item.client_message_id)])
+            "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id IN ("
+            + ", ".join("?" for _ in keyed_chats) + ")"  # prunes the partitions
+            " AND (m.chat_id, m.sender_id, m.client_message_id) IN " + _values(len(keyed), (uuid_cast, "", "")),
+            [*keyed_chats, *(value for key in keyed for value in key)])
         for row in rows:
             message = Message(*row)
             existing[(message.chat_id, message.sender_id, message.client_message_id or "")] = message
@@ -215,13 +229,19 @@ async def _store_batch_txn(txn: Transaction, items: list[Outgoing],
         per_chat: dict[str, list[int]] = {}
         for n, (i, item) in enumerate(new):
             per_chat.setdefault(item.chat_id, []).append(n)
+        # Every chat's seqs in one statement.
+        counts = [(chat_id, len(indexes), max(new[n][1].created_at for n in indexes))
+                  for chat_id, indexes in sorted(per_chat.items())]
+        big = "::bigint" if postgres else ""
+        rows = await txn.execute(
+            "UPDATE chats SET last_seq = last_seq + v.column2, last_message_at = v.column3,"
+            " updated_at = v.column3 FROM " + _values(len(counts), (uuid_cast, big, big))
+            + " AS v WHERE chats.id = v.column1 RETURNING id, last_seq",
+            [value for count in counts for value in count])
+        last_of = {str(chat_id): last_seq for chat_id, last_seq in rows}
         seqs: dict[int, int] = {}
-        for chat_id in sorted(per_chat):
-            indexes = per_chat[chat_id]
-            last_at = max(new[n][1].created_at for n in indexes)
-            last = (await txn.execute(
-                "UPDATE chats SET last_seq = last_seq + ?, last_message_at = ?, updated_at = ?"
-                " WHERE id = ? RETURNING last_seq", (len(indexes), last_at, last_at, chat_id)))[0][0]
+        for chat_id, indexes in per_chat.items():
+            last = last_of[chat_id]
             for offset, n in enumerate(indexes):
                 seqs[n] = last - len(indexes) + 1 + offset
         values: list[Any] = []
