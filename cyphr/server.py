@@ -226,7 +226,12 @@ def build_server(
                         messages=messages, identities=identities, bus=bus, clock=clock,
                         max_payload=min(config.max_payload, config.max_body), reactor=reactor)
     identity.is_online = realtime.is_online
-    identity.sessions_ended = realtime.end_sessions
+    def sessions_ended(cyphr_id: str, jti: str | None) -> None:
+        if jti is None:  # recovered or deleted: nothing about it is kept in memory
+            messaging.forget_user(cyphr_id)
+        realtime.end_sessions(cyphr_id, jti)
+
+    identity.sessions_ended = sessions_ended
     http_policy = HttpPolicy.from_config(config)
     engine = EngineServer(
         clock, on_session=sockets.on_session, ping_interval=config.ping_interval,

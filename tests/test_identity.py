@@ -439,11 +439,18 @@ class IdentityTestsMixin:
         await self.assertError(wrong, 401, "INVALID_SIGNATURE")
         self.assertEqual(await self.count("cyphr_identities", "WHERE cyphr_id = 'alice'"), 1)
 
+        sent = await self.http.post("/api/messaging/send", {"recipientId": "alice", "encryptedPayload": {}},
+                                    headers=bob.auth())
+        self.assertEqual(sent.code, 201, sent.body)  # the server now knows their direct chat
+
         challenge_id, challenge = await self.alice.challenge(self.http)
         response = await self.http.request("DELETE", "/api/cyphr-id/account", data=json.dumps({
             "challengeId": challenge_id, "signature": self.alice.sign(challenge)}).encode(),
             headers={**self.alice.auth(), b"Content-Type": [b"application/json"]})
         self.assertEqual(response.code, 200, response.body)
+        sent = await self.http.post("/api/messaging/send", {"recipientId": "alice", "encryptedPayload": {}},
+                                    headers=bob.auth())
+        await self.assertError(sent, 404, "USER_NOT_FOUND")
 
         for table, column in (("cyphr_identities", "id"), ("one_time_prekeys", "user_id"),
                               ("totp_secrets", "user_id"), ("wallet_links", "user_id"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
 from typing import Any, Protocol
 
 from cyphr.clock import now_ms
@@ -45,6 +46,8 @@ from cyphr.store.chats import (
 from cyphr.store.identities import IdentityStore
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
 
+DIRECT_CHAT_CACHE = 60.0        # seconds
+DIRECT_CHAT_CACHE_SIZE = 100_000
 MESSAGE_TYPES = ("text", "image", "file", "audio", "video", "call", "payment", "system")
 
 
@@ -115,6 +118,31 @@ class MessagingHandler:
         self._send_limit = send_limit
         self._clock = clock
         self.listener: MessagingListener = _Nobody()
+        # (cyphrId, cyphrId) -> (direct chat id, when learnt): a send by
+        # recipientId then costs no lookup. Believed for DIRECT_CHAT_CACHE
+        # seconds, so that a recipient deleted on another node is soon
+        # refused here too (this node forgets at once, see forget_user).
+        self._direct_chats: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+
+    def _known_direct_chat(self, a: str, b: str) -> str | None:
+        key = (a, b) if a < b else (b, a)
+        entry = self._direct_chats.get(key)
+        if entry is None:
+            return None
+        if self._clock.seconds() - entry[1] > DIRECT_CHAT_CACHE:
+            del self._direct_chats[key]
+            return None
+        return entry[0]
+
+    def _remember_direct_chat(self, a: str, b: str, chat_id: str) -> None:
+        self._direct_chats[(a, b) if a < b else (b, a)] = (chat_id, self._clock.seconds())
+        if len(self._direct_chats) > DIRECT_CHAT_CACHE_SIZE:
+            self._direct_chats.popitem(last=False)
+
+    def forget_user(self, cyphr_id: str) -> None:
+        """The identity is gone: no send may reach it from memory."""
+        for key in [key for key in self._direct_chats if cyphr_id in key]:
+            del self._direct_chats[key]
 
     async def _member(self, user: AuthUser, chat_id: str) -> Membership:
         membership = await self._chats.membership(chat_id, user.cyphr_id)
@@ -139,11 +167,14 @@ class MessagingHandler:
         self._send_limit.hit(user.user_id)
         now = now_ms(self._clock)
         if recipient_id is not None:
-            await self._exists(recipient_id)
-            chat_id, created = await self._chats.direct_chat(user.cyphr_id, recipient_id, now)
-            if created:
-                for member in sorted({user.cyphr_id, recipient_id}):
-                    self.listener.member_joined(chat_id, member)
+            chat_id = self._known_direct_chat(user.cyphr_id, recipient_id)
+            if chat_id is None:
+                await self._exists(recipient_id)
+                chat_id, created = await self._chats.direct_chat(user.cyphr_id, recipient_id, now)
+                if created:
+                    for member in sorted({user.cyphr_id, recipient_id}):
+                        self.listener.member_joined(chat_id, member)
+                self._remember_direct_chat(user.cyphr_id, recipient_id, chat_id)
         assert chat_id is not None
         result = await self._batcher.submit(Outgoing(
             id=str(uuid.uuid4()), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
