@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,31 +117,59 @@ async def register(port: int, user: User) -> str:
         conn.close()
 
 
+class Servers(list):
+    """The servers' ports, in process order (what callers index), and what
+    a benchmark may watch: the servers' process ids, the database's
+    postmaster (None on SQLite) and its URL (empty on SQLite)."""
+
+    pids: list[int]
+    postgres_pid: int | None = None
+    database: str = ""
+
+
 @asynccontextmanager
 async def cyphr_servers(processes: int, pool: int, extra: list[str],
-                        profile: str | None = None) -> AsyncIterator[list[int]]:
-    """``processes`` twistd processes on one throwaway database; their ports."""
-    cluster = postgres.new_cluster()
+                        profile: str | None = None, *, sqlite: bool = False,
+                        env: dict[str, str] | None = None,
+                        log: str | None = None) -> AsyncIterator[Servers]:
+    """``processes`` twistd processes on one throwaway database; their ports.
+    With ``sqlite`` one process on an embedded SQLite file instead; ``env``
+    adds to the servers' environment; ``log`` is a path prefix for their
+    output (``<log>.<number>``), discarded otherwise."""
+    if sqlite and processes != 1:
+        raise ValueError("SQLite serves one process only")
+    cluster = None if sqlite else postgres.new_cluster()
     running: list[subprocess.Popen[bytes]] = []
+    data_dir = ""
     try:
-        url = cluster.create_database()
-        ports = [free_port() for _ in range(processes)]
+        url = cluster.create_database() if cluster is not None else ""
+        ports = Servers(free_port() for _ in range(processes))
+        ports.pids, ports.database = [], url
+        if cluster is not None:
+            with open(os.path.join(cluster.datadir, "postmaster.pid")) as f:
+                ports.postgres_pid = int(f.readline())
         data_dir = tempfile.mkdtemp(prefix="cyphr-bench-")
         env = {**os.environ, "PYTHONPATH": ROOT,
                # The same secrets for every process, as in a cluster.
                "CYPHR_JWT_SECRET": hashlib.sha256(b"bench-jwt").hexdigest(),
                "CYPHR_FINGERPRINT_KEY": hashlib.sha256(b"bench-fp").hexdigest(),
-               "CYPHR_TOTP_KEY": hashlib.sha256(b"bench-totp").hexdigest()}
+               "CYPHR_TOTP_KEY": hashlib.sha256(b"bench-totp").hexdigest(),
+               **(env or {})}
         for number, port in enumerate(ports):
+            output = open(f"{log}.{number}", "wb") if log else subprocess.DEVNULL
             running.append(subprocess.Popen(
                 [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                  "-n", "--pidfile=",
                  *(["--profile", f"{profile}.{number}", "--profiler", "cprofile", "--savestats"]
                    if profile else []),
                  "cyphr", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                 "--database", url, "--data-dir", data_dir, "--node-id", f"bench-{number}",
+                 *(["--database", url] if url else []),
+                 "--data-dir", data_dir, "--node-id", f"bench-{number}",
                  "--rate-limit-auth", "100000000/1s", "--db-pool-size", str(pool), *extra],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                env=env, stdout=output, stderr=subprocess.STDOUT if log else subprocess.DEVNULL))
+            if not isinstance(output, int):
+                output.close()  # the child holds its own copy
+            ports.pids.append(running[-1].pid)
             await wait_ready(port)
         yield ports
     finally:
@@ -151,7 +180,10 @@ async def cyphr_servers(processes: int, pool: int, extra: list[str],
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
-        cluster.destroy()
+        if cluster is not None:
+            cluster.destroy()
+        if data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def percentile(sorted_values: list[float], p: float) -> float:

@@ -1,0 +1,673 @@
+"""
+Realtime load: Socket.IO clients over WebSocket, messages and idle sockets.
+
+    python benchmarks/realtime_load.py [--pairs 200] [--users 2*pairs] [--rate 2000]
+        [--seconds 15] [--processes 1] [--payload-bytes 1024] [--workers 1] [--by-chat]
+        [--sqlite | --server-url URL ...]
+    python benchmarks/realtime_load.py --idle 19000 [--users 1000] [--hold 30] [--workers 2]
+        [--sqlite | --server-url URL]
+
+Traffic (the default): starts a throwaway PostgreSQL cluster and ``twistd -n
+cyphr`` in --processes processes (or one on SQLite, or uses running servers),
+registers --users users over REST, connects each as a Socket.IO client over
+WebSocket, authenticated by the CONNECT payload ``{"token": ...}``, and waits
+for its ``sync_complete``. It pairs them, sender and receiver (on different
+server processes when there are several, so that messages cross the bus),
+makes each pair's direct chat with one message and waits for it, then sends
+``send_message`` events with ack ids at --rate a second in total, on a fixed
+timetable spread over the senders whatever the acks do (open loop), for
+--seconds; then waits a while for stragglers. Per message it measures the ack
+latency (send -> ack) and the delivery latency (send -> the receiver's
+``new_message``, matched by clientMessageId), both from the time the
+timetable set for the send, so that a late load generator cannot hide a slow
+server. It prints counts (sent, acked, delivered, lost, duplicated,
+out of order), delivered messages a second, latency percentiles, the CPU
+and memory of the servers, of PostgreSQL, of itself and of the rest of the
+machine (the machine is shared: a busy neighbour shows there), and, on
+PostgreSQL, how the messages were written (batches, transactions and chat
+row updates per message, from PostgreSQL's statistics). Messages name their
+recipient (recipientId), as a first message does; --by-chat names the chat
+instead, which spares the server two lookups a message.
+
+Spawned servers get send and event rate limits high enough not to refuse
+the load (--rate-limit-send, --realtime-event-rate); a running server keeps
+its own, so spread the rate over enough pairs (the defaults allow 30
+messages a second per user and 100 events a second per connection).
+
+Idle (--idle C): one server process, C authenticated sockets (of --users
+users, several sockets each, round robin: registration costs an Ed25519
+signature and a key check each), held for --hold seconds so that every
+socket answers the server's pings; prints the time connecting took and the
+server's RSS before and after, per connection. Handshakes run --connect-
+concurrency at a time: Twisted's listen backlog is 50, and a SYN beyond it
+costs the client a second.
+
+The clients are benchmarks/sioclient.py on uvloop when installed, in
+--workers processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import glob
+import json
+import multiprocessing
+import os
+import resource
+import secrets
+import sys
+import time
+import traceback
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import User, cyphr_servers, percentile, register, run_loop  # noqa: E402
+from sioclient import Client, ConnectFailed, connect  # noqa: E402
+
+HOST = "127.0.0.1"
+SETUP = 1_000_000_000      # ack ids from here on belong to the chat-making messages
+HIGH_LIMITS = ["--rate-limit-send", "100000000/1s", "--realtime-event-rate", "100000000/1s"]
+_CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- processes seen from /proc ----------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICK
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def family_cpu_seconds(parent: int) -> float:
+    """CPU time of a process and its children (PostgreSQL's backends)."""
+    total = cpu_seconds(parent)
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICK
+    return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, every core."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values[:8]) - idle) / _CLOCK_TICK, sum(values[:8]) / _CLOCK_TICK
+
+
+def listening_pid(port: int) -> int | None:
+    """The local process listening on ``port``, if it can be seen."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{parts[9]}]")
+        except OSError:
+            continue
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) in inodes:
+                return int(fd.split("/")[2])
+        except OSError:
+            continue
+    return None
+
+
+# -- servers and users ------------------------------------------------------------
+
+
+def pg_counters(url: str) -> dict[str, int]:
+    """PostgreSQL's activity counters for the database: transactions (an
+    autocommit query is one), messages inserted, chat rows updated, and
+    stream position updates (one per batch of messages). The statistics
+    reach these views within a second or so: the figures are approximate."""
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database"
+                           " WHERE datname = current_database()")
+            counters = {"transactions": cursor.fetchone()[0]}
+            # messages is split into partitions messages_0 .. messages_99.
+            cursor.execute("SELECT regexp_replace(relname, '_[0-9]+$', ''), sum(n_tup_ins),"
+                           " sum(n_tup_upd) FROM pg_stat_user_tables"
+                           " WHERE relname ~ '^(messages(_[0-9]+)?|chats|message_stream)$' GROUP BY 1")
+            for name, inserted, updated in cursor.fetchall():
+                counters[f"{name} inserted"] = int(inserted)
+                counters[f"{name} updated"] = int(updated)
+    finally:
+        conn.close()
+    return counters
+
+
+class Target:
+    """Where the clients go, and which processes to watch."""
+
+    def __init__(self, ports: list[int], pids: list[int | None], postgres_pid: int | None,
+                 description: str, database: str = "") -> None:
+        self.ports, self.pids, self.postgres_pid = ports, pids, postgres_pid
+        self.description, self.database = description, database
+
+
+@asynccontextmanager
+async def target(args: argparse.Namespace, processes: int) -> AsyncIterator[Target]:
+    if args.server_url:
+        ports = []
+        for url in args.server_url:
+            parts = urlsplit(url)
+            if parts.hostname not in ("127.0.0.1", "localhost"):
+                raise SystemExit("--server-url: this load generator connects to 127.0.0.1 only")
+            ports.append(parts.port or 80)
+        yield Target(ports, [listening_pid(p) for p in ports], None,
+                     f"{len(ports)} running server(s), their own rate limits")
+        return
+    async with cyphr_servers(processes, args.pool, HIGH_LIMITS, sqlite=args.sqlite,
+                             log=args.server_log) as servers:
+        engine = "SQLite" if args.sqlite else "PostgreSQL"
+        yield Target(list(servers), list(servers.pids), servers.postgres_pid,
+                     f"{engine}, {processes} server process(es), send and event limits raised",
+                     servers.database)
+
+
+async def register_all(port: int, count: int, concurrency: int = 32) -> list[tuple[str, str]]:
+    """``count`` new users: (cyphrId, token) each. Names carry a random run
+    prefix so that a running server can take several runs."""
+    run = secrets.token_hex(3)
+    users = [User(f"rt{run}_{n}") for n in range(count)]
+    tokens: list[str] = [""] * count
+    queue = iter(range(count))
+
+    async def one_by_one() -> None:
+        for n in queue:
+            tokens[n] = await register(port, users[n])
+
+    await asyncio.gather(*(one_by_one() for _ in range(min(concurrency, count))))
+    return [(u.cyphr_id, t) for u, t in zip(users, tokens)]
+
+
+def payload_json(size: int) -> str:
+    """An encryptedPayload of about ``size`` bytes of JSON, base64 inside."""
+    raw = max(16, (size - 80) * 3 // 4)
+    return json.dumps({"v": 2, "nonce": base64.b64encode(os.urandom(24)).decode(),
+                       "encryptedMessage": base64.b64encode(os.urandom(raw)).decode()},
+                      separators=(",", ":"))
+
+
+# -- the worker processes ---------------------------------------------------------
+
+
+def worker_main(conn: Any, spec: dict[str, Any]) -> None:
+    """Entry point of a load process: its sockets and its share of the load."""
+    main = traffic_worker if spec["mode"] == "traffic" else idle_worker
+    try:
+        run_loop(main(conn, spec))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))  # or the coordinator would wait on
+        raise
+
+
+async def ask(conn: Any) -> Any:
+    """The coordinator's next word (the pipe read runs off the event loop)."""
+    return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+
+async def connect_all(plan: list[tuple[int, str]], concurrency: int, **options: Any
+                      ) -> tuple[list[Client | None], list[str]]:
+    """Connect one client per (port, token), ``concurrency`` handshakes at a
+    time; the clients (None where it failed) and the failures."""
+    clients: list[Client | None] = [None] * len(plan)
+    failures: list[str] = []
+    queue = iter(range(len(plan)))
+
+    async def one_by_one() -> None:
+        for n in queue:
+            port, token = plan[n]
+            try:
+                clients[n] = await connect(HOST, port, {"token": token}, **options)
+            except (OSError, ConnectFailed, TimeoutError) as e:
+                failures.append(f"{type(e).__name__}: {e}")
+
+    await asyncio.gather(*(one_by_one() for _ in range(min(concurrency, len(plan)))))
+    return clients, failures
+
+
+class Traffic:
+    """One load process's share of the pairs: what it sent and what came back."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.rate: float = spec["rate"]
+        self.total = int(spec["rate"] * spec["seconds"])
+        self.acked = [0.0] * self.total
+        self.delivered = [0.0] * self.total
+        self.ack_errors: collections.Counter[str] = collections.Counter()
+        self.n_acked = self.n_failed = self.n_delivered = 0
+        self.duplicated = self.lower = self.gaps = 0
+        self.setup_acked = self.setup_delivered = 0
+        self.chat_ids: dict[int, str] = {}  # pair number -> its direct chat
+        self.last_seq: dict[tuple[int, str], int] = {}
+        self.other_events: collections.Counter[str] = collections.Counter()
+
+    def on_ack(self, client: Client, ack_id: int, args: list[Any]) -> None:
+        answer = args[0] if args else {}
+        if ack_id >= SETUP:
+            self.setup_acked += 1
+            if answer.get("success"):
+                self.chat_ids[ack_id - SETUP] = answer["chatId"]
+            else:
+                self.ack_errors[f"setup {answer.get('code')}"] += 1
+            return
+        if answer.get("success"):
+            self.acked[ack_id] = time.monotonic()
+            self.n_acked += 1
+        else:
+            self.n_failed += 1
+            self.ack_errors[str(answer.get("code"))] += 1
+
+    def on_event(self, client: Client, name: str, data: Any) -> None:
+        if name != "new_message":
+            if name != "authenticated":
+                self.other_events[name] += 1
+            return
+        now = time.monotonic()
+        message = data["message"]
+        client_id = message.get("clientMessageId") or ""
+        key = (id(client), message["chatId"])
+        seq = message["seq"]
+        if client_id[:1] == "s":
+            self.setup_delivered += 1
+            self.last_seq[key] = seq
+            return
+        m = int(client_id)
+        if self.delivered[m]:
+            self.duplicated += 1
+            return
+        self.delivered[m] = now
+        self.n_delivered += 1
+        previous = self.last_seq.get(key, 0)
+        if seq <= previous:
+            self.lower += 1
+        else:
+            if seq > previous + 1:
+                self.gaps += 1
+            self.last_seq[key] = seq
+
+
+async def traffic_worker(conn: Any, spec: dict[str, Any]) -> None:
+    state = Traffic(spec)
+    pairs = spec["pairs"]  # (pair number, sender port, token, receiver port, token, receiver id)
+    plan = [(p[1], p[2]) for p in pairs] + [(p[3], p[4]) for p in pairs] + spec["bystanders"]
+    started = time.monotonic()
+    clients, failures = await connect_all(plan, spec["connect_concurrency"],
+                                          on_event=state.on_event, on_ack=state.on_ack)
+    connected = time.monotonic() - started
+    senders = clients[:len(pairs)]
+    heads = [f'["send_message",{{"recipientId":"{p[5]}","encryptedPayload":{spec["payload"]},'
+             '"clientMessageId":"' for p in pairs]
+
+    # Each pair's direct chat, made by one message, which must arrive.
+    for n, (pair, sender) in enumerate(zip(pairs, senders)):
+        if sender is not None:
+            sender.send_text(f"42{SETUP + pair[0]}{heads[n]}s{pair[0]}\"}}]")
+    deadline = time.monotonic() + 60
+    while (state.setup_acked < len(pairs) or state.setup_delivered < len(pairs)) \
+            and time.monotonic() < deadline and not failures:
+        await asyncio.sleep(0.05)
+    if spec["by_chat"]:
+        # Addressed by chatId: no lookup of the recipient and its direct chat.
+        heads = [f'["send_message",{{"chatId":"{state.chat_ids.get(p[0])}","encryptedPayload":'
+                 f'{spec["payload"]},"clientMessageId":"' for p in pairs]
+    conn.send(("ready", len(plan) - len(failures), failures[:5], connected,
+               state.setup_acked, state.setup_delivered))
+
+    _, t0 = await ask(conn)
+    rate, total, count = state.rate, state.total, spec["pair_count"]
+    mine = {pair[0]: (n, senders[n]) for n, pair in enumerate(pairs)}
+    schedule = [m for m in range(total) if m % count in mine]
+    lags: list[float] = []
+    await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_start = usage.ru_utime + usage.ru_stime
+    sent = 0
+    for m in schedule:
+        due = t0 + m / rate
+        now = time.monotonic()
+        if due > now:
+            await asyncio.sleep(due - now)
+            now = time.monotonic()
+        n, sender = mine[m % count]
+        if sender is not None:
+            sender.send_text(f"42{m}{heads[n]}{m}\"}}]")
+            sent += 1
+        lags.append(now - due)
+        if now - due > 0.002 and sent % 64 == 0:
+            await asyncio.sleep(0)  # behind: let what arrived be read meanwhile
+    window_end = t0 + spec["seconds"]
+    await asyncio.sleep(max(0.0, window_end - time.monotonic()))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_window = usage.ru_utime + usage.ru_stime - cpu_start
+
+    deadline = time.monotonic() + spec["drain"]
+    while time.monotonic() < deadline and (
+            state.n_acked + state.n_failed < sent or state.n_delivered < state.n_acked):
+        await asyncio.sleep(0.05)
+
+    ack_ms, delivery_ms, in_window = [], [], 0
+    for m in schedule:
+        due = t0 + m / rate
+        if state.acked[m]:
+            ack_ms.append((state.acked[m] - due) * 1000)
+        if state.delivered[m]:
+            delivery_ms.append((state.delivered[m] - due) * 1000)
+            if state.delivered[m] <= window_end:
+                in_window += 1
+    dropped = sum(1 for c in clients if c is not None and c.closed.done())
+    conn.send(("done", {
+        "sent": sent, "acked": state.n_acked, "failed": state.n_failed,
+        "delivered": state.n_delivered, "in_window": in_window,
+        "duplicated": state.duplicated, "lower": state.lower, "gaps": state.gaps,
+        "ack_errors": dict(state.ack_errors), "ack_ms": ack_ms, "delivery_ms": delivery_ms,
+        "lag_ms": [lag * 1000 for lag in lags], "cpu": cpu_window, "dropped": dropped,
+        "other_events": dict(state.other_events)}))
+    await ask(conn)
+    for client in clients:
+        if client is not None:
+            client.abort()
+
+
+async def idle_worker(conn: Any, spec: dict[str, Any]) -> None:
+    conn.send(("up",))
+    await ask(conn)
+    started = time.monotonic()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    clients, failures = await connect_all(spec["plan"], spec["connect_concurrency"],
+                                          timeout=spec["connect_timeout"])
+    elapsed = time.monotonic() - started
+    usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage_after.ru_utime + usage_after.ru_stime - usage.ru_utime - usage.ru_stime
+    conn.send(("connected", len(spec["plan"]) - len(failures), failures[:5], elapsed, cpu))
+    await ask(conn)  # the hold is over
+    live = [c for c in clients if c is not None]
+    conn.send(("held", sum(1 for c in live if not c.closed.done()), sum(c.pings for c in live),
+               sum(1 for c in live if c.closed.done()),
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    await ask(conn)
+    for client in live:
+        client.abort()
+
+
+class Workers:
+    """The load processes, each on one end of a pipe."""
+
+    def __init__(self, specs: list[dict[str, Any]]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pipes, self.processes = [], []
+        for spec in specs:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=worker_main, args=(theirs, spec), daemon=True)
+            process.start()
+            self.pipes.append(ours)
+            self.processes.append(process)
+
+    async def gather(self, timeout: float = 600) -> list[Any]:
+        """One answer from each."""
+        loop = asyncio.get_running_loop()
+        answers = await asyncio.wait_for(asyncio.gather(
+            *(loop.run_in_executor(None, pipe.recv) for pipe in self.pipes)), timeout)
+        for answer in answers:
+            if answer[0] == "error":
+                raise RuntimeError(f"a load process failed:\n{answer[1]}")
+        return list(answers)
+
+    def tell(self, message: Any) -> None:
+        for pipe in self.pipes:
+            pipe.send(message)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+
+# -- the modes --------------------------------------------------------------------
+
+
+def ms(values: list[float], label: str) -> str:
+    if not values:
+        return f"{label:<20} (none)"
+    values.sort()
+    return (f"{label:<20} p50 {percentile(values, 0.50):7.1f}  p95 {percentile(values, 0.95):7.1f}  "
+            f"p99 {percentile(values, 0.99):7.1f}  max {values[-1]:7.1f}")
+
+
+async def traffic(args: argparse.Namespace) -> None:
+    users_count = args.users or 2 * args.pairs
+    if users_count < 2 * args.pairs:
+        raise SystemExit("--users must be at least 2 x --pairs: every pair has its own two users")
+    async with target(args, args.processes) as where:
+        ports = where.ports
+        began = time.monotonic()
+        users = await register_all(ports[0], users_count)
+        print(f"registered {users_count} users in {time.monotonic() - began:.1f} s")
+        k = len(ports)
+        # Pair n: users 2n -> 2n+1, the sender on one server, the receiver on the next.
+        pairs = [(n, ports[n % k], users[2 * n][1], ports[(n + 1) % k], users[2 * n + 1][1],
+                  users[2 * n + 1][0]) for n in range(args.pairs)]
+        bystanders = [(ports[n % k], users[n][1]) for n in range(2 * args.pairs, users_count)]
+        payload = payload_json(args.payload_bytes)
+        workers = Workers([{
+            "mode": "traffic", "pairs": pairs[w::args.workers], "pair_count": args.pairs,
+            "bystanders": bystanders[w::args.workers], "rate": args.rate, "seconds": args.seconds,
+            "payload": payload, "drain": args.drain,
+            "connect_concurrency": max(1, args.connect_concurrency // args.workers),
+            "by_chat": args.by_chat,
+        } for w in range(args.workers)])
+        try:
+            began = time.monotonic()
+            ready = await workers.gather()
+            sockets = sum(r[1] for r in ready)
+            print(f"connected {sockets}/{users_count} sockets and made {sum(r[4] for r in ready)} "
+                  f"direct chats ({sum(r[5] for r in ready)} first messages delivered) "
+                  f"in {time.monotonic() - began:.1f} s")
+            problems = [f for r in ready for f in r[2]]
+            if problems or sum(r[5] for r in ready) < args.pairs:
+                raise SystemExit(f"setup failed: {problems or 'first messages missing'}")
+
+            await asyncio.sleep(1.5)  # PostgreSQL's statistics catch up with the setup
+            counters0 = pg_counters(where.database) if where.database else {}
+            t0 = time.monotonic() + 1.0
+            workers.tell(("go", t0))
+            await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+            watched = [p for p in where.pids if p]
+            cpu0 = [cpu_seconds(p) for p in watched]
+            pg0 = family_cpu_seconds(where.postgres_pid) if where.postgres_pid else 0.0
+            machine0 = machine_cpu()
+            await asyncio.sleep(max(0.0, t0 + args.seconds - time.monotonic()))
+            machine1 = machine_cpu()
+            window = time.monotonic() - t0
+            cpu1 = [cpu_seconds(p) for p in watched]
+            pg1 = family_cpu_seconds(where.postgres_pid) if where.postgres_pid else 0.0
+            rss = [rss_bytes(p) for p in watched]
+            results = [r[1] for r in await workers.gather(args.seconds + args.drain + 120)]
+            workers.tell(("close",))
+            await asyncio.sleep(1.5)
+            counters1 = pg_counters(where.database) if where.database else {}
+        finally:
+            workers.stop()
+
+    total = {key: sum(r[key] for r in results)
+             for key in ("sent", "acked", "failed", "delivered", "in_window", "duplicated",
+                         "lower", "gaps", "dropped")}
+    errors: collections.Counter[str] = collections.Counter()
+    others: collections.Counter[str] = collections.Counter()
+    for r in results:
+        errors.update(r["ack_errors"])
+        others.update(r["other_events"])
+    lost = total["sent"] - total["delivered"]
+    print(f"realtime traffic: {where.description}; {users_count} users, {args.pairs} pairs, "
+          f"{args.workers} load process(es); {args.rate:g} msg/s offered for {args.seconds:g} s, "
+          f"{len(payload)}-byte encryptedPayload, by {'chatId' if args.by_chat else 'recipientId'}")
+    print(f"sent {total['sent']}  acked {total['acked']}  delivered {total['delivered']}  "
+          f"lost {lost}  duplicated {total['duplicated']}  "
+          f"out-of-order {total['lower'] + total['gaps']} (lower seq {total['lower']}, "
+          f"gaps {total['gaps']})")
+    print(f"ack errors {total['failed']}" + (f" {dict(errors)}" if errors else "")
+          + f"; sockets dropped {total['dropped']}"
+          + (f"; other events {dict(others)}" if others else ""))
+    print(f"achieved {total['delivered'] / args.seconds:.0f} msg/s delivered "
+          f"({total['in_window'] / args.seconds:.0f} msg/s within the window)")
+    print(ms([x for r in results for x in r["ack_ms"]], "ack latency ms"))
+    print(ms([x for r in results for x in r["delivery_ms"]], "delivery latency ms"))
+    print(ms([x for r in results for x in r["lag_ms"]], "send lag ms"))
+    cpu = [f"{(b - a) / window * 100:.0f}%" for a, b in zip(cpu0, cpu1)]
+    print(f"CPU over the window (100% = one core): servers {', '.join(cpu) or 'unknown'}"
+          + (f"; PostgreSQL {(pg1 - pg0) / window * 100:.0f}%" if where.postgres_pid else "")
+          + f"; load generator {sum(r['cpu'] for r in results) / window * 100:.0f}%")
+    if counters1:
+        change = {key: counters1.get(key, 0) - counters0.get(key, 0) for key in counters1}
+        stored = change.get("messages inserted", 0)
+        batches = change.get("message_stream updated", 0)
+        print(f"PostgreSQL (approximate): {stored} messages stored in {batches} batches"
+              + (f" ({stored / max(1, batches):.1f} a batch); "
+                 f"{change['transactions'] / stored:.2f} transactions and "
+                 f"{change.get('chats updated', 0) / stored:.2f} chat row updates per message"
+                 if stored else f"; {change['transactions']} transactions"))
+    ours = sum(b - a for a, b in zip(cpu0, cpu1)) + pg1 - pg0 + sum(r["cpu"] for r in results)
+    busy = machine1[0] - machine0[0]
+    print(f"machine: {busy / window * 100:.0f}% busy of {os.cpu_count()} cores x 100%, of which "
+          f"others (not the processes above) {max(0.0, busy - ours) / window * 100:.0f}%; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    if rss:
+        print(f"server RSS MiB: {', '.join(f'{b / 2**20:.0f}' for b in rss)}")
+
+
+async def idle(args: argparse.Namespace) -> None:
+    count = args.idle
+    users_count = args.users or min(count, 1000)
+    async with target(args, 1) as where:
+        port, pid = where.ports[0], where.pids[0]
+        began = time.monotonic()
+        users = await register_all(port, users_count)
+        print(f"registered {users_count} users in {time.monotonic() - began:.1f} s")
+        plan = [(port, users[n % users_count][1]) for n in range(count)]
+        workers = Workers([{
+            "mode": "idle", "plan": plan[w::args.workers],
+            "connect_concurrency": max(1, args.connect_concurrency // args.workers),
+            "connect_timeout": 120,
+        } for w in range(args.workers)])
+        try:
+            await workers.gather()
+            await asyncio.sleep(2)  # the server settles after the registrations
+            before = rss_bytes(pid) if pid else 0
+            cpu0 = cpu_seconds(pid) if pid else 0.0
+            counters0 = pg_counters(where.database) if where.database else {}
+            pg0 = family_cpu_seconds(where.postgres_pid) if where.postgres_pid else 0.0
+            began, machine0 = time.monotonic(), machine_cpu()
+            workers.tell(("connect",))
+            connected = await workers.gather(3600)
+            took = time.monotonic() - began
+            machine1 = machine_cpu()
+            cpu1 = cpu_seconds(pid) if pid else 0.0
+            pg1 = family_cpu_seconds(where.postgres_pid) if where.postgres_pid else 0.0
+            after_connect = rss_bytes(pid) if pid else 0
+            ok = sum(c[1] for c in connected)
+            problems = [f for c in connected for f in c[2]]
+            await asyncio.sleep(args.hold)
+            after = rss_bytes(pid) if pid else 0
+            counters1 = pg_counters(where.database) if where.database else {}
+            workers.tell(("report",))
+            held = await workers.gather()
+            workers.tell(("close",))
+        finally:
+            workers.stop()
+    print(f"idle: {where.description}; {count} sockets of {users_count} users, "
+          f"{args.workers} load process(es)")
+    print(f"connected {ok}/{count} in {took:.1f} s ({ok / took:.0f}/s; server CPU "
+          f"{(cpu1 - cpu0) / took * 100:.0f}%, "
+          + (f"PostgreSQL {(pg1 - pg0) / took * 100:.0f}% and ~"
+             f"{(counters1['transactions'] - counters0['transactions']) / max(ok, 1):.1f} "
+             "transactions per socket, " if counters1 else "")
+          + "load generator "
+          f"{sum(c[4] for c in connected) / took * 100:.0f}%)"
+          + (f"; failures e.g. {problems[:3]}" if problems else ""))
+    print(f"machine while connecting: {(machine1[0] - machine0[0]) / took * 100:.0f}% busy of "
+          f"{os.cpu_count()} cores x 100%; load average {os.getloadavg()[0]:.1f}")
+    print(f"held {args.hold:g} s: {sum(h[1] for h in held)} open, {sum(h[2] for h in held)} pings "
+          f"answered, {sum(h[3] for h in held)} closed by the server")
+    if pid:
+        print(f"server RSS before {before / 2**20:.1f} MiB, after connecting "
+              f"{after_connect / 2**20:.1f} MiB, after the hold {after / 2**20:.1f} MiB")
+        print(f"RSS per connection: {(after_connect - before) / max(ok, 1) / 1024:.1f} KiB after "
+              f"connecting, {(after - before) / max(ok, 1) / 1024:.1f} KiB after the hold")
+        print(f"load generator peak RSS MiB: {', '.join(f'{h[4] / 2**20:.0f}' for h in held)}")
+    else:
+        print("server RSS unknown: its process is not visible from here")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=0,
+                        help="users to register (traffic: 2 x pairs; idle: up to 1000)")
+    parser.add_argument("--pairs", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=2000, help="messages a second, in total")
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--drain", type=float, default=10,
+                        help="seconds to wait for stragglers after the send window")
+    parser.add_argument("--processes", type=int, default=1, help="server processes (traffic)")
+    parser.add_argument("--payload-bytes", type=int, default=1024)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="load generator processes (traffic: 1, idle: 2)")
+    parser.add_argument("--pool", type=int, default=10, help="the servers' --db-pool-size")
+    parser.add_argument("--by-chat", action="store_true",
+                        help="address messages by chatId rather than recipientId")
+    parser.add_argument("--sqlite", action="store_true",
+                        help="one server process on SQLite instead of PostgreSQL")
+    parser.add_argument("--server-url", action="append", default=[],
+                        help="a running server, http://127.0.0.1:PORT (repeatable)")
+    parser.add_argument("--server-log", help="path prefix for the spawned servers' output")
+    parser.add_argument("--idle", type=int, default=0, metavar="C",
+                        help="hold C idle sockets instead of sending")
+    parser.add_argument("--hold", type=float, default=30,
+                        help="idle: seconds to hold them (pings come every 25 s)")
+    parser.add_argument("--connect-concurrency", type=int, default=40,
+                        help="handshakes in flight (the server's listen backlog is "
+                             "Twisted's default, 50: more overflow it and cost SYN retries)")
+    args = parser.parse_args()
+    if args.sqlite and (args.processes != 1 or args.server_url):
+        parser.error("--sqlite runs one spawned server process")
+    args.workers = args.workers or (2 if args.idle else 1)
+    run_loop(idle(args) if args.idle else traffic(args))
+
+
+if __name__ == "__main__":
+    main()
