@@ -63,6 +63,7 @@ _log = Logger()
 
 AUTH_TIMEOUT = 10.0          # seconds an unauthenticated socket may stay
 CATCH_UP_PAGE = 200          # messages per catch-up query
+MAX_NAMED_CHATS = 500        # beyond this, the catch-up query does not list the chats
 GAP_WAIT = 0.25              # seconds a feed waits for a missing seq before fetching it
 HEARTBEAT = 15.0             # seconds between a node's heartbeats on the bus
 NODE_SILENCE = 60.0          # a node silent this long has its presence forgotten
@@ -277,15 +278,18 @@ class Realtime:
         if not socket.connected:
             return
         socket.join("user:" + me)
-        for chat_id, last_seq in positions:
+        behind = []  # chats with messages past what this user acknowledged
+        for chat_id, last_seq, delivered in positions:
             self._join(socket, chat_id, last_seq)
+            if last_seq > delivered:
+                behind.append(chat_id)
         if self.presence.add(me, socket):
             self._publish({"t": "p", "n": self.bus.node_id, "u": me, "o": 1})
             if not self.presence.elsewhere(me):
                 self._spawn(self._announce(me, {"userId": me}, "user_online"))
         socket.emit("authenticated", {"userId": me, "cyphrId": me})
         try:
-            await self._catch_up(socket, me)
+            await self._catch_up(socket, me, behind)
         except ApiError:
             socket.session.close("database unavailable")
             return
@@ -294,13 +298,17 @@ class Realtime:
             socket.session.close("server error")
             return
 
-    async def _catch_up(self, socket: Socket, me: str) -> None:
+    async def _catch_up(self, socket: Socket, me: str, behind: list[str]) -> None:
+        """Push what ``me`` has not acknowledged, in the chats ``behind``
+        (any chat whose newest message is past the member's delivered
+        mark; the others have nothing to push)."""
         client: Client = socket.state
         cursor = await self._messages.stream_position()
         after = _FIRST
         seen: dict[str, int] = {}
-        while socket.connected:
-            page = await self._messages.undelivered(me, after, CATCH_UP_PAGE)
+        chats = sorted(behind) if len(behind) <= MAX_NAMED_CHATS else None
+        while socket.connected and behind:
+            page = await self._messages.undelivered(me, after, CATCH_UP_PAGE, chats)
             if not socket.connected:
                 return
             for message in page:

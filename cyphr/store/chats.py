@@ -158,12 +158,13 @@ class ChatStore:
                 (seq, chat_id, cyphr_id, seq - 1))
         return inserted == 1
 
-    async def chat_positions(self, cyphr_id: str) -> list[tuple[str, int]]:
-        """The member's chats, each with the seq of its newest message."""
+    async def chat_positions(self, cyphr_id: str) -> list[tuple[str, int, int]]:
+        """The member's chats, each with the seq of its newest message and
+        the highest seq the member acknowledged as delivered."""
         rows = await self._db.run_query(
-            "SELECT c.id, c.last_seq FROM chat_participants p JOIN chats c ON c.id = p.chat_id"
-            " WHERE p.user_id = ?", (cyphr_id,))
-        return [(chat_id, last_seq) for chat_id, last_seq in rows]
+            "SELECT c.id, c.last_seq, p.delivered_up_to_seq FROM chat_participants p"
+            " JOIN chats c ON c.id = p.chat_id WHERE p.user_id = ?", (cyphr_id,))
+        return [(str(chat_id), last_seq, delivered) for chat_id, last_seq, delivered in rows]
 
     async def last_seq(self, chat_id: str) -> int | None:
         rows = await self._db.run_query("SELECT last_seq FROM chats WHERE id = ?", (chat_id,))

@@ -94,18 +94,25 @@ class MessageStore:
         page = [Message(*row) for row in rows]
         return page[:limit], len(page) > limit
 
-    async def undelivered(self, cyphr_id: str, after: tuple[str, int], limit: int) -> list[Message]:
-        """Messages of others in the member's chats that it has not
-        acknowledged as delivered, by chat and seq, past ``after``
-        (chat id, seq): the catch-up of a socket that comes back."""
+    async def undelivered(self, cyphr_id: str, after: tuple[str, int], limit: int,
+                          chats: list[str] | None = None) -> list[Message]:
+        """Messages of others in the member's chats (or in ``chats`` of them)
+        that it has not acknowledged as delivered, by chat and seq, past
+        ``after`` (chat id, seq): the catch-up of a socket that comes back.
+        Naming the chats lets PostgreSQL look into their partitions only."""
+        only = ""
+        params: list[Any] = [cyphr_id, after[0], after[0], after[1]]
+        if chats:
+            only = " AND m.chat_id IN (" + ", ".join("?" for _ in chats) + ")"
+            params += chats
         rows = await self._db.run_query(
             "SELECT " + _COLUMNS + " FROM chat_participants p JOIN messages m ON m.chat_id = p.chat_id"
             " WHERE p.user_id = ? AND m.seq > p.delivered_up_to_seq AND m.sender_id <> p.user_id"
-            " AND m.deleted_at IS NULL AND (m.chat_id > ? OR (m.chat_id = ? AND m.seq > ?))"
+            " AND m.deleted_at IS NULL AND (m.chat_id > ? OR (m.chat_id = ? AND m.seq > ?))" + only +
             " AND NOT EXISTS (SELECT 1 FROM message_receipts r WHERE r.chat_id = m.chat_id"
             "  AND r.message_id = m.id AND r.user_id = p.user_id)"
             " ORDER BY m.chat_id, m.seq LIMIT ?",
-            (cyphr_id, after[0], after[0], after[1], limit))
+            [*params, limit])
         return [Message(*row) for row in rows]
 
     async def by_id_for_member(self, message_id: str, cyphr_id: str) -> Message | None:
