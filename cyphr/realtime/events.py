@@ -244,7 +244,7 @@ class Realtime:
         token = body.get("token")
         if not isinstance(token, str) or not token:
             # The original {userId, publicKey} proves nothing.
-            raise Unauthorized("Authenticate with a session token: {token}", code=UNAUTHORIZED)
+            raise Unauthorized("Authenticate with a session token", code=UNAUTHORIZED)
         user = await self._authenticator.authenticate_token(token)
         if client.user is not None or not socket.connected:
             return _ok(userId=user.cyphr_id, cyphrId=user.cyphr_id)
