@@ -110,6 +110,24 @@ class SioClient:
         return deferToThread(wait)
 
 
+def sleep(seconds: float) -> Deferred[None]:
+    """Wait on the real reactor."""
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+async def until(predicate: Any, what: str = "the condition", timeout: float = 10.0,
+                step: float = 0.02) -> None:
+    """Wait, on the real reactor, until ``predicate()`` holds."""
+    waited = 0.0
+    while not predicate():
+        if waited > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await sleep(step)
+        waited += step
+
+
 async def sessions_closed(server: Any, timeout: float = 10) -> None:
     """Wait until the server holds no session (every connection closed)."""
     deadline = time.monotonic() + timeout

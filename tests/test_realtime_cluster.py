@@ -8,33 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests import postgres
 from tests.helpers import InProcessHTTP, PostgresMixin, start_server
-from tests.realtime import SioClient, sessions_closed
+from tests.realtime import SioClient, sessions_closed, sleep, until
 from tests.users import User
 
 SHARED = {"jwt_secret": "j" * 40, "fingerprint_key": "f" * 40, "totp_key": "t" * 40,
           "rate_limit_send": (100_000, 1), "realtime_event_rate": (100_000, 1)}
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
-
-
-async def until(predicate: Any, timeout: float = 10, what: str = "condition") -> None:
-    waited = 0.0
-    while not predicate():
-        if waited > timeout:
-            raise AssertionError(f"{what} not reached after {timeout}s")
-        await sleep(0.05)
-        waited += 0.05
 
 
 class Node:
@@ -53,7 +37,7 @@ class ClusterMixin:
         [port] = [await d for d in server.listening()]
         node = Node(server, f"http://127.0.0.1:{port.getHost().port}")
         self.nodes.append(node)
-        await until(lambda: server.bus.listening, what="LISTEN")
+        await until(lambda: server.bus.listening, "LISTEN")
         return node
 
     async def cluster(self, database: str, count: int = 2) -> list[Node]:
@@ -212,7 +196,7 @@ class RestartTests(ClusterMixin, TestCase):
         await deferToThread(self.cluster_pg.start)
         # Node A writes as soon as its pool is back, perhaps before node B
         # listens again: B must recover those from the database.
-        await until(lambda: a_node.server.database.ready, what="node A's database")
+        await until(lambda: a_node.server.database.ready, "node A's database")
         for n in range(1, 6):
             while True:
                 ack = await a.call("send_message", {"chatId": ack["chatId"], "encryptedPayload": {"n": n}})

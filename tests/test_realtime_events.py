@@ -9,19 +9,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, start_server
-from tests.realtime import SioClient, sessions_closed
+from tests.realtime import SioClient, sessions_closed, sleep
 from tests.users import User
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
 
 
 class RealtimeBase:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -19,13 +19,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from cyphr.realtime.socketio import AckTimeout, Disconnected
 from tests.helpers import InProcessHTTP, SQLiteMixin, fixed_clock, start_server
-from tests.realtime import sessions_closed
+from tests.realtime import sessions_closed, sleep, until
 from tests.users import User
 
 POLLING = "EIO=4&transport=polling"
@@ -44,20 +43,6 @@ UPGRADE_HEADERS = (
 
 def compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait, on the real reactor, until ``predicate()`` holds."""
-    waited = 0.0
-    while not predicate():
-        if waited > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(0.01)
-        waited += 0.01
 
 
 @dataclass

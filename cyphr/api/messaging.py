@@ -24,7 +24,6 @@ from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import Fields, check_cyphr_id, invalid
 from cyphr.store.messages import Message
 
-MESSAGE_TYPES = ("text", "image", "file", "audio", "video", "call", "payment", "system")
 HISTORY_DEFAULT, HISTORY_MAX = 50, 200
 SYNC_DEFAULT, SYNC_MAX = 100, 500
 MAX_GROUP_MEMBERS = 1000
