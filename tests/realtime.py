@@ -137,7 +137,3 @@ async def sessions_closed(server: Any, timeout: float = 10) -> None:
         d: Deferred[None] = Deferred()
         reactor.callLater(0.02, d.callback, None)
         await d
-
-
-def url_of(server: Any, port: Any) -> str:
-    return f"http://127.0.0.1:{port.getHost().port}"

@@ -85,10 +85,6 @@ class SessionHandler(Protocol):
     def closed(self, reason: str) -> None: ...
 
 
-class _Closing(Exception):
-    pass
-
-
 class Session:
     """One Engine.IO session, on polling or on a WebSocket."""
 
@@ -118,11 +114,8 @@ class Session:
 
     # -- sending --------------------------------------------------------
 
-    def send(self, data: str | bytes) -> None:
-        """Send one Engine.IO message (text or binary)."""
-        self._send_packet(EnginePacket(MESSAGE, data))
-
     def send_many(self, messages: list[str | bytes]) -> None:
+        """Send Engine.IO messages (text or binary), in order."""
         for data in messages:
             self._send_packet(EnginePacket(MESSAGE, data))
 
@@ -262,9 +255,7 @@ class Session:
         if self._upgrade_call is not None and self._upgrade_call.active():
             self._upgrade_call.cancel()
         self._upgrade_call = None
-        self._probe = None
-        if self._poll is not None:
-            self._answer_poll([NOOP_PACKET])
+        self._probe = None  # (no poll is held: probed() and poll() answered them)
         self.transport = WEBSOCKET
         self._ws = ws
         self.flush()
@@ -417,13 +408,6 @@ class EngineServer:
     def forget(self, session: Session) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
-
-    def counts(self) -> dict[str, int]:
-        counts = {POLLING: 0, WEBSOCKET: 0}
-        for session in self.sessions.values():
-            if not session.closed:
-                counts[session.transport] += 1
-        return counts
 
     def close_all(self, reason: str, code: int = CLOSE_SHUTDOWN) -> None:
         """Close every session (the service is stopping), sending what each

@@ -671,25 +671,28 @@ class Realtime:
             self._spawn(self._fill(chat_id, feed))
 
     async def _fill(self, chat_id: str, feed: Feed) -> None:
-        """Fetch what the feed misses; skip what no longer exists."""
+        """Fetch from the database what the feed misses, page by page, and
+        hand it on; skip a seq that no longer exists (purged)."""
         feed.filling = True
         try:
-            missing_from = feed.next_seq
-            page, _ = await self._messages.history(chat_id, before=None, after=missing_from - 1,
-                                                   limit=200)
+            while True:
+                page, more = await self._messages.history(chat_id, before=None, after=feed.next_seq - 1,
+                                                          limit=200)
+                if self.feeds.get(chat_id) is not feed:
+                    return
+                for message in page:
+                    if message.seq >= feed.next_seq and message.seq not in feed.pending:
+                        feed.pending[message.seq] = (message_text(message), None)
+                if feed.pending and feed.next_seq not in feed.pending:
+                    feed.next_seq = min(feed.pending)
+                if feed.pending:
+                    first = feed.next_seq
+                    message, origin = feed.pending.pop(first)
+                    self._arrive(chat_id, first, message, origin)
+                if not more:
+                    return
         finally:
             feed.filling = False
-        if self.feeds.get(chat_id) is not feed:
-            return
-        for message in page:
-            if message.seq >= feed.next_seq and message.seq not in feed.pending:
-                feed.pending[message.seq] = (message_text(message), None)
-        if feed.pending and feed.next_seq not in feed.pending:
-            feed.next_seq = min(feed.pending)  # purged meanwhile: skip it
-        if feed.pending:
-            first = feed.next_seq
-            message, origin = feed.pending.pop(first)
-            self._arrive(chat_id, first, message, origin)
 
     async def _fetch_and_arrive(self, chat_id: str, seq: int) -> None:
         message = await self._messages.by_seq(chat_id, seq)
@@ -741,17 +744,7 @@ class Realtime:
         self._announce_users()
         for chat_id, feed in list(self.feeds.items()):
             if feed.timer is None and not feed.filling:
-                self._spawn(self._fill_or_check(chat_id, feed))
-
-    async def _fill_or_check(self, chat_id: str, feed: Feed) -> None:
-        last = await self._chats.last_seq(chat_id)
-        while last is not None and last >= feed.next_seq and self.feeds.get(chat_id) is feed:
-            page, more = await self._messages.history(chat_id, before=None, after=feed.next_seq - 1,
-                                                      limit=200)
-            for message in page:
-                self._arrive(chat_id, message.seq, message_text(message), None)
-            if not more or not page:
-                break
+                self._spawn(self._fill(chat_id, feed))
 
 
 def _quiet_failure(failure: Failure) -> None:

@@ -166,10 +166,6 @@ class ChatStore:
             " JOIN chats c ON c.id = p.chat_id WHERE p.user_id = ?", (cyphr_id,))
         return [(str(chat_id), last_seq, delivered) for chat_id, last_seq, delivered in rows]
 
-    async def last_seq(self, chat_id: str) -> int | None:
-        rows = await self._db.run_query("SELECT last_seq FROM chats WHERE id = ?", (chat_id,))
-        return rows[0][0] if rows else None
-
     async def partners(self, cyphr_id: str) -> list[str]:
         """Everyone who shares a chat with ``cyphr_id``."""
         rows = await self._db.run_query(
