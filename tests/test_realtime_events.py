@@ -345,7 +345,7 @@ class MessageTextTests(SynchronousTestCase):
         from cyphr.api.messaging import message_json
         from cyphr.handlers.messaging import check_payload
         from cyphr.realtime.codec import EVENT, SocketPacket, encode_packet
-        from cyphr.realtime.events import _new_message_frames, message_text
+        from cyphr.realtime.feeds import message_text, new_message_frames
         from cyphr.store.messages import Message
 
         for value in [{"ct": "AAAA", "nested": {"x": [1, 2, "\x00"]}}, {"é": "\u2028 é"}, None]:
@@ -354,7 +354,7 @@ class MessageTextTests(SynchronousTestCase):
                               "c-1", 1_790_000_000_000, None, None, 3)
             text = message_text(message)
             self.assertEqual(json.loads(text), message_json(message))
-            self.assertEqual(_new_message_frames(text), encode_packet(SocketPacket(
+            self.assertEqual(new_message_frames(text), encode_packet(SocketPacket(
                 EVENT, "/", ["new_message", {"message": json.loads(text)}])))
 
 

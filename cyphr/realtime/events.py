@@ -8,26 +8,21 @@ sockets of a chat's members. Every event is checked against the database
 or against room membership, which follows the database (joins and leaves
 are broadcast to every node).
 
-Order: each node keeps one feed per chat that has sockets here. A message
-reaches the feed from this node's commits or from the bus; the feed hands
-messages on in seq order, waits a moment for a missing one and then
-fetches it, so that every socket sees its chats without gaps and in order.
-A socket that comes back first gets what it has not acknowledged as
+Order: messages pass through the chat's feed (cyphr.realtime.feeds), so
+that every socket sees its chats in seq order without gaps. A socket that
+comes back first gets what it has not acknowledged as
 delivered (the catch-up), then ``sync_complete``; what arrives live during
 the catch-up is held and sent after it, without duplicates.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cyphr.api.messaging import message_json
 from cyphr.clock import iso, now_ms
 from cyphr.errors import (
     CHAT_NOT_FOUND,
@@ -47,6 +42,7 @@ from cyphr.handlers.messaging import MessagingHandler, parse_send
 from cyphr.handlers.validation import Fields, invalid
 from cyphr.realtime.bus import Bus, LocalBus
 from cyphr.realtime.codec import EVENT, SocketPacket, encode_packet
+from cyphr.realtime.feeds import ChatFeeds, message_text, new_message_frames
 from cyphr.realtime.presence import Presence
 from cyphr.realtime.socketio import (
     ConnectRefused,
@@ -64,7 +60,6 @@ _log = Logger()
 AUTH_TIMEOUT = 10.0          # seconds an unauthenticated socket may stay
 CATCH_UP_PAGE = 200          # messages per catch-up query
 MAX_NAMED_CHATS = 500        # beyond this, the catch-up query does not list the chats
-GAP_WAIT = 0.25              # seconds a feed waits for a missing seq before fetching it
 HEARTBEAT = 15.0             # seconds between a node's heartbeats on the bus
 NODE_SILENCE = 60.0          # a node silent this long has its presence forgotten
 PARTNER_CACHE = 60.0         # seconds "these two share a chat" is believed
@@ -87,49 +82,12 @@ class Client:
         self.seen: dict[str, int] | None = None
 
 
-@dataclass
-class Feed:
-    """The messages of one chat on their way to this node's sockets."""
-
-    next_seq: int
-    pending: dict[int, tuple[str, Socket | None]]  # seq -> (message JSON text, origin)
-    timer: Any = None
-    filling: bool = False
-
-
 def _ok(**fields: Any) -> dict[str, Any]:
     return {"success": True, **fields}
 
 
 def _frames(event: str, data: Any) -> list[str | bytes]:
     return encode_packet(SocketPacket(EVENT, "/", [event, data]))
-
-
-_PAYLOAD_MARK = "\x00payload"
-_PAYLOAD_MARK_JSON = json.dumps(_PAYLOAD_MARK)
-
-
-def message_text(message: Message) -> str:
-    """The message as JSON text, as history shows it. The stored payload
-    text goes in as it is: a message on its way out is never parsed and
-    encoded again (nothing else in it can hold a NUL)."""
-    shape = message_json(_without_payload(message))
-    if message.payload is None:
-        return json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
-    shape["encryptedPayload"] = _PAYLOAD_MARK
-    text = json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
-    return text.replace(_PAYLOAD_MARK_JSON, message.payload, 1)
-
-
-def _without_payload(message: Message) -> Message:
-    return Message(message.id, message.chat_id, message.seq, message.sender_id, None,
-                   message.message_type, message.client_message_id, message.created_at,
-                   message.edited_at, message.deleted_at, message.stream_position)
-
-
-def _new_message_frames(text: str) -> list[str | bytes]:
-    # encode_packet(EVENT, "/", ["new_message", {"message": ...}]), by hand.
-    return ['2["new_message",{"message":' + text + "}]"]
 
 
 def _body(data: Any) -> dict[str, Any]:
@@ -157,7 +115,7 @@ class Realtime:
         self._reactor = reactor if reactor is not None else clock
         self._max_payload = max_payload
         self.presence = Presence(clock)
-        self.feeds: dict[str, Feed] = {}
+        self.feeds = ChatFeeds(messages, self._reactor, self._deliver, self._spawn)
         self._partners: dict[tuple[str, str], float] = {}
         self._heartbeat: Any = None
 
@@ -193,9 +151,7 @@ class Realtime:
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None
-        for feed in self.feeds.values():
-            if feed.timer is not None and feed.timer.active():
-                feed.timer.cancel()
+        self.feeds.stop()
 
     def _beat(self) -> None:
         self._publish({"t": "h", "n": self.bus.node_id})
@@ -312,7 +268,7 @@ class Realtime:
             if not socket.connected:
                 return
             for message in page:
-                socket.send_frames(_new_message_frames(message_text(message)))
+                socket.send_frames(new_message_frames(message_text(message)))
                 seen[message.chat_id] = message.seq
             if len(page) < CATCH_UP_PAGE:
                 break
@@ -344,7 +300,7 @@ class Realtime:
         client.auth_timer = None
         for room in socket.rooms:
             if room.startswith("chat:") and self.ns.room_size(room) <= 1:
-                self._close_feed(room[5:])
+                self.feeds.close(room[5:])
         user = client.user
         if user is None or not client.welcomed:
             return
@@ -563,13 +519,7 @@ class Realtime:
 
     def _join(self, socket: Socket, chat_id: str, last_seq: int) -> None:
         socket.join("chat:" + chat_id)
-        if chat_id not in self.feeds:
-            self.feeds[chat_id] = Feed(next_seq=last_seq + 1, pending={})
-
-    def _close_feed(self, chat_id: str) -> None:
-        feed = self.feeds.pop(chat_id, None)
-        if feed is not None and feed.timer is not None and feed.timer.active():
-            feed.timer.cancel()
+        self.feeds.open(chat_id, last_seq)
 
     def _joined(self, chat_id: str, cyphr_id: str, last_seq: int) -> None:
         for socket in list(self.presence.sockets(cyphr_id)):
@@ -581,7 +531,7 @@ class Realtime:
         for socket in list(self.presence.sockets(cyphr_id)):
             socket.leave(room)
         if not self.ns.room_size(room):
-            self._close_feed(chat_id)
+            self.feeds.close(chat_id)
 
     def end_sessions(self, cyphr_id: str, jti: str | None = None) -> None:
         """The user logged out (``jti``: that token's sockets), recovered its
@@ -608,7 +558,7 @@ class Realtime:
 
     def message_stored(self, message: Message, origin: Any) -> None:
         as_json = message_text(message)
-        self._arrive(message.chat_id, message.seq, as_json, origin)
+        self.feeds.arrive(message.chat_id, message.seq, as_json, origin)
         if self._single_node:
             return
         event = {"t": "m", "c": message.chat_id, "s": message.seq, "m": as_json}
@@ -618,33 +568,13 @@ class Realtime:
             del event["m"]  # too large: the other nodes fetch it
             self._publish(event)
 
-    # -- the feeds: in order, without gaps ---------------------------------------
-
-    def _arrive(self, chat_id: str, seq: int, message: str, origin: Socket | None) -> None:
-        feed = self.feeds.get(chat_id)
-        if feed is None or seq < feed.next_seq:
-            return
-        if seq > feed.next_seq:
-            feed.pending[seq] = (message, origin)
-            if feed.timer is None and not feed.filling:
-                feed.timer = self._reactor.callLater(GAP_WAIT, self._gap, chat_id)
-            return
-        self._deliver(chat_id, seq, message, origin)
-        feed.next_seq = seq + 1
-        while feed.next_seq in feed.pending:
-            message, origin = feed.pending.pop(feed.next_seq)
-            self._deliver(chat_id, feed.next_seq, message, origin)
-            feed.next_seq += 1
-        if not feed.pending and feed.timer is not None:
-            if feed.timer.active():
-                feed.timer.cancel()
-            feed.timer = None
+    # -- delivery: what a feed hands on, to the chat's sockets here ------------
 
     def _deliver(self, chat_id: str, seq: int, message: str, origin: Socket | None) -> None:
         members = self.ns.rooms.get("chat:" + chat_id)
         if not members:
             return
-        frames = _new_message_frames(message)
+        frames = new_message_frames(message)
         # A copy: a socket closed on the way (slow consumer) leaves the room.
         for socket in list(members):
             if socket is origin:
@@ -662,43 +592,6 @@ class Realtime:
                     client.seen = None
             socket.send_frames(frames)
 
-    def _gap(self, chat_id: str) -> None:
-        feed = self.feeds.get(chat_id)
-        if feed is None:
-            return
-        feed.timer = None
-        if feed.pending:
-            self._spawn(self._fill(chat_id, feed))
-
-    async def _fill(self, chat_id: str, feed: Feed) -> None:
-        """Fetch from the database what the feed misses, page by page, and
-        hand it on; skip a seq that no longer exists (purged)."""
-        feed.filling = True
-        try:
-            while True:
-                page, more = await self._messages.history(chat_id, before=None, after=feed.next_seq - 1,
-                                                          limit=200)
-                if self.feeds.get(chat_id) is not feed:
-                    return
-                for message in page:
-                    if message.seq >= feed.next_seq and message.seq not in feed.pending:
-                        feed.pending[message.seq] = (message_text(message), None)
-                if feed.pending and feed.next_seq not in feed.pending:
-                    feed.next_seq = min(feed.pending)
-                if feed.pending:
-                    first = feed.next_seq
-                    message, origin = feed.pending.pop(first)
-                    self._arrive(chat_id, first, message, origin)
-                if not more:
-                    return
-        finally:
-            feed.filling = False
-
-    async def _fetch_and_arrive(self, chat_id: str, seq: int) -> None:
-        message = await self._messages.by_seq(chat_id, seq)
-        if message is not None:
-            self._arrive(chat_id, seq, message_text(message), None)
-
     # -- the bus ----------------------------------------------------------------
 
     def _bus_event(self, event: dict[str, Any]) -> None:
@@ -708,12 +601,10 @@ class Realtime:
             self.presence.heard(node)
         if kind == "m":
             chat_id, seq = event["c"], event["s"]
-            if chat_id not in self.feeds:
-                return
             if isinstance(event.get("m"), str):
-                self._arrive(chat_id, seq, event["m"], None)
+                self.feeds.arrive(chat_id, seq, event["m"])
             else:
-                self._spawn(self._fetch_and_arrive(chat_id, seq))
+                self.feeds.fetch(chat_id, seq)
         elif kind == "e":
             self._emit_local(event["r"], event["e"], event["d"], event.get("u"))
         elif kind == "j":
@@ -742,9 +633,7 @@ class Realtime:
         """The bus was down: others may have missed our presence, and our
         feeds may have missed messages. Catch up on both."""
         self._announce_users()
-        for chat_id, feed in list(self.feeds.items()):
-            if feed.timer is None and not feed.filling:
-                self._spawn(self._fill(chat_id, feed))
+        self.feeds.resync()
 
 
 def _quiet_failure(failure: Failure) -> None:

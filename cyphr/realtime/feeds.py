@@ -1,0 +1,155 @@
+"""
+Each chat's messages in seq order, without gaps, on their way to this
+node's sockets; and a message's JSON as it goes out.
+
+A message reaches a chat's feed from this node's commits or from the bus,
+in whatever order they come. The feed hands messages on in seq order; a
+missing seq is waited for a moment (GAP_WAIT), then fetched from the
+database, page by page; a seq that no longer exists (purged) is skipped.
+A node keeps a feed only for chats that have sockets here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cyphr.api.messaging import message_json
+from cyphr.store.messages import Message, MessageStore
+
+GAP_WAIT = 0.25   # seconds a feed waits for a missing seq before fetching it
+FILL_PAGE = 200   # messages fetched per query
+
+_PAYLOAD_MARK = "\x00payload"
+_PAYLOAD_MARK_JSON = json.dumps(_PAYLOAD_MARK)
+
+
+def message_text(message: Message) -> str:
+    """The message as JSON text, as history shows it. The stored payload
+    text goes in as it is: a message on its way out is never parsed and
+    encoded again (nothing else in it can hold a NUL)."""
+    shape = message_json(Message(
+        message.id, message.chat_id, message.seq, message.sender_id, None, message.message_type,
+        message.client_message_id, message.created_at, message.edited_at, message.deleted_at,
+        message.stream_position))
+    if message.payload is None:
+        return json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
+    shape["encryptedPayload"] = _PAYLOAD_MARK
+    text = json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
+    return text.replace(_PAYLOAD_MARK_JSON, message.payload, 1)
+
+
+def new_message_frames(text: str) -> list[str | bytes]:
+    """encode_packet(EVENT, "/", ["new_message", {"message": ...}]), by hand
+    around the message's text."""
+    return ['2["new_message",{"message":' + text + "}]"]
+
+
+# Called with (chat id, seq, message JSON text, the socket that sent it or None).
+Deliver = Callable[[str, int, str, Any], None]
+
+
+@dataclass
+class Feed:
+    next_seq: int
+    pending: dict[int, tuple[str, Any]]  # seq -> (message JSON text, origin)
+    timer: Any = None
+    filling: bool = False
+
+
+class ChatFeeds:
+    def __init__(self, messages: MessageStore, reactor: Any, deliver: Deliver,
+                 spawn: Callable[[Any], None]) -> None:
+        self._messages = messages
+        self._reactor = reactor
+        self._deliver = deliver
+        self._spawn = spawn
+        self._feeds: dict[str, Feed] = {}
+
+    def __contains__(self, chat_id: str) -> bool:
+        return chat_id in self._feeds
+
+    def open(self, chat_id: str, last_seq: int) -> None:
+        """Start a chat's feed (if it has none) after ``last_seq``."""
+        if chat_id not in self._feeds:
+            self._feeds[chat_id] = Feed(next_seq=last_seq + 1, pending={})
+
+    def close(self, chat_id: str) -> None:
+        feed = self._feeds.pop(chat_id, None)
+        if feed is not None and feed.timer is not None and feed.timer.active():
+            feed.timer.cancel()
+
+    def stop(self) -> None:
+        for chat_id in list(self._feeds):
+            self.close(chat_id)
+
+    def arrive(self, chat_id: str, seq: int, message: str, origin: Any = None) -> None:
+        feed = self._feeds.get(chat_id)
+        if feed is None or seq < feed.next_seq:
+            return
+        if seq > feed.next_seq:
+            feed.pending[seq] = (message, origin)
+            if feed.timer is None and not feed.filling:
+                feed.timer = self._reactor.callLater(GAP_WAIT, self._gap, chat_id)
+            return
+        self._deliver(chat_id, seq, message, origin)
+        feed.next_seq = seq + 1
+        while feed.next_seq in feed.pending:
+            message, origin = feed.pending.pop(feed.next_seq)
+            self._deliver(chat_id, feed.next_seq, message, origin)
+            feed.next_seq += 1
+        if not feed.pending and feed.timer is not None:
+            if feed.timer.active():
+                feed.timer.cancel()
+            feed.timer = None
+
+    def fetch(self, chat_id: str, seq: int) -> None:
+        """A message announced by id only (too large for the bus)."""
+        if chat_id in self._feeds:
+            self._spawn(self._fetch(chat_id, seq))
+
+    async def _fetch(self, chat_id: str, seq: int) -> None:
+        message = await self._messages.by_seq(chat_id, seq)
+        if message is not None:
+            self.arrive(chat_id, seq, message_text(message))
+
+    def resync(self) -> None:
+        """Messages may have been missed (the bus was down): every feed
+        looks in the database for what follows it."""
+        for chat_id, feed in list(self._feeds.items()):
+            if feed.timer is None and not feed.filling:
+                self._spawn(self._fill(chat_id, feed))
+
+    def _gap(self, chat_id: str) -> None:
+        feed = self._feeds.get(chat_id)
+        if feed is None:
+            return
+        feed.timer = None
+        if feed.pending:
+            self._spawn(self._fill(chat_id, feed))
+
+    async def _fill(self, chat_id: str, feed: Feed) -> None:
+        """Fetch from the database what the feed misses, page by page, and
+        hand it on; skip a seq that no longer exists (purged)."""
+        feed.filling = True
+        try:
+            while True:
+                page, more = await self._messages.history(chat_id, before=None, after=feed.next_seq - 1,
+                                                          limit=FILL_PAGE)
+                if self._feeds.get(chat_id) is not feed:
+                    return
+                for message in page:
+                    if message.seq >= feed.next_seq and message.seq not in feed.pending:
+                        feed.pending[message.seq] = (message_text(message), None)
+                if feed.pending and feed.next_seq not in feed.pending:
+                    feed.next_seq = min(feed.pending)
+                if feed.pending:
+                    first = feed.next_seq
+                    message, origin = feed.pending.pop(first)
+                    self.arrive(chat_id, first, message, origin)
+                if not more:
+                    return
+        finally:
+            feed.filling = False
