@@ -256,6 +256,7 @@ class PostgresDatabase(Database):
         self._waiters: deque[tuple[Deferred[_Connection], Any]] = deque()
         self._migrated = False
         self._migrating = False
+        self._refused = False  # a fatal condition was reported: never migrate again
         self._closing = False
         self._idle: Deferred[None] | None = None
         self._last_down_report = float("-inf")
@@ -305,7 +306,7 @@ class PostgresDatabase(Database):
         if self._migrated:
             self._release(conn)
             self._became_ready()  # for whoever waited through an outage
-        elif not self._migrating:
+        elif not self._migrating and not self._refused:
             self._migrating = True
             self._busy.add(conn)
             d = Deferred.fromCoroutine(self._migrate(conn))
@@ -331,12 +332,14 @@ class PostgresDatabase(Database):
         self._migrating = False
         self._busy.discard(conn)
         if f.check(SchemaTooNew):
+            self._refused = True
             _log.critical("Refusing the PostgreSQL database: {reason}", reason=f.getErrorMessage())
             self._fatal(f.getErrorMessage())
         elif is_connection_error(f.value):
             # The next connection to come up tries again.
             _log.warn("Schema migration interrupted: {reason}", reason=f.getErrorMessage())
         else:
+            self._refused = True
             _log.failure("Schema migration failed", f)
             self._fatal(f"schema migration failed: {f.getErrorMessage()}")
 
