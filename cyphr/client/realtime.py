@@ -1,0 +1,119 @@
+"""
+The realtime half of the client: the stock python-socketio client, in its
+own threads.
+
+On connecting, the server first pushes every message this user has not yet
+acknowledged as delivered, then ``sync_complete``; after that, new messages
+as they are stored. The listener opens each message, hands it to the
+callback, and acknowledges it (``message_delivered``) so that it is not
+pushed again.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+import engineio
+import socketio
+
+from cyphr.client.http import ClientError
+
+if TYPE_CHECKING:
+    from cyphr.client.client import Client, Message
+
+
+class _InOrderEngineIO(engineio.Client):
+    # The stock client runs each incoming message's handlers in a thread of
+    # its own, so two messages may be handled out of order. A messenger must
+    # see a chat in seq order and the catch-up before sync_complete: handle
+    # them one by one, on the reading thread, as they arrive.
+    def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "message":
+            kwargs["run_async"] = False
+        return super()._trigger_event(event, *args, **kwargs)
+
+
+class _SocketIO(socketio.Client):
+    def _engineio_client_class(self) -> type[engineio.Client]:
+        return _InOrderEngineIO
+
+
+class Listener:
+    def __init__(self, client: Client, on_message: Callable[[Message], None], *,
+                 on_event: Callable[[str, Any], None] | None = None,
+                 transports: list[str] | None = None, acknowledge: bool = True) -> None:
+        self.client = client
+        self.on_message = on_message
+        self.on_event = on_event
+        self.transports = transports
+        self.acknowledge = acknowledge
+        self.synced = threading.Event()
+        self.cursor: str | None = None
+        self.error: str | None = None
+        self._authenticated = threading.Event()
+        self.sio = _SocketIO(reconnection=True, reconnection_delay=0.5,
+                                   reconnection_delay_max=5, http_session=client.http.session)
+        self.sio.on("new_message", self._new_message)
+        self.sio.on("sync_complete", self._sync_complete)
+        self.sio.on("authenticated", lambda data: self._authenticated.set())
+        self.sio.on("connect_error", self._connect_error)
+        for event in ("message_delivered", "message_read", "user_typing", "user_online",
+                      "user_offline", "incoming_call", "call_answer", "call_ice_candidate",
+                      "call_end"):
+            self.sio.on(event, lambda data, event=event: self._event(event, data))
+
+    def start(self, timeout: float = 15.0) -> Listener:
+        """Connect and authenticate; returns once the server has accepted."""
+        if self.client.http.token is None:
+            self.client.login()
+        try:
+            self.sio.connect(self.client.http.server, auth=self._auth, transports=self.transports,
+                             wait_timeout=timeout)
+        except socketio.exceptions.ConnectionError as e:
+            raise ClientError(f"cannot connect to {self.client.http.server} for realtime: "
+                              f"{self.error or e}") from None
+        if not self._authenticated.wait(timeout):
+            self.stop()
+            raise ClientError("the server did not authenticate the realtime connection")
+        return self
+
+    def _auth(self) -> dict[str, str]:
+        # Called on every (re)connection, so a renewed token is used.
+        return {"token": self.client.http.token or ""}
+
+    def stop(self) -> None:
+        self.sio.disconnect()
+
+    def _connect_error(self, data: Any) -> None:
+        if isinstance(data, dict):
+            code = (data.get("data") or {}).get("code")
+            self.error = f"{data.get('message')} ({code})" if code else str(data.get("message"))
+        else:
+            self.error = str(data)
+
+    def _sync_complete(self, data: Any) -> None:
+        if isinstance(data, dict):
+            self.cursor = data.get("cursor")
+        self.synced.set()
+        self._event("sync_complete", data)
+
+    def _event(self, name: str, data: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(name, data)
+
+    def _new_message(self, data: Any) -> None:
+        message = data.get("message") if isinstance(data, dict) else None
+        if not isinstance(message, dict):
+            return
+        opened = self.client.open_message(message)
+        self.on_message(opened)
+        if self.acknowledge:
+            self.sio.emit("message_delivered", {"messageId": message.get("id"),
+                                                "chatId": message.get("chatId")})
+
+    def mark_read(self, chat_id: str, up_to_seq: int) -> None:
+        self.sio.emit("message_read", {"chatId": chat_id, "upToSeq": up_to_seq})
+
+    def typing(self, chat_id: str, is_typing: bool = True) -> None:
+        self.sio.emit("typing", {"chatId": chat_id, "isTyping": is_typing})
