@@ -189,6 +189,24 @@ class KeysTestsMixin:
         self.assertEqual((response.code, response.json()["total"]), (200, 2))
         self.assertEqual((await self.count(self.alice), await self.count(self.bob)), (100, 2))
 
+    async def test_recovery_drops_the_old_devices_prekeys(self) -> None:
+        """Their secrets stayed on the old device: after a recovery none is
+        handed out any more; the new device publishes its own."""
+        await self.upload(self.alice, [prekey(self.alice, i) for i in (1, 2, 3)])
+        await self.upload(self.bob, [prekey(self.bob, 1)])
+        challenge_id, challenge = await self.alice.challenge(self.http)
+        response = await self.http.post("/api/cyphr-id/recover", {
+            "cyphrId": "alice", "newDeviceFingerprint": "cd" * 32, "challengeId": challenge_id,
+            "signature": self.alice.sign(challenge)})
+        self.assertEqual(response.code, 200, response.body)
+        token = response.json()["token"]
+        self.assertEqual((await self.count(self.bob)), 1)  # nobody else's
+        claimed = (await self.claim(self.bob, "alice")).json()
+        self.assertEqual((claimed["oneTime"], claimed["keyId"]), (False, None))
+        response = await self.http.post(PREKEYS, {"prekeys": [prekey(self.alice, 1)]},
+                                        headers=self.alice.auth(token))
+        self.assertEqual((response.code, response.json()["total"]), (200, 1))
+
     async def test_upload_over_100(self) -> None:
         """More than 100 prekeys in one call is 400 and stores none; exactly 100 is accepted."""
         key = new_kyber_key()

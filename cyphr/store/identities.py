@@ -168,16 +168,12 @@ class IdentityStore:
 
     async def rebind_device(self, user_id: str, device_hash: str, tokens_valid_after: int,
                             kyber: tuple[bytes, bytes] | None, now: int) -> None:
-        """Recovery: the identity moves to a new device; earlier tokens stop working."""
-        if kyber is None:
-            await self._db.run_operation(
-                "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?,"
-                " updated_at = ? WHERE id = ?", (device_hash, tokens_valid_after, now, user_id))
-        else:
-            await self._db.run_operation(
-                "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?,"
-                " kyber_public_key = ?, kyber_key_signature = ?, updated_at = ? WHERE id = ?",
-                (device_hash, tokens_valid_after, kyber[0], kyber[1], now, user_id))
+        """Recovery: the identity moves to a new device; earlier tokens stop
+        working, and the one-time prekeys published by the old device go
+        (their secrets stayed on it: a message sealed to one could not be
+        opened on the new device)."""
+        await self._db.run_interaction("rebind_device", _rebind_txn, user_id, device_hash,
+                                       tokens_valid_after, kyber, now)
 
     async def set_last_seen(self, cyphr_id: str, at: int) -> None:
         await self._db.run_operation(
@@ -185,6 +181,20 @@ class IdentityStore:
 
     async def delete(self, identity: Identity, now: int) -> None:
         await self._db.run_interaction("delete_identity", _delete_txn, identity, now)
+
+
+async def _rebind_txn(txn: Transaction, user_id: str, device_hash: str, tokens_valid_after: int,
+                      kyber: tuple[bytes, bytes] | None, now: int) -> None:
+    if kyber is None:
+        await txn.execute(
+            "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?,"
+            " updated_at = ? WHERE id = ?", (device_hash, tokens_valid_after, now, user_id))
+    else:
+        await txn.execute(
+            "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?,"
+            " kyber_public_key = ?, kyber_key_signature = ?, updated_at = ? WHERE id = ?",
+            (device_hash, tokens_valid_after, kyber[0], kyber[1], now, user_id))
+    await txn.execute("DELETE FROM one_time_prekeys WHERE user_id = ?", (user_id,))
 
 
 async def _delete_txn(txn: Transaction, identity: Identity, now: int) -> None:
