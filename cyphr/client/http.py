@@ -49,16 +49,22 @@ class Http:
         except requests.RequestException as e:
             raise ClientError(f"cannot reach {self.server}: {type(e).__name__}") from None
         try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        if 200 <= response.status_code < 300 and isinstance(answer, dict):
+            status, retry = response.status_code, response.headers.get("Retry-After")
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = None
+        finally:
+            # Back to the pool now, not when an exception's traceback that
+            # holds this frame is collected.
+            response.close()
+            del response
+        if 200 <= status < 300 and isinstance(answer, dict):
             return answer
         if isinstance(answer, dict) and isinstance(answer.get("code"), str):
-            retry = response.headers.get("Retry-After")
-            raise ApiError(response.status_code, answer["code"], str(answer.get("error", "")),
+            raise ApiError(status, answer["code"], str(answer.get("error", "")),
                            answer.get("details"), float(retry) if retry and retry.isdigit() else None)
-        raise ClientError(f"{self.server} answered {response.status_code} without a Cyphr answer "
+        raise ClientError(f"{self.server} answered {status} without a Cyphr answer "
                           f"(is this a Cyphr server?)")
 
 

@@ -1,0 +1,486 @@
+"""
+The reference client against a real server over a real port: people
+chatting end to end, groups, the offline catch-up, recovery on a new device,
+the command line, and the zero-knowledge scan of everything the server
+keeps.
+
+The client library is blocking (requests and the threaded python-socketio
+client); the tests run it in threads while the server runs on the reactor.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gc
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import reactor, tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from cyphr.client import Client, IdentityChanged, Message
+from cyphr.client.crypto import Identity, b64, new_phrase
+from cyphr.logs import event_as_json
+from tests.helpers import PostgresMixin, SQLiteMixin, start_server
+from tests.realtime import sessions_closed, sleep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def marker(label: str) -> str:
+    """A message text that cannot occur by chance."""
+    return f"zk-marker-{label}-{uuid.uuid4().hex}"
+
+
+class Secrets:
+    """Everything that must never reach the server, gathered as the
+    scenarios run."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []  # plaintexts, passphrases, phrases, fingerprints
+        self.raw: list[bytes] = []  # key and seed bytes
+        self.public: list[bytes] = []  # what the server must hold (a control)
+
+    def client(self, client: Client, passphrase: str, phrase: str) -> None:
+        identity = client.identity
+        self.texts += [passphrase, phrase, client.profile.vault["fingerprint"]]
+        self.raw += [identity.seed, bytes(identity.signing_key),
+                     identity.kem_key.private_bytes_raw(),
+                     identity._x25519.private_bytes_raw()]
+        self.public += [identity.public_key]
+
+    def vault(self, client: Client) -> None:
+        """The secrets the client holds now: prekeys and content keys."""
+        with client.profile.lock:
+            vault = client.profile.vault
+            self.raw += [base64.b64decode(v) for v in vault.get("prekeys", {}).values()]
+            self.raw += [base64.b64decode(v) for v in vault.get("contentKeys", {}).values()]
+            self.raw += [base64.b64decode(v) for v in vault.get("groupKeys", {}).values()]
+            if vault.get("token"):
+                self.texts.append(vault["token"])
+        self.raw += [client.identity.kem_key.private_bytes_raw()]
+
+    def needles(self) -> list[tuple[str, bytes]]:
+        found = []
+        for text in self.texts:
+            found.append((f"text {text[:12]}...", text.encode("utf-8")))
+        for raw in self.raw:
+            label = f"bytes {raw[:6].hex()}..."
+            found += [(label, raw), (label + " (hex)", raw.hex().encode()),
+                      (label + " (base64)", b64(raw).encode())]
+        return found
+
+
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}")
+
+
+def decoded(blob: bytes) -> bytes:
+    """The blob followed by every base64 run in it, decoded."""
+    parts = [blob]
+    for match in _BASE64.finditer(blob):
+        token = match.group(0)
+        try:
+            parts.append(base64.b64decode(token[: len(token) - len(token) % 4], validate=True))
+        except (binascii.Error, ValueError):
+            pass
+    return b"\n".join(parts)
+
+
+def as_bytes(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return str(value).encode("utf-8", "surrogatepass")
+
+
+async def in_thread(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return await deferToThread(f, *args, **kwargs)
+
+
+class ClientScenarios:
+    """The scenarios, each run by a test of its own and all of them before
+    the zero-knowledge scan."""
+
+    async def setUp(self) -> None:
+        self.log_lines: list[str] = []
+
+        def capture(event: dict[str, Any]) -> None:
+            self.log_lines.append(formatEvent(event) or "")
+            self.log_lines.append(event_as_json(event))
+
+        globalLogPublisher.addObserver(capture)
+        self.addCleanup(globalLogPublisher.removeObserver, capture)
+        self.server = await start_server(self, serve=True, access_log=True)
+        [port] = [await d for d in self.server.listening()]
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        self.secrets = Secrets()
+        self.clients: list[Client] = []
+        self.listeners: list[Any] = []
+        self.addCleanup(self._close)
+
+    async def _close(self) -> None:
+        for listener in self.listeners:
+            await in_thread(listener.stop)
+        for client in self.clients:
+            client.close()
+        # A connection that an exception's traceback still holds closes
+        # when the cycle is collected.
+        gc.collect()
+        await sessions_closed(self.server)
+        # The clients' keep-alive connections end on the server's side too.
+        deadline = time.monotonic() + 10
+        while any(isinstance(r, tcp.Server) for r in reactor.getReaders()):
+            if time.monotonic() > deadline:
+                break
+            await sleep(0.02)
+
+    def new_client(self, name: str) -> Client:
+        """(In a thread.) A new profile, registered as ``name``."""
+        passphrase = f"passphrase of {name} {uuid.uuid4().hex}"
+        client, phrase = Client.init(self.mktemp(), passphrase, self.url)
+        self.clients.append(client)
+        self.secrets.client(client, passphrase, phrase)
+        client.register(name, display_name=name.title(), prekeys=20)
+        client.phrase = phrase  # type: ignore[attr-defined]
+        self.secrets.vault(client)
+        return client
+
+    def listen(self, client: Client) -> tuple[Any, queue.Queue[Message]]:
+        """(In a thread.) A realtime listener; its messages, in order."""
+        arrived: queue.Queue[Message] = queue.Queue()
+        listener = client.listener(arrived.put).start()
+        self.listeners.append(listener)
+        if not listener.synced.wait(10):
+            raise AssertionError("no sync_complete")
+        return listener, arrived
+
+    @staticmethod
+    def take(arrived: queue.Queue[Message], count: int, sent_by_others_of: Client | None = None
+             ) -> list[Message]:
+        """The next ``count`` messages people wrote (no system messages),
+        leaving out the reader's own when ``sent_by_others_of`` names it."""
+        got: list[Message] = []
+        deadline = time.monotonic() + 10
+        while len(got) < count:
+            message = arrived.get(timeout=max(0.01, deadline - time.monotonic()))
+            if message.message_type == "system":
+                continue
+            if sent_by_others_of is not None and message.sender == sent_by_others_of.cyphr_id:
+                continue
+            got.append(message)
+        return got
+
+    # -- scenarios (each runs in a thread) --------------------------------
+
+    def chat_both_ways(self) -> None:
+        alice, bob = self.new_client(f"alice{self.tag}"), self.new_client(f"bob{self.tag}")
+        _, bob_inbox = self.listen(bob)
+        _, alice_inbox = self.listen(alice)
+        hello, reply = marker("hello"), marker("reply")
+        sent = alice.send(bob.cyphr_id, hello)
+        [got] = self.take(bob_inbox, 1)
+        self.assertEqual((got.text, got.sender, got.verified, got.chat_id),
+                         (hello, alice.cyphr_id, True, sent["chatId"]))
+        bob.send(alice.cyphr_id, reply)
+        # (Alice's socket hears her own REST send too: it did not send it.)
+        [back] = self.take(alice_inbox, 1, sent_by_others_of=alice)
+        self.assertEqual((back.text, back.sender, back.verified, back.chat_id),
+                         (reply, bob.cyphr_id, True, sent["chatId"]))
+        # Both read the whole conversation, their own messages included.
+        for client in (alice, bob):
+            history = client.history(sent["chatId"])
+            self.assertEqual([(m.sender, m.text, m.verified) for m in history],
+                             [(alice.cyphr_id, hello, True), (bob.cyphr_id, reply, True)])
+        self.secrets.texts += [hello, reply]
+        self.secrets.vault(alice)
+        self.secrets.vault(bob)
+
+    def group_with_removal(self) -> None:
+        admin, b, c = (self.new_client(f"{n}{self.tag}") for n in ("gadmin", "gbob", "gcarol"))
+        chat_id = admin.create_group(f"Project {self.tag}", [b.cyphr_id, c.cyphr_id])
+        first = marker("group-first")
+        admin.send(chat_id, first)
+        for member in (b, c):
+            texts = [m.text for m in member.history(chat_id) if m.message_type != "system"]
+            self.assertEqual(texts, [first])
+            names = {chat["chatId"]: chat["name"] for chat in member.chats()}
+            self.assertEqual(names[chat_id], f"Project {self.tag}")
+        admin.remove_member(chat_id, c.cyphr_id)
+        after = marker("group-after-removal")
+        admin.send(chat_id, after)
+        [latest] = [m for m in b.history(chat_id) if m.text == after]
+        self.assertTrue(latest.verified)
+        # The removed member cannot read the chat any more; and given the
+        # new message's payload, it is not a recipient and cannot open it.
+        raw = admin._call("GET", f"/api/messaging/chat/{chat_id}")["messages"][-1]
+        opened = c.open_message(raw)
+        self.assertIsNone(opened.text)
+        self.assertIn("not a recipient", opened.error)
+        with self.assertRaises(Exception):
+            c.history(chat_id)
+        self.secrets.texts += [first, after, f"Project {self.tag}"]
+        for client in (admin, b, c):
+            self.secrets.vault(client)
+
+    def offline_catch_up(self) -> None:
+        alice, bob = self.new_client(f"oalice{self.tag}"), self.new_client(f"obob{self.tag}")
+        texts = [marker(f"offline-{i}") for i in range(12)]
+        for text in texts:
+            alice.send(bob.cyphr_id, text)
+        listener, inbox = self.listen(bob)
+        got = self.take(inbox, len(texts))
+        self.assertEqual([m.text for m in got], texts)
+        self.assertEqual([m.seq for m in got], sorted(m.seq for m in got))
+        self.assertTrue(all(m.verified for m in got))
+        self.assertTrue(inbox.empty())
+        # Acknowledged as delivered: a second device session gets nothing again.
+        time.sleep(0.3)
+        listener.stop()
+        _, again = self.listen(bob)
+        self.assertTrue(again.empty())
+        self.secrets.texts += texts
+        self.secrets.vault(bob)
+
+    def recovery(self) -> None:
+        alice, bob = self.new_client(f"ralice{self.tag}"), self.new_client(f"rbob{self.tag}")
+        before = marker("before-recovery")
+        chat_id = alice.send(bob.cyphr_id, before)["chatId"]
+        alice.rotate_kyber()
+        to_rotated = marker("to-rotated-key")
+        bob.send(alice.cyphr_id, to_rotated)
+        # A new device, from the phrase alone.
+        passphrase = f"new device {uuid.uuid4().hex}"
+        moved = Client.recover(self.mktemp(), passphrase, self.url, alice.phrase,  # type: ignore
+                               alice.cyphr_id, prekeys=10)
+        self.clients.append(moved)
+        self.secrets.texts.append(passphrase)
+        self.secrets.texts.append(moved.profile.vault["fingerprint"])
+        self.assertEqual(moved.identity.public_key, alice.identity.public_key)
+        self.assertEqual(moved.identity.generation, 1)
+        history = {m.text: m for m in moved.history(chat_id)}
+        # What it sent is sealed to its own main key: it opens there.
+        self.assertTrue(history[before].verified)
+        # The old device is signed out and cannot sign in again.
+        with self.assertRaises(Exception) as raised:
+            alice.whoami()
+        self.assertIn("DEVICE_MISMATCH", str(raised.exception))
+        # Bob's pin still holds (same identity key) and new messages open.
+        after = marker("after-recovery")
+        bob.send(alice.cyphr_id, after)
+        latest = moved.history(chat_id)[-1]
+        self.assertEqual((latest.text, latest.verified), (after, True))
+        self.secrets.texts += [before, to_rotated, after]
+        self.secrets.vault(moved)
+        self.secrets.vault(bob)
+
+    def changed_identity(self) -> None:
+        """A server that swaps a user's keys for its own is caught by the pin."""
+        alice, bob = self.new_client(f"calice{self.tag}"), self.new_client(f"cbob{self.tag}")
+        alice.send(bob.cyphr_id, marker("pinned"))
+        mallory = Identity.from_phrase(new_phrase())
+
+        def set_keys(identity: Identity) -> None:
+            blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(
+                self.server.database.run_operation(
+                    "UPDATE cyphr_identities SET public_key = ?, kyber_public_key = ?,"
+                    " kyber_key_signature = ? WHERE cyphr_id = ?",
+                    (identity.public_key, identity.kyber_public_key, identity.kyber_key_signature,
+                     bob.cyphr_id))))
+
+        set_keys(mallory)
+        with self.assertRaises(IdentityChanged) as raised:
+            alice.send(bob.cyphr_id, marker("must-not-go"))
+        # The number alice is shown is not the one bob sees: comparing them
+        # uncovers the swap.
+        shown = raised.exception.safety_number
+        self.assertRegex(shown, r"^(\d{5} ){11}\d{5}$")
+        set_keys(bob.identity)
+        self.assertNotEqual(shown, bob.contact(alice.cyphr_id).safety_number)
+        self.assertEqual(alice.contact(bob.cyphr_id).safety_number,
+                         bob.contact(alice.cyphr_id).safety_number)
+        # Accepting after a real comparison marks the contact verified.
+        self.assertTrue(alice.accept_identity(bob.cyphr_id).verified)
+        text = marker("after-check")
+        chat = alice.send(bob.cyphr_id, text)["chatId"]
+        self.assertEqual(bob.history(chat)[-1].text, text)
+        self.secrets.texts.append(text)
+        self.secrets.raw += [mallory.seed, bytes(mallory.signing_key)]
+
+    def totp_and_wallet(self) -> None:
+        import pyotp
+        from stellar_sdk import Keypair
+
+        alice = self.new_client(f"talice{self.tag}")
+        secret = alice.totp_generate()["secret"]
+        alice.totp_verify(pyotp.TOTP(secret).now())
+        alice.logout()
+        with self.assertRaises(Exception) as raised:
+            alice.login()
+        self.assertIn("TOTP_REQUIRED", str(raised.exception))
+        # (The code that enabled it may not be used twice: take the next one.)
+        alice.login(pyotp.TOTP(secret).at(time.time() + 30))
+        keypair = Keypair.random()
+        self.assertEqual(alice.wallet_link(keypair.secret), keypair.public_key)
+        self.assertEqual(alice.wallet_show(), keypair.public_key)
+        self.secrets.texts.append(keypair.secret)
+        self.secrets.raw.append(keypair.raw_secret_key())
+
+    # -- tests --------------------------------------------------------------
+
+    tag = ""
+
+    async def test_chat_both_ways(self) -> None:
+        await in_thread(self.chat_both_ways)
+
+    async def test_group_with_removal(self) -> None:
+        await in_thread(self.group_with_removal)
+
+    async def test_offline_catch_up(self) -> None:
+        await in_thread(self.offline_catch_up)
+
+    async def test_recovery(self) -> None:
+        await in_thread(self.recovery)
+
+    async def test_changed_identity(self) -> None:
+        await in_thread(self.changed_identity)
+
+    async def test_zero_knowledge(self) -> None:
+        """After every scenario, nothing the server keeps (every column of
+        every table, its log output, every file in its data directory)
+        holds a plaintext, a private key or seed, a phrase, a passphrase or
+        a raw device fingerprint."""
+        for index, scenario in enumerate((self.chat_both_ways, self.group_with_removal,
+                                          self.offline_catch_up, self.recovery,
+                                          self.changed_identity, self.totp_and_wallet)):
+            self.tag = f"{index}"
+            await in_thread(scenario)
+        await self._close()  # every log line written
+        sources = await self.server_holdings()
+        needles = self.secrets.needles()
+        self.assertGreater(len(needles), 200)
+        for source, blob in sources.items():
+            haystack = decoded(blob)
+            for label, needle in needles:
+                if needle in haystack:
+                    self.fail(f"{label} found in {source}")
+        # A control: the scan does see what the server is meant to hold.
+        everything = decoded(b"\n".join(sources.values()))
+        for public in self.secrets.public:
+            self.assertIn(public, everything)
+
+    async def server_holdings(self) -> dict[str, bytes]:
+        database = self.server.database
+        if database.engine == "sqlite":
+            tables = [r[0] for r in await database.run_query(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")]
+        else:
+            tables = [r[0] for r in await database.run_query(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()")]
+        self.assertIn("messages", tables)
+        sources: dict[str, bytes] = {}
+        for table in tables:
+            rows = await database.run_query(f'SELECT * FROM "{table}"')
+            sources[f"table {table}"] = b"\n".join(b"\t".join(as_bytes(v) for v in row)
+                                                   for row in rows)
+        self.assertTrue(sources["table messages"])
+        sources["log output"] = "\n".join(self.log_lines).encode("utf-8")
+        for path in Path(self.server.data_dir).rglob("*"):
+            if path.is_file():
+                sources[f"file {path}"] = path.read_bytes()
+        return sources
+
+
+class SQLiteClientTests(SQLiteMixin, ClientScenarios, TestCase):
+    pass
+
+
+class PostgresClientTests(PostgresMixin, ClientScenarios, TestCase):
+    pass
+
+
+class CommandLineTests(SQLiteMixin, TestCase):
+    """cyphr-client as a person or a script runs it: separate processes."""
+
+    async def setUp(self) -> None:
+        self.server = await start_server(self, serve=True)
+        [port] = [await d for d in self.server.listening()]
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+
+    def cli(self, profile: str, *args: str, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        environment = dict(os.environ, CYPHR_SERVER=self.url, CYPHR_PROFILE=profile,
+                           CYPHR_PASSPHRASE=f"passphrase for {profile}",
+                           PYTHONPATH=str(ROOT))
+        environment.update(env or {})
+        return subprocess.run([sys.executable, "-m", "cyphr.client.cli", *args], env=environment,
+                              capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
+                              stdin=subprocess.DEVNULL)
+
+    async def run_cli(self, profile: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        result = await in_thread(self.cli, profile, *args, **kwargs)
+        return result
+
+    def ok(self, result: subprocess.CompletedProcess[str]) -> str:
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    async def test_init_register_send_listen(self) -> None:
+        alice, bob = self.mktemp(), self.mktemp()
+        shown = self.ok(await self.run_cli(alice, "init"))
+        self.assertIn("recovery phrase", shown)
+        phrase = self.ok(await self.run_cli(bob, "--json", "init"))
+        self.assertEqual(len(json.loads(phrase)["recoveryPhrase"].split()), 24)
+        registered = await self.run_cli(alice, "register", "alice", "--prekeys", "5")
+        self.assertIn("Registered alice", self.ok(registered))
+        self.assertIn("5/5", registered.stderr)  # progress
+        self.ok(await self.run_cli(bob, "register", "bob", "--prekeys", "5"))
+        text = marker("cli")
+        self.ok(await self.run_cli(alice, "send", "bob", *text.split("-")))
+        listened = self.ok(await self.run_cli(bob, "listen", "--count", "1", "--timeout", "20"))
+        self.assertIn(f"alice ✓: {' '.join(text.split('-'))}", listened)
+        as_json = self.ok(await self.run_cli(alice, "--json", "history", "bob"))
+        [message] = json.loads(as_json)["messages"]
+        self.assertEqual((message["sender"], message["verified"]), ("alice", True))
+        # Nothing more to hear: the listener exits at its timeout, saying so.
+        quiet = await self.run_cli(bob, "listen", "--count", "1", "--timeout", "1")
+        self.assertEqual(quiet.returncode, 1)
+        self.assertIn("timed out after 0 of 1", quiet.stderr)
+
+    async def test_errors_are_one_line(self) -> None:
+        alice = self.mktemp()
+        # No profile yet.
+        missing = await self.run_cli(alice, "whoami")
+        self.assertEqual(missing.returncode, 1)
+        self.assertIn("cyphr-client init", missing.stderr)
+        self.ok(await self.run_cli(alice, "init"))
+        self.ok(await self.run_cli(alice, "register", "carol", "--prekeys", "0"))
+        # The contract's message and code.
+        unknown = await self.run_cli(alice, "send", "nobody", "hi")
+        self.assertEqual((unknown.returncode, unknown.stderr.strip()),
+                         (1, "cyphr-client: No such user (USER_NOT_FOUND)"))
+        wrong = await self.run_cli(alice, "whoami", env={"CYPHR_PASSPHRASE": "wrong"})
+        self.assertEqual(wrong.returncode, 1)
+        self.assertIn("wrong passphrase", wrong.stderr)
+        self.assertEqual(len(wrong.stderr.strip().splitlines()), 1)
+        other = self.mktemp()
+        self.ok(await self.run_cli(other, "init"))
+        taken = await self.run_cli(other, "register", "carol", "--prekeys", "0")
+        self.assertEqual((taken.returncode, taken.stderr.strip()),
+                         (1, "cyphr-client: This Cyphr ID is taken (CYPHR_ID_TAKEN)"))
+        no_server = await self.run_cli(alice, "--server", "http://127.0.0.1:9", "whoami")
+        self.assertIn("cannot reach", no_server.stderr)
+        self.assertEqual(len(no_server.stderr.strip().splitlines()), 1)
