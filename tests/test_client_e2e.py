@@ -159,9 +159,12 @@ class ClientScenarios:
         return client
 
     def listen(self, client: Client) -> tuple[Any, queue.Queue[Message]]:
-        """(In a thread.) A realtime listener; its messages, in order."""
+        """(In a thread.) A realtime listener; its messages, in order, and
+        its other events in ``listener.events``."""
         arrived: queue.Queue[Message] = queue.Queue()
-        listener = client.listener(arrived.put).start()
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        listener = client.listener(arrived.put, on_event=lambda *e: events.put(e)).start()
+        listener.events = events
         self.listeners.append(listener)
         if not listener.synced.wait(10):
             raise AssertionError("no sync_complete")
@@ -187,14 +190,21 @@ class ClientScenarios:
 
     def chat_both_ways(self) -> None:
         alice, bob = self.new_client(f"alice{self.tag}"), self.new_client(f"bob{self.tag}")
-        _, bob_inbox = self.listen(bob)
-        _, alice_inbox = self.listen(alice)
+        bob_listener, bob_inbox = self.listen(bob)
+        alice_listener, alice_inbox = self.listen(alice)
         hello, reply = marker("hello"), marker("reply")
-        sent = alice.send(bob.cyphr_id, hello)
+        sent = alice.send(bob.cyphr_id, hello)  # over REST
         [got] = self.take(bob_inbox, 1)
         self.assertEqual((got.text, got.sender, got.verified, got.chat_id),
                          (hello, alice.cyphr_id, True, sent["chatId"]))
-        bob.send(alice.cyphr_id, reply)
+        # Bob's client acknowledged delivery; now he reads it, and answers
+        # over his socket.
+        bob_listener.mark_read(got.chat_id, got.seq)
+        receipts = self.events_named(alice_listener, "message_delivered", "message_read")
+        self.assertEqual(receipts["message_delivered"]["messageId"], sent["messageId"])
+        self.assertEqual(receipts["message_read"]["upToSeq"], got.seq)
+        ack = bob_listener.send(alice.cyphr_id, reply)
+        self.assertEqual(ack["chatId"], sent["chatId"])
         # (Alice's socket hears her own REST send too: it did not send it.)
         [back] = self.take(alice_inbox, 1, sent_by_others_of=alice)
         self.assertEqual((back.text, back.sender, back.verified, back.chat_id),
@@ -207,6 +217,17 @@ class ClientScenarios:
         self.secrets.texts += [hello, reply]
         self.secrets.vault(alice)
         self.secrets.vault(bob)
+
+    @staticmethod
+    def events_named(listener: Any, *names: str) -> dict[str, Any]:
+        """The first event of each name, waiting up to 10 s for them."""
+        found: dict[str, Any] = {}
+        deadline = time.monotonic() + 10
+        while set(names) - set(found):
+            name, data = listener.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            if name in names and name not in found:
+                found[name] = data
+        return found
 
     def group_with_removal(self) -> None:
         admin, b, c = (self.new_client(f"{n}{self.tag}") for n in ("gadmin", "gbob", "gcarol"))

@@ -307,7 +307,7 @@ def cmd_listen(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
     client.top_up_prekeys(progress=out.progress("Publishing one-time prekeys"))
     arrived: queue.Queue[Message] = queue.Queue()
-    listener = client.listener(arrived.put).start()
+    listener = client.listener(arrived.put, top_up=False).start()
     names = {c["chatId"]: c.get("name") for c in client.chats() if c["chatType"] == "group"}
     deadline = time.monotonic() + args.timeout if args.timeout is not None else None
     shown = 0
@@ -326,6 +326,8 @@ def cmd_listen(args: argparse.Namespace, out: Output) -> None:
                 names.update({c["chatId"]: c.get("name") for c in client.chats()
                               if c["chatType"] == "group"})
             out.result(message.as_json(), _line(message, names))
+            if message.sender != client.cyphr_id:
+                listener.mark_read(message.chat_id, message.seq)  # shown is read
             shown += 1
     finally:
         listener.stop()

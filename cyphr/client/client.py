@@ -425,6 +425,12 @@ class Client:
         return self._send(to, text.encode("utf-8"), message_type)
 
     def _send(self, to: str, plaintext: bytes, message_type: str) -> dict[str, Any]:
+        return self._call("POST", "/api/messaging/send", self.sealed(to, plaintext, message_type))
+
+    def sealed(self, to: str, plaintext: bytes, message_type: str = "text") -> dict[str, Any]:
+        """The body of a send (REST or ``send_message``): the plaintext
+        sealed for every member of the chat ``to`` (a chat id), or of the
+        direct chat with ``to`` (a Cyphr ID)."""
         if is_chat_id(to):
             chat_id: str | None = to
             members = [m["cyphrId"] for m in self.members(to)]
@@ -437,9 +443,8 @@ class Client:
         payload = crypto.seal(self.identity, self.cyphr_id, [self._recipient(m) for m in members],
                               plaintext, chat_id=chat_id, message_type=message_type,
                               client_message_id=client_message_id)
-        return self._call("POST", "/api/messaging/send", {
-            **target, "encryptedPayload": payload, "messageType": message_type,
-            "clientMessageId": client_message_id})
+        return {**target, "encryptedPayload": payload, "messageType": message_type,
+                "clientMessageId": client_message_id}
 
     def history(self, chat_id: str, limit: int = 50, before: int | None = None,
                 after: int | None = None) -> list[Message]:

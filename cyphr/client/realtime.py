@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import engineio
 import socketio
 
-from cyphr.client.http import ClientError
+from cyphr.client.http import ApiError, ClientError
 
 if TYPE_CHECKING:
     from cyphr.client.client import Client, Message
@@ -42,12 +42,15 @@ class _SocketIO(socketio.Client):
 class Listener:
     def __init__(self, client: Client, on_message: Callable[[Message], None], *,
                  on_event: Callable[[str, Any], None] | None = None,
-                 transports: list[str] | None = None, acknowledge: bool = True) -> None:
+                 transports: list[str] | None = None, acknowledge: bool = True,
+                 top_up: bool = True) -> None:
         self.client = client
         self.on_message = on_message
         self.on_event = on_event
         self.transports = transports
         self.acknowledge = acknowledge
+        self.top_up = top_up
+        self._topping_up: threading.Thread | None = None
         self.synced = threading.Event()
         self.cursor: str | None = None
         self.error: str | None = None
@@ -84,6 +87,8 @@ class Listener:
 
     def stop(self) -> None:
         self.sio.disconnect()
+        if self._topping_up is not None:
+            self._topping_up.join(30)
 
     def _connect_error(self, data: Any) -> None:
         if isinstance(data, dict):
@@ -97,6 +102,16 @@ class Listener:
             self.cursor = data.get("cursor")
         self.synced.set()
         self._event("sync_complete", data)
+        if self.top_up and (self._topping_up is None or not self._topping_up.is_alive()):
+            # Catching up may have used many one-time prekeys.
+            self._topping_up = threading.Thread(target=self._top_up, daemon=True)
+            self._topping_up.start()
+
+    def _top_up(self) -> None:
+        try:
+            self.client.top_up_prekeys()
+        except ClientError:
+            pass  # tried again after the next catch-up
 
     def _event(self, name: str, data: Any) -> None:
         if self.on_event is not None:
@@ -111,6 +126,21 @@ class Listener:
         if self.acknowledge:
             self.sio.emit("message_delivered", {"messageId": message.get("id"),
                                                 "chatId": message.get("chatId")})
+
+    def send(self, to: str, text: str, message_type: str = "text",
+             timeout: float = 30.0) -> dict[str, Any]:
+        """Send over this connection (``send_message``); answers the ack
+        once the server has stored the message."""
+        body = self.client.sealed(to, text.encode("utf-8"), message_type)
+        try:
+            ack = self.sio.call("send_message", body, timeout=timeout)
+        except socketio.exceptions.TimeoutError:
+            raise ClientError("the server did not acknowledge the message in time") from None
+        if not isinstance(ack, dict) or not ack.get("success"):
+            code = ack.get("code", "ERROR") if isinstance(ack, dict) else "ERROR"
+            message = ack.get("error", "refused") if isinstance(ack, dict) else "refused"
+            raise ApiError(0, code, message)
+        return ack
 
     def mark_read(self, chat_id: str, up_to_seq: int) -> None:
         self.sio.emit("message_read", {"chatId": chat_id, "upToSeq": up_to_seq})
