@@ -267,6 +267,11 @@ class ClientScenarios:
         self.assertEqual([m.seq for m in got], sorted(m.seq for m in got))
         self.assertTrue(all(m.verified for m in got))
         self.assertTrue(inbox.empty())
+        # The same messages by REST sync, in order, for clients without a socket.
+        synced, cursor, more = bob.sync()
+        self.assertEqual([m.text for m in synced if m.sender == alice.cyphr_id], texts)
+        self.assertFalse(more)
+        self.assertEqual(bob.sync(since=cursor)[0], [])
         # Acknowledged as delivered: a second device session gets nothing again.
         time.sleep(0.3)
         listener.stop()
@@ -443,6 +448,7 @@ class CommandLineTests(SQLiteMixin, TestCase):
 
     def cli(self, profile: str, *args: str, timeout: float = 60,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        profile = os.path.abspath(profile)  # the command runs elsewhere
         environment = dict(os.environ, CYPHR_SERVER=self.url, CYPHR_PROFILE=profile,
                            CYPHR_PASSPHRASE=f"passphrase for {profile}",
                            PYTHONPATH=str(ROOT))
@@ -505,3 +511,74 @@ class CommandLineTests(SQLiteMixin, TestCase):
         no_server = await self.run_cli(alice, "--server", "http://127.0.0.1:9", "whoami")
         self.assertIn("cannot reach", no_server.stderr)
         self.assertEqual(len(no_server.stderr.strip().splitlines()), 1)
+
+    async def test_every_command(self) -> None:
+        """Groups, keys, safety numbers, two-factor, the wallet, recovery on
+        a new device and deletion, each as a script would run them."""
+        import pyotp
+        from stellar_sdk import Keypair
+
+        alice, bob, carol = self.mktemp(), self.mktemp(), self.mktemp()
+        phrases = {}
+        for profile, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+            phrases[name] = json.loads(self.ok(await self.run_cli(profile, "--json", "init")))[
+                "recoveryPhrase"]
+            self.ok(await self.run_cli(profile, "register", name, "--prekeys", "3"))
+
+        async def j(profile: str, *args: str) -> Any:
+            return json.loads(self.ok(await self.run_cli(profile, "--json", *args)))
+
+        me = await j(alice, "whoami")
+        self.assertEqual((me["cyphrId"], me["server"]), ("alice", self.url))
+        chat = (await j(alice, "group", "create", "Book club", "bob"))["chatId"]
+        await j(alice, "group", "add", chat, "carol")
+        await j(alice, "group", "role", chat, "bob", "admin")
+        members = {m["cyphrId"]: m["role"] for m in (await j(alice, "group", "members", chat))["members"]}
+        self.assertEqual(members, {"alice": "admin", "bob": "admin", "carol": "member"})
+        await j(alice, "send", chat, "welcome")
+        [named] = [c for c in (await j(carol, "chats"))["chats"] if c["chatId"] == chat]
+        self.assertEqual(named["name"], "Book club")
+        shown = self.ok(await self.run_cli(carol, "history", chat))
+        self.assertIn("alice ✓: welcome", shown)
+        self.assertNotIn("groupKey", shown)
+        await j(bob, "group", "remove", chat, "carol")
+        self.assertNotIn("carol", [m["cyphrId"] for m in
+                                   (await j(bob, "group", "members", chat))["members"]])
+
+        self.assertEqual((await j(alice, "keys", "rotate"))["generation"], 1)
+        topped = await j(alice, "keys", "prekeys", "--count", "10")
+        self.assertEqual(topped["remaining"], 10)
+        numbers = await j(alice, "verify", "bob"), await j(bob, "verify", "alice")
+        self.assertEqual(numbers[0]["safetyNumber"], numbers[1]["safetyNumber"])
+        self.assertTrue((await j(alice, "verify", "bob", "--accept"))["verified"])
+
+        secret = (await j(bob, "totp", "enable"))["secret"]
+        await j(bob, "totp", "confirm", pyotp.TOTP(secret).now())
+        refused = await self.run_cli(bob, "login")
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("TOTP_REQUIRED", refused.stderr)
+        self.assertIn("--totp", refused.stderr)
+        await j(bob, "login", "--totp", pyotp.TOTP(secret).at(time.time() + 30))
+
+        keypair = Keypair.random()
+        secret_file = Path(self.mktemp()).resolve()
+        secret_file.write_text(keypair.secret)
+        self.assertEqual((await j(carol, "wallet", "link", "--secret-file", str(secret_file)))[
+            "stellarAddress"], keypair.public_key)
+        self.assertEqual((await j(alice, "wallet", "show", "carol"))["stellarAddress"],
+                         keypair.public_key)
+
+        # A new device from the phrase; alice's old profile is signed out.
+        phrase_file = Path(self.mktemp()).resolve()
+        phrase_file.write_text(phrases["alice"])
+        moved = self.mktemp()
+        await j(moved, "recover", "alice", "--phrase-file", str(phrase_file))
+        self.assertIn("alice ✓: welcome", self.ok(await self.run_cli(moved, "history", chat)))
+        stale = await self.run_cli(alice, "whoami")
+        self.assertIn("DEVICE_MISMATCH", stale.stderr)
+
+        await j(carol, "delete-account", "--yes")
+        gone = await self.run_cli(moved, "send", "carol", "hi")
+        self.assertIn("USER_NOT_FOUND", gone.stderr)
+        unconfirmed = await self.run_cli(bob, "delete-account")
+        self.assertIn("--yes", unconfirmed.stderr)

@@ -32,8 +32,6 @@ DEFAULT_PROFILE = "~/.cyphr"
 _HINTS = {
     "TOTP_REQUIRED": "this account has two-factor authentication: run "
                      "`cyphr-client login --totp CODE`",
-    "DEVICE_MISMATCH": "this Cyphr ID is bound to another device: on this one, use "
-                       "`cyphr-client recover`",
 }
 
 

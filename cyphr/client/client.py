@@ -542,10 +542,21 @@ class Client:
         if chat.get("chatType") != "group":
             others = [p for p in chat.get("participants", []) if p != self.cyphr_id]
             return others[0] if others else self.cyphr_id
+        if not chat.get("encryptedName"):
+            return None
         with self.profile.lock:
             key = self.profile.vault.get("groupKeys", {}).get(chat["chatId"])
-        if key is None or not chat.get("encryptedName"):
-            return None
+        if key is None:
+            # Not heard yet: the name key came in a system message; look
+            # for it in the recent history (opening it keeps the key).
+            try:
+                self.history(chat["chatId"], limit=200)
+            except ApiError:
+                return None
+            with self.profile.lock:
+                key = self.profile.vault.get("groupKeys", {}).get(chat["chatId"])
+            if key is None:
+                return None
         return _open_name(base64.b64decode(key), chat["encryptedName"])
 
     def add_member(self, chat_id: str, cyphr_id: str) -> None:

@@ -12,6 +12,7 @@ pushed again.
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import engineio
@@ -51,6 +52,8 @@ class Listener:
         self.acknowledge = acknowledge
         self.top_up = top_up
         self._topping_up: threading.Thread | None = None
+        self._unacknowledged = 0  # receipts sent that the server has not acknowledged
+        self._acknowledged = threading.Condition()
         self.synced = threading.Event()
         self.cursor: str | None = None
         self.error: str | None = None
@@ -85,7 +88,14 @@ class Listener:
         # Called on every (re)connection, so a renewed token is used.
         return {"token": self.client.http.token or ""}
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect, once the receipts already sent are acknowledged (so
+        that what was delivered is not pushed again next time)."""
+        deadline = time.monotonic() + timeout
+        with self._acknowledged:
+            while self._unacknowledged and self.sio.connected:
+                if not self._acknowledged.wait(max(0.0, deadline - time.monotonic())):
+                    break
         self.sio.disconnect()
         if self._topping_up is not None:
             self._topping_up.join(30)
@@ -124,8 +134,20 @@ class Listener:
         opened = self.client.open_message(message)
         self.on_message(opened)
         if self.acknowledge:
-            self.sio.emit("message_delivered", {"messageId": message.get("id"),
+            self._receipt("message_delivered", {"messageId": message.get("id"),
                                                 "chatId": message.get("chatId")})
+
+    def _receipt(self, event: str, data: dict[str, Any]) -> None:
+        # Sent with an ack id, not waited for here (this may be the reading
+        # thread): stop() waits for the answers.
+        def answered(*_: Any) -> None:
+            with self._acknowledged:
+                self._unacknowledged -= 1
+                self._acknowledged.notify_all()
+
+        with self._acknowledged:
+            self._unacknowledged += 1
+        self.sio.emit(event, data, callback=answered)
 
     def send(self, to: str, text: str, message_type: str = "text",
              timeout: float = 30.0) -> dict[str, Any]:
@@ -143,7 +165,7 @@ class Listener:
         return ack
 
     def mark_read(self, chat_id: str, up_to_seq: int) -> None:
-        self.sio.emit("message_read", {"chatId": chat_id, "upToSeq": up_to_seq})
+        self._receipt("message_read", {"chatId": chat_id, "upToSeq": up_to_seq})
 
     def typing(self, chat_id: str, is_typing: bool = True) -> None:
         self.sio.emit("typing", {"chatId": chat_id, "isTyping": is_typing})
