@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     phrase = crypto.new_phrase()
-    print(f"{"operation":52} {'median ms':>10} {'max ms':>10}")
+    print(f"{'operation':52} {'median ms':>10} {'max ms':>10}")
 
     def row(name: str, f: Callable[[], object], repeat: int = args.repeat) -> None:
         median, worst = timed(f, repeat)
