@@ -3,9 +3,9 @@ Who may call a route, written on the route itself.
 
 Every route is decorated with ``@authenticated()``, ``@public()`` or
 ``@operator()``, so that a route open to anyone is open on purpose (a test
-checks that none is none of them). ``ip_limited=True`` counts the call against the per-address limit
-of /api/cyphr-id/* and /api/auth/*. The API class provides
-``self.authenticator`` and ``self.limits``.
+checks that every route has one). ``ip_limited=True`` counts the call
+against the per-address limit of /api/cyphr-id/* and /api/auth/*. The API
+class provides ``self.authenticator`` and ``self.limits``.
 """
 
 from __future__ import annotations
