@@ -122,6 +122,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("realtime_event_rate", "rate",
             "Socket.IO: events one connection may send, as COUNT/PERIOD.",
             metavar="RATE"),
+    Setting("stun_urls", "list",
+            "STUN server URL handed to clients by GET /api/ice-servers "
+            "(stun:host:port). Repeatable.", metavar="URL"),
+    Setting("turn_urls", "list",
+            "TURN server URL handed to clients by GET /api/ice-servers, with "
+            "time-limited credentials made with turn_secret "
+            "(turn:host:3478?transport=udp, turns:host:5349). Repeatable.",
+            metavar="URL"),
+    Setting("turn_ttl", "duration",
+            "How long the TURN credentials of GET /api/ice-servers are valid.",
+            metavar="DURATION"),
     Setting("jwt_secret", "str",
             "Secret signing session tokens (at least 32 characters). Default: "
             "generated into the data directory. Every node of a cluster needs "
@@ -133,6 +144,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("totp_key", "str",
             "Key encrypting stored TOTP secrets (at least 32 characters). "
             "Default: generated into the data directory.", cli=False),
+    Setting("turn_secret", "str",
+            "Secret shared with the TURN server (coturn's static-auth-secret) "
+            "to make time-limited TURN credentials (at least 32 characters). "
+            "Default: none, and no TURN server is handed out.", cli=False),
+    Setting("admin_token", "str",
+            "Bearer token of GET /api/admin/zero-storage-status (at least 32 "
+            "characters). Default: none, and the route answers 404.", cli=False),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -166,9 +184,16 @@ class Config:
     connect_timeout: int = 45
     realtime_buffer: int = 32 * MiB
     realtime_event_rate: tuple[int, int] = (200, 2)
+    # No STUN server by default: a public one (Google's, say) would learn
+    # the address of every client that places a call.
+    stun_urls: tuple[str, ...] = ()
+    turn_urls: tuple[str, ...] = ()
+    turn_ttl: int = 24 * 3600
     jwt_secret: str = field(default="", repr=False)
     fingerprint_key: str = field(default="", repr=False)
     totp_key: str = field(default="", repr=False)
+    turn_secret: str = field(default="", repr=False)
+    admin_token: str = field(default="", repr=False)
     config_file: str = ""
 
     @property
@@ -439,6 +464,10 @@ def _check_origin(origin: str) -> None:
         )
 
 
+# RFC 7064 / RFC 7065 URIs: scheme, host, optional port and transport.
+_ICE_URL = re.compile(r"^(stuns?|turns?):[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$")
+
+
 def validate(config: Config) -> None:
     if not config.listen:
         raise ConfigError("at least one --listen endpoint is required")
@@ -488,7 +517,17 @@ def validate(config: Config) -> None:
             count, period = getattr(config, setting.name)
             if count < 1 or period < 1:
                 raise ConfigError(f"--{setting.option}: a rate needs a count and a period of at least 1")
-    for name in ("jwt_secret", "fingerprint_key", "totp_key"):
+    for url in config.stun_urls:
+        if not _ICE_URL.match(url) or not url.startswith("stun"):
+            raise ConfigError(f"--stun-urls {url!r} is not a stun: or stuns: URL such as stun:stun.example.com:3478")
+    for url in config.turn_urls:
+        if not _ICE_URL.match(url) or not url.startswith("turn"):
+            raise ConfigError(f"--turn-urls {url!r} is not a turn: or turns: URL such as turn:turn.example.com:3478")
+    if config.turn_urls and not config.turn_secret:
+        raise ConfigError("turn_urls needs turn_secret (the TURN server's static-auth-secret)")
+    if not 60 <= config.turn_ttl <= 30 * 86400:
+        raise ConfigError("--turn-ttl must be between 1m and 30d")
+    for name in ("jwt_secret", "fingerprint_key", "totp_key", "turn_secret", "admin_token"):
         value = getattr(config, name)
         if value and len(value) < 32:
             raise ConfigError(f"{name} must be at least 32 characters long")
@@ -518,5 +557,7 @@ def describe_default(setting: Setting) -> str:
         return format_duration(value)
     if setting.kind == "rate":
         return f"{value[0]}/{format_duration(value[1])}"
+    if setting.name in ("turn_secret", "admin_token"):
+        return "none"
     return str(value) if value != "" else "generated"
 

@@ -26,6 +26,7 @@ from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root
 from cyphr.api.identity import IdentityAPI
 from cyphr.api.keys import KeysAPI
 from cyphr.api.messaging import ChatsAPI, MessagingAPI
+from cyphr.api.operations import OperationsAPI
 from cyphr.api.security import SecurityAPI
 from cyphr.api.wallet import WalletAPI
 from cyphr.config import Config
@@ -35,6 +36,7 @@ from cyphr.db import Database, open_database
 from cyphr.db.postgres import PostgresDatabase
 from cyphr.handlers.auth import Authenticator
 from cyphr.handlers.health import HealthHandler, RealtimeStats
+from cyphr.handlers.ice import IceServers
 from cyphr.handlers.identity import IdentityHandler
 from cyphr.handlers.keys import KeysHandler
 from cyphr.handlers.maintenance import Maintenance
@@ -42,6 +44,7 @@ from cyphr.handlers.messaging import MessagingHandler
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.security import PasswordHashing, TotpHandler
 from cyphr.handlers.sending import SendBatcher
+from cyphr.handlers.storage import StorageStatus
 from cyphr.handlers.tokens import TokenService
 from cyphr.handlers.wallet import WalletHandler
 from cyphr.logs import JsonLogObserver
@@ -237,7 +240,8 @@ def build_server(
         clock, on_session=sockets.on_session, ping_interval=config.ping_interval,
         ping_timeout=config.ping_timeout, max_payload=config.max_body,
         buffer_limit=config.realtime_buffer, client_ip=http_policy.client_ip)
-    health = HealthHandler(StatusStore(database), clock, node_id=node_id,
+    status = StatusStore(database)
+    health = HealthHandler(status, clock, node_id=node_id,
                            realtime_stats=lambda: RealtimeStats(**realtime.stats()))
     maintenance = Maintenance(challenges, revocations, messages, config.retention_days, clock)
 
@@ -249,6 +253,9 @@ def build_server(
         WalletAPI(wallet, authenticator, limits),
         MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
         ChatsAPI(messaging, authenticator, limits),
+        OperationsAPI(
+            IceServers(config.stun_urls, config.turn_urls, config.turn_secret, config.turn_ttl, clock),
+            StorageStatus(status), authenticator, limits, config.admin_token),
     ])
     root = Root(router, engine.resource)
     site = CyphrSite(root, http_policy, reactor)

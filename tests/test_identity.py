@@ -527,16 +527,21 @@ class AddressLimitTests(SQLiteMixin, TestCase):
 
 class RouteAccessTests(SQLiteMixin, TestCase):
     async def test_every_route_declares_its_access(self) -> None:
-        """Every route is marked public or authenticated; the public ones are exactly these."""
+        """Every route is marked public, authenticated or operator; the public ones and the
+        operator ones are exactly these."""
         server = await start_server(self)
-        public = set()
+        public, operator = set(), set()
         for api in server.root._router.apis:
             for rule in api.app.url_map.iter_rules():
                 handler = api.app.endpoints[rule.endpoint]
                 access = getattr(handler, ACCESS_ATTRIBUTE, None)
-                self.assertIn(access, ("public", "authenticated"), rule.rule)
+                self.assertIn(access, ("public", "authenticated", "operator"), rule.rule)
                 if access == "public":
                     public.add(rule.rule)
+                if access == "operator":
+                    operator.add(rule.rule)
         self.assertEqual(public, {
             "/health", "/api/health", "/api/cyphr-id/check", "/api/cyphr-id/challenge",
-            "/api/cyphr-id/register", "/api/cyphr-id/login", "/api/cyphr-id/recover"})
+            "/api/cyphr-id/register", "/api/cyphr-id/login", "/api/cyphr-id/recover",
+            "/api/openapi.json"})
+        self.assertEqual(operator, {"/api/admin/zero-storage-status"})
