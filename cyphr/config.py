@@ -54,6 +54,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Endpoint to serve HTTP and Socket.IO on, as a Twisted endpoint "
             "string (tcp:3001, ssl:3443:privateKey=key.pem:certKey=cert.pem, "
             "unix:/run/cyphr.sock). Repeatable.", metavar="ENDPOINT"),
+    Setting("metrics_listen", "list",
+            "Endpoint to serve Prometheus metrics (/metrics) on, as a Twisted "
+            "endpoint string (tcp:9100:interface=127.0.0.1). When given, "
+            "/metrics is served only there and the --listen endpoints answer "
+            "404 for it. Repeatable.", metavar="ENDPOINT"),
     Setting("database", "str",
             "A SQLite file path, or a postgresql:// URL. Default: "
             "cyphr.sqlite3 in the data directory.", metavar="PATH|URL"),
@@ -143,6 +148,7 @@ class Config:
     """The validated settings of one server process."""
 
     listen: tuple[str, ...] = ("tcp:3001",)
+    metrics_listen: tuple[str, ...] = ()
     database: str = ""
     data_dir: str = "cyphr-data"
     max_body: int = 10 * MiB
@@ -385,7 +391,7 @@ def load_config(
 # -- validation -------------------------------------------------------------
 
 
-def _check_endpoint(description: str) -> None:
+def _check_endpoint(description: str, option: str = "--listen") -> None:
     # Parsing builds the endpoint against a memory reactor: nothing listens,
     # but a malformed string or an ssl: endpoint whose files cannot be read
     # is found now rather than after the process has started.
@@ -396,7 +402,7 @@ def _check_endpoint(description: str) -> None:
         serverFromString(MemoryReactor(), description)
     except Exception as e:  # Twisted raises many kinds here, none of them useful to a traceback
         reason = str(e) or type(e).__name__
-        raise ConfigError(f"--listen {description!r} is not a valid endpoint: {reason}") from None
+        raise ConfigError(f"{option} {description!r} is not a valid endpoint: {reason}") from None
 
 
 def _redact(message: str, url: str) -> str:
@@ -444,6 +450,8 @@ def validate(config: Config) -> None:
         raise ConfigError("at least one --listen endpoint is required")
     for description in config.listen:
         _check_endpoint(description)
+    for description in config.metrics_listen:
+        _check_endpoint(description, "--metrics-listen")
     if config.database:
         if is_postgres_url(config.database):
             _check_postgres_url(config.database)
