@@ -200,13 +200,24 @@ class Config:
         return "unix" in self.trusted_proxy
 
     def describe_database(self) -> str:
-        """The database, for logs: never with its password."""
+        """The database, for logs: engine, then host, port, database name and
+        user at most; never a password or another parameter of the URL."""
         if self.database_engine == "sqlite":
             return f"sqlite:{self.sqlite_path}"
-        parts = urlsplit(self.database)
-        host = parts.hostname or "localhost"
-        port = f":{parts.port}" if parts.port else ""
-        return f"postgresql://{host}{port}{parts.path}"
+        from psycopg2 import ProgrammingError
+        from psycopg2.extensions import parse_dsn
+
+        try:
+            # parse_dsn reads the parameters given in the query string too
+            # (?host=/run/postgresql), which urlsplit does not.
+            params = parse_dsn(self.database)
+        except ProgrammingError:
+            return "postgresql (an unreadable URL)"
+        host = params.get("host") or "localhost"
+        port = params.get("port")
+        user = params.get("user")
+        return (f"postgresql://{user + '@' if user else ''}{host}{':' + port if port else ''}"
+                f"/{params.get('dbname', '')}")
 
 
 def is_postgres_url(value: str) -> bool:

@@ -137,6 +137,19 @@ class CyphrService(MultiService):
             database=self.config.describe_database(),
         )
         super().startService()
+        for child in self:
+            if isinstance(child, StreamServerEndpointService) and child._waitingForPort is not None:
+                child._waitingForPort.addCallback(self._listening, getattr(child, "serves", "API"))
+
+    @staticmethod
+    def _listening(port: Any, serves: str) -> Any:
+        address = port.getHost()
+        if hasattr(address, "port"):
+            where = f"{type(address).__name__.replace('Address', '').lower()} {address.host}:{address.port}"
+        else:
+            where = f"unix {getattr(address, 'name', address)}"
+        _log.info("Serving the {serves} on {address}", serves=serves, address=where)
+        return port
 
 
 @dataclass
@@ -281,19 +294,21 @@ def build_server(
     purge = TimerService(MAINTENANCE_INTERVAL, purge_now)
     purge.clock = clock
     purge.setServiceParent(service)
-    def serve(description: str, factory: CyphrSite) -> StreamServerEndpointService:
+    def serve(description: str, factory: CyphrSite, serves: str) -> StreamServerEndpointService:
         endpoint_service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+        endpoint_service.serves = serves  # type: ignore[attr-defined]  # for the log
         # Fail the start (with a clear message) rather than run deaf.
         endpoint_service._raiseSynchronously = True
         endpoint_service.setServiceParent(service)
         return endpoint_service
 
-    endpoint_services = [serve(description, site) for description in config.listen]
+    endpoint_services = [serve(description, site, "API") for description in config.listen]
     metrics_site = None
     if config.metrics_listen:
         # Scrapes there are not counted among the API's requests.
         metrics_site = CyphrSite(MetricsRoot(metrics_resource), http_policy, reactor)
-    metrics_services = [serve(description, metrics_site) for description in config.metrics_listen]
+    metrics_services = [serve(description, metrics_site, "metrics")
+                        for description in config.metrics_listen]
 
     return Server(
         config=config,

@@ -466,9 +466,29 @@ class CyphrRequest(server.Request):
         return reason
 
 
+class _Channel(http.HTTPChannel):
+    """Twisted's HTTP channel, without the client's address in the log when
+    an idle connection is timed out (addresses are for access logs only)."""
+
+    def timeoutConnection(self) -> None:
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        self._abortingCall = None
+        self.transport.abortConnection()
+
+
+def _channel() -> Any:
+    # As Twisted's own factory does, so that HTTP/2 negotiation still works.
+    return http._GenericHTTPChannelProtocol(_Channel())
+
+
 class CyphrSite(server.Site):
     """The one Site of a server process."""
 
+    protocol = staticmethod(_channel)
     requestFactory = CyphrRequest
     displayTracebacks = False
 

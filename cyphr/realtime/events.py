@@ -253,7 +253,7 @@ class Realtime:
             socket.session.close("database unavailable")
             return
         except Exception:
-            _log.failure("The catch-up of {user} failed", user=me)
+            _log.failure("A catch-up failed")  # who it was is not for the log
             socket.session.close("server error")
             return
 
