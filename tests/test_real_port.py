@@ -116,6 +116,28 @@ class TLSTests(SQLiteMixin, TestCase):
         self.assertEqual(status, 404)
         self.assertIn("strict-transport-security", headers)
 
+    async def test_body_refused_over_tls(self) -> None:
+        """A body declared too large is answered 413 at once over TLS, with HSTS."""
+        server, tls_port, _, cert_path = await self.tls_server()
+        context = ssl.create_default_context(cafile=cert_path)
+
+        def declare_too_much() -> tuple[int, dict[str, str]]:
+            conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=10, context=context)
+            try:
+                conn.putrequest("POST", "/api/messaging/send")
+                conn.putheader("Content-Type", "application/json")
+                conn.putheader("Content-Length", str(server.config.max_body + 1))
+                conn.endheaders()  # and no body: the answer comes first
+                response = conn.getresponse()
+                response.read()
+                return response.status, {k.lower(): v for k, v in response.getheaders()}
+            finally:
+                conn.close()
+
+        status, headers = await deferToThread(declare_too_much)
+        self.assertEqual(status, 413)
+        self.assertEqual(headers["strict-transport-security"], "max-age=31536000; includeSubDomains")
+
     async def test_untrusted_certificate(self) -> None:
         """A client that does not trust the certificate fails the handshake; the server goes on."""
         server, tls_port, _, cert_path = await self.tls_server()

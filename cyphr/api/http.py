@@ -381,6 +381,7 @@ class CyphrRequest(server.Request):
             (b"Content-Length", str(len(body)).encode("ascii")),
             (b"Connection", b"close"),
             *SECURITY_HEADERS,
+            *([(b"Strict-Transport-Security", HSTS)] if self.isSecure() else []),
             *self._cors_headers(),
         ]
         head = b"HTTP/1.1 413 Payload Too Large\r\n" + b"".join(
