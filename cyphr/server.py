@@ -294,6 +294,7 @@ def build_server(
     purge = TimerService(MAINTENANCE_INTERVAL, purge_now)
     purge.clock = clock
     purge.setServiceParent(service)
+
     def serve(description: str, factory: CyphrSite, serves: str) -> StreamServerEndpointService:
         endpoint_service = StreamServerEndpointService(serverFromString(reactor, description), factory)
         endpoint_service.serves = serves  # type: ignore[attr-defined]  # for the log
