@@ -54,6 +54,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Endpoint to serve HTTP and Socket.IO on, as a Twisted endpoint "
             "string (tcp:3001, ssl:3443:privateKey=key.pem:certKey=cert.pem, "
             "unix:/run/cyphr.sock). Repeatable.", metavar="ENDPOINT"),
+    Setting("metrics_listen", "list",
+            "Endpoint to serve Prometheus metrics (/metrics) on, as a Twisted "
+            "endpoint string (tcp:9100:interface=127.0.0.1). When given, "
+            "/metrics is served only there and the --listen endpoints answer "
+            "404 for it. Repeatable.", metavar="ENDPOINT"),
     Setting("database", "str",
             "A SQLite file path, or a postgresql:// URL. Default: "
             "cyphr.sqlite3 in the data directory.", metavar="PATH|URL"),
@@ -161,6 +166,7 @@ class Config:
     """The validated settings of one server process."""
 
     listen: tuple[str, ...] = ("tcp:3001",)
+    metrics_listen: tuple[str, ...] = ()
     database: str = ""
     data_dir: str = "cyphr-data"
     max_body: int = 10 * MiB
@@ -219,13 +225,24 @@ class Config:
         return "unix" in self.trusted_proxy
 
     def describe_database(self) -> str:
-        """The database, for logs: never with its password."""
+        """The database, for logs: engine, then host, port, database name and
+        user at most; never a password or another parameter of the URL."""
         if self.database_engine == "sqlite":
             return f"sqlite:{self.sqlite_path}"
-        parts = urlsplit(self.database)
-        host = parts.hostname or "localhost"
-        port = f":{parts.port}" if parts.port else ""
-        return f"postgresql://{host}{port}{parts.path}"
+        from psycopg2 import ProgrammingError
+        from psycopg2.extensions import parse_dsn
+
+        try:
+            # parse_dsn reads the parameters given in the query string too
+            # (?host=/run/postgresql), which urlsplit does not.
+            params = parse_dsn(self.database)
+        except ProgrammingError:
+            return "postgresql (an unreadable URL)"
+        host = params.get("host") or "localhost"
+        port = params.get("port")
+        user = params.get("user")
+        return (f"postgresql://{user + '@' if user else ''}{host}{':' + port if port else ''}"
+                f"/{params.get('dbname', '')}")
 
 
 def is_postgres_url(value: str) -> bool:
@@ -410,7 +427,7 @@ def load_config(
 # -- validation -------------------------------------------------------------
 
 
-def _check_endpoint(description: str) -> None:
+def _check_endpoint(description: str, option: str = "--listen") -> None:
     # Parsing builds the endpoint against a memory reactor: nothing listens,
     # but a malformed string or an ssl: endpoint whose files cannot be read
     # is found now rather than after the process has started.
@@ -421,7 +438,7 @@ def _check_endpoint(description: str) -> None:
         serverFromString(MemoryReactor(), description)
     except Exception as e:  # Twisted raises many kinds here, none of them useful to a traceback
         reason = str(e) or type(e).__name__
-        raise ConfigError(f"--listen {description!r} is not a valid endpoint: {reason}") from None
+        raise ConfigError(f"{option} {description!r} is not a valid endpoint: {reason}") from None
 
 
 def _redact(message: str, url: str) -> str:
@@ -473,6 +490,8 @@ def validate(config: Config) -> None:
         raise ConfigError("at least one --listen endpoint is required")
     for description in config.listen:
         _check_endpoint(description)
+    for description in config.metrics_listen:
+        _check_endpoint(description, "--metrics-listen")
     if config.database:
         if is_postgres_url(config.database):
             _check_postgres_url(config.database)

@@ -26,6 +26,7 @@ from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root
 from cyphr.api.identity import IdentityAPI
 from cyphr.api.keys import KeysAPI
 from cyphr.api.messaging import ChatsAPI, MessagingAPI
+from cyphr.api.metrics import MetricsResource, MetricsRoot
 from cyphr.api.operations import OperationsAPI
 from cyphr.api.security import SecurityAPI
 from cyphr.api.wallet import WalletAPI
@@ -48,6 +49,7 @@ from cyphr.handlers.storage import StorageStatus
 from cyphr.handlers.tokens import TokenService
 from cyphr.handlers.wallet import WalletHandler
 from cyphr.logs import JsonLogObserver
+from cyphr.metrics import CyphrCollector, Metrics
 from cyphr.realtime.bus import Bus, LocalBus, PostgresBus
 from cyphr.realtime.engine import EngineServer
 from cyphr.realtime.events import Realtime
@@ -131,12 +133,26 @@ class CyphrService(MultiService):
 
     def startService(self) -> None:
         _log.info(
-            "Cyphr {version} starting: listening on {endpoints}, database {database}",
+            "Cyphr {version} starting: listening on {endpoints}, metrics {metrics}, database {database}",
             version=cyphr.__version__,
             endpoints=", ".join(self.config.listen),
+            metrics=", ".join(self.config.metrics_listen) or "at /metrics on the same endpoints",
             database=self.config.describe_database(),
         )
         super().startService()
+        for child in self:
+            if isinstance(child, StreamServerEndpointService) and child._waitingForPort is not None:
+                child._waitingForPort.addCallback(self._listening, getattr(child, "serves", "API"))
+
+    @staticmethod
+    def _listening(port: Any, serves: str) -> Any:
+        address = port.getHost()
+        if hasattr(address, "port"):
+            where = f"{type(address).__name__.replace('Address', '').lower()} {address.host}:{address.port}"
+        else:
+            where = f"unix {getattr(address, 'name', address)}"
+        _log.info("Serving the {serves} on {address}", serves=serves, address=where)
+        return port
 
 
 @dataclass
@@ -153,6 +169,9 @@ class Server:
     site: CyphrSite
     service: CyphrService
     endpoint_services: list[StreamServerEndpointService]
+    metrics: Metrics
+    metrics_site: CyphrSite | None
+    metrics_services: list[StreamServerEndpointService]
     limits: RateLimits
     maintenance: Maintenance
     batcher: SendBatcher
@@ -164,6 +183,10 @@ class Server:
     def listening(self) -> list[Deferred[Any]]:
         """The listening ports, once the service has started."""
         return [svc._waitingForPort for svc in self.endpoint_services]
+
+    def metrics_listening(self) -> list[Deferred[Any]]:
+        """The ports of ``--metrics-listen``, once the service has started."""
+        return [svc._waitingForPort for svc in self.metrics_services]
 
 
 def default_node_id() -> str:
@@ -257,9 +280,17 @@ def build_server(
             IceServers(config.stun_urls, config.turn_urls, config.turn_secret, config.turn_ttl, clock),
             StorageStatus(status), authenticator, limits, config.admin_token),
     ])
-    root = Root(router, engine.resource)
+    metrics = Metrics()
+    metrics.registry.register(CyphrCollector(
+        http=metrics.http, engine=engine, realtime=realtime, batcher=batcher, database=database,
+        bus=bus, limits=limits, sockets=sockets))
+    metrics_resource = MetricsResource(metrics)
+    # With --metrics-listen, /metrics is served only there: the public
+    # endpoints answer 404 for it, as for any unknown path.
+    root = Root(router, engine.resource, None if config.metrics_listen else metrics_resource)
     site = CyphrSite(root, http_policy, reactor)
     site.on_body_refused = engine.resource.body_refused
+    site.metrics = metrics.http
 
     service = CyphrService(config, cpu)
     DatabaseService(database, batcher, bus, realtime, engine).setServiceParent(service)
@@ -270,13 +301,22 @@ def build_server(
     purge = TimerService(MAINTENANCE_INTERVAL, purge_now)
     purge.clock = clock
     purge.setServiceParent(service)
-    endpoint_services = []
-    for description in config.listen:
-        endpoint_service = StreamServerEndpointService(serverFromString(reactor, description), site)
+
+    def serve(description: str, factory: CyphrSite, serves: str) -> StreamServerEndpointService:
+        endpoint_service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+        endpoint_service.serves = serves  # type: ignore[attr-defined]  # for the log
         # Fail the start (with a clear message) rather than run deaf.
         endpoint_service._raiseSynchronously = True
         endpoint_service.setServiceParent(service)
-        endpoint_services.append(endpoint_service)
+        return endpoint_service
+
+    endpoint_services = [serve(description, site, "API") for description in config.listen]
+    metrics_site = None
+    if config.metrics_listen:
+        # Scrapes there are not counted among the API's requests.
+        metrics_site = CyphrSite(MetricsRoot(metrics_resource), http_policy, reactor)
+    metrics_services = [serve(description, metrics_site, "metrics")
+                        for description in config.metrics_listen]
 
     return Server(
         config=config,
@@ -289,6 +329,9 @@ def build_server(
         site=site,
         service=service,
         endpoint_services=endpoint_services,
+        metrics=metrics,
+        metrics_site=metrics_site,
+        metrics_services=metrics_services,
         limits=limits,
         maintenance=maintenance,
         batcher=batcher,

@@ -64,6 +64,7 @@ class Options(usage.Options):
     optFlags = [[s.option, None, _help(s)] for s in cli_settings() if s.kind == "bool"]
 
     opt_listen = _repeatable(SETTINGS_BY_NAME["listen"])
+    opt_metrics_listen = _repeatable(SETTINGS_BY_NAME["metrics_listen"])
     opt_cors_origin = _repeatable(SETTINGS_BY_NAME["cors_origin"])
     opt_trusted_proxy = _repeatable(SETTINGS_BY_NAME["trusted_proxy"])
     opt_stun_urls = _repeatable(SETTINGS_BY_NAME["stun_urls"])

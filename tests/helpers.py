@@ -127,6 +127,49 @@ class InProcessHTTP:
         return await self.request("POST", url, **kwargs)
 
 
+class RealHTTP:
+    """
+    treq over a real port, with InProcessHTTP's calls (so tests.users.User
+    works with it). ``close()`` (added as a cleanup by ``for_port``) waits
+    until its kept-alive connections are closed.
+    """
+
+    def __init__(self, base_url: str, agent_options: dict[str, Any] | None = None) -> None:
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        self.base_url = base_url
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._client = HTTPClient(Agent(reactor, pool=self._pool, **(agent_options or {})))
+
+    @classmethod
+    def for_port(cls, testcase: Any, port: int, scheme: str = "http",
+                 agent_options: dict[str, Any] | None = None) -> RealHTTP:
+        http = cls(f"{scheme}://127.0.0.1:{port}", agent_options)
+        testcase.addCleanup(http.close)
+        return http
+
+    def close(self) -> Deferred[None]:
+        return self._pool.closeCachedConnections()
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> Response:
+        if not url.startswith("http"):
+            url = self.base_url + url
+        response = await self._client.request(method, url, **kwargs)
+        body = await response.content()
+        return Response(response, body)
+
+    async def get(self, url: str, **kwargs: Any) -> Response:
+        return await self.request("GET", url, **kwargs)
+
+    async def post(self, url: str, body: Any = None, **kwargs: Any) -> Response:
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode("utf-8")
+            headers = kwargs.setdefault("headers", {})
+            headers.setdefault(b"Content-Type", [b"application/json"])
+        return await self.request("POST", url, **kwargs)
+
+
 class Response:
     """An answer, read whole."""
 

@@ -30,10 +30,11 @@ SERVER_EVENTS = (
 class SioClient:
     """One stock client; ``received`` is every event in arrival order."""
 
-    def __init__(self, url: str, *, transports: list[str] | None = None) -> None:
+    def __init__(self, url: str, *, transports: list[str] | None = None, **options: Any) -> None:
         self.url = url
         self.transports = transports
-        self.sio = socketio.Client(reconnection=False)
+        # options: socketio.Client's own (http_session=... for TLS trust).
+        self.sio = socketio.Client(reconnection=False, **options)
         self.received: list[tuple[str, Any]] = []
         self.connect_errors: list[Any] = []
         self.disconnects: list[Any] = []

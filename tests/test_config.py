@@ -93,6 +93,28 @@ class PrecedenceTests(TestCase):
         self.assertEqual(config.log_format, "json")
         self.assertEqual(config.database_engine, "postgresql")
 
+    def test_metrics_listen(self) -> None:
+        """--metrics-listen is repeatable, empty by default, and comma separated in the environment."""
+        self.assertEqual(load_config({}, {}).metrics_listen, ())
+        options = Options()
+        options.environ = {"CYPHR_METRICS_LISTEN": "tcp:9100"}
+        options.parseOptions([])
+        self.assertEqual(options.config.metrics_listen, ("tcp:9100",))
+        options = Options()
+        options.environ = {}
+        options.parseOptions(["--metrics-listen", "tcp:9100:interface=127.0.0.1",
+                              "--metrics-listen", "unix:/tmp/cyphr-metrics.sock"])
+        self.assertEqual(options.config.metrics_listen,
+                         ("tcp:9100:interface=127.0.0.1", "unix:/tmp/cyphr-metrics.sock"))
+
+    def test_database_description(self) -> None:
+        """The database as logged names user, host, port and database at most: never a
+        password, whether in the URL's authority or its query string."""
+        config = load_config({"database": "postgresql://cyphr:hunter2secret@db.example:6432/chat"}, {})
+        self.assertEqual(config.describe_database(), "postgresql://cyphr@db.example:6432/chat")
+        config = load_config({"database": "postgresql:///chat?host=/run/pg&password=hunter2secret"}, {})
+        self.assertEqual(config.describe_database(), "postgresql:///run/pg/chat")
+
     def test_help_documents_every_option(self) -> None:
         """--help names every command line option with its default and variable."""
         text = str(Options())
@@ -121,6 +143,11 @@ class NonsenseTests(TestCase):
         """A listen string Twisted cannot parse is refused, naming it."""
         self.assertIn("tcp:notaport", self.refused({"listen": ("tcp:notaport",)}))
         self.assertIn("bogus:1", self.refused({"listen": ("bogus:1",)}))
+
+    def test_malformed_metrics_endpoint(self) -> None:
+        """A --metrics-listen string Twisted cannot parse is refused, naming the option."""
+        message = self.refused({"metrics_listen": ("tcp:notaport",)})
+        self.assertIn("--metrics-listen 'tcp:notaport'", message)
 
     def test_tls_endpoint_without_files(self) -> None:
         """An ssl: endpoint whose certificate cannot be read is refused at once."""

@@ -79,6 +79,10 @@ class OutageTests(TestCase):
             await deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(server.database.stats["up"], 4)
         self.assertEqual(self.fatal, [])
+        # Counted for metrics: each of the four connections was lost once,
+        # and at least the query above was answered "unavailable".
+        self.assertEqual(server.database.failures["connection_lost"], 4)
+        self.assertGreaterEqual(server.database.failures["unavailable"], 1)
 
     async def test_start_while_down(self) -> None:
         """A server whose PostgreSQL is down at start runs anyway, answers 503,

@@ -9,7 +9,9 @@ import ipaddress
 import json
 import os
 import ssl
+from typing import Any
 
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -17,7 +19,14 @@ from cryptography.x509.oid import NameOID
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, start_server
+from tests.helpers import (
+    InProcessHTTP,
+    PostgresMixin,
+    RealHTTP,
+    SQLiteMixin,
+    start_server,
+)
+from tests.realtime import SioClient, sessions_closed, until
 from tests.users import User
 
 
@@ -81,18 +90,96 @@ def self_signed(directory: str) -> tuple[str, str]:
 
 
 class TLSTests(SQLiteMixin, TestCase):
-    async def test_tls_endpoint(self) -> None:
-        """An ssl: endpoint serves HTTPS with the given certificate, and adds HSTS."""
+    async def tls_server(self) -> tuple[Any, int, int, str]:
+        """A server on an ssl: endpoint and a plain tcp: one; its ports and the CA file."""
         directory = self.mktemp()
         os.makedirs(directory)
         key_path, cert_path = self_signed(directory)
         endpoint = f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
-        server = await start_server(self, serve=True, listen=(endpoint,))
-        port = (await server.listening()[0]).getHost().port
+        server = await start_server(self, serve=True, listen=(endpoint, "tcp:0:interface=127.0.0.1"))
+        tls_port, tcp_port = [(await d).getHost().port for d in server.listening()]
+        return server, tls_port, tcp_port, cert_path
+
+    async def test_tls_endpoint(self) -> None:
+        """An ssl: endpoint serves HTTPS with the given certificate and adds HSTS; the plain
+        endpoint of the same server does not."""
+        server, tls_port, tcp_port, cert_path = await self.tls_server()
         context = ssl.create_default_context(cafile=cert_path)
-        status, headers, body = await deferToThread(fetch, port, "/health", context)
+        status, headers, body = await deferToThread(fetch, tls_port, "/health", context)
         self.assertEqual((status, body), (200, b'{"status":"ok"}'))
         self.assertEqual(headers["strict-transport-security"], "max-age=31536000; includeSubDomains")
+        status, headers, body = await deferToThread(fetch, tcp_port, "/health")
+        self.assertEqual((status, body), (200, b'{"status":"ok"}'))
+        self.assertNotIn("strict-transport-security", headers)
+        # The error answers carry it too.
+        status, headers, _ = await deferToThread(fetch, tls_port, "/api/nothing", context)
+        self.assertEqual(status, 404)
+        self.assertIn("strict-transport-security", headers)
+
+    async def test_body_refused_over_tls(self) -> None:
+        """A body declared too large is answered 413 at once over TLS, with HSTS."""
+        server, tls_port, _, cert_path = await self.tls_server()
+        context = ssl.create_default_context(cafile=cert_path)
+
+        def declare_too_much() -> tuple[int, dict[str, str]]:
+            conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=10, context=context)
+            try:
+                conn.putrequest("POST", "/api/messaging/send")
+                conn.putheader("Content-Type", "application/json")
+                conn.putheader("Content-Length", str(server.config.max_body + 1))
+                conn.endheaders()  # and no body: the answer comes first
+                response = conn.getresponse()
+                response.read()
+                return response.status, {k.lower(): v for k, v in response.getheaders()}
+            finally:
+                conn.close()
+
+        status, headers = await deferToThread(declare_too_much)
+        self.assertEqual(status, 413)
+        self.assertEqual(headers["strict-transport-security"], "max-age=31536000; includeSubDomains")
+
+    async def test_untrusted_certificate(self) -> None:
+        """A client that does not trust the certificate fails the handshake; the server goes on."""
+        server, tls_port, _, cert_path = await self.tls_server()
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            await deferToThread(fetch, tls_port, "/health", ssl.create_default_context())
+        context = ssl.create_default_context(cafile=cert_path)
+        self.assertEqual((await deferToThread(fetch, tls_port, "/health", context))[0], 200)
+
+    async def test_socketio_over_wss(self) -> None:
+        """The stock python-socketio client connects over TLS (long-polling, then the upgrade
+        to wss), authenticates with its token and sends a message that another user receives."""
+        server, tls_port, tcp_port, cert_path = await self.tls_server()
+        http = RealHTTP.for_port(self, tcp_port)
+        alice, bob = User("tls_alice"), User("tls_bob")
+        await alice.register(http)
+        await bob.register(http)
+        clients: list[SioClient] = []
+        self.addCleanup(self._disconnect, clients, server)
+        for user, transports in ((alice, ["polling", "websocket"]), (bob, ["websocket"])):
+            session = requests.Session()
+            session.verify = cert_path  # trust the test's own certificate, and only it
+            session.trust_env = False  # (REQUESTS_CA_BUNDLE would win over it)
+            self.addCleanup(session.close)
+            client = SioClient(f"https://127.0.0.1:{tls_port}", transports=transports,
+                               http_session=session)
+            clients.append(client)
+            await client.connect({"token": user.token})
+            await client.wait_for("sync_complete")
+        a, b = clients
+        await until(lambda: a.sio.transport() == "websocket", "the upgrade to wss")
+        ack = await a.call("send_message", {"recipientId": "tls_bob", "encryptedPayload": {"c": "over tls"}})
+        self.assertTrue(ack["success"], ack)
+        [received] = await b.wait_for("new_message")
+        self.assertEqual(received["message"]["encryptedPayload"], {"c": "over tls"})
+        self.assertEqual(sorted(s.transport for s in server.engine.sessions.values()),
+                         ["websocket", "websocket"])
+
+    async def _disconnect(self, clients: list[SioClient], server: Any) -> None:
+        for client in clients:
+            if client.sio.connected:
+                await client.disconnect()
+        await sessions_closed(server)
 
 
 class IdentityOverTcpTests(PostgresMixin, TestCase):

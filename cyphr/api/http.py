@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 from urllib.parse import unquote_to_bytes
@@ -42,6 +43,7 @@ from cyphr.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from cyphr.metrics import HttpStats
 
 _log = Logger()
 
@@ -144,6 +146,15 @@ def _request_path(request: Any) -> str | None:
         return None
 
 
+_RULE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^:<>]+)>")
+
+
+def route_template(rule: str) -> str:
+    """A werkzeug rule as a route template: ``/chat/<chat_id>`` (or
+    ``<uuid:chat_id>``) as ``/chat/:chat_id``."""
+    return _RULE_ARGUMENT.sub(r":\1", rule)
+
+
 class ApiRouter(resource.Resource):
     """
     Routes each request to the API (a Klein app bound to its instance)
@@ -172,7 +183,7 @@ class ApiRouter(resource.Resource):
         for index, app in enumerate(self._apps):
             for rule in app.url_map.iter_rules():
                 copy = rule.empty()
-                copy.endpoint = (index, rule.endpoint)
+                copy.endpoint = (index, rule.endpoint, route_template(rule.rule))
                 rules.append(copy)
         self._adapter = Map(rules).bind("cyphr", "/")
 
@@ -188,9 +199,8 @@ class ApiRouter(resource.Resource):
             return error_answer(request, MethodNotAllowed())
         except (WerkzeugNotFound, RequestRedirect):
             return error_answer(request, NotFound(f"No route for {method} {path}"))
-        index, endpoint = rule.endpoint
+        index, endpoint, request.route = rule.endpoint
         app = self._apps[index]
-        request.route = rule.rule.replace("<", ":").replace(">", "")
         self._respond(request, maybeDeferred(app.execute_endpoint, endpoint, request, **arguments))
         return server.NOT_DONE_YET
 
@@ -221,16 +231,22 @@ class ApiRouter(resource.Resource):
 
 class Root(resource.Resource):
     """The site's root: ``/socket.io/`` goes to the realtime resource when
-    there is one; every other path, ``/`` included, to the API router."""
+    there is one, ``/metrics`` to the metrics resource when it is served
+    here; every other path, ``/`` included, to the API router."""
 
-    def __init__(self, router: resource.Resource, realtime: resource.Resource | None = None) -> None:
+    def __init__(self, router: resource.Resource, realtime: resource.Resource | None = None,
+                 metrics: resource.Resource | None = None) -> None:
         super().__init__()
         self._router = router
         self._realtime = realtime
+        self._metrics = metrics
 
     def getChildWithDefault(self, name: bytes, request: Any) -> resource.Resource:
         if name == b"socket.io" and self._realtime is not None:
+            request.route = "/socket.io/"
             return self._realtime
+        if name == b"metrics" and self._metrics is not None and not request.postpath:
+            return self._metrics
         # Give the segment back: routes are matched on the whole path.
         request.postpath.insert(0, request.prepath.pop())
         return self._router
@@ -317,6 +333,12 @@ class CyphrRequest(server.Request):
     _body_refused = False
     _body_received = 0
 
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        # When the request line came: durations count from here.
+        site = getattr(channel, "site", None)
+        self.arrived = site.reactor.seconds() if site is not None else 0.0
+
     @property
     def policy(self) -> HttpPolicy:
         return self.channel.site.policy
@@ -359,6 +381,7 @@ class CyphrRequest(server.Request):
             (b"Content-Length", str(len(body)).encode("ascii")),
             (b"Connection", b"close"),
             *SECURITY_HEADERS,
+            *([(b"Strict-Transport-Security", HSTS)] if self.isSecure() else []),
             *self._cors_headers(),
         ]
         head = b"HTTP/1.1 413 Payload Too Large\r\n" + b"".join(
@@ -368,6 +391,10 @@ class CyphrRequest(server.Request):
         uri = getattr(self.channel, "_path", b"") or b""
         if uri.startswith(b"/socket.io") and self.channel.site.on_body_refused is not None:
             self.channel.site.on_body_refused(uri)
+        stats = self.channel.site.metrics
+        if stats is not None:  # answered before any route was matched
+            method = getattr(self.channel, "_command", b"").decode("ascii", "replace")
+            stats.observe(method, "", 413, self.channel.site.reactor.seconds() - self.arrived)
         if self.policy.access_log:
             _log.info("{client} - 413 request body too large", client=self.policy.client_ip(self))
         self.channel.loseConnection()
@@ -440,9 +467,29 @@ class CyphrRequest(server.Request):
         return reason
 
 
+class _Channel(http.HTTPChannel):
+    """Twisted's HTTP channel, without the client's address in the log when
+    an idle connection is timed out (addresses are for access logs only)."""
+
+    def timeoutConnection(self) -> None:
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        self._abortingCall = None
+        self.transport.abortConnection()
+
+
+def _channel() -> Any:
+    # As Twisted's own factory does, so that HTTP/2 negotiation still works.
+    return http._GenericHTTPChannelProtocol(_Channel())
+
+
 class CyphrSite(server.Site):
     """The one Site of a server process."""
 
+    protocol = staticmethod(_channel)
     requestFactory = CyphrRequest
     displayTracebacks = False
 
@@ -454,11 +501,17 @@ class CyphrSite(server.Site):
         super().__init__(root, timeout=timeout, reactor=reactor, parsePOSTFormSubmission=False)
         self.policy = policy
         self.noisy = False
+        # Where answered requests are counted (cyphr.metrics.HttpStats), if anywhere.
+        self.metrics: HttpStats | None = None
         # Told of the path of a request whose body was refused as too large
         # (the realtime layer ends the session it was meant for).
         self.on_body_refused: Callable[[bytes], None] | None = None
 
     def log(self, request: Any) -> None:
+        # Called once for each request that is answered.
+        if self.metrics is not None:
+            self.metrics.observe(request.method.decode("ascii", "replace"), request.route,
+                                 request.code, self.reactor.seconds() - request.arrived)
         # Access logs hold client addresses: only when the operator asks.
         if not self.policy.access_log:
             return

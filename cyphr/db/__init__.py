@@ -82,6 +82,16 @@ class Database(ABC):
         self._ready_waiters: list[Deferred[None]] = []
         self.schema_version: int | None = None
         self.on_fatal: Callable[[str], None] | None = None
+        # For metrics: connections lost, callers answered DatabaseUnavailable,
+        # statements the database failed (constraint refusals are not failures).
+        self.failures = {"connection_lost": 0, "unavailable": 0, "error": 0}
+
+    @property
+    @abstractmethod
+    def stats(self) -> dict[str, int]:
+        """The pool, for health and metrics: ``size`` (connections meant to
+        be held), ``up`` (connected), ``busy`` (running work), ``waiting``
+        (callers waiting for a connection)."""
 
     @property
     @abstractmethod

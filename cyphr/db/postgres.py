@@ -344,6 +344,7 @@ class PostgresDatabase(Database):
             self._fatal(f"schema migration failed: {f.getErrorMessage()}")
 
     def _connection_died(self, conn: _Connection, f: Failure) -> None:
+        was_up = conn in self._up
         self._up.discard(conn)
         try:
             self._free.remove(conn)
@@ -351,6 +352,8 @@ class PostgresDatabase(Database):
             pass
         if self._closing:
             return
+        if was_up:
+            self.failures["connection_lost"] += 1
         if not self._up:
             self._report_down(f)
             self._fail_waiters()
@@ -438,14 +441,21 @@ class PostgresDatabase(Database):
         self._free.append(conn)
 
     async def _run(self, operation: Callable[[_Connection], Deferred[T]]) -> T:
-        conn = await self._acquire()
+        try:
+            conn = await self._acquire()
+        except DatabaseUnavailable:
+            self.failures["unavailable"] += 1
+            raise
         try:
             return await operation(conn)
         except psycopg2.IntegrityError as e:
             raise IntegrityError(str(e).strip()) from None
         except Exception as e:
             if is_connection_error(e):
+                self.failures["unavailable"] += 1
                 raise DatabaseUnavailable() from e
+            if isinstance(e, psycopg2.Error):
+                self.failures["error"] += 1
             raise
         finally:
             self._release(conn)

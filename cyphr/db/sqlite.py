@@ -91,6 +91,16 @@ class SQLiteDatabase(Database):
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """One connection; work waits for it in the lock's queue."""
+        return {
+            "size": 1,
+            "up": int(self._conn is not None),
+            "busy": int(self._lock.locked),
+            "waiting": len(self._lock.waiting),
+        }
+
     # -- the thread -----------------------------------------------------
 
     def _call(self, f: Callable[..., T], *args: Any) -> Any:
@@ -101,7 +111,14 @@ class SQLiteDatabase(Database):
                 raise DatabaseUnavailable()
             return f(self._conn, *args)
 
-        return deferToThreadPool(self._reactor, self._pool, in_thread)
+        return deferToThreadPool(self._reactor, self._pool, in_thread).addErrback(self._count_failure)
+
+    def _count_failure(self, failure: Any) -> Any:
+        if failure.check(DatabaseUnavailable):
+            self.failures["unavailable"] += 1
+        elif failure.check(sqlite3.Error):
+            self.failures["error"] += 1
+        return failure
 
     def _open_in_thread(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -170,6 +187,7 @@ class SQLiteDatabase(Database):
 
     def _check_ready(self) -> None:
         if not self._ready:
+            self.failures["unavailable"] += 1
             raise DatabaseUnavailable()
 
     async def run_query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:

@@ -16,7 +16,10 @@ from cyphr.errors import RateLimited
 
 
 class RateLimit:
-    def __init__(self, clock: Any, count: int, period: float, *, max_keys: int = 200_000) -> None:
+    def __init__(self, clock: Any, count: int, period: float, *, max_keys: int = 200_000,
+                 name: str = "") -> None:
+        self.name = name
+        self.refused = 0  # events refused, for metrics
         self._clock = clock
         self._interval = period / count
         self._burst = period - self._interval  # how far ahead a key may run
@@ -30,6 +33,7 @@ class RateLimit:
         theoretical = max(self._arrivals.get(key, now), now)
         ahead = theoretical - now
         if ahead > self._burst:
+            self.refused += 1
             raise RateLimited(max(1, math.ceil(ahead - self._burst)))
         self._arrivals[key] = theoretical + self._interval
         if len(self._arrivals) > self._max_keys:
@@ -45,8 +49,11 @@ class RateLimits:
     """The server's named limits, from the configuration."""
 
     def __init__(self, clock: Any, config: Any) -> None:
-        self.auth_ip = RateLimit(clock, *config.rate_limit_auth)
-        self.search = RateLimit(clock, *config.rate_limit_search)
-        self.claim = RateLimit(clock, *config.rate_limit_claim)
-        self.password = RateLimit(clock, *config.rate_limit_password)
-        self.send = RateLimit(clock, *config.rate_limit_send)
+        self.auth_ip = RateLimit(clock, *config.rate_limit_auth, name="auth")
+        self.search = RateLimit(clock, *config.rate_limit_search, name="search")
+        self.claim = RateLimit(clock, *config.rate_limit_claim, name="claim")
+        self.password = RateLimit(clock, *config.rate_limit_password, name="password")
+        self.send = RateLimit(clock, *config.rate_limit_send, name="send")
+
+    def all(self) -> list[RateLimit]:
+        return [self.auth_ip, self.search, self.claim, self.password, self.send]

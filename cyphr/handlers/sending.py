@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from cyphr.errors import DatabaseUnavailable
+from cyphr.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
 
 _log = Logger()
@@ -31,7 +32,11 @@ class SendBatcher:
         self._pending: list[tuple[Outgoing, Deferred[Message | NotAMember]]] = []
         self._scheduled: Any = None
         self._writing: Deferred[None] | None = None
-        self.batch_sizes: list[int] = []  # the last few, for tests and metrics
+        self.batch_sizes: list[int] = []  # the last few, for tests
+        # For metrics: counted per batch, not per message.
+        self.messages_stored = 0
+        self.size_histogram = Histogram(BATCH_BUCKETS)
+        self.commit_histogram = Histogram(LATENCY_BUCKETS)
 
     def submit(self, item: Outgoing) -> Deferred[Message | NotAMember]:
         """Store ``item`` with whatever else arrives now; fires after the commit."""
@@ -56,6 +61,8 @@ class SendBatcher:
 
     async def _write(self, batch: list[tuple[Outgoing, Deferred[Message | NotAMember]]]) -> None:
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-100:]
+        self.size_histogram.observe(len(batch))
+        started = self._reactor.seconds()
         try:
             results = await self._store.store_batch([item for item, _ in batch])
         except DatabaseUnavailable as e:
@@ -73,8 +80,13 @@ class SendBatcher:
             for entry in batch:
                 await self._write([entry])
             return
+        self.commit_histogram.observe(self._reactor.seconds() - started)
+        stored = 0
         for (_, d), result in zip(batch, results):
+            if not isinstance(result, NotAMember):
+                stored += 1
             d.callback(result)
+        self.messages_stored += stored
 
     async def stop(self) -> None:
         """Write what is pending, then return (the service is stopping)."""

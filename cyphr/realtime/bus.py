@@ -98,6 +98,13 @@ class Bus(ABC):
         # again after a lost connection.
         self.on_event: Callable[[dict[str, Any]], None] = _ignore_event
         self.on_restored: Callable[[], None] = _ignore
+        # For metrics: events published, sent to the other nodes, received
+        # from them, dropped; notifications that were not events.
+        self.published = 0
+        self.sent = 0
+        self.received = 0
+        self.dropped_total = 0
+        self.malformed_total = 0
         self._own = '{"n":' + _encode(node_id) + ","
         self._head = self._own + '"s":'
         # The envelope is counted at its largest. JSON is ASCII here
@@ -157,6 +164,7 @@ class LocalBus(Bus):
 
     def publish(self, event: dict[str, Any]) -> None:
         self._body(event)
+        self.published += 1
 
 
 class _InOrder:
@@ -307,6 +315,7 @@ class PostgresBus(Bus):
                 continue
             if message["n"] == self.node_id:
                 continue  # ours, written some other way
+            self.received += 1
             try:
                 self.on_event(message["e"])
             except Exception:  # noqa: BLE001 - nor stop the events after it
@@ -318,6 +327,7 @@ class PostgresBus(Bus):
         # Anyone who can connect may NOTIFY on the channel: warn, but not
         # once for every one of them, and never log what they sent.
         self._malformed += 1
+        self.malformed_total += 1
         now = self._reactor.seconds()
         if now - self._malformed_reported >= _MALFORMED_REPORT_EVERY:
             _log.warn("Ignored {count} malformed notification(s) on {channel}"
@@ -330,8 +340,10 @@ class PostgresBus(Bus):
 
     def publish(self, event: dict[str, Any]) -> None:
         body = self._body(event)
+        self.published += 1
         if self._stopping:
             _log.debug("Event bus stopped: an event was not sent")
+            self.dropped_total += 1
             return
         if len(self._pending) >= MAX_BACKLOG:
             self._drop(1, "too many events waiting to be sent")
@@ -373,6 +385,7 @@ class PostgresBus(Bus):
                 # notification queue full. Nothing waits for these events.
                 _log.failure("Publishing {count} event(s) failed", count=len(chunk))
             else:
+                self.sent += len(chunk)
                 if self._dropped:
                     _log.warn("Event bus: {count} event(s) were dropped while PostgreSQL"
                               " was unavailable", count=self._dropped)
@@ -383,6 +396,7 @@ class PostgresBus(Bus):
             _log.warn("Event bus: PostgreSQL is unavailable ({reason}); dropping published"
                       " events until it answers", reason=reason)
         self._dropped += count
+        self.dropped_total += count
 
     # -- stopping -------------------------------------------------------
 

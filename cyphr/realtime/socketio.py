@@ -363,6 +363,7 @@ class Connection:
         event, args = packet.data[0], packet.data[1:]
         namespace = socket.namespace
         if not self._allow():
+            self.server.refused_events += 1
             self._answer(socket, packet.id, namespace.error_ack, Failure(RateExceeded()))
             return
         handler = namespace.handlers.get(event) if isinstance(event, str) else None
@@ -445,6 +446,7 @@ class SocketServer:
         self.event_rate = event_rate
         self.event_burst = event_burst
         self.max_attachments = max_attachments
+        self.refused_events = 0  # over the event rate, for metrics
         self.namespaces: dict[str, Namespace] = {}
         self.connections: set[Connection] = set()
 
