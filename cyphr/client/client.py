@@ -20,10 +20,9 @@ import hashlib
 import json
 import os
 import re
-import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -92,8 +91,7 @@ class Message:
     client_message_id: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        shape = asdict(self)
-        return {"id": shape["id"], "chatId": self.chat_id, "seq": self.seq, "sender": self.sender,
+        return {"id": self.id, "chatId": self.chat_id, "seq": self.seq, "sender": self.sender,
                 "timestamp": self.timestamp, "messageType": self.message_type, "text": self.text,
                 "verified": self.verified, "error": self.error,
                 "clientMessageId": self.client_message_id}
@@ -121,7 +119,6 @@ class Client:
         self.http.token = profile.vault.get("token")
         self._claim_paused: dict[str, float] = {}
         self._chat_cache: dict[str, dict[str, Any]] = {}
-        self._lock = threading.RLock()
 
     # -- profiles ---------------------------------------------------------
 
@@ -134,7 +131,8 @@ class Client:
         vault = {"seed": b64(crypto.phrase_seed(phrase)), "generation": 0,
                  "fingerprint": new_fingerprint(), "prekeys": {}, "nextPrekeyId": 1,
                  "pins": {}, "contentKeys": {}, "groupKeys": {}}
-        profile = Profile.create(directory, passphrase, {"server": server.rstrip("/")}, vault)
+        profile = Profile.create(Path(directory).expanduser(), passphrase,
+                                 {"server": server.rstrip("/")}, vault)
         return cls(profile, **kwargs), phrase
 
     @classmethod
@@ -142,7 +140,11 @@ class Client:
              **kwargs: Any) -> Client:
         profile = Profile.open(Path(directory).expanduser(), passphrase)
         client = cls(profile, server, **kwargs)
-        if server and server.rstrip("/") != profile.settings.get("server"):
+        # A server given for a profile not registered yet becomes its server;
+        # a registered identity keeps the server it is registered on (a
+        # different one is used for this run only).
+        if server and not profile.settings.get("cyphrId") \
+                and server.rstrip("/") != profile.settings.get("server"):
             with profile.lock:
                 profile.settings["server"] = server.rstrip("/")
                 profile.save()
