@@ -12,8 +12,13 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.cpu import CpuPool
 from cyphr.logs import JsonLogObserver
+from cyphr.realtime.engine import EngineServer
 from cyphr.server import CyphrService
 from tests.helpers import make_config
+
+
+def engine() -> EngineServer:
+    return EngineServer(reactor, on_session=lambda session: None)  # type: ignore[arg-type,return-value]
 
 
 class JsonLogTests(TestCase):
@@ -56,11 +61,11 @@ class JsonLogTests(TestCase):
     def test_twistd_takes_the_observer(self) -> None:
         """With --log-format json the service gives twistd's application a JSON observer."""
         application = Application("cyphr")
-        CyphrService(make_config(self, log_format="json"), CpuPool(reactor)).setServiceParent(application)
+        CyphrService(make_config(self, log_format="json"), CpuPool(reactor), engine(), reactor).setServiceParent(application)
         self.assertIsInstance(application.getComponent(ILogObserver), JsonLogObserver)
 
     def test_text_keeps_twistd_logging(self) -> None:
         """With text logs twistd's own observer is left in place."""
         application = Application("cyphr")
-        CyphrService(make_config(self), CpuPool(reactor)).setServiceParent(application)
+        CyphrService(make_config(self), CpuPool(reactor), engine(), reactor).setServiceParent(application)
         self.assertIsNone(application.getComponent(ILogObserver))
