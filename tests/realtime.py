@@ -30,10 +30,11 @@ SERVER_EVENTS = (
 class SioClient:
     """One stock client; ``received`` is every event in arrival order."""
 
-    def __init__(self, url: str, *, transports: list[str] | None = None) -> None:
+    def __init__(self, url: str, *, transports: list[str] | None = None,
+                 http_session: Any = None) -> None:
         self.url = url
         self.transports = transports
-        self.sio = socketio.Client(reconnection=False)
+        self.sio = socketio.Client(reconnection=False, http_session=http_session)
         self.received: list[tuple[str, Any]] = []
         self.connect_errors: list[Any] = []
         self.disconnects: list[Any] = []
