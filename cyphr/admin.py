@@ -234,7 +234,7 @@ def _schema_version_or_none(config: Config) -> int | None:
 
 
 def check(config: Config, out: Callable[[str], None]) -> None:
-    from cyphr.datadir import load_secrets, prepare_data_dir
+    from cyphr.datadir import prepare_data_dir
     from cyphr.db.migrations import latest_version
 
     data_dir = prepare_data_dir(config.data_dir)  # ConfigError: one line
@@ -245,13 +245,25 @@ def check(config: Config, out: Callable[[str], None]) -> None:
         os.remove(probe)
     except OSError as e:
         raise Failed(f"data directory {data_dir} is not writable: {e.strerror or e}") from None
-    load_secrets(config, data_dir)  # generates the missing ones, as the server would
     out(f"configuration: ok{' (' + config.config_file + ')' if config.config_file else ''}")
     out(f"data directory: {data_dir} (writable)")
     sources = []
     for name in ("jwt_secret", "fingerprint_key", "totp_key"):
-        where = "configuration" if getattr(config, name) else "data directory"
-        sources.append(f"{name} from the {where}")
+        if getattr(config, name):  # its length was checked with the configuration
+            sources.append(f"{name} from the configuration")
+            continue
+        path = os.path.join(data_dir, f"{name}.secret")
+        if not os.path.exists(path):
+            sources.append(f"{name} to be generated at first start")
+            continue
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError as e:
+            raise Failed(f"cannot read secret file {path}: {e.strerror or e}") from None
+        if len(value) < 32:
+            raise Failed(f"secret file {path} is too short (at least 32 characters)")
+        sources.append(f"{name} from the data directory")
     out("secrets: " + ", ".join(sources))
     out(f"database: {config.database_engine} {config.describe_database()}")
     version = _schema_version(config)

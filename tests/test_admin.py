@@ -77,7 +77,21 @@ class AdminMixin:
         self.assertIn(f"database: {self.engine}", result.stdout)
         self.assertIn(f"schema: version {latest} (up to date)", result.stdout)
         self.assertIn("(writable)", result.stdout)
-        self.assertIn("jwt_secret from the data directory", result.stdout)
+        # check writes nothing: the secrets are the server's to generate.
+        self.assertIn("jwt_secret to be generated at first start", result.stdout)
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, "jwt_secret.secret")))
+        with open(os.path.join(self.data_dir, "totp_key.secret"), "w") as f:
+            f.write("0123456789abcdef" * 4)
+        env = {**self.env, "CYPHR_JWT_SECRET": "j" * 40}
+        result = self.admin("check", env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("secrets: jwt_secret from the configuration, fingerprint_key to be generated "
+                      "at first start, totp_key from the data directory", result.stdout)
+        self.assertNotIn("j" * 40, result.stdout)
+        self.assertNotIn("0123456789abcdef", result.stdout)
+        with open(os.path.join(self.data_dir, "totp_key.secret"), "w") as f:
+            f.write("short")
+        self.assertFailsWith(self.admin("check"), "totp_key.secret is too short")
         for name in os.listdir(self.data_dir):
             if name.endswith(".secret"):
                 with open(os.path.join(self.data_dir, name)) as f:
