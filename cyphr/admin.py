@@ -265,7 +265,7 @@ def check(config: Config, out: Callable[[str], None]) -> None:
             raise Failed(f"secret file {path} is too short (at least 32 characters)")
         sources.append(f"{name} from the data directory")
     out("secrets: " + ", ".join(sources))
-    out(f"database: {config.database_engine} {config.describe_database()}")
+    out(f"database: {config.describe_database()}")
     version = _schema_version(config)
     latest = latest_version(config.database_engine)
     if version > latest:
