@@ -86,6 +86,11 @@ class ShutdownMixin:
         database = self.database_setting()
         return ["--data-dir", data_dir, *(["--database", database] if database else []),
                 "--shutdown-timeout", f"{SHUTDOWN_TIMEOUT}s",
+                # python-engineio's client can miss the end of its socket
+                # when a send races the close (its write loop consumes the
+                # wake-up): it then notices after max(ping interval, ping
+                # timeout) + 5 s. Short pings keep that wait short.
+                "--ping-interval", "5s", "--ping-timeout", "5s",
                 "--rate-limit-send", "100000/1s", "--realtime-event-rate", "100000/1s"]
 
     async def history(self, http: RealHTTP, user: User, chat_id: str) -> list[str]:
@@ -137,8 +142,8 @@ class ShutdownMixin:
         elapsed = time.monotonic() - began
         await deferToThread(sender.join)
         self.assertEqual(await closed, (CLOSE_SHUTDOWN, "server shutting down"))
-        await a.wait_disconnected()
-        await b.wait_disconnected()
+        await a.wait_disconnected(timeout=20)
+        await b.wait_disconnected(timeout=20)
         # twistd re-raises SIGTERM once the stop is done; systemd counts
         # that as a clean exit.
         self.assertIn(status, (0, -signal.SIGTERM), first.output())
