@@ -138,6 +138,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("turn_ttl", "duration",
             "How long the TURN credentials of GET /api/ice-servers are valid.",
             metavar="DURATION"),
+    Setting("shutdown_timeout", "duration",
+            "On SIGTERM, how long the server may take to write pending "
+            "messages and close its sockets before the remaining connections "
+            "are dropped and the process exits.", metavar="DURATION"),
     Setting("jwt_secret", "str",
             "Secret signing session tokens (at least 32 characters). Default: "
             "generated into the data directory. Every node of a cluster needs "
@@ -195,6 +199,7 @@ class Config:
     stun_urls: tuple[str, ...] = ()
     turn_urls: tuple[str, ...] = ()
     turn_ttl: int = 24 * 3600
+    shutdown_timeout: int = 10
     jwt_secret: str = field(default="", repr=False)
     fingerprint_key: str = field(default="", repr=False)
     totp_key: str = field(default="", repr=False)
@@ -524,7 +529,7 @@ def validate(config: Config) -> None:
         raise ConfigError("--max-payload must be between 1KiB and 1GiB")
     if not 0 <= config.retention_days <= 100_000:
         raise ConfigError("--retention-days must be 0 (keep) or a number of days")
-    for name in ("ping_interval", "ping_timeout", "connect_timeout"):
+    for name in ("ping_interval", "ping_timeout", "connect_timeout", "shutdown_timeout"):
         if not 1 <= getattr(config, name) <= 3600:
             raise ConfigError(f"--{name.replace('_', '-')} must be between 1s and 1h")
     if not config.max_body <= config.realtime_buffer <= 64 * 1024 * MiB:

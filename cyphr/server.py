@@ -19,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 
 import cyphr
 from cyphr.api.health import HealthAPI
@@ -97,21 +98,55 @@ class DatabaseService(Service):
         self.engine.accepting = False
         await self.batcher.stop()
         self.engine.close_all("server shutting down")
+        # Let each client answer its close frame, so that it hears the code
+        # and reason rather than a reset (CyphrService bounds the wait).
+        await self.engine.websockets_closed()
         self.realtime.stop()
         await self.bus.stop()
         await self.database.close()
 
 
 class CyphrService(MultiService):
-    """The process: its listening endpoints, its database and its CPU pool."""
+    """The process: its listening endpoints, its database and its CPU pool.
 
-    def __init__(self, config: Config, cpu: CpuPool) -> None:
+    Its stop is bounded by ``shutdown_timeout``: past it, the connections
+    still open are dropped and the stop ends anyway, so that the process
+    exits (twistd stops the reactor once the stop has ended)."""
+
+    def __init__(self, config: Config, cpu: CpuPool, engine: EngineServer, clock: Any) -> None:
         super().__init__()
         self.config = config
         self.cpu = cpu
+        self.engine = engine
+        self.clock = clock
 
     def stopService(self) -> Deferred[None]:
-        stopped: Deferred[None] = super().stopService()
+        began = self.clock.seconds()
+        timeout = self.config.shutdown_timeout
+        _log.info(
+            "Cyphr shutting down: writing pending messages and closing {sessions} realtime "
+            "sessions (at most {timeout}s)",
+            sessions=len(self.engine.sessions), timeout=timeout)
+        stopped: Deferred[None] = Deferred()
+
+        def out_of_time() -> None:
+            dropped = self.engine.drop_all()
+            _log.warn(
+                "Cyphr shutdown took longer than {timeout}s: dropped {dropped} connections "
+                "and exiting anyway", timeout=timeout, dropped=dropped)
+            stopped.callback(None)
+
+        timer = self.clock.callLater(timeout, out_of_time)
+
+        def finished(outcome: Any) -> None:
+            if isinstance(outcome, Failure):
+                _log.failure("Stopping Cyphr failed", outcome)
+            if timer.active():
+                timer.cancel()
+                _log.info("Cyphr shut down in {elapsed:.1f}s", elapsed=self.clock.seconds() - began)
+                stopped.callback(None)
+
+        super().stopService().addBoth(finished)
         return stopped.addCallback(lambda _: self.cpu.stop())
 
     def setServiceParent(self, parent: Any) -> None:
@@ -292,7 +327,7 @@ def build_server(
     site.on_body_refused = engine.resource.body_refused
     site.metrics = metrics.http
 
-    service = CyphrService(config, cpu)
+    service = CyphrService(config, cpu, engine, clock)
     DatabaseService(database, batcher, bus, realtime, engine).setServiceParent(service)
     def purge_now() -> Deferred[None] | None:
         # Not before the database is up (the pool says so when it is down).

@@ -97,16 +97,42 @@ class Options(usage.Options):
         self.config = load_config(given, self.environ, self["config"])
 
 
-def raise_open_file_limit() -> None:
-    """Each socket is a file: let the process use all it may."""
+# Each realtime client holds a socket, and each socket is a file: below this
+# many, a busy server refuses connections with EMFILE long before it runs
+# out of CPU or memory.
+OPEN_FILES_WANTED = 4096
+
+
+def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> int | None:
+    """Raise the soft limit on open files to the hard limit, and warn when
+    even that is below ``wanted``. Answers the soft limit now in force
+    (None when it cannot be read)."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY:
-            hard = 1 << 20
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError) as e:
-        _log.warn("Could not raise the open file limit: {error}", error=e)
+        _log.warn("Could not read the open file limit: {error}", error=e)
+        return None
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        # "Unlimited" is not a value the kernel takes for a soft limit on
+        # open files (fs.nr_open caps it); 2**20 is its usual cap.
+        target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            _log.warn("Could not raise the open file limit from {soft} to {target}: {error}",
+                      soft=soft, target=target, error=e)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        _log.warn(
+            "The open file limit is {limit}, below the {wanted} a busy server needs (one per "
+            "connection): raise it with LimitNOFILE=65536 in the systemd unit, or 'ulimit -n "
+            "65536' (as allowed by the hard limit) before starting",
+            limit=soft, wanted=wanted)
+    else:
+        _log.info("Open file limit: {limit}", limit=soft)
+    return soft
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -32,12 +32,17 @@ import cyphr
 from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root
 from cyphr.cpu import CpuPool
 from cyphr.logs import JsonLogObserver
+from cyphr.realtime.engine import EngineServer
 from cyphr.server import CyphrService
 from tests import postgres
 from tests.helpers import RealHTTP, make_config
 from tests.realtime import SioClient
 from tests.test_tap import REPO, TWISTD, free_port
 from tests.users import User, b64
+
+
+def engine() -> EngineServer:
+    return EngineServer(reactor, on_session=lambda session: None)  # type: ignore[arg-type,return-value]
 
 
 class JsonLogTests(TestCase):
@@ -80,13 +85,13 @@ class JsonLogTests(TestCase):
     def test_twistd_takes_the_observer(self) -> None:
         """With --log-format json the service gives twistd's application a JSON observer."""
         application = Application("cyphr")
-        CyphrService(make_config(self, log_format="json"), CpuPool(reactor)).setServiceParent(application)
+        CyphrService(make_config(self, log_format="json"), CpuPool(reactor), engine(), reactor).setServiceParent(application)
         self.assertIsInstance(application.getComponent(ILogObserver), JsonLogObserver)
 
     def test_text_keeps_twistd_logging(self) -> None:
         """With text logs twistd's own observer is left in place."""
         application = Application("cyphr")
-        CyphrService(make_config(self), CpuPool(reactor)).setServiceParent(application)
+        CyphrService(make_config(self), CpuPool(reactor), engine(), reactor).setServiceParent(application)
         self.assertIsNone(application.getComponent(ILogObserver))
 
 

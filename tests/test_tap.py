@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -14,10 +15,11 @@ import time
 import urllib.request
 
 from twisted.application.service import IServiceCollection
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from cyphr.config import SETTINGS
-from cyphr.tap import Options, makeService
+from cyphr.tap import Options, makeService, raise_open_file_limit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -174,3 +176,39 @@ class MakeServiceTests(TestCase):
         with self.assertRaises(SystemExit) as caught:
             makeService(options)
         self.assertIn("not a usable SQLite database", str(caught.exception.code))
+
+
+class OpenFileLimitTests(TestCase):
+    """At start the soft limit on open files is raised to the hard limit."""
+
+    def setUp(self) -> None:
+        self.original = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, self.original)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def messages(self) -> list[tuple[str, str]]:
+        return [(e["log_level"].name, formatEvent(e)) for e in self.events
+                if e.get("log_namespace") == "cyphr.tap"]
+
+    def test_raised_to_hard_limit(self) -> None:
+        """A lowered soft limit is raised back to the hard limit, and said so without a warning."""
+        soft, hard = self.original
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        self.assertEqual(raise_open_file_limit(wanted=min(expected, 256)), expected)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (expected, hard))
+        self.assertEqual(self.messages(), [("info", f"Open file limit: {expected}")])
+
+    def test_warns_below_wanted(self) -> None:
+        """When even the hard limit is below what the server wants, a warning says how to raise it."""
+        soft, hard = self.original
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+        limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        self.assertEqual(raise_open_file_limit(wanted=limit + 1), limit)
+        [(level, message)] = self.messages()
+        self.assertEqual(level, "warn")
+        self.assertIn(f"open file limit is {limit}", message)
+        self.assertIn("LimitNOFILE", message)
+        self.assertIn("ulimit -n", message)

@@ -28,6 +28,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -377,6 +378,10 @@ class EngineServer:
         self.buffer_limit = buffer_limit
         self.client_ip = client_ip or (lambda request: getattr(request.getClientAddress(), "host", ""))
         self.sessions: dict[str, Session] = {}
+        # Every WebSocket connection until its TCP connection is gone
+        # (including those whose close handshake is under way).
+        self.websockets: set[EngineWebSocket] = set()
+        self._all_closed: list[Deferred[None]] = []
         self.accepting = True
         self.handover_ip = ""
         self.resource = EngineResource(self)
@@ -418,6 +423,35 @@ class EngineServer:
         # A polling client that is not polling now will not be waited for.
         for session in list(self.sessions.values()):
             session._forget()
+
+    def websocket_opened(self, ws: EngineWebSocket) -> None:
+        self.websockets.add(ws)
+
+    def websocket_gone(self, ws: EngineWebSocket) -> None:
+        self.websockets.discard(ws)
+        if not self.websockets:
+            waiters, self._all_closed = self._all_closed, []
+            for d in waiters:
+                d.callback(None)
+
+    def websockets_closed(self) -> Deferred[None]:
+        """Fires once no WebSocket connection is left: each client has
+        answered our close frame (or Autobahn's close timeout dropped it)."""
+        d: Deferred[None] = Deferred()
+        if self.websockets:
+            self._all_closed.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def drop_all(self) -> int:
+        """Abort every remaining WebSocket connection without waiting for a
+        close handshake (shutdown ran out of time). Answers how many."""
+        dropped = list(self.websockets)
+        for ws in dropped:
+            if ws.transport is not None:
+                ws.transport.abortConnection()
+        return len(dropped)
 
     @staticmethod
     def error(request: Any, code: int, status: int = 400) -> bytes:
@@ -543,7 +577,14 @@ class EngineWebSocket(WebSocketServerProtocol):
         # The site's view of the client (trusted proxies applied), handed
         # over by EngineResource.render, which runs this synchronously.
         self.client_ip = self.factory.engine.handover_ip
+        self.factory.engine.websocket_opened(self)
         super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.factory.engine.websocket_gone(self)
 
     def onConnect(self, request: Any) -> None:
         engine: EngineServer = self.factory.engine
