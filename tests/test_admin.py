@@ -182,5 +182,5 @@ class PostgresAdminTests(PostgresMixin, AdminMixin, TestCase):
         env = {**self.env, "CYPHR_DATABASE": url}
         for command in ("check", "migrate"):
             result = self.admin(command, env=env)
-            self.assertFailsWith(result, "cannot reach the database postgresql://127.0.0.1:")
+            self.assertFailsWith(result, "cannot reach the database postgresql://cyphr@127.0.0.1:")
             self.assertNotIn("s3cr3t-pw", result.stderr)
