@@ -220,7 +220,7 @@ class ErrorFormatTests(TestCase):
     async def test_route_template_is_recorded(self) -> None:
         """The router records the route template, never the raw path."""
         response = await self.http.get("/api/items/abc")
-        self.assertEqual(response.json(), {"success": True, "id": "abc", "route": "/api/items/:item_id"})
+        self.assertEqual(response.json(), {"success": True, "id": "abc", "route": "/api/items/:itemId"})
 
     async def test_api_error_is_rendered(self) -> None:
         """An ApiError raised in a route becomes its status, code, message and details."""

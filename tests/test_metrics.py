@@ -115,7 +115,7 @@ class MetricsMixin:
         self.assertEqual(moved(requests, method="POST", route="/api/cyphr-id/login", status="200"), 1)
         self.assertEqual(moved(requests, method="POST", route="/api/cyphr-id/challenge", status="200"), 3)
         self.assertEqual(moved(requests, method="POST", route="/api/messaging/send", status="201"), 3)
-        self.assertEqual(moved(requests, method="GET", route="/api/messaging/chat/:chat_id", status="200"), 1)
+        self.assertEqual(moved(requests, method="GET", route="/api/messaging/chat/:chatId", status="200"), 1)
         self.assertEqual(moved(requests, method="GET", route="/api/cyphr-id/search", status="200"), 1)
         self.assertEqual(moved(requests, method="GET", route="/api/cyphr-id/search", status="429"), 1)
         self.assertEqual(moved(requests, method="GET", route="unmatched", status="404"), 1)

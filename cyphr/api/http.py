@@ -150,9 +150,12 @@ _RULE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^:<>]+)>")
 
 
 def route_template(rule: str) -> str:
-    """A werkzeug rule as a route template: ``/chat/<chat_id>`` (or
-    ``<uuid:chat_id>``) as ``/chat/:chat_id``."""
-    return _RULE_ARGUMENT.sub(r":\1", rule)
+    """A werkzeug rule as a route template in the API's own names:
+    ``/chat/<chat_id>`` (or ``<uuid:chat_id>``) as ``/chat/:chatId``."""
+    def name(match: re.Match[str]) -> str:
+        first, *rest = match.group(1).split("_")
+        return ":" + first + "".join(part.title() for part in rest)
+    return _RULE_ARGUMENT.sub(name, rule)
 
 
 class ApiRouter(resource.Resource):
