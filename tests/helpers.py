@@ -74,7 +74,24 @@ async def start_server(testcase: Any, *, serve: bool = False, clock: Any = None,
     return server
 
 
-class InProcessHTTP:
+class JsonCalls:
+    """The calls tests make, over whatever ``request`` sends with."""
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    async def get(self, url: str, **kwargs: Any) -> Response:
+        return await self.request("GET", url, **kwargs)
+
+    async def post(self, url: str, body: Any = None, **kwargs: Any) -> Response:
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode("utf-8")
+            headers = kwargs.setdefault("headers", {})
+            headers.setdefault(b"Content-Type", [b"application/json"])
+        return await self.request("POST", url, **kwargs)
+
+
+class InProcessHTTP(JsonCalls):
     """
     treq's StubTreq over the server's root resource, with a Site built by
     the same class and policy as the real one (so body limits, headers and
@@ -116,18 +133,8 @@ class InProcessHTTP:
         body = await self._settle(self._stub.content(response))
         return Response(response, body)
 
-    async def get(self, url: str, **kwargs: Any) -> Response:
-        return await self.request("GET", url, **kwargs)
 
-    async def post(self, url: str, body: Any = None, **kwargs: Any) -> Response:
-        if body is not None:
-            kwargs["data"] = json.dumps(body).encode("utf-8")
-            headers = kwargs.setdefault("headers", {})
-            headers.setdefault(b"Content-Type", [b"application/json"])
-        return await self.request("POST", url, **kwargs)
-
-
-class RealHTTP:
+class RealHTTP(JsonCalls):
     """
     treq over a real port, with InProcessHTTP's calls (so tests.users.User
     works with it). ``close()`` (added as a cleanup by ``for_port``) waits
@@ -158,16 +165,6 @@ class RealHTTP:
         response = await self._client.request(method, url, **kwargs)
         body = await response.content()
         return Response(response, body)
-
-    async def get(self, url: str, **kwargs: Any) -> Response:
-        return await self.request("GET", url, **kwargs)
-
-    async def post(self, url: str, body: Any = None, **kwargs: Any) -> Response:
-        if body is not None:
-            kwargs["data"] = json.dumps(body).encode("utf-8")
-            headers = kwargs.setdefault("headers", {})
-            headers.setdefault(b"Content-Type", [b"application/json"])
-        return await self.request("POST", url, **kwargs)
 
 
 class Response:

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet.threads import deferToThread
 
-from tests.helpers import Response
+from tests.helpers import JsonCalls, Response
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -111,7 +111,7 @@ class RealResponse(Response):
         return self.headers.get(name.lower())
 
 
-class RealHTTP:
+class UrllibHTTP(JsonCalls):
     """JSON over real HTTP (urllib, in a thread: each request on a
     connection of its own, closed before the answer is handed back), shaped
     like InProcessHTTP."""
@@ -134,13 +134,3 @@ class RealHTTP:
                       headers: dict[bytes, list[bytes]] | None = None) -> RealResponse:
         flat = {k.decode(): v[0].decode() for k, v in (headers or {}).items()}
         return await deferToThread(self._fetch, method, url, data, flat)
-
-    async def get(self, url: str, **kwargs: Any) -> RealResponse:
-        return await self.request("GET", url, **kwargs)
-
-    async def post(self, url: str, body: Any = None, **kwargs: Any) -> RealResponse:
-        if body is not None:
-            kwargs["data"] = json.dumps(body).encode("utf-8")
-            headers = kwargs.setdefault("headers", {})
-            headers.setdefault(b"Content-Type", [b"application/json"])
-        return await self.request("POST", url, **kwargs)

@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.db.migrations import latest_version
 from tests.helpers import PostgresMixin, SQLiteMixin
-from tests.processes import REPO, CyphrProcess, RealHTTP, clean_environment, free_port
+from tests.processes import REPO, CyphrProcess, UrllibHTTP, clean_environment, free_port
 from tests.users import User
 
 
@@ -109,7 +109,7 @@ class AdminMixin:
         and JSON."""
         args = ["--data-dir", self.data_dir, *(["--database", self.database] if self.database else [])]
         server = await CyphrProcess(self, *args).started()
-        http = RealHTTP(server.url)
+        http = UrllibHTTP(server.url)
         alice, bob = User("alice"), User("bob")
         await alice.register(http)
         await bob.register(http)

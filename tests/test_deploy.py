@@ -7,9 +7,7 @@ Socket.IO (polling upgraded to WebSocket) end to end.
 
 from __future__ import annotations
 
-import datetime
 import http.client as httplib
-import ipaddress
 import os
 import re
 import shlex
@@ -20,51 +18,19 @@ import subprocess
 from typing import Any
 
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cyphr.config import Config, parse_duration
 from cyphr.tap import Options
 from tests import postgres
-from tests.processes import REPO, CyphrProcess, RealHTTP, clean_environment, free_port
+from tests.certificates import self_signed
+from tests.processes import REPO, CyphrProcess, UrllibHTTP, clean_environment, free_port
 from tests.realtime import SioClient, sleep, until
 from tests.users import User
 
 ETC = os.path.join(REPO, "etc")
 SITE = os.path.join(ETC, "nginx", "cyphr.conf")
-
-
-def self_signed(directory: str) -> tuple[str, str]:
-    """A key and a self-signed certificate for 127.0.0.1, complete enough
-    (CA flag, key identifiers) for urllib3's strict verification."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    with open(cert_path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
 
 
 def read_unit(path: str) -> dict[str, dict[str, list[str]]]:
@@ -262,7 +228,7 @@ class NginxTests(TestCase):
                             clients: list[SioClient]) -> None:
         base = f"https://127.0.0.1:{tls_port}"
         context = ssl.create_default_context(cafile=self.cert)
-        http = RealHTTP(base, context=context)
+        http = UrllibHTTP(base, context=context)
 
         def health() -> Any:
             try:
@@ -317,7 +283,7 @@ class NginxTests(TestCase):
         # Straight to the process nginx did not choose: the event crosses
         # processes over PostgreSQL to bob's socket.
         other = servers[1] if chosen == "node1" else servers[0]
-        direct = await RealHTTP(other.url).post("/api/messaging/send", {
+        direct = await UrllibHTTP(other.url).post("/api/messaging/send", {
             "recipientId": "bob", "encryptedPayload": {"n": 2}}, headers=alice.auth())
         self.assertEqual(direct.code, 201, direct.body)
         got = await b.wait_for("new_message", 2)

@@ -36,8 +36,8 @@ from cyphr.realtime.engine import EngineServer
 from cyphr.server import CyphrService
 from tests import postgres
 from tests.helpers import RealHTTP, make_config
+from tests.processes import REPO, TWISTD, free_port
 from tests.realtime import SioClient
-from tests.test_tap import REPO, TWISTD, free_port
 from tests.users import User, b64
 
 

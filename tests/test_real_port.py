@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import base64
-import datetime
 import http.client
-import ipaddress
 import json
 import os
 import ssl
 from typing import Any
 
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from tests.certificates import self_signed
 from tests.helpers import (
     InProcessHTTP,
     PostgresMixin,
@@ -63,30 +58,6 @@ class SQLiteRealPortTests(SQLiteMixin, RealPortMixin, TestCase):
 
 class PostgresRealPortTests(PostgresMixin, RealPortMixin, TestCase):
     pass
-
-
-def self_signed(directory: str) -> tuple[str, str]:
-    """A key and a certificate for 127.0.0.1, made for this test only."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    with open(cert_path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
 
 
 class TLSTests(SQLiteMixin, TestCase):

@@ -10,7 +10,6 @@ import socket
 import sqlite3
 import stat
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -20,15 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.config import SETTINGS
 from cyphr.tap import Options, makeService, raise_open_file_limit
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.processes import REPO, TWISTD, free_port
 
 
 class TwistdTests(TestCase):
