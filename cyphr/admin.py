@@ -30,6 +30,7 @@ from urllib.parse import quote, urlsplit
 from twisted.python import usage
 
 from cyphr.config import Config, ConfigError
+from cyphr.datadir import read_secret_file
 from cyphr.tap import Options as ServerOptions
 
 # How long migrate and check wait for PostgreSQL before giving up.
@@ -257,12 +258,9 @@ def check(config: Config, out: Callable[[str], None]) -> None:
             sources.append(f"{name} to be generated at first start")
             continue
         try:
-            with open(path) as f:
-                value = f.read().strip()
-        except OSError as e:
-            raise Failed(f"cannot read secret file {path}: {e.strerror or e}") from None
-        if len(value) < 32:
-            raise Failed(f"secret file {path} is too short (at least 32 characters)")
+            read_secret_file(path)
+        except ConfigError as e:
+            raise Failed(str(e)) from None
         sources.append(f"{name} from the data directory")
     out("secrets: " + ", ".join(sources))
     out(f"database: {config.describe_database()}")

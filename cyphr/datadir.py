@@ -68,6 +68,14 @@ def _secret_file(data_dir: str, name: str) -> str:
         st = os.stat(path)
         if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.getuid():
             os.chmod(path, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cannot read secret file {path}: {e.strerror or e}") from None
+    return read_secret_file(path)
+
+
+def read_secret_file(path: str) -> str:
+    """A secret file's text, checked for length (ConfigError otherwise)."""
+    try:
         with open(path) as f:
             value = f.read().strip()
     except OSError as e:
