@@ -88,7 +88,13 @@ class DatabaseService(Service):
         super().startService()
         self.database.start()
         self.bus.start()
-        self.realtime.start()
+        # Realtime publishes on the bus through the database: not before
+        # the database is ready (what it sent earlier would be dropped).
+        self.database.when_ready().addCallback(self._database_ready)
+
+    def _database_ready(self, _: Any) -> None:
+        if self.running:
+            self.realtime.start()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

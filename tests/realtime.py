@@ -13,10 +13,11 @@ import threading
 import time
 from typing import Any
 
-import socketio
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
+
+from cyphr.client.realtime import OrderedClient
 
 reactor.suggestThreadPoolSize(40)
 
@@ -34,7 +35,9 @@ class SioClient:
         self.url = url
         self.transports = transports
         # options: socketio.Client's own (http_session=... for TLS trust).
-        self.sio = socketio.Client(reconnection=False, **options)
+        # In arrival order: the stock client runs each message's handler in
+        # a thread of its own, which can record two events out of order.
+        self.sio = OrderedClient(reconnection=False, **options)
         self.received: list[tuple[str, Any]] = []
         self.connect_errors: list[Any] = []
         self.disconnects: list[Any] = []

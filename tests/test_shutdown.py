@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from cyphr.realtime.engine import CLOSE_SHUTDOWN
 from cyphr.server import build_server
 from tests.helpers import PostgresMixin, SQLiteMixin, make_config
-from tests.processes import CyphrProcess, RealHTTP
+from tests.processes import CyphrProcess, UrllibHTTP
 from tests.realtime import SioClient, sleep, until
 from tests.users import User
 
@@ -93,7 +93,7 @@ class ShutdownMixin:
                 "--ping-interval", "5s", "--ping-timeout", "5s",
                 "--rate-limit-send", "100000/1s", "--realtime-event-rate", "100000/1s"]
 
-    async def history(self, http: RealHTTP, user: User, chat_id: str) -> list[str]:
+    async def history(self, http: UrllibHTTP, user: User, chat_id: str) -> list[str]:
         ids: list[str] = []
         after = 0
         while True:
@@ -113,7 +113,7 @@ class ShutdownMixin:
         restart every acknowledged message is in the chat's history."""
         args = self.server_args()
         first = await CyphrProcess(self, *args).started()
-        http = RealHTTP(first.url)
+        http = UrllibHTTP(first.url)
         alice, bob = User("alice"), User("bob")
         await alice.register(http)
         await bob.register(http)
@@ -155,7 +155,7 @@ class ShutdownMixin:
         self.assertTrue(b.events("new_message"), "bob received nothing before the stop")
 
         second = await CyphrProcess(self, *args).started()
-        stored = await self.history(RealHTTP(second.url), alice, chat_id)
+        stored = await self.history(UrllibHTTP(second.url), alice, chat_id)
         acked = set(sender.acked)
         self.assertEqual(acked - set(stored), set(), "acknowledged messages lost")
         self.assertEqual(len(stored), len(set(stored)))

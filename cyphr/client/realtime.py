@@ -35,7 +35,9 @@ class _InOrderEngineIO(engineio.Client):
         return super()._trigger_event(event, *args, **kwargs)
 
 
-class _SocketIO(socketio.Client):
+class OrderedClient(socketio.Client):
+    """The stock client, handling what arrives in arrival order."""
+
     def _engineio_client_class(self) -> type[engineio.Client]:
         return _InOrderEngineIO
 
@@ -58,7 +60,7 @@ class Listener:
         self.cursor: str | None = None
         self.error: str | None = None
         self._authenticated = threading.Event()
-        self.sio = _SocketIO(reconnection=True, reconnection_delay=0.5,
+        self.sio = OrderedClient(reconnection=True, reconnection_delay=0.5,
                                    reconnection_delay_max=5, http_session=client.http.session)
         self.sio.on("new_message", self._new_message)
         self.sio.on("sync_complete", self._sync_complete)

@@ -98,6 +98,8 @@ class Bus(ABC):
         # again after a lost connection.
         self.on_event: Callable[[dict[str, Any]], None] = _ignore_event
         self.on_restored: Callable[[], None] = _ignore
+        # Called once, when events from other nodes can first arrive.
+        self.on_listening: Callable[[], None] = _ignore
         # For metrics: events published, sent to the other nodes, received
         # from them, dropped; notifications that were not events.
         self.published = 0
@@ -253,6 +255,10 @@ class PostgresBus(Bus):
         if not self._listened_before:
             self._listened_before = True
             _log.info("Event bus listening as node {node}", node=self.node_id)
+            try:
+                self.on_listening()
+            except Exception:  # noqa: BLE001 - the owner's bug must not stop the bus
+                _log.failure("The event bus's on_listening failed")
             return
         _log.info("Event bus listening again")
         try:

@@ -143,14 +143,27 @@ class Realtime:
         messaging.listener = self
         bus.on_event = self._bus_event
         bus.on_restored = self._bus_restored
+        bus.on_listening = self._hello
+        self._started = False
+        self._said_hello = False
 
     # -- life cycle ---------------------------------------------------------
 
     def start(self) -> None:
-        self._publish({"t": "hello", "n": self.bus.node_id})
+        """Start once the database is ready (events go out through it)."""
+        self._started = True
+        self._hello()
         self._heartbeat = self._clock.callLater(HEARTBEAT, self._beat)
 
+    def _hello(self) -> None:
+        # Asks the other nodes who is online there; they answer on the bus,
+        # so it waits until this node listens too.
+        if self._started and self.bus.listening and not self._said_hello:
+            self._said_hello = True
+            self._publish({"t": "hello", "n": self.bus.node_id})
+
     def stop(self) -> None:
+        self._started = False
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None
