@@ -24,17 +24,21 @@ import os
 import shlex
 import sqlite3
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 from urllib.parse import quote, urlsplit
 
 from twisted.python import usage
 
 from cyphr.config import Config, ConfigError
 from cyphr.datadir import read_secret_file
+from cyphr.store.status import TABLES_SQL, count_sql, counted_tables
 from cyphr.tap import Options as ServerOptions
 
 # How long migrate and check wait for PostgreSQL before giving up.
 CONNECT_TIMEOUT = 10
+
+
+T = TypeVar("T")
 
 
 class Failed(Exception):
@@ -125,12 +129,14 @@ def _without_password(message: str, config: Config) -> str:
     return message.replace(password, "***") if password else message
 
 
-def _query(config: Config, sql: str) -> list[tuple[Any, ...]]:
-    """Rows of one read-only query on either engine."""
+def _read(config: Config, work: Callable[[Callable[[str], list[Any]]], T]) -> T:
+    """``work(fetch)`` on one read-only connection; ``fetch(sql)`` answers
+    the rows of one statement."""
     if config.database_engine == "sqlite":
         conn = _sqlite_readonly(config.sqlite_path)
         try:
-            return conn.execute(sql).fetchall()
+            cursor = conn.cursor()
+            return work(lambda sql: cursor.execute(sql).fetchall())
         except sqlite3.DatabaseError as e:
             raise Failed(f"{config.sqlite_path} is not a usable SQLite database: {e}") from None
         finally:
@@ -140,8 +146,10 @@ def _query(config: Config, sql: str) -> list[tuple[Any, ...]]:
     conn = _postgres(config)
     try:
         with conn.cursor() as cursor:
-            cursor.execute(sql)
-            return cursor.fetchall()
+            def fetch(sql: str) -> list[Any]:
+                cursor.execute(sql)
+                return cursor.fetchall()
+            return work(fetch)
     except psycopg2.Error as e:
         raise Failed(_without_password(f"query failed on {config.describe_database()}: {e}".strip(),
                                        config)) from None
@@ -157,22 +165,13 @@ def _schema_version(config: Config) -> int:
         present = "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'schema_version'"
     if config.database_engine == "sqlite" and not os.path.exists(config.sqlite_path):
         return 0
-    if not _query(config, present)[0][0]:
-        return 0
-    rows = _query(config, "SELECT version FROM schema_version WHERE id = 1")
-    return rows[0][0] if rows else 0
 
-
-def _tables(config: Config) -> list[str]:
-    if config.database_engine == "sqlite":
-        sql = ("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-               " ORDER BY name")
-    else:
-        # Partitions are counted through their parent table.
-        sql = ("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-               " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')"
-               " AND NOT c.relispartition ORDER BY c.relname")
-    return [row[0] for row in _query(config, sql)]
+    def read(fetch: Callable[[str], list[Any]]) -> int:
+        if not fetch(present)[0][0]:
+            return 0
+        rows = fetch("SELECT version FROM schema_version WHERE id = 1")
+        return rows[0][0] if rows else 0
+    return _read(config, read)
 
 
 # -- the commands ------------------------------------------------------------
@@ -321,11 +320,14 @@ SUMMARY = {"users": "cyphr_identities", "chats": "chats", "messages": "messages"
 
 
 def stats(config: Config, as_json: bool, out: Callable[[str], None]) -> None:
-    tables = _tables(config)
-    if not tables:
+    def count(fetch: Callable[[str], list[Any]]) -> dict[str, int]:
+        tables = counted_tables(row[0] for row in fetch(TABLES_SQL[config.database_engine]))
+        return {table: int(fetch(count_sql(table))[0][0]) for table in tables}
+
+    counts = _read(config, count)
+    if not counts:
         raise Failed(f"the database {config.describe_database()} has no tables: run 'cyphr-admin migrate'")
-    # Table names come from the database's own catalogue.
-    counts = {t: _query(config, f'SELECT count(*) FROM "{t}"')[0][0] for t in tables}
+    tables = list(counts)
     summary = {name: counts.get(table, 0) for name, table in SUMMARY.items()}
     if as_json:
         out(json.dumps({"database": config.describe_database(), "schemaVersion": _schema_version(config),

@@ -2,33 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from cyphr.db import Database, Transaction
 
 # The migrations' own bookkeeping: its one row is reported as schemaVersion.
 BOOKKEEPING_TABLES = frozenset({"schema_version"})
 
 
-def _quote(name: str) -> str:
-    """A table name from the catalog as an SQL identifier (both engines)."""
-    return '"' + name.replace('"', '""') + '"'
+# The tables of the schema in use, from each engine's catalog. On
+# PostgreSQL a partitioned table (messages) is listed once, through its
+# parent, not again per partition.
+TABLES_SQL = {
+    "postgresql": (
+        "SELECT c.relname FROM pg_catalog.pg_class c"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')"
+        " AND NOT c.relispartition"),
+    "sqlite": "SELECT name FROM sqlite_master WHERE type = 'table'",
+}
+
+
+def counted_tables(names: Iterable[str]) -> list[str]:
+    """The tables whose rows are counted: not the engine's own nor the
+    migrations' bookkeeping."""
+    return sorted(name for name in names
+                  if name not in BOOKKEEPING_TABLES and not name.startswith("sqlite_"))
+
+
+def count_sql(table: str) -> str:
+    """COUNT(*) of a table named by the catalog (identifiers cannot be
+    parameters: the name is quoted, on both engines)."""
+    return 'SELECT COUNT(*) FROM "' + table.replace('"', '""') + '"'
 
 
 async def _table_counts_txn(txn: Transaction, engine: str) -> dict[str, int]:
-    if engine == "postgresql":
-        # Tables of the schema in use; a partitioned table (messages) counts
-        # once, through its parent, not again per partition.
-        rows = await txn.execute(
-            "SELECT c.relname FROM pg_catalog.pg_class c"
-            " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')"
-            " AND NOT c.relispartition")
-    else:
-        rows = await txn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-    names = sorted(name for (name,) in rows
-                   if name not in BOOKKEEPING_TABLES and not name.startswith("sqlite_"))
+    names = counted_tables(name for (name,) in await txn.execute(TABLES_SQL[engine]))
     counts = {}
     for name in names:
-        ((count,),) = await txn.execute(f"SELECT COUNT(*) FROM {_quote(name)}")
+        ((count,),) = await txn.execute(count_sql(name))
         counts[name] = int(count)
     return counts
 
