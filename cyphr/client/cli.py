@@ -168,17 +168,25 @@ def _read_secret_file(path: str, what: str) -> str:
         raise UsageError(f"cannot read the {what} file {path}: {e.strerror}") from None
 
 
+def _secret(path: str | None, option: str, variable: str, prompt: str, what: str,
+            confirm: bool = False) -> str:
+    """A secret from its file option, else its environment variable, else a
+    hidden prompt on a terminal."""
+    if path:
+        return _read_secret_file(path, what)
+    if os.environ.get(variable):
+        return os.environ[variable]
+    if not sys.stdin.isatty():
+        raise UsageError(f"no {what}: give {option} or set {variable}")
+    value = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Again: ") != value:
+        raise UsageError(f"the {what}s differ")
+    return value
+
+
 def _passphrase(args: argparse.Namespace, confirm: bool = False) -> str:
-    if args.passphrase_file:
-        passphrase = _read_secret_file(args.passphrase_file, "passphrase")
-    elif os.environ.get("CYPHR_PASSPHRASE"):
-        passphrase = os.environ["CYPHR_PASSPHRASE"]
-    elif sys.stdin.isatty():
-        passphrase = getpass.getpass("Profile passphrase: ")
-        if confirm and getpass.getpass("Again: ") != passphrase:
-            raise UsageError("the passphrases differ")
-    else:
-        raise UsageError("no passphrase: give --passphrase-file or set CYPHR_PASSPHRASE")
+    passphrase = _secret(args.passphrase_file, "--passphrase-file", "CYPHR_PASSPHRASE",
+                         "Profile passphrase: ", "passphrase", confirm)
     if not passphrase:
         raise UsageError("the passphrase must not be empty")
     return passphrase
@@ -445,14 +453,8 @@ def cmd_wallet(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
     action = args.wallet_command
     if action == "link":
-        if args.secret_file:
-            secret = _read_secret_file(args.secret_file, "Stellar secret")
-        elif os.environ.get("CYPHR_STELLAR_SECRET"):
-            secret = os.environ["CYPHR_STELLAR_SECRET"]
-        elif sys.stdin.isatty():
-            secret = getpass.getpass("Stellar secret seed: ")
-        else:
-            raise UsageError("no Stellar secret: give --secret-file or set CYPHR_STELLAR_SECRET")
+        secret = _secret(args.secret_file, "--secret-file", "CYPHR_STELLAR_SECRET",
+                         "Stellar secret seed: ", "Stellar secret")
         address = client.wallet_link(secret)
         out.result({"stellarAddress": address}, f"Linked {address}.")
     elif action == "show":
