@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gc
 import json
 import os
 import queue
@@ -136,9 +135,6 @@ class ClientScenarios:
             await in_thread(listener.stop)
         for client in self.clients:
             client.close()
-        # A connection that an exception's traceback still holds closes
-        # when the cycle is collected.
-        gc.collect()
         await sessions_closed(self.server)
         # The clients' keep-alive connections end on the server's side too.
         deadline = time.monotonic() + 10
