@@ -14,6 +14,7 @@ from tests.users import User, b64, new_kyber_key
 BAD_VALUES: list[Any] = [
     None, 0, -1, 2**64, 1.5, True, "", " ", "x" * 100_000, "\u0000", "\ud83d\ude00" * 10,
     "аlice", [], [1], {}, {"a": {"b": []}}, "====", "AAAA" * 1000,
+    "a\ud800", {"c": "\udfff"},  # lone surrogates: JSON escapes that are not text
 ]
 BAD_PATH_SEGMENTS = ["%00", "A", "a" * 300, "%F0%9F%98%80", "..", "%2e%2e", "al%20ice", "alice%0a"]
 

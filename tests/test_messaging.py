@@ -118,6 +118,10 @@ class MessagingTestsMixin:
             ({"recipientId": "bob", "clientMessageId": ""}, 400, "INVALID_FIELD"),
             ({"recipientId": "bob", "clientMessageId": "x" * 129}, 400, "INVALID_FIELD"),
             ({"recipientId": "bob", "payload": {"big": "x" * (1024 * 1024)}}, 413, "PAYLOAD_TOO_LARGE"),
+            # Lone surrogates: legal JSON escapes, but not Unicode text.
+            ({"recipientId": "bob", "payload": {"c": "\ud800"}}, 400, "INVALID_FIELD"),
+            ({"recipientId": "bob", "payload": {"\udfff": "c"}}, 400, "INVALID_FIELD"),
+            ({"recipientId": "bob", "clientMessageId": "a\udc00"}, 400, "INVALID_FIELD"),
         ]
         for fields, status, code in cases:
             payload = fields.pop("payload", PAYLOAD)

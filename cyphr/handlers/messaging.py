@@ -79,7 +79,11 @@ def check_payload(value: Any, max_payload: int) -> str:
         payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:
         raise invalid("encryptedPayload", "encryptedPayload holds a number JSON cannot carry") from None
-    if len(payload.encode("utf-8")) > max_payload:
+    try:
+        size = len(payload.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise invalid("encryptedPayload", "encryptedPayload holds a lone surrogate, which is not text") from None
+    if size > max_payload:
         raise PayloadTooLarge(f"encryptedPayload is larger than {max_payload} bytes",
                               details={"field": "encryptedPayload", "limit": max_payload})
     return payload

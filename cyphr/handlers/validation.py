@@ -42,8 +42,10 @@ def check_cyphr_id(value: Any, field: str = "cyphrId") -> str:
     return value
 
 
-def _has_control_characters(text: str) -> bool:
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+# JSON may escape a lone UTF-16 surrogate ("\\ud800"), which decodes to a
+# str that is not Unicode text: it cannot be encoded, stored or sent on.
+_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Fields:
@@ -81,7 +83,9 @@ class Fields:
             raise invalid(name, f"{name} must be a string")
         if len(value) > max_length:
             raise invalid(name, f"{name} is longer than {max_length} characters")
-        if not allow_control and _has_control_characters(value):
+        if (_SURROGATE if allow_control else _CONTROL_OR_SURROGATE).search(value) is not None:
+            if _SURROGATE.search(value) is not None:
+                raise invalid(name, f"{name} holds a lone surrogate, which is not text")
             raise invalid(name, f"{name} holds control characters")
         return value
 
