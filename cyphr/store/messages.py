@@ -59,8 +59,18 @@ class MessageStore:
         failed, or a concurrent writer made a constraint refuse it): the
         caller then decides what to retry.
         """
-        return await self._db.run_interaction(
-            "store_messages", _store_batch_txn, items, self._db.engine == "postgresql")
+        if self._db.engine == "postgresql":
+            # One statement, one round trip: schema 005's store_messages.
+            rows = await self._db.run_query(_STORE_MESSAGES, (
+                [item.chat_id for item in items], [item.sender_id for item in items],
+                [item.id for item in items], [item.payload for item in items],
+                [item.message_type for item in items], [item.client_message_id for item in items],
+                [item.created_at for item in items]))
+            answers: list[Message | NotAMember | None] = [None] * len(items)
+            for n, *columns in rows:
+                answers[n - 1] = NotAMember() if columns[0] is None else Message(*columns)
+            return _answer_repeats(items, answers)
+        return await self._db.run_interaction("store_messages", _store_batch_txn, items)
 
     async def history(self, chat_id: str, *, before: int | None, after: int | None,
                       limit: int) -> tuple[list[Message], bool]:
@@ -160,75 +170,76 @@ class MessageStore:
         return await self._db.run_interaction("purge_messages", _purge_txn, cutoff, batch)
 
 
-def _values(rows: int, casts: tuple[str, ...]) -> str:
-    """``(VALUES (?, ?), ...)`` for ``rows`` rows, each placeholder with its
-    cast (PostgreSQL types the columns of VALUES from its literals)."""
-    row = "(" + ", ".join("?" + cast for cast in casts) + ")"
+def _values(rows: int, columns: int = 2) -> str:
+    """``(VALUES (?, ?), ...)``: ``rows`` rows of ``columns`` placeholders."""
+    row = "(" + ", ".join(["?"] * columns) + ")"
     return "(VALUES " + ", ".join([row] * rows) + ")"
 
 
-async def _store_batch_txn(txn: Transaction, items: list[Outgoing],
-                           postgres: bool) -> list[Message | NotAMember]:
-    """A fixed number of statements whatever the size of the batch: lock
-    the chats, check membership, look for resends, take stream positions,
-    advance the chats' seqs, insert. (Conditions are written as row values
-    IN a VALUES list: an OR per message costs PostgreSQL seconds of planning
-    over the partitions once batches grow.)"""
-    results: list[Message | NotAMember | None] = [None] * len(items)
-    uuid_cast = "::uuid" if postgres else ""
-    chat_ids = sorted({item.chat_id for item in items})
-    chat_marks = ", ".join("?" for _ in chat_ids)
+_STORE_MESSAGES = (
+    "SELECT n, id, chat_id, seq, sender_id, encrypted_content, message_type, client_message_id,"
+    " created_at, edited_at, deleted_at, stream_position FROM store_messages("
+    "?::uuid[], ?::text[], ?::uuid[], ?::text[], ?::text[], ?::text[], ?::bigint[])")
 
-    if postgres:
-        # PostgreSQL runs writers side by side: lock the chats first, in one
-        # order (so batches cannot deadlock), as removing a member does. A
-        # removal in progress is then waited for, and the membership read
-        # below sees it; without this, a member removed a moment ago could
-        # still post. (SQLite runs one writer at a time.) Lock order in
-        # every writer: chats, then members, then the stream.
-        await txn.execute("SELECT id FROM chats WHERE id IN (" + chat_marks + ") ORDER BY id FOR UPDATE",
-                          chat_ids)
+
+def _answer_repeats(items: list[Outgoing],
+                    answers: list[Message | NotAMember | None]) -> list[Message | NotAMember]:
+    """Fill in the messages that repeat a clientMessageId of an earlier one
+    in the same batch: they answer the first one's message."""
+    first: dict[tuple[str, str, str | None], Message | NotAMember] = {}
+    for item, answer in zip(items, answers):
+        if answer is not None:
+            first.setdefault((item.chat_id, item.sender_id, item.client_message_id), answer)
+    return [answer if answer is not None
+            else first[(item.chat_id, item.sender_id, item.client_message_id)]
+            for item, answer in zip(items, answers)]
+
+
+async def _store_batch_txn(txn: Transaction, items: list[Outgoing]) -> list[Message | NotAMember]:
+    """SQLite's batch: a fixed number of statements whatever its size, in
+    the order of schema 005's store_messages on PostgreSQL: check
+    membership, look for resends, take stream positions, advance the chats'
+    seqs, insert. (SQLite runs one writer at a time, so no chat needs
+    locking. Conditions are row values IN a VALUES list, not an OR per
+    message.)"""
+    answers: list[Message | NotAMember | None] = [None] * len(items)
 
     # Who may write where, in one query.
     pairs = sorted({(item.chat_id, item.sender_id) for item in items})
     rows = await txn.execute(
         "SELECT chat_id, user_id FROM chat_participants WHERE (chat_id, user_id) IN "
-        + _values(len(pairs), (uuid_cast, "")), [value for pair in pairs for value in pair])
-    members = {(str(chat_id), user_id) for chat_id, user_id in rows}
+        + _values(len(pairs)), [value for pair in pairs for value in pair])
+    members = {(chat_id, user_id) for chat_id, user_id in rows}
 
     # Resends: a clientMessageId already stored, or twice in this batch.
     keyed = sorted({(item.chat_id, item.sender_id, item.client_message_id) for item in items
                     if item.client_message_id is not None and (item.chat_id, item.sender_id) in members})
     existing: dict[tuple[str, str, str], Message] = {}
     if keyed:
-        keyed_chats = sorted({key[0] for key in keyed})
         rows = await txn.execute(
-            "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id IN ("
-            + ", ".join("?" for _ in keyed_chats) + ")"  # prunes the partitions
-            " AND (m.chat_id, m.sender_id, m.client_message_id) IN " + _values(len(keyed), (uuid_cast, "", "")),
-            [*keyed_chats, *(value for key in keyed for value in key)])
+            "SELECT " + _COLUMNS + " FROM messages m WHERE (m.chat_id, m.sender_id, m.client_message_id) IN "
+            + _values(len(keyed), 3), [value for key in keyed for value in key])
         for row in rows:
             message = Message(*row)
             existing[(message.chat_id, message.sender_id, message.client_message_id or "")] = message
 
     new: list[tuple[int, Outgoing]] = []
-    first_of_key: dict[tuple[str, str, str], int] = {}
+    seen: set[tuple[str, str, str]] = set()
     for i, item in enumerate(items):
         if (item.chat_id, item.sender_id) not in members:
-            results[i] = NotAMember()
+            answers[i] = NotAMember()
             continue
         if item.client_message_id is not None:
             key = (item.chat_id, item.sender_id, item.client_message_id)
             if key in existing:
-                results[i] = existing[key]
+                answers[i] = existing[key]
                 continue
-            if key in first_of_key:
-                continue  # answered below with the first one's message
-            first_of_key[key] = i
+            if key in seen:
+                continue  # answered with the first one's message
+            seen.add(key)
         new.append((i, item))
 
     if new:
-        # Positions first: this row lock orders the commits (schema 004).
         end = (await txn.execute(
             "UPDATE message_stream SET last_position = last_position + ? WHERE id = 1"
             " RETURNING last_position", (len(new),)))[0][0]
@@ -239,36 +250,30 @@ async def _store_batch_txn(txn: Transaction, items: list[Outgoing],
         # Every chat's seqs in one statement.
         counts = [(chat_id, len(indexes), max(new[n][1].created_at for n in indexes))
                   for chat_id, indexes in sorted(per_chat.items())]
-        big = "::bigint" if postgres else ""
         rows = await txn.execute(
             "UPDATE chats SET last_seq = last_seq + v.column2, last_message_at = v.column3,"
-            " updated_at = v.column3 FROM " + _values(len(counts), (uuid_cast, big, big))
+            " updated_at = v.column3 FROM " + _values(len(counts), 3)
             + " AS v WHERE chats.id = v.column1 RETURNING id, last_seq",
             [value for count in counts for value in count])
-        last_of = {str(chat_id): last_seq for chat_id, last_seq in rows}
-        seqs: dict[int, int] = {}
-        for chat_id, indexes in per_chat.items():
-            last = last_of[chat_id]
-            for offset, n in enumerate(indexes):
-                seqs[n] = last - len(indexes) + 1 + offset
+        last_of = dict(rows)
         values: list[Any] = []
-        for n, (i, item) in enumerate(new):
-            values += [item.chat_id, seqs[n], item.id, item.sender_id, item.payload, item.message_type,
-                       item.client_message_id, item.created_at, positions[n]]
-            results[i] = Message(item.id, item.chat_id, seqs[n], item.sender_id, item.payload,
-                                 item.message_type, item.client_message_id, item.created_at, None,
-                                 None, positions[n])
+        for chat_id, indexes in per_chat.items():
+            first_seq = last_of[chat_id] - len(indexes) + 1
+            for offset, n in enumerate(indexes):
+                i, item = new[n]
+                seq, position = first_seq + offset, positions[n]
+                values += [item.chat_id, seq, item.id, item.sender_id, item.payload, item.message_type,
+                           item.client_message_id, item.created_at, position]
+                answers[i] = Message(item.id, item.chat_id, seq, item.sender_id, item.payload,
+                                     item.message_type, item.client_message_id, item.created_at, None,
+                                     None, position)
         # One multi-row statement for the whole batch.
         await txn.execute(
             "INSERT INTO messages (chat_id, seq, id, sender_id, encrypted_content, message_type,"
             " client_message_id, created_at, stream_position) VALUES "
             + ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in new), values)
 
-    for i, item in enumerate(items):
-        if results[i] is None:  # a resend within the batch
-            key = (item.chat_id, item.sender_id, item.client_message_id or "")
-            results[i] = results[first_of_key[key]]
-    return [r for r in results if r is not None]
+    return _answer_repeats(items, answers)
 
 
 async def _purge_txn(txn: Transaction, cutoff: int, batch: int) -> int:

@@ -1,0 +1,4 @@
+-- Nothing for SQLite: its batches are stored by the Python steps in
+-- cyphr/store/messages.py, which 005_store_messages.postgres.sql does in
+-- one statement on PostgreSQL. (SQLite runs one writer at a time, in the
+-- server's own process, so each step costs no round trip.)
