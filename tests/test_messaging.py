@@ -144,6 +144,37 @@ class MessagingTestsMixin:
         self.assertNotEqual(other["messageId"], first["messageId"])
         self.assertEqual(await self.count_messages(), 3)
 
+    async def test_resends_in_a_mixed_batch(self) -> None:
+        """One batch holding new messages, a resend of a stored one, a
+        clientMessageId repeated within the batch, and a resend by a member
+        removed since: the resends answer their first message, the removed
+        member is refused, and the new ones take the next seqs, no gap."""
+        chat = await self.group(self.alice, self.bob, self.carol)
+        stored = await self.sent(self.alice, chatId=chat, clientMessageId="m-1")
+        await self.sent(self.carol, chatId=chat, clientMessageId="c-1")
+        await self.http.request("DELETE", f"/api/chats/{chat}/members/carol", headers=self.alice.auth())
+        before = await self.count_messages()
+
+        def outgoing(sender: str, client_message_id: str | None) -> Outgoing:
+            return Outgoing(str(uuid.uuid4()), chat, sender, "{}", "text", client_message_id, 0)
+
+        items = [outgoing("bob", "b-1"), outgoing("alice", "m-1"), outgoing("alice", None),
+                 outgoing("bob", "b-1"), outgoing("carol", "c-1"), outgoing("bob", "b-2")]
+        outcomes = await gatherResults([self.server.batcher.submit(item) for item in items])
+        self.assertEqual(self.server.batcher.batch_sizes[-1], len(items))  # one batch
+        new = [outcomes[0], outcomes[2], outcomes[5]]
+        self.assertEqual([m.seq for m in new], [3, 4, 5])
+        self.assertEqual([m.id for m in new], [items[0].id, items[2].id, items[5].id])
+        self.assertEqual((outcomes[1].id, outcomes[1].seq), (stored["messageId"], stored["seq"]))
+        self.assertEqual(outcomes[3], outcomes[0])
+        self.assertIsInstance(outcomes[4], NotAMember)
+        self.assertEqual(await self.count_messages(), before + 3)
+        rows = await self.server.database.run_query(
+            "SELECT last_seq FROM chats WHERE id = ?", (chat,))
+        self.assertEqual(rows[0][0], 5)
+        position = await self.server.database.run_query("SELECT last_position FROM message_stream")
+        self.assertEqual(position[0][0], max(m.stream_position for m in new))
+
     # -- group commit -----------------------------------------------------------
 
     async def test_concurrent_sends(self) -> None:

@@ -68,7 +68,16 @@ class MessageStore:
                 [item.created_at for item in items]))
             answers: list[Message | NotAMember | None] = [None] * len(items)
             for n, *columns in rows:
-                answers[n - 1] = NotAMember() if columns[0] is None else Message(*columns)
+                item = items[n - 1]
+                if columns[0] is None:
+                    answers[n - 1] = NotAMember()
+                elif columns[0] == item.id:  # stored now: the row holds its seq and position
+                    answers[n - 1] = Message(
+                        item.id, item.chat_id, columns[2], item.sender_id, item.payload,
+                        item.message_type, item.client_message_id, item.created_at, None, None,
+                        columns[10])
+                else:  # a resend: the message stored before
+                    answers[n - 1] = Message(*columns)
             return _answer_repeats(items, answers)
         return await self._db.run_interaction("store_messages", _store_batch_txn, items)
 

@@ -11,27 +11,41 @@
 -- 4. take stream positions (the row lock that orders commits, schema 004),
 --    advance each chat's last_seq, and insert, in batch order.
 --
+-- Resends are rare, and looking them up costs every batch more than its
+-- insert (a probe starts a scan of each of the 100 partitions of messages).
+-- So a batch is first stored without looking: the unique index on
+-- (chat_id, sender_id, client_message_id) refuses a resend, that try is
+-- undone, and the batch is stored again with its resends looked up.
+--
 -- Each argument holds one value per message. The result has a row for each
--- message stored or found stored (by its 1-based place n in the batch), and
--- a row with only n for each message whose sender is not a member. A later
+-- message by its 1-based place n in the batch: for a new message, its id,
+-- seq and stream_position only (the caller has the rest, and a batch's
+-- payloads need not travel back); for a resend, the whole message stored
+-- before; for a message whose sender is not a member, only n. A later
 -- message repeating a clientMessageId of the batch gets no row: the caller
 -- answers it with the first one's.
 
-CREATE FUNCTION store_messages(
-    chat_ids UUID[], sender_ids TEXT[], ids UUID[], payloads TEXT[],
-    message_types TEXT[], client_message_ids TEXT[], created BIGINT[])
-RETURNS TABLE (
+CREATE TYPE stored_message AS (
     n INTEGER, id UUID, chat_id UUID, seq BIGINT, sender_id TEXT,
     encrypted_content TEXT, message_type TEXT, client_message_id TEXT,
-    created_at BIGINT, edited_at BIGINT, deleted_at BIGINT, stream_position BIGINT)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-BEGIN
-    PERFORM 1 FROM chats c WHERE c.id = ANY (chat_ids) ORDER BY c.id FOR UPDATE;
+    created_at BIGINT, edited_at BIGINT, deleted_at BIGINT, stream_position BIGINT);
 
-    -- A new statement, so a new snapshot: it sees what committed while the
-    -- locks were waited for.
-    RETURN QUERY
+-- One try at a batch whose chats the caller has locked, given the messages
+-- stored before under its clientMessageIds (``resends``).
+CREATE FUNCTION store_messages_try(
+    chat_ids UUID[], sender_ids TEXT[], ids UUID[], payloads TEXT[],
+    message_types TEXT[], client_message_ids TEXT[], created BIGINT[],
+    resends stored_message[])
+RETURNS stored_message[]
+LANGUAGE plpgsql
+-- Planned once per connection: custom plans, made for the first calls,
+-- cost more to make (100 partitions) than they save.
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    answers stored_message[];
+BEGIN
     WITH input AS (
         SELECT t.n::INTEGER AS n, t.chat_id, t.sender_id, t.id, t.payload,
                t.message_type, t.client_message_id, t.created_at
@@ -44,21 +58,12 @@ BEGIN
         WHERE EXISTS (SELECT 1 FROM chat_participants p
                       WHERE p.chat_id = i.chat_id AND p.user_id = i.sender_id)
     ), stored AS (
-        -- LIMIT keeps each lookup an index probe of one partition.
-        SELECT a.n, m.* FROM allowed a
-        CROSS JOIN LATERAL (
-            SELECT m.id, m.chat_id, m.seq, m.sender_id, m.encrypted_content, m.message_type,
-                   m.client_message_id, m.created_at, m.edited_at, m.deleted_at, m.stream_position
-            FROM messages m
-            WHERE m.chat_id = a.chat_id AND m.sender_id = a.sender_id
-              AND m.client_message_id = a.client_message_id
-            LIMIT 1) m
-        WHERE a.client_message_id IS NOT NULL
+        SELECT r.n, r AS answer FROM unnest(resends) r WHERE r.n IN (SELECT a.n FROM allowed a)
     ), candidates AS (
         SELECT a.*, row_number() OVER (
                    PARTITION BY a.chat_id, a.sender_id, a.client_message_id ORDER BY a.n) AS copy
         FROM allowed a
-        WHERE NOT EXISTS (SELECT 1 FROM stored s WHERE s.n = a.n)
+        WHERE a.n NOT IN (SELECT s.n FROM stored s)
     ), fresh AS (
         SELECT c.*, row_number() OVER (ORDER BY c.n) AS k,
                row_number() OVER (PARTITION BY c.chat_id ORDER BY c.n) AS r,
@@ -84,24 +89,61 @@ BEGIN
                f.message_type, f.client_message_id, f.created_at,
                st.last_position - f.in_batch + f.k
         FROM fresh f JOIN chat_seqs cs ON cs.id = f.chat_id CROSS JOIN stream st
-        RETURNING messages.id, messages.chat_id, messages.seq, messages.sender_id,
-                  messages.encrypted_content, messages.message_type, messages.client_message_id,
-                  messages.created_at, messages.edited_at, messages.deleted_at,
-                  messages.stream_position
+        RETURNING messages.id, messages.seq, messages.stream_position
+    ), answer (message) AS (
+        SELECT s.answer FROM stored s
+        UNION ALL
+        -- The caller has the rest of a new message already.
+        SELECT ROW(f.n, m.id, NULL, m.seq, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                   m.stream_position)::stored_message
+        FROM fresh f JOIN inserted m ON m.id = f.id
+        UNION ALL
+        SELECT ROW(i.n, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                   NULL)::stored_message
+        FROM input i
+        WHERE i.n NOT IN (SELECT a.n FROM allowed a)
     )
-    SELECT s.n, s.id, s.chat_id, s.seq, s.sender_id::TEXT, s.encrypted_content,
-           s.message_type::TEXT, s.client_message_id::TEXT, s.created_at, s.edited_at,
-           s.deleted_at, s.stream_position
-    FROM stored s
-    UNION ALL
-    SELECT f.n, m.id, m.chat_id, m.seq, m.sender_id::TEXT, m.encrypted_content,
-           m.message_type::TEXT, m.client_message_id::TEXT, m.created_at, m.edited_at,
-           m.deleted_at, m.stream_position
-    FROM fresh f JOIN inserted m ON m.id = f.id
-    UNION ALL
-    SELECT i.n, NULL::UUID, NULL::UUID, NULL::BIGINT, NULL::TEXT, NULL::TEXT, NULL::TEXT,
-           NULL::TEXT, NULL::BIGINT, NULL::BIGINT, NULL::BIGINT, NULL::BIGINT
-    FROM input i
-    WHERE NOT EXISTS (SELECT 1 FROM allowed a WHERE a.n = i.n);
+    SELECT array_agg(a.message) INTO answers FROM answer a;
+    RETURN coalesce(answers, '{}');
+END
+$$;
+
+CREATE FUNCTION store_messages(
+    chat_ids UUID[], sender_ids TEXT[], ids UUID[], payloads TEXT[],
+    message_types TEXT[], client_message_ids TEXT[], created BIGINT[])
+RETURNS SETOF stored_message
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    answers stored_message[];
+BEGIN
+    -- Each statement below takes a new snapshot: it sees what committed
+    -- while the locks were waited for. The chats are locked inside the try,
+    -- so that the locks and the changes made under them belong to one
+    -- (sub)transaction.
+    BEGIN
+        PERFORM 1 FROM chats c WHERE c.id = ANY (chat_ids) ORDER BY c.id FOR UPDATE;
+        answers := store_messages_try(chat_ids, sender_ids, ids, payloads, message_types,
+                                      client_message_ids, created, '{}');
+    EXCEPTION WHEN unique_violation THEN
+        -- A clientMessageId stored before. (The LIMIT keeps each look-up
+        -- an index probe of one partition.)
+        PERFORM 1 FROM chats c WHERE c.id = ANY (chat_ids) ORDER BY c.id FOR UPDATE;
+        answers := store_messages_try(chat_ids, sender_ids, ids, payloads, message_types,
+                                      client_message_ids, created, ARRAY(
+            SELECT ROW(t.n, m.id, m.chat_id, m.seq, m.sender_id, m.encrypted_content,
+                       m.message_type, m.client_message_id, m.created_at, m.edited_at,
+                       m.deleted_at, m.stream_position)::stored_message
+            FROM unnest(chat_ids, sender_ids, client_message_ids)
+                 WITH ORDINALITY AS t (chat_id, sender_id, client_message_id, n)
+            CROSS JOIN LATERAL (
+                SELECT * FROM messages m
+                WHERE m.chat_id = t.chat_id AND m.sender_id = t.sender_id
+                  AND m.client_message_id = t.client_message_id
+                LIMIT 1) m
+            WHERE t.client_message_id IS NOT NULL));
+    END;
+    RETURN QUERY SELECT * FROM unnest(answers);
 END
 $$;
