@@ -6,7 +6,10 @@ after the commit.
 A batch starts on the next turn of the reactor after the first message
 arrives; while it is being written, newcomers gather for the next one. So a
 lone message waits for nobody, and under load batches grow by themselves to
-what the database can take.
+what the database can take. One batch is written at a time, so messages are
+stored in the order they came; the next one goes to the database as soon as
+the last one committed, before that one's senders are answered and its
+messages fanned out, so that the database and the reactor work side by side.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cyphr.errors import DatabaseUnavailable
 from cyphr.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram
@@ -32,6 +36,7 @@ class SendBatcher:
         self._pending: list[tuple[Outgoing, Deferred[Message | NotAMember]]] = []
         self._scheduled: Any = None
         self._writing: Deferred[None] | None = None
+        self._starting = False
         self.batch_sizes: list[int] = []  # the last few, for tests
         # For metrics: counted per batch, not per message.
         self.messages_stored = 0
@@ -52,41 +57,62 @@ class SendBatcher:
     def _start(self) -> None:
         self._scheduled = None
         batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
-        self._writing = Deferred.fromCoroutine(self._write(batch))
-        self._writing.addBoth(self._written)
-
-    def _written(self, result: Any) -> None:
-        self._writing = None
-        self._schedule()
+        self._starting = True
+        try:
+            writing = Deferred.fromCoroutine(self._write(batch))
+        finally:
+            self._starting = False
+        if not writing.called:
+            self._writing = writing
+        else:
+            self._schedule()  # done at once (the database failed it): the rest next turn
 
     async def _write(self, batch: list[tuple[Outgoing, Deferred[Message | NotAMember]]]) -> None:
+        try:
+            outcomes = await self._outcomes(batch)
+        finally:
+            # The next batch goes to the database now, before this one's
+            # senders are answered: the database works on it meanwhile.
+            self._writing = None
+            if self._pending and not self._starting:
+                if self._scheduled is not None:
+                    self._scheduled.cancel()
+                self._start()
+        stored = 0
+        for (_, d), outcome in zip(batch, outcomes):
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+                continue
+            if not isinstance(outcome, NotAMember):
+                stored += 1
+            d.callback(outcome)
+        self.messages_stored += stored
+
+    async def _outcomes(self, batch: list[tuple[Outgoing, Deferred[Message | NotAMember]]]
+                     ) -> list[Message | NotAMember | Failure]:
+        """Each message's outcome: its stored message, NotAMember, or the
+        failure to answer its sender with."""
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-100:]
         self.size_histogram.observe(len(batch))
         started = self._reactor.seconds()
         try:
-            results = await self._store.store_batch([item for item, _ in batch])
+            results: list[Message | NotAMember | Failure] = list(
+                await self._store.store_batch([item for item, _ in batch]))
         except DatabaseUnavailable as e:
-            for _, d in batch:
-                d.errback(e)
-            return
+            return [Failure(e) for _ in batch]
         except Exception:
             if len(batch) == 1:
                 _log.failure("Storing a message failed")
-                batch[0][1].errback()
-                return
+                return [Failure()]
             # Something in the batch made the whole transaction fail (say a
             # resend racing on another node): store each on its own, so that
             # every sender gets its own answer and nobody pays for another.
+            results = []
             for entry in batch:
-                await self._write([entry])
-            return
+                results += await self._outcomes([entry])
+            return results
         self.commit_histogram.observe(self._reactor.seconds() - started)
-        stored = 0
-        for (_, d), result in zip(batch, results):
-            if not isinstance(result, NotAMember):
-                stored += 1
-            d.callback(result)
-        self.messages_stored += stored
+        return results
 
     async def stop(self) -> None:
         """Write what is pending, then return (the service is stopping)."""

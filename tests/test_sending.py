@@ -1,0 +1,98 @@
+"""SendBatcher's scheduling, over a store the test controls (the batches
+themselves are tested against both databases in tests.test_messaging)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from cyphr.errors import DatabaseUnavailable
+from cyphr.handlers.sending import SendBatcher
+from cyphr.store.messages import Message, Outgoing
+
+
+def outgoing(n: int) -> Outgoing:
+    return Outgoing(f"id-{n}", "chat", "alice", "{}", "text", None, n)
+
+
+def stored(item: Outgoing, seq: int) -> Message:
+    return Message(item.id, item.chat_id, seq, item.sender_id, item.payload, item.message_type,
+                   item.client_message_id, item.created_at, None, None, seq)
+
+
+class ControlledStore:
+    """store_batch answers when the test says so."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[Outgoing], Deferred[list[Any]]]] = []
+
+    async def store_batch(self, items: list[Outgoing]) -> list[Any]:
+        d: Deferred[list[Any]] = Deferred()
+        self.batches.append((items, d))
+        return await d
+
+    def commit(self, index: int) -> None:
+        items, d = self.batches[index]
+        d.callback([stored(item, item.created_at) for item in items])
+
+
+class UnavailableStore:
+    """A database that is down: every batch fails at once."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def store_batch(self, items: list[Outgoing]) -> list[Any]:
+        self.calls += 1
+        raise DatabaseUnavailable()
+
+
+class SendBatcherTests(TestCase):
+    def test_next_batch_goes_out_before_answers(self) -> None:
+        """When a batch commits, the messages that gathered meanwhile go to
+        the database before the committed batch's senders are answered."""
+        clock, store = Clock(), ControlledStore()
+        batcher = SendBatcher(store, clock)  # type: ignore[arg-type]
+        first = batcher.submit(outgoing(1))
+        clock.advance(0)
+        self.assertEqual([[i.id for i in items] for items, _ in store.batches], [["id-1"]])
+        later = [batcher.submit(outgoing(2)), batcher.submit(outgoing(3))]
+        clock.advance(0)
+        self.assertEqual(len(store.batches), 1)  # one batch at a time
+
+        batches_when_answered: list[int] = []
+        first.addCallback(lambda _: batches_when_answered.append(len(store.batches)))
+        store.commit(0)
+        self.assertEqual(batches_when_answered, [2])
+        self.assertEqual([i.id for i in store.batches[1][0]], ["id-2", "id-3"])
+        store.commit(1)
+        self.assertEqual([self.successResultOf(d).seq for d in later], [2, 3])
+        self.assertEqual(batcher.messages_stored, 3)
+
+    def test_stop_while_the_database_fails_at_once(self) -> None:
+        """Stopping ends, every sender gets the failure, when each batch
+        fails before it even reaches the database."""
+        clock, store = Clock(), UnavailableStore()
+        batcher = SendBatcher(store, clock, max_batch=2)  # type: ignore[arg-type]
+        pending = [batcher.submit(outgoing(n)) for n in range(5)]
+        stopped = Deferred.fromCoroutine(batcher.stop())
+        self.successResultOf(stopped)
+        for d in pending:
+            self.failureResultOf(d, DatabaseUnavailable)
+        self.assertEqual(store.calls, 3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_failures_while_running_reach_each_sender(self) -> None:
+        """Batches failing at once one after the other, with no stop: each
+        goes on the next turn, and every sender hears."""
+        clock, store = Clock(), UnavailableStore()
+        batcher = SendBatcher(store, clock, max_batch=1)  # type: ignore[arg-type]
+        pending = [batcher.submit(outgoing(n)) for n in range(3)]
+        for _ in range(3):
+            clock.advance(0)
+        for d in pending:
+            self.failureResultOf(d, DatabaseUnavailable)
+        self.assertEqual(store.calls, 3)
