@@ -52,6 +52,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import gc
 import glob
 import json
 import multiprocessing
@@ -353,6 +354,10 @@ async def traffic_worker(conn: Any, spec: dict[str, Any]) -> None:
     mine = {pair[0]: (n, senders[n]) for n, pair in enumerate(pairs)}
     schedule = [m for m in range(total) if m % count in mine]
     lags: list[float] = []
+    # No cyclic garbage collection while measuring: a full collection of
+    # this process would pause its reading and count as server latency.
+    gc.freeze()
+    gc.disable()
     await asyncio.sleep(max(0.0, t0 - time.monotonic()))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_start = usage.ru_utime + usage.ru_stime

@@ -8,6 +8,7 @@ file, which wins over the defaults (cyphr.config).
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 from typing import Any
@@ -135,6 +136,17 @@ def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> int | None:
     return soft
 
 
+def freeze_startup_objects() -> int:
+    """Move every object alive now (modules, classes, the server built at
+    start) out of reach of the cyclic garbage collector, which would
+    otherwise walk them all again in each full collection: a pause of tens
+    of milliseconds in the reactor, every few seconds under load. Answers
+    how many were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -145,4 +157,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         server = build_server(config, reactor)
     except (ConfigError, UnusableDatabase) as e:
         raise SystemExit(f"cyphr: {e}") from None
+    freeze_startup_objects()
     return server.service
