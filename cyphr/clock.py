@@ -16,6 +16,15 @@ def iso(ms: int | None) -> str | None:
     """``2026-11-27T20:36:35.123Z`` from milliseconds since the epoch."""
     if ms is None:
         return None
-    # Integer arithmetic: exact to the millisecond, and cheap on hot paths.
+    # Integer arithmetic: exact to the millisecond, and cheap on hot paths,
+    # where the same second comes many times in a row. (One tuple, swapped
+    # whole, so that a thread never reads one second with another's text.)
+    global _iso_cache
     seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    cached = _iso_cache
+    if cached[0] != seconds:
+        cached = _iso_cache = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{cached[1]}.{millis:03d}Z"
+
+
+_iso_cache: tuple[int | None, str] = (None, "")
