@@ -145,6 +145,9 @@ class TLSTests(SQLiteMixin, TestCase):
         self.assertEqual(received["message"]["encryptedPayload"], {"c": "over tls"})
         self.assertEqual(sorted(s.transport for s in server.engine.sessions.values()),
                          ["websocket", "websocket"])
+        # Frames over TLS go through the TLS transport, never to the socket
+        # underneath (EngineWebSocket._write writes there on plain TCP only).
+        self.assertEqual([ws._socket for ws in server.engine.websockets], [None, None])
 
     async def _disconnect(self, clients: list[SioClient], server: Any) -> None:
         for client in clients:

@@ -344,6 +344,10 @@ class TransportTests(SQLiteMixin, TestCase):
         self.assertEqual(timing, (25000, 20000, self.server.config.max_body))
         session = self.server.engine.sessions[body["sid"]]
         self.assertEqual(session.transport, "websocket")
+        # On plain TCP, frames are written to the socket at once
+        # (EngineWebSocket._write), not left for the reactor's next turn.
+        [protocol] = self.server.engine.websockets
+        self.assertIs(protocol._socket, protocol.transport.getHandle())
         await self.no_frame(ws)
 
     async def test_bad_handshakes(self) -> None:
