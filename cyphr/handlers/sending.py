@@ -62,6 +62,7 @@ class SendBatcher:
             writing = Deferred.fromCoroutine(self._write(batch))
         finally:
             self._starting = False
+        writing.addErrback(lambda f: _log.failure("Writing a batch failed", f))
         if not writing.called:
             self._writing = writing
         else:
