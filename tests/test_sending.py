@@ -11,16 +11,11 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.errors import DatabaseUnavailable
 from cyphr.handlers.sending import SendBatcher
-from cyphr.store.messages import Message, Outgoing
+from cyphr.store.messages import Outgoing
 
 
 def outgoing(n: int) -> Outgoing:
     return Outgoing(f"id-{n}", "chat", "alice", "{}", "text", None, n)
-
-
-def stored(item: Outgoing, seq: int) -> Message:
-    return Message(item.id, item.chat_id, seq, item.sender_id, item.payload, item.message_type,
-                   item.client_message_id, item.created_at, None, None, seq)
 
 
 class ControlledStore:
@@ -36,7 +31,7 @@ class ControlledStore:
 
     def commit(self, index: int) -> None:
         items, d = self.batches[index]
-        d.callback([stored(item, item.created_at) for item in items])
+        d.callback([item.stored(item.created_at, item.created_at) for item in items])
 
 
 class UnavailableStore:

@@ -42,6 +42,11 @@ class Outgoing:
     client_message_id: str | None
     created_at: int
 
+    def stored(self, seq: int, stream_position: int) -> Message:
+        """The message as stored with its seq and stream position."""
+        return Message(self.id, self.chat_id, seq, self.sender_id, self.payload, self.message_type,
+                       self.client_message_id, self.created_at, None, None, stream_position)
+
 
 class NotAMember(Exception):
     """The sender is not (or no longer) a member of the chat."""
@@ -72,10 +77,7 @@ class MessageStore:
                 if columns[0] is None:
                     answers[n - 1] = NotAMember()
                 elif columns[0] == item.id:  # stored now: the row holds its seq and position
-                    answers[n - 1] = Message(
-                        item.id, item.chat_id, columns[2], item.sender_id, item.payload,
-                        item.message_type, item.client_message_id, item.created_at, None, None,
-                        columns[10])
+                    answers[n - 1] = item.stored(columns[2], columns[10])
                 else:  # a resend: the message stored before
                     answers[n - 1] = Message(*columns)
             return _answer_repeats(items, answers)
@@ -273,9 +275,7 @@ async def _store_batch_txn(txn: Transaction, items: list[Outgoing]) -> list[Mess
                 seq, position = first_seq + offset, positions[n]
                 values += [item.chat_id, seq, item.id, item.sender_id, item.payload, item.message_type,
                            item.client_message_id, item.created_at, position]
-                answers[i] = Message(item.id, item.chat_id, seq, item.sender_id, item.payload,
-                                     item.message_type, item.client_message_id, item.created_at, None,
-                                     None, position)
+                answers[i] = item.stored(seq, position)
         # One multi-row statement for the whole batch.
         await txn.execute(
             "INSERT INTO messages (chat_id, seq, id, sender_id, encrypted_content, message_type,"
