@@ -1,0 +1,267 @@
+"""
+The v2 labelled signatures (cyphr.signing): the test vectors that every
+implementation shares, the byte layouts as docs/encryption.rst gives them,
+strict decoding, and the property that no two kinds or contents ever sign
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nacl.signing import SigningKey
+from stellar_sdk import Keypair
+from twisted.trial import unittest
+
+from cyphr import signing
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "signatures-v2.json").read_text("utf-8"))
+KEY = SigningKey(bytes.fromhex(VECTORS["ed25519Seed"]))
+PUBLIC = bytes(KEY.verify_key)
+ALL_LABELS = signing.LABELS
+
+
+def _rebuild(vector: dict) -> tuple[str, bytes]:
+    """The label and content of a vector, made from its inputs alone."""
+    inputs = vector["inputs"]
+    if vector["name"].startswith("auth-"):
+        statement = signing.AuthStatement(
+            purpose=inputs["purpose"], origin=inputs["origin"], cyphr_id=inputs["cyphrId"],
+            device=signing.device_hash(inputs["deviceFingerprint"]),
+            challenge_id=inputs["challengeId"], challenge=bytes.fromhex(inputs["challenge"]))
+        return signing.AUTH, statement.encode()
+    if vector["name"] in ("ml-kem-key", "one-time-prekey"):
+        binding = signing.KeyBinding(
+            one_time=vector["name"] == "one-time-prekey", owner=inputs["owner"],
+            key_id=inputs["keyId"], created_at=inputs["createdAt"],
+            expires_at=inputs["expiresAt"], public_key=bytes.fromhex(inputs["publicKey"]))
+        return binding.label, binding.encode()
+    assert vector["name"] == "message", vector["name"]
+    h = inputs["header"]
+    header = signing.MessageHeader(h["scheme"], h["chatId"], h["senderId"], h["messageType"],
+                                   h["clientMessageId"], tuple(h["recipients"]),
+                                   bytes.fromhex(h["ephemeralKey"]))
+    keys = [signing.WrappedKey(k["recipientId"], k["oneTime"], k["keyId"],
+                               bytes.fromhex(k["kyberCiphertext"]), bytes.fromhex(k["nonce"]),
+                               bytes.fromhex(k["wrappedKey"])) for k in inputs["keys"]]
+    if header.aad().hex() != inputs["headerAad"]:
+        raise AssertionError("the message header's associated data differs from the vector")
+    return signing.MESSAGE, signing.message_content(
+        header, bytes.fromhex(inputs["nonce"]), bytes.fromhex(inputs["ciphertext"]),
+        bytes.fromhex(inputs["tag"]), keys)
+
+
+class VectorTests(unittest.TestCase):
+    def test_the_vectors_cover_every_kind(self) -> None:
+        """There is a vector for every label, and for every login purpose."""
+        labels = {v["label"] for v in VECTORS["vectors"]} | {VECTORS["walletLink"]["label"]}
+        self.assertEqual(labels, {signing.PREFIX + label for label in ALL_LABELS})
+        purposes = {v["inputs"]["purpose"] for v in VECTORS["vectors"] if v["name"].startswith("auth-")}
+        self.assertEqual(purposes, set(signing.PURPOSES))
+        self.assertEqual(bytes.fromhex(VECTORS["ed25519PublicKey"]), PUBLIC)
+
+    def test_every_vector_rebuilds_byte_for_byte(self) -> None:
+        """From its inputs alone, each vector's content, signing input and
+        signature come out exactly as stored."""
+        for vector in VECTORS["vectors"]:
+            label, content = _rebuild(vector)
+            self.assertEqual(signing.PREFIX + label, vector["label"], vector["name"])
+            self.assertEqual(content.hex(), vector["content"], vector["name"])
+            self.assertEqual(signing.sign_content(label, content).hex(), vector["signContent"],
+                             vector["name"])
+            signature = signing.sign_with_label(KEY, label, content)
+            self.assertEqual(signature.hex(), vector["signature"], vector["name"])
+            self.assertTrue(signing.verify_with_label(PUBLIC, label, content, signature))
+
+    def test_a_signature_verifies_under_no_other_label(self) -> None:
+        """A vector's signature, checked as any other kind, fails."""
+        for vector in VECTORS["vectors"]:
+            label, content = _rebuild(vector)
+            signature = bytes.fromhex(vector["signature"])
+            for other in ALL_LABELS:
+                if other != label:
+                    self.assertFalse(signing.verify_with_label(PUBLIC, other, content, signature),
+                                     f"{vector['name']} as {other}")
+
+    def test_wallet_link_vector(self) -> None:
+        """The wallet link text and its SEP-53 signature rebuild exactly,
+        and stellar-sdk's verify_message accepts the signature."""
+        wallet = VECTORS["walletLink"]
+        stellar = Keypair.from_raw_ed25519_seed(bytes.fromhex(VECTORS["stellarSeed"]))
+        inputs = wallet["inputs"]
+        self.assertEqual(stellar.public_key, inputs["stellarAddress"])
+        text = signing.wallet_link_text(inputs["origin"], inputs["cyphrId"],
+                                        inputs["stellarAddress"], inputs["challengeId"],
+                                        bytes.fromhex(inputs["challenge"]))
+        self.assertEqual(text, wallet["text"])
+        self.assertTrue(text.startswith("cyphr-v2 wallet-link\n"))
+        self.assertEqual(signing.sep53_digest(text.encode()).hex(), wallet["sep53Digest"])
+        self.assertEqual(stellar.sign_message(text).hex(), wallet["signature"])
+        stellar.verify_message(text, bytes.fromhex(wallet["signature"]))  # raises if not
+
+    def test_the_file_is_what_the_code_makes(self) -> None:
+        """tools/make_vectors.py would write exactly the shipped file."""
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+        try:
+            import make_vectors
+        finally:
+            sys.path.pop(0)
+        self.assertEqual(make_vectors.build(), VECTORS)
+
+
+class LayoutTests(unittest.TestCase):
+    """The layouts of docs/encryption.rst, written out with struct."""
+
+    def test_sign_content_layout(self) -> None:
+        """SignContent is the label and the content, each behind a 4-byte
+        big-endian length."""
+        got = signing.sign_content(signing.AUTH, b"xyz")
+        self.assertEqual(got, struct.pack(">I", 13) + b"cyphr-v2 auth" + struct.pack(">I", 3) + b"xyz")
+
+    def test_auth_statement_layout(self) -> None:
+        """An auth statement: purpose, origin, cyphrId, device hash,
+        challenge id, challenge, each length-prefixed."""
+        device, challenge = bytes(range(32)), bytes(range(32, 64))
+        statement = signing.AuthStatement("login", "http://localhost:3001", "bob", device,
+                                          "id-1", challenge)
+
+        def v(data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + data
+
+        self.assertEqual(statement.encode(), v(b"login") + v(b"http://localhost:3001") + v(b"bob")
+                         + v(device) + v(b"id-1") + v(challenge))
+
+    def test_key_binding_layout(self) -> None:
+        """A key binding: algorithm, owner, key id, created, expires (uint64
+        big-endian) and the key."""
+        binding = signing.KeyBinding(True, "bob", 7, 1000, 2000, b"K" * 5)
+        self.assertEqual(binding.encode(),
+                         struct.pack(">I", 11) + b"ml-kem-1024" + struct.pack(">I", 3) + b"bob"
+                         + struct.pack(">QQQ", 7, 1000, 2000) + struct.pack(">I", 5) + b"KKKKK")
+        self.assertEqual(binding.label, signing.ONE_TIME_PREKEY)
+        self.assertEqual(signing.KeyBinding(False, "bob", 7, 1000, 2000, b"K").label,
+                         signing.MLKEM_KEY)
+
+
+class DecodeTests(unittest.TestCase):
+    def statement(self, **changes: object) -> signing.AuthStatement:
+        values: dict = dict(purpose="recover", origin="https://a.example", cyphr_id="carol",
+                            device=b"d" * 32, challenge_id="c-1", challenge=b"c" * 32)
+        values.update(changes)
+        return signing.AuthStatement(**values)
+
+    def test_round_trip(self) -> None:
+        """A statement decodes to itself."""
+        statement = self.statement()
+        self.assertEqual(signing.AuthStatement.decode(statement.encode()), statement)
+
+    def test_strict(self) -> None:
+        """Trailing bytes, a short encoding, an unknown purpose, or a device
+        or challenge of another length are refused."""
+        good = self.statement().encode()
+        for bad in (good + b"\x00", good[:-1], b"",
+                    self.statement(purpose="login").encode().replace(b"login", b"logon"),
+                    good.replace(struct.pack(">I", 32) + b"c" * 32, struct.pack(">I", 31) + b"c" * 31)):
+            self.assertRaises(signing.EncodingError, signing.AuthStatement.decode, bad)
+        self.assertRaises(signing.EncodingError, self.statement(challenge=b"c" * 31).encode)
+        self.assertRaises(signing.EncodingError, self.statement(device=b"d" * 33).encode)
+        self.assertRaises(signing.EncodingError, self.statement(purpose="pay").encode)
+
+    def test_a_huge_length_is_refused_without_reading_it(self) -> None:
+        """A length prefix far past the data is refused, not allocated."""
+        self.assertRaises(signing.EncodingError, signing.AuthStatement.decode,
+                          b"\xff\xff\xff\xff" + b"x" * 10)
+
+
+class OriginTests(unittest.TestCase):
+    def test_normalize(self) -> None:
+        """Origins are scheme://host[:port] in lower case, default ports
+        and paths dropped, IPv6 in brackets."""
+        cases = {
+            "https://Chat.Example.org/": "https://chat.example.org",
+            "https://chat.example.org:443/api": "https://chat.example.org",
+            "http://localhost:3001": "http://localhost:3001",
+            "HTTP://127.0.0.1:80": "http://127.0.0.1",
+            "https://[::1]:3443/x?y": "https://[::1]:3443",
+        }
+        for url, origin in cases.items():
+            self.assertEqual(signing.normalize_origin(url), origin, url)
+
+    def test_refused(self) -> None:
+        """Anything but an http(s) URL with a host is refused."""
+        for url in ("ftp://a.example", "https://", "localhost:3001", "https://u:p@a.example",
+                    "https://a.example:99999", ""):
+            self.assertRaises(ValueError, signing.normalize_origin, url)
+
+    def test_loopback(self) -> None:
+        """Loopback origins are those of localhost, 127/8 and ::1 only."""
+        for origin in ("http://localhost:3001", "http://127.0.0.5", "https://[::1]:1",
+                       "http://app.localhost"):
+            self.assertTrue(signing.is_loopback_origin(origin), origin)
+        for origin in ("https://chat.example.org", "http://10.0.0.1", "http://localhost.example"):
+            self.assertFalse(signing.is_loopback_origin(origin), origin)
+
+
+_labels = st.sampled_from(ALL_LABELS)
+_bytes = st.binary(max_size=64)
+
+
+class PropertyTests(unittest.TestCase):
+    @given(_labels, _bytes, _labels, _bytes)
+    @settings(max_examples=400, deadline=None)
+    def test_sign_contents_never_coincide(self, label_a: str, content_a: bytes,
+                                          label_b: str, content_b: bytes) -> None:
+        """Two signing inputs are equal only for the same kind and the same
+        content."""
+        same = label_a == label_b and content_a == content_b
+        self.assertEqual(signing.sign_content(label_a, content_a)
+                         == signing.sign_content(label_b, content_b), same)
+
+    @given(st.lists(st.text(max_size=8), min_size=6, max_size=6),
+           st.lists(st.text(max_size=8), min_size=6, max_size=6))
+    @settings(max_examples=300, deadline=None)
+    def test_statements_never_coincide(self, a: list[str], b: list[str]) -> None:
+        """Two auth statements encode alike only when every field is equal:
+        no shifting of bytes between fields makes another statement."""
+        def make(fields: list[str]) -> signing.AuthStatement:
+            return signing.AuthStatement(
+                signing.PURPOSES[len(fields[0]) % 4], fields[1], fields[2],
+                (fields[3].encode() * 32 + b"\x00" * 32)[:32], fields[4],
+                (fields[5].encode() * 32 + b"\x01" * 32)[:32])
+
+        sa, sb = make(a), make(b)
+        self.assertEqual(sa.encode() == sb.encode(), sa == sb)
+
+    @given(st.booleans(), st.text(max_size=10), st.integers(0, 2**64 - 1),
+           st.integers(0, 2**64 - 1), st.booleans(), st.text(max_size=10),
+           st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+    @settings(max_examples=300, deadline=None)
+    def test_key_bindings_never_coincide(self, one_a: bool, owner_a: str, id_a: int, t_a: int,
+                                         one_b: bool, owner_b: str, id_b: int, t_b: int) -> None:
+        """Two key bindings sign the same bytes only when kind, owner, id,
+        times and key are all equal."""
+        a = signing.KeyBinding(one_a, owner_a, id_a, t_a, t_a, b"k")
+        b = signing.KeyBinding(one_b, owner_b, id_b, t_b, t_b, b"k")
+        self.assertEqual(signing.sign_content(a.label, a.encode())
+                         == signing.sign_content(b.label, b.encode()), a == b)
+
+    @given(_labels, _bytes)
+    @settings(max_examples=40, deadline=None)
+    def test_no_label_encoding_is_a_sep53_or_v1_input(self, label: str, content: bytes) -> None:
+        """A labelled signing input starts with its length-prefixed label:
+        never like a SEP-53 message, a v1 key signature or an earlier
+        message signature, and a 32-byte value (a raw challenge, a Stellar
+        transaction hash) would need 13 or more chosen leading bytes."""
+        data = signing.sign_content(label, content)
+        head = signing.text(signing.PREFIX + label)
+        self.assertTrue(data.startswith(head))
+        self.assertGreaterEqual(len(head), 4 + 13)
+        self.assertFalse(data.startswith(signing.SEP53_PREFIX))
+        self.assertFalse(data.startswith(b"cyphr-kyber-key:"))
+        self.assertFalse(data.startswith(b"cyphr-message-signature-v1"))

@@ -1,0 +1,146 @@
+"""
+Writes tests/vectors/signatures-v2.json: the inputs, the exact bytes and
+the signatures of every kind of v2 labelled signature, from fixed keys.
+
+    python tools/make_vectors.py [--check]
+
+Every implementation of the v2 scheme (this repository's client and
+server, and any other client) must rebuild the same bytes and signatures
+from the inputs. Run it only when a new kind is added: the vectors of an
+existing kind never change (``--check`` says whether the file is current).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM1024PrivateKey
+from nacl.signing import SigningKey
+from stellar_sdk import Keypair
+
+from cyphr import signing
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "signatures-v2.json"
+
+# Fixed secrets: the vectors are public test data, never keys of anyone.
+ED25519_SEED = bytes(range(32))
+STELLAR_SEED = bytes(range(32, 64))
+MLKEM_SEED = bytes(range(64, 128))
+
+
+def _hex(data: bytes) -> str:
+    return data.hex()
+
+
+def build() -> dict[str, Any]:
+    key = SigningKey(ED25519_SEED)
+    kem_public = MLKEM1024PrivateKey.from_seed_bytes(MLKEM_SEED).public_key().public_bytes_raw()
+    vectors: list[dict[str, Any]] = []
+
+    def add(name: str, label: str, inputs: dict[str, Any], content: bytes) -> None:
+        to_sign = signing.sign_content(label, content)
+        vectors.append({
+            "name": name,
+            "label": signing.PREFIX + label,
+            "inputs": inputs,
+            "content": _hex(content),
+            "signContent": _hex(to_sign),
+            "signature": _hex(key.sign(to_sign).signature),
+        })
+
+    challenge = bytes(range(200, 232))
+    for purpose, fingerprint in ((signing.LOGIN, "ab" * 32), (signing.REGISTER, "cd" * 32),
+                                 (signing.RECOVER, "ef" * 32), (signing.DELETE, "01" * 32)):
+        statement = signing.AuthStatement(
+            purpose=purpose, origin="https://chat.example.org", cyphr_id="alice_01",
+            device=signing.device_hash(fingerprint),
+            challenge_id="6f1c1f7e-0d6b-4a4f-9a59-3c1f4f0e2b7d", challenge=challenge)
+        add(f"auth-{purpose}", signing.AUTH, {
+            "purpose": purpose, "origin": statement.origin, "cyphrId": statement.cyphr_id,
+            "deviceFingerprint": fingerprint, "device": _hex(statement.device),
+            "challengeId": statement.challenge_id, "challenge": _hex(challenge)},
+            statement.encode())
+
+    for one_time, key_id in ((False, 3), (True, 4711)):
+        binding = signing.KeyBinding(one_time=one_time, owner="alice_01", key_id=key_id,
+                                     created_at=1_790_000_000_000,
+                                     expires_at=1_805_552_000_000, public_key=kem_public)
+        add("ml-kem-key" if not one_time else "one-time-prekey", binding.label, {
+            "algorithm": signing.KEY_ALGORITHM, "owner": binding.owner, "keyId": key_id,
+            "createdAt": binding.created_at, "expiresAt": binding.expires_at,
+            "publicKey": _hex(kem_public)}, binding.encode())
+
+    header = signing.MessageHeader(
+        scheme="cyphr-hybrid-v2", chat_id="0b8e4f8a-54a3-4f5e-a1f7-2f0f5e0c9a11",
+        sender_id="alice_01", message_type="text",
+        client_message_id="3d2b7c52-8a2e-4f0c-9a9d-5c6e7f8a9b0c",
+        recipients=("alice_01", "bob_02"), ephemeral_key=bytes(range(100, 132)))
+    keys = [signing.WrappedKey("alice_01", False, 0, bytes([1]) * 1568, bytes([2]) * 24,
+                               bytes([3]) * 48),
+            signing.WrappedKey("bob_02", True, 17, bytes([4]) * 1568, bytes([5]) * 24,
+                               bytes([6]) * 48)]
+    nonce, ciphertext, tag = bytes([7]) * 24, b"\x08" * 256, b"\x09" * 16
+    add("message", signing.MESSAGE, {
+        "header": {"scheme": header.scheme, "chatId": header.chat_id,
+                   "senderId": header.sender_id, "messageType": header.message_type,
+                   "clientMessageId": header.client_message_id,
+                   "recipients": list(header.recipients),
+                   "ephemeralKey": _hex(header.ephemeral_key)},
+        "headerAad": _hex(header.aad()),
+        "nonce": _hex(nonce), "ciphertext": _hex(ciphertext), "tag": _hex(tag),
+        "keys": [{"recipientId": k.recipient_id, "oneTime": k.one_time, "keyId": k.key_id,
+                  "kyberCiphertext": _hex(k.kyber_ciphertext), "nonce": _hex(k.nonce),
+                  "wrappedKey": _hex(k.wrapped_key)} for k in keys]},
+        signing.message_content(header, nonce, ciphertext, tag, keys))
+
+    stellar = Keypair.from_raw_ed25519_seed(STELLAR_SEED)
+    text = signing.wallet_link_text("https://chat.example.org", "alice_01", stellar.public_key,
+                                    "6f1c1f7e-0d6b-4a4f-9a59-3c1f4f0e2b7d", challenge)
+    wallet = {
+        "name": "wallet-link",
+        "label": signing.PREFIX + signing.WALLET_LINK,
+        "inputs": {"origin": "https://chat.example.org", "cyphrId": "alice_01",
+                   "stellarAddress": stellar.public_key,
+                   "challengeId": "6f1c1f7e-0d6b-4a4f-9a59-3c1f4f0e2b7d",
+                   "challenge": _hex(challenge)},
+        "text": text,
+        "sep53Digest": _hex(signing.sep53_digest(text.encode("utf-8"))),
+        "signature": _hex(stellar.sign_message(text)),
+    }
+    return {
+        "description": "Cyphr v2 labelled signatures: rebuild 'content' and 'signContent' "
+                       "from 'inputs', then check 'signature' (Ed25519, deterministic) by the "
+                       "key of ed25519Seed. The wallet link is a SEP-53 signed message by the "
+                       "Stellar key of stellarSeed. docs/encryption.rst specifies the layouts.",
+        "ed25519Seed": _hex(ED25519_SEED),
+        "ed25519PublicKey": _hex(bytes(key.verify_key)),
+        "mlKemSeed": _hex(MLKEM_SEED),
+        "stellarSeed": _hex(STELLAR_SEED),
+        "vectors": vectors,
+        "walletLink": wallet,
+        "mlKemPublicKeySha256": _hex(hashlib.sha256(kem_public).digest()),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("--check", action="store_true", help="only say whether the file is current")
+    args = parser.parse_args()
+    text = json.dumps(build(), indent=1) + "\n"
+    if args.check:
+        current = OUT.exists() and OUT.read_text("utf-8") == text
+        print("current" if current else f"{OUT} differs from what the code makes")
+        return 0 if current else 1
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(text, "utf-8")
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
