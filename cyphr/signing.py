@@ -300,13 +300,16 @@ def wallet_link_text(origin: str, cyphr_id: str, stellar_address: str, challenge
         raise EncodingError("a wallet link field holds a line break")
     if len(challenge) != CHALLENGE_BYTES:
         raise EncodingError("the challenge is not 32 bytes")
-    return (f"{PREFIX}{WALLET_LINK}\n"
-            f"Link this Stellar account to a Cyphr ID. This is not a transaction.\n"
-            f"origin: {origin}\n"
-            f"cyphrId: {cyphr_id}\n"
-            f"stellarAddress: {stellar_address}\n"
-            f"challengeId: {challenge_id}\n"
-            f"challenge: {base64.b64encode(challenge).decode('ascii')}\n")
+    # Lines joined by "\n", none after the last: wallets' sign-message
+    # boxes tend to drop a final line break, which would change the text.
+    return "\n".join((
+        f"{PREFIX}{WALLET_LINK}",
+        "Link this Stellar account to a Cyphr ID. This is not a transaction.",
+        f"origin: {origin}",
+        f"cyphrId: {cyphr_id}",
+        f"stellarAddress: {stellar_address}",
+        f"challengeId: {challenge_id}",
+        f"challenge: {base64.b64encode(challenge).decode('ascii')}"))
 
 
 def sep53_digest(message: bytes) -> bytes:
