@@ -51,8 +51,8 @@ def main() -> None:
     readers = [Identity.from_phrase(crypto.new_phrase()) for _ in range(50)]
     text = os.urandom(1000)
     for count in (1, 5, 50):
-        recipients = [Recipient("me", sender.public_key, sender.kyber_public_key)] + [
-            Recipient(f"r{i}", r.public_key, r.kyber_public_key) for i, r in enumerate(readers[:count])]
+        recipients = [Recipient("me", sender.public_key, sender.kyber_public_key, 0)] + [
+            Recipient(f"r{i}", r.public_key, r.kyber_public_key, 0) for i, r in enumerate(readers[:count])]
         payload = crypto.seal(sender, "me", recipients, text, chat_id="c", message_type="text",
                               client_message_id="m")
         size = len(json.dumps(payload))
@@ -65,9 +65,9 @@ def main() -> None:
                                                        sender_key=sender.public_key,
                                                        envelope=envelope))
     with tempfile.TemporaryDirectory() as directory:
-        Profile.create(Path(directory) / "p", "passphrase", {}, {"seed": "x"})
+        Profile.create(Path(directory) / "p", "correct horse battery staple 4711", {}, {"seed": "x"})
         row("unlock the vault (Argon2id, 3 passes, 64 MiB)",
-            lambda: Profile.open(Path(directory) / "p", "passphrase"), repeat=min(args.repeat, 5))
+            lambda: Profile.open(Path(directory) / "p", "correct horse battery staple 4711"), repeat=min(args.repeat, 5))
 
 
 if __name__ == "__main__":

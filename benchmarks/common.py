@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import glob
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests import postgres  # noqa: E402
+from cyphr.signing import REGISTER  # noqa: E402
 from tests.users import User  # noqa: E402
 
 
@@ -96,19 +98,21 @@ async def wait_ready(port: int) -> None:
 
 
 async def register(port: int, user: User) -> str:
-    """Register ``user``; its session token."""
+    """Register ``user`` as a v2 client does (a signed statement for the
+    origin it reaches, a signed key binding); its session token."""
     conn = await Connection.open(port)
+    user.origin = f"http://127.0.0.1:{port}"
     try:
         _, challenge = await conn.post("/api/cyphr-id/challenge", {"cyphrId": user.cyphr_id})
         raw = base64.b64decode(challenge["challenge"])
+        statement = user.statement(REGISTER, challenge["challengeId"], raw)
         status, body = await conn.post("/api/cyphr-id/register", {
             "cyphrId": user.cyphr_id,
             "publicKey": base64.b64encode(user.public_key).decode(),
-            "kyberPublicKey": base64.b64encode(user.kyber_key).decode(),
-            "kyberKeySignature": user.kyber_signature(),
+            **user.main_key_fields(),
             "deviceFingerprint": user.fingerprint,
             "challengeId": challenge["challengeId"],
-            "signature": user.sign(raw),
+            **user.proof(statement),
         })
         if status != 201:
             raise RuntimeError(f"registration failed: {status} {body}")
@@ -184,6 +188,35 @@ async def cyphr_servers(processes: int, pool: int, extra: list[str],
             cluster.destroy()
         if data_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# -- CPU time of processes, from /proc ---------------------------------------------
+
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
+def family_cpu_seconds(parent: int) -> float:
+    """CPU time of a process and its children (PostgreSQL's backends)."""
+    total = cpu_seconds(parent)
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+    return total
 
 
 def percentile(sorted_values: list[float], p: float) -> float:

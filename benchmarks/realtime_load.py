@@ -68,26 +68,24 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import User, cyphr_servers, percentile, register, run_loop  # noqa: E402
+from common import (  # noqa: E402
+    CLOCK_TICK,
+    User,
+    cpu_seconds,
+    cyphr_servers,
+    family_cpu_seconds,
+    percentile,
+    register,
+    run_loop,
+)
 from sioclient import Client, ConnectFailed, connect  # noqa: E402
 
 HOST = "127.0.0.1"
 SETUP = 1_000_000_000      # ack ids from here on belong to the chat-making messages
 HIGH_LIMITS = ["--rate-limit-send", "100000000/1s", "--realtime-event-rate", "100000000/1s"]
-_CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- processes seen from /proc ----------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICK
 
 
 def rss_bytes(pid: int) -> int:
@@ -98,26 +96,12 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-def family_cpu_seconds(parent: int) -> float:
-    """CPU time of a process and its children (PostgreSQL's backends)."""
-    total = cpu_seconds(parent)
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent:
-            total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICK
-    return total
-
-
 def machine_cpu() -> tuple[float, float]:
     """(busy, all) CPU seconds of the whole machine so far, every core."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
     idle = values[3] + values[4]  # idle, iowait
-    return (sum(values[:8]) - idle) / _CLOCK_TICK, sum(values[:8]) / _CLOCK_TICK
+    return (sum(values[:8]) - idle) / CLOCK_TICK, sum(values[:8]) / CLOCK_TICK
 
 
 def listening_pid(port: int) -> int | None:

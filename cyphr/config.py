@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 from twisted.python.usage import UsageError
 
+from cyphr.signing import normalize_origin
+
 MiB = 1024 * 1024
 DEFAULT_CORS_ORIGINS = ("http://localhost:5173", "https://app.cyphrmessenger.app")
 ENV_PREFIX = "CYPHR_"
@@ -71,6 +73,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cors_origin", "list",
             "Origin allowed to call the API from a browser. Repeatable.",
             metavar="ORIGIN"),
+    Setting("public_url", "list",
+            "URL clients use to reach this server (https://chat.example.com). "
+            "Login statements and wallet links are accepted only for these "
+            "origins; when none is set, only for loopback origins (localhost, "
+            "127.0.0.1, ::1). Repeatable, to move between hosts.", metavar="URL"),
+    Setting("accept_v1_auth", "bool",
+            "Also accept v1 signatures: login signatures over the raw challenge "
+            "and key signatures over \"cyphr-kyber-key:\" + key. Only while old "
+            "clients are being upgraded: v1 lets a server obtain signatures of "
+            "its choosing."),
+    Setting("hash_password_endpoint", "bool",
+            "Serve POST /api/auth/hash-password (Argon2id for clients without "
+            "Argon2). Off by default: it makes a client send its passphrase to "
+            "the server."),
     Setting("trusted_proxy", "list",
             "Address or network (CIDR) of a reverse proxy whose "
             "X-Forwarded-For / X-Real-IP headers are believed; 'unix' trusts "
@@ -175,6 +191,10 @@ class Config:
     data_dir: str = "cyphr-data"
     max_body: int = 10 * MiB
     cors_origin: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    # Normalised origins (scheme://host[:port]); see __post_init__.
+    public_url: tuple[str, ...] = ()
+    accept_v1_auth: bool = False
+    hash_password_endpoint: bool = False
     trusted_proxy: tuple[str, ...] = ()
     access_log: bool = False
     log_format: str = "text"
@@ -206,6 +226,20 @@ class Config:
     turn_secret: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
     config_file: str = ""
+
+    def __post_init__(self) -> None:
+        # public_url is kept as the origins it names, in the one spelling a
+        # client signs (signing.normalize_origin), without repeats. A value
+        # that is no URL stays as given: validate() refuses it.
+        origins: list[str] = []
+        for url in self.public_url:
+            try:
+                origin = normalize_origin(url)
+            except ValueError:
+                origin = url
+            if origin not in origins:
+                origins.append(origin)
+        object.__setattr__(self, "public_url", tuple(origins))
 
     @property
     def database_engine(self) -> str:
@@ -512,6 +546,13 @@ def validate(config: Config) -> None:
         raise ConfigError("--max-body must be between 1KiB and 1GiB")
     for origin in config.cors_origin:
         _check_origin(origin)
+    for url in config.public_url:
+        try:
+            normalize_origin(url)
+        except ValueError as e:
+            raise ConfigError(
+                f"--public-url {url!r} is not the URL of this server such as "
+                f"https://chat.example.com: {e}") from None
     for proxy in config.trusted_proxy:
         if proxy == "unix":
             continue

@@ -16,7 +16,8 @@ from nacl.signing import VerifyKey
 ED25519_KEY_BYTES = 32
 ED25519_SIGNATURE_BYTES = 64
 MLKEM1024_KEY_BYTES = 1568
-# What a kyberKeySignature signs: this prefix, then the raw ML-KEM key.
+# What a v1 kyberKeySignature signs: this prefix, then the raw ML-KEM key.
+# Accepted only under accept_v1_auth; v2 signatures are signing.KeyBinding.
 KYBER_KEY_CONTEXT = b"cyphr-kyber-key:"
 
 

@@ -7,6 +7,7 @@ what runs.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from cyphr.handlers.ice import IceServers
 from cyphr.handlers.identity import IdentityHandler
 from cyphr.handlers.keys import KeysHandler
 from cyphr.handlers.maintenance import Maintenance
+from cyphr.handlers.origins import AcceptedOrigins
+from cyphr.handlers.pins import PinBackupHandler
 from cyphr.handlers.messaging import MessagingHandler
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.security import PasswordHashing, TotpHandler
@@ -60,6 +63,7 @@ from cyphr.store.chats import ChatStore
 from cyphr.store.identities import IdentityStore
 from cyphr.store.keys import PrekeyStore
 from cyphr.store.messages import MessageStore
+from cyphr.store.pins import PinBackupStore
 from cyphr.store.status import StatusStore
 from cyphr.store.tokens import TokenStore
 from cyphr.store.totp import TotpStore
@@ -180,6 +184,9 @@ class CyphrService(MultiService):
             metrics=", ".join(self.config.metrics_listen) or "at /metrics on the same endpoints",
             database=self.config.describe_database(),
         )
+        warning = public_url_warning(self.config)
+        if warning:
+            _log.warn("{reason}", reason=warning)
         super().startService()
         for child in self:
             if isinstance(child, StreamServerEndpointService) and child._waitingForPort is not None:
@@ -194,6 +201,54 @@ class CyphrService(MultiService):
             where = f"unix {getattr(address, 'name', address)}"
         _log.info("Serving the {serves} on {address}", serves=serves, address=where)
         return port
+
+
+def _endpoint_parts(description: str) -> list[str]:
+    """An endpoint string's parts, split on the colons that are not
+    backslash-escaped (as Twisted reads it: tcp:3001:interface=\\:\\:1)."""
+    parts, current, escaped = [], [], False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def reachable_from_elsewhere(description: str) -> bool:
+    """Whether a --listen endpoint may be reached from other machines: a
+    tcp or ssl endpoint not bound to a loopback interface."""
+    kind, *arguments = _endpoint_parts(description)
+    if kind.lower() not in ("tcp", "tcp6", "ssl"):
+        return False
+    interface = next((a.split("=", 1)[1] for a in arguments if a.startswith("interface=")), "")
+    if interface == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return True
+
+
+def public_url_warning(config: Config) -> str | None:
+    """The start-up warning of a server others can reach but whose public
+    URL is not set: clients sign the origin they reached, and without
+    public_url only loopback origins are accepted."""
+    if config.public_url:
+        return None
+    exposed = [d for d in config.listen if reachable_from_elsewhere(d)]
+    if not exposed:
+        return None
+    return (f"public_url is not set, but {', '.join(exposed)} can be reached from other machines: "
+            "only clients reaching this server at a loopback address (such as localhost) "
+            "can log in. Set public_url to the URL clients use (https://chat.example.com).")
 
 
 @dataclass
@@ -269,11 +324,14 @@ def build_server(
     tokens = TokenService(secrets.jwt_key, config.token_lifetime, clock)
     authenticator = Authenticator(tokens, identities, reactor)
     totp = TotpHandler(TotpStore(database), secrets.totp_key, clock)
+    # One rule for the origins login statements and wallet links may name.
+    origins = AcceptedOrigins(config.public_url)
     identity = IdentityHandler(identities, challenges, revocations, tokens, totp,
-                               secrets.fingerprint_key, clock)
+                               secrets.fingerprint_key, clock, origins=origins,
+                               accept_v1=config.accept_v1_auth)
     keys = KeysHandler(identities, identity, PrekeyStore(database), cpu, limits.claim,
                        config.max_prekeys, clock)
-    wallet = WalletHandler(WalletStore(database), identity, clock)
+    wallet = WalletHandler(WalletStore(database), identity, clock, origins)
     messages = MessageStore(database)
     batcher = SendBatcher(messages, reactor)
     chats = ChatStore(database)
@@ -311,9 +369,10 @@ def build_server(
 
     router = ApiRouter([
         HealthAPI(health),
-        IdentityAPI(identity, authenticator, limits),
+        IdentityAPI(identity, authenticator, limits, PinBackupHandler(PinBackupStore(database), clock)),
         KeysAPI(keys, authenticator, limits),
-        SecurityAPI(totp, PasswordHashing(cpu), authenticator, limits),
+        SecurityAPI(totp, PasswordHashing(cpu), authenticator, limits,
+                    hash_password_endpoint=config.hash_password_endpoint),
         WalletAPI(wallet, authenticator, limits),
         MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
         ChatsAPI(messaging, authenticator, limits),

@@ -67,6 +67,7 @@ class Options(usage.Options):
     opt_listen = _repeatable(SETTINGS_BY_NAME["listen"])
     opt_metrics_listen = _repeatable(SETTINGS_BY_NAME["metrics_listen"])
     opt_cors_origin = _repeatable(SETTINGS_BY_NAME["cors_origin"])
+    opt_public_url = _repeatable(SETTINGS_BY_NAME["public_url"])
     opt_trusted_proxy = _repeatable(SETTINGS_BY_NAME["trusted_proxy"])
     opt_stun_urls = _repeatable(SETTINGS_BY_NAME["stun_urls"])
     opt_turn_urls = _repeatable(SETTINGS_BY_NAME["turn_urls"])

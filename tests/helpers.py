@@ -12,8 +12,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
 from cyphr.api.http import CyphrSite, HttpPolicy
+from cyphr.clock import now_ms
 from cyphr.config import Config, validate
 from cyphr.server import Server, build_server
+from cyphr.signing import normalize_origin
 from tests import postgres
 
 
@@ -75,7 +77,16 @@ async def start_server(testcase: Any, *, serve: bool = False, clock: Any = None,
 
 
 class JsonCalls:
-    """The calls tests make, over whatever ``request`` sends with."""
+    """The calls tests make, over whatever ``request`` sends with.
+    ``origin`` is the server's origin as a client reaching it signs it, and
+    ``now_ms()`` the server's time (what a client's clock would say), so
+    that tests.users.User can build statements and key validity."""
+
+    origin: str
+    clock: Any = reactor
+
+    def now_ms(self) -> int:
+        return now_ms(self.clock)
 
     async def request(self, method: str, url: str, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -100,7 +111,13 @@ class InProcessHTTP(JsonCalls):
     answer is complete.
     """
 
-    def __init__(self, root: Any, policy: HttpPolicy) -> None:
+    # A loopback origin: a server without public_url accepts statements for it.
+    base_url = "http://127.0.0.1"
+
+    def __init__(self, root: Any, policy: HttpPolicy, clock: Any = None) -> None:
+        self.origin = normalize_origin(self.base_url)
+        if clock is not None:
+            self.clock = clock
         self._stub = StubTreq(root)
         agent = self._stub._agent
         agent._serverFactory = CyphrSite(root, policy, agent._memoryReactor)
@@ -109,7 +126,7 @@ class InProcessHTTP(JsonCalls):
 
     @classmethod
     def for_server(cls, server: Server) -> InProcessHTTP:
-        return cls(server.root, server.site.policy)
+        return cls(server.root, server.site.policy, server.clock)
 
     async def _settle(self, d: Deferred[Any]) -> Any:
         # One pump serves every request in flight: pumping per request would
@@ -128,7 +145,7 @@ class InProcessHTTP(JsonCalls):
 
     async def request(self, method: str, url: str, **kwargs: Any) -> Response:
         if not url.startswith("http"):
-            url = "http://cyphr.test" + url
+            url = self.base_url + url
         response = await self._settle(self._stub.request(method, url, **kwargs))
         body = await self._settle(self._stub.content(response))
         return Response(response, body)
@@ -141,18 +158,22 @@ class RealHTTP(JsonCalls):
     until its kept-alive connections are closed.
     """
 
-    def __init__(self, base_url: str, agent_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, base_url: str, agent_options: dict[str, Any] | None = None,
+                 clock: Any = None) -> None:
         from treq.client import HTTPClient
         from twisted.web.client import Agent, HTTPConnectionPool
 
         self.base_url = base_url
+        self.origin = normalize_origin(base_url)
+        if clock is not None:
+            self.clock = clock
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._client = HTTPClient(Agent(reactor, pool=self._pool, **(agent_options or {})))
 
     @classmethod
     def for_port(cls, testcase: Any, port: int, scheme: str = "http",
-                 agent_options: dict[str, Any] | None = None) -> RealHTTP:
-        http = cls(f"{scheme}://127.0.0.1:{port}", agent_options)
+                 agent_options: dict[str, Any] | None = None, clock: Any = None) -> RealHTTP:
+        http = cls(f"{scheme}://127.0.0.1:{port}", agent_options, clock)
         testcase.addCleanup(http.close)
         return http
 

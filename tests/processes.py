@@ -117,7 +117,10 @@ class UrllibHTTP(JsonCalls):
     like InProcessHTTP."""
 
     def __init__(self, base: str, context: Any = None) -> None:
+        from cyphr.signing import normalize_origin
+
         self.base = base
+        self.origin = normalize_origin(base)  # what a client reaching ``base`` signs
         self.context = context
 
     def _fetch(self, method: str, url: str, data: bytes | None,

@@ -31,31 +31,39 @@ class BadInputTestsMixin:
     def templates(self, challenge_id: str, chat_id: str, message_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         key = new_kyber_key()
         signature = b64(b"\x01" * 64)
+        statement = b64(b"\x00\x00\x00\x05login")
+        times = {"kyberKeyId": 1, "kyberKeyCreatedAt": "2026-09-21T14:13:20.000Z",
+                 "kyberKeyExpiresAt": "2027-03-20T14:13:20.000Z"}
         return [
             ("POST", "/api/cyphr-id/check", {"cyphrId": "carol"}),
             ("POST", "/api/cyphr-id/challenge", {"cyphrId": "carol"}),
             ("POST", "/api/cyphr-id/register", {
                 "cyphrId": "carol", "publicKey": b64(b"\x02" * 32), "kyberPublicKey": b64(key),
                 "kyberKeySignature": signature, "deviceFingerprint": "a" * 64,
-                "displayName": "Carol", "challengeId": challenge_id, "signature": signature}),
+                "displayName": "Carol", "challengeId": challenge_id, "statement": statement,
+                "signature": signature, **times}),
             ("POST", "/api/cyphr-id/login", {
                 "cyphrId": "alice", "deviceFingerprint": "a" * 64, "challengeId": challenge_id,
-                "signature": signature, "totpCode": "123456"}),
+                "statement": statement, "signature": signature, "totpCode": "123456"}),
             ("POST", "/api/cyphr-id/recover", {
                 "cyphrId": "alice", "newDeviceFingerprint": "b" * 64, "challengeId": challenge_id,
-                "signature": signature, "kyberPublicKey": b64(key), "kyberKeySignature": signature,
-                "totpCode": "123456"}),
+                "statement": statement, "signature": signature, "kyberPublicKey": b64(key),
+                "kyberKeySignature": signature, **times, "totpCode": "123456"}),
             ("POST", "/api/cyphr-id/update-profile", {
-                "displayName": "A", "avatarUrl": "https://x.example/a.png", "encryptedSettings": "s",
-                "recoveryPhraseHint": "h"}),
-            ("DELETE", "/api/cyphr-id/account", {"challengeId": challenge_id, "signature": signature}),
+                "displayName": "A", "avatarUrl": "https://x.example/a.png", "encryptedSettings": "s"}),
+            ("DELETE", "/api/cyphr-id/account", {
+                "challengeId": challenge_id, "statement": statement, "signature": signature,
+                "deviceFingerprint": self.alice.fingerprint}),
+            ("PUT", "/api/cyphr-id/pin-backup", {"blob": b64(b"sealed")}),
             ("POST", "/api/messaging/store-public-key", {
                 "kyberPublicKey": b64(key), "kyberKeySignature": signature, "userId": "alice",
-                "publicKey": b64(self.alice.public_key)}),
+                "publicKey": b64(self.alice.public_key), **times}),
             ("POST", "/api/auth/register-public-key", {
-                "kyberPublicKey": b64(key), "kyberKeySignature": signature}),
+                "kyberPublicKey": b64(key), "kyberKeySignature": signature, **times}),
             ("POST", "/api/keys/prekeys", {
-                "prekeys": [{"keyId": 1, "kyberPublicKey": b64(key), "signature": signature}]}),
+                "prekeys": [{"keyId": 1, "kyberPublicKey": b64(key), "signature": signature,
+                             "createdAt": times["kyberKeyCreatedAt"],
+                             "expiresAt": times["kyberKeyExpiresAt"]}]}),
             ("POST", "/api/keys/claim/bob", {}),
             ("POST", "/api/auth/hash-password", {"password": "pw"}),
             ("POST", "/api/auth/totp/generate", {}),
@@ -63,7 +71,7 @@ class BadInputTestsMixin:
             ("POST", "/api/auth/totp/disable", {"code": "123456"}),
             ("POST", "/api/wallet/link", {
                 "stellarAddress": "GAAZI4TCR3TY5OJHCTJC2A4QSY6CJWJH5IAJTGKIN2ER7LBNVKOCCWN7",
-                "challengeId": challenge_id, "signature": signature}),
+                "challengeId": challenge_id, "origin": "http://127.0.0.1", "signature": signature}),
             ("DELETE", "/api/wallet/link", {}),
             ("POST", "/api/messaging/send", {
                 "chatId": chat_id, "encryptedPayload": {"c": "x"}, "messageType": "text",

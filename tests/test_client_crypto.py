@@ -1,4 +1,6 @@
-"""The client's end-to-end scheme and its profile vault, without a server."""
+"""The client's end-to-end scheme (v2: labelled signatures, binary
+associated data, key bindings), v1 payloads as old history, the pin backup,
+and the profile vault, without a server."""
 
 from __future__ import annotations
 
@@ -17,11 +19,18 @@ from cryptography.hazmat.primitives.asymmetric.mlkem import (
 from kyber_py.ml_kem import ML_KEM_1024
 from twisted.trial.unittest import SynchronousTestCase
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
+
+from cyphr import signing
 from cyphr.client import crypto
 from cyphr.client.crypto import (
     BadSignature,
     Identity,
     InvalidPhrase,
+    KeyRefused,
     MalformedPayload,
     NotARecipient,
     Prekey,
@@ -32,7 +41,9 @@ from cyphr.client.crypto import (
     b64,
 )
 from cyphr.client.profile import Profile, ProfileError
-from cyphr.crypto import is_mlkem1024_key, verify_kyber_key_signature
+from cyphr.crypto import is_mlkem1024_key
+
+STRONG = "correct horse battery staple 4711"
 
 PHRASE = ("abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon "
           "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon "
@@ -49,9 +60,10 @@ class User:
 
     def as_recipient(self, key_id: int | None = None) -> Recipient:
         if key_id is None:
-            return Recipient(self.cyphr_id, self.identity.public_key, self.identity.kyber_public_key)
-        public = self.prekeys[key_id].private_key.public_key().public_bytes_raw()
-        return Recipient(self.cyphr_id, self.identity.public_key, public, key_id)
+            return Recipient(self.cyphr_id, self.identity.public_key,
+                             self.identity.kyber_public_key, self.identity.generation)
+        return Recipient(self.cyphr_id, self.identity.public_key, self.prekeys[key_id].public_key,
+                         key_id, one_time=True)
 
     def prekey_seeds(self) -> dict[int, bytes]:
         return {key_id: prekey.seed for key_id, prekey in self.prekeys.items()}
@@ -63,14 +75,52 @@ def envelope(payload: dict[str, Any], chat_id: str = "chat-1") -> dict[str, Any]
             "messageType": header["messageType"], "clientMessageId": header["clientMessageId"]}
 
 
+def signed_content(payload: dict[str, Any]) -> bytes:
+    """What a v2 payload's signature covers, rebuilt from its JSON."""
+    parsed = crypto._parse_v2(payload)
+    return signing.message_content(parsed.header, parsed.nonce, parsed.ciphertext, parsed.tag,
+                                   parsed.keys)
+
+
 def resign(payload: dict[str, Any], sender: User) -> dict[str, Any]:
     """The payload signed again by its sender: what a tampering that also
     had the sender's key would give, to reach the checks behind the
     signature."""
-    unsigned = {k: v for k, v in payload.items() if k != "signature"}
-    unsigned["signature"] = b64(sender.identity.sign(
-        crypto._SIGNATURE_CONTEXT + crypto.canonical(unsigned)))
-    return unsigned
+    return dict(payload, signature=b64(sender.identity.sign_with_label(
+        signing.MESSAGE, signed_content(payload))))
+
+
+def seal_v1(sender: Identity, sender_id: str, recipients: list[Recipient], plaintext: bytes, *,
+            chat_id: str | None, message_type: str, client_message_id: str) -> dict[str, Any]:
+    """A payload as the v1 client sealed it (JSON header as associated data,
+    a raw Ed25519 signature over canonical JSON): old history."""
+    recipients = sorted(recipients, key=lambda r: r.cyphr_id)
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    header = {"chatId": chat_id, "senderId": sender_id, "messageType": message_type,
+              "clientMessageId": client_message_id,
+              "recipients": [r.cyphr_id for r in recipients], "ephemeralKey": b64(ephemeral_public)}
+    aad = crypto._V1_HEADER_CONTEXT + crypto._v1_canonical(header)
+    content_key, nonce = os.urandom(32), os.urandom(24)
+    sealed = crypto._aead_encrypt(content_key, nonce, crypto.pad(plaintext), aad)
+    keys = []
+    for r in recipients:
+        kem_secret, kyber_ciphertext = MLKEM1024PublicKey.from_public_bytes(
+            r.kyber_public_key).encapsulate()
+        their_x25519 = crypto.identity_x25519(r.identity_key)
+        wrap = crypto._wrap_key(kem_secret, crypto._x25519(ephemeral, their_x25519), aad,
+                                r.cyphr_id, kyber_ciphertext, ephemeral_public, their_x25519)
+        wrap_nonce = os.urandom(24)
+        keys.append({"recipientId": r.cyphr_id, "keyId": r.key_id if r.one_time else None,
+                     "kyberCiphertext": b64(kyber_ciphertext), "nonce": b64(wrap_nonce),
+                     "wrappedKey": b64(crypto._aead_encrypt(wrap, wrap_nonce, content_key,
+                                                            aad + r.cyphr_id.encode()))})
+    payload: dict[str, Any] = {"version": 1, "scheme": "cyphr-hybrid-v1", "header": header,
+                               "nonce": b64(nonce), "encryptedMessage": b64(sealed[:-16]),
+                               "tag": b64(sealed[-16:]), "keys": keys}
+    payload["signature"] = b64(sender.signing_key.sign(
+        crypto._V1_SIGNATURE_CONTEXT + crypto._v1_canonical(payload)).signature)
+    return payload
 
 
 class SealTests(SynchronousTestCase):
@@ -104,8 +154,12 @@ class SealTests(SynchronousTestCase):
         # The original field names are kept; the payload is plain JSON.
         for name in ("encryptedMessage", "nonce", "tag", "version", "signature"):
             self.assertIn(name, payload)
-        self.assertIn("kyberCiphertext", payload["keys"][0])
+        self.assertEqual((payload["version"], payload["scheme"]), (2, "cyphr-hybrid-v2"))
         self.assertEqual(json.loads(json.dumps(payload)), payload)
+        # Each wrapped key names the key it was sealed to.
+        self.assertEqual([(k["recipientId"], k["keyId"], k["oneTime"]) for k in payload["keys"]],
+                         [("alice", 0, False), ("bob", 2, True)])
+        self.assertTrue(opened.verified)
 
     def test_five_recipients(self) -> None:
         text = os.urandom(3000)
@@ -245,10 +299,150 @@ class SealTests(SynchronousTestCase):
 
     def test_malformed(self) -> None:
         bob, payload = self.bob_payload()
+        unsorted = copy.deepcopy(payload)
+        unsorted["header"]["recipients"].reverse()
+        null_key_id = copy.deepcopy(payload)
+        null_key_id["keys"][0]["keyId"] = None
         for bad in (None, [], "text", {}, {"version": 2, "scheme": crypto.SCHEME},
-                    dict(payload, signature="not base64!"), dict(payload, header=[])):
+                    dict(payload, version=3), dict(payload, version=2.0), dict(payload, version=True),
+                    dict(payload, scheme="cyphr-hybrid-v1"),
+                    dict(payload, signature="not base64!"), dict(payload, header=[]),
+                    dict(payload, extra="x"), unsorted, null_key_id):
             with self.assertRaises((MalformedPayload, BadSignature)):
                 self.open(bad, bob, envelope={})
+
+    def test_unknown_fields_are_refused(self) -> None:
+        """A field the signature does not cover (in the payload, the header
+        or a wrapped key) is refused rather than ignored."""
+        bob, payload = self.bob_payload()
+        for where in ("payload", "header", "key"):
+            altered = copy.deepcopy(payload)
+            target = {"payload": altered, "header": altered["header"],
+                      "key": altered["keys"][1]}[where]
+            target["note"] = "added by the server"
+            with self.assertRaises(MalformedPayload):
+                self.open(altered, bob)
+
+    def test_every_field_is_signed(self) -> None:
+        """Changing any one field of the payload, the header or a wrapped
+        key (scheme, ids, flags, bytes) breaks the signature."""
+        bob, payload = self.bob_payload()
+        self.assertEqual(self.open(payload, bob).plaintext, b"secret")
+
+        def flip(value: str) -> str:
+            raw = bytearray(base64.b64decode(value))
+            raw[-1] ^= 1
+            return b64(bytes(raw))
+
+        changes: list[tuple[str, Any]] = [
+            ("nonce", lambda p: p.update(nonce=flip(p["nonce"]))),
+            ("encryptedMessage", lambda p: p.update(encryptedMessage=flip(p["encryptedMessage"]))),
+            ("tag", lambda p: p.update(tag=flip(p["tag"]))),
+            ("header.chatId", lambda p: p["header"].update(chatId="chat-2")),
+            ("header.chatId null", lambda p: p["header"].update(chatId=None)),
+            ("header.senderId", lambda p: p["header"].update(senderId="bob")),
+            ("header.messageType", lambda p: p["header"].update(messageType="payment")),
+            ("header.clientMessageId", lambda p: p["header"].update(clientMessageId="cm-2")),
+            ("header.recipients", lambda p: p["header"].update(recipients=["alice", "bob", "carol"])),
+            ("header.ephemeralKey", lambda p: p["header"].update(
+                ephemeralKey=flip(p["header"]["ephemeralKey"]))),
+        ]
+        for name in ("kyberCiphertext", "nonce", "wrappedKey"):
+            changes.append((f"keys.{name}", lambda p, name=name: p["keys"][1].update(
+                {name: flip(p["keys"][1][name])})))
+        changes += [
+            ("keys.keyId", lambda p: p["keys"][1].update(keyId=2)),
+            ("keys.oneTime", lambda p: p["keys"][1].update(oneTime=False)),
+            ("keys.recipientId", lambda p: p["keys"][0].update(recipientId="alicf")),
+            ("keys order", lambda p: p["keys"].reverse()),
+        ]
+        for what, change in changes:
+            altered = copy.deepcopy(payload)
+            change(altered)
+            with self.assertRaises((BadSignature, MalformedPayload), msg=what):
+                self.open(altered, bob, envelope=envelope(payload),
+                          direct_members=frozenset({"alice", "bob"}))
+
+    def test_the_key_entry_names_the_key(self) -> None:
+        """A reader opens with the key the entry names and tries no other:
+        a main key's id is its generation; a newer generation than the
+        reader's, or a one-time flag the sender did not set, does not open."""
+        bob = self.others[0]
+        rotated = Identity(bob.identity.seed, 1)
+        to_main = self.seal(b"to gen 1", [self.alice.as_recipient(),
+                                          Recipient("bob", rotated.public_key,
+                                                    rotated.kyber_public_key, 1)])
+        opened = crypto.open_sealed(to_main, reader=rotated, reader_id="bob",
+                                    sender_key=self.alice.identity.public_key,
+                                    envelope=envelope(to_main))
+        self.assertEqual((opened.plaintext, opened.key_id), (b"to gen 1", None))
+        with self.assertRaises(UnknownPrekey):
+            self.open(to_main, bob)  # bob's device still at generation 0
+        # Signed as sealed to generation 0 though it went to generation 1:
+        # generation 0 is the only one tried, and it does not open.
+        altered = copy.deepcopy(to_main)
+        altered["keys"][1]["keyId"] = 0
+        with self.assertRaises(TamperedMessage):
+            crypto.open_sealed(resign(altered, self.alice), reader=rotated, reader_id="bob",
+                               sender_key=self.alice.identity.public_key, envelope=envelope(to_main))
+        # A prekey entry relabelled as the main key (and re-signed).
+        _, payload = self.bob_payload()
+        altered = copy.deepcopy(payload)
+        altered["keys"][1]["oneTime"] = False
+        altered["keys"][1]["keyId"] = 0
+        with self.assertRaises(TamperedMessage):
+            self.open(resign(altered, self.alice), bob)
+
+    def test_content_is_bound_to_the_binary_header(self) -> None:
+        """The content's associated data is MessageHeader.aad(): the binary
+        encoding, not JSON."""
+        bob, payload = self.bob_payload()
+        opened = self.open(payload, bob)
+        header = crypto._parse_v2(payload).header
+        self.assertEqual(header.recipients, ("alice", "bob"))
+        padded = crypto_aead_xchacha20poly1305_ietf_decrypt(
+            base64.b64decode(payload["encryptedMessage"]) + base64.b64decode(payload["tag"]),
+            header.aad(), base64.b64decode(payload["nonce"]), opened.content_key)
+        self.assertEqual(crypto.unpad(padded), b"secret")
+
+    def test_message_signature_is_no_other_kind(self) -> None:
+        """A message's signature verifies only under the label message:
+        not as a login statement, a key binding or a wallet link, and not
+        as a raw Ed25519 signature of its content."""
+        _, payload = self.bob_payload()
+        content = signed_content(payload)
+        signature = base64.b64decode(payload["signature"])
+        key = self.alice.identity.public_key
+        self.assertTrue(signing.verify_with_label(key, signing.MESSAGE, content, signature))
+        for label in signing.LABELS:
+            if label != signing.MESSAGE:
+                self.assertFalse(signing.verify_with_label(key, label, content, signature), label)
+        from nacl.signing import VerifyKey
+        for raw in (content, signing.opaque(content)):
+            self.assertRaises(Exception, VerifyKey(key).verify, raw, signature)
+
+    def test_v1_payload_is_shown_unverified(self) -> None:
+        """A v1 payload (old history) still opens, but is reported as not
+        verified: its signature cannot prove the sender. Its checks still
+        hold (a bad v1 signature or another chat is refused)."""
+        bob = self.others[0]
+        payload = seal_v1(self.alice.identity, "alice",
+                          [self.alice.as_recipient(), bob.as_recipient(key_id=1)], b"old times",
+                          chat_id="chat-1", message_type="text", client_message_id="cm-1")
+        opened = self.open(payload, bob)
+        self.assertEqual((opened.plaintext, opened.version, opened.verified, opened.key_id),
+                         (b"old times", 1, False, 1))
+        self.assertIn("v1", crypto.V1_UNVERIFIED)
+        self.assertIn("cannot prove the sender", crypto.V1_UNVERIFIED)
+        # The sender's own copy, to its main key (v1 named no generation).
+        self.assertFalse(self.open(payload, self.alice).verified)
+        with self.assertRaises(BadSignature):
+            self.open(payload, bob, sender_key=bob.identity.public_key)
+        with self.assertRaises(TamperedHeader):
+            self.open(payload, bob, envelope=envelope(payload, chat_id="chat-2"))
+        # A v1 payload cannot pass for v2 (or the reverse) by its version.
+        with self.assertRaises((MalformedPayload, BadSignature)):
+            self.open(dict(payload, version=2, scheme=crypto.SCHEME), bob)
 
     def test_prekey_is_used_once(self) -> None:
         bob, payload = self.bob_payload()
@@ -291,15 +485,42 @@ class IdentityTests(SynchronousTestCase):
         self.assertEqual(hashlib.sha256(identity.kyber_public_key).hexdigest(),
                          "772d2ce55bd934310b76ce6bbf11a039307c86f019944f92a160ae5a4b63f6e9")
 
-    def test_keys_are_what_the_server_accepts(self) -> None:
-        identity = Identity.from_phrase(crypto.new_phrase())
+    def test_keys_are_signed_as_v2_bindings(self) -> None:
+        """The main key is signed as the owner's key number ``generation``
+        for 180 days; a prekey as a one-time prekey for 90 days; neither
+        signature passes for the other kind, another owner or other times."""
+        identity = Identity(Identity.from_phrase(crypto.new_phrase()).seed, 3)
         self.assertTrue(is_mlkem1024_key(identity.kyber_public_key))
-        self.assertTrue(verify_kyber_key_signature(identity.public_key, identity.kyber_public_key,
-                                                   identity.kyber_key_signature))
-        prekey = Prekey.generate(5).upload_form(identity)
-        self.assertTrue(verify_kyber_key_signature(identity.public_key,
-                                                   base64.b64decode(prekey["kyberPublicKey"]),
-                                                   base64.b64decode(prekey["signature"])))
+        now = 1_800_000_000_123
+        form = identity.main_key_form("alice", now)
+        self.assertEqual(set(form), {"kyberPublicKey", "kyberKeySignature", "kyberKeyId",
+                                     "kyberKeyCreatedAt", "kyberKeyExpiresAt"})
+        self.assertEqual(form["kyberKeyId"], 3)
+        self.assertEqual(form["kyberKeyCreatedAt"], "2027-01-15T08:00:00.123Z")
+        expires = now + 180 * 86400 * 1000
+        self.assertEqual(crypto.parse_iso_ms(form["kyberKeyExpiresAt"], "x"), expires)
+        signature = base64.b64decode(form["kyberKeySignature"])
+        main = signing.KeyBinding(False, "alice", 3, now, expires, identity.kyber_public_key)
+        self.assertTrue(main.verify(identity.public_key, signature))
+        for other in (signing.KeyBinding(True, "alice", 3, now, expires, identity.kyber_public_key),
+                      signing.KeyBinding(False, "bob", 3, now, expires, identity.kyber_public_key),
+                      signing.KeyBinding(False, "alice", 2, now, expires, identity.kyber_public_key),
+                      signing.KeyBinding(False, "alice", 3, now, expires + 1,
+                                         identity.kyber_public_key)):
+            self.assertFalse(other.verify(identity.public_key, signature))
+        # No v1 signature any more.
+        self.assertFalse(crypto.verify_v1_kyber_key(identity.public_key, identity.kyber_public_key,
+                                                    signature))
+        prekey = Prekey.generate(5)
+        entry = prekey.upload_form(identity, "alice", now)
+        self.assertEqual((entry["keyId"], entry["createdAt"]), (5, "2027-01-15T08:00:00.123Z"))
+        binding = signing.KeyBinding(True, "alice", 5, now, now + 90 * 86400 * 1000,
+                                     prekey.public_key)
+        self.assertTrue(binding.verify(identity.public_key, base64.b64decode(entry["signature"])))
+        self.assertFalse(signing.KeyBinding(False, "alice", 5, now, now + 90 * 86400 * 1000,
+                                            prekey.public_key).verify(
+            identity.public_key, base64.b64decode(entry["signature"])))
+        self.assertFalse(hasattr(identity, "sign"))  # nothing is signed raw
 
     def test_rotated_generations(self) -> None:
         identity = Identity.from_phrase(crypto.new_phrase())
@@ -310,7 +531,7 @@ class IdentityTests(SynchronousTestCase):
                          identity.kyber_public_key)
         # A message sealed to generation 0 still opens after two rotations.
         payload = crypto.seal(identity, "me", [Recipient("me", identity.public_key,
-                                                         identity.kyber_public_key)],
+                                                         identity.kyber_public_key, 0)],
                               b"old", chat_id="c", message_type="text", client_message_id="m")
         opened = crypto.open_sealed(payload, reader=rotated, reader_id="me",
                                     sender_key=identity.public_key, envelope=envelope(payload, "c"))
@@ -360,8 +581,9 @@ class MLKEMInteroperabilityTests(SynchronousTestCase):
         seed = reader.kem_key.private_bytes_raw()
         ek, _ = ML_KEM_1024.key_derive(seed)
         sender = Identity.from_phrase(crypto.new_phrase())
-        payload = crypto.seal(sender, "s", [Recipient("s", sender.public_key, sender.kyber_public_key),
-                                            Recipient("r", reader.public_key, ek)],
+        payload = crypto.seal(sender, "s", [Recipient("s", sender.public_key,
+                                                      sender.kyber_public_key, 0),
+                                            Recipient("r", reader.public_key, ek, 0)],
                               b"interop", chat_id="c", message_type="text", client_message_id="m")
         opened = crypto.open_sealed(payload, reader=reader, reader_id="r",
                                     sender_key=sender.public_key, envelope=envelope(payload, "c"))
@@ -372,18 +594,18 @@ class ProfileTests(SynchronousTestCase):
     def test_vault_is_sealed_and_private(self) -> None:
         directory = self.mktemp()
         seed = os.urandom(64)
-        profile = Profile.create(directory, "correct horse", {"server": "http://x"},
+        profile = Profile.create(directory, STRONG, {"server": "http://x"},
                                  {"seed": b64(seed), "fingerprint": "ab" * 32})
         for name in ("vault.json", "profile.json"):
             mode = stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
             self.assertEqual(mode, 0o600, name)
         self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
         raw = b"".join(open(os.path.join(directory, n), "rb").read() for n in os.listdir(directory))
-        for needle in (seed, b64(seed).encode(), seed.hex().encode(), b"ab" * 32, b"correct horse"):
+        for needle in (seed, b64(seed).encode(), seed.hex().encode(), b"ab" * 32, STRONG.encode()):
             self.assertNotIn(needle, raw)
         profile.vault["token"] = "t"
         profile.save()
-        again = Profile.open(directory, "correct horse")
+        again = Profile.open(directory, STRONG)
         self.assertEqual(again.vault["seed"], b64(seed))
         self.assertEqual(again.vault["token"], "t")
         with self.assertRaises(ProfileError):
@@ -391,11 +613,11 @@ class ProfileTests(SynchronousTestCase):
         with self.assertRaises(ProfileError):
             Profile.create(directory, "x", {}, {})
         with self.assertRaises(ProfileError):
-            Profile.open(self.mktemp(), "correct horse")
+            Profile.open(self.mktemp(), STRONG)
 
     def test_damaged_vault(self) -> None:
         directory = self.mktemp()
-        Profile.create(directory, "pw", {}, {"seed": "x"})
+        Profile.create(directory, STRONG, {}, {"seed": "x"})
         path = os.path.join(directory, "vault.json")
         sealed = json.load(open(path))
         raw = bytearray(base64.b64decode(sealed["ciphertext"]))
@@ -403,7 +625,67 @@ class ProfileTests(SynchronousTestCase):
         sealed["ciphertext"] = b64(bytes(raw))
         json.dump(sealed, open(path, "w"))
         with self.assertRaises(ProfileError):
-            Profile.open(directory, "pw")
+            Profile.open(directory, STRONG)
         open(path, "w").write("not json")
         with self.assertRaises(ProfileError):
-            Profile.open(directory, "pw")
+            Profile.open(directory, STRONG)
+
+
+class PinBackupTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        """The backup opens with the same seed and Cyphr ID, and holds what
+        was sealed."""
+        seed = os.urandom(64)
+        pins = {"bob": {"identityKey": b64(os.urandom(32)), "verified": True, "highestKeyId": 4}}
+        blob = crypto.seal_pin_backup(seed, "alice", {"counter": 7, "pins": pins})
+        self.assertEqual(crypto.open_pin_backup(seed, "alice", blob),
+                         {"counter": 7, "pins": pins})
+        # A fresh nonce each time.
+        self.assertNotEqual(blob[:24], crypto.seal_pin_backup(seed, "alice", {"pins": {}})[:24])
+
+    def test_the_construction(self) -> None:
+        """Key = HKDF-SHA256(seed, info "cyphr-v2 pin-backup-key"); blob =
+        24-byte nonce || XChaCha20-Poly1305 with AAD text("cyphr-v2
+        pin-backup") + text(cyphr_id): what another client must rebuild."""
+        seed = os.urandom(64)
+        blob = crypto.seal_pin_backup(seed, "alice", {"pins": {}})
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                   info=b"cyphr-v2 pin-backup-key").derive(seed)
+        aad = signing.text("cyphr-v2 pin-backup") + signing.text("alice")
+        plaintext = crypto_aead_xchacha20poly1305_ietf_decrypt(blob[24:], aad, blob[:24], key)
+        self.assertEqual(json.loads(plaintext), {"pins": {}})
+
+    def test_refused(self) -> None:
+        """Another seed, another Cyphr ID, a flipped bit or a short blob:
+        refused."""
+        seed = os.urandom(64)
+        blob = crypto.seal_pin_backup(seed, "alice", {"pins": {}})
+        damaged = bytearray(blob)
+        damaged[30] ^= 1
+        for other_seed, cyphr_id, data in ((os.urandom(64), "alice", blob), (seed, "bob", blob),
+                                           (seed, "alice", bytes(damaged)),
+                                           (seed, "alice", blob[:30])):
+            with self.assertRaises(TamperedMessage):
+                crypto.open_pin_backup(other_seed, cyphr_id, data)
+
+
+class WireTimeTests(SynchronousTestCase):
+    def test_times(self) -> None:
+        """Times are ISO 8601 UTC with milliseconds, parsed strictly."""
+        self.assertEqual(crypto.iso_ms(0), "1970-01-01T00:00:00.000Z")
+        self.assertEqual(crypto.iso_ms(1_800_000_000_007), "2027-01-15T08:00:00.007Z")
+        self.assertEqual(crypto.parse_iso_ms("2027-01-15T08:00:00.007Z", "t"), 1_800_000_000_007)
+        for bad in ("2027-01-15T08:00:00Z", "2027-01-15T08:00:00.007+00:00",
+                    "2027-01-15 08:00:00.007Z", "2027-13-15T08:00:00.007Z", 1800000000007, None):
+            with self.assertRaises(KeyRefused):
+                crypto.parse_iso_ms(bad, "t")
+
+    def test_safety_number_input(self) -> None:
+        """A typed safety number may have spaces or dashes, nothing else."""
+        digits = "0123456789" * 6
+        spaced = " ".join(digits[i:i + 5] for i in range(0, 60, 5))
+        self.assertEqual(crypto.normalize_safety_number(spaced), digits)
+        self.assertEqual(crypto.normalize_safety_number(spaced.replace(" ", "-")), digits)
+        for bad in (digits[:-1], digits + "1", digits[:-1] + "x"):
+            with self.assertRaises(ValueError):
+                crypto.normalize_safety_number(bad)

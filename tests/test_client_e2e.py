@@ -29,7 +29,7 @@ from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from cyphr.client import Client, IdentityChanged, Message
+from cyphr.client import ApiError, Client, ClientError, IdentityChanged, Message
 from cyphr.client.crypto import Identity, b64, new_phrase
 from cyphr.logs import event_as_json
 from tests.helpers import PostgresMixin, SQLiteMixin, start_server
@@ -151,6 +151,7 @@ class ClientScenarios:
         self.secrets.client(client, passphrase, phrase)
         client.register(name, display_name=name.title(), prekeys=20)
         client.phrase = phrase  # type: ignore[attr-defined]
+        client.passphrase = passphrase  # type: ignore[attr-defined]
         self.secrets.vault(client)
         return client
 
@@ -280,6 +281,8 @@ class ClientScenarios:
         alice, bob = self.new_client(f"ralice{self.tag}"), self.new_client(f"rbob{self.tag}")
         before = marker("before-recovery")
         chat_id = alice.send(bob.cyphr_id, before)["chatId"]
+        # Alice compared bob's number: that pin goes to the encrypted backup.
+        alice.accept_identity(bob.cyphr_id, bob.contact(alice.cyphr_id).safety_number)
         alice.rotate_kyber()
         to_rotated = marker("to-rotated-key")
         bob.send(alice.cyphr_id, to_rotated)
@@ -292,6 +295,9 @@ class ClientScenarios:
         self.secrets.texts.append(moved.profile.vault["fingerprint"])
         self.assertEqual(moved.identity.public_key, alice.identity.public_key)
         self.assertEqual(moved.identity.generation, 1)
+        # The pins came back from the backup: bob is still verified.
+        self.assertEqual((moved.restored_pins, moved.pin_backup_error), (1, None))
+        self.assertTrue(moved.contact(bob.cyphr_id).verified)
         history = {m.text: m for m in moved.history(chat_id)}
         # What it sent is sealed to its own main key: it opens there.
         self.assertTrue(history[before].verified)
@@ -303,43 +309,95 @@ class ClientScenarios:
         after = marker("after-recovery")
         bob.send(alice.cyphr_id, after)
         latest = moved.history(chat_id)[-1]
-        self.assertEqual((latest.text, latest.verified), (after, True))
+        self.assertEqual((latest.text, latest.verified, latest.contact_verified),
+                         (after, True, True))
         self.secrets.texts += [before, to_rotated, after]
         self.secrets.vault(moved)
         self.secrets.vault(bob)
 
     def changed_identity(self) -> None:
-        """A server that swaps a user's keys for its own is caught by the pin."""
+        """A server that swaps a user's keys for its own is caught by the pin,
+        and the swap cannot be accepted without the number compared."""
         alice, bob = self.new_client(f"calice{self.tag}"), self.new_client(f"cbob{self.tag}")
         alice.send(bob.cyphr_id, marker("pinned"))
         mallory = Identity.from_phrase(new_phrase())
+        columns = ("public_key", "kyber_public_key", "kyber_key_signature", "kyber_key_id",
+                   "kyber_key_created_at", "kyber_key_expires_at", "kyber_key_signature_version")
 
-        def set_keys(identity: Identity) -> None:
+        def database(sql: str, params: tuple[Any, ...]) -> Any:
+            return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(
+                self.server.database.run_query(sql, params)))
+
+        def set_keys(values: tuple[Any, ...]) -> None:
             blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(
                 self.server.database.run_operation(
-                    "UPDATE cyphr_identities SET public_key = ?, kyber_public_key = ?,"
-                    " kyber_key_signature = ? WHERE cyphr_id = ?",
-                    (identity.public_key, identity.kyber_public_key, identity.kyber_key_signature,
-                     bob.cyphr_id))))
+                    "UPDATE cyphr_identities SET " + ", ".join(f"{c} = ?" for c in columns)
+                    + " WHERE cyphr_id = ?", (*values, bob.cyphr_id))))
 
-        set_keys(mallory)
+        [genuine] = database("SELECT " + ", ".join(columns)
+                             + " FROM cyphr_identities WHERE cyphr_id = ?", (bob.cyphr_id,))
+        # Mallory's keys, properly signed by mallory as bob's.
+        now = int(time.time() * 1000)
+        form = mallory.main_key_form(bob.cyphr_id, now)
+        set_keys((mallory.public_key, mallory.kyber_public_key,
+                  base64.b64decode(form["kyberKeySignature"]), 0, now,
+                  now + 180 * 86400 * 1000, 2))
         with self.assertRaises(IdentityChanged) as raised:
             alice.send(bob.cyphr_id, marker("must-not-go"))
         # The number alice is shown is not the one bob sees: comparing them
-        # uncovers the swap.
+        # uncovers the swap. Both numbers are named.
         shown = raised.exception.safety_number
         self.assertRegex(shown, r"^(\d{5} ){11}\d{5}$")
-        set_keys(bob.identity)
-        self.assertNotEqual(shown, bob.contact(alice.cyphr_id).safety_number)
-        self.assertEqual(alice.contact(bob.cyphr_id).safety_number,
-                         bob.contact(alice.cyphr_id).safety_number)
+        real = bob.contact(alice.cyphr_id).safety_number
+        self.assertEqual(raised.exception.pinned_safety_number, real)
+        self.assertNotEqual(shown, real)
+        self.assertIn(real, str(raised.exception))
+        # Bob's real number, typed while the server still shows mallory's
+        # key, pins nothing (the v1 client pinned mallory's key here).
+        with self.assertRaises(ClientError):
+            alice.accept_identity(bob.cyphr_id, real)
+        self.assertFalse(alice.profile.vault["pins"][bob.cyphr_id]["verified"])
+        set_keys(tuple(genuine))
+        self.assertEqual(alice.contact(bob.cyphr_id).safety_number, real)
         # Accepting after a real comparison marks the contact verified.
-        self.assertTrue(alice.accept_identity(bob.cyphr_id).verified)
+        self.assertTrue(alice.accept_identity(bob.cyphr_id, real).verified)
         text = marker("after-check")
         chat = alice.send(bob.cyphr_id, text)["chatId"]
-        self.assertEqual(bob.history(chat)[-1].text, text)
+        [latest] = [m for m in bob.history(chat) if m.text == text]
+        self.assertEqual((latest.verified, latest.contact_verified), (True, False))
         self.secrets.texts.append(text)
         self.secrets.raw += [mallory.seed, bytes(mallory.signing_key)]
+
+    def v1_profile_upgrades(self) -> None:
+        """A profile whose published key is still v1-signed is refused by
+        readers by name; its first v2 login re-signs the key under v2 and
+        publishes v2 prekeys, and then messages flow."""
+        from cyphr.crypto import KYBER_KEY_CONTEXT
+
+        alice, bob = self.new_client(f"valice{self.tag}"), self.new_client(f"vbob{self.tag}")
+        v1_signature = alice.identity.signing_key.sign(
+            KYBER_KEY_CONTEXT + alice.identity.kyber_public_key).signature
+        blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(
+            self.server.database.run_operation(
+                "UPDATE cyphr_identities SET kyber_key_signature = ?, kyber_key_id = NULL,"
+                " kyber_key_created_at = NULL, kyber_key_expires_at = NULL,"
+                " kyber_key_signature_version = 1 WHERE cyphr_id = ?",
+                (v1_signature, alice.cyphr_id))))
+        with alice.profile.lock:
+            del alice.profile.vault["mainKey"]  # a v1 profile has no such record
+        with self.assertRaises(ClientError) as raised:
+            bob.send(alice.cyphr_id, marker("not-yet"))
+        self.assertIn(f"{alice.cyphr_id} has not upgraded to v2 key signatures",
+                      str(raised.exception))
+        alice.login()
+        self.assertEqual(alice.profile.vault["mainKey"]["keyId"], 0)
+        self.assertGreaterEqual(alice.prekeys_remaining(), 20)
+        text = marker("after-upgrade")
+        chat = bob.send(alice.cyphr_id, text)["chatId"]
+        [got] = [m for m in alice.history(chat) if m.text == text]
+        self.assertTrue(got.verified)
+        self.secrets.texts.append(text)
+        self.secrets.vault(alice)
 
     def totp_and_wallet(self) -> None:
         import pyotp
@@ -359,6 +417,34 @@ class ClientScenarios:
         self.assertEqual(alice.wallet_show(), keypair.public_key)
         self.secrets.texts.append(keypair.secret)
         self.secrets.raw.append(keypair.raw_secret_key())
+        # Signed in the user's own wallet: the client shows a SEP-53 text and
+        # takes the signature back.
+        wallet = Keypair.random()
+        bob = self.new_client(f"tbob{self.tag}")
+        challenge_id, text = bob.wallet_link_text(wallet.public_key)
+        self.assertTrue(text.startswith("cyphr-v2 wallet-link\n"))
+        self.assertIn(f"origin: {self.url}\n", text)
+        signature = b64(wallet.sign_message(text))
+        self.assertEqual(bob.wallet_link_signed(wallet.public_key, challenge_id, signature),
+                         wallet.public_key)
+        self.assertEqual(alice.wallet_show(bob.cyphr_id), wallet.public_key)
+        # A signature over anything else (here the raw challenge text's
+        # bytes as a plain Ed25519 signature) is refused, by the client when
+        # it made the text, and by the server.
+        other = Keypair.random()
+        challenge_id, text = bob.wallet_link_text(other.public_key)
+        with self.assertRaises(ClientError):
+            bob.wallet_link_signed(other.public_key, challenge_id,
+                                   b64(other.sign(text.encode("utf-8"))))
+        challenge_id, text = bob.wallet_link_text(other.public_key)
+        fresh = Client.open(bob.profile.directory, bob.passphrase)  # type: ignore[attr-defined]
+        self.clients.append(fresh)
+        with self.assertRaises(ApiError) as raised:
+            fresh.wallet_link_signed(other.public_key, challenge_id,
+                                     b64(other.sign(text.encode("utf-8"))))
+        self.assertEqual(raised.exception.code, "INVALID_SIGNATURE")
+        self.secrets.texts += [wallet.secret, other.secret]
+        self.secrets.raw += [wallet.raw_secret_key(), other.raw_secret_key()]
 
     # -- tests --------------------------------------------------------------
 
@@ -379,6 +465,12 @@ class ClientScenarios:
     async def test_changed_identity(self) -> None:
         await in_thread(self.changed_identity)
 
+    async def test_v1_profile_upgrades(self) -> None:
+        await in_thread(self.v1_profile_upgrades)
+
+    async def test_totp_and_wallet(self) -> None:
+        await in_thread(self.totp_and_wallet)
+
     async def test_zero_knowledge(self) -> None:
         """After every scenario, nothing the server keeps (every column of
         every table, its log output, every file in its data directory)
@@ -386,7 +478,8 @@ class ClientScenarios:
         a raw device fingerprint."""
         for index, scenario in enumerate((self.chat_both_ways, self.group_with_removal,
                                           self.offline_catch_up, self.recovery,
-                                          self.changed_identity, self.totp_and_wallet)):
+                                          self.changed_identity, self.v1_profile_upgrades,
+                                          self.totp_and_wallet)):
             self.tag = f"{index}"
             await in_thread(scenario)
         await self._close()  # every log line written
@@ -443,13 +536,17 @@ class CommandLineTests(SQLiteMixin, TestCase):
         self.url = f"http://127.0.0.1:{port.getHost().port}"
 
     def cli(self, profile: str, *args: str, timeout: float = 60,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+            env: dict[str, str] | None = None,
+            passphrase: str | None = None) -> subprocess.CompletedProcess[str]:
         profile = os.path.abspath(profile)  # the command runs elsewhere
+        # Secrets come from a file, never the environment.
+        passphrase_file = Path(f"{profile}.passphrase")
+        passphrase_file.write_text(passphrase or f"passphrase for {profile}")
         environment = dict(os.environ, CYPHR_SERVER=self.url, CYPHR_PROFILE=profile,
-                           CYPHR_PASSPHRASE=f"passphrase for {profile}",
                            PYTHONPATH=str(ROOT))
         environment.update(env or {})
-        return subprocess.run([sys.executable, "-m", "cyphr.client.cli", *args], env=environment,
+        return subprocess.run([sys.executable, "-m", "cyphr.client.cli", "--passphrase-file",
+                               str(passphrase_file), *args], env=environment,
                               capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
                               stdin=subprocess.DEVNULL)
 
@@ -465,7 +562,7 @@ class CommandLineTests(SQLiteMixin, TestCase):
         alice, bob = self.mktemp(), self.mktemp()
         shown = self.ok(await self.run_cli(alice, "init"))
         self.assertIn("recovery phrase", shown)
-        phrase = self.ok(await self.run_cli(bob, "--json", "init"))
+        phrase = self.ok(await self.run_cli(bob, "--json", "init", "--show-phrase"))
         self.assertEqual(len(json.loads(phrase)["recoveryPhrase"].split()), 24)
         registered = await self.run_cli(alice, "register", "alice", "--prekeys", "5")
         self.assertIn("Registered alice", self.ok(registered))
@@ -474,7 +571,7 @@ class CommandLineTests(SQLiteMixin, TestCase):
         text = marker("cli")
         self.ok(await self.run_cli(alice, "send", "bob", *text.split("-")))
         listened = self.ok(await self.run_cli(bob, "listen", "--count", "1", "--timeout", "20"))
-        self.assertIn(f"alice ✓: {' '.join(text.split('-'))}", listened)
+        self.assertIn(f"alice ✓ (unverified contact): {' '.join(text.split('-'))}", listened)
         as_json = self.ok(await self.run_cli(alice, "--json", "history", "bob"))
         [message] = json.loads(as_json)["messages"]
         self.assertEqual((message["sender"], message["verified"]), ("alice", True))
@@ -495,7 +592,7 @@ class CommandLineTests(SQLiteMixin, TestCase):
         unknown = await self.run_cli(alice, "send", "nobody", "hi")
         self.assertEqual((unknown.returncode, unknown.stderr.strip()),
                          (1, "cyphr-client: No such user (USER_NOT_FOUND)"))
-        wrong = await self.run_cli(alice, "whoami", env={"CYPHR_PASSPHRASE": "wrong"})
+        wrong = await self.run_cli(alice, "whoami", passphrase="wrong")
         self.assertEqual(wrong.returncode, 1)
         self.assertIn("wrong passphrase", wrong.stderr)
         self.assertEqual(len(wrong.stderr.strip().splitlines()), 1)
@@ -517,8 +614,8 @@ class CommandLineTests(SQLiteMixin, TestCase):
         alice, bob, carol = self.mktemp(), self.mktemp(), self.mktemp()
         phrases = {}
         for profile, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
-            phrases[name] = json.loads(self.ok(await self.run_cli(profile, "--json", "init")))[
-                "recoveryPhrase"]
+            phrases[name] = json.loads(self.ok(await self.run_cli(
+                profile, "--json", "init", "--show-phrase")))["recoveryPhrase"]
             self.ok(await self.run_cli(profile, "register", name, "--prekeys", "3"))
 
         async def j(profile: str, *args: str) -> Any:
@@ -535,7 +632,7 @@ class CommandLineTests(SQLiteMixin, TestCase):
         [named] = [c for c in (await j(carol, "chats"))["chats"] if c["chatId"] == chat]
         self.assertEqual(named["name"], "Book club")
         shown = self.ok(await self.run_cli(carol, "history", chat))
-        self.assertIn("alice ✓: welcome", shown)
+        self.assertIn("alice ✓ (unverified contact): welcome", shown)
         self.assertNotIn("groupKey", shown)
         await j(bob, "group", "remove", chat, "carol")
         self.assertNotIn("carol", [m["cyphrId"] for m in
@@ -546,7 +643,8 @@ class CommandLineTests(SQLiteMixin, TestCase):
         self.assertEqual(topped["remaining"], 10)
         numbers = await j(alice, "verify", "bob"), await j(bob, "verify", "alice")
         self.assertEqual(numbers[0]["safetyNumber"], numbers[1]["safetyNumber"])
-        self.assertTrue((await j(alice, "verify", "bob", "--accept"))["verified"])
+        self.assertTrue((await j(alice, "verify", "bob", "--accept",
+                                 numbers[1]["safetyNumber"]))["verified"])
 
         secret = (await j(bob, "totp", "enable"))["secret"]
         await j(bob, "totp", "confirm", pyotp.TOTP(secret).now())

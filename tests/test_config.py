@@ -238,3 +238,99 @@ class ExampleFileTests(TestCase):
             text = f.read()
         for setting in SETTINGS:
             self.assertIn(f"--{setting.option}" if setting.cli else setting.name, text)
+
+
+class V2SettingsTests(TestCase):
+    def test_defaults_off(self) -> None:
+        """public_url is unset, v1 signatures and hash-password are off by default."""
+        config = load_config({}, {})
+        self.assertEqual((config.public_url, config.accept_v1_auth, config.hash_password_endpoint),
+                         ((), False, False))
+
+    def test_public_url_normalised(self) -> None:
+        """public_url values become origins as clients sign them (scheme and
+        host in lower case, no default port, no path), without repeats, from
+        every source; the switches parse as booleans."""
+        config = load_config({"public_url": ("HTTPS://Chat.Example.COM:443/app/", "http://localhost:8080/",
+                                             "https://chat.example.com")}, {})
+        self.assertEqual(config.public_url, ("https://chat.example.com", "http://localhost:8080"))
+        config = load_config({}, {"CYPHR_PUBLIC_URL": "https://a.example,https://b.example:8443/x",
+                                  "CYPHR_ACCEPT_V1_AUTH": "true", "CYPHR_HASH_PASSWORD_ENDPOINT": "yes"})
+        self.assertEqual(config.public_url, ("https://a.example", "https://b.example:8443"))
+        self.assertEqual((config.accept_v1_auth, config.hash_password_endpoint), (True, True))
+        path = write(self, 'public_url = ["https://[2001:DB8::1]:443"]\naccept_v1_auth = true\n')
+        config = load_config({}, {}, path)
+        self.assertEqual(config.public_url, ("https://[2001:db8::1]",))
+        self.assertTrue(config.accept_v1_auth)
+        options = Options()
+        options.environ = {}
+        options.parseOptions(["--public-url", "https://x.example/", "--public-url", "https://y.example",
+                              "--hash-password-endpoint"])
+        self.assertEqual(options.config.public_url, ("https://x.example", "https://y.example"))
+        self.assertTrue(options.config.hash_password_endpoint)
+
+    def test_public_url_nonsense(self) -> None:
+        """A public_url that is not an http(s) URL with a host is a ConfigError naming it."""
+        for bad in ("chat.example.com", "ftp://chat.example.com", "https://", "https://user:pw@x.example",
+                    "https://x.example:99999", "mailto:a@b.example"):
+            with self.assertRaises(ConfigError) as caught:
+                load_config({"public_url": (bad,)}, {})
+            self.assertIn("--public-url", str(caught.exception), bad)
+        with self.assertRaises(ConfigError):
+            load_config({}, {"CYPHR_ACCEPT_V1_AUTH": "perhaps"})
+
+
+class PublicUrlWarningTests(TestCase):
+    def test_which_endpoints_warn(self) -> None:
+        """Without public_url, a tcp or ssl endpoint not bound to a loopback
+        interface gets the warning; loopback, unix endpoints or a set
+        public_url do not."""
+        from cyphr.server import public_url_warning
+
+        for listen in (("tcp:3001",), ("tcp:3001:interface=0.0.0.0",), ("tcp6:3001:interface=\\:\\:",),
+                       ("unix:/tmp/c.sock", "tcp:3001:interface=192.0.2.1")):
+            warning = public_url_warning(Config(listen=listen))
+            self.assertIsNotNone(warning, listen)
+            self.assertIn("public_url is not set", warning)
+            self.assertIn("loopback", warning)
+        for listen in (("tcp:3001:interface=127.0.0.1",), ("tcp6:3001:interface=\\:\\:1",),
+                       ("unix:/tmp/c.sock",), ("tcp:3001:interface=localhost",)):
+            self.assertIsNone(public_url_warning(Config(listen=listen)), listen)
+        self.assertIsNone(public_url_warning(Config(listen=("tcp:3001",),
+                                                    public_url=("https://chat.example.com",))))
+
+    async def test_logged_at_start(self) -> None:
+        """The service logs the warning when it starts with such an endpoint,
+        and not otherwise."""
+        from dataclasses import replace
+
+        from twisted.logger import globalLogPublisher
+
+        from tests.helpers import SQLiteMixin, start_server
+
+        class Case(SQLiteMixin):
+            pass
+
+        messages: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_format") == "{reason}":
+                messages.append(event["reason"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        for exposed in (True, False):
+            case = Case()
+            case.mktemp = self.mktemp  # type: ignore[attr-defined]
+            case.addCleanup = self.addCleanup  # type: ignore[attr-defined]
+            server = await start_server(case)
+            if exposed:
+                # The endpoints are built (on 127.0.0.1); the service judges
+                # what it is told it listens on.
+                server.service.config = replace(server.config, listen=("tcp:3001",))
+            server.service.startService()
+            await server.service.stopService()
+            self.assertEqual(len(messages), 1 if exposed else 0, messages)
+            if exposed:
+                self.assertIn("tcp:3001", messages[0])
+                messages.clear()

@@ -14,6 +14,7 @@ from nacl.signing import SigningKey
 from twisted.trial.unittest import TestCase
 
 from cyphr.api.guard import ACCESS_ATTRIBUTE
+from cyphr.signing import AuthStatement
 from tests.helpers import (
     InProcessHTTP,
     PostgresMixin,
@@ -34,6 +35,7 @@ class IdentityTestsMixin:
         self.server = await start_server(self, clock=self.clock, **self.overrides)
         self.http = InProcessHTTP.for_server(self.server)
         self.alice = User("alice")
+        self.alice.use(self.http)
 
     async def count(self, table: str, where: str = "", params: tuple[Any, ...] = ()) -> int:
         rows = await self.server.database.run_query(f"SELECT COUNT(*) FROM {table} {where}", params)
@@ -106,10 +108,9 @@ class IdentityTestsMixin:
 
     async def test_register_with_bad_signature(self) -> None:
         """A registration signed by another key is 401 INVALID_SIGNATURE and stores nothing."""
-        other = SigningKey.generate()
-        challenge_id, challenge = await self.alice.challenge(self.http)
-        body = await self.alice.register_body(self.http, challengeId=challenge_id,
-                                              signature=b64(other.sign(challenge).signature))
+        body = await self.alice.register_body(self.http)
+        statement = AuthStatement.decode(base64.b64decode(body["statement"]))
+        body["signature"] = b64(statement.sign(SigningKey.generate()))
         await self.assertError(await self.http.post("/api/cyphr-id/register", body), 401, "INVALID_SIGNATURE")
         self.assertEqual(await self.count("cyphr_identities"), 0)
 
@@ -117,11 +118,10 @@ class IdentityTestsMixin:
         """A Kyber key that is not a valid ML-KEM-1024 key, or not signed by the
         identity key, is refused and nothing is stored."""
         bad_key = b"\xff" * 1568  # every coefficient above the modulus
-        body = await self.alice.register_body(
-            self.http, kyberPublicKey=b64(bad_key), kyberKeySignature=self.alice.kyber_signature(bad_key))
+        body = await self.alice.register_body(self.http, **self.alice.main_key_fields(bad_key, key_id=1))
         await self.assertError(await self.http.post("/api/cyphr-id/register", body), 400, "INVALID_KYBER_KEY")
         body = await self.alice.register_body(
-            self.http, kyberKeySignature=self.alice.kyber_signature(new_kyber_key()))
+            self.http, kyberKeySignature=self.alice.main_key_fields(new_kyber_key(), key_id=1)["kyberKeySignature"])
         await self.assertError(await self.http.post("/api/cyphr-id/register", body), 400,
                                "INVALID_KEY_SIGNATURE")
         self.assertEqual(await self.count("cyphr_identities"), 0)
@@ -188,9 +188,8 @@ class IdentityTestsMixin:
     async def test_challenge_for_another_id(self) -> None:
         """A challenge issued for one Cyphr ID cannot log in another."""
         await self.alice.register(self.http)
-        challenge_id, challenge = await self.alice.challenge(self.http, "mallory")
-        body = await self.alice.login_body(self.http, challengeId=challenge_id,
-                                           signature=self.alice.sign(challenge))
+        challenge = await self.alice.challenge(self.http, "mallory")
+        body = await self.alice.login_body(self.http, challenge=challenge)
         await self.assertError(await self.http.post("/api/cyphr-id/login", body), 401, "INVALID_CHALLENGE")
         body = await self.alice.login_body(self.http, challengeId=str(uuid.uuid4()))
         await self.assertError(await self.http.post("/api/cyphr-id/login", body), 401, "INVALID_CHALLENGE")
@@ -200,14 +199,14 @@ class IdentityTestsMixin:
     async def test_tampered_signature(self) -> None:
         """A signature with one bit flipped, or by another key, is 401 INVALID_SIGNATURE."""
         await self.alice.register(self.http)
-        challenge_id, challenge = await self.alice.challenge(self.http)
-        signature = bytearray(self.alice.signing_key.sign(challenge).signature)
+        body = await self.alice.login_body(self.http)
+        signature = bytearray(base64.b64decode(body["signature"]))
         signature[10] ^= 1
-        body = await self.alice.login_body(self.http, challengeId=challenge_id, signature=b64(bytes(signature)))
+        body["signature"] = b64(bytes(signature))
         await self.assertError(await self.http.post("/api/cyphr-id/login", body), 401, "INVALID_SIGNATURE")
-        challenge_id, challenge = await self.alice.challenge(self.http)
-        body = await self.alice.login_body(
-            self.http, challengeId=challenge_id, signature=b64(SigningKey.generate().sign(challenge).signature))
+        body = await self.alice.login_body(self.http)
+        statement = base64.b64decode(body["statement"])
+        body["signature"] = b64(AuthStatement.decode(statement).sign(SigningKey.generate()))
         await self.assertError(await self.http.post("/api/cyphr-id/login", body), 401, "INVALID_SIGNATURE")
 
     async def test_unknown_user(self) -> None:
@@ -223,14 +222,12 @@ class IdentityTestsMixin:
         await self.assertError(await self.alice.login(self.http, deviceFingerprint=new_fingerprint),
                                401, "DEVICE_MISMATCH")
 
-        challenge_id, challenge = await self.alice.challenge(self.http)
         new_kyber = new_kyber_key()
-        response = await self.http.post("/api/cyphr-id/recover", {
-            "cyphrId": "alice", "newDeviceFingerprint": new_fingerprint, "challengeId": challenge_id,
-            "signature": self.alice.sign(challenge), "kyberPublicKey": b64(new_kyber),
-            "kyberKeySignature": self.alice.kyber_signature(new_kyber)})
+        response = await self.alice.recover(self.http, new_fingerprint,
+                                            **self.alice.main_key_fields(new_kyber))
         self.assertEqual(response.code, 200, response.body)
         self.assertEqual(response.json()["user"]["kyberPublicKey"], b64(new_kyber))
+        self.assertEqual(response.json()["user"]["kyberKeyId"], 2)
         new_token = response.json()["token"]
 
         await self.assertError(await self.http.get("/api/cyphr-id/user/alice", headers=self.alice.auth(old_token)),
@@ -244,21 +241,24 @@ class IdentityTestsMixin:
     async def test_recover_needs_the_identity_key(self) -> None:
         """Recovery signed by another key moves nothing."""
         await self.alice.register(self.http)
-        challenge_id, challenge = await self.alice.challenge(self.http)
-        response = await self.http.post("/api/cyphr-id/recover", {
-            "cyphrId": "alice", "newDeviceFingerprint": "cd" * 32, "challengeId": challenge_id,
-            "signature": b64(SigningKey.generate().sign(challenge).signature)})
+        body = await self.alice.recover_body(self.http, "cd" * 32)
+        statement = AuthStatement.decode(base64.b64decode(body["statement"]))
+        body["signature"] = b64(statement.sign(SigningKey.generate()))
+        response = await self.http.post("/api/cyphr-id/recover", body)
         await self.assertError(response, 401, "INVALID_SIGNATURE")
         self.assertEqual((await self.alice.login(self.http)).code, 200)
 
     async def test_recover_kyber_fields_go_together(self) -> None:
-        """A new Kyber key without its signature is 400."""
+        """A new Kyber key without its signature, or some of the v2 key fields
+        without the others, is 400 MISSING_FIELD and moves nothing."""
         await self.alice.register(self.http)
-        challenge_id, challenge = await self.alice.challenge(self.http)
-        response = await self.http.post("/api/cyphr-id/recover", {
-            "cyphrId": "alice", "newDeviceFingerprint": "cd" * 32, "challengeId": challenge_id,
-            "signature": self.alice.sign(challenge), "kyberPublicKey": b64(new_kyber_key())})
-        await self.assertError(response, 400, "MISSING_FIELD")
+        fields = self.alice.main_key_fields(new_kyber_key())
+        for name in ("kyberKeySignature", "kyberPublicKey", "kyberKeyId", "kyberKeyCreatedAt"):
+            partial = {k: v for k, v in fields.items() if k != name}
+            response = await self.alice.recover(self.http, "cd" * 32, **partial)
+            body = await self.assertError(response, 400, "MISSING_FIELD")
+            self.assertEqual(body["details"]["field"], name, partial)
+        self.assertEqual((await self.alice.login(self.http)).code, 200)
 
     # -- tokens -----------------------------------------------------------------
 
@@ -346,7 +346,12 @@ class IdentityTestsMixin:
         users = response.json()["users"]
         self.assertEqual([u["cyphrId"] for u in users], ["alice", "alina"])
         self.assertEqual(set(users[0]), {"cyphrId", "displayName", "avatarUrl", "publicKey",
-                                         "kyberPublicKey", "kyberKeySignature", "isOnline", "lastSeen"})
+                                         "kyberPublicKey", "kyberKeySignature", "kyberKeyId",
+                                         "kyberKeyCreatedAt", "kyberKeyExpiresAt",
+                                         "kyberKeySignatureVersion", "isOnline", "lastSeen"})
+        self.assertEqual((users[0]["kyberKeyId"], users[0]["kyberKeySignatureVersion"]), (1, 2))
+        self.assertEqual(users[0]["kyberKeyCreatedAt"], "2026-09-21T14:13:20.000Z")
+        self.assertEqual(users[0]["kyberKeyExpiresAt"], "2027-03-20T14:13:20.000Z")
         response = await self.http.get("/api/cyphr-id/search?q=a_", headers=self.alice.auth())
         self.assertEqual(response.json()["users"], [])
         await self.assertError(await self.http.get("/api/cyphr-id/search?q=al"), 401, "UNAUTHORIZED")
@@ -363,20 +368,19 @@ class IdentityTestsMixin:
                                400, "INVALID_CYPHR_ID")
 
     async def test_update_profile(self) -> None:
-        """Profile fields are set and cleared; the hint and settings stay private."""
+        """Profile fields are set and cleared; the settings stay private."""
         await self.alice.register(self.http)
         response = await self.http.post("/api/cyphr-id/update-profile", {
             "displayName": "Alice A.", "avatarUrl": "https://cdn.example/a.png",
-            "encryptedSettings": "b64settings", "recoveryPhraseHint": "the usual"},
+            "encryptedSettings": "b64settings"},
             headers=self.alice.auth())
         user = response.json()["user"]
-        self.assertEqual((user["displayName"], user["avatarUrl"], user["encryptedSettings"],
-                          user["recoveryPhraseHint"]),
-                         ("Alice A.", "https://cdn.example/a.png", "b64settings", "the usual"))
+        self.assertEqual((user["displayName"], user["avatarUrl"], user["encryptedSettings"]),
+                         ("Alice A.", "https://cdn.example/a.png", "b64settings"))
+        self.assertNotIn("recoveryPhraseHint", user)
         bob = User("bob")
         await bob.register(self.http)
         seen = (await self.http.get("/api/cyphr-id/user/alice", headers=bob.auth())).json()["user"]
-        self.assertNotIn("recoveryPhraseHint", seen)
         self.assertNotIn("encryptedSettings", seen)
         response = await self.http.post("/api/cyphr-id/update-profile", {"avatarUrl": None},
                                         headers=self.alice.auth())
@@ -402,6 +406,26 @@ class IdentityTestsMixin:
                 "INSERT INTO chat_participants (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)",
                 (chat_id, name, role, joined))
         return chat_id
+
+    async def test_recovery_phrase_hint_is_gone(self) -> None:
+        """recoveryPhraseHint is refused like any unknown field, changes
+        nothing, and its column is gone from the database."""
+        await self.alice.register(self.http)
+        before = await self.server.database.run_query(
+            "SELECT display_name, updated_at FROM cyphr_identities WHERE cyphr_id = 'alice'")
+        for body in ({"recoveryPhraseHint": "the usual"},
+                     {"displayName": "Alice A.", "recoveryPhraseHint": None}):
+            response = await self.http.post("/api/cyphr-id/update-profile", body,
+                                            headers=self.alice.auth())
+            error = await self.assertError(response, 400, "UNKNOWN_FIELD")
+            self.assertEqual(error["details"], {"fields": ["recoveryPhraseHint"]})
+        after = await self.server.database.run_query(
+            "SELECT display_name, updated_at FROM cyphr_identities WHERE cyphr_id = 'alice'")
+        self.assertEqual(after, before)
+        with self.assertRaises(Exception):
+            await self.server.database.run_query("SELECT recovery_phrase_hint FROM cyphr_identities")
+        login = await self.alice.login(self.http)
+        self.assertNotIn("recoveryPhraseHint", login.json()["user"])
 
     async def test_delete_account(self) -> None:
         """Deletion, proven by a challenge signature, removes the identity, its keys,
@@ -432,10 +456,11 @@ class IdentityTestsMixin:
             (direct, str(uuid.uuid4())))
         await self.alice.challenge(self.http)  # an outstanding challenge
 
-        challenge_id, challenge = await self.alice.challenge(self.http)
-        wrong = await self.http.request("DELETE", "/api/cyphr-id/account", data=json.dumps({
-            "challengeId": challenge_id, "signature": b64(SigningKey.generate().sign(challenge).signature)}).encode(),
-            headers={**self.alice.auth(), b"Content-Type": [b"application/json"]})
+        body = await self.alice.delete_body(self.http)
+        statement = AuthStatement.decode(base64.b64decode(body["statement"]))
+        body["signature"] = b64(statement.sign(SigningKey.generate()))
+        wrong = await self.http.request("DELETE", "/api/cyphr-id/account", data=json.dumps(body).encode(),
+                                        headers={**self.alice.auth(), b"Content-Type": [b"application/json"]})
         await self.assertError(wrong, 401, "INVALID_SIGNATURE")
         self.assertEqual(await self.count("cyphr_identities", "WHERE cyphr_id = 'alice'"), 1)
 
@@ -443,10 +468,7 @@ class IdentityTestsMixin:
                                     headers=bob.auth())
         self.assertEqual(sent.code, 201, sent.body)  # the server now knows their direct chat
 
-        challenge_id, challenge = await self.alice.challenge(self.http)
-        response = await self.http.request("DELETE", "/api/cyphr-id/account", data=json.dumps({
-            "challengeId": challenge_id, "signature": self.alice.sign(challenge)}).encode(),
-            headers={**self.alice.auth(), b"Content-Type": [b"application/json"]})
+        response = await self.alice.delete_account(self.http)
         self.assertEqual(response.code, 200, response.body)
         sent = await self.http.post("/api/messaging/send", {"recipientId": "alice", "encryptedPayload": {}},
                                     headers=bob.auth())

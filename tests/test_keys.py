@@ -8,12 +8,11 @@ from collections import Counter
 from typing import Any, Callable
 from urllib.parse import quote
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from cyphr.crypto import KYBER_KEY_CONTEXT
+from cyphr.handlers.validation import parse_timestamp
+from cyphr.signing import KeyBinding
 from tests.helpers import (
     InProcessHTTP,
     PostgresMixin,
@@ -43,18 +42,27 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-def verifies(identity_key: bytes, kyber_key: bytes, signature: bytes) -> bool:
-    try:
-        VerifyKey(identity_key).verify(KYBER_KEY_CONTEXT + kyber_key, signature)
-    except BadSignatureError:
-        return False
-    return True
+def verifies(owner: str, identity_key: bytes, answer: dict[str, Any], *, one_time: bool,
+             key_id: str = "keyId", key: str = "kyberPublicKey", signature: str = "signature",
+             created: str = "createdAt", expires: str = "expiresAt") -> bool:
+    """Whether a directory answer's key verifies as a v2 key of ``owner``, as a reader checks it."""
+    binding = KeyBinding(one_time=one_time, owner=owner, key_id=answer[key_id],
+                         created_at=parse_timestamp(answer[created], created),
+                         expires_at=parse_timestamp(answer[expires], expires),
+                         public_key=unb64(answer[key]))
+    return binding.verify(identity_key, unb64(answer[signature]))
 
 
 def prekey(user: User, key_id: Any, key: bytes | None = None, signature: str | None = None) -> dict[str, Any]:
-    key = key if key is not None else new_kyber_key()
-    return {"keyId": key_id, "kyberPublicKey": b64(key),
-            "signature": signature if signature is not None else user.kyber_signature(key)}
+    body = user.prekey(key_id if isinstance(key_id, int) and not isinstance(key_id, bool) else 1, key)
+    body["keyId"] = key_id
+    if signature is not None:
+        body["signature"] = signature
+    return body
+
+
+def main_key(user: User, key: bytes | None = None, **changes: Any) -> dict[str, Any]:
+    return user.main_key_fields(key, **changes)
 
 
 class KeysTestsMixin:
@@ -67,6 +75,7 @@ class KeysTestsMixin:
 
     async def user(self, cyphr_id: str) -> User:
         user = User(cyphr_id)
+        user.use(self.http)
         await user.register(self.http)
         return user
 
@@ -95,24 +104,24 @@ class KeysTestsMixin:
 
     async def test_rotate(self) -> None:
         """store-public-key and its alias register-public-key replace the caller's Kyber key and signature."""
-        for path in (STORE, REGISTER):
+        for key_id, path in enumerate((STORE, REGISTER), start=2):
             key = new_kyber_key()
-            response = await self.http.post(
-                path, {"kyberPublicKey": b64(key), "kyberKeySignature": self.alice.kyber_signature(key)},
-                headers=self.alice.auth())
+            fields = main_key(self.alice, key, key_id=key_id)
+            response = await self.http.post(path, fields, headers=self.alice.auth())
             self.assertEqual((response.code, response.json()), (200, {"success": True}), path)
             shown = await self.public_key(self.alice, caller=self.bob)
             self.assertEqual(unb64(shown["kyberPublicKey"]), key, path)
-            self.assertEqual(shown["kyberKeySignature"], self.alice.kyber_signature(key), path)
+            self.assertEqual({name: shown[name] for name in fields}, fields, path)
+            self.assertEqual(shown["kyberKeySignatureVersion"], 2)
         # Rotating one key leaves everyone else's alone.
         self.assertEqual(unb64((await self.public_key(self.bob))["kyberPublicKey"]), self.bob.kyber_key)
 
     async def test_rotate_naming_the_caller(self) -> None:
         """userId may name the caller (by Cyphr ID or user id) and publicKey may repeat the identity key."""
-        for extra in ({"userId": "alice"}, {"userId": self.alice.user_id},
-                      {"publicKey": b64(self.alice.public_key)}):
+        for key_id, extra in enumerate(({"userId": "alice"}, {"userId": self.alice.user_id},
+                                        {"publicKey": b64(self.alice.public_key)}), start=2):
             key = new_kyber_key()
-            body = {"kyberPublicKey": b64(key), "kyberKeySignature": self.alice.kyber_signature(key), **extra}
+            body = {**main_key(self.alice, key, key_id=key_id), **extra}
             response = await self.http.post(STORE, body, headers=self.alice.auth())
             self.assertEqual(response.code, 200, (extra, response.body))
             self.assertEqual(unb64((await self.public_key(self.alice))["kyberPublicKey"]), key, extra)
@@ -122,16 +131,16 @@ class KeysTestsMixin:
         a malformed body, no token) answers its error and leaves the key as it was."""
         before = await self.public_key(self.alice)
         key = new_kyber_key()
-        good = {"kyberPublicKey": b64(key), "kyberKeySignature": self.alice.kyber_signature(key)}
+        good = main_key(self.alice, key)
         cases: list[tuple[dict[str, Any], int, str]] = [
             ({**good, "userId": "bob"}, 403, "FORBIDDEN"),
             ({**good, "userId": self.bob.user_id}, 403, "FORBIDDEN"),
             ({**good, "publicKey": b64(self.bob.public_key)}, 403, "FORBIDDEN"),
-            ({"kyberPublicKey": b64(INVALID_KYBER_KEY),
-              "kyberKeySignature": self.alice.kyber_signature(INVALID_KYBER_KEY)}, 400, "INVALID_KYBER_KEY"),
-            ({**good, "kyberKeySignature": self.alice.kyber_signature(new_kyber_key())},
+            (main_key(self.alice, INVALID_KYBER_KEY), 400, "INVALID_KYBER_KEY"),
+            ({**good, "kyberKeySignature": main_key(self.alice, new_kyber_key())["kyberKeySignature"]},
              400, "INVALID_KEY_SIGNATURE"),
-            ({**good, "kyberKeySignature": self.bob.kyber_signature(key)}, 400, "INVALID_KEY_SIGNATURE"),
+            ({**good, "kyberKeySignature": main_key(self.bob, key)["kyberKeySignature"]},
+             400, "INVALID_KEY_SIGNATURE"),
             ({**good, "kyberPublicKey": b64(key[:-1])}, 400, "INVALID_FIELD"),
             ({**good, "kyberPublicKey": "not base64!"}, 400, "INVALID_FIELD"),
             ({**good, "kyberPublicKey": 12}, 400, "INVALID_FIELD"),
@@ -140,6 +149,12 @@ class KeysTestsMixin:
             ({**good, "userId": 7}, 400, "INVALID_FIELD"),
             ({"kyberPublicKey": good["kyberPublicKey"]}, 400, "MISSING_FIELD"),
             ({"kyberKeySignature": good["kyberKeySignature"]}, 400, "MISSING_FIELD"),
+            ({**good, "kyberKeyId": None}, 400, "MISSING_FIELD"),
+            ({**good, "kyberKeyExpiresAt": None}, 400, "MISSING_FIELD"),
+            ({**good, "kyberKeyId": -1}, 400, "INVALID_FIELD"),
+            ({**good, "kyberKeyId": 2**53}, 400, "INVALID_FIELD"),
+            ({**good, "kyberKeyCreatedAt": "2026-09-21T14:13:20Z"}, 400, "INVALID_FIELD"),
+            ({**good, "kyberKeyExpiresAt": 1790000000000}, 400, "INVALID_FIELD"),
             ({**good, "kyberPublicKey": None}, 400, "MISSING_FIELD"),
             ({**good, "deviceFingerprint": self.alice.fingerprint}, 400, "UNKNOWN_FIELD"),
         ]
@@ -157,12 +172,16 @@ class KeysTestsMixin:
         """public-key/:cyphrId answers the identity key and a Kyber key whose signature verifies."""
         body = await self.public_key(self.bob)
         self.assertEqual(set(body),
-                         {"success", "cyphrId", "publicKey", "kyberPublicKey", "kyberKeySignature"})
+                         {"success", "cyphrId", "publicKey", "kyberPublicKey", "kyberKeySignature",
+                          "kyberKeyId", "kyberKeyCreatedAt", "kyberKeyExpiresAt",
+                          "kyberKeySignatureVersion"})
         self.assertEqual(body["cyphrId"], "bob")
         self.assertEqual(unb64(body["publicKey"]), self.bob.public_key)
         self.assertEqual(unb64(body["kyberPublicKey"]), self.bob.kyber_key)
-        self.assertTrue(verifies(unb64(body["publicKey"]), unb64(body["kyberPublicKey"]),
-                                 unb64(body["kyberKeySignature"])))
+        self.assertEqual((body["kyberKeyId"], body["kyberKeySignatureVersion"]), (1, 2))
+        self.assertTrue(verifies("bob", unb64(body["publicKey"]), body, one_time=False,
+                                 key_id="kyberKeyId", signature="kyberKeySignature",
+                                 created="kyberKeyCreatedAt", expires="kyberKeyExpiresAt"))
 
     async def test_public_key_refused(self) -> None:
         """An unknown user is 404 USER_NOT_FOUND, a malformed Cyphr ID 400 INVALID_CYPHR_ID, no token 401."""
@@ -194,15 +213,12 @@ class KeysTestsMixin:
         handed out any more; the new device publishes its own."""
         await self.upload(self.alice, [prekey(self.alice, i) for i in (1, 2, 3)])
         await self.upload(self.bob, [prekey(self.bob, 1)])
-        challenge_id, challenge = await self.alice.challenge(self.http)
-        response = await self.http.post("/api/cyphr-id/recover", {
-            "cyphrId": "alice", "newDeviceFingerprint": "cd" * 32, "challengeId": challenge_id,
-            "signature": self.alice.sign(challenge)})
+        response = await self.alice.recover(self.http, "cd" * 32)
         self.assertEqual(response.code, 200, response.body)
         token = response.json()["token"]
         self.assertEqual((await self.count(self.bob)), 1)  # nobody else's
         claimed = (await self.claim(self.bob, "alice")).json()
-        self.assertEqual((claimed["oneTime"], claimed["keyId"]), (False, None))
+        self.assertEqual((claimed["oneTime"], claimed["keyId"]), (False, 1))
         response = await self.http.post(PREKEYS, {"prekeys": [prekey(self.alice, 1)]},
                                         headers=self.alice.auth(token))
         self.assertEqual((response.code, response.json()["total"]), (200, 1))
@@ -250,8 +266,8 @@ class KeysTestsMixin:
         good = [prekey(self.alice, i) for i in range(3)]
         other = new_kyber_key()
         cases = [
-            (prekey(self.alice, 9, signature=self.alice.kyber_signature(other)), "INVALID_KEY_SIGNATURE"),
-            (prekey(self.alice, 9, signature=self.bob.kyber_signature(other)), "INVALID_KEY_SIGNATURE"),
+            (prekey(self.alice, 9, signature=self.alice.prekey(9, other)["signature"]), "INVALID_KEY_SIGNATURE"),
+            (prekey(self.alice, 9, signature=self.bob.prekey(9)["signature"]), "INVALID_KEY_SIGNATURE"),
             (prekey(self.alice, 9, INVALID_KYBER_KEY), "INVALID_KYBER_KEY"),
         ]
         for bad, code in cases:
@@ -278,6 +294,10 @@ class KeysTestsMixin:
             (with_(kyberPublicKey="%%%%"), "INVALID_FIELD"),
             (with_(signature=b64(bytes(65))), "INVALID_FIELD"),
             (with_(extra=1), "UNKNOWN_FIELD"),
+            (with_(createdAt=None), "MISSING_FIELD"),
+            (with_(expiresAt=None), "MISSING_FIELD"),
+            (with_(expiresAt="2026-13-01T00:00:00.000Z"), "INVALID_FIELD"),
+            (with_(createdAt="yesterday"), "INVALID_FIELD"),
             ([prekey(self.alice, 1), "prekey"], "INVALID_FIELD"),
             ([], "INVALID_FIELD"),
             ({"keyId": 1}, "INVALID_FIELD"),
@@ -302,20 +322,21 @@ class KeysTestsMixin:
             self.assertEqual(response.code, 200, response.body)
             body = response.json()
             self.assertIs(body["oneTime"], True)
-            self.assertEqual(set(body), {"success", "keyId", "kyberPublicKey", "signature", "oneTime"})
+            self.assertEqual(set(body), {"success", "keyId", "kyberPublicKey", "signature", "oneTime",
+                                         "createdAt", "expiresAt", "signatureVersion"})
             sent = uploaded[body["keyId"]]
-            self.assertEqual((body["kyberPublicKey"], body["signature"]),
-                             (sent["kyberPublicKey"], sent["signature"]))
-            self.assertTrue(verifies(self.bob.public_key, unb64(body["kyberPublicKey"]),
-                                     unb64(body["signature"])))
+            self.assertEqual({name: body[name] for name in sent}, sent)
+            self.assertEqual(body["signatureVersion"], 2)
+            self.assertTrue(verifies("bob", self.bob.public_key, body, one_time=True))
             handed_out.append(body["keyId"])
             self.assertEqual(await self.count(self.bob), remaining)
         self.assertEqual(sorted(handed_out), [7, 11, 12])
         for _ in range(2):
             body = (await self.claim(self.alice, "bob")).json()
-            self.assertEqual((body["oneTime"], body["keyId"]), (False, None))
+            self.assertEqual((body["oneTime"], body["keyId"], body["signatureVersion"]), (False, 1, 2))
             self.assertEqual(unb64(body["kyberPublicKey"]), self.bob.kyber_key)
             self.assertEqual(body["signature"], self.bob.kyber_signature())
+            self.assertTrue(verifies("bob", self.bob.public_key, body, one_time=False))
         self.assertEqual(await self.count(self.bob), 0)
 
     async def test_claim_refused(self) -> None:
@@ -365,7 +386,7 @@ class KeysTestsMixin:
         fallbacks = [b for b in bodies if not b["oneTime"]]
         self.assertEqual(len(fallbacks), 10)
         self.assertEqual({(b["keyId"], b["kyberPublicKey"]) for b in fallbacks},
-                         {(None, b64(self.bob.kyber_key))})
+                         {(1, b64(self.bob.kyber_key))})
         self.assertEqual(await self.count(self.bob), 0)
 
 

@@ -101,10 +101,10 @@ class RecordingUser(User):
 
     signatures: list[str] = field(default_factory=list)
 
-    def sign(self, message: bytes) -> str:
-        signature = super().sign(message)
-        self.signatures.append(signature)
-        return signature
+    def encode_signature(self, signature: bytes) -> str:
+        encoded = super().encode_signature(signature)
+        self.signatures.append(encoded)
+        return encoded
 
 
 class TwistdLogHygieneTests(TestCase):

@@ -115,13 +115,48 @@ class MigrationTestsMixin:
             await database.run_query("SELECT * FROM half_done")
 
 
+class V2SignaturesMigrationMixin:
+    """Schema 006 (v2 signatures) on a database holding data from before."""
+
+    async def test_upgrade_keeps_v1_keys_as_version_1(self) -> None:
+        """Upgrading from schema 5, an identity's main key and its one-time
+        prekeys become signature version 1 with no id nor times, the
+        recovery phrase hint column is gone with its values, and the pin
+        backup table exists (empty) and cascades with the identity."""
+        location = self.new_location()
+        old = await self.started(location, target=5)
+        user_id = "00000000-0000-4000-8000-000000000001"
+        await old.run_operation(
+            "INSERT INTO cyphr_identities (id, cyphr_id, public_key, kyber_public_key, kyber_key_signature,"
+            " recovery_phrase_hint, created_at, updated_at) VALUES (?, 'olduser', ?, ?, ?, 'my dog', 0, 0)",
+            (user_id, b"k" * 32, b"m" * 1568, b"s" * 64))
+        await old.run_operation(
+            "INSERT INTO one_time_prekeys (user_id, key_id, kyber_public_key, signature, created_at)"
+            " VALUES (?, 7, ?, ?, 0)", (user_id, b"p" * 1568, b"s" * 64))
+        await old.close()
+        new = await self.started(location)
+        self.assertEqual(new.schema_version, 6)
+        self.assertEqual(await new.run_query(
+            "SELECT kyber_key_id, kyber_key_created_at, kyber_key_expires_at, kyber_key_signature_version"
+            " FROM cyphr_identities"), [(None, None, None, 1)])
+        self.assertEqual(await new.run_query(
+            "SELECT key_id, key_created_at, key_expires_at, signature_version FROM one_time_prekeys"),
+            [(7, None, None, 1)])
+        with self.assertRaises(Exception):
+            await new.run_query("SELECT recovery_phrase_hint FROM cyphr_identities")
+        await new.run_operation("INSERT INTO pin_backups (user_id, blob, updated_at) VALUES (?, ?, 1)",
+                                (user_id, b"sealed"))
+        await new.run_operation("DELETE FROM cyphr_identities WHERE id = ?", (user_id,))
+        self.assertEqual(await new.run_query("SELECT COUNT(*) FROM pin_backups"), [(0,)])
+
+
 async def deferLater(seconds: float) -> None:
     from twisted.internet.task import deferLater as later
 
     await later(reactor, seconds, lambda: None)
 
 
-class SQLiteMigrationTests(MigrationTestsMixin, TestCase):
+class SQLiteMigrationTests(V2SignaturesMigrationMixin, MigrationTestsMixin, TestCase):
     def new_location(self) -> str:
         directory = self.mktemp()
         os.makedirs(directory)
@@ -138,7 +173,7 @@ class SQLiteMigrationTests(MigrationTestsMixin, TestCase):
         sqlite_preflight(os.path.join(self.mktemp(), "none.sqlite3"))
 
 
-class PostgresMigrationTests(MigrationTestsMixin, TestCase):
+class PostgresMigrationTests(V2SignaturesMigrationMixin, MigrationTestsMixin, TestCase):
     def new_location(self) -> str:
         return postgres.database_url()
 

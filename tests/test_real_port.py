@@ -13,6 +13,7 @@ import requests
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from cyphr.signing import LOGIN, REGISTER
 from tests.certificates import self_signed
 from tests.helpers import (
     InProcessHTTP,
@@ -162,7 +163,9 @@ class IdentityOverTcpTests(PostgresMixin, TestCase):
         server = await start_server(self, serve=True)
         port = (await server.listening()[0]).getHost().port
         user = User("tcp_user")
-        kyber_signature = user.kyber_signature()
+        # A client that reached the server at this URL signs this origin.
+        user.origin = f"http://127.0.0.1:{port}"
+        main_key = user.main_key_fields()
 
         def flow() -> tuple[int, int, int]:
             def call(method: str, path: str, body: dict | None = None, token: str | None = None
@@ -186,13 +189,12 @@ class IdentityOverTcpTests(PostgresMixin, TestCase):
             challenge_id, raw = challenge()
             status_register, registered = call("POST", "/api/cyphr-id/register", {
                 "cyphrId": user.cyphr_id, "publicKey": base64.b64encode(user.public_key).decode(),
-                "kyberPublicKey": base64.b64encode(user.kyber_key).decode(),
-                "kyberKeySignature": kyber_signature, "deviceFingerprint": user.fingerprint,
-                "challengeId": challenge_id, "signature": user.sign(raw)})
+                **main_key, "deviceFingerprint": user.fingerprint, "challengeId": challenge_id,
+                **user.proof(user.statement(REGISTER, challenge_id, raw))})
             challenge_id, raw = challenge()
             status_login, logged_in = call("POST", "/api/cyphr-id/login", {
                 "cyphrId": user.cyphr_id, "deviceFingerprint": user.fingerprint,
-                "challengeId": challenge_id, "signature": user.sign(raw)})
+                "challengeId": challenge_id, **user.proof(user.statement(LOGIN, challenge_id, raw))})
             status_me, _ = call("GET", f"/api/cyphr-id/user/{user.cyphr_id}", token=logged_in["token"])
             return status_register, status_login, status_me
 

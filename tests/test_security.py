@@ -23,6 +23,7 @@ from tests.helpers import (
     SQLiteMixin,
     start_server,
 )
+from cyphr.signing import sep53_digest, wallet_link_text
 from tests.users import User, b64
 
 STEP = 30  # seconds per TOTP step
@@ -55,6 +56,9 @@ class SecurityTestsMixin:
     async def start(self, **overrides: Any) -> None:
         self.server = await start_server(self, **overrides)
         self.http = InProcessHTTP.for_server(self.server)
+        if self.server.config.public_url:
+            # Clients reach it at its public URL (behind a proxy, say).
+            self.http.origin = self.server.config.public_url[0]
         self.alice, self.bob = User("alice"), User("bob")
         await self.alice.register(self.http)
         await self.bob.register(self.http)
@@ -188,10 +192,7 @@ class SecurityTestsMixin:
         self.assertLoggedIn(await self.alice.login(self.http, totpCode=later), totp_enabled=True)
 
     async def recover(self, user: User, fingerprint: str, **extra: Any) -> Response:
-        challenge_id, challenge = await user.challenge(self.http)
-        return await self.http.post("/api/cyphr-id/recover", {
-            "cyphrId": user.cyphr_id, "newDeviceFingerprint": fingerprint,
-            "challengeId": challenge_id, "signature": user.sign(challenge), **extra})
+        return await user.recover(self.http, fingerprint, **extra)
 
     async def test_recover_with_totp(self) -> None:
         """With two-factor on, recovery on a new device needs a right code;
@@ -261,7 +262,7 @@ class SecurityTestsMixin:
     async def test_hash_password(self) -> None:
         """hash-password answers an Argon2id hash of the password, up to 1024
         characters long."""
-        await self.start()
+        await self.start(hash_password_endpoint=True)
         for password in ("correct horse \u2603 battery\n", "p" * 1024):
             response = await self.call(HASH, {"password": password}, self.alice)
             self.assertEqual(response.code, 200, response.body)
@@ -273,7 +274,7 @@ class SecurityTestsMixin:
     async def test_hash_password_bad_input(self) -> None:
         """An empty, missing, non-string or over-long password is 400, an
         unknown field is 400, and no token is 401."""
-        await self.start()
+        await self.start(hash_password_endpoint=True)
         for body in ({"password": ""}, {}, {"password": None}, {"password": 12345678},
                      {"password": ["x"]}, {"password": "p" * 1025}, {"password": "x", "salt": "y"}):
             self.assertError(await self.call(HASH, body, self.alice), 400)
@@ -283,7 +284,7 @@ class SecurityTestsMixin:
         """hash-password is limited per user: past the limit it is 429
         RATE_LIMITED with Retry-After; refused input and other users do not
         count against it."""
-        await self.start(rate_limit_password=(2, 60))
+        await self.start(rate_limit_password=(2, 60), hash_password_endpoint=True)
         self.assertError(await self.call(HASH, {"password": ""}, self.alice), 400)
         for _ in range(2):
             self.assertEqual((await self.call(HASH, {"password": "pw"}, self.alice)).code, 200)
@@ -292,13 +293,34 @@ class SecurityTestsMixin:
         self.assertTrue(0 < int(response.header("Retry-After")) <= 60)
         self.assertEqual((await self.call(HASH, {"password": "pw"}, self.bob)).code, 200)
 
+    async def test_hash_password_off_by_default(self) -> None:
+        """Without hash_password_endpoint, POST /api/auth/hash-password is
+        404 NOT_FOUND like a route that does not exist, with or without a
+        token, and hashes nothing."""
+        await self.start()
+        for user in (self.alice, None):
+            response = await self.call(HASH, {"password": "correct horse"}, user)
+            self.assertError(response, 404, "NOT_FOUND")
+            self.assertNotIn("hash", response.json())
+            unknown = await self.call("/api/auth/hash-passwords", {"password": "x"}, user)
+            self.assertEqual((unknown.code, set(unknown.json())), (404, set(response.json())))
+
     # -- wallet ---------------------------------------------------------
 
+    def link_text(self, user: User, keypair: Keypair, challenge: tuple[str, bytes],
+                  origin: str | None = None) -> str:
+        return wallet_link_text(origin or self.http.origin, user.cyphr_id, keypair.public_key,
+                                challenge[0], challenge[1])
+
     async def link(self, user: User, keypair: Keypair, *, signer: Keypair | None = None,
-                   challenge: tuple[str, bytes] | None = None, **overrides: Any) -> Response:
-        challenge_id, raw = challenge or await user.challenge(self.http)
-        body = {"stellarAddress": keypair.public_key, "challengeId": challenge_id,
-                "signature": b64((signer or keypair).sign(raw)), **overrides}
+                   challenge: tuple[str, bytes] | None = None, origin: str | None = None,
+                   **overrides: Any) -> Response:
+        """Link as a v2 client does: a SEP-53 signature over the wallet link text."""
+        challenge = challenge or await user.challenge(self.http)
+        text = self.link_text(user, keypair, challenge, origin)
+        body = {"stellarAddress": keypair.public_key, "challengeId": challenge[0],
+                "origin": origin or self.http.origin,
+                "signature": b64((signer or keypair).sign_message(text)), **overrides}
         return await self.call(LINK, body, user)
 
     async def wallet_of(self, cyphr_id: str, user: User | None = None) -> Response:
@@ -352,11 +374,82 @@ class SecurityTestsMixin:
         keypair = Keypair.random()
         response = await self.link(self.alice, keypair, signer=Keypair.random())
         self.assertError(response, 401, "INVALID_SIGNATURE")
-        challenge_id, raw = await self.alice.challenge(self.http)
-        response = await self.link(self.alice, keypair, challenge=(challenge_id, raw),
-                                   signature=self.alice.sign(raw))
+        challenge = await self.alice.challenge(self.http)
+        text = self.link_text(self.alice, keypair, challenge).encode()
+        response = await self.link(self.alice, keypair, challenge=challenge,
+                                   signature=self.alice.sign(sep53_digest(text)))
         self.assertError(response, 401, "INVALID_SIGNATURE")
         self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+
+    async def test_raw_challenge_signature_refused(self) -> None:
+        """A v1 link, the Stellar key's plain Ed25519 signature over the raw
+        challenge, is 401 INVALID_SIGNATURE (it is no SEP-53 signature), also
+        under accept_v1_auth; nothing is linked."""
+        await self.start(accept_v1_auth=True)
+        keypair = Keypair.random()
+        for _ in range(2):
+            challenge = await self.alice.challenge(self.http)
+            response = await self.link(self.alice, keypair, challenge=challenge,
+                                       signature=b64(keypair.sign(challenge[1])))
+            self.assertError(response, 401, "INVALID_SIGNATURE")
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+
+    async def test_transaction_hash_signature_refused(self) -> None:
+        """A signature over a Stellar transaction's hash (what a wallet signs
+        to pay) is 401 INVALID_SIGNATURE: a link cannot be made of a
+        transaction signature; nothing is linked."""
+        from stellar_sdk import Account, Asset, Network, TransactionBuilder
+
+        await self.start()
+        keypair = Keypair.random()
+        challenge = await self.alice.challenge(self.http)
+        transaction = (TransactionBuilder(Account(keypair.public_key, 1), Network.TESTNET_NETWORK_PASSPHRASE,
+                                          base_fee=100)
+                       .append_payment_op(Keypair.random().public_key, Asset.native(), "1")
+                       .set_timeout(30).build())
+        transaction.sign(keypair)
+        signature = transaction.signatures[0].signature
+        keypair.verify(transaction.hash(), signature)  # a real transaction signature
+        response = await self.link(self.alice, keypair, challenge=challenge, signature=b64(signature))
+        self.assertError(response, 401, "INVALID_SIGNATURE")
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+
+    async def test_link_for_another_origin_refused(self) -> None:
+        """A link signed for another server's origin (its text and the body
+        say so) is 401 STATEMENT_MISMATCH naming the origin, and uses up the
+        challenge; one whose body names this server but whose text was signed
+        for another is 401 INVALID_SIGNATURE; an origin not in its normalised
+        form is not accepted either. Nothing is linked."""
+        await self.start()
+        keypair = Keypair.random()
+        challenge = await self.alice.challenge(self.http)
+        response = await self.link(self.alice, keypair, challenge=challenge, origin="https://evil.example")
+        self.assertError(response, 401, "STATEMENT_MISMATCH")
+        self.assertEqual(response.json()["details"]["field"], "origin")
+        response = await self.link(self.alice, keypair, challenge=challenge)
+        self.assertError(response, 401, "INVALID_CHALLENGE")
+        challenge = await self.alice.challenge(self.http)
+        text = self.link_text(self.alice, keypair, challenge, "https://evil.example")
+        response = await self.link(self.alice, keypair, challenge=challenge,
+                                   signature=b64(keypair.sign_message(text)))
+        self.assertError(response, 401, "INVALID_SIGNATURE")
+        for origin in ("http://127.0.0.1/", "HTTP://127.0.0.1", "not a url", "http://127.0.0.1:80"):
+            response = await self.link(self.alice, keypair, origin=origin)
+            self.assertError(response, 401, "STATEMENT_MISMATCH")
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+
+    async def test_link_with_public_url(self) -> None:
+        """With public_url set, a link for that origin works and one for a
+        loopback origin is refused (STATEMENT_MISMATCH, expecting the
+        configured origin)."""
+        await self.start(public_url=("https://Chat.Example.com:443/app",))
+        keypair = Keypair.random()
+        response = await self.link(self.alice, keypair, origin="http://127.0.0.1")
+        self.assertError(response, 401, "STATEMENT_MISMATCH")
+        self.assertEqual(response.json()["details"]["expected"], "https://chat.example.com")
+        self.assertError(await self.wallet_of("alice"), 404, "WALLET_NOT_LINKED")
+        response = await self.link(self.alice, keypair, origin="https://chat.example.com")
+        self.assertEqual(response.code, 200, response.body)
 
     async def test_challenge_of_another_user(self) -> None:
         """A challenge issued for another Cyphr ID is 401 INVALID_CHALLENGE
@@ -401,9 +494,10 @@ class SecurityTestsMixin:
         self.assertError(await self.wallet_of("nobody"), 404, "USER_NOT_FOUND")
         self.assertError(await self.wallet_of("Not-An-Id"), 400, "INVALID_CYPHR_ID")
         keypair = Keypair.random()
-        challenge_id, raw = await self.alice.challenge(self.http)
-        body = {"stellarAddress": keypair.public_key, "challengeId": challenge_id,
-                "signature": b64(keypair.sign(raw))}
+        challenge = await self.alice.challenge(self.http)
+        body = {"stellarAddress": keypair.public_key, "challengeId": challenge[0],
+                "origin": self.http.origin,
+                "signature": b64(keypair.sign_message(self.link_text(self.alice, keypair, challenge)))}
         self.assertError(await self.call(LINK, body), 401)
         self.assertError(await self.call(LINK, method="DELETE"), 401)
         self.assertError(await self.call("/api/wallet/alice", method="GET"), 401)

@@ -3,8 +3,9 @@ Fuzz the REST API against its OpenAPI document with schemathesis.
 
 For each engine (SQLite, then PostgreSQL in a throwaway cluster from
 tests/postgres.py) this starts a real server (``python -m twisted cyphr``)
-on a free local port, registers real users with real keys (an Ed25519
-challenge signature, an ML-KEM-1024 key), makes a group chat with a message
+on a free local port, registers real users with real keys (a v2 login
+statement signed with the Ed25519 identity key, an ML-KEM-1024 key with its
+signed key binding), makes a group chat with a message
 so that fuzzed requests can reach real resources, and runs schemathesis
 against the served document (GET /api/openapi.json):
 
@@ -49,7 +50,14 @@ from nacl.signing import SigningKey
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cyphr.crypto import KYBER_KEY_CONTEXT  # noqa: E402
+from cyphr.clock import iso  # noqa: E402
+from cyphr.signing import (  # noqa: E402
+    REGISTER,
+    AuthStatement,
+    KeyBinding,
+    device_hash,
+    normalize_origin,
+)
 from tests import postgres  # noqa: E402
 
 CHECKS = os.environ.get("CYPHR_FUZZ_CHECKS") or ",".join((
@@ -84,20 +92,31 @@ class Account:
 
 
 def register(base: str, cyphr_id: str) -> Account:
-    """Register as a client does: real keys, the challenge signed."""
+    """Register as a v2 client does: real keys, a signed key binding, and a
+    login statement for the origin of ``base``."""
     key = SigningKey.generate()
     kyber = MLKEM1024PrivateKey.generate().public_key().public_bytes_raw()
+    fingerprint = hashlib.sha256(os.urandom(16)).hexdigest()
     challenge = requests.post(f"{base}/api/cyphr-id/challenge", json={"cyphrId": cyphr_id}, timeout=30)
     challenge.raise_for_status()
     issued = challenge.json()
+    now = int(time.time() * 1000)
+    binding = KeyBinding(one_time=False, owner=cyphr_id, key_id=1, created_at=now,
+                         expires_at=now + 180 * 86400 * 1000, public_key=kyber)
+    statement = AuthStatement(REGISTER, normalize_origin(base), cyphr_id, device_hash(fingerprint),
+                              issued["challengeId"], base64.b64decode(issued["challenge"]))
     response = requests.post(f"{base}/api/cyphr-id/register", timeout=30, json={
         "cyphrId": cyphr_id,
         "publicKey": b64(bytes(key.verify_key)),
         "kyberPublicKey": b64(kyber),
-        "kyberKeySignature": b64(key.sign(KYBER_KEY_CONTEXT + kyber).signature),
-        "deviceFingerprint": hashlib.sha256(os.urandom(16)).hexdigest(),
+        "kyberKeySignature": b64(binding.sign(key)),
+        "kyberKeyId": binding.key_id,
+        "kyberKeyCreatedAt": iso(binding.created_at),
+        "kyberKeyExpiresAt": iso(binding.expires_at),
+        "deviceFingerprint": fingerprint,
         "challengeId": issued["challengeId"],
-        "signature": b64(key.sign(base64.b64decode(issued["challenge"])).signature),
+        "statement": b64(statement.encode()),
+        "signature": b64(statement.sign(key)),
     })
     if response.status_code != 201:
         raise SystemExit(f"cannot register {cyphr_id}: {response.status_code} {response.text}")

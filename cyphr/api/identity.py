@@ -1,4 +1,4 @@
-"""/api/cyphr-id: Cyphr IDs, login by challenge signature, profiles."""
+"""/api/cyphr-id: Cyphr IDs, login by signed statement, profiles, pin backups."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from cyphr.clock import iso
 from cyphr.crypto import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, MLKEM1024_KEY_BYTES
 from cyphr.errors import INVALID_QUERY, MISSING_FIELD, BadRequest
 from cyphr.handlers.auth import Authenticator, AuthUser
-from cyphr.handlers.identity import IdentityHandler, Session
+from cyphr.handlers.identity import IdentityHandler, Proof, Session
+from cyphr.handlers.pins import MAX_PIN_BACKUP_BYTES, PinBackupHandler
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import (
     CYPHR_ID_PREFIX,
@@ -22,11 +23,30 @@ from cyphr.handlers.validation import (
     check_cyphr_id,
     invalid,
 )
-from cyphr.store.identities import Identity
+from cyphr.store.identities import Identity, MainKey
 
 SEARCH_DEFAULT_LIMIT = 20
 SEARCH_MAX_LIMIT = 50
 TOTP_CODE_LENGTH = 6
+# A main key's id is its owner's key generation: any integer JSON carries exactly.
+MAX_MAIN_KEY_ID = 2**53 - 1
+# An AuthStatement is at most about 750 bytes (signing.AuthStatement.decode).
+MAX_STATEMENT_BYTES = 1024
+MAIN_KEY_FIELDS = ("kyberPublicKey", "kyberKeySignature", "kyberKeyId", "kyberKeyCreatedAt",
+                   "kyberKeyExpiresAt")
+PROOF_FIELDS = ("challengeId", "statement", "signature")
+
+
+def main_key_fields(identity: Identity) -> dict[str, Any]:
+    """The main key as the directory shows it, with what its signature binds."""
+    return {
+        "kyberPublicKey": b64(identity.kyber_public_key),
+        "kyberKeySignature": b64(identity.kyber_key_signature),
+        "kyberKeyId": identity.kyber_key_id,
+        "kyberKeyCreatedAt": iso(identity.kyber_key_created_at),
+        "kyberKeyExpiresAt": iso(identity.kyber_key_expires_at),
+        "kyberKeySignatureVersion": identity.kyber_key_signature_version,
+    }
 
 
 def public_profile(identity: Identity, online: bool) -> dict[str, Any]:
@@ -36,8 +56,7 @@ def public_profile(identity: Identity, online: bool) -> dict[str, Any]:
         "displayName": identity.display_name,
         "avatarUrl": identity.avatar_url,
         "publicKey": b64(identity.public_key),
-        "kyberPublicKey": b64(identity.kyber_public_key),
-        "kyberKeySignature": b64(identity.kyber_key_signature),
+        **main_key_fields(identity),
         "isOnline": online,
         "lastSeen": iso(identity.last_seen),
     }
@@ -49,7 +68,6 @@ def own_profile(identity: Identity, online: bool) -> dict[str, Any]:
         **public_profile(identity, online),
         "userId": identity.id,
         "encryptedSettings": identity.encrypted_settings,
-        "recoveryPhraseHint": identity.recovery_phrase_hint,
         "totpEnabled": identity.totp_enabled,
         "createdAt": iso(identity.created_at),
         "updatedAt": iso(identity.updated_at),
@@ -63,11 +81,50 @@ def totp_code(fields: Fields, name: str = "totpCode", *, required: bool = False)
     return code
 
 
+def main_key(fields: Fields, *, required: bool) -> MainKey | None:
+    """The main key fields of a body: v2 (kyberKeyId and both times) or v1
+    (neither); some but not all of them is MISSING_FIELD. None when the key
+    is optional and absent."""
+    key = fields.base64("kyberPublicKey", length=MLKEM1024_KEY_BYTES, required=required)
+    signature = fields.base64("kyberKeySignature", length=ED25519_SIGNATURE_BYTES, required=required)
+    key_id = fields.integer("kyberKeyId", minimum=0, maximum=MAX_MAIN_KEY_ID, required=False)
+    created_at = fields.timestamp("kyberKeyCreatedAt", required=False)
+    expires_at = fields.timestamp("kyberKeyExpiresAt", required=False)
+    given = {"kyberPublicKey": key, "kyberKeySignature": signature, "kyberKeyId": key_id,
+             "kyberKeyCreatedAt": created_at, "kyberKeyExpiresAt": expires_at}
+    if key is None and signature is None and not required:
+        present = [name for name, value in given.items() if value is not None]
+        if present:
+            raise BadRequest("kyberKeyId and the key times come with kyberPublicKey",
+                             code=MISSING_FIELD, details={"field": "kyberPublicKey"})
+        return None
+    if key is None or signature is None:
+        raise BadRequest("kyberPublicKey and kyberKeySignature go together", code=MISSING_FIELD,
+                         details={"field": "kyberKeySignature" if key is not None else "kyberPublicKey"})
+    v2 = ("kyberKeyId", "kyberKeyCreatedAt", "kyberKeyExpiresAt")
+    missing = [name for name in v2 if given[name] is None]
+    if missing and len(missing) < len(v2):
+        raise BadRequest(f"{missing[0]} is required with the other v2 key fields",
+                         code=MISSING_FIELD, details={"field": missing[0]})
+    return MainKey(key, signature, key_id, created_at, expires_at)
+
+
+def proof(fields: Fields) -> Proof:
+    """challengeId, signature and (v2) statement; see IdentityHandler."""
+    return Proof(
+        challenge_id=fields.uuid("challengeId"),
+        signature=fields.base64("signature", length=ED25519_SIGNATURE_BYTES),
+        statement=fields.base64("statement", max_length=MAX_STATEMENT_BYTES, required=False),
+    )
+
+
 class IdentityAPI:
     app = Klein()
 
-    def __init__(self, identity: IdentityHandler, authenticator: Authenticator, limits: RateLimits) -> None:
+    def __init__(self, identity: IdentityHandler, authenticator: Authenticator, limits: RateLimits,
+                 pins: PinBackupHandler | None = None) -> None:
         self._identity = identity
+        self._pins = pins
         self.authenticator = authenticator
         self.limits = limits
 
@@ -103,17 +160,19 @@ class IdentityAPI:
     @public(ip_limited=True)
     async def register(self, request: Any) -> bytes:
         fields = Fields(read_json(request), {
-            "cyphrId", "publicKey", "kyberPublicKey", "kyberKeySignature", "deviceFingerprint",
-            "displayName", "challengeId", "signature"})
+            "cyphrId", "publicKey", *MAIN_KEY_FIELDS, "deviceFingerprint", "displayName",
+            *PROOF_FIELDS})
+        cyphr_id = fields.cyphr_id()
+        public_key = fields.base64("publicKey", length=ED25519_KEY_BYTES)
+        key = main_key(fields, required=True)
+        assert key is not None
         session = await self._identity.register(
-            cyphr_id=fields.cyphr_id(),
-            public_key=fields.base64("publicKey", length=ED25519_KEY_BYTES),
-            kyber_public_key=fields.base64("kyberPublicKey", length=MLKEM1024_KEY_BYTES),
-            kyber_key_signature=fields.base64("kyberKeySignature", length=ED25519_SIGNATURE_BYTES),
+            cyphr_id=cyphr_id,
+            public_key=public_key,
+            main_key=key,
             device_fingerprint=fields.fingerprint("deviceFingerprint"),
             display_name=fields.text("displayName", required=False, max_length=100),
-            challenge_id=fields.uuid("challengeId"),
-            signature=fields.base64("signature", length=ED25519_SIGNATURE_BYTES),
+            proof=proof(fields),
         )
         return answer(request, {
             "success": True,
@@ -127,12 +186,11 @@ class IdentityAPI:
     @public(ip_limited=True)
     async def login(self, request: Any) -> bytes:
         fields = Fields(read_json(request), {
-            "cyphrId", "deviceFingerprint", "challengeId", "signature", "totpCode"})
+            "cyphrId", "deviceFingerprint", *PROOF_FIELDS, "totpCode"})
         session = await self._identity.login(
             cyphr_id=fields.cyphr_id(),
             device_fingerprint=fields.fingerprint("deviceFingerprint"),
-            challenge_id=fields.uuid("challengeId"),
-            signature=fields.base64("signature", length=ED25519_SIGNATURE_BYTES),
+            proof=proof(fields),
             totp_code=totp_code(fields),
         )
         return self._session(request, session)
@@ -141,20 +199,15 @@ class IdentityAPI:
     @public(ip_limited=True)
     async def recover(self, request: Any) -> bytes:
         fields = Fields(read_json(request), {
-            "cyphrId", "newDeviceFingerprint", "challengeId", "signature", "kyberPublicKey",
-            "kyberKeySignature", "totpCode"})
-        key = fields.base64("kyberPublicKey", length=MLKEM1024_KEY_BYTES, required=False)
-        signature = fields.base64("kyberKeySignature", length=ED25519_SIGNATURE_BYTES, required=False)
-        if (key is None) != (signature is None):
-            raise BadRequest("kyberPublicKey and kyberKeySignature go together",
-                             code=MISSING_FIELD,
-                             details={"field": "kyberKeySignature" if key else "kyberPublicKey"})
+            "cyphrId", "newDeviceFingerprint", *PROOF_FIELDS, *MAIN_KEY_FIELDS, "totpCode"})
+        cyphr_id = fields.cyphr_id()
+        fingerprint = fields.fingerprint("newDeviceFingerprint")
+        key = main_key(fields, required=False)
         session = await self._identity.recover(
-            cyphr_id=fields.cyphr_id(),
-            new_device_fingerprint=fields.fingerprint("newDeviceFingerprint"),
-            challenge_id=fields.uuid("challengeId"),
-            signature=fields.base64("signature", length=ED25519_SIGNATURE_BYTES),
-            kyber=(key, signature) if key is not None and signature is not None else None,
+            cyphr_id=cyphr_id,
+            new_device_fingerprint=fingerprint,
+            proof=proof(fields),
+            kyber=key,
             totp_code=totp_code(fields),
         )
         return self._session(request, session)
@@ -192,8 +245,7 @@ class IdentityAPI:
     @app.route("/api/cyphr-id/update-profile", methods=["POST"])
     @authenticated(ip_limited=True)
     async def update_profile(self, request: Any, user: AuthUser) -> bytes:
-        fields = Fields(read_json(request), {
-            "displayName", "avatarUrl", "encryptedSettings", "recoveryPhraseHint"})
+        fields = Fields(read_json(request), {"displayName", "avatarUrl", "encryptedSettings"})
         changes: dict[str, Any] = {}
         if fields.present("displayName"):
             changes["display_name"] = fields.text("displayName", required=False, max_length=100)
@@ -205,9 +257,6 @@ class IdentityAPI:
         if fields.present("encryptedSettings"):
             changes["encrypted_settings"] = fields.text("encryptedSettings", required=False,
                                                         max_length=65536)
-        if fields.present("recoveryPhraseHint"):
-            changes["recovery_phrase_hint"] = fields.text("recoveryPhraseHint", required=False,
-                                                          max_length=255)
         identity = await self._identity.update_profile(user, changes)
         return answer(request, {
             "success": True, "user": own_profile(identity, self._identity.is_online(user.cyphr_id))})
@@ -222,10 +271,36 @@ class IdentityAPI:
     @app.route("/api/cyphr-id/account", methods=["DELETE"])
     @authenticated(ip_limited=True)
     async def delete_account(self, request: Any, user: AuthUser) -> bytes:
-        fields = Fields(read_json(request), {"challengeId", "signature"})
-        await self._identity.delete_account(
-            user, fields.uuid("challengeId"), fields.base64("signature", length=ED25519_SIGNATURE_BYTES))
+        fields = Fields(read_json(request), {*PROOF_FIELDS, "deviceFingerprint"})
+        given = proof(fields)
+        # A v2 statement names the device, so the device comes with it; a
+        # v1 proof (where accepted) may leave it out.
+        fingerprint = (fields.fingerprint("deviceFingerprint")
+                       if given.statement is not None or fields.present("deviceFingerprint") else None)
+        await self._identity.delete_account(user, fingerprint, given)
         return answer(request, {"success": True})
+
+    @app.route("/api/cyphr-id/pin-backup", methods=["PUT"])
+    @authenticated(ip_limited=True)
+    async def put_pin_backup(self, request: Any, user: AuthUser) -> bytes:
+        fields = Fields(read_json(request), {"blob"})
+        blob = fields.base64("blob", max_length=MAX_PIN_BACKUP_BYTES)
+        assert blob is not None
+        if not blob:
+            raise invalid("blob", "blob must not be empty")
+        updated_at = await self._pin_handler().put(user, blob)
+        return answer(request, {"success": True, "updatedAt": iso(updated_at)})
+
+    @app.route("/api/cyphr-id/pin-backup", methods=["GET"])
+    @authenticated(ip_limited=True)
+    async def get_pin_backup(self, request: Any, user: AuthUser) -> bytes:
+        backup = await self._pin_handler().get(user)
+        return answer(request, {"success": True, "blob": b64(backup.blob),
+                                "updatedAt": iso(backup.updated_at)})
+
+    def _pin_handler(self) -> PinBackupHandler:
+        assert self._pins is not None, "IdentityAPI was built without a PinBackupHandler"
+        return self._pins
 
 
 def _query_text(request: Any, name: str) -> str | None:

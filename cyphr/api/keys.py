@@ -8,8 +8,10 @@ from klein import Klein
 
 from cyphr.api.guard import authenticated
 from cyphr.api.http import answer, read_json
+from cyphr.api.identity import MAIN_KEY_FIELDS, main_key, main_key_fields
+from cyphr.clock import iso
 from cyphr.crypto import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, MLKEM1024_KEY_BYTES
-from cyphr.errors import DUPLICATE_KEY_ID, BadRequest, Forbidden
+from cyphr.errors import DUPLICATE_KEY_ID, MISSING_FIELD, BadRequest, Forbidden
 from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.keys import MAX_PREKEYS_PER_CALL, KeysHandler
 from cyphr.handlers.ratelimit import RateLimits
@@ -30,18 +32,18 @@ class KeysAPI:
     async def _store_public_key(self, request: Any, user: AuthUser) -> bytes:
         # The original clients also send userId and publicKey: accepted
         # when they name the caller, refused when they name anyone else.
-        fields = Fields(read_json(request), {"kyberPublicKey", "kyberKeySignature", "userId", "publicKey"})
+        fields = Fields(read_json(request), {*MAIN_KEY_FIELDS, "userId", "publicKey"})
         claimed = fields.text("userId", required=False, max_length=64)
         if claimed is not None and claimed not in (user.cyphr_id, user.user_id):
             raise Forbidden("Only your own key can be stored")
         identity_key = fields.base64("publicKey", length=ED25519_KEY_BYTES, required=False)
-        key = fields.base64("kyberPublicKey", length=MLKEM1024_KEY_BYTES)
-        signature = fields.base64("kyberKeySignature", length=ED25519_SIGNATURE_BYTES)
+        key = main_key(fields, required=True)
+        assert key is not None
         if identity_key is not None:
             current = await self._keys.public_key(user.cyphr_id)
             if identity_key != current.public_key:
                 raise Forbidden("The identity key cannot be changed; recover the identity instead")
-        await self._keys.rotate(user, key, signature)
+        await self._keys.rotate(user, key)
         return answer(request, {"success": True})
 
     @app.route("/api/messaging/store-public-key", methods=["POST"])
@@ -63,8 +65,7 @@ class KeysAPI:
             "success": True,
             "cyphrId": identity.cyphr_id,
             "publicKey": b64(identity.public_key),
-            "kyberPublicKey": b64(identity.kyber_public_key),
-            "kyberKeySignature": b64(identity.kyber_key_signature),
+            **main_key_fields(identity),
         })
 
     @app.route("/api/keys/prekeys", methods=["POST"])
@@ -75,11 +76,21 @@ class KeysAPI:
         for index, item in enumerate(items):
             if not isinstance(item, dict):
                 raise invalid(f"prekeys[{index}]", "each prekey must be an object")
-            fields = Fields(item, {"keyId", "kyberPublicKey", "signature"})
+            fields = Fields(item, {"keyId", "kyberPublicKey", "signature", "createdAt", "expiresAt"})
+            where = f"prekeys[{index}]"
+            created_at = fields.timestamp("createdAt", required=False, field=f"{where}.createdAt")
+            expires_at = fields.timestamp("expiresAt", required=False, field=f"{where}.expiresAt")
+            # v2 has both times, v1 neither (accepted only under accept_v1_auth).
+            if (created_at is None) != (expires_at is None):
+                missing = "createdAt" if created_at is None else "expiresAt"
+                raise BadRequest(f"{where}.{missing} is required with the other time",
+                                 code=MISSING_FIELD, details={"field": f"{where}.{missing}"})
             prekeys.append(Prekey(
                 key_id=fields.integer("keyId", minimum=0, maximum=MAX_KEY_ID),
                 kyber_public_key=fields.base64("kyberPublicKey", length=MLKEM1024_KEY_BYTES),
                 signature=fields.base64("signature", length=ED25519_SIGNATURE_BYTES),
+                created_at=created_at,
+                expires_at=expires_at,
             ))
         if len({p.key_id for p in prekeys}) != len(prekeys):
             raise BadRequest("Each keyId may appear once", code=DUPLICATE_KEY_ID,
@@ -98,6 +109,9 @@ class KeysAPI:
             "kyberPublicKey": b64(claimed.kyber_public_key),
             "signature": b64(claimed.signature),
             "oneTime": claimed.one_time,
+            "createdAt": iso(claimed.created_at),
+            "expiresAt": iso(claimed.expires_at),
+            "signatureVersion": claimed.signature_version,
         })
 
     @app.route("/api/keys/count", methods=["GET"])

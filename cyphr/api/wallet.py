@@ -14,6 +14,9 @@ from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import Fields, check_cyphr_id
 from cyphr.handlers.wallet import WalletHandler, check_stellar_address
 
+# As an AuthStatement's origin field.
+MAX_ORIGIN_LENGTH = 512
+
 
 class WalletAPI:
     app = Klein()
@@ -26,9 +29,12 @@ class WalletAPI:
     @app.route("/api/wallet/link", methods=["POST"])
     @authenticated()
     async def link(self, request: Any, user: AuthUser) -> bytes:
-        fields = Fields(read_json(request), {"stellarAddress", "challengeId", "signature"})
+        fields = Fields(read_json(request), {"stellarAddress", "challengeId", "origin", "signature"})
         address = check_stellar_address(fields.value("stellarAddress"))
-        await self._wallet.link(user, address, fields.uuid("challengeId"),
+        challenge_id = fields.uuid("challengeId")
+        origin = fields.text("origin", max_length=MAX_ORIGIN_LENGTH)
+        assert origin is not None
+        await self._wallet.link(user, address, challenge_id, origin,
                                 fields.base64("signature", length=ED25519_SIGNATURE_BYTES))
         return answer(request, {"success": True, "stellarAddress": address})
 

@@ -2,14 +2,18 @@
 ``cyphr-client``: Cyphr from a terminal or a script.
 
 Human-readable output by default, ``--json`` for scripts (one JSON object,
-or one per line for ``listen``). The passphrase that unlocks the profile
-comes from ``--passphrase-file``, else ``CYPHR_PASSPHRASE``, else a prompt.
-Errors are one line on stderr and a non-zero exit status.
+or one per line for ``listen``). Secrets (the profile passphrase, a Stellar
+secret seed) come from a hidden prompt, a file or a file descriptor, never
+from the environment, where other programs of the same user can read them
+and every child process inherits them (crypto review F13). Errors are one
+line on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import getpass
 import json
 import os
@@ -18,16 +22,32 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from cyphr import __version__
-from cyphr.client.client import Client, Message, is_chat_id
+from cyphr.client.client import Client, IdentityChanged, Message, is_chat_id
 from cyphr.client.crypto import CryptoError
-from cyphr.client.http import ApiError, ClientError
-from cyphr.client.profile import Profile, ProfileError
+from cyphr.client.http import (
+    INSECURE_TLS_VARIABLE,
+    ApiError,
+    ClientError,
+    allow_insecure_tls,
+    check_server,
+)
+from cyphr.client.profile import Profile, ProfileError, check_passphrase
 
 DEFAULT_SERVER = "http://localhost:3001"
 DEFAULT_PROFILE = "~/.cyphr"
+
+# Secrets the client once read from the environment: named when set, so
+# that a script relying on them learns why it now stops at a prompt.
+IGNORED_VARIABLES = {
+    "CYPHR_PASSPHRASE": "--passphrase-file or --passphrase-fd",
+    "CYPHR_STELLAR_SECRET": "wallet link --secret-file or --secret-fd",
+}
+SAFETY_NUMBER_DIGITS = 60
+# A secret read from a file descriptor is one line; more than this is not one.
+_MAX_SECRET_BYTES = 64 * 1024
 
 _HINTS = {
     "TOTP_REQUIRED": "this account has two-factor authentication: run "
@@ -48,6 +68,9 @@ class Output:
             print(json.dumps(data, ensure_ascii=False), flush=True)
         else:
             print(text() if callable(text) else text, flush=True)
+
+    def warn(self, text: str) -> None:
+        print(f"cyphr-client: warning: {text}", file=sys.stderr, flush=True)
 
     def progress(self, what: str) -> Callable[[int, int], None]:
         """Progress on stderr: a counter on a terminal, else a line at the
@@ -72,23 +95,30 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cyphr-client",
         description="Cyphr end-to-end encrypted messenger, from the command line.",
-        epilog="Environment: CYPHR_SERVER, CYPHR_PROFILE, CYPHR_PASSPHRASE, "
-               "CYPHR_STELLAR_SECRET (wallet link).")
+        epilog=f"Environment: CYPHR_SERVER, CYPHR_PROFILE, {INSECURE_TLS_VARIABLE}=1 (to "
+               f"confirm --insecure-tls). Secrets are never read from the environment.")
     parser.add_argument("--version", action="version", version=f"cyphr-client {__version__}")
     parser.add_argument("--server", help=f"server URL (default: CYPHR_SERVER, the profile's, "
                                          f"or {DEFAULT_SERVER})")
     parser.add_argument("--profile", help=f"profile directory (default: CYPHR_PROFILE or "
                                           f"{DEFAULT_PROFILE})")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--passphrase-file", help="read the profile passphrase from this file")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--passphrase-file", metavar="PATH",
+                        help="read the profile passphrase from this file (else a prompt)")
+    source.add_argument("--passphrase-fd", metavar="N", type=int,
+                        help="read the profile passphrase from file descriptor N (one line)")
     parser.add_argument("--insecure-tls", action="store_true",
-                        help="do not check the server's TLS certificate (testing only)")
+                        help=f"do not check the server's TLS certificate (testing only; needs "
+                             f"{INSECURE_TLS_VARIABLE}=1 in the environment)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help, description=help)
 
-    command("init", "create a profile with a new identity and show its recovery phrase once")
+    p = command("init", "create a profile with a new identity and show its recovery phrase once")
+    p.add_argument("--show-phrase", action="store_true",
+                   help="with --json: include the recovery phrase in the output")
     p = command("register", "register this profile's identity under a Cyphr ID")
     p.add_argument("cyphr_id")
     p.add_argument("--display-name")
@@ -135,10 +165,12 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_parser("rotate", help="replace the main ML-KEM key (older messages still open)")
     p = keys.add_parser("prekeys", help="show the one-time prekeys left and top them up")
     p.add_argument("--count", type=int, default=100, help="how many to hold (100)")
-    p = command("verify", "show a contact's safety number; --accept a changed identity key")
+    p = command("verify", "show a contact's safety number; --accept it once compared")
     p.add_argument("cyphr_id")
-    p.add_argument("--accept", action="store_true",
-                   help="pin the identity key the server shows now (after comparing numbers)")
+    p.add_argument("--accept", metavar="NUMBER",
+                   help="the 60-digit safety number you compared with the contact's screen "
+                        "(spaces optional): marks the contact verified if it is the number of "
+                        "the identity key the server shows now, and fails otherwise")
 
     totp = command("totp", "two-factor authentication").add_subparsers(
         dest="totp_command", metavar="ACTION", required=True)
@@ -151,8 +183,18 @@ def _parser() -> argparse.ArgumentParser:
 
     wallet = command("wallet", "the linked Stellar account").add_subparsers(
         dest="wallet_command", metavar="ACTION", required=True)
-    p = wallet.add_parser("link", help="link a Stellar account (its secret signs here, never sent)")
-    p.add_argument("--secret-file", help="the Stellar secret seed (else CYPHR_STELLAR_SECRET)")
+    p = wallet.add_parser(
+        "link", help="link a Stellar account: sign with its secret seed here (never sent), or "
+                     "with --address in your own wallet")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--secret-file", metavar="PATH",
+                        help="read the Stellar secret seed from this file (else a prompt)")
+    source.add_argument("--secret-fd", metavar="N", type=int,
+                        help="read the Stellar secret seed from file descriptor N (one line)")
+    source.add_argument("--address", metavar="G...",
+                        help="link this account without its seed: print the text to sign with "
+                             "your wallet's \"sign message\" (SEP-53), then read the base64 "
+                             "signature from standard input")
     p = wallet.add_parser("show", help="show a user's linked Stellar address")
     p.add_argument("cyphr_id", nargs="?")
     wallet.add_parser("unlink", help="unlink the Stellar account")
@@ -162,34 +204,90 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read_secret_file(path: str, what: str) -> str:
+    """A file's contents, surrounding whitespace (a final line break) left out."""
     try:
         return Path(path).read_text("utf-8").strip()
     except OSError as e:
         raise UsageError(f"cannot read the {what} file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the {what} file {path} is not UTF-8 text") from None
 
 
-def _secret(path: str | None, option: str, variable: str, prompt: str, what: str,
-            confirm: bool = False) -> str:
-    """A secret from its file option, else its environment variable, else a
-    hidden prompt on a terminal."""
-    if path:
-        return _read_secret_file(path, what)
-    if os.environ.get(variable):
-        return os.environ[variable]
-    if not sys.stdin.isatty():
-        raise UsageError(f"no {what}: give {option} or set {variable}")
-    value = getpass.getpass(prompt)
-    if confirm and getpass.getpass("Again: ") != value:
-        raise UsageError(f"the {what}s differ")
+def _read_secret_fd(fd: int, what: str) -> str:
+    """The first line on file descriptor ``fd``, surrounding whitespace left
+    out. Read a byte at a time so that nothing after the line is consumed:
+    with ``--passphrase-fd 0``, standard input may carry more (the signature
+    of ``wallet link --address``)."""
+    try:
+        if os.isatty(fd):
+            # Typing there would echo the secret: the prompt hides it.
+            raise UsageError(f"file descriptor {fd} is a terminal: leave the option out to be "
+                             f"asked for the {what} without echo")
+        line = bytearray()
+        while len(line) <= _MAX_SECRET_BYTES:
+            byte = os.read(fd, 1)
+            if not byte or byte == b"\n":
+                break
+            line += byte
+        else:
+            raise UsageError(f"file descriptor {fd} holds no {what} line (too long)")
+    except OSError as e:
+        raise UsageError(f"cannot read the {what} from file descriptor {fd}: "
+                         f"{e.strerror}") from None
+    try:
+        return line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"the {what} on file descriptor {fd} is not UTF-8 text") from None
+
+
+def _secret(path: str | None, fd: int | None, options: str, prompt: str, what: str,
+            confirm: bool = False, check: Callable[[str], None] | None = None) -> str:
+    """A secret from its file, else its file descriptor, else a hidden
+    prompt (asked twice with ``confirm``). ``check`` vets a new secret
+    before it is asked again, so a weak one is refused at once."""
+    if path is not None:
+        value = _read_secret_file(path, what)
+    elif fd is not None:
+        value = _read_secret_fd(fd, what)
+    else:
+        if not sys.stdin.isatty():
+            raise UsageError(f"no {what}: give {options} (secrets are not read from the "
+                             f"environment)")
+        value = getpass.getpass(prompt)
+        if not value:
+            raise UsageError(f"the {what} must not be empty")
+        if check is not None:
+            check(value)
+        if confirm and getpass.getpass("Again: ") != value:
+            raise UsageError(f"the {what}s differ")
+    if not value:
+        raise UsageError(f"the {what} must not be empty")
+    if check is not None:
+        check(value)
     return value
 
 
-def _passphrase(args: argparse.Namespace, confirm: bool = False) -> str:
-    passphrase = _secret(args.passphrase_file, "--passphrase-file", "CYPHR_PASSPHRASE",
-                         "Profile passphrase: ", "passphrase", confirm)
-    if not passphrase:
-        raise UsageError("the passphrase must not be empty")
-    return passphrase
+def _passphrase(args: argparse.Namespace) -> str:
+    """The passphrase of an existing profile."""
+    return _secret(args.passphrase_file, args.passphrase_fd, "--passphrase-file or "
+                   "--passphrase-fd", "Profile passphrase: ", "passphrase")
+
+
+def _new_passphrase(args: argparse.Namespace) -> str:
+    """The passphrase for a new profile: asked twice at a prompt, and held
+    to Profile.create's floor before any work is done."""
+    return _secret(args.passphrase_file, args.passphrase_fd, "--passphrase-file or "
+                   "--passphrase-fd", "New profile passphrase (12 characters or more; a few "
+                   "uncommon words): ", "passphrase", confirm=True, check=check_passphrase)
+
+
+def warn_ignored_variables(environ: Mapping[str, str] = os.environ) -> None:
+    """Say on stderr that secrets in the environment are not read, and why."""
+    for name, instead in IGNORED_VARIABLES.items():
+        if environ.get(name):
+            print(f"cyphr-client: {name} is set and ignored: secrets are not read from the "
+                  f"environment (other programs of this user can read it, and every child "
+                  f"process inherits it); use {instead}, or the prompt", file=sys.stderr)
 
 
 def _profile_dir(args: argparse.Namespace) -> Path:
@@ -200,9 +298,26 @@ def _server(args: argparse.Namespace) -> str | None:
     return args.server or os.environ.get("CYPHR_SERVER")
 
 
+def _verify_tls(args: argparse.Namespace) -> bool:
+    return not args.insecure_tls
+
+
 def _open(args: argparse.Namespace) -> Client:
-    return Client.open(_profile_dir(args), _passphrase(args), _server(args),
-                       verify_tls=not args.insecure_tls)
+    server = _server(args)
+    if server:
+        check_server(server, _verify_tls(args))  # before the passphrase is asked for
+    return Client.open(_profile_dir(args), _passphrase(args), server,
+                       verify_tls=_verify_tls(args))
+
+
+def safety_number(value: str) -> str:
+    """A safety number as typed (60 digits, spaces optional) in the form
+    it is shown: twelve groups of five."""
+    digits = "".join(value.split())
+    if len(digits) != SAFETY_NUMBER_DIGITS or not (digits.isascii() and digits.isdigit()):
+        raise UsageError(f"--accept takes the {SAFETY_NUMBER_DIGITS}-digit safety number you "
+                         f"compared (spaces optional), not {value!r}")
+    return " ".join(digits[i:i + 5] for i in range(0, SAFETY_NUMBER_DIGITS, 5))
 
 
 def _time(timestamp: str) -> str:
@@ -213,13 +328,27 @@ def _time(timestamp: str) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _line(message: Message, chat_names: dict[str, str | None] | None = None) -> str:
+def message_json(message: Message) -> dict[str, Any]:
+    return message.as_json()
+
+
+def line(message: Message, me: str | None = None,
+         chat_names: dict[str, str | None] | None = None) -> str:
+    """A message as a person reads it: ``✓`` when its signature checked
+    against the sender's pinned key, and ``(unverified contact)`` when that
+    key was pinned on first use rather than compared (``verify``); one's
+    own messages (``me``) need no such marker."""
     where = ""
     if chat_names is not None and chat_names.get(message.chat_id):
         where = f"#{chat_names[message.chat_id]} "
     if message.text is None:
         return f"[{_time(message.timestamp)}] {where}{message.sender} ✗ ({message.error})"
     mark = "✓" if message.verified else "?"
+    if message.sender != me and not message.contact_verified:
+        mark += " (unverified contact)"
+    if not message.verified and message.error:
+        # Opened but not proven (a v1 message): say why.
+        mark += f" ({message.error})"
     return f"[{_time(message.timestamp)}] {where}{message.sender} {mark}: {message.text}"
 
 
@@ -234,10 +363,20 @@ def cmd_init(args: argparse.Namespace, out: Output) -> None:
     directory = _profile_dir(args)
     if Profile.exists(directory):
         raise UsageError(f"{directory} already holds a profile (give another --profile)")
-    client, phrase = Client.init(directory, _passphrase(args, confirm=True),
-                                 _server(args) or DEFAULT_SERVER, verify_tls=not args.insecure_tls)
+    server = _server(args) or DEFAULT_SERVER
+    check_server(server, _verify_tls(args))  # before a profile is made for it
+    client, phrase = Client.init(directory, _new_passphrase(args), server,
+                                 verify_tls=_verify_tls(args))
     client.close()
-    out.result({"profile": str(directory), "recoveryPhrase": phrase}, lambda: (
+    result: dict[str, Any] = {"profile": str(directory)}
+    # Scripts log their output: the phrase is in it only when asked for.
+    if args.show_phrase:
+        result["recoveryPhrase"] = phrase
+    elif out.as_json:
+        print("cyphr-client: the recovery phrase is left out of the JSON output (give "
+              "--show-phrase to include it); without it this identity cannot be recovered",
+              file=sys.stderr)
+    out.result(result, lambda: (
         f"Created a profile in {directory}.\n\n"
         f"Your recovery phrase (it is shown only this once; write it down and keep it\n"
         f"offline: it alone restores your identity, and anyone who has it can be you):\n\n"
@@ -270,24 +409,35 @@ def cmd_recover(args: argparse.Namespace, out: Output) -> None:
     directory = _profile_dir(args)
     if Profile.exists(directory):
         raise UsageError(f"{directory} already holds a profile (give another --profile)")
+    server = _server(args) or DEFAULT_SERVER
+    check_server(server, _verify_tls(args))
     if args.phrase_file:
         phrase = _read_secret_file(args.phrase_file, "recovery phrase")
     elif sys.stdin.isatty():
         phrase = getpass.getpass("Recovery phrase (24 words): ")
+    elif args.passphrase_fd == 0:
+        raise UsageError("the phrase and the passphrase cannot both come from standard input: "
+                         "give --phrase-file")
     else:
         phrase = sys.stdin.read()
-    passphrase = _passphrase(args, confirm=True)
+    passphrase = _new_passphrase(args)
     try:
-        client = Client.recover(directory, passphrase, _server(args) or DEFAULT_SERVER, phrase,
+        client = Client.recover(directory, passphrase, server, phrase,
                                 args.cyphr_id, progress=out.progress("Publishing one-time prekeys"),
-                                verify_tls=not args.insecure_tls)
+                                verify_tls=_verify_tls(args))
     except BaseException:
         # A failed recovery leaves no half-made profile behind.
         for name in ("vault.json", "profile.json"):
             (directory / name).unlink(missing_ok=True)
         raise
-    out.result({"cyphrId": client.cyphr_id, "profile": str(directory)},
-               f"Recovered {client.cyphr_id} on this device; its other devices are signed out.")
+    restored = getattr(client, "restored_pins", 0)
+    problem = getattr(client, "pin_backup_error", None)
+    if problem:
+        out.warn(f"the pinned contacts could not be restored ({problem}): every contact is "
+                 f"pinned again on first use; compare safety numbers with `cyphr-client verify`")
+    out.result({"cyphrId": client.cyphr_id, "profile": str(directory), "restoredPins": restored},
+               f"Recovered {client.cyphr_id} on this device; its other devices are signed out. "
+               f"{restored} pinned contact(s) restored from the encrypted backup.")
 
 
 def cmd_whoami(args: argparse.Namespace, out: Output) -> None:
@@ -331,7 +481,7 @@ def cmd_listen(args: argparse.Namespace, out: Output) -> None:
             if message.chat_id not in names and message.chat_id:
                 names.update({c["chatId"]: c.get("name") for c in client.chats()
                               if c["chatType"] == "group"})
-            out.result(message.as_json(), _line(message, names))
+            out.result(message_json(message), line(message, client.cyphr_id, names))
             if message.sender != client.cyphr_id:
                 listener.mark_read(message.chat_id, message.seq)  # shown is read
             shown += 1
@@ -355,10 +505,10 @@ def cmd_history(args: argparse.Namespace, out: Output) -> None:
     messages = [m for m in client.history(_chat_id(client, args.chat), args.limit, args.before)
                 if _visible(m)]
     if out.as_json:
-        out.result({"messages": [m.as_json() for m in messages]}, "")
+        out.result({"messages": [message_json(m) for m in messages]}, "")
     else:
         for message in messages:
-            print(_line(message))
+            print(line(message, client.cyphr_id))
 
 
 def cmd_chats(args: argparse.Namespace, out: Output) -> None:
@@ -412,15 +562,48 @@ def cmd_keys(args: argparse.Namespace, out: Output) -> None:
                    f"{remaining} one-time prekeys on the server ({added} published now).")
 
 
-def cmd_verify(args: argparse.Namespace, out: Output) -> None:
+def cmd_verify(args: argparse.Namespace, out: Output) -> int:
+    if args.accept is not None:
+        number = safety_number(args.accept)  # a typo fails before the passphrase is asked
+        client = _open(args)
+        # Compare-and-swap: the library pins the key only if its number is
+        # the one the user compared, so a key the server swaps in between
+        # is refused rather than marked verified (crypto review F7).
+        contact = client.accept_identity(args.cyphr_id, number)
+        out.result({"cyphrId": contact.cyphr_id, "safetyNumber": contact.safety_number,
+                    "verified": contact.verified},
+                   f"{contact.cyphr_id} is verified: the safety number matches, and this "
+                   f"identity key is pinned.")
+        return 0
     client = _open(args)
-    contact = client.accept_identity(args.cyphr_id) if args.accept else client.contact(args.cyphr_id)
+    accept = (f'cyphr-client verify {args.cyphr_id} --accept '
+              f'"<the {SAFETY_NUMBER_DIGITS} digits you compared>"')
+    try:
+        contact = client.contact(args.cyphr_id)
+    except IdentityChanged as changed:
+        # Shown, not hidden: comparing this number is how the user finds
+        # out whether the change is real.
+        out.result({"cyphrId": args.cyphr_id, "safetyNumber": changed.safety_number,
+                    "pinnedSafetyNumber": changed.pinned_safety_number,
+                    "verified": False, "identityChanged": True}, lambda: (
+            f"{args.cyphr_id}'s identity key is NOT the one pinned here. Identity keys do not "
+            f"change when a phrase is recovered, so this is another key: someone may be in the "
+            f"middle.\nSafety number with the key pinned here:\n\n"
+            f"    {changed.pinned_safety_number}\n\n"
+            f"Safety number with the key the server shows now:\n\n"
+            f"    {changed.safety_number}\n\n"
+            f"Only if {args.cyphr_id}'s own screen shows the very same number, run\n\n"
+            f"    {accept}"))
+        return 1
     out.result({"cyphrId": contact.cyphr_id, "safetyNumber": contact.safety_number,
                 "verified": contact.verified}, lambda: (
         f"Safety number with {contact.cyphr_id}:\n\n    {contact.safety_number}\n\n"
-        + ("Marked verified." if contact.verified else
-           f"Compare it with {contact.cyphr_id}'s screen; if they match, run "
-           f"`cyphr-client verify {contact.cyphr_id} --accept`.")))
+        + (f"{contact.cyphr_id} is verified (you compared this number before)."
+           if contact.verified else
+           f"Compare it with the number {contact.cyphr_id}'s screen shows (in person, or over "
+           f"a channel you trust). If every digit matches, type the number you compared:\n\n"
+           f"    {accept}")))
+    return 0
 
 
 def cmd_totp(args: argparse.Namespace, out: Output) -> None:
@@ -452,9 +635,12 @@ def cmd_totp(args: argparse.Namespace, out: Output) -> None:
 def cmd_wallet(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
     action = args.wallet_command
-    if action == "link":
-        secret = _secret(args.secret_file, "--secret-file", "CYPHR_STELLAR_SECRET",
-                         "Stellar secret seed: ", "Stellar secret")
+    if action == "link" and args.address is not None:
+        address = _wallet_link_own(args.address.strip(), client, out)
+        out.result({"stellarAddress": address}, f"Linked {address}.")
+    elif action == "link":
+        secret = _secret(args.secret_file, args.secret_fd, "--secret-file, --secret-fd or "
+                         "--address", "Stellar secret seed: ", "Stellar secret")
         address = client.wallet_link(secret)
         out.result({"stellarAddress": address}, f"Linked {address}.")
     elif action == "show":
@@ -463,6 +649,37 @@ def cmd_wallet(args: argparse.Namespace, out: Output) -> None:
     else:
         client.wallet_unlink()
         out.result({"unlinked": True}, "Unlinked.")
+
+
+def _wallet_link_own(address: str, client: Client, out: Output) -> str:
+    """Link an account whose seed stays in the user's own wallet: show the
+    text to sign (SEP-53 "sign message"), read the base64 signature from
+    standard input (one line), submit it."""
+    from stellar_sdk import StrKey
+
+    if not StrKey.is_valid_ed25519_public_key(address):
+        raise UsageError(f"not a Stellar account address (G...): {address!r}")
+    challenge_id, text = client.wallet_link_text(address)
+    # With --json, the text is a JSON line of its own, before the result.
+    out.result({"stellarAddress": address, "challengeId": challenge_id, "text": text}, lambda: (
+        f"Sign this message with the \"sign message\" function (SEP-53) of the wallet that "
+        f"holds {address}. It is not a transaction. Sign every line between the markers "
+        f"exactly as it stands"
+        + (", with the line break that ends the last one" if text.endswith("\n") else "")
+        + f":\n-----BEGIN MESSAGE-----\n{text}{'' if text.endswith(chr(10)) else chr(10)}"
+        f"-----END MESSAGE-----\n"
+        f"Then paste the signature (base64, one line) and press Enter:"))
+    signature = sys.stdin.readline().strip()
+    if not signature:
+        raise UsageError("no signature on standard input")
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError("the signature is not base64") from None
+    if len(raw) != 64:
+        raise UsageError(f"the signature is {len(raw)} bytes, not the 64 of an Ed25519 "
+                         f"signature: paste the wallet's signature of the message")
+    return client.wallet_link_signed(address, challenge_id, signature) or address
 
 
 def cmd_delete_account(args: argparse.Namespace, out: Output) -> None:
@@ -479,7 +696,7 @@ def cmd_delete_account(args: argparse.Namespace, out: Output) -> None:
     out.result({"deleted": cyphr_id}, f"Deleted {cyphr_id}.")
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, Output], None]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int | None]] = {
     "init": cmd_init, "register": cmd_register, "login": cmd_login, "logout": cmd_logout,
     "recover": cmd_recover, "whoami": cmd_whoami, "send": cmd_send, "listen": cmd_listen,
     "history": cmd_history, "chats": cmd_chats, "group": cmd_group, "keys": cmd_keys,
@@ -491,8 +708,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Output], None]] = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Output(args.json)
+    warn_ignored_variables()
     try:
-        COMMANDS[args.command](args, out)
+        if args.insecure_tls:
+            allow_insecure_tls()
+            print("cyphr-client: not checking the server's TLS certificate (--insecure-tls)",
+                  file=sys.stderr)
+        status = COMMANDS[args.command](args, out)
     except ApiError as e:
         hint = _HINTS.get(e.code)
         print(f"cyphr-client: {e.message} ({e.code})" + (f": {hint}" if hint else ""),
@@ -503,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

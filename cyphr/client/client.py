@@ -11,6 +11,12 @@ client for realtime), so a script needs no event loop of its own::
     client.send("bob", "hello")
     for message in client.history(chat_id):
         print(message.sender, message.text)
+
+The identity key signs only what this client builds itself, each kind
+under its own label (:mod:`cyphr.signing`): login statements naming their
+purpose, the server's origin, the Cyphr ID and the device; key bindings;
+messages. It never signs bytes the server chose, and it never signs in
+again on its own more than a few times an hour.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,9 +40,10 @@ from nacl.bindings import (
 )
 from nacl.exceptions import CryptoError as NaclCryptoError
 
+from cyphr import signing
 from cyphr.client import crypto
-from cyphr.client.crypto import CryptoError, Identity, Prekey, Recipient, b64
-from cyphr.client.http import ApiError, ClientError, Http, segment
+from cyphr.client.crypto import CryptoError, Identity, KeyRefused, Prekey, PublishedKey, Recipient, b64
+from cyphr.client.http import ApiError, ClientError, Http, check_server, segment
 from cyphr.client.profile import Profile
 
 if TYPE_CHECKING:
@@ -42,25 +51,41 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]
 
+_log = logging.getLogger(__name__)
+
 PREKEY_BATCH = 100  # the most the server takes in one call
 PREKEY_LOW = 20  # top up when fewer than this many are left on the server
 _CLAIM_PAUSE = 600.0  # s: after a target had no prekey left, use its main key this long
+# Signing in again on its own (a session ended) is what made the v1 client
+# a signing oracle: at most this many times per window, then the user must.
+AUTO_LOGIN_LIMIT = 3
+AUTO_LOGIN_WINDOW_MS = 3600 * 1000
+USED_PREKEYS_KEPT = 2000  # per contact: the one-time prekeys already sealed to
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _GROUP_NAME_AAD = b"cyphr-group-name-v1"
 _SESSION_CODES = {"INVALID_TOKEN", "TOKEN_EXPIRED", "TOKEN_REVOKED", "UNAUTHORIZED"}
+PIN_BACKUP_FORMAT = 1
 
 
 class IdentityChanged(ClientError):
-    """A contact's identity key is not the one pinned: it may be a new
-    device after a recovery, or someone in the middle. The user must compare
-    the safety number and accept the new key explicitly."""
+    """A contact's identity key is not the one pinned. Identity keys come
+    from the recovery phrase and stay the same through a recovery, so this
+    is a hard block: nothing is sealed to or accepted from the new key until
+    the user compares the new safety number with the contact and accepts
+    exactly that number."""
 
-    def __init__(self, cyphr_id: str, safety_number: str) -> None:
+    def __init__(self, cyphr_id: str, safety_number: str,
+                 pinned_safety_number: str | None = None) -> None:
+        had = (f"The safety number you had with {cyphr_id} was {pinned_safety_number}; "
+               if pinned_safety_number else "")
         super().__init__(
-            f"{cyphr_id}'s identity key has changed. Compare the safety number "
-            f"{safety_number} with {cyphr_id} in person or over another channel, then run "
-            f"`cyphr-client verify {cyphr_id} --accept`")
+            f"{cyphr_id}'s identity key has changed: refusing to use it. {had}"
+            f"{'the' if had else 'The'} key the server shows now gives {safety_number}. Identity keys do not change when a device is "
+            f"recovered, so this may be the server or someone in the middle. Only if "
+            f"{cyphr_id} reads you the same new number in person or over another channel, "
+            f"run `cyphr-client verify {cyphr_id} --accept NUMBER` with the number you compared")
         self.cyphr_id = cyphr_id
+        self.pinned_safety_number = pinned_safety_number
         self.safety_number = safety_number
 
 
@@ -68,16 +93,20 @@ class IdentityChanged(ClientError):
 class Contact:
     cyphr_id: str
     identity_key: bytes
-    kyber_public_key: bytes
+    kyber_public_key: bytes  # the main key, checked (v2 binding, not expired, no rollback)
     safety_number: str
     verified: bool  # the user compared the safety number and said so
+    kyber_key_id: int = 0
 
 
 @dataclass(frozen=True)
 class Message:
     """A message as its reader sees it. ``text`` is None when it could not
     be opened (``error`` says why) or was deleted; ``verified`` is True
-    only when the sender's signature checked against the pinned key."""
+    only when the sender's v2 signature checked against the pinned key. A
+    v1 message has its text, ``verified`` False and an ``error`` saying
+    that its signature proves nothing. ``contact_verified`` says the user
+    compared the sender's safety number (always True for one's own)."""
 
     id: str
     chat_id: str
@@ -89,12 +118,14 @@ class Message:
     verified: bool
     error: str | None = None
     client_message_id: str | None = None
+    contact_verified: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "chatId": self.chat_id, "seq": self.seq, "sender": self.sender,
                 "timestamp": self.timestamp, "messageType": self.message_type, "text": self.text,
                 "verified": self.verified, "error": self.error,
-                "clientMessageId": self.client_message_id}
+                "clientMessageId": self.client_message_id,
+                "contactVerified": self.contact_verified}
 
 
 def is_chat_id(value: str) -> bool:
@@ -106,19 +137,29 @@ def new_fingerprint() -> str:
     return hashlib.sha256(os.urandom(32)).hexdigest()
 
 
+def _key_digest(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
 class Client:
     def __init__(self, profile: Profile, server: str | None = None, *,
-                 verify_tls: bool | str = True) -> None:
+                 verify_tls: bool | str = True, clock: Callable[[], float] = time.time) -> None:
         self.profile = profile
         server = server or profile.settings.get("server")
         if not server:
             raise ClientError("no server given (--server or CYPHR_SERVER)")
         self.http = Http(server, verify=verify_tls)
+        self.clock = clock
         self.identity = Identity(base64.b64decode(profile.vault["seed"]),
                                  int(profile.vault.get("generation", 0)))
         self.http.token = profile.vault.get("token")
         self._claim_paused: dict[str, float] = {}
         self._chat_cache: dict[str, dict[str, Any]] = {}
+        self._backup_lock = threading.Lock()
+        self._wallet_texts: dict[str, tuple[str, str]] = {}
+        # Set by recover(): how many pins the backup restored, or why not.
+        self.restored_pins: int | None = None
+        self.pin_backup_error: str | None = None
 
     # -- profiles ---------------------------------------------------------
 
@@ -127,6 +168,8 @@ class Client:
              phrase: str | None = None, **kwargs: Any) -> tuple[Client, str]:
         """A new profile with a new identity; answers the client and the
         recovery phrase, which is not stored anywhere: show it once."""
+        # A server this client may not talk to leaves no profile behind.
+        check_server(server, kwargs.get("verify_tls", True))
         phrase = crypto.normalize_phrase(phrase) if phrase else crypto.new_phrase()
         vault = {"seed": b64(crypto.phrase_seed(phrase)), "generation": 0,
                  "fingerprint": new_fingerprint(), "prekeys": {}, "nextPrekeyId": 1,
@@ -160,6 +203,21 @@ class Client:
             raise ClientError("this profile has no Cyphr ID yet (run `cyphr-client register`)")
         return cyphr_id
 
+    @property
+    def origin(self) -> str:
+        """The server's origin as statements and wallet links name it: the
+        server this client talks to (the profile's, or this run's). A
+        statement made for one origin is refused by a server of another, so
+        a server that relays it (a phishing one) gains nothing."""
+        try:
+            return signing.normalize_origin(self.http.server)
+        except ValueError as e:
+            raise ClientError(str(e)) from None
+
+    def _now(self) -> int:
+        """Now, in ms since the epoch."""
+        return int(self.clock() * 1000)
+
     def _save(self, **vault: Any) -> None:
         with self.profile.lock:
             self.profile.vault.update(vault)
@@ -173,42 +231,88 @@ class Client:
 
     def _challenge(self, cyphr_id: str) -> tuple[str, bytes]:
         answer = self.http.call("POST", "/api/cyphr-id/challenge", {"cyphrId": cyphr_id}, auth=False)
-        return answer["challengeId"], base64.b64decode(answer["challenge"])
+        challenge_id = answer.get("challengeId")
+        if not isinstance(challenge_id, str) or not 0 < len(challenge_id) <= 64 \
+                or "\n" in challenge_id or "\r" in challenge_id:
+            raise ClientError("the server's challenge id is not one: refusing to sign for it")
+        try:
+            challenge = crypto.unb64(answer.get("challenge"), "the challenge")
+        except CryptoError as e:
+            raise ClientError(f"{e}: refusing to sign it") from None
+        # Checked before anything is signed: a challenge is 32 random bytes,
+        # never something of the server's choosing.
+        if len(challenge) != signing.CHALLENGE_BYTES:
+            raise ClientError(f"the server's challenge is {len(challenge)} bytes, not "
+                              f"{signing.CHALLENGE_BYTES}: refusing to sign it")
+        return challenge_id, challenge
 
-    def _signed_challenge(self, cyphr_id: str) -> dict[str, str]:
+    def _statement(self, purpose: str, cyphr_id: str, fingerprint: str) -> dict[str, str]:
+        """A signed login statement for ``purpose``, made here from what this
+        client knows, with a fresh challenge: the body fields challengeId,
+        statement and signature."""
+        origin = self.origin
         challenge_id, challenge = self._challenge(cyphr_id)
-        return {"challengeId": challenge_id, "signature": b64(self.identity.sign(challenge))}
+        statement = signing.AuthStatement(purpose, origin, cyphr_id,
+                                          signing.device_hash(fingerprint), challenge_id, challenge)
+        return {"challengeId": challenge_id, "statement": b64(statement.encode()),
+                "signature": b64(statement.sign(self.identity.signing_key))}
 
     def register(self, cyphr_id: str, display_name: str | None = None,
                  prekeys: int = PREKEY_BATCH, progress: Progress | None = None) -> dict[str, Any]:
         if self.profile.settings.get("cyphrId"):
             raise ClientError(f"this profile is already {self.profile.settings['cyphrId']}")
+        fingerprint = self.profile.vault["fingerprint"]
+        now = self._now()
+        # The main key's signature names its owner: it is made for the Cyphr
+        # ID chosen now.
+        main_key = self.identity.main_key_form(cyphr_id, now)
         body = {
             "cyphrId": cyphr_id,
             "publicKey": b64(self.identity.public_key),
-            "kyberPublicKey": b64(self.identity.kyber_public_key),
-            "kyberKeySignature": b64(self.identity.kyber_key_signature),
-            "deviceFingerprint": self.profile.vault["fingerprint"],
-            **self._signed_challenge(cyphr_id),
+            **main_key,
+            "deviceFingerprint": fingerprint,
+            **self._statement(signing.REGISTER, cyphr_id, fingerprint),
         }
         if display_name:
             body["displayName"] = display_name
         answer = self.http.call("POST", "/api/cyphr-id/register", body, auth=False)
         with self.profile.lock:
             self.profile.settings.update(cyphrId=answer["cyphrId"], userId=answer["userId"])
+        self._save(mainKey=self._main_key_record(main_key))
         self._set_session(answer)
         if prekeys:
             self.upload_prekeys(prekeys, progress)
         return answer
 
     def login(self, totp_code: str | None = None) -> dict[str, Any]:
-        body = {"cyphrId": self.cyphr_id, "deviceFingerprint": self.profile.vault["fingerprint"],
-                **self._signed_challenge(self.cyphr_id)}
+        fingerprint = self.profile.vault["fingerprint"]
+        body = {"cyphrId": self.cyphr_id, "deviceFingerprint": fingerprint,
+                **self._statement(signing.LOGIN, self.cyphr_id, fingerprint)}
         if totp_code:
             body["totpCode"] = totp_code
         answer = self.http.call("POST", "/api/cyphr-id/login", body, auth=False)
         self._set_session(answer)
+        self._maintain_main_key()
         return answer
+
+    def _automatic_login(self, why: str) -> None:
+        """Sign in again without the user asking: at most AUTO_LOGIN_LIMIT
+        times an hour for this profile, each logged."""
+        now = self._now()
+        with self.profile.lock:
+            recent = [t for t in self.profile.vault.get("autoLogins", [])
+                      if isinstance(t, int) and 0 <= now - t < AUTO_LOGIN_WINDOW_MS]
+            if len(recent) >= AUTO_LOGIN_LIMIT:
+                raise ClientError(
+                    f"the session with {self.origin} ended ({why}) and this profile already "
+                    f"signed in on its own {len(recent)} times in the last hour; it signs "
+                    f"nothing more by itself: run `cyphr-client login`")
+            recent.append(now)
+            self.profile.vault["autoLogins"] = recent
+            self.profile.save()
+        _log.warning("Signing in to %s again without being asked (%s): automatic sign-in "
+                     "%d of at most %d an hour", self.origin, why, len(recent), AUTO_LOGIN_LIMIT)
+        self.login()
 
     @classmethod
     def recover(cls, directory: str | Path, passphrase: str, server: str, phrase: str,
@@ -216,42 +320,36 @@ class Client:
                 **kwargs: Any) -> Client:
         """This identity on a new device: a new profile from the phrase. The
         server rebinds the Cyphr ID to this device and ends the old one's
-        sessions."""
+        sessions. The pins of the old device come back from the encrypted
+        pin backup (``restored_pins``; ``pin_backup_error`` says why not)."""
         client, _ = cls.init(directory, passphrase, server, phrase, **kwargs)
-        body = {"cyphrId": cyphr_id, "newDeviceFingerprint": client.profile.vault["fingerprint"],
-                **client._signed_challenge(cyphr_id)}
+        fingerprint = client.profile.vault["fingerprint"]
+        body = {"cyphrId": cyphr_id, "newDeviceFingerprint": fingerprint,
+                **client._statement(signing.RECOVER, cyphr_id, fingerprint)}
         answer = client.http.call("POST", "/api/cyphr-id/recover", body, auth=False)
         with client.profile.lock:
             client.profile.settings["cyphrId"] = cyphr_id
         client._set_session(answer)
+        # Before anything else is pinned: the pins the old device had.
+        client._restore_pins()
         # The main ML-KEM key may have been rotated since the phrase was
-        # made: find its generation, so that messages sealed to it open here.
-        client._adopt_published_generation(answer["user"])
+        # made: take its generation, so that messages sealed to it open here.
+        client._adopt_published_key(client._directory(cyphr_id), top_up=False)
         if prekeys:
             client.upload_prekeys(prekeys, progress)
         return client
 
-    def _adopt_published_generation(self, user: dict[str, Any]) -> None:
-        published = user.get("kyberPublicKey")
-        for generation in range(0, 1000):
-            candidate = self.identity.kem_key_of(generation).public_key().public_bytes_raw()
-            if b64(candidate) == published:
-                self.identity = Identity(self.identity.seed, generation)
-                self._save(generation=generation)
-                return
-        # Not one of ours (an older client's key): publish our own.
-        self.rotate_kyber(to_generation=0)
-
     def _call(self, method: str, path: str, body: Any = None,
               params: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.http.token is None:
-            self.login()
+            self._automatic_login("no session")
         try:
             return self.http.call(method, path, body, params=params)
         except ApiError as e:
             if e.status != 401 or e.code not in _SESSION_CODES:
                 raise
-        self.login()  # the session ended: sign in again (TOTP users must do it by hand)
+            why = e.code
+        self._automatic_login(f"the server answered {why}")  # TOTP users must do it by hand
         return self.http.call(method, path, body, params=params)
 
     def whoami(self) -> dict[str, Any]:
@@ -268,7 +366,13 @@ class Client:
         self._save(token=None, tokenExpiresAt=None)
 
     def delete_account(self) -> None:
-        self._call("DELETE", "/api/cyphr-id/account", self._signed_challenge(self.cyphr_id))
+        """Delete this identity from the server. Never done again on its own:
+        a session that ended makes it fail (sign in, then delete)."""
+        self.whoami()  # a live session first (this may sign in again)
+        fingerprint = self.profile.vault["fingerprint"]
+        self.http.call("DELETE", "/api/cyphr-id/account", {
+            **self._statement(signing.DELETE, self.cyphr_id, fingerprint),
+            "deviceFingerprint": fingerprint})
         self.http.token = None
         with self.profile.lock:
             self.profile.settings["deleted"] = True
@@ -276,21 +380,96 @@ class Client:
 
     # -- keys -------------------------------------------------------------
 
+    @staticmethod
+    def _main_key_record(form: dict[str, Any]) -> dict[str, int]:
+        return {"keyId": form["kyberKeyId"],
+                "createdAt": crypto.parse_iso_ms(form["kyberKeyCreatedAt"], "createdAt"),
+                "expiresAt": crypto.parse_iso_ms(form["kyberKeyExpiresAt"], "expiresAt")}
+
+    def _publish_main_key(self, identity: Identity) -> None:
+        """Sign ``identity``'s main key (its generation is its key id) for
+        the next 180 days and publish it."""
+        form = identity.main_key_form(self.cyphr_id, self._now())
+        self._call("POST", "/api/messaging/store-public-key", form)
+        self.identity = identity
+        self._save(generation=identity.generation, mainKey=self._main_key_record(form))
+
+    def _maintain_main_key(self) -> None:
+        """At login: a profile from before v2 signatures re-signs its main key
+        under v2 (and publishes v2 prekeys: the server drops the v1 ones); a
+        main key with fewer than 150 days left is renewed."""
+        with self.profile.lock:
+            record = self.profile.vault.get("mainKey")
+        if record is None:
+            self._adopt_published_key(self._directory(self.cyphr_id))
+        else:
+            self.renew_main_key()
+
+    def renew_main_key(self, force: bool = False) -> bool:
+        """Sign the main key again (same key, same id, new times) when fewer
+        than 150 days of its validity are left; answers whether it did."""
+        with self.profile.lock:
+            record = self.profile.vault.get("mainKey")
+        if not force and record is not None and record.get("keyId") == self.identity.generation \
+                and record["expiresAt"] - self._now() >= crypto.MAIN_KEY_RENEW_MS:
+            return False
+        self._publish_main_key(self.identity)
+        return True
+
+    def _adopt_published_key(self, published: dict[str, Any], top_up: bool = True) -> None:
+        """Make this device's main key the one its directory entry publishes
+        (found by its key id, or for a v1 key by trying generations), and
+        make sure it is published with a v2 signature that is not due
+        (after a v1 one, with v2 prekeys too unless ``top_up`` is False)."""
+        key = published.get("kyberPublicKey")
+        key_id = published.get("kyberKeyId")
+        version = published.get("kyberKeySignatureVersion")
+        generation = None
+        if version == 2 and isinstance(key_id, int) and not isinstance(key_id, bool) \
+                and 0 <= key_id < 2**32 and self._kem_public(key_id) == key:
+            generation = key_id
+        elif version != 2:
+            generation = next((g for g in range(1000) if self._kem_public(g) == key), None)
+        if generation is None:
+            # Not one of ours (an older client's key, or not this phrase's):
+            # publish our own, above whatever id the directory holds.
+            above = key_id + 1 if version == 2 and isinstance(key_id, int) else 0
+            self._publish_main_key(Identity(self.identity.seed, max(above, self.identity.generation)))
+        elif version != 2:
+            _log.warning("Re-signing the main key of %s on %s with a v2 key signature",
+                         self.cyphr_id, self.origin)
+            self._publish_main_key(Identity(self.identity.seed, generation))
+        else:
+            self.identity = Identity(self.identity.seed, generation)
+            try:
+                record = {"keyId": generation,
+                          "createdAt": crypto.parse_iso_ms(published.get("kyberKeyCreatedAt"), "createdAt"),
+                          "expiresAt": crypto.parse_iso_ms(published.get("kyberKeyExpiresAt"), "expiresAt")}
+            except KeyRefused:
+                record = {"keyId": generation, "createdAt": 0, "expiresAt": 0}  # renewed below
+            self._save(generation=generation, mainKey=record)
+            self.renew_main_key()
+            return
+        if version != 2 and top_up:
+            # The server dropped the v1 one-time prekeys: publish v2 ones.
+            self.top_up_prekeys()
+
+    def _kem_public(self, generation: int) -> str:
+        return b64(self.identity.kem_key_of(generation).public_key().public_bytes_raw())
+
     def rotate_kyber(self, to_generation: int | None = None) -> int:
+        """Publish the main key of the next generation (its key id)."""
         generation = self.identity.generation + 1 if to_generation is None else to_generation
-        rotated = Identity(self.identity.seed, generation)
-        self._call("POST", "/api/messaging/store-public-key", {
-            "kyberPublicKey": b64(rotated.kyber_public_key),
-            "kyberKeySignature": b64(rotated.kyber_key_signature)})
-        self.identity = rotated
-        self._save(generation=generation)
+        self._publish_main_key(Identity(self.identity.seed, generation))
         return generation
 
     def upload_prekeys(self, count: int, progress: Progress | None = None) -> int:
         """Make ``count`` one-time prekeys, keep their secrets in the vault,
-        and publish them; answers how many the server now holds."""
+        and publish them (each signed as a one-time prekey of this Cyphr ID,
+        valid 90 days); answers how many the server now holds."""
         total = 0
         made = 0
+        owner = self.cyphr_id
         while made < count:
             batch = []
             with self.profile.lock:
@@ -303,8 +482,9 @@ class Client:
                     self.profile.vault["prekeys"][str(prekey.key_id)] = b64(prekey.seed)
                 self.profile.vault["nextPrekeyId"] = next_id + len(batch)
                 self.profile.save()  # secrets first: never a published key without its secret
+            now = self._now()
             answer = self._call("POST", "/api/keys/prekeys",
-                                {"prekeys": [p.upload_form(self.identity) for p in batch]})
+                                {"prekeys": [p.upload_form(self.identity, owner, now) for p in batch]})
             total = answer["total"]
             made += len(batch)
         return total
@@ -314,7 +494,9 @@ class Client:
 
     def top_up_prekeys(self, low: int = PREKEY_LOW, target: int = PREKEY_BATCH,
                        progress: Progress | None = None) -> int:
-        """Publish more one-time prekeys when fewer than ``low`` are left."""
+        """Publish more one-time prekeys when fewer than ``low`` are left (and
+        renew the main key's signature when it is due)."""
+        self.renew_main_key()
         remaining = self.prekeys_remaining()
         if remaining >= low:
             return 0
@@ -323,41 +505,119 @@ class Client:
 
     # -- contacts ---------------------------------------------------------
 
-    def contact(self, cyphr_id: str) -> Contact:
-        """A user's keys, checked: the Kyber key must be signed by the
-        identity key, and the identity key must be the pinned one (pinned on
-        first use)."""
-        answer = self._call("GET", f"/api/messaging/public-key/{segment(cyphr_id)}")
-        identity_key = base64.b64decode(answer["publicKey"])
-        kyber_key = base64.b64decode(answer["kyberPublicKey"])
-        if not crypto.verify_kyber_key(identity_key, kyber_key,
-                                       base64.b64decode(answer["kyberKeySignature"])):
-            raise ClientError(f"{cyphr_id}'s ML-KEM key is not signed by its identity key: "
-                              f"refusing it")
-        pinned = self._pinned(cyphr_id, identity_key)
-        return Contact(cyphr_id, identity_key, kyber_key,
-                       self.safety_number_with(cyphr_id, identity_key), pinned.get("verified", False))
+    def _directory(self, cyphr_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/messaging/public-key/{segment(cyphr_id)}")
 
-    def _pinned(self, cyphr_id: str, identity_key: bytes) -> dict[str, Any]:
+    @staticmethod
+    def _identity_key_in(answer: dict[str, Any], cyphr_id: str) -> bytes:
+        try:
+            return crypto.unb64(answer.get("publicKey"), f"{cyphr_id}'s identity key", 32)
+        except CryptoError as e:
+            raise ClientError(str(e)) from None
+
+    def _checked_key(self, cyphr_id: str, identity_key: bytes, **fields: Any) -> PublishedKey:
+        try:
+            return crypto.check_published_key(identity_key, cyphr_id, now=self._now(), **fields)
+        except KeyRefused as e:
+            raise ClientError(str(e)) from None
+
+    def contact(self, cyphr_id: str) -> Contact:
+        """A user's keys, checked: the identity key must be the pinned one
+        (pinned on first use), and the main ML-KEM key must be bound to this
+        Cyphr ID by a v2 signature of that identity key, unexpired, and not
+        older than one seen before."""
+        answer = self._directory(cyphr_id)
+        identity_key = self._identity_key_in(answer, cyphr_id)
+        self._check_pin(cyphr_id, identity_key)
+        main_key = self._checked_key(
+            cyphr_id, identity_key, one_time=False, key_id=answer.get("kyberKeyId"),
+            public_key=answer.get("kyberPublicKey"), signature=answer.get("kyberKeySignature"),
+            created_at=answer.get("kyberKeyCreatedAt"), expires_at=answer.get("kyberKeyExpiresAt"),
+            signature_version=answer.get("kyberKeySignatureVersion"))
+        pin = self._pinned(cyphr_id, identity_key, main_key)
+        return Contact(cyphr_id, identity_key, main_key.public_key,
+                       self.safety_number_with(cyphr_id, identity_key), pin.get("verified", False),
+                       main_key.key_id)
+
+    def _check_pin(self, cyphr_id: str, identity_key: bytes) -> None:
+        with self.profile.lock:
+            pin = self.profile.vault.get("pins", {}).get(cyphr_id)
+        if pin is not None and pin["identityKey"] != b64(identity_key):
+            raise IdentityChanged(
+                cyphr_id, self.safety_number_with(cyphr_id, identity_key),
+                self.safety_number_with(cyphr_id, base64.b64decode(pin["identityKey"])))
+
+    def _pinned(self, cyphr_id: str, identity_key: bytes,
+                main_key: PublishedKey | None = None) -> dict[str, Any]:
+        """The pin of ``cyphr_id`` (made now if there is none), after checking
+        ``main_key`` against the newest main key seen (ids never go back, and
+        one id is one key)."""
+        changed = False
         with self.profile.lock:
             pins = self.profile.vault.setdefault("pins", {})
             pin = pins.get(cyphr_id)
             if pin is None:
-                pin = pins[cyphr_id] = {"identityKey": b64(identity_key), "verified": False}
-                self.profile.save()
+                pin = {"identityKey": b64(identity_key), "verified": False}
+                changed = True
             elif pin["identityKey"] != b64(identity_key):
-                raise IdentityChanged(cyphr_id, self.safety_number_with(cyphr_id, identity_key))
-            return pin
+                self._check_pin(cyphr_id, identity_key)
+            if main_key is not None:
+                highest = pin.get("highestKeyId")
+                if highest is not None and main_key.key_id < highest:
+                    raise ClientError(
+                        f"the server shows {cyphr_id}'s main key {main_key.key_id}, older than "
+                        f"key {highest} already seen: refusing it (a rollback)")
+                digest = _key_digest(main_key.public_key)
+                if main_key.key_id == highest and pin.get("mainKey") not in (None, digest):
+                    raise ClientError(
+                        f"the server shows another key as {cyphr_id}'s main key {highest} than "
+                        f"the one seen before: refusing it")
+                if highest is None or main_key.key_id > highest:
+                    pin = dict(pin, highestKeyId=main_key.key_id, mainKey=digest)
+                    changed = True
+            if changed:
+                pins[cyphr_id] = pin
+                self.profile.save()
+        if changed:
+            self.backup_pins()
+        return pin
 
-    def accept_identity(self, cyphr_id: str) -> Contact:
-        """Pin the identity key the server now shows, after the user compared
-        the safety number; marks the contact verified."""
-        answer = self._call("GET", f"/api/messaging/public-key/{segment(cyphr_id)}")
-        identity_key = base64.b64decode(answer["publicKey"])
+    def _use_prekey(self, cyphr_id: str, key: PublishedKey) -> None:
+        """Remember a one-time prekey sealed to, refusing one handed out
+        before: the server must never give the same prekey twice."""
+        mark = f"{key.key_id}:{_key_digest(key.public_key)}"
         with self.profile.lock:
-            self.profile.vault.setdefault("pins", {})[cyphr_id] = {
-                "identityKey": b64(identity_key), "verified": True}
+            used = self.profile.vault.setdefault("usedPrekeys", {}).setdefault(cyphr_id, [])
+            if mark in used:
+                raise ClientError(f"the server handed out {cyphr_id}'s one-time prekey "
+                                  f"{key.key_id} a second time: refusing it")
+            used.append(mark)
+            del used[:-USED_PREKEYS_KEPT]
             self.profile.save()
+
+    def accept_identity(self, cyphr_id: str, number: str) -> Contact:
+        """Pin ``cyphr_id``'s identity key as verified, only if the safety
+        number it gives is ``number`` (the one the user compared with the
+        contact; spaces do not matter). Otherwise ClientError and nothing
+        changes."""
+        try:
+            wanted = crypto.normalize_safety_number(number)
+        except ValueError:
+            raise ClientError(f"{number!r} is not a safety number (60 digits)") from None
+        identity_key = self._identity_key_in(self._directory(cyphr_id), cyphr_id)
+        shown = self.safety_number_with(cyphr_id, identity_key)
+        if crypto.normalize_safety_number(shown) != wanted:
+            raise ClientError(f"the safety number you gave does not match {cyphr_id}'s identity "
+                              f"key as the server shows it now ({shown}): nothing was pinned")
+        with self.profile.lock:
+            pins = self.profile.vault.setdefault("pins", {})
+            old = pins.get(cyphr_id)
+            pin = {"identityKey": b64(identity_key), "verified": True}
+            if old is not None and old["identityKey"] == pin["identityKey"]:
+                pin = dict(old, verified=True)
+            pins[cyphr_id] = pin
+            self.profile.save()
+        self.backup_pins()
         return self.contact(cyphr_id)
 
     def safety_number_with(self, cyphr_id: str, identity_key: bytes) -> str:
@@ -370,11 +630,23 @@ class Client:
             pin = self.profile.vault.get("pins", {}).get(cyphr_id)
         if pin is not None:
             return base64.b64decode(pin["identityKey"])
-        return self.contact(cyphr_id).identity_key
+        # Only the identity key: reading a message needs no ML-KEM key of
+        # the sender's (who may still be on v1 keys).
+        identity_key = self._identity_key_in(self._directory(cyphr_id), cyphr_id)
+        self._pinned(cyphr_id, identity_key)
+        return identity_key
+
+    def _contact_verified(self, cyphr_id: str) -> bool:
+        if cyphr_id == self.profile.settings.get("cyphrId"):
+            return True
+        with self.profile.lock:
+            pin = self.profile.vault.get("pins", {}).get(cyphr_id)
+        return bool(pin and pin.get("verified"))
 
     def _recipient(self, cyphr_id: str) -> Recipient:
         if cyphr_id == self.cyphr_id:
-            return Recipient(cyphr_id, self.identity.public_key, self.identity.kyber_public_key)
+            return Recipient(cyphr_id, self.identity.public_key, self.identity.kyber_public_key,
+                             self.identity.generation)
         contact = self.contact(cyphr_id)
         if self._claim_paused.get(cyphr_id, 0.0) <= time.monotonic():
             try:
@@ -384,16 +656,93 @@ class Client:
                     raise
                 self._claim_paused[cyphr_id] = time.monotonic() + (e.retry_after or 60.0)
             else:
-                key = base64.b64decode(claim["kyberPublicKey"])
-                # The server hands the key out; only the identity key vouches for it.
-                if not crypto.verify_kyber_key(contact.identity_key, key,
-                                               base64.b64decode(claim["signature"])):
-                    raise ClientError(f"the prekey handed out for {cyphr_id} is not signed by "
-                                      f"its identity key: refusing it")
-                if claim.get("oneTime"):
-                    return Recipient(cyphr_id, contact.identity_key, key, int(claim["keyId"]))
+                # The server hands the key out; only the identity key vouches
+                # for it, its kind, its owner, its id and its validity.
+                key = self._checked_key(
+                    cyphr_id, contact.identity_key, one_time=claim.get("oneTime"),
+                    key_id=claim.get("keyId"), public_key=claim.get("kyberPublicKey"),
+                    signature=claim.get("signature"), created_at=claim.get("createdAt"),
+                    expires_at=claim.get("expiresAt"),
+                    signature_version=claim.get("signatureVersion"))
+                if key.one_time:
+                    self._use_prekey(cyphr_id, key)
+                    return Recipient(cyphr_id, contact.identity_key, key.public_key, key.key_id,
+                                     True)
+                self._pinned(cyphr_id, contact.identity_key, key)
                 self._claim_paused[cyphr_id] = time.monotonic() + _CLAIM_PAUSE
-        return Recipient(cyphr_id, contact.identity_key, contact.kyber_public_key)
+                return Recipient(cyphr_id, contact.identity_key, key.public_key, key.key_id)
+        return Recipient(cyphr_id, contact.identity_key, contact.kyber_public_key,
+                         contact.kyber_key_id)
+
+    # -- the pin backup ---------------------------------------------------
+
+    def backup_pins(self) -> bool:
+        """Upload the pins, sealed with a key only the recovery phrase gives
+        (best effort: a failure is logged); answers whether it worked."""
+        with self._backup_lock:
+            try:
+                with self.profile.lock:
+                    counter = int(self.profile.vault.get("pinBackupCounter", 0)) + 1
+                    self.profile.vault["pinBackupCounter"] = counter
+                    pins = {cyphr_id: {name: pin[name] for name in
+                                       ("identityKey", "verified", "highestKeyId", "mainKey")
+                                       if name in pin}
+                            for cyphr_id, pin in self.profile.vault.get("pins", {}).items()}
+                    self.profile.save()
+                blob = crypto.seal_pin_backup(self.identity.seed, self.cyphr_id, {
+                    "format": PIN_BACKUP_FORMAT, "counter": counter, "time": self._now(),
+                    "pins": pins})
+                self._call("PUT", "/api/cyphr-id/pin-backup", {"blob": b64(blob)})
+            except (ClientError, CryptoError) as e:
+                _log.warning("Could not back up the pinned identity keys to %s: %s",
+                             self.origin, e)
+                return False
+        return True
+
+    def _restore_pins(self) -> int:
+        """Take the pins of the backup (at recovery); answers how many."""
+        try:
+            answer = self._call("GET", "/api/cyphr-id/pin-backup")
+            backup = crypto.open_pin_backup(self.identity.seed, self.cyphr_id,
+                                            crypto.unb64(answer.get("blob"), "the pin backup"))
+        except ApiError as e:
+            if e.code == "PIN_BACKUP_NOT_FOUND":
+                self.restored_pins = 0
+                return 0
+            self.pin_backup_error = str(e)
+        except (ClientError, CryptoError) as e:  # unreachable, or a blob that does not open
+            self.pin_backup_error = str(e)
+        if self.pin_backup_error is not None:
+            _log.warning("The pinned identity keys of %s could not be restored from %s: %s",
+                         self.cyphr_id, self.origin, self.pin_backup_error)
+            return 0
+        restored = {}
+        for cyphr_id, pin in backup["pins"].items():
+            if not isinstance(pin, dict) or not isinstance(cyphr_id, str):
+                continue
+            try:
+                crypto.unb64(pin.get("identityKey"), "identityKey", 32)
+            except CryptoError:
+                continue
+            entry: dict[str, Any] = {"identityKey": pin["identityKey"],
+                                     "verified": pin.get("verified") is True}
+            highest = pin.get("highestKeyId")
+            if isinstance(highest, int) and not isinstance(highest, bool) and highest >= 0:
+                entry["highestKeyId"] = highest
+                if isinstance(pin.get("mainKey"), str):
+                    entry["mainKey"] = pin["mainKey"]
+            restored[cyphr_id] = entry
+        with self.profile.lock:
+            pins = self.profile.vault.setdefault("pins", {})
+            for cyphr_id, entry in restored.items():
+                pins.setdefault(cyphr_id, entry)
+            counter = backup.get("counter")
+            if isinstance(counter, int) and not isinstance(counter, bool):
+                self.profile.vault["pinBackupCounter"] = max(
+                    counter, int(self.profile.vault.get("pinBackupCounter", 0)))
+            self.profile.save()
+        self.restored_pins = len(restored)
+        return len(restored)
 
     # -- chats ------------------------------------------------------------
 
@@ -469,10 +818,12 @@ class Client:
         """Verify and decrypt one message as the server gave it. Never
         raises for a bad message: the answer's ``error`` says what is wrong."""
         def result(text: str | None, verified: bool, error: str | None = None) -> Message:
+            sender = message.get("senderId", "")
             return Message(message.get("id", ""), message.get("chatId", ""), message.get("seq", 0),
-                           message.get("senderId", ""), message.get("timestamp", ""),
+                           sender, message.get("timestamp", ""),
                            message.get("messageType", ""), text, verified, error,
-                           message.get("clientMessageId"))
+                           message.get("clientMessageId"),
+                           verified and isinstance(sender, str) and self._contact_verified(sender))
 
         payload = message.get("encryptedPayload")
         if message.get("deletedAt") or payload is None:
@@ -503,6 +854,10 @@ class Client:
                 self.profile.vault.setdefault("contentKeys", {})[message["id"]] = b64(opened.content_key)
                 self.profile.save()
         text = opened.plaintext.decode("utf-8", errors="replace")
+        if not opened.verified:
+            # Old history: readable, but a v1 signature proves nothing, so
+            # it neither counts as the sender's word nor changes any key.
+            return result(text, False, crypto.V1_UNVERIFIED)
         if message.get("messageType") == "system":
             self._system_message(message["chatId"], text)
         return result(text, True)
@@ -584,8 +939,9 @@ class Client:
         self._call("POST", "/api/auth/totp/disable", {"code": code})
 
     def wallet_link(self, stellar_secret: str) -> str:
-        """Link the Stellar account of ``stellar_secret``: the secret signs a
-        challenge here and never leaves this process."""
+        """Link the Stellar account of ``stellar_secret``: the secret signs,
+        here, a SEP-53 message this client builds (never bytes the server
+        chose), and never leaves this process. Answers the address."""
         from stellar_sdk import Keypair
         from stellar_sdk.exceptions import Ed25519SecretSeedInvalidError
 
@@ -593,10 +949,56 @@ class Client:
             keypair = Keypair.from_secret(stellar_secret.strip())
         except (Ed25519SecretSeedInvalidError, ValueError):
             raise ClientError("not a Stellar secret seed (S...)") from None
+        challenge_id, text = self.wallet_link_text(keypair.public_key)
+        return self.wallet_link_signed(keypair.public_key, challenge_id,
+                                       b64(keypair.sign_message(text)))
+
+    def wallet_link_text(self, stellar_address: str) -> tuple[str, str]:
+        """The first step of a link signed in the user's own wallet: answers
+        the challenge id and the text to sign there (a SEP-53 "sign message",
+        never a transaction). Then :meth:`wallet_link_signed`."""
+        from stellar_sdk import Keypair
+        from stellar_sdk.exceptions import Ed25519PublicKeyInvalidError
+
+        address = stellar_address.strip()
+        try:
+            Keypair.from_public_key(address)
+        except (Ed25519PublicKeyInvalidError, ValueError):
+            raise ClientError("not a Stellar account address (G...)") from None
         challenge_id, challenge = self._challenge(self.cyphr_id)
+        try:
+            text = signing.wallet_link_text(self.origin, self.cyphr_id, address, challenge_id,
+                                            challenge)
+        except signing.EncodingError as e:
+            raise ClientError(str(e)) from None
+        self._wallet_texts[challenge_id] = (address, text)
+        return challenge_id, text
+
+    def wallet_link_signed(self, stellar_address: str, challenge_id: str,
+                           signature_b64: str) -> str:
+        """The second step: send the wallet's SEP-53 signature (base64) of
+        the text :meth:`wallet_link_text` gave. Checked here first when that
+        text was made by this client object. Answers the linked address."""
+        from stellar_sdk import Keypair
+        from stellar_sdk.exceptions import BadSignatureError
+
+        address = stellar_address.strip()
+        try:
+            signature = crypto.unb64(signature_b64.strip(), "the signature", 64)
+        except CryptoError as e:
+            raise ClientError(f"{e} (a SEP-53 signature is 64 bytes, in base64)") from None
+        made = self._wallet_texts.pop(challenge_id, None)
+        if made is not None:
+            if made[0] != address:
+                raise ClientError(f"challenge {challenge_id} was made for {made[0]}, not {address}")
+            try:
+                Keypair.from_public_key(address).verify_message(made[1], signature)
+            except BadSignatureError:
+                raise ClientError(f"the signature is not {address}'s SEP-53 signature of the "
+                                  f"wallet link text") from None
         answer = self._call("POST", "/api/wallet/link", {
-            "stellarAddress": keypair.public_key, "challengeId": challenge_id,
-            "signature": b64(keypair.sign(challenge))})
+            "stellarAddress": address, "challengeId": challenge_id, "origin": self.origin,
+            "signature": b64(signature)})
         return answer["stellarAddress"]
 
     def wallet_show(self, cyphr_id: str | None = None) -> str:

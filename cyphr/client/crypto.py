@@ -1,37 +1,45 @@
 """
-The end-to-end scheme of Cyphr's clients (version 1).
+The end-to-end scheme of Cyphr's clients (version 2, ``cyphr-hybrid-v2``).
 
 Everything here runs on the client; the server sees only what
-:func:`seal` returns, and stores it as an opaque JSON object.
+:func:`seal` returns, and stores it as an opaque JSON object. Every
+signature goes through :mod:`cyphr.signing` (labelled, length-prefixed
+encodings): nothing signed or authenticated here is JSON.
 
 Identity
     A 24-word BIP-39 recovery phrase gives a 64-byte seed (BIP-39's own
     PBKDF2 step, empty passphrase). HKDF-SHA256 expands that seed into the
     Ed25519 identity key's 32-byte seed and the ML-KEM-1024 key pair's
     64-byte seed (FIPS 203 ``d || z``): the phrase alone re-creates both on
-    a new device. The identity key signs the ML-KEM key (``cyphr-kyber-key:``
-    followed by the raw key), the one-time prekeys likewise, and every
-    message.
+    a new device. The identity key signs, each under its own label, the
+    main ML-KEM key and every one-time prekey as a
+    :class:`~cyphr.signing.KeyBinding` (kind, owner's Cyphr ID, key id,
+    validity), every message, and the login statements the client builds
+    itself.
 
 A message, for every recipient including the sender itself
     1. The plaintext is padded to a size bucket (256 B, 1 KiB, 4 KiB,
        16 KiB, then multiples of 64 KiB) so that its length leaks little.
     2. A fresh 32-byte content key encrypts it with XChaCha20-Poly1305;
-       the header (chat, sender, type, client message id, recipients, the
-       ephemeral X25519 key) is the associated data.
+       the associated data is ``MessageHeader.aad()``: the binary encoding
+       of the header (scheme, chat, sender, type, client message id, the
+       sorted recipients, the ephemeral X25519 key).
     3. For each recipient the content key is wrapped with a key derived by
        HKDF-SHA256 from two secrets: an ML-KEM-1024 encapsulation to the
        recipient's one-time prekey (or its main key when none could be
        claimed), and an X25519 exchange between the message's ephemeral key
-       and the recipient's identity key converted to X25519. Breaking
-       either primitive alone does not recover the wrapping key (the hybrid
-       of Signal's PQXDH).
-    4. The sender signs the whole payload with its Ed25519 identity key.
+       and the recipient's identity key converted to X25519. Each wrapped
+       key names the key it was sealed to (``keyId``, ``oneTime``).
+    4. The sender signs ``message_content(header, nonce, ciphertext, tag,
+       wrapped keys)`` under the label ``message``.
 
-Opening a message checks, in order: the shape, the signature (against the
-sender's identity key as the reader pinned it), the header against what the
-server says of the message (sender, chat, type, client message id), that
-the reader is a recipient, the wrapped key, then the content.
+Opening a message checks, in order: the shape (strictly: no unknown field),
+the signature (against the sender's identity key as the reader pinned it),
+the header against what the server says of the message (sender, chat,
+type, client message id), that the reader is a recipient, the wrapped key,
+then the content. A version 1 payload still opens (old history), but is
+reported unverified: v1 clients signed raw login challenges with the same
+key, so a v1 signature proves nothing about its sender.
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ import binascii
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from cryptography.exceptions import InvalidKey
@@ -64,25 +74,40 @@ from nacl.exceptions import BadSignatureError
 from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.signing import SigningKey, VerifyKey
 
-from cyphr.crypto import KYBER_KEY_CONTEXT, MLKEM1024_KEY_BYTES
+from cyphr import signing
+from cyphr.crypto import KYBER_KEY_CONTEXT, MLKEM1024_KEY_BYTES, is_mlkem1024_key
+from cyphr.signing import KeyBinding, MessageHeader, WrappedKey
 
-VERSION = 1
-SCHEME = "cyphr-hybrid-v1"  # ML-KEM-1024 + X25519, HKDF-SHA256, XChaCha20-Poly1305, Ed25519
+VERSION = 2
+SCHEME = "cyphr-hybrid-v2"  # ML-KEM-1024 + X25519, HKDF-SHA256, XChaCha20-Poly1305, Ed25519
+V1_VERSION = 1
+V1_SCHEME = "cyphr-hybrid-v1"  # read only: old history
 PHRASE_WORDS = 24
 
-_HEADER_CONTEXT = b"cyphr-message-header-v1\x00"
-_SIGNATURE_CONTEXT = b"cyphr-message-signature-v1\x00"
+_V1_HEADER_CONTEXT = b"cyphr-message-header-v1\x00"
+_V1_SIGNATURE_CONTEXT = b"cyphr-message-signature-v1\x00"
+# The wrapping key's derivation is unchanged from v1 (its salt is the hash
+# of the header's associated data, which is now MessageHeader.aad()).
 _WRAP_INFO = b"cyphr-message-wrap-v1\x00"
 _ED25519_INFO = b"cyphr-identity-ed25519-v1"
 _MLKEM_INFO = b"cyphr-identity-ml-kem-1024-v1"
 _SAFETY_CONTEXT = b"cyphr-safety-number-v1\x00"
+_PIN_BACKUP_INFO = b"cyphr-v2 pin-backup-key"
+_PIN_BACKUP_AAD_LABEL = "cyphr-v2 pin-backup"
 
 KEY_BYTES = 32
 NONCE_BYTES = 24
 TAG_BYTES = 16
 MLKEM1024_CIPHERTEXT_BYTES = 1568
+MAX_KEY_ID = 2**53 - 1  # what JSON carries exactly
 _BUCKETS = (256, 1024, 4096, 16384)
 _LARGE_BUCKET = 65536
+
+DAY_MS = 24 * 3600 * 1000
+MAIN_KEY_LIFETIME_MS = 180 * DAY_MS
+MAIN_KEY_RENEW_MS = 150 * DAY_MS  # renewed when fewer than this remain
+PREKEY_LIFETIME_MS = 90 * DAY_MS
+MAX_CLOCK_SKEW_MS = 5 * 60 * 1000  # how far ahead a key's createdAt may be
 
 
 class CryptoError(Exception):
@@ -117,6 +142,10 @@ class TamperedMessage(CryptoError):
     pass
 
 
+class KeyRefused(CryptoError):
+    """A published ML-KEM key that its reader must not seal to."""
+
+
 # -- encoding ---------------------------------------------------------------
 
 def b64(raw: bytes) -> str:
@@ -135,16 +164,35 @@ def unb64(value: Any, what: str, size: int | None = None) -> bytes:
     return raw
 
 
-def canonical(value: Any) -> bytes:
-    """The one byte string a JSON value signs as: sorted keys, no spaces,
-    ASCII only. The server stores and forwards the payload as a JSON
-    object, so the reader re-creates exactly these bytes."""
+def _v1_canonical(value: Any) -> bytes:
+    # Only to check what a v1 client signed (old history): nothing new is
+    # signed as JSON.
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False).encode("ascii")
 
 
 def _hkdf(ikm: bytes, length: int, info: bytes, salt: bytes | None = None) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+_ISO_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+def iso_ms(ms: int) -> str:
+    """A time as the wire carries it: ISO 8601 UTC with milliseconds."""
+    moment = datetime.fromtimestamp(ms // 1000, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+
+
+def parse_iso_ms(value: Any, what: str) -> int:
+    """ms since the epoch of a wire time; strictly the form :func:`iso_ms` makes."""
+    if not isinstance(value, str) or not _ISO_MS.match(value):
+        raise KeyRefused(f"{what} is not a time of the form 2026-01-31T12:00:00.000Z")
+    try:
+        moment = datetime.strptime(value[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise KeyRefused(f"{what} is not a valid time") from None
+    return int(moment.timestamp()) * 1000 + int(value[20:23])
 
 
 # -- the recovery phrase and the identity ---------------------------------
@@ -174,11 +222,9 @@ def phrase_seed(phrase: str) -> bytes:
     return Mnemonic.to_seed(normalize_phrase(phrase), passphrase="")
 
 
-def kyber_key_signature(signing_key: SigningKey, kyber_public_key: bytes) -> bytes:
-    return signing_key.sign(KYBER_KEY_CONTEXT + kyber_public_key).signature
-
-
-def verify_kyber_key(identity_key: bytes, kyber_public_key: bytes, signature: bytes) -> bool:
+def verify_v1_kyber_key(identity_key: bytes, kyber_public_key: bytes, signature: bytes) -> bool:
+    """A v1 key signature (``cyphr-kyber-key:`` then the raw key). Kept only
+    to recognise a v1 key; a v2 reader never seals to one."""
     if len(kyber_public_key) != MLKEM1024_KEY_BYTES:
         return False
     try:
@@ -189,20 +235,22 @@ def verify_kyber_key(identity_key: bytes, kyber_public_key: bytes, signature: by
 
 
 class Identity:
-    """The secret keys of one Cyphr ID, all from one 64-byte seed."""
+    """The secret keys of one Cyphr ID, all from one 64-byte seed.
+
+    It signs nothing raw: only labelled structures (:mod:`cyphr.signing`),
+    so that no signature of one kind can pass for another."""
 
     def __init__(self, seed: bytes, generation: int = 0) -> None:
         if len(seed) != 64:
             raise CryptoError("an identity seed is 64 bytes")
-        if generation < 0:
-            raise CryptoError("a key generation is not negative")
+        if not 0 <= generation < 2**32:
+            raise CryptoError("a key generation is between 0 and 2^32 - 1")
         self.seed = seed
         self.generation = generation
         self.signing_key = SigningKey(_hkdf(seed, 32, _ED25519_INFO))
         self.kem_key = self.kem_key_of(generation)
         self.public_key = bytes(self.signing_key.verify_key)
         self.kyber_public_key = self.kem_key.public_key().public_bytes_raw()
-        self.kyber_key_signature = kyber_key_signature(self.signing_key, self.kyber_public_key)
         self._x25519 = X25519PrivateKey.from_private_bytes(
             bytes(self.signing_key.to_curve25519_private_key()))
 
@@ -210,6 +258,8 @@ class Identity:
         """The main ML-KEM key of a generation: rotating the key moves to the
         next one, and every earlier one can be derived again from the seed
         (so that older messages still open)."""
+        if not 0 <= generation < 2**32:
+            raise CryptoError("a key generation is between 0 and 2^32 - 1")
         return MLKEM1024PrivateKey.from_seed_bytes(
             _hkdf(self.seed, 64, _MLKEM_INFO + generation.to_bytes(4, "big")))
 
@@ -221,8 +271,25 @@ class Identity:
     def from_phrase(cls, phrase: str, generation: int = 0) -> Identity:
         return cls(phrase_seed(phrase), generation)
 
-    def sign(self, message: bytes) -> bytes:
-        return self.signing_key.sign(message).signature
+    def main_key_binding(self, owner: str, created_at: int, expires_at: int) -> KeyBinding:
+        """What the main key's signature binds: this generation's key, as the
+        key ``generation`` of ``owner`` (a Cyphr ID), valid between the two
+        times (ms)."""
+        return KeyBinding(False, owner, self.generation, created_at, expires_at,
+                          self.kyber_public_key)
+
+    def main_key_form(self, owner: str, created_at: int) -> dict[str, Any]:
+        """The main key fields of a register, recover or store-public-key
+        body, signed now for :data:`MAIN_KEY_LIFETIME_MS`."""
+        binding = self.main_key_binding(owner, created_at, created_at + MAIN_KEY_LIFETIME_MS)
+        return {"kyberPublicKey": b64(self.kyber_public_key),
+                "kyberKeySignature": b64(binding.sign(self.signing_key)),
+                "kyberKeyId": binding.key_id,
+                "kyberKeyCreatedAt": iso_ms(binding.created_at),
+                "kyberKeyExpiresAt": iso_ms(binding.expires_at)}
+
+    def sign_with_label(self, label: str, content: bytes) -> bytes:
+        return signing.sign_with_label(self.signing_key, label, content)
 
     def x25519_exchange(self, peer: bytes) -> bytes:
         return _x25519(self._x25519, peer)
@@ -258,10 +325,70 @@ class Prekey:
     def private_key(self) -> MLKEM1024PrivateKey:
         return MLKEM1024PrivateKey.from_seed_bytes(self.seed)
 
-    def upload_form(self, identity: Identity) -> dict[str, Any]:
-        public = self.private_key.public_key().public_bytes_raw()
-        return {"keyId": self.key_id, "kyberPublicKey": b64(public),
-                "signature": b64(kyber_key_signature(identity.signing_key, public))}
+    @property
+    def public_key(self) -> bytes:
+        return self.private_key.public_key().public_bytes_raw()
+
+    def upload_form(self, identity: Identity, owner: str, created_at: int) -> dict[str, Any]:
+        """One entry of a prekey upload, signed now as a one-time prekey of
+        ``owner`` for :data:`PREKEY_LIFETIME_MS`."""
+        binding = KeyBinding(True, owner, self.key_id, created_at,
+                             created_at + PREKEY_LIFETIME_MS, self.public_key)
+        return {"keyId": self.key_id, "kyberPublicKey": b64(binding.public_key),
+                "signature": b64(binding.sign(identity.signing_key)),
+                "createdAt": iso_ms(binding.created_at), "expiresAt": iso_ms(binding.expires_at)}
+
+
+@dataclass(frozen=True)
+class PublishedKey:
+    """An ML-KEM key as its owner signed it, every part checked."""
+
+    owner: str
+    one_time: bool
+    key_id: int
+    public_key: bytes
+    created_at: int
+    expires_at: int
+
+
+def check_published_key(identity_key: bytes, owner: str, *, one_time: Any, key_id: Any,
+                        public_key: Any, signature: Any, created_at: Any, expires_at: Any,
+                        signature_version: Any, now: int) -> PublishedKey:
+    """A key the server handed out for ``owner`` (the Cyphr ID asked for),
+    checked as a reader must: a v2 signature by ``identity_key`` under the
+    label of the kind the server names (``one_time``), over this owner, this
+    key id and these times; not expired (``now``, ms), not made more than
+    five minutes ahead. KeyRefused says what is wrong."""
+    if signature_version == 1:
+        raise KeyRefused(f"{owner} has not upgraded to v2 key signatures")
+    if signature_version != 2:
+        raise KeyRefused(f"the server gave no v2 key signature for {owner} "
+                         f"(signature version {signature_version!r})")
+    if not isinstance(one_time, bool):
+        raise KeyRefused(f"the server does not say whether {owner}'s key is a one-time prekey")
+    if not isinstance(key_id, int) or isinstance(key_id, bool) or not 0 <= key_id <= MAX_KEY_ID:
+        raise KeyRefused(f"{owner}'s key has no valid key id")
+    try:
+        key = unb64(public_key, "the ML-KEM key", MLKEM1024_KEY_BYTES)
+        signature_bytes = unb64(signature, "the key signature", signing.ED25519_SIGNATURE_BYTES)
+    except MalformedPayload as e:
+        raise KeyRefused(f"{owner}'s key: {e}") from None
+    created = parse_iso_ms(created_at, f"{owner}'s key createdAt")
+    expires = parse_iso_ms(expires_at, f"{owner}'s key expiresAt")
+    kind = "one-time prekey" if one_time else "main ML-KEM key"
+    binding = KeyBinding(one_time, owner, key_id, created, expires, key)
+    if not binding.verify(identity_key, signature_bytes):
+        raise KeyRefused(f"the {kind} {key_id} handed out for {owner} is not signed by "
+                         f"{owner}'s identity key as such (its kind, owner, id or times "
+                         f"differ from what was signed): refusing it")
+    if expires <= now:
+        raise KeyRefused(f"{owner}'s {kind} {key_id} expired at {iso_ms(expires)}")
+    if created > now + MAX_CLOCK_SKEW_MS:
+        raise KeyRefused(f"{owner}'s {kind} {key_id} claims to be made in the future "
+                         f"({iso_ms(created)})")
+    if not is_mlkem1024_key(key):
+        raise KeyRefused(f"{owner}'s {kind} {key_id} is not a valid ML-KEM-1024 key")
+    return PublishedKey(owner, one_time, key_id, key, created, expires)
 
 
 def safety_number(cyphr_id_a: str, key_a: bytes, cyphr_id_b: str, key_b: bytes) -> str:
@@ -278,6 +405,51 @@ def safety_number(cyphr_id_a: str, key_a: bytes, cyphr_id_b: str, key_b: bytes) 
     halves = sorted([half(cyphr_id_a, key_a), half(cyphr_id_b, key_b)])
     digits = "".join(halves)
     return " ".join(digits[i:i + 5] for i in range(0, 60, 5))
+
+
+def normalize_safety_number(number: str) -> str:
+    """The 60 digits of a number as typed (spaces, dashes or none); ValueError
+    for anything else."""
+    digits = re.sub(r"[\s\-]", "", number)
+    if not re.fullmatch(r"\d{60}", digits):
+        raise ValueError("a safety number is 60 digits")
+    return digits
+
+
+# -- the pin backup -----------------------------------------------------------
+
+def _pin_backup_key(seed: bytes) -> bytes:
+    return _hkdf(seed, KEY_BYTES, _PIN_BACKUP_INFO)
+
+
+def _pin_backup_aad(cyphr_id: str) -> bytes:
+    return signing.text(_PIN_BACKUP_AAD_LABEL) + signing.text(cyphr_id)
+
+
+def seal_pin_backup(seed: bytes, cyphr_id: str, backup: Mapping[str, Any]) -> bytes:
+    """The identity's pins, sealed so that only the phrase opens them:
+    ``nonce (24 bytes) || XChaCha20-Poly1305(JSON)`` under a key derived
+    from the seed, bound to the Cyphr ID."""
+    nonce = os.urandom(NONCE_BYTES)
+    plaintext = json.dumps(backup, sort_keys=True).encode("utf-8")
+    return nonce + _aead_encrypt(_pin_backup_key(seed), nonce, plaintext, _pin_backup_aad(cyphr_id))
+
+
+def open_pin_backup(seed: bytes, cyphr_id: str, blob: bytes) -> dict[str, Any]:
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise TamperedMessage("the pin backup is too short")
+    plaintext = _aead_decrypt(_pin_backup_key(seed), blob[:NONCE_BYTES], blob[NONCE_BYTES:],
+                              _pin_backup_aad(cyphr_id))
+    if plaintext is None:
+        raise TamperedMessage("the pin backup does not open with this identity's key "
+                              "(altered, or another identity's)")
+    try:
+        backup = json.loads(plaintext)
+    except ValueError:
+        raise TamperedMessage("the pin backup is not JSON") from None
+    if not isinstance(backup, dict) or not isinstance(backup.get("pins"), dict):
+        raise TamperedMessage("the pin backup holds no pins")
+    return backup
 
 
 # -- padding ------------------------------------------------------------------
@@ -307,13 +479,15 @@ def unpad(padded: bytes) -> bytes:
 @dataclass(frozen=True)
 class Recipient:
     """Whom a message is for: the identity key as the sender pinned it, and
-    the ML-KEM key to encapsulate to (a claimed one-time prekey, ``key_id``
-    set, or the main key, ``key_id`` None), already checked against it."""
+    the ML-KEM key to encapsulate to, already checked against it: a claimed
+    one-time prekey (``one_time``, ``key_id`` its id) or the main key
+    (``key_id`` its id, the owner's key generation)."""
 
     cyphr_id: str
     identity_key: bytes
     kyber_public_key: bytes
-    key_id: int | None = None
+    key_id: int
+    one_time: bool = False
 
 
 def _aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -334,11 +508,19 @@ def _wrap_key(kem_secret: bytes, dh_secret: bytes, aad: bytes, recipient_id: str
     return _hkdf(kem_secret + dh_secret, KEY_BYTES, info, salt=hashlib.sha256(aad).digest())
 
 
+def _wrap_aad(aad: bytes, recipient_id: str) -> bytes:
+    # The header's associated data is self-delimiting; the recipient's id
+    # follows it length-prefixed.
+    return aad + signing.text(recipient_id)
+
+
 def seal(sender: Identity, sender_id: str, recipients: list[Recipient], plaintext: bytes, *,
          chat_id: str | None, message_type: str, client_message_id: str) -> dict[str, Any]:
     """The encryptedPayload of one message. ``chat_id`` is None only for the
     first message of a direct chat (the server creates the chat on it): the
     header's two recipients then name the chat."""
+    if chat_id == "":
+        raise CryptoError("a chat id is not empty (None names a first direct message)")
     ids = [r.cyphr_id for r in recipients]
     if len(set(ids)) != len(ids):
         raise CryptoError("a recipient is listed twice")
@@ -347,20 +529,17 @@ def seal(sender: Identity, sender_id: str, recipients: list[Recipient], plaintex
     recipients = sorted(recipients, key=lambda r: r.cyphr_id)
     ephemeral = X25519PrivateKey.generate()
     ephemeral_public = ephemeral.public_key().public_bytes_raw()
-    header = {
-        "chatId": chat_id,
-        "senderId": sender_id,
-        "messageType": message_type,
-        "clientMessageId": client_message_id,
-        "recipients": [r.cyphr_id for r in recipients],
-        "ephemeralKey": b64(ephemeral_public),
-    }
-    aad = _HEADER_CONTEXT + canonical(header)
+    header = MessageHeader(SCHEME, chat_id, sender_id, message_type, client_message_id,
+                           tuple(r.cyphr_id for r in recipients), ephemeral_public)
+    aad = header.aad()
     content_key = os.urandom(KEY_BYTES)
     nonce = os.urandom(NONCE_BYTES)
     sealed = _aead_encrypt(content_key, nonce, pad(plaintext), aad)
+    ciphertext, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:]
     keys = []
     for r in recipients:
+        if not 0 <= r.key_id <= MAX_KEY_ID:
+            raise CryptoError(f"{r.cyphr_id}'s key id {r.key_id} is out of range")
         try:
             public = MLKEM1024PublicKey.from_public_bytes(r.kyber_public_key)
         except ValueError:
@@ -371,25 +550,30 @@ def seal(sender: Identity, sender_id: str, recipients: list[Recipient], plaintex
         wrap = _wrap_key(kem_secret, dh_secret, aad, r.cyphr_id, kyber_ciphertext,
                          ephemeral_public, their_x25519)
         wrap_nonce = os.urandom(NONCE_BYTES)
-        keys.append({
-            "recipientId": r.cyphr_id,
-            "keyId": r.key_id,
-            "kyberCiphertext": b64(kyber_ciphertext),
-            "nonce": b64(wrap_nonce),
-            "wrappedKey": b64(_aead_encrypt(wrap, wrap_nonce, content_key,
-                                            aad + r.cyphr_id.encode("utf-8"))),
-        })
-    payload: dict[str, Any] = {
+        keys.append(WrappedKey(r.cyphr_id, r.one_time, r.key_id, kyber_ciphertext, wrap_nonce,
+                               _aead_encrypt(wrap, wrap_nonce, content_key,
+                                             _wrap_aad(aad, r.cyphr_id))))
+    signature = sender.sign_with_label(
+        signing.MESSAGE, signing.message_content(header, nonce, ciphertext, tag, keys))
+    return {
         "version": VERSION,
         "scheme": SCHEME,
-        "header": header,
+        "header": {
+            "chatId": chat_id,
+            "senderId": sender_id,
+            "messageType": message_type,
+            "clientMessageId": client_message_id,
+            "recipients": list(header.recipients),
+            "ephemeralKey": b64(ephemeral_public),
+        },
         "nonce": b64(nonce),
-        "encryptedMessage": b64(sealed[:-TAG_BYTES]),
-        "tag": b64(sealed[-TAG_BYTES:]),
-        "keys": keys,
+        "encryptedMessage": b64(ciphertext),
+        "tag": b64(tag),
+        "keys": [{"recipientId": k.recipient_id, "keyId": k.key_id, "oneTime": k.one_time,
+                  "kyberCiphertext": b64(k.kyber_ciphertext), "nonce": b64(k.nonce),
+                  "wrappedKey": b64(k.wrapped_key)} for k in keys],
+        "signature": b64(signature),
     }
-    payload["signature"] = b64(sender.sign(_SIGNATURE_CONTEXT + canonical(payload)))
-    return payload
 
 
 @dataclass(frozen=True)
@@ -398,6 +582,14 @@ class Opened:
     header: dict[str, Any]
     key_id: int | None  # the one-time prekey it was sealed to, or None for the main key
     content_key: bytes  # to open it again once that prekey is erased
+    version: int = VERSION
+    # True when the signature proves the sender (v2). A v1 payload opens
+    # (old history) but proves nothing: see V1_UNVERIFIED.
+    verified: bool = True
+
+
+V1_UNVERIFIED = ("sealed under v1 (cyphr-hybrid-v1): its signature cannot prove the sender "
+                 "(v1 clients signed raw login challenges with the same key)")
 
 
 def _field(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -407,11 +599,96 @@ def _field(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...], whe
     return value
 
 
+def _only(obj: Mapping[str, Any], names: set[str], where: str) -> None:
+    extra = set(obj) - names
+    if extra:
+        raise MalformedPayload(f"{where} holds unknown fields: {', '.join(sorted(extra))}")
+
+
 def payload_sender(payload: Any) -> str:
     """Who the payload says sent it (to look up the key to verify with)."""
     if not isinstance(payload, dict) or not isinstance(payload.get("header"), dict):
         raise MalformedPayload("not a Cyphr message payload")
     return _field(payload["header"], "senderId", str, "header.")
+
+
+_PAYLOAD_FIELDS = {"version", "scheme", "header", "nonce", "encryptedMessage", "tag", "keys",
+                   "signature"}
+_HEADER_FIELDS = {"chatId", "senderId", "messageType", "clientMessageId", "recipients",
+                  "ephemeralKey"}
+_KEY_FIELDS = {"recipientId", "keyId", "oneTime", "kyberCiphertext", "nonce", "wrappedKey"}
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    header: MessageHeader
+    nonce: bytes
+    ciphertext: bytes
+    tag: bytes
+    keys: list[WrappedKey]
+    signature: bytes
+
+
+def _parse_v2(payload: dict[str, Any]) -> _Parsed:
+    """The payload's fields as the structures they encode: every field
+    present, of its type and size, and nothing else."""
+    _only(payload, _PAYLOAD_FIELDS, "the payload")
+    header = _field(payload, "header", dict, "")
+    _only(header, _HEADER_FIELDS, "the header")
+    chat_id = header.get("chatId")
+    if chat_id is not None and not isinstance(chat_id, str) or chat_id == "":
+        raise MalformedPayload("header.chatId is neither text nor null")
+    recipients = _field(header, "recipients", list, "header.")
+    if not recipients or not all(isinstance(r, str) and r for r in recipients):
+        raise MalformedPayload("header.recipients is not a list of Cyphr IDs")
+    if recipients != sorted(set(recipients)):
+        raise MalformedPayload("header.recipients is not sorted, or names someone twice")
+    parsed_header = MessageHeader(
+        payload.get("scheme"), chat_id, _field(header, "senderId", str, "header."),
+        _field(header, "messageType", str, "header."),
+        _field(header, "clientMessageId", str, "header."), tuple(recipients),
+        unb64(header.get("ephemeralKey"), "header.ephemeralKey", 32))
+    keys = []
+    for entry in _field(payload, "keys", list, ""):
+        if not isinstance(entry, dict):
+            raise MalformedPayload("a wrapped key is not an object")
+        _only(entry, _KEY_FIELDS, "a wrapped key")
+        key_id = entry.get("keyId")
+        if not isinstance(key_id, int) or isinstance(key_id, bool) \
+                or not 0 <= key_id <= MAX_KEY_ID:
+            raise MalformedPayload("keys.keyId is not a key id")
+        keys.append(WrappedKey(
+            _field(entry, "recipientId", str, "keys."), _field(entry, "oneTime", bool, "keys."),
+            key_id, unb64(entry.get("kyberCiphertext"), "kyberCiphertext",
+                          MLKEM1024_CIPHERTEXT_BYTES),
+            unb64(entry.get("nonce"), "keys.nonce", NONCE_BYTES),
+            unb64(entry.get("wrappedKey"), "wrappedKey", KEY_BYTES + TAG_BYTES)))
+    return _Parsed(parsed_header, unb64(payload.get("nonce"), "nonce", NONCE_BYTES),
+                   unb64(payload.get("encryptedMessage"), "encryptedMessage"),
+                   unb64(payload.get("tag"), "tag", TAG_BYTES), keys,
+                   unb64(payload.get("signature"), "signature", signing.ED25519_SIGNATURE_BYTES))
+
+
+def _check_delivery(header: Mapping[str, Any], recipients: list[str], listed: list[Any],
+                    reader_id: str, envelope: Mapping[str, Any],
+                    direct_members: frozenset[str] | None) -> int:
+    """The signature is the sender's: check that the server delivered the
+    message where the sender meant it to go. Answers the reader's index."""
+    for name in ("senderId", "messageType", "clientMessageId"):
+        if envelope.get(name) != header.get(name):
+            raise TamperedHeader(f"the header's {name} ({header.get(name)!r}) is not the "
+                                 f"message's ({envelope.get(name)!r})")
+    if header.get("chatId") is None:
+        if direct_members is None or frozenset(recipients) != direct_members:
+            raise TamperedHeader("a message without a chat id outside the direct chat it names")
+    elif header.get("chatId") != envelope.get("chatId"):
+        raise TamperedHeader(f"the message was sealed for chat {header.get('chatId')!r}, "
+                             f"not {envelope.get('chatId')!r}")
+    if listed != recipients:
+        raise TamperedHeader("the wrapped keys do not match the header's recipients")
+    if reader_id not in recipients:
+        raise NotARecipient(f"{reader_id} is not a recipient of this message")
+    return recipients.index(reader_id)
 
 
 def open_sealed(payload: Any, *, reader: Identity, reader_id: str, sender_key: bytes,
@@ -427,85 +704,123 @@ def open_sealed(payload: Any, *, reader: Identity, reader_id: str, sender_key: b
     names the two members when the chat is a direct chat (a header without
     a chat id is accepted only for those). ``content_key``, kept from an
     earlier opening, opens a message whose one-time prekey is gone.
+
+    A version 1 payload is checked as v1 did and opened, with
+    ``verified`` False (see :data:`V1_UNVERIFIED`).
     """
     if not isinstance(payload, dict):
         raise MalformedPayload("the payload is not a JSON object")
-    if payload.get("version") != VERSION or payload.get("scheme") != SCHEME:
-        raise MalformedPayload(f"unknown payload version or scheme: "
-                               f"{payload.get('version')!r} {payload.get('scheme')!r}")
+    version, scheme = payload.get("version"), payload.get("scheme")
+    if type(version) is int and version == V1_VERSION and scheme == V1_SCHEME:
+        return _open_v1(payload, reader=reader, reader_id=reader_id, sender_key=sender_key,
+                        envelope=envelope, prekeys=prekeys or {}, direct_members=direct_members,
+                        content_key=content_key)
+    if type(version) is not int or version != VERSION or scheme != SCHEME:
+        raise MalformedPayload(f"unknown payload version or scheme: {version!r} {scheme!r}")
+    parsed = _parse_v2(payload)
+    content = signing.message_content(parsed.header, parsed.nonce, parsed.ciphertext, parsed.tag,
+                                      parsed.keys)
+    if not signing.verify_with_label(sender_key, signing.MESSAGE, content, parsed.signature):
+        raise BadSignature("the signature does not match the sender's identity key")
+
+    header = payload["header"]
+    index = _check_delivery(header, list(parsed.header.recipients),
+                            [k.recipient_id for k in parsed.keys], reader_id, envelope,
+                            direct_members)
+    entry = parsed.keys[index]
+    aad = parsed.header.aad()
+    if content_key is None:
+        if entry.one_time:
+            seed = (prekeys or {}).get(entry.key_id)
+            if seed is None:
+                raise UnknownPrekey(f"one-time prekey {entry.key_id} is not held here "
+                                    f"(already used?)")
+            kem_key = MLKEM1024PrivateKey.from_seed_bytes(seed)
+        elif entry.key_id <= reader.generation:
+            kem_key = reader.kem_key_of(entry.key_id)
+        else:
+            raise UnknownPrekey(f"sealed to main key {entry.key_id}, newer than this "
+                                f"device's ({reader.generation})")
+        content_key = _unwrap(kem_key, reader, reader_id, aad, parsed.header.ephemeral_key,
+                              entry.kyber_ciphertext, entry.nonce, entry.wrapped_key)
+    padded = _aead_decrypt(content_key, parsed.nonce, parsed.ciphertext + parsed.tag, aad)
+    if padded is None:
+        raise TamperedMessage("the message does not decrypt: its ciphertext or header was altered")
+    return Opened(unpad(padded), header, entry.key_id if entry.one_time else None, content_key)
+
+
+def _unwrap(kem_key: MLKEM1024PrivateKey, reader: Identity, reader_id: str, aad: bytes,
+            ephemeral: bytes, kyber_ciphertext: bytes, nonce: bytes, wrapped: bytes) -> bytes:
+    try:
+        kem_secret = kem_key.decapsulate(kyber_ciphertext)
+    except (ValueError, InvalidKey):
+        raise TamperedMessage("the ML-KEM ciphertext cannot be decapsulated") from None
+    wrap = _wrap_key(kem_secret, reader.x25519_exchange(ephemeral), aad, reader_id,
+                     kyber_ciphertext, ephemeral, identity_x25519(reader.public_key))
+    content_key = _aead_decrypt(wrap, nonce, wrapped, _wrap_aad(aad, reader_id))
+    if content_key is None:
+        raise TamperedMessage("the wrapped content key does not open with the key it names")
+    return content_key
+
+
+# -- version 1 (read only) ----------------------------------------------------
+
+def _open_v1(payload: dict[str, Any], *, reader: Identity, reader_id: str, sender_key: bytes,
+             envelope: Mapping[str, Any], prekeys: Mapping[int, bytes],
+             direct_members: frozenset[str] | None, content_key: bytes | None) -> Opened:
+    """A v1 payload, checked as v1 checked it (JSON signature, delivery,
+    wrapped key, content), opened but never reported verified."""
     header = _field(payload, "header", dict, "")
     signature = unb64(payload.get("signature"), "signature", 64)
     unsigned = {k: v for k, v in payload.items() if k != "signature"}
     try:
-        signed = canonical(unsigned)
+        signed = _v1_canonical(unsigned)
     except (TypeError, ValueError):
         raise MalformedPayload("the payload holds values JSON cannot sign") from None
     try:
-        VerifyKey(sender_key).verify(_SIGNATURE_CONTEXT + signed, signature)
+        VerifyKey(sender_key).verify(_V1_SIGNATURE_CONTEXT + signed, signature)
     except (BadSignatureError, ValueError, TypeError):
         raise BadSignature("the signature does not match the sender's identity key") from None
-
-    # The signature is the sender's: now check that the server delivered it
-    # where the sender meant it to go.
-    for name in ("senderId", "messageType", "clientMessageId"):
-        if envelope.get(name) != header.get(name):
-            raise TamperedHeader(f"the header's {name} ({header.get(name)!r}) is not the "
-                                 f"message's ({envelope.get(name)!r})")
     recipients = _field(header, "recipients", list, "header.")
-    if header.get("chatId") is None:
-        if direct_members is None or frozenset(recipients) != direct_members:
-            raise TamperedHeader("a message without a chat id outside the direct chat it names")
-    elif header.get("chatId") != envelope.get("chatId"):
-        raise TamperedHeader(f"the message was sealed for chat {header.get('chatId')!r}, "
-                             f"not {envelope.get('chatId')!r}")
     keys = _field(payload, "keys", list, "")
     listed = [k.get("recipientId") if isinstance(k, dict) else None for k in keys]
-    if listed != recipients:
-        raise TamperedHeader("the wrapped keys do not match the header's recipients")
-    if reader_id not in recipients:
-        raise NotARecipient(f"{reader_id} is not a recipient of this message")
-    entry = keys[recipients.index(reader_id)]
-
-    aad = _HEADER_CONTEXT + canonical(header)
+    entry = keys[_check_delivery(header, recipients, listed, reader_id, envelope,
+                                 direct_members)]
+    aad = _V1_HEADER_CONTEXT + _v1_canonical(header)
     key_id = entry.get("keyId")
     if key_id is not None and (not isinstance(key_id, int) or isinstance(key_id, bool)):
         raise MalformedPayload("keyId is neither a number nor null")
     if content_key is None:
-        content_key = _unwrap(entry, aad, reader, reader_id, header, key_id, prekeys or {})
+        ephemeral = unb64(header.get("ephemeralKey"), "header.ephemeralKey", 32)
+        kyber_ciphertext = unb64(entry.get("kyberCiphertext"), "kyberCiphertext",
+                                 MLKEM1024_CIPHERTEXT_BYTES)
+        nonce = unb64(entry.get("nonce"), "keys.nonce", NONCE_BYTES)
+        wrapped = unb64(entry.get("wrappedKey"), "wrappedKey", KEY_BYTES + TAG_BYTES)
+        if key_id is None:
+            candidates = reader.kem_keys()  # v1 named no generation
+        else:
+            seed = prekeys.get(key_id)
+            if seed is None:
+                raise UnknownPrekey(f"one-time prekey {key_id} is not held here (already used?)")
+            candidates = [MLKEM1024PrivateKey.from_seed_bytes(seed)]
+        dh_secret = reader.x25519_exchange(ephemeral)
+        my_x25519 = identity_x25519(reader.public_key)
+        for kem_key in candidates:
+            try:
+                kem_secret = kem_key.decapsulate(kyber_ciphertext)
+            except (ValueError, InvalidKey):
+                raise TamperedMessage("the ML-KEM ciphertext cannot be decapsulated") from None
+            wrap = _wrap_key(kem_secret, dh_secret, aad, reader_id, kyber_ciphertext, ephemeral,
+                             my_x25519)
+            content_key = _aead_decrypt(wrap, nonce, wrapped, aad + reader_id.encode("utf-8"))
+            if content_key is not None:
+                break
+        else:
+            raise TamperedMessage("the wrapped content key does not open with this reader's keys")
     padded = _aead_decrypt(
         content_key, unb64(payload.get("nonce"), "nonce", NONCE_BYTES),
         unb64(payload.get("encryptedMessage"), "encryptedMessage")
-        + unb64(payload.get("tag"), "tag", TAG_BYTES),
-        aad)
+        + unb64(payload.get("tag"), "tag", TAG_BYTES), aad)
     if padded is None:
         raise TamperedMessage("the message does not decrypt: its ciphertext or header was altered")
-    return Opened(unpad(padded), header, key_id, content_key)
-
-
-def _unwrap(entry: Mapping[str, Any], aad: bytes, reader: Identity, reader_id: str,
-            header: Mapping[str, Any], key_id: int | None, prekeys: Mapping[int, bytes]) -> bytes:
-    ephemeral = unb64(header.get("ephemeralKey"), "header.ephemeralKey", 32)
-    kyber_ciphertext = unb64(entry.get("kyberCiphertext"), "kyberCiphertext",
-                             MLKEM1024_CIPHERTEXT_BYTES)
-    nonce = unb64(entry.get("nonce"), "keys.nonce", NONCE_BYTES)
-    wrapped = unb64(entry.get("wrappedKey"), "wrappedKey", KEY_BYTES + TAG_BYTES)
-    if key_id is None:
-        candidates = reader.kem_keys()
-    else:
-        seed = prekeys.get(key_id)
-        if seed is None:
-            raise UnknownPrekey(f"one-time prekey {key_id} is not held here (already used?)")
-        candidates = [MLKEM1024PrivateKey.from_seed_bytes(seed)]
-    my_x25519 = identity_x25519(reader.public_key)
-    dh_secret = reader.x25519_exchange(ephemeral)
-    for kem_key in candidates:
-        try:
-            kem_secret = kem_key.decapsulate(kyber_ciphertext)
-        except (ValueError, InvalidKey):
-            raise TamperedMessage("the ML-KEM ciphertext cannot be decapsulated") from None
-        wrap = _wrap_key(kem_secret, dh_secret, aad, reader_id, kyber_ciphertext, ephemeral,
-                         my_x25519)
-        content_key = _aead_decrypt(wrap, nonce, wrapped, aad + reader_id.encode("utf-8"))
-        if content_key is not None:
-            return content_key
-    raise TamperedMessage("the wrapped content key does not open with this reader's keys")
+    return Opened(unpad(padded), header, key_id, content_key, V1_VERSION, verified=False)

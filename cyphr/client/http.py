@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import quote
 
 import requests
+
+from cyphr.signing import is_loopback_origin, normalize_origin
+
+# The environment variable that confirms turning TLS checks off: a flag
+# alone is too easy to leave in a script or an alias (crypto review F9).
+INSECURE_TLS_VARIABLE = "CYPHR_ALLOW_INSECURE_TLS"
 
 
 class ClientError(Exception):
@@ -25,9 +32,36 @@ class ApiError(ClientError):
         self.retry_after = retry_after
 
 
+def check_server(server: str, verify: bool | str = True) -> str:
+    """The server URL without a trailing slash, if this client may talk to
+    it: ``https://`` anywhere, ``http://`` only to a loopback host (over
+    plain HTTP the session token travels in clear and anyone on the path is
+    the server). ``verify=False`` (no TLS checks) only when
+    CYPHR_ALLOW_INSECURE_TLS=1 confirms it. ClientError otherwise."""
+    try:
+        origin = normalize_origin(server)
+    except ValueError as e:
+        raise ClientError(f"{e}: give the server as https://host[:port]") from None
+    if origin.startswith("http://") and not is_loopback_origin(origin):
+        raise ClientError(f"refusing plain http:// to {origin}: it would send the session "
+                          f"token in clear; use https:// (http:// is for localhost only)")
+    if verify is False:
+        allow_insecure_tls()
+    return server.strip().rstrip("/")
+
+
+def allow_insecure_tls() -> None:
+    """ClientError unless CYPHR_ALLOW_INSECURE_TLS=1 confirms turning TLS
+    certificate checks off."""
+    if os.environ.get(INSECURE_TLS_VARIABLE) != "1":
+        raise ClientError(f"refusing to skip the server's TLS certificate check: it lets anyone "
+                          f"on the path be the server; set {INSECURE_TLS_VARIABLE}=1 to confirm "
+                          f"(testing only)")
+
+
 class Http:
     def __init__(self, server: str, timeout: float = 30.0, verify: bool | str = True) -> None:
-        self.server = server.rstrip("/")
+        self.server = check_server(server, verify)
         self.timeout = timeout
         self.session = requests.Session()
         self.session.verify = verify

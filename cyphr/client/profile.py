@@ -34,6 +34,7 @@ from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_encrypt,
 )
 from nacl.exceptions import CryptoError as NaclCryptoError
+from zxcvbn import zxcvbn
 
 from cyphr.client.crypto import b64, unb64
 
@@ -44,6 +45,15 @@ VAULT_FILE = "vault.json"
 OPSLIMIT = 3
 MEMLIMIT = 64 * 1024 * 1024
 _VAULT_AAD = b"cyphr-client-vault-v1"
+# The floor for a new profile's passphrase: a stolen vault falls to
+# guessing if the passphrase is weak, whatever Argon2 costs (crypto review
+# F13). zxcvbn's score 3 is "safely unguessable: moderate protection from
+# offline slow-hash scenario".
+MIN_PASSPHRASE_LENGTH = 12
+MIN_PASSPHRASE_SCORE = 3
+# zxcvbn refuses longer input (its matching grows quickly with length); the
+# score of the first 72 characters is a lower bound for the whole.
+_ZXCVBN_MAX_LENGTH = 72
 
 
 class ProfileError(Exception):
@@ -60,6 +70,23 @@ def _write_private(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def check_passphrase(passphrase: str, user_inputs: list[str] | None = None) -> None:
+    """ProfileError, saying why, unless ``passphrase`` is good enough to
+    seal a new profile: at least 12 characters and a zxcvbn score of at
+    least 3. ``user_inputs`` are words a guesser would try first (a Cyphr
+    ID, a name)."""
+    if len(passphrase) < MIN_PASSPHRASE_LENGTH:
+        raise ProfileError(f"the passphrase is too short: at least {MIN_PASSPHRASE_LENGTH} "
+                           f"characters (a few uncommon words make a good one)")
+    estimate = zxcvbn(passphrase[:_ZXCVBN_MAX_LENGTH], user_inputs=user_inputs or [],
+                      max_length=_ZXCVBN_MAX_LENGTH)
+    if estimate["score"] < MIN_PASSPHRASE_SCORE:
+        feedback = estimate.get("feedback") or {}
+        why = " ".join(filter(None, [feedback.get("warning"), *feedback.get("suggestions", [])]))
+        raise ProfileError("the passphrase is too easy to guess"
+                           + (f": {why}" if why else "; add another word or two"))
 
 
 def _derive(passphrase: str, salt: bytes, opslimit: int, memlimit: int) -> bytes:
@@ -91,9 +118,11 @@ class Profile:
     @classmethod
     def create(cls, directory: Path | str, passphrase: str, settings: dict[str, Any],
                vault: dict[str, Any]) -> Profile:
+        """A new profile sealed with ``passphrase``, which must pass
+        ``check_passphrase`` (opening an existing profile does not ask it
+        again)."""
         directory = Path(directory)
-        if not passphrase:
-            raise ProfileError("the passphrase must not be empty")
+        check_passphrase(passphrase)
         if cls.exists(directory):
             raise ProfileError(f"{directory} already holds a profile")
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -74,7 +74,8 @@ class Listener:
     def start(self, timeout: float = 15.0) -> Listener:
         """Connect and authenticate; returns once the server has accepted."""
         if self.client.http.token is None:
-            self.client.login()
+            # Rate limited and logged, like any sign-in the user did not ask for.
+            self.client._automatic_login("no session for realtime")
         try:
             self.sio.connect(self.client.http.server, auth=self._auth, transports=self.transports,
                              wait_timeout=timeout)

@@ -1,11 +1,16 @@
 """
-Cyphr IDs: registration, login by challenge signature, recovery on a new
+Cyphr IDs: registration, login by a signed statement, recovery on a new
 device, profiles, search, logout and deletion.
 
-Every proof of identity is an Ed25519 signature over a challenge the server
-issued for that Cyphr ID: single use, valid five minutes. A challenge is
-used up by the first request that presents it, whether or not the rest of
-that request succeeds.
+Every proof of identity answers a challenge the server issued for that
+Cyphr ID (single use, valid five minutes, used up by the first request that
+presents it whether or not the rest of that request succeeds). Version 2:
+the client signs, with the label ``cyphr-v2 auth``, a statement it built
+itself (``signing.AuthStatement``: purpose, this server's origin, Cyphr ID,
+device, challenge id and challenge), so that a signature made for one
+purpose, server, identity or device is refused everywhere else. Version 1,
+a signature over the raw challenge, is accepted only under
+``accept_v1_auth``.
 """
 
 from __future__ import annotations
@@ -17,30 +22,39 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from cyphr.clock import now_ms
-from cyphr.crypto import (
-    fingerprint_hash,
-    is_mlkem1024_key,
-    verify_ed25519,
-    verify_kyber_key_signature,
-)
+from cyphr.crypto import fingerprint_hash, verify_ed25519
 from cyphr.errors import (
     CYPHR_ID_TAKEN,
     DEVICE_MISMATCH,
     INVALID_CHALLENGE,
-    INVALID_KEY_SIGNATURE,
-    INVALID_KYBER_KEY,
     INVALID_SIGNATURE,
+    STALE_KEY,
+    STATEMENT_MISMATCH,
+    UNSUPPORTED_SIGNATURE_VERSION,
     USER_NOT_FOUND,
-    BadRequest,
     Conflict,
     NotFound,
     Unauthorized,
 )
 from cyphr.handlers.auth import AuthUser
+from cyphr.handlers.keycheck import KeyFields, check_key
+from cyphr.handlers.origins import AcceptedOrigins
 from cyphr.handlers.security import TotpHandler
 from cyphr.handlers.tokens import IssuedToken, TokenService
+from cyphr.handlers.validation import invalid
+from cyphr.signing import (
+    AUTH,
+    DELETE,
+    LOGIN,
+    RECOVER,
+    REGISTER,
+    AuthStatement,
+    EncodingError,
+    device_hash,
+    verify_with_label,
+)
 from cyphr.store.challenges import ChallengeStore
-from cyphr.store.identities import Identity, IdentityStore, IdentityTaken
+from cyphr.store.identities import Identity, IdentityStore, IdentityTaken, MainKey, StaleKey
 from cyphr.store.tokens import TokenStore
 
 CHALLENGE_BYTES = 32
@@ -60,21 +74,28 @@ class Session:
     identity: Identity
 
 
+@dataclass(frozen=True)
+class Proof:
+    """What a request presents to prove the identity key: the challenge it
+    answers, and either a v2 statement (its encoding, as sent) with the
+    signature over it, or (v1, ``statement`` None) a signature over the raw
+    challenge."""
+
+    challenge_id: str
+    signature: bytes
+    statement: bytes | None
+
+
 def _challenge_refused() -> Unauthorized:
     return Unauthorized("The challenge is unknown, used, expired or for another Cyphr ID",
                         code=INVALID_CHALLENGE)
 
 
-def check_kyber_key(identity_key: bytes, kyber_key: bytes, signature: bytes,
-                    field: str = "kyberPublicKey") -> None:
-    """Refuse a Kyber key that is not a valid ML-KEM-1024 key, or that the
-    identity key did not sign."""
-    if not is_mlkem1024_key(kyber_key):
-        raise BadRequest(f"{field} is not a valid ML-KEM-1024 public key",
-                         code=INVALID_KYBER_KEY, details={"field": field})
-    if not verify_kyber_key_signature(identity_key, kyber_key, signature):
-        raise BadRequest("The Kyber key signature does not verify with the identity key",
-                         code=INVALID_KEY_SIGNATURE, details={"field": field})
+def _mismatch(field: str, message: str, expected: str | None = None) -> Unauthorized:
+    details: dict[str, Any] = {"field": field}
+    if expected is not None:
+        details["expected"] = expected
+    return Unauthorized(message, code=STATEMENT_MISMATCH, details=details)
 
 
 class IdentityHandler:
@@ -88,6 +109,9 @@ class IdentityHandler:
         fingerprint_key: bytes,
         clock: Any,
         is_online: Callable[[str], bool] = lambda cyphr_id: False,
+        *,
+        origins: AcceptedOrigins | None = None,
+        accept_v1: bool = False,
     ) -> None:
         self._identities = identities
         self._challenges = challenges
@@ -97,6 +121,8 @@ class IdentityHandler:
         self._fingerprint_key = fingerprint_key
         self._clock = clock
         self.is_online = is_online
+        self.origins = origins if origins is not None else AcceptedOrigins()
+        self.accept_v1 = accept_v1
         # Told when tokens of a user end: (cyphrId, jti), or (cyphrId, None)
         # for all of them. The realtime layer disconnects their sockets.
         self.sessions_ended: Callable[[str, str | None], None] = lambda cyphr_id, jti: None
@@ -119,24 +145,91 @@ class IdentityHandler:
             raise _challenge_refused()
         return challenge
 
+    # -- proofs ---------------------------------------------------------
+
+    def _check_proof(self, proof: Proof, challenge: bytes, *, purpose: str, cyphr_id: str,
+                     device_fingerprint: str | None, identity_key: bytes | None) -> None:
+        """Refuse a proof, after its challenge was used up: a v1 signature
+        unless v1 is accepted; a malformed statement (400); a statement made
+        for another purpose, origin, Cyphr ID, device, challenge id or
+        challenge (STATEMENT_MISMATCH); then a signature that does not verify
+        with ``identity_key`` (None: an unknown identity, refused the same
+        way, so as to tell no more)."""
+        if proof.statement is None:
+            if not self.accept_v1:
+                raise Unauthorized(
+                    "v1 login signatures over the raw challenge are not accepted; update the client",
+                    code=UNSUPPORTED_SIGNATURE_VERSION)
+            valid = identity_key is not None and verify_ed25519(identity_key, challenge, proof.signature)
+        else:
+            try:
+                statement = AuthStatement.decode(proof.statement)
+            except EncodingError as e:
+                raise invalid("statement", f"statement is not a login statement: {e}") from None
+            if statement.purpose != purpose:
+                raise _mismatch("purpose", f"The statement is for purpose {statement.purpose}, "
+                                f"not {purpose}", purpose)
+            if not self.origins.accepts(statement.origin):
+                raise _mismatch("origin", "The statement names another server origin than this "
+                                f"server accepts ({self.origins.describe()})", self.origins.describe())
+            if statement.cyphr_id != cyphr_id:
+                raise _mismatch("cyphrId", f"The statement is for another Cyphr ID than {cyphr_id}",
+                                cyphr_id)
+            if device_fingerprint is not None and not hmac.compare_digest(
+                statement.device, device_hash(device_fingerprint)
+            ):
+                raise _mismatch("device", "The statement is for another device")
+            if statement.challenge_id != proof.challenge_id:
+                raise _mismatch("challengeId", "The statement is for another challenge id than "
+                                f"{proof.challenge_id}", proof.challenge_id)
+            if not hmac.compare_digest(statement.challenge, challenge):
+                raise _mismatch("challenge", "The statement is for another challenge")
+            valid = identity_key is not None and verify_with_label(
+                identity_key, AUTH, proof.statement, proof.signature)
+        if not valid:
+            raise Unauthorized("The signature does not verify", code=INVALID_SIGNATURE)
+
+    async def _proven(self, purpose: str, cyphr_id: str, device_fingerprint: str | None,
+                      proof: Proof) -> Identity:
+        """The identity ``cyphr_id``, whose key signed a fresh challenge for
+        ``purpose``. An unknown Cyphr ID is refused like a wrong signature
+        (after the challenge is used up all the same)."""
+        challenge, identity = await self._identities.consume_challenge_and_get(
+            proof.challenge_id, cyphr_id, now_ms(self._clock))
+        if challenge is None:
+            raise _challenge_refused()
+        self._check_proof(proof, challenge, purpose=purpose, cyphr_id=cyphr_id,
+                          device_fingerprint=device_fingerprint,
+                          identity_key=identity.public_key if identity is not None else None)
+        assert identity is not None
+        return identity
+
+    def check_main_key(self, key: MainKey, identity_key: bytes, owner: str) -> None:
+        """Refuse (400) a main key the identity key did not bind to ``owner``
+        (see cyphr.handlers.keycheck)."""
+        check_key(key, identity_key=identity_key, owner=owner, key_id=key.key_id, one_time=False,
+                  now=now_ms(self._clock), accept_v1=self.accept_v1, fields=KeyFields.main_key())
+
     # -- accounts -------------------------------------------------------
 
     async def is_available(self, cyphr_id: str) -> bool:
         return await self._identities.is_available(cyphr_id)
 
-    async def register(self, *, cyphr_id: str, public_key: bytes, kyber_public_key: bytes,
-                       kyber_key_signature: bytes, device_fingerprint: str,
-                       display_name: str | None, challenge_id: str, signature: bytes) -> Session:
-        check_kyber_key(public_key, kyber_public_key, kyber_key_signature)
-        challenge = await self.consume_challenge(challenge_id, cyphr_id)
-        if not verify_ed25519(public_key, challenge, signature):
-            raise Unauthorized("The signature does not verify with publicKey", code=INVALID_SIGNATURE)
+    async def register(self, *, cyphr_id: str, public_key: bytes, main_key: MainKey,
+                       device_fingerprint: str, display_name: str | None, proof: Proof) -> Session:
+        self.check_main_key(main_key, public_key, cyphr_id)
+        challenge = await self.consume_challenge(proof.challenge_id, cyphr_id)
+        self._check_proof(proof, challenge, purpose=REGISTER, cyphr_id=cyphr_id,
+                          device_fingerprint=device_fingerprint, identity_key=public_key)
         now = now_ms(self._clock)
         identity = Identity(
             id=str(uuid.uuid4()), cyphr_id=cyphr_id, public_key=public_key,
-            kyber_public_key=kyber_public_key, kyber_key_signature=kyber_key_signature,
+            kyber_public_key=main_key.kyber_public_key, kyber_key_signature=main_key.signature,
+            kyber_key_id=main_key.key_id, kyber_key_created_at=main_key.created_at,
+            kyber_key_expires_at=main_key.expires_at,
+            kyber_key_signature_version=main_key.signature_version,
             device_fingerprint_hash=self._device(device_fingerprint), display_name=display_name,
-            avatar_url=None, encrypted_settings=None, recovery_phrase_hint=None,
+            avatar_url=None, encrypted_settings=None,
             tokens_valid_after=0, created_at=now, updated_at=now, last_seen=None,
             totp_enabled=False)
         try:
@@ -149,21 +242,9 @@ class IdentityHandler:
         assert device_hash is not None
         return self._tokens.issue(identity.id, identity.cyphr_id, device_hash)
 
-    async def _proven(self, cyphr_id: str, challenge_id: str, signature: bytes) -> Identity:
-        """The identity ``cyphr_id``, whose key signed a fresh challenge. An
-        unknown Cyphr ID is refused like a wrong signature (after the
-        challenge is used up all the same), so as to tell no more."""
-        challenge, identity = await self._identities.consume_challenge_and_get(
-            challenge_id, cyphr_id, now_ms(self._clock))
-        if challenge is None:
-            raise _challenge_refused()
-        if identity is None or not verify_ed25519(identity.public_key, challenge, signature):
-            raise Unauthorized("The signature does not verify", code=INVALID_SIGNATURE)
-        return identity
-
-    async def login(self, *, cyphr_id: str, device_fingerprint: str, challenge_id: str,
-                    signature: bytes, totp_code: str | None) -> Session:
-        identity = await self._proven(cyphr_id, challenge_id, signature)
+    async def login(self, *, cyphr_id: str, device_fingerprint: str, proof: Proof,
+                    totp_code: str | None) -> Session:
+        identity = await self._proven(LOGIN, cyphr_id, device_fingerprint, proof)
         device = self._device(device_fingerprint)
         if identity.device_fingerprint_hash is None or not hmac.compare_digest(
             identity.device_fingerprint_hash, device
@@ -174,14 +255,13 @@ class IdentityHandler:
             await self._totp.check_login(identity.id, totp_code)
         return Session(self._issue(identity, device), identity)
 
-    async def recover(self, *, cyphr_id: str, new_device_fingerprint: str, challenge_id: str,
-                      signature: bytes, kyber: tuple[bytes, bytes] | None,
-                      totp_code: str | None) -> Session:
+    async def recover(self, *, cyphr_id: str, new_device_fingerprint: str, proof: Proof,
+                      kyber: MainKey | None, totp_code: str | None) -> Session:
         """The recovery phrase re-creates the identity key on a new device;
         proving it moves the identity there and revokes every earlier token."""
-        identity = await self._proven(cyphr_id, challenge_id, signature)
+        identity = await self._proven(RECOVER, cyphr_id, new_device_fingerprint, proof)
         if kyber is not None:
-            check_kyber_key(identity.public_key, *kyber)
+            self.check_main_key(kyber, identity.public_key, identity.cyphr_id)
         if identity.totp_enabled:
             await self._totp.check_login(identity.id, totp_code)
         now = now_ms(self._clock)
@@ -199,10 +279,19 @@ class IdentityHandler:
         await self._revocations.revoke(user.jti, user.user_id, user.expires_at * 1000)
         self.sessions_ended(user.cyphr_id, user.jti)
 
-    async def delete_account(self, user: AuthUser, challenge_id: str, signature: bytes) -> None:
-        identity = await self._proven(user.cyphr_id, challenge_id, signature)
+    async def delete_account(self, user: AuthUser, device_fingerprint: str | None,
+                             proof: Proof) -> None:
+        """Delete the caller's identity, proven by a fresh statement for
+        purpose delete, from the device of the session (a v1 proof, where
+        accepted, names no device)."""
+        identity = await self._proven(DELETE, user.cyphr_id, device_fingerprint, proof)
         if identity.id != user.user_id:
             raise Unauthorized("The session token is not valid")
+        if device_fingerprint is not None and not hmac.compare_digest(
+            self._device(device_fingerprint), user.device_hash
+        ):
+            raise Unauthorized("deviceFingerprint is not the device of this session",
+                               code=DEVICE_MISMATCH)
         await self._identities.delete(identity, now_ms(self._clock))
         self.sessions_ended(identity.cyphr_id, None)
 
@@ -228,7 +317,15 @@ class IdentityHandler:
             await self._identities.update_profile(user.user_id, changes, now_ms(self._clock))
         return await self.me(user)
 
-    async def set_kyber_key(self, user: AuthUser, kyber_key: bytes, signature: bytes) -> None:
+    async def set_kyber_key(self, user: AuthUser, key: MainKey) -> None:
+        """Replace the caller's main key: checked as at registration, and
+        refused (409 STALE_KEY) when older than the stored one."""
         identity = await self.me(user)
-        check_kyber_key(identity.public_key, kyber_key, signature)
-        await self._identities.set_kyber_key(user.user_id, kyber_key, signature, now_ms(self._clock))
+        self.check_main_key(key, identity.public_key, identity.cyphr_id)
+        try:
+            await self._identities.set_kyber_key(user.user_id, key, now_ms(self._clock))
+        except StaleKey as e:
+            raise Conflict(
+                "This key is older than the stored one: a lower kyberKeyId, the same kyberKeyId "
+                "with another key, or a v1 key in place of a v2 one", code=STALE_KEY,
+                details={"field": "kyberKeyId", "currentKeyId": e.current_id}) from None

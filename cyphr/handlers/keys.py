@@ -15,9 +15,10 @@ from cyphr.errors import (
     NotFound,
 )
 from cyphr.handlers.auth import AuthUser
-from cyphr.handlers.identity import IdentityHandler, check_kyber_key
+from cyphr.handlers.identity import IdentityHandler
+from cyphr.handlers.keycheck import KeyFields, check_key
 from cyphr.handlers.ratelimit import RateLimit
-from cyphr.store.identities import Identity, IdentityStore
+from cyphr.store.identities import Identity, IdentityStore, MainKey
 from cyphr.store.keys import DuplicatePrekey, Prekey, PrekeyLimit, PrekeyStore
 
 MAX_PREKEYS_PER_CALL = 100
@@ -25,10 +26,13 @@ MAX_PREKEYS_PER_CALL = 100
 
 @dataclass(frozen=True)
 class ClaimedKey:
-    key_id: int | None
+    key_id: int | None  # None: a v1 main key
     kyber_public_key: bytes
     signature: bytes
     one_time: bool
+    created_at: int | None  # ms; None for a v1 key
+    expires_at: int | None
+    signature_version: int
 
 
 class KeysHandler:
@@ -51,23 +55,25 @@ class KeysHandler:
     async def public_key(self, cyphr_id: str) -> Identity:
         return await self._target(cyphr_id)
 
-    async def rotate(self, user: AuthUser, kyber_key: bytes, signature: bytes) -> None:
-        await self._identity.set_kyber_key(user, kyber_key, signature)
+    async def rotate(self, user: AuthUser, key: MainKey) -> None:
+        await self._identity.set_kyber_key(user, key)
 
     async def add_prekeys(self, user: AuthUser, prekeys: list[Prekey]) -> tuple[int, int]:
         """Store signed one-time prekeys, all or none; (stored, total)."""
         identity = await self._identity.me(user)
+        now = now_ms(self._clock)
+        accept_v1 = self._identity.accept_v1
 
         def check_all() -> None:
             for index, prekey in enumerate(prekeys):
-                check_kyber_key(identity.public_key, prekey.kyber_public_key, prekey.signature,
-                                field=f"prekeys[{index}]")
+                check_key(prekey, identity_key=identity.public_key, owner=identity.cyphr_id,
+                          key_id=prekey.key_id, one_time=True, now=now, accept_v1=accept_v1,
+                          fields=KeyFields.prekey(index))
 
         # Up to 100 key and signature checks: off the reactor.
         await self._cpu.run(check_all)
         try:
-            total = await self._prekeys.add(user.user_id, prekeys, self._max_prekeys,
-                                            now_ms(self._clock))
+            total = await self._prekeys.add(user.user_id, prekeys, self._max_prekeys, now)
         except PrekeyLimit as e:
             raise Conflict(f"At most {self._max_prekeys} one-time prekeys may be stored",
                            code=PREKEY_LIMIT,
@@ -78,15 +84,19 @@ class KeysHandler:
         return len(prekeys), total
 
     async def claim(self, user: AuthUser, cyphr_id: str) -> ClaimedKey:
-        """One of the target's one-time prekeys, handed out once; its main
-        Kyber key when none is left."""
+        """One of the target's unexpired one-time prekeys, handed out once;
+        its main Kyber key when none is left."""
         self._claim_limit.hit((user.user_id, cyphr_id))
         target = await self._target(cyphr_id)
-        prekey = await self._prekeys.claim(target.id)
+        prekey = await self._prekeys.claim(target.id, now_ms(self._clock))
         if prekey is not None:
-            return ClaimedKey(prekey.key_id, prekey.kyber_public_key, prekey.signature, True)
+            return ClaimedKey(prekey.key_id, prekey.kyber_public_key, prekey.signature, True,
+                              prekey.created_at, prekey.expires_at, prekey.signature_version)
         assert target.kyber_public_key is not None and target.kyber_key_signature is not None
-        return ClaimedKey(None, target.kyber_public_key, target.kyber_key_signature, False)
+        return ClaimedKey(target.kyber_key_id, target.kyber_public_key, target.kyber_key_signature,
+                          False, target.kyber_key_created_at, target.kyber_key_expires_at,
+                          target.kyber_key_signature_version)
 
     async def remaining(self, user: AuthUser) -> int:
-        return await self._prekeys.count(user.user_id)
+        """The caller's one-time prekeys that have not expired."""
+        return await self._prekeys.count(user.user_id, now_ms(self._clock))

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from cyphr.store.status import StatusStore
 
 STORES: tuple[str, ...] = (
-    "Cyphr IDs, display names, avatar URLs and recovery phrase hints chosen by the users",
+    "Cyphr IDs, display names and avatar URLs chosen by the users",
     "public Ed25519 identity keys",
-    "ML-KEM-1024 public keys, their Ed25519 signatures, and one-time prekeys (public)",
+    "ML-KEM-1024 public keys, their Ed25519 signatures, ids and validity, and one-time prekeys (public)",
+    "encrypted backups of the contact keys users pinned, opaque to the server",
     "encrypted message payloads, opaque to the server, with their chat, sender, type and times",
     "chat memberships (which Cyphr IDs share a chat) and their roles",
     "delivery and read receipts (times, per message and recipient)",

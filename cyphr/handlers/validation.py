@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import calendar
 import re
 import uuid
 from typing import Any, Iterable, Mapping
@@ -24,6 +25,7 @@ from cyphr.errors import (
 CYPHR_ID = re.compile(r"[a-z0-9_]{3,30}", re.ASCII)
 CYPHR_ID_PREFIX = re.compile(r"[a-z0-9_]{1,30}", re.ASCII)
 FINGERPRINT = re.compile(r"[0-9a-f]{64}", re.ASCII)
+TIMESTAMP = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{3})Z", re.ASCII)
 _MISSING = object()
 
 
@@ -125,6 +127,14 @@ class Fields:
             raise invalid(name, f"{name} must be an integer from {minimum} to {maximum}")
         return value
 
+    def timestamp(self, name: str, *, required: bool = True, field: str | None = None) -> int | None:
+        """An ISO 8601 UTC time with milliseconds (2026-11-27T20:36:35.123Z),
+        strictly in that form, as milliseconds since the epoch."""
+        value = self._get(name, required)
+        if value is None:
+            return None
+        return parse_timestamp(value, field or name)
+
     def list(self, name: str, *, max_items: int) -> list[Any]:
         value = self._get(name, True)
         if not isinstance(value, list):
@@ -134,6 +144,18 @@ class Fields:
         if len(value) > max_items:
             raise invalid(name, f"{name} holds more than {max_items} items")
         return value
+
+
+def parse_timestamp(value: Any, field: str) -> int:
+    match = TIMESTAMP.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise invalid(field, f"{field} must be a UTC time such as 2026-11-27T20:36:35.123Z")
+    year, month, day, hour, minute, second, millis = (int(g) for g in match.groups())
+    if not (1970 <= year and 1 <= month <= 12 and hour < 24 and minute < 60 and second < 60
+            and 1 <= day <= calendar.monthrange(year, month)[1]):
+        raise invalid(field, f"{field} is not a valid time after 1970")
+    seconds = calendar.timegm((year, month, day, hour, minute, second))
+    return seconds * 1000 + millis
 
 
 def decode_base64(value: Any, field: str, *, length: int | None = None,

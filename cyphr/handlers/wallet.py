@@ -1,5 +1,12 @@
 """Stellar accounts linked to Cyphr IDs. The server never holds a Stellar
-secret key and never submits a transaction."""
+secret key and never submits a transaction.
+
+A link is proven by a SEP-53 signed message (``Keypair.sign_message`` in
+stellar-sdk, what wallets sign) over ``signing.wallet_link_text``: the
+server's origin, the Cyphr ID, the address and a fresh challenge. A SEP-53
+signature signs a hash of a prefixed message, so it can never be a
+transaction signature; and a signature over raw challenge bytes (or over a
+transaction hash) does not verify as one."""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from cyphr.clock import now_ms
 from cyphr.errors import (
     INVALID_SIGNATURE,
     INVALID_STELLAR_ADDRESS,
+    STATEMENT_MISMATCH,
     USER_NOT_FOUND,
     WALLET_NOT_LINKED,
     BadRequest,
@@ -20,6 +28,8 @@ from cyphr.errors import (
 )
 from cyphr.handlers.auth import AuthUser
 from cyphr.handlers.identity import IdentityHandler
+from cyphr.handlers.origins import AcceptedOrigins
+from cyphr.signing import wallet_link_text
 from cyphr.store.wallet import WalletStore
 
 
@@ -31,20 +41,30 @@ def check_stellar_address(address: Any) -> str:
 
 
 class WalletHandler:
-    def __init__(self, store: WalletStore, identity: IdentityHandler, clock: Any) -> None:
+    def __init__(self, store: WalletStore, identity: IdentityHandler, clock: Any,
+                 origins: AcceptedOrigins | None = None) -> None:
         self._store = store
         self._identity = identity
         self._clock = clock
+        self._origins = origins if origins is not None else identity.origins
 
-    async def link(self, user: AuthUser, address: str, challenge_id: str, signature: bytes) -> None:
-        """Link ``address``, proven by its key's signature over a challenge
-        issued for the caller's Cyphr ID."""
+    async def link(self, user: AuthUser, address: str, challenge_id: str, origin: str,
+                   signature: bytes) -> None:
+        """Link ``address``, proven by its key's SEP-53 signature over the
+        link text for this server's ``origin``, the caller's Cyphr ID and a
+        challenge issued for it (used up whatever happens next)."""
         challenge = await self._identity.consume_challenge(challenge_id, user.cyphr_id)
+        if not self._origins.accepts(origin):
+            raise Unauthorized(
+                f"The link names another server origin than this server accepts "
+                f"({self._origins.describe()})", code=STATEMENT_MISMATCH,
+                details={"field": "origin", "expected": self._origins.describe()})
+        text = wallet_link_text(origin, user.cyphr_id, address, challenge_id, challenge)
         try:
-            Keypair.from_public_key(address).verify(challenge, signature)
+            Keypair.from_public_key(address).verify_message(text, signature)
         except BadSignatureError:
-            raise Unauthorized("The signature does not verify with the Stellar account's key",
-                               code=INVALID_SIGNATURE) from None
+            raise Unauthorized("The signature is not the Stellar account's SEP-53 signature of "
+                               "the wallet link text", code=INVALID_SIGNATURE) from None
         await self._store.link(user.user_id, address, now_ms(self._clock))
 
     async def unlink(self, user: AuthUser) -> bool:

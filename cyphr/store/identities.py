@@ -10,11 +10,30 @@ from cyphr.store.challenges import CONSUME
 
 _COLUMNS = (
     "i.id, i.cyphr_id, i.public_key, i.kyber_public_key, i.kyber_key_signature,"
+    " i.kyber_key_id, i.kyber_key_created_at, i.kyber_key_expires_at,"
+    " i.kyber_key_signature_version,"
     " i.device_fingerprint_hash, i.display_name, i.avatar_url, i.encrypted_settings,"
-    " i.recovery_phrase_hint, i.tokens_valid_after, i.created_at, i.updated_at, i.last_seen,"
+    " i.tokens_valid_after, i.created_at, i.updated_at, i.last_seen,"
     " COALESCE(t.enabled, FALSE)"
 )
 _FROM = " FROM cyphr_identities i LEFT JOIN totp_secrets t ON t.user_id = i.id"
+
+
+@dataclass(frozen=True)
+class MainKey:
+    """An identity's main ML-KEM key with its signature by the identity key:
+    version 2 binds its id and validity (KeyBinding, label ml-kem-key);
+    version 1, from before, has neither."""
+
+    kyber_public_key: bytes
+    signature: bytes
+    key_id: int | None = None
+    created_at: int | None = None  # ms, as the owner's client signed it
+    expires_at: int | None = None  # ms
+
+    @property
+    def signature_version(self) -> int:
+        return 1 if self.expires_at is None else 2
 
 
 @dataclass(frozen=True)
@@ -24,11 +43,14 @@ class Identity:
     public_key: bytes
     kyber_public_key: bytes | None
     kyber_key_signature: bytes | None
+    kyber_key_id: int | None
+    kyber_key_created_at: int | None
+    kyber_key_expires_at: int | None
+    kyber_key_signature_version: int
     device_fingerprint_hash: str | None
     display_name: str | None
     avatar_url: str | None
     encrypted_settings: str | None
-    recovery_phrase_hint: str | None
     tokens_valid_after: int
     created_at: int
     updated_at: int
@@ -37,7 +59,7 @@ class Identity:
 
 
 def _identity(row: tuple[Any, ...]) -> Identity:
-    return Identity(*row[:14], totp_enabled=bool(row[14]))
+    return Identity(*row[:17], totp_enabled=bool(row[17]))
 
 
 @dataclass(frozen=True)
@@ -54,12 +76,20 @@ PROFILE_COLUMNS = {
     "display_name": "display_name = ?",
     "avatar_url": "avatar_url = ?",
     "encrypted_settings": "encrypted_settings = ?",
-    "recovery_phrase_hint": "recovery_phrase_hint = ?",
 }
 
 
 class IdentityTaken(Exception):
     pass
+
+
+class StaleKey(Exception):
+    """A main key older than the stored one (a lower id, or the same id
+    with other bytes): storing it would roll the directory back."""
+
+    def __init__(self, current_id: int | None) -> None:
+        super().__init__(current_id)
+        self.current_id = current_id
 
 
 class IdentityStore:
@@ -78,13 +108,16 @@ class IdentityStore:
         try:
             changed = await self._db.run_operation(
                 "INSERT INTO cyphr_identities (id, cyphr_id, public_key, kyber_public_key,"
-                " kyber_key_signature, device_fingerprint_hash, display_name, created_at, updated_at)"
-                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
+                " kyber_key_signature, kyber_key_id, kyber_key_created_at, kyber_key_expires_at,"
+                " kyber_key_signature_version, device_fingerprint_hash, display_name, created_at,"
+                " updated_at)"
+                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
                 " WHERE NOT EXISTS (SELECT 1 FROM retired_cyphr_ids WHERE cyphr_id = ?)",
                 (identity.id, identity.cyphr_id, identity.public_key, identity.kyber_public_key,
-                 identity.kyber_key_signature, identity.device_fingerprint_hash,
-                 identity.display_name, identity.created_at, identity.updated_at,
-                 identity.cyphr_id))
+                 identity.kyber_key_signature, identity.kyber_key_id, identity.kyber_key_created_at,
+                 identity.kyber_key_expires_at, identity.kyber_key_signature_version,
+                 identity.device_fingerprint_hash, identity.display_name, identity.created_at,
+                 identity.updated_at, identity.cyphr_id))
         except IntegrityError:
             raise IdentityTaken() from None
         if changed != 1:
@@ -161,13 +194,17 @@ class IdentityStore:
             "UPDATE cyphr_identities SET " + assignments + ", updated_at = ? WHERE id = ?",
             (*changes.values(), now, user_id))
 
-    async def set_kyber_key(self, user_id: str, key: bytes, signature: bytes, now: int) -> None:
-        await self._db.run_operation(
-            "UPDATE cyphr_identities SET kyber_public_key = ?, kyber_key_signature = ?,"
-            " updated_at = ? WHERE id = ?", (key, signature, now, user_id))
+    async def set_kyber_key(self, user_id: str, key: MainKey, now: int) -> None:
+        """Replace the main key, unless it is stale (StaleKey): a v2 key must
+        have a higher id than the stored v2 key, or the same id and the same
+        bytes (a renewal: new times); a v1 key cannot replace a v2 one.
+        Storing a v2 key deletes the user's v1 one-time prekeys in the same
+        transaction: v2 readers refuse them, and the client uploads fresh
+        ones."""
+        await self._db.run_interaction("set_kyber_key", _set_kyber_key_txn, user_id, key, now)
 
     async def rebind_device(self, user_id: str, device_hash: str, tokens_valid_after: int,
-                            kyber: tuple[bytes, bytes] | None, now: int) -> None:
+                            kyber: MainKey | None, now: int) -> None:
         """Recovery: the identity moves to a new device; earlier tokens stop
         working, and the one-time prekeys published by the old device go
         (their secrets stayed on it: a message sealed to one could not be
@@ -183,17 +220,49 @@ class IdentityStore:
         await self._db.run_interaction("delete_identity", _delete_txn, identity, now)
 
 
+_SET_MAIN_KEY = (
+    "kyber_public_key = ?, kyber_key_signature = ?, kyber_key_id = ?, kyber_key_created_at = ?,"
+    " kyber_key_expires_at = ?, kyber_key_signature_version = ?")
+
+
+def _main_key_values(key: MainKey) -> tuple[Any, ...]:
+    return (key.kyber_public_key, key.signature, key.key_id, key.created_at, key.expires_at,
+            key.signature_version)
+
+
+async def _set_kyber_key_txn(txn: Transaction, user_id: str, key: MainKey, now: int) -> None:
+    # Locks the row (an UPDATE that changes nothing), so that two uploads at
+    # once are compared one after the other.
+    await txn.execute("UPDATE cyphr_identities SET updated_at = updated_at WHERE id = ?", (user_id,))
+    rows = await txn.execute(
+        "SELECT kyber_public_key, kyber_key_id, kyber_key_signature_version FROM cyphr_identities"
+        " WHERE id = ?", (user_id,))
+    if rows:
+        current_key, current_id, current_version = rows[0]
+        if current_version == 2 and (
+            key.signature_version == 1
+            or key.key_id < current_id  # type: ignore[operator]
+            or (key.key_id == current_id and bytes(current_key) != key.kyber_public_key)
+        ):
+            raise StaleKey(current_id)
+    await txn.execute("UPDATE cyphr_identities SET " + _SET_MAIN_KEY + ", updated_at = ? WHERE id = ?",
+                      (*_main_key_values(key), now, user_id))
+    if key.signature_version == 2:
+        await txn.execute(
+            "DELETE FROM one_time_prekeys WHERE user_id = ? AND signature_version = 1", (user_id,))
+
+
 async def _rebind_txn(txn: Transaction, user_id: str, device_hash: str, tokens_valid_after: int,
-                      kyber: tuple[bytes, bytes] | None, now: int) -> None:
+                      kyber: MainKey | None, now: int) -> None:
     if kyber is None:
         await txn.execute(
             "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?,"
             " updated_at = ? WHERE id = ?", (device_hash, tokens_valid_after, now, user_id))
     else:
         await txn.execute(
-            "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?,"
-            " kyber_public_key = ?, kyber_key_signature = ?, updated_at = ? WHERE id = ?",
-            (device_hash, tokens_valid_after, kyber[0], kyber[1], now, user_id))
+            "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?, "
+            + _SET_MAIN_KEY + ", updated_at = ? WHERE id = ?",
+            (device_hash, tokens_valid_after, *_main_key_values(kyber), now, user_id))
     await txn.execute("DELETE FROM one_time_prekeys WHERE user_id = ?", (user_id,))
 
 
@@ -216,8 +285,8 @@ async def _delete_txn(txn: Transaction, identity: Identity, now: int) -> None:
             " (SELECT user_id FROM chat_participants WHERE chat_id = ? AND user_id <> ?"
             "  ORDER BY joined_at, user_id LIMIT 1)", (chat_id, chat_id, name))
     await txn.execute("DELETE FROM auth_challenges WHERE cyphr_id = ?", (name,))
-    # Cascades to revoked tokens, prekeys, TOTP, wallet link, memberships
-    # and receipts.
+    # Cascades to revoked tokens, prekeys, TOTP, wallet link, pin backup,
+    # memberships and receipts.
     await txn.execute("DELETE FROM cyphr_identities WHERE id = ?", (user,))
     await txn.execute(
         "INSERT INTO retired_cyphr_ids (cyphr_id, retired_at) VALUES (?, ?)", (name, now))

@@ -6,12 +6,27 @@ from dataclasses import dataclass
 
 from cyphr.db import Database, IntegrityError, Transaction
 
+_RETURNED = "key_id, kyber_public_key, signature, key_created_at, key_expires_at"
+# A prekey that may be handed out or counted at ``now``: v1 prekeys have no
+# expiry (they go when their owner stores a v2 main key).
+_UNEXPIRED = "(key_expires_at IS NULL OR key_expires_at > ?)"
+
 
 @dataclass(frozen=True)
 class Prekey:
+    """A one-time prekey with its signature by the identity key: version 2
+    binds its id and validity (KeyBinding, label one-time-prekey); version 1
+    has no times."""
+
     key_id: int
     kyber_public_key: bytes
     signature: bytes
+    created_at: int | None = None  # ms, as the owner's client signed it
+    expires_at: int | None = None  # ms
+
+    @property
+    def signature_version(self) -> int:
+        return 1 if self.expires_at is None else 2
 
 
 class PrekeyLimit(Exception):
@@ -29,53 +44,62 @@ class PrekeyStore:
         self._db = database
 
     async def add(self, user_id: str, prekeys: list[Prekey], cap: int, now: int) -> int:
-        """Store all of ``prekeys`` or none; answer how many the user now has.
-        PrekeyLimit when they would pass ``cap``; DuplicatePrekey when a
-        keyId is already there."""
+        """Store all of ``prekeys`` or none; answer how many unexpired ones
+        the user now has. The user's expired prekeys are deleted first.
+        PrekeyLimit when they would pass ``cap``; DuplicatePrekey when a keyId
+        is already there."""
         return await self._db.run_interaction("add_prekeys", _add_txn, user_id, prekeys, cap, now)
 
-    async def count(self, user_id: str) -> int:
+    async def count(self, user_id: str, now: int) -> int:
+        """The user's prekeys that have not expired at ``now``."""
         rows = await self._db.run_query(
-            "SELECT COUNT(*) FROM one_time_prekeys WHERE user_id = ?", (user_id,))
+            "SELECT COUNT(*) FROM one_time_prekeys WHERE user_id = ? AND " + _UNEXPIRED,
+            (user_id, now))
         return rows[0][0]
 
-    async def claim(self, user_id: str) -> Prekey | None:
-        """Hand out one prekey and delete it, in one statement: concurrent
-        claims never get the same key."""
+    async def claim(self, user_id: str, now: int) -> Prekey | None:
+        """Hand out one unexpired prekey and delete it, in one statement:
+        concurrent claims never get the same key, and none expired at
+        ``now`` is handed out."""
         if self._db.engine == "postgresql":
             # SKIP LOCKED: a concurrent claim takes the next key instead of
             # waiting for this one and then finding it gone.
             sql = (
                 "DELETE FROM one_time_prekeys WHERE user_id = ? AND key_id ="
-                " (SELECT key_id FROM one_time_prekeys WHERE user_id = ?"
+                " (SELECT key_id FROM one_time_prekeys WHERE user_id = ? AND " + _UNEXPIRED +
                 "  ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED)"
-                " RETURNING key_id, kyber_public_key, signature")
+                " RETURNING " + _RETURNED)
         else:
             # SQLite runs one writer at a time.
             sql = (
                 "DELETE FROM one_time_prekeys WHERE user_id = ? AND key_id ="
-                " (SELECT key_id FROM one_time_prekeys WHERE user_id = ?"
+                " (SELECT key_id FROM one_time_prekeys WHERE user_id = ? AND " + _UNEXPIRED +
                 "  ORDER BY key_id LIMIT 1)"
-                " RETURNING key_id, kyber_public_key, signature")
-        rows = await self._db.run_query(sql, (user_id, user_id))
+                " RETURNING " + _RETURNED)
+        rows = await self._db.run_query(sql, (user_id, user_id, now))
         return Prekey(*rows[0]) if rows else None
 
 
 async def _add_txn(txn: Transaction, user_id: str, prekeys: list[Prekey], cap: int, now: int) -> int:
     # Lock the owner's row so that two uploads at once cannot both pass the cap.
     await txn.execute("UPDATE cyphr_identities SET updated_at = updated_at WHERE id = ?", (user_id,))
+    # Expired prekeys are never handed out again: they neither count against
+    # the cap nor block their keyId.
+    await txn.execute(
+        "DELETE FROM one_time_prekeys WHERE user_id = ? AND key_expires_at <= ?", (user_id, now))
     existing = (await txn.execute(
         "SELECT COUNT(*) FROM one_time_prekeys WHERE user_id = ?", (user_id,)))[0][0]
     if existing + len(prekeys) > cap:
         raise PrekeyLimit(existing)
-    values = ", ".join("(?, ?, ?, ?, ?)" for _ in prekeys)
+    values = ", ".join("(?, ?, ?, ?, ?, ?, ?, ?)" for _ in prekeys)
     params: list[object] = []
     for prekey in prekeys:
-        params += [user_id, prekey.key_id, prekey.kyber_public_key, prekey.signature, now]
+        params += [user_id, prekey.key_id, prekey.kyber_public_key, prekey.signature, now,
+                   prekey.created_at, prekey.expires_at, prekey.signature_version]
     try:
         await txn.execute(
-            "INSERT INTO one_time_prekeys (user_id, key_id, kyber_public_key, signature, created_at)"
-            " VALUES " + values, params)
+            "INSERT INTO one_time_prekeys (user_id, key_id, kyber_public_key, signature, created_at,"
+            " key_created_at, key_expires_at, signature_version) VALUES " + values, params)
     except IntegrityError:
         raise DuplicatePrekey() from None
     return existing + len(prekeys)
