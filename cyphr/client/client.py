@@ -607,8 +607,11 @@ class Client:
         identity_key = self._identity_key_in(self._directory(cyphr_id), cyphr_id)
         shown = self.safety_number_with(cyphr_id, identity_key)
         if crypto.normalize_safety_number(shown) != wanted:
+            # The number of the key shown now is not repeated here: it is to
+            # be compared with the contact (`verify`), not copied from an error.
             raise ClientError(f"the safety number you gave does not match {cyphr_id}'s identity "
-                              f"key as the server shows it now ({shown}): nothing was pinned")
+                              f"key as the server shows it now: nothing was pinned. Compare "
+                              f"again (`cyphr-client verify {cyphr_id}`)")
         with self.profile.lock:
             pins = self.profile.vault.setdefault("pins", {})
             old = pins.get(cyphr_id)
