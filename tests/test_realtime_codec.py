@@ -164,9 +164,20 @@ class EngineFrameTests(SynchronousTestCase):
             self.assertEqual(frame, b"ab")
             self.assertIs(type(decode_frame(value).data), bytes)
 
+    def test_base64_text_frame(self) -> None:
+        """A text frame ``b<base64>`` (engine.io-client's forceBase64) is a
+        binary MESSAGE, read with the same strict base64 as a polling payload."""
+        self.assertEqual(decode_frame("bAQIDBA=="), EnginePacket(MESSAGE, b"\x01\x02\x03\x04"))
+        self.assertEqual(decode_frame("b+/8="), EnginePacket(MESSAGE, b"\xfb\xff"))
+        self.assertEqual(decode_frame("b"), EnginePacket(MESSAGE, b""))
+        for frame in ["bAQIDBA", "bAQIDBA=", "b!!!!", "bAQID BA==", "b-_8=", "b\u00e9AAA", "b=AAA"]:
+            with self.assertRaises(ProtocolError, msg=repr(frame)):
+                decode_frame(frame)
+
     def test_bad_frames(self) -> None:
-        """An empty text frame or one whose first character is not 0 to 6 is a protocol error."""
-        for frame in ["", "7", "9x", "abc", "b", "bAQIDBA==", " 4", "\u0664hello", "-1"]:
+        """An empty text frame or one whose first character is not 0 to 6
+        (or ``b``) is a protocol error."""
+        for frame in ["", "7", "9x", "abc", "B", " 4", "\u0664hello", "-1"]:
             with self.assertRaises(ProtocolError, msg=repr(frame)):
                 decode_frame(frame)
 

@@ -185,6 +185,8 @@ class TransportTests(SQLiteMixin, TestCase):
             session = self.server.engine.sessions.get(sid)
             if session is not None and not session.closed:
                 await self.post(sid, "1")
+            elif session is not None:
+                await self.poll(sid)  # a closed session waits to say so
         await sessions_closed(self.server, timeout=5)
         await self.pool.closeCachedConnections()
 
@@ -456,7 +458,7 @@ class TransportTests(SQLiteMixin, TestCase):
     async def test_garbage_post(self) -> None:
         """A POST that is not Engine.IO gets 400 and ends the session."""
         await self.serve()
-        for garbage in (b"abc", b"", b"4a\x1e\x1e4b", b"\xff\xfe", b"b!!", b"2", b"5"):
+        for garbage in (b"abc", b"", b"4a\x1e\x1e4b", b"\xff\xfe", b"b!!", b"2", b"6\x1e2"):
             sid, _ = await self.handshake()
             reply = await self.post(sid, garbage)
             self.assertEqual(reply.code, 400, garbage)
@@ -614,8 +616,8 @@ class TransportTests(SQLiteMixin, TestCase):
     async def test_upgrade(self) -> None:
         """Polling to WebSocket: ``2probe``/``3probe``, the held GET gets ``6``,
         what is emitted meanwhile arrives over the WebSocket after ``5``,
-        in order; then polling and another WebSocket for that sid are
-        refused, and the heartbeat goes over the WebSocket."""
+        in order; then polling is refused and another WebSocket for that
+        sid is closed, and the heartbeat goes over the WebSocket."""
         await self.serve()
         sid, socket_sid = await self.polling_socket(await self.user())
         held = await self.held_poll(sid)
@@ -643,28 +645,20 @@ class TransportTests(SQLiteMixin, TestCase):
         await self.assert_alive(ws)
         self.assertEqual((await self.poll(sid)).code, 400)
         self.assertEqual((await self.post(sid, '42["x"]')).code, 400)
-        with self.assertRaises(ConnectionError):
-            await self.connect_ws(sid=sid)
+        refused = await self.connect_ws(sid=sid)
+        self.assertEqual(await refused.wait_closed(), (4003, "upgrade refused"))
         self.clock.advance(25)
         self.assertEqual(await ws.recv(), "2")
         ws.send_text("3")
         await self.assert_alive(ws)
-
-    async def test_second_probe_refused(self) -> None:
-        """While one probe runs, another WebSocket for the session is refused."""
-        await self.serve()
-        sid, _ = await self.polling_socket()
-        await self.connect_ws(sid=sid)
-        with self.assertRaises(ConnectionError):
-            await self.connect_ws(sid=sid)
 
     async def test_bad_probe_closes_only_the_probe(self) -> None:
         """Anything but ``2probe`` then ``5`` on the probe socket closes the
         probe; the session stays on polling and loses nothing."""
         await self.serve()
         sid, _ = await self.polling_socket()
-        for frames in (["5"], ["4hello"], ["3"], ["2probe", '42["x"]'],
-                       ["2probe", "2probe"], ["2probe", "3"]):
+        for frames in (["5"], ["4hello"], ["3"], ["6"], ["bAQID"], ["2probe", '42["x"]'],
+                       ["2probe", "3"], ["2probe", "6"]):
             ws = await self.connect_ws(sid=sid)
             for frame in frames:
                 ws.send_text(frame)
@@ -782,7 +776,7 @@ class TransportTests(SQLiteMixin, TestCase):
 
     async def test_event_ack(self) -> None:
         """An event with an ack id gets an ACK with that id; one without gets
-        nothing; one for a namespace not joined is dropped."""
+        nothing."""
         await self.serve()
         ws, _, _ = await self.websocket()
         ws.send_text('4212["authenticate",{}]')
@@ -793,7 +787,6 @@ class TransportTests(SQLiteMixin, TestCase):
         ws.send_text('420["no_such_event",1,2]')
         self.assertEqual(await ws.recv(), f"430[{UNKNOWN_EVENT}]")
         ws.send_text('42["no_such_event"]')
-        ws.send_text('42/admin,5["no_such_event"]')
         await self.no_frame(ws)
 
     async def test_leave_namespace(self) -> None:
@@ -1023,3 +1016,138 @@ class TransportTests(SQLiteMixin, TestCase):
         for ws in (connected, fresh, probe):
             self.assertEqual(await ws.wait_closed(), (4001, "server shutting down"))
         self.assertEqual(self.server.engine.sessions, {})
+
+    # -- 10. conformance: what the specifications and the reference do ---------
+
+    async def test_second_websocket_closed_after_handshake(self) -> None:
+        """A WebSocket for a session that is probing, or that has upgraded,
+        completes its handshake (101) and is then closed (4003 "upgrade
+        refused"); the probe, then the session's WebSocket, go on."""
+        await self.serve()
+        sid, _ = await self.polling_socket()
+        probe = await self.connect_ws(sid=sid)
+        probe.send_text("2probe")
+        self.assertEqual(await probe.recv(), "3probe")
+        during = await self.connect_ws(sid=sid)
+        self.assertEqual(await during.wait_closed(), (4003, "upgrade refused"))
+        probe.send_text("5")
+        await until(lambda: self.server.engine.sessions[sid].transport == "websocket",
+                    "the upgrade")
+        await self.assert_alive(probe)
+        after = await self.connect_ws(sid=sid)
+        self.assertEqual(await after.wait_closed(), (4003, "upgrade refused"))
+        self.assertEqual(list(after.frames.pending), [])
+        await self.assert_alive(probe, ack_id=100)
+
+    async def test_packet_for_namespace_not_joined_closes(self) -> None:
+        """An event, ack or DISCONNECT before any CONNECT, for a namespace
+        the client has not joined, or for one whose CONNECT is undecided,
+        closes the connection (4003), on a WebSocket and over polling (the
+        next GET gets ``1``); a session beside it goes on."""
+        await self.serve()
+        self.server.realtime.sockets.namespace("/other")
+        slow = self.server.realtime.sockets.namespace("/slow")
+        slow.connect_handler = lambda socket, auth: Deferred()
+        bystander, _, _ = await self.websocket()
+        cases = [
+            (False, ['42["no_such_event"]']),
+            (False, ['421["no_such_event"]']),
+            (False, ["430[]"]),
+            (False, ["41"]),
+            (False, ['451-["x",{"_placeholder":true,"num":0}]', b"\x01"]),
+            (True, ['42/other,["no_such_event"]']),
+            (True, ['42/nope,1["no_such_event"]']),
+            (True, ["43/other,0[]"]),
+            (True, ["41/other,"]),
+            (False, ["40/slow,", '42/slow,["no_such_event"]']),
+        ]
+        for connect, frames in cases:
+            ws, sid, _ = await self.websocket(connect=connect)
+            for frame in frames:
+                if isinstance(frame, bytes):
+                    ws.send_binary(frame)
+                else:
+                    ws.send_text(frame)
+            self.assertEqual(await ws.wait_closed(), (4003, "protocol error"), frames)
+            self.assertTrue(self.gone(sid))
+            await self.assert_alive(bystander)
+        sid, _ = await self.handshake()
+        self.assertEqual((await self.post(sid, '42["no_such_event"]')).body, b"ok")
+        self.assertEqual(await self.poll(sid), Reply(200, b"1", TEXT))
+        self.assertTrue(self.gone(sid))
+
+    async def test_base64_text_frame_is_binary(self) -> None:
+        """A WebSocket text frame ``b<base64>`` (engine.io-client's
+        forceBase64) is a binary message: here an attachment, put in its
+        place; bad base64 in one closes the session (4003)."""
+        await self.serve()
+        self.server.realtime.ns.on("echo", lambda socket, *args: tuple(args))
+        ws, sid, _ = await self.websocket()
+        ws.send_text('451-7["echo",{"_placeholder":true,"num":0}]')
+        ws.send_text("bAQID")
+        self.assertEqual(await ws.recv(), '461-7[{"_placeholder":true,"num":0}]')
+        self.assertEqual(await ws.recv(), b"\x01\x02\x03")
+        ws.send_text('451-8["echo",{"_placeholder":true,"num":0}]')
+        ws.send_text("b")  # no data at all: an empty attachment
+        self.assertEqual(await ws.recv(), '461-8[{"_placeholder":true,"num":0}]')
+        self.assertEqual(await ws.recv(), b"")
+        ws.send_text('451-9["echo",{"_placeholder":true,"num":0}]')
+        ws.send_text("bAQI!")
+        self.assertEqual(await ws.wait_closed(), (4003, "protocol error"))
+        self.assertTrue(self.gone(sid))
+
+    async def test_client_noop_open_upgrade_ignored(self) -> None:
+        """A client's ``6`` (noop), ``0`` or ``5`` on an established
+        transport is ignored: over polling the POST gets ``ok``; the session
+        goes on, on either transport. (A client ``2`` still breaks the
+        protocol: see test_garbage_post.)"""
+        await self.serve()
+        ws, sid, _ = await self.websocket()
+        for frame in ("6", "0", "5", "6x", "0{}"):
+            ws.send_text(frame)
+        await self.assert_alive(ws)
+        self.assertFalse(self.gone(sid))
+        sid, _ = await self.polling_socket()
+        for body in ("6", "0", "5", '6\x1e5\x1e0\x1e427["no_such_event"]'):
+            self.assertEqual(await self.post(sid, body), Reply(200, b"ok", "text/html"), body)
+        self.assertEqual((await self.poll(sid)).body, f"437[{UNKNOWN_EVENT}]".encode())
+
+    async def test_second_probe_answered(self) -> None:
+        """A second ``2probe`` on the probe socket is answered ``3probe``
+        again; ``5`` then completes the upgrade."""
+        await self.serve()
+        sid, _ = await self.polling_socket()
+        probe = await self.connect_ws(sid=sid)
+        for _ in range(3):
+            probe.send_text("2probe")
+            self.assertEqual(await probe.recv(), "3probe")
+        probe.send_text("5")
+        await self.assert_alive(probe)
+        self.assertEqual(self.server.engine.sessions[sid].transport, "websocket")
+
+    async def test_server_close_waits_for_the_next_poll(self) -> None:
+        """A polling session the server closes while no GET is pending keeps
+        its close packet: the next GET gets ``1`` (with what was queued
+        before it, when the close flushes), only then is the session
+        forgotten and the next request 400. A client that does not poll
+        again is forgotten after pingTimeout."""
+        await self.serve(connect_timeout=5)
+        quiet, _ = await self.handshake()
+        sid, _ = await self.handshake()
+        self.clock.advance(5)  # the connect timeout closes both
+        self.assertFalse(self.gone(sid))
+        self.assertEqual(await self.poll(sid), Reply(200, b"1", TEXT))
+        self.assertTrue(self.gone(sid))
+        self.assertEqual((await self.poll(sid)).code, 400)
+        self.assertEqual((await self.post(quiet, "40")).code, 400)
+        self.clock.advance(19.9)
+        self.assertFalse(self.gone(quiet))
+        self.clock.advance(0.1)
+        self.assertTrue(self.gone(quiet))
+        self.assertEqual((await self.poll(quiet)).code, 400)
+        sid, socket_sid = await self.polling_socket()
+        socket = self.server.realtime.ns.sockets[socket_sid]
+        socket.emit("bye", 1)
+        socket.session.close("server close")
+        self.assertEqual((await self.poll(sid)).body, b'42["bye",1]\x1e1')
+        self.assertTrue(self.gone(sid))

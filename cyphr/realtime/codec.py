@@ -84,10 +84,9 @@ def encode_frame(packet: EnginePacket) -> str | bytes:
 def decode_frame(frame: str | bytes) -> EnginePacket:
     """
     The Engine.IO packet in one WebSocket frame: a binary frame is a MESSAGE;
-    a text frame starts with a type digit 0 to 6.
-
-    The reference also reads a text frame ``b<base64>`` as binary; no client
-    sends that over a WebSocket, so it is an unknown type here.
+    a text frame starts with a type digit 0 to 6, or is ``b<base64>``: a
+    binary MESSAGE from a client that cannot send binary frames
+    (engine.io-client's ``forceBase64``), read as in a polling payload.
     """
     if type(frame) is not str:
         return EnginePacket(MESSAGE, _as_bytes(frame))
@@ -95,8 +94,19 @@ def decode_frame(frame: str | bytes) -> EnginePacket:
         raise ProtocolError("empty Engine.IO packet")
     kind = _ENGINE_TYPES.get(frame[0])
     if kind is None:
+        # Looked at only here, off the path of every ordinary frame.
+        if frame[0] == "b":
+            return EnginePacket(MESSAGE, _decode_base64(frame[1:]))
         raise ProtocolError(f"unknown Engine.IO packet type {frame[0]!r}")
     return EnginePacket(kind, frame[1:])
+
+
+def _decode_base64(text: str) -> bytes:
+    try:
+        # strict: no foreign characters, no missing or stray padding
+        return binascii.a2b_base64(text, strict_mode=True)
+    except ValueError:  # binascii.Error, or non-ASCII text
+        raise ProtocolError("bad base64 in a binary packet") from None
 
 
 def encode_payload(packets: Iterable[EnginePacket]) -> bytes:
@@ -138,12 +148,7 @@ def decode_payload(body: bytes, max_packets: int = 1000) -> list[EnginePacket]:
             raise ProtocolError("empty packet in a polling payload")
         first = record[0]
         if first == "b":
-            try:
-                # strict: no foreign characters, no missing or stray padding
-                data = binascii.a2b_base64(record[1:], strict_mode=True)
-            except ValueError:  # binascii.Error, or non-ASCII text
-                raise ProtocolError("bad base64 in a binary packet") from None
-            packets.append(EnginePacket(MESSAGE, data))
+            packets.append(EnginePacket(MESSAGE, _decode_base64(record[1:])))
             continue
         kind = _ENGINE_TYPES.get(first)
         if kind is None:

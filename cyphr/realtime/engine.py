@@ -132,7 +132,7 @@ class Session:
         self._queued_bytes += len(packet.data) + 1
         if self._queued_bytes > self.server.buffer_limit:
             _log.debug("Session {sid} closed: its client does not keep up", sid=self.sid)
-            self.close("slow consumer", code=CLOSE_SLOW_CONSUMER, flush=False)
+            self.close("slow consumer", code=CLOSE_SLOW_CONSUMER, flush=False, abort=True)
             return
         if self._poll is not None:
             self._answer_poll()
@@ -154,7 +154,7 @@ class Session:
             # telling the older poll.
             self._respond(self._poll, encode_payload([CLOSE_PACKET]))
             self._poll = None
-            self.close("protocol error: concurrent polls", flush=False)
+            self.close("protocol error: concurrent polls", flush=False, abort=True)
             return self.server.error(request, BAD_REQUEST)
         if self._probe is not None and self._probe.probed:
             return encode_payload([NOOP_PACKET])  # the client is switching to the WebSocket
@@ -196,11 +196,11 @@ class Session:
         for packet in decode_payload(body):
             if self.closed:
                 return
-            self.receive(packet, websocket=False)
+            self.receive(packet)
 
     # -- receiving ------------------------------------------------------
 
-    def receive(self, packet: EnginePacket, *, websocket: bool) -> None:
+    def receive(self, packet: EnginePacket) -> None:
         kind = packet.type
         if kind == MESSAGE:
             if self.handler is not None:
@@ -209,10 +209,11 @@ class Session:
             self._pong()
         elif kind == CLOSE:
             self.close("client close", flush=False, answer_poll=True)
-        elif kind == UPGRADE and websocket:
-            raise ProtocolError("upgrade on an upgraded session")
-        else:
-            raise ProtocolError(f"unexpected packet type {kind}")
+        elif kind == PING:
+            # Engine.IO v4 pings go from the server to the client only.
+            raise ProtocolError("invalid heartbeat direction")
+        # OPEN, UPGRADE and NOOP mean nothing on an established transport:
+        # ignored, as the reference does.
 
     # -- heartbeat ------------------------------------------------------
 
@@ -234,7 +235,7 @@ class Session:
 
     def _no_pong(self) -> None:
         self._pong_deadline = None
-        self.close("ping timeout", flush=False)
+        self.close("ping timeout", flush=False, abort=True)
 
     # -- upgrade --------------------------------------------------------
 
@@ -304,15 +305,21 @@ class Session:
     def transport_lost(self, ws: EngineWebSocket) -> None:
         if self._ws is ws:
             self._ws = None
-            self.close("transport close", flush=False)
+            self.close("transport close", flush=False, abort=True)
 
     # -- closing --------------------------------------------------------
 
     def close(self, reason: str, *, code: int = CLOSE_NORMAL, flush: bool = True,
-              answer_poll: bool = False) -> None:
+              answer_poll: bool = False, abort: bool = False) -> None:
         """
         End the session. With ``flush`` what is queued is still sent (over a
         WebSocket at once; to polling at the next poll, if it comes soon).
+
+        A polling client is told with the close packet: in the pending poll,
+        or in the next one if it comes soon, until when the session is kept.
+        ``abort`` (the client broke the Engine.IO protocol or stopped
+        answering) and ``answer_poll`` (the client closed) forget it at once:
+        its next request gets 400.
         """
         if self.closed:
             return
@@ -347,12 +354,13 @@ class Session:
             # what waits, then the close packet.
             self._answer_poll([NOOP_PACKET] if answer_poll else self._take_queue() + [CLOSE_PACKET])
             self._forget()
-        elif flush and self._queue:
-            # Keep the queue for the next poll, for a little while.
+        elif answer_poll or abort or self.transport != POLLING:
+            self._forget()
+        else:
+            # Keep what waits and the close packet for the next poll, for as
+            # long as a client may take to answer a ping.
             self._queue.append(CLOSE_PACKET)
             self._linger = self.server.clock.callLater(self.server.ping_timeout, self._forget)
-        else:
-            self._forget()
 
     def _forget(self) -> None:
         if self._linger is not None and self._linger.active():
@@ -540,7 +548,7 @@ class EngineResource(resource.Resource):
                 session.receive_payload(request.content.read())
             except ProtocolError as e:
                 _log.debug("Session {sid} broke the protocol: {error}", sid=sid, error=str(e))
-                session.close("protocol error", flush=False)
+                session.close("protocol error", flush=False, abort=True)
                 return engine.error(request, BAD_REQUEST)
             request.setHeader(b"Content-Type", b"text/html")
             return b"ok"
@@ -553,7 +561,7 @@ class EngineResource(resource.Resource):
         sid = args.get("sid", [None])[0]
         session = self.engine.sessions.get(sid) if sid else None
         if session is not None:
-            session.close("payload too large", flush=False)
+            session.close("payload too large", flush=False, abort=True)
 
 
 # Autobahn's per-connection handshake records, unused once it is open.
@@ -572,6 +580,7 @@ class EngineWebSocket(WebSocketServerProtocol):
     session: Session | None = None
     upgrading = False
     probed = False
+    refused = False  # a second WebSocket for a session: closed once open
     client_ip = ""
     _socket: Any = None  # a plain TCP connection's socket, for _write
 
@@ -593,8 +602,14 @@ class EngineWebSocket(WebSocketServerProtocol):
         sid = request.params.get("sid", [None])[0]
         if sid is not None:
             session = engine.sessions.get(sid)
-            if session is None or not session.begin_upgrade(self):
+            if session is None or session.closed:
                 raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "Session ID unknown")
+            if not session.begin_upgrade(self):
+                # The session has its WebSocket already, or a probe: as in
+                # the reference, the handshake completes and onOpen closes
+                # this one, with no session of its own.
+                self.refused = True
+                return None
             self.session = session
             self.upgrading = True
         return None
@@ -619,6 +634,9 @@ class EngineWebSocket(WebSocketServerProtocol):
         self.transport.registerProducer(self, True)
         if type(self.transport) is tcp.Server and not self.transport.TLS:
             self._socket = self.transport.getHandle()
+        if self.refused:
+            self.close(CLOSE_PROTOCOL_ERROR, "upgrade refused")
+            return
         if self.upgrading:
             return
         session = engine.new_session(WEBSOCKET, self.client_ip)
@@ -637,16 +655,17 @@ class EngineWebSocket(WebSocketServerProtocol):
             if self.upgrading:
                 self._upgrade_step(session, packet)
                 return
-            session.receive(packet, websocket=True)
+            session.receive(packet)
         except (ProtocolError, UnicodeDecodeError) as e:
             _log.debug("Session {sid} broke the protocol: {error}", sid=session.sid, error=str(e))
             if self.upgrading:
                 self.close(CLOSE_PROTOCOL_ERROR, "protocol error")
             else:
-                session.close("protocol error", code=CLOSE_PROTOCOL_ERROR, flush=False)
+                session.close("protocol error", code=CLOSE_PROTOCOL_ERROR, flush=False, abort=True)
 
     def _upgrade_step(self, session: Session, packet: EnginePacket) -> None:
-        if packet.type == PING and packet.data == "probe" and not self.probed:
+        if packet.type == PING and packet.data == "probe":
+            # Answered each time it comes, as the reference does.
             self.probed = True
             self.send_packet(EnginePacket(PONG, "probe"))
             session.probed(self)

@@ -281,20 +281,25 @@ class Connection:
         if packet is None:
             return  # waiting for attachments
         kind = packet.type
-        if kind == EVENT or kind == BINARY_EVENT:
-            self._event(packet)
-        elif kind == ACK or kind == BINARY_ACK:
-            socket = self.sockets.get(packet.namespace)
-            if socket is not None:
-                socket._acked(packet.id, packet.data)
-        elif kind == CONNECT:
+        if kind == CONNECT:
             self._connect(packet)
-        elif kind == DISCONNECT:
-            socket = self.sockets.get(packet.namespace)
-            if socket is not None:
-                self._drop(socket, "client namespace disconnect")
-        else:  # CONNECT_ERROR only goes the other way
+            return
+        if kind == CONNECT_ERROR:  # only goes the other way
             self._protocol_error(f"packet type {kind} from a client")
+            return
+        socket = self.sockets.get(packet.namespace)
+        if socket is None or not socket.connected:
+            # Before CONNECT, or for a namespace not joined (or whose CONNECT
+            # is still undecided): the specification says the server MUST
+            # close the connection, and the reference does.
+            self._protocol_error(f"packet type {kind} for a namespace not joined")
+            return
+        if kind == EVENT or kind == BINARY_EVENT:
+            self._event(socket, packet)
+        elif kind == ACK or kind == BINARY_ACK:
+            socket._acked(packet.id, packet.data)
+        else:  # DISCONNECT
+            self._drop(socket, "client namespace disconnect")
 
     def closed(self, reason: str) -> None:
         self.open = False
@@ -354,12 +359,7 @@ class Connection:
         if self.open:
             self.session.send_many(encode_packet(SocketPacket(CONNECT_ERROR, socket.namespace.name, error)))
 
-    def _event(self, packet: SocketPacket) -> None:
-        socket = self.sockets.get(packet.namespace)
-        if socket is None or not socket.connected:
-            # Events on a namespace that is not connected are dropped, as the
-            # reference does.
-            return
+    def _event(self, socket: Socket, packet: SocketPacket) -> None:
         event, args = packet.data[0], packet.data[1:]
         namespace = socket.namespace
         if not self._allow():
