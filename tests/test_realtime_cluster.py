@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from cyphr.clock import iso, now_ms
+from cyphr.realtime.events import HEARTBEAT, NODE_SILENCE
 from tests import postgres
 from tests.helpers import InProcessHTTP, PostgresMixin, start_server
 from tests.realtime import SioClient, sessions_closed, sleep, until
@@ -31,20 +35,21 @@ class Node:
 class ClusterMixin:
     timeout = 120
 
-    async def node(self, database: str) -> Node:
+    async def node(self, database: str, **overrides: Any) -> Node:
         server = await start_server(self, serve=True, database=database, node_id=f"node{len(self.nodes)}",
-                                    **SHARED)
+                                    **SHARED, **overrides)
         [port] = [await d for d in server.listening()]
         node = Node(server, f"http://127.0.0.1:{port.getHost().port}")
         self.nodes.append(node)
         await until(lambda: server.bus.listening, "LISTEN")
         return node
 
-    async def cluster(self, database: str, count: int = 2) -> list[Node]:
+    async def cluster(self, database: str, count: int = 2, **first: Any) -> list[Node]:
+        """``count`` nodes; ``first`` overrides the first one's settings."""
         self.nodes: list[Node] = []
         self.clients: list[SioClient] = []
         self.addCleanup(self._close_clients)
-        return [await self.node(database) for _ in range(count)]
+        return [await self.node(database, **(first if n == 0 else {})) for n in range(count)]
 
     async def _close_clients(self) -> None:
         for client in self.clients:
@@ -127,6 +132,50 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         await b2.disconnect()
         [offline] = await a.wait_for("user_offline")
         self.assertEqual(offline["userId"], "bob")
+
+    async def test_silent_node_users_go_offline(self) -> None:
+        """A node that stops speaking on the bus without a goodbye (its bus
+        stopped, as when its process dies) is declared silent by the other
+        node once the silence timeout has passed: users online only through
+        it get ``user_offline {userId, lastSeen}`` sent to their chat
+        partners there, and their last_seen recorded; a user also connected
+        to the node that remains stays online."""
+        clock = Clock()
+        clock.advance(reactor.seconds())  # the present: tokens work on both nodes
+        # Node A reads time from the clock the test moves; no pings meanwhile.
+        a_node, b_node = await self.cluster(self.database_setting(), clock=clock, ping_interval=3600)
+        alice = await self.user(a_node, "alice")
+        bob = await self.user(b_node, "bob")
+        carol = await self.user(b_node, "carol")
+        for other in ("bob", "carol"):
+            response = await a_node.http.post("/api/messaging/send", {
+                "recipientId": other, "encryptedPayload": {"n": 0}}, headers=alice.auth())
+            self.assertEqual(response.code, 201, response.body)
+        a = await self.connect(a_node, alice)
+        await self.connect(a_node, carol)
+        [online] = await a.wait_for("user_online")
+        self.assertEqual(online, {"userId": "carol"})
+        await until(lambda: b_node.server.realtime.presence.elsewhere("carol"), "carol on node A")
+        await self.connect(b_node, carol)
+        await self.connect(b_node, bob)
+        # carol was online already: only bob's first socket is announced.
+        [_, online] = await a.wait_for("user_online", 2)
+        self.assertEqual(online, {"userId": "bob"})
+
+        await b_node.server.bus.stop()  # node B falls silent; its sockets stay
+        for _ in range(int(NODE_SILENCE // HEARTBEAT) + 1):
+            clock.advance(HEARTBEAT)
+            await sleep(0.05)
+        [offline] = await a.wait_for("user_offline")
+        last_seen = iso(now_ms(clock))
+        self.assertEqual(offline, {"userId": "bob", "lastSeen": last_seen})
+        await sleep(0.3)
+        self.assertEqual(len(a.events("user_offline")), 1)  # not carol
+        profile = await a_node.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
+        self.assertEqual((profile.json()["user"]["lastSeen"], profile.json()["user"]["isOnline"]),
+                         (last_seen, False))
+        profile = await a_node.http.get("/api/cyphr-id/user/carol", headers=alice.auth())
+        self.assertTrue(profile.json()["user"]["isOnline"])
 
     async def test_large_message_is_fetched(self) -> None:
         """A message too large for a notification crosses as ids; the other

@@ -416,6 +416,83 @@ class TimedRealtimeTests(SQLiteMixin, RealtimeBase, TestCase):
         profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
         self.assertEqual(profile.json()["user"]["lastSeen"], "2026-09-21T14:14:05.000Z")
 
+    async def test_silent_node_ends_presence(self) -> None:
+        """When another node falls silent (no goodbye), the users that were
+        online only through it go offline as on their last disconnect:
+        ``user_offline {userId, lastSeen}`` to the sockets here of those who
+        share a chat with them, and last_seen recorded. A user still online
+        here or on a node that still speaks stays online; users who share no
+        chat hear nothing."""
+        from cyphr.clock import iso, now_ms
+        from cyphr.realtime.events import HEARTBEAT, NODE_SILENCE
+        from tests.helpers import fixed_clock
+
+        clock = fixed_clock()
+        await self.serve(clock=clock, ping_interval=3600)  # no pings while time jumps
+        alice, bob, carol, dave, erin = [await self.user(name) for name in
+                                         ("alice", "bob", "carol", "dave", "erin")]
+        for other in (bob, carol, dave):
+            await self.direct_chat(alice, other)
+        a = await self.connect(alice)
+        c = await self.connect(carol)
+        e = await self.connect(erin)  # shares no chat with anyone
+        await a.wait_for("user_online")  # carol
+        realtime = self.server.realtime
+        # What the bus would bring: "ghost" has bob, carol and dave; "other"
+        # has dave too.
+        for node, user in [("ghost", "bob"), ("ghost", "carol"), ("ghost", "dave"),
+                           ("other", "dave")]:
+            realtime._bus_event({"t": "p", "n": node, "u": user, "o": 1})
+        self.assertTrue(realtime.is_online("bob"))
+        for _ in range(int(NODE_SILENCE // HEARTBEAT)):
+            realtime._bus_event({"t": "h", "n": "other"})
+            clock.advance(HEARTBEAT)
+        await sleep(0.2)
+        self.assertEqual(a.events("user_offline"), [])  # not silent long enough yet
+        realtime._bus_event({"t": "h", "n": "other"})
+        clock.advance(HEARTBEAT)
+        [offline] = await a.wait_for("user_offline")
+        last_seen = iso(now_ms(clock))
+        self.assertEqual(offline, {"userId": "bob", "lastSeen": last_seen})
+        await sleep(0.2)
+        self.assertEqual(len(a.events("user_offline")), 1)
+        self.assertEqual(c.events("user_offline") + e.events("user_offline"), [])
+        self.assertFalse(realtime.is_online("bob"))
+        self.assertTrue(realtime.is_online("carol"))
+        self.assertTrue(realtime.is_online("dave"))
+        profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
+        self.assertEqual((profile.json()["user"]["lastSeen"], profile.json()["user"]["isOnline"]),
+                         (last_seen, False))
+
+    async def test_heartbeat_survives_a_failing_step(self) -> None:
+        """A heartbeat step that fails (publishing, or taking a silent
+        node's users offline) is logged, and the heartbeat goes on: a node
+        whose heartbeat stopped would look silent to the others."""
+        from cyphr.realtime.events import HEARTBEAT, NODE_SILENCE
+        from tests.helpers import fixed_clock
+
+        clock = fixed_clock()
+        await self.serve(clock=clock, ping_interval=3600)
+        realtime = self.server.realtime
+        published: list[dict] = []
+
+        def failing_publish(event: dict) -> bool:
+            published.append(event)
+            raise RuntimeError("the bus is broken")
+
+        self.patch(realtime, "_publish", failing_publish)
+        self.patch(realtime.presence, "forget_node",
+                   lambda node: (_ for _ in ()).throw(RuntimeError("presence is broken")))
+        realtime._bus_event({"t": "p", "n": "ghost", "u": "bob", "o": 1})
+        for _ in range(int(NODE_SILENCE // HEARTBEAT) + 3):
+            clock.advance(HEARTBEAT)
+        beats = [e for e in published if e.get("t") == "h"]
+        self.assertGreaterEqual(len(beats), int(NODE_SILENCE // HEARTBEAT) + 3)
+        self.assertTrue(realtime._heartbeat.active())
+        errors = self.flushLoggedErrors(RuntimeError)
+        self.assertIn("presence is broken", {str(e.value) for e in errors})
+        self.assertIn("the bus is broken", {str(e.value) for e in errors})
+
     async def test_unauthenticated_socket_closed_after_10s(self) -> None:
         from tests.helpers import fixed_clock
 

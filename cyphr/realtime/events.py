@@ -170,11 +170,34 @@ class Realtime:
         self.feeds.stop()
 
     def _beat(self) -> None:
-        self._publish({"t": "h", "n": self.bus.node_id})
+        # The next beat is set first and each step is guarded: a heartbeat
+        # that stopped would make this node look silent to the others, who
+        # would then take all its users offline.
+        self._heartbeat = self._clock.callLater(HEARTBEAT, self._beat)
+        try:
+            self._publish({"t": "h", "n": self.bus.node_id})
+        except Exception:
+            _log.failure("The heartbeat could not be published")
         for node in self.presence.silent_nodes(NODE_SILENCE):
             _log.info("Node {node} went silent; forgetting its users", node=node)
-            self.presence.forget_node(node)
-        self._heartbeat = self._clock.callLater(HEARTBEAT, self._beat)
+            try:
+                self._gone_silent(self.presence.forget_node(node))
+            except Exception:
+                _log.failure("The users of silent node {node} could not be taken offline", node=node)
+
+    def _gone_silent(self, users: list[str]) -> None:
+        """``users`` were online only through a node that went silent: it
+        will never say that their last socket went, so this node does what
+        that would have done (last_seen, ``user_offline``). Every node that
+        notices the silence does the same, so each tells only its own
+        sockets: each socket hears it once, from the node it is on."""
+        if not users:
+            return
+        now = now_ms(self._clock)
+        for user in users:
+            self._spawn(self._identities.set_last_seen(user, now))
+            self._spawn(self._announce(user, {"userId": user, "lastSeen": iso(now)}, "user_offline",
+                                       here_only=True))
 
     def stats(self) -> dict[str, int]:
         return {"connections": self.presence.connections, "users": self.presence.users}
@@ -328,10 +351,15 @@ class Realtime:
             if not self.presence.elsewhere(me):
                 self._spawn(self._announce(me, {"userId": me, "lastSeen": iso(now)}, "user_offline"))
 
-    async def _announce(self, me: str, data: dict[str, Any], event: str) -> None:
-        """Tell everyone who shares a chat with ``me``, on every node."""
+    async def _announce(self, me: str, data: dict[str, Any], event: str, *,
+                        here_only: bool = False) -> None:
+        """Tell everyone who shares a chat with ``me``, on every node (or,
+        ``here_only``, on this one)."""
         partners = await self._chats.partners(me)
-        self.emit_to_users(partners, event, data)
+        if here_only:
+            self._emit_local(["user:" + u for u in partners], event, data, None)
+        else:
+            self.emit_to_users(partners, event, data)
 
     # -- events ---------------------------------------------------------------
 
