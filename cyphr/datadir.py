@@ -28,6 +28,20 @@ class ServerSecrets:
     jwt_key: bytes = field(repr=False)
     fingerprint_key: bytes = field(repr=False)
     totp_key: bytes = field(repr=False)  # 32 bytes, a SecretBox key
+    # The names of those taken from the data directory rather than the
+    # configuration: a cluster's nodes would each have their own.
+    generated: tuple[str, ...] = ()
+
+    def fingerprints(self) -> dict[str, str]:
+        """What the database records to check that every node has the same
+        secrets (cyphr.db.fingerprints); no secret can be recovered from it."""
+        from cyphr.db.fingerprints import secret_fingerprint
+
+        return {
+            "jwt_secret": secret_fingerprint("jwt_secret", self.jwt_key),
+            "fingerprint_key": secret_fingerprint("fingerprint_key", self.fingerprint_key),
+            "totp_key": secret_fingerprint("totp_key", self.totp_key),
+        }
 
 
 def prepare_data_dir(path: str) -> str:
@@ -86,6 +100,9 @@ def read_secret_file(path: str) -> str:
 
 
 def load_secrets(config: Config, data_dir: str) -> ServerSecrets:
+    generated = tuple(name for name in ("jwt_secret", "fingerprint_key", "totp_key")
+                      if not getattr(config, name))
+
     def text(name: str) -> str:
         return getattr(config, name) or _secret_file(data_dir, name)
 
@@ -94,4 +111,5 @@ def load_secrets(config: Config, data_dir: str) -> ServerSecrets:
         fingerprint_key=text("fingerprint_key").encode("utf-8"),
         # SecretBox wants exactly 32 bytes, whatever the operator chose.
         totp_key=hashlib.sha256(text("totp_key").encode("utf-8")).digest(),
+        generated=generated,
     )

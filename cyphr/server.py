@@ -32,10 +32,12 @@ from cyphr.api.metrics import MetricsResource, MetricsRoot
 from cyphr.api.operations import OperationsAPI
 from cyphr.api.security import SecurityAPI
 from cyphr.api.wallet import WalletAPI
+from cyphr.clock import now_ms
 from cyphr.config import Config
 from cyphr.cpu import CpuPool
 from cyphr.datadir import ServerSecrets, load_secrets, prepare_data_dir
-from cyphr.db import Database, open_database
+from cyphr.db import Database, Transaction, open_database
+from cyphr.db.fingerprints import check_fingerprints_txn
 from cyphr.db.postgres import PostgresDatabase
 from cyphr.handlers.auth import Authenticator
 from cyphr.handlers.health import HealthHandler, RealtimeStats
@@ -75,18 +77,20 @@ MAINTENANCE_INTERVAL = 300  # seconds between purges of expired challenges and r
 
 class DatabaseService(Service):
     """Starts the database (connecting, retrying and migrating in the
-    background), the bus and the realtime layer with the process. At the
+    background), the bus and the realtime layer with the process; once the
+    database is ready, calls ``on_ready`` (the process then listens). At the
     end, in this order: no new realtime sessions; the messages still waiting
     for a batch are written (and acknowledged); every socket is closed with
     a reason; the bus and the database close."""
 
     def __init__(self, database: Database, batcher: SendBatcher, bus: Bus, realtime: Realtime,
-                 engine: EngineServer) -> None:
+                 engine: EngineServer, on_ready: Callable[[], None] = lambda: None) -> None:
         self.database = database
         self.batcher = batcher
         self.bus = bus
         self.realtime = realtime
         self.engine = engine
+        self.on_ready = on_ready
 
     def startService(self) -> None:
         super().startService()
@@ -99,6 +103,7 @@ class DatabaseService(Service):
     def _database_ready(self, _: Any) -> None:
         if self.running:
             self.realtime.start()
+            self.on_ready()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -119,6 +124,13 @@ class DatabaseService(Service):
 class CyphrService(MultiService):
     """The process: its listening endpoints, its database and its CPU pool.
 
+    The API endpoints (``held``) open only once the database is connected,
+    migrated and has passed the start check (the secrets): until then a
+    client or load balancer finds nothing listening, rather than a /health
+    that answers 200 in front of an API that answers 503. A port that cannot
+    be bound then is fatal (``on_fatal``). ``--metrics-listen`` endpoints
+    open at once: metrics help most while the database is away.
+
     Its stop is bounded by ``shutdown_timeout``: past it, the connections
     still open are dropped and the stop ends anyway, so that the process
     exits (twistd stops the reactor once the stop has ended)."""
@@ -129,6 +141,20 @@ class CyphrService(MultiService):
         self.cpu = cpu
         self.engine = engine
         self.clock = clock
+        self.held: list[StreamServerEndpointService] = []
+        self.on_fatal: Callable[[str], None] = lambda message: None
+
+    def open_endpoints(self) -> None:
+        """Listen on the held API endpoints (the database is ready)."""
+        held, self.held = self.held, []
+        for endpoint_service in held:
+            try:
+                # Added to a running MultiService, it starts listening now.
+                endpoint_service.setServiceParent(self)
+            except CannotListenError as e:
+                self.on_fatal(f"cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
+                return
+            endpoint_service._waitingForPort.addCallback(self._listening, "API")
 
     def stopService(self) -> Deferred[None]:
         began = self.clock.seconds()
@@ -178,7 +204,8 @@ class CyphrService(MultiService):
 
     def startService(self) -> None:
         _log.info(
-            "Cyphr {version} starting: listening on {endpoints}, metrics {metrics}, database {database}",
+            "Cyphr {version} starting: will listen on {endpoints} once the database is ready, "
+            "metrics {metrics}, database {database}",
             version=cyphr.__version__,
             endpoints=", ".join(self.config.listen),
             metrics=", ".join(self.config.metrics_listen) or "at /metrics on the same endpoints",
@@ -277,7 +304,8 @@ class Server:
     bus: Bus
 
     def listening(self) -> list[Deferred[Any]]:
-        """The listening ports, once the service has started."""
+        """The listening ports, once the service has started and the
+        database is ready (CyphrService.open_endpoints)."""
         return [svc._waitingForPort for svc in self.endpoint_services]
 
     def metrics_listening(self) -> list[Deferred[Any]]:
@@ -392,8 +420,19 @@ def build_server(
     site.on_body_refused = engine.resource.body_refused
     site.metrics = metrics.http
 
+    # Ready means migrated and, in the same transaction, this node's secrets
+    # found equal to those the database was first started with.
+    fingerprints = secrets.fingerprints()
+
+    async def check_secrets(txn: Transaction) -> None:
+        await check_fingerprints_txn(txn, fingerprints, now_ms(clock), secrets.generated)
+
+    database.start_check = check_secrets
+
     service = CyphrService(config, cpu, engine, clock)
-    DatabaseService(database, batcher, bus, realtime, engine).setServiceParent(service)
+    service.on_fatal = database.on_fatal
+    DatabaseService(database, batcher, bus, realtime, engine,
+                    on_ready=service.open_endpoints).setServiceParent(service)
     def purge_now() -> Deferred[None] | None:
         # Not before the database is up (the pool says so when it is down).
         return Deferred.fromCoroutine(maintenance.run()) if database.ready else None
@@ -407,7 +446,10 @@ def build_server(
         endpoint_service.serves = serves  # type: ignore[attr-defined]  # for the log
         # Fail the start (with a clear message) rather than run deaf.
         endpoint_service._raiseSynchronously = True
-        endpoint_service.setServiceParent(service)
+        if serves == "API":
+            service.held.append(endpoint_service)  # until the database is ready
+        else:
+            endpoint_service.setServiceParent(service)
         return endpoint_service
 
     endpoint_services = [serve(description, site, "API") for description in config.listen]

@@ -8,10 +8,12 @@ file, which wins over the defaults (cyphr.config).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import resource
-from typing import Any
+import sys
+from typing import Any, Callable
 
 from twisted.application.service import IService
 from twisted.logger import Logger
@@ -148,6 +150,40 @@ def freeze_startup_objects() -> int:
     return gc.get_freeze_count()
 
 
+def _exit_status_1() -> None:
+    # twistd exits 0 whenever its reactor stops; by now it has stopped the
+    # service, removed its pid file and closed its log. What is buffered is
+    # written out; atexit handlers registered before this one are skipped.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(1)
+
+
+def stop_and_fail(reactor: Any) -> Callable[[str], None]:
+    """``on_fatal`` under twistd, for what makes the server refuse to go on
+    once the reactor runs (a database newer than the code, secrets that
+    differ from the other nodes', a port taken meanwhile): one critical
+    line, a clean stop, and exit status 1, so that systemd and scripts see
+    a failure."""
+    failed: list[str] = []
+
+    def fatal(message: str) -> None:
+        _log.critical("Cyphr cannot go on: {message}", message=message)
+        if failed:
+            return
+        failed.append(message)
+        atexit.register(_exit_status_1)
+        if reactor.running:
+            reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
+
+    return fatal
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -155,7 +191,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     raise_open_file_limit()
     try:
         preflight(config)
-        server = build_server(config, reactor)
+        server = build_server(config, reactor, on_fatal=stop_and_fail(reactor))
     except (ConfigError, UnusableDatabase) as e:
         raise SystemExit(f"cyphr: {e}") from None
     freeze_startup_objects()

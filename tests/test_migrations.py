@@ -134,7 +134,7 @@ class V2SignaturesMigrationMixin:
             "INSERT INTO one_time_prekeys (user_id, key_id, kyber_public_key, signature, created_at)"
             " VALUES (?, 7, ?, ?, 0)", (user_id, b"p" * 1568, b"s" * 64))
         await old.close()
-        new = await self.started(location)
+        new = await self.started(location, target=6)
         self.assertEqual(new.schema_version, 6)
         self.assertEqual(await new.run_query(
             "SELECT kyber_key_id, kyber_key_created_at, kyber_key_expires_at, kyber_key_signature_version"

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from cyphr.config import Config
 from cyphr.errors import DatabaseUnavailable
@@ -42,6 +43,7 @@ __all__ = [
 
 Row = tuple[Any, ...]
 T = TypeVar("T")
+_log = Logger()
 
 
 class IntegrityError(Exception):
@@ -82,6 +84,11 @@ class Database(ABC):
         self._ready_waiters: list[Deferred[None]] = []
         self.schema_version: int | None = None
         self.on_fatal: Callable[[str], None] | None = None
+        self._schema_target: int | None = None
+        # Run at start in the migration's transaction, after it; what it
+        # raises keeps the database from becoming ready (build_server: the
+        # check that this node has the same secrets as the others).
+        self.start_check: Callable[[Transaction], Awaitable[None]] | None = None
         # For metrics: connections lost, callers answered DatabaseUnavailable,
         # statements the database failed (constraint refusals are not failures).
         self.failures = {"connection_lost": 0, "unavailable": 0, "error": 0}
@@ -142,10 +149,23 @@ class Database(ABC):
         for d in waiters:
             d.callback(None)
 
+    async def _start_txn(self, txn: Transaction) -> int:
+        """What the first connection does, in one transaction: migrate, then
+        the start check. Answers the schema version reached."""
+        from cyphr.db.migrations import migrate_txn
+
+        version = await migrate_txn(txn, self.engine, self._schema_target)
+        if self.start_check is not None:
+            await self.start_check(txn)
+        return version
+
     def _fatal(self, message: str) -> None:
-        """A condition no retry can mend (a database newer than the code)."""
+        """A condition no retry can mend (a database newer than the code,
+        secrets that differ from the other nodes')."""
         if self.on_fatal is not None:
             self.on_fatal(message)
+        else:
+            _log.critical("Refusing the database: {reason}", reason=message)
 
 
 def open_database(config: Config, reactor: Any) -> Database:

@@ -34,10 +34,10 @@ from cyphr.db import (
     DatabaseUnavailable,
     IntegrityError,
     Row,
-    SchemaTooNew,
     Transaction,
+    UnusableDatabase,
 )
-from cyphr.db.migrations import check_version, migrate_txn
+from cyphr.db.migrations import check_version
 
 _log = Logger()
 T = TypeVar("T")
@@ -86,6 +86,15 @@ def backoff(initial: float = 0.25, maximum: float = 2.0) -> Iterator[float]:
     while True:
         yield delay * random.uniform(0.8, 1.2)
         delay = min(delay * 2, maximum)
+
+
+def describe_dsn(dsn: str) -> str:
+    """Where a DSN points, for logs: host, port and database name; never a
+    password, a user or another parameter."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    host = params.get("host") or "localhost"
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"{host}{port}/{params.get('dbname', '')}"
 
 
 def connection_dsn(url: str) -> str:
@@ -177,11 +186,16 @@ class _Detector(DeadConnectionDetector):
     def startReconnecting(self, f: Failure) -> None:
         self._database._connection_died(self.reconnectable, f)
         self._delays = backoff()
-        self._schedule()
+        self._schedule(f)
 
-    def _schedule(self) -> None:
+    def _schedule(self, f: Failure) -> None:
         if not self._stopped:
-            self._timer = self.reactor.callLater(next(self._delays), self._try)
+            delay = next(self._delays)
+            # The bus owns detectors too, and need not hear of each retry.
+            scheduled = getattr(self._database, "_retry_scheduled", None)
+            if scheduled is not None:
+                scheduled(self.reconnectable, f, delay)
+            self._timer = self.reactor.callLater(delay, self._try)
 
     def _try(self) -> None:
         self._timer = None
@@ -198,7 +212,7 @@ class _Detector(DeadConnectionDetector):
     def _failed(self, f: Failure) -> None:
         self._attempt = None
         self._database._reconnect_failed(f)
-        self._schedule()
+        self._schedule(f)
 
     async def stop(self) -> None:
         self._stopped = True
@@ -260,6 +274,8 @@ class PostgresDatabase(Database):
         self._closing = False
         self._idle: Deferred[None] | None = None
         self._last_down_report = float("-inf")
+        self._where = describe_dsn(self._dsn)
+        self._start_attempts = 0  # failed attempts before the database was first ready
 
     # -- state ----------------------------------------------------------
 
@@ -299,7 +315,10 @@ class PostgresDatabase(Database):
         if self._closing:
             conn.close()
             return
-        if not self._up and self._last_down_report > float("-inf"):
+        if not self._up and self._start_attempts and not self._migrated:
+            _log.info("PostgreSQL at {where} answers after {attempts} failed attempts",
+                      where=self._where, attempts=self._start_attempts)
+        elif not self._up and self._last_down_report > float("-inf"):
             _log.info("PostgreSQL answers again")
             self._last_down_report = float("-inf")
         self._up.add(conn)
@@ -314,8 +333,7 @@ class PostgresDatabase(Database):
 
     async def _migrate(self, conn: _Connection) -> None:
         def txn(cursor: Any) -> Deferred[int]:
-            return Deferred.fromCoroutine(
-                migrate_txn(_PostgresTransaction(cursor), self.engine, self._schema_target))
+            return Deferred.fromCoroutine(self._start_txn(_PostgresTransaction(cursor)))
 
         self.schema_version = await conn.runInteraction(txn)
         self._migrating = False
@@ -331,9 +349,10 @@ class PostgresDatabase(Database):
     def _migration_failed(self, f: Failure, conn: _Connection) -> None:
         self._migrating = False
         self._busy.discard(conn)
-        if f.check(SchemaTooNew):
+        if f.check(UnusableDatabase):
+            # A newer schema, or secrets that differ from the other nodes':
+            # one line, said once (by on_fatal, or by _fatal without it).
             self._refused = True
-            _log.critical("Refusing the PostgreSQL database: {reason}", reason=f.getErrorMessage())
             self._fatal(f.getErrorMessage())
         elif is_connection_error(f.value):
             # The next connection to come up tries again.
@@ -355,12 +374,28 @@ class PostgresDatabase(Database):
         if was_up:
             self.failures["connection_lost"] += 1
         if not self._up:
-            self._report_down(f)
+            if self._migrated:
+                self._report_down(f)
             self._fail_waiters()
 
     def _reconnect_failed(self, f: Failure) -> None:
-        if not self._up:
+        if not self._up and self._migrated:
             self._report_down(f)
+
+    def _retry_scheduled(self, conn: _Connection, f: Failure, delay: float) -> None:
+        # Until the database is first ready nothing listens: say so at every
+        # attempt (of one connection: the others retry in step), so that a
+        # server waiting for its database is seen waiting. Later outages are
+        # reported by _report_down, rate-limited.
+        if (self._migrated or self._closing or self._up or not self._connections
+                or conn is not self._connections[0]):
+            return
+        self._start_attempts += 1
+        _log.warn(
+            "PostgreSQL at {where} is not reachable yet (attempt {attempt}): {reason}; "
+            "retrying in {delay:.1f}s. Cyphr listens once it is connected and migrated.",
+            where=self._where, attempt=self._start_attempts, delay=delay,
+            reason=" ".join(f.getErrorMessage().split()))
 
     def _report_down(self, f: Failure) -> None:
         # Once on the way down, then every 30 s while it lasts: one line per

@@ -24,11 +24,10 @@ from cyphr.db import (
     DatabaseUnavailable,
     IntegrityError,
     Row,
-    SchemaTooNew,
     Transaction,
     UnusableDatabase,
 )
-from cyphr.db.migrations import check_version, migrate_txn
+from cyphr.db.migrations import check_version
 
 _log = Logger()
 T = TypeVar("T")
@@ -150,7 +149,7 @@ class SQLiteDatabase(Database):
 
     async def _open_and_migrate(self) -> None:
         await deferToThreadPool(self._reactor, self._pool, self._open_in_thread)
-        self.schema_version = await self._transaction(migrate_txn, self.engine, self._schema_target)
+        self.schema_version = await self._transaction(self._start_txn)
         self._ready = True
         _log.info(
             "SQLite database {path} ready at schema version {version}",
@@ -160,9 +159,8 @@ class SQLiteDatabase(Database):
         self._became_ready()
 
     def _start_failed(self, failure: Any) -> None:
-        if failure.check(SchemaTooNew):
-            _log.critical("Refusing the database {path}: {reason}", path=self.path,
-                          reason=failure.getErrorMessage())
+        if failure.check(UnusableDatabase):
+            # One line, said once (by on_fatal, or by _fatal without it).
             self._fatal(failure.getErrorMessage())
             return None
         _log.failure("Cannot open the SQLite database {path}", failure, path=self.path)
