@@ -80,8 +80,9 @@ class IdentityChanged(ClientError):
                if pinned_safety_number else "")
         super().__init__(
             f"{cyphr_id}'s identity key has changed: refusing to use it. {had}"
-            f"{'the' if had else 'The'} key the server shows now gives {safety_number}. Identity keys do not change when a device is "
-            f"recovered, so this may be the server or someone in the middle. Only if "
+            f"{'the' if had else 'The'} key the server shows now gives {safety_number}. "
+            f"Identity keys do not change when a device is recovered, so this may be the "
+            f"server or someone in the middle. Only if "
             f"{cyphr_id} reads you the same new number in person or over another channel, "
             f"run `cyphr-client verify {cyphr_id} --accept NUMBER` with the number you compared")
         self.cyphr_id = cyphr_id
