@@ -30,6 +30,7 @@ from cyphr.errors import (
     INVALID_BODY,
     MESSAGE_NOT_FOUND,
     RATE_LIMITED,
+    TOKEN_EXPIRED,
     UNAUTHORIZED,
     USER_NOT_FOUND,
     ApiError,
@@ -70,11 +71,12 @@ _FIRST = ("00000000-0000-0000-0000-000000000000", -1)
 class Client:
     """What a socket is, to Cyphr."""
 
-    __slots__ = ("auth_timer", "catching_up", "seen", "user", "welcomed")
+    __slots__ = ("auth_timer", "catching_up", "expiry_timer", "seen", "user", "welcomed")
 
     def __init__(self) -> None:
         self.user: AuthUser | None = None
         self.auth_timer: Any = None
+        self.expiry_timer: Any = None  # ends the socket when its token expires
         self.welcomed = False
         # While catching up: the live messages that arrive meanwhile.
         self.catching_up: list[tuple[str, int, list[str | bytes]]] | None = None
@@ -117,6 +119,14 @@ class Realtime:
         self.presence = Presence(clock)
         self.feeds = ChatFeeds(messages, self._reactor, self._deliver, self._spawn)
         self._partners: dict[tuple[str, str], float] = {}
+        # Every socket whose token was accepted, from that moment (before its
+        # welcome), by user and by token: ending sessions finds them here,
+        # including those not yet in their ``user:`` room.
+        self._by_user: dict[str, set[Socket]] = {}
+        self._by_jti: dict[str, set[Socket]] = {}
+        # How many times sessions were ended here (by this node or the bus):
+        # see _check_token.
+        self._endings = 0
         self._heartbeat: Any = None
         # For metrics: first delivery receipts and read marks recorded here.
         self.delivered_count = 0
@@ -214,9 +224,60 @@ class Realtime:
             if not isinstance(token, str):
                 raise ConnectRefused("unauthorized", {"code": UNAUTHORIZED})
             try:
-                client.user = await self._authenticator.authenticate_token(token)
+                user = await self._check_token(token)
             except ApiError as e:
                 raise ConnectRefused(e.message, {"code": e.code}) from None
+            connection = socket.connection
+            if not connection.open or connection.sockets.get(socket.namespace.name) is not socket:
+                return  # gone while its token was checked: never accepted
+            # Accepted in this same turn (nothing awaits between here and
+            # the CONNECT reply), so the socket is registered once connected.
+            self._register(socket, user)
+
+    async def _check_token(self, token: str) -> AuthUser:
+        """The token's user, as the Authenticator says, with no session
+        ending missed. A logout or recovery commits its revocation and then
+        ends the sockets it finds (here, or on the other nodes through the
+        bus). A socket registered after that ending is not found; so the
+        check must have read the database after the revocation committed.
+        If no session ended here while the check ran, any ending still to
+        come will find the socket (the caller registers it in this same
+        turn), and any earlier one committed before the check began. If one
+        did end, the check may have read the state before it: check again.
+        A counter rather than a re-check every time: endings are rare, and a
+        connect then costs one query, not two."""
+        while True:
+            endings = self._endings
+            user = await self._authenticator.authenticate_token(token)
+            if endings == self._endings:
+                return user
+
+    def _register(self, socket: Socket, user: AuthUser) -> None:
+        client: Client = socket.state
+        client.user = user
+        self._by_user.setdefault(user.cyphr_id, set()).add(socket)
+        self._by_jti.setdefault(user.jti, set()).add(socket)
+        delay = max(0.0, user.expires_at - self._clock.seconds())
+        client.expiry_timer = self._clock.callLater(delay, self._token_expired, socket)
+
+    def _unregister(self, socket: Socket) -> None:
+        client: Client = socket.state
+        if client.expiry_timer is not None and client.expiry_timer.active():
+            client.expiry_timer.cancel()
+        client.expiry_timer = None
+        user = client.user
+        if user is None:
+            return
+        for index, key in ((self._by_user, user.cyphr_id), (self._by_jti, user.jti)):
+            sockets = index.get(key)
+            if sockets is not None:
+                sockets.discard(socket)
+                if not sockets:
+                    del index[key]
+
+    @staticmethod
+    def _token_expired(socket: Socket) -> None:
+        _end_socket(socket, "session token expired")
 
     def _connected(self, socket: Socket) -> Deferred[None] | None:
         client: Client = socket.state
@@ -240,10 +301,10 @@ class Realtime:
         if not isinstance(token, str) or not token:
             # The original {userId, publicKey} proves nothing.
             raise Unauthorized("Authenticate with a session token", code=UNAUTHORIZED)
-        user = await self._authenticator.authenticate_token(token)
+        user = await self._check_token(token)
         if client.user is not None or not socket.connected:
             return _ok(userId=user.cyphr_id, cyphrId=user.cyphr_id)
-        client.user = user
+        self._register(socket, user)  # with no await since the check: see _check_token
         if client.auth_timer is not None and client.auth_timer.active():
             client.auth_timer.cancel()
         client.auth_timer = None
@@ -260,8 +321,8 @@ class Realtime:
         client: Client = socket.state
         user = client.user
         assert user is not None
-        if client.welcomed:
-            return
+        if client.welcomed or not socket.connected:
+            return  # ended before it began: nothing to do for it
         client.welcomed = True
         me = user.cyphr_id
         client.catching_up = []
@@ -271,7 +332,7 @@ class Realtime:
             socket.session.close("database unavailable")
             return
         if not socket.connected:
-            return
+            return  # ended meanwhile (logout, expiry): no rooms, no presence
         socket.join("user:" + me)
         behind = []  # chats with messages past what this user acknowledged
         for chat_id, last_seq, delivered in positions:
@@ -337,6 +398,7 @@ class Realtime:
         if client.auth_timer is not None and client.auth_timer.active():
             client.auth_timer.cancel()
         client.auth_timer = None
+        self._unregister(socket)
         for room in socket.rooms:
             if room.startswith("chat:") and self.ns.room_size(room) <= 1:
                 self.feeds.close(room[5:])
@@ -364,11 +426,18 @@ class Realtime:
     # -- events ---------------------------------------------------------------
 
     def _signed_in(self, handler: Any) -> Any:
-        async def guarded(socket: Socket, *args: Any) -> Any:
+        # One optional argument, as every signed-in event takes: the
+        # namespace reads this signature to refuse extra arguments (400).
+        async def guarded(socket: Socket, data: Any = None) -> Any:
             client: Client = socket.state
-            if client.user is None:
+            user = client.user
+            if user is None:
                 raise Unauthorized("Authenticate first", code=UNAUTHORIZED)
-            return await handler(socket, client.user, *args)
+            if user.expires_at <= self._clock.seconds():
+                # Refused whether or not the expiry timer (which ends the
+                # socket) has run yet: a busy reactor may run it late.
+                raise Unauthorized("The session token has expired", code=TOKEN_EXPIRED)
+            return await handler(socket, user, data)
         return guarded
 
     async def _send_message(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
@@ -588,10 +657,14 @@ class Realtime:
         self._publish({"t": "k", "u": cyphr_id, "j": jti})
 
     def _end_sessions(self, cyphr_id: str, jti: str | None) -> None:
-        for socket in list(self.ns.rooms.get("user:" + cyphr_id, ())):
+        # Here and from the bus alike: every registered socket of the token
+        # (or of the user), welcomed or still in its welcome.
+        self._endings += 1
+        sockets = self._by_user.get(cyphr_id, ()) if jti is None else self._by_jti.get(jti, ())
+        for socket in list(sockets):
             user = socket.state.user
-            if user is not None and (jti is None or user.jti == jti):
-                socket.disconnect()
+            if user is not None and user.cyphr_id == cyphr_id:
+                _end_socket(socket, "session ended")
 
     # MessagingListener: what the REST routes and the events change.
 
@@ -681,6 +754,16 @@ class Realtime:
         feeds may have missed messages. Catch up on both."""
         self._announce_users()
         self.feeds.resync()
+
+
+def _end_socket(socket: Socket, reason: str) -> None:
+    """End a socket whose session ended (logout, recovery, expiry): the
+    client is told, so it does not reconnect, and the connection closes too.
+    Closing it also ends the socket for a client that missed the DISCONNECT
+    (the stock client ignores one that arrives before its connect() has
+    returned, and would believe itself connected)."""
+    socket.disconnect()
+    socket.session.close(reason)
 
 
 def _quiet_failure(failure: Failure) -> None:
