@@ -140,6 +140,32 @@ class BadInputTestsMixin:
             self.assertClientError(response, query)
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    async def test_deep_nesting_is_capped(self) -> None:
+        """A body nested deeper than 64 levels, anywhere (an encryptedPayload ~960 deep included, which
+        the decoder reads but storing would overflow the stack on), is 400 INVALID_JSON and stores
+        nothing; 64 levels are accepted."""
+        def nested(depth: int) -> str:  # a value of ``depth`` levels, objects and arrays mixed
+            return '{"a":[' * (depth // 2) + ("[]" if depth % 2 else "0") + "]}" * (depth // 2)
+        before = await self.http.get("/api/messaging/sync", headers=self.bob.auth())
+        for depth in (65, 100, 960):
+            body = ('{"recipientId":"bob","encryptedPayload":' + nested(depth - 1) + "}").encode()
+            response = await self.send("POST", "/api/messaging/send", body)
+            self.assertEqual((response.code, response.json()["code"]), (400, "INVALID_JSON"), depth)
+            self.assertIn("64", response.json()["error"])
+        for raw in (("[" * 65 + "]" * 65).encode(), b'{"a":' + b"[" * 960 + b"]" * 960 + b"}"):
+            response = await self.send("POST", "/api/cyphr-id/check", raw)
+            self.assertEqual((response.code, response.json()["code"]), (400, "INVALID_JSON"))
+        # Brackets inside strings are no nesting.
+        response = await self.send("POST", "/api/messaging/send", json.dumps(
+            {"recipientId": "bob", "encryptedPayload": {"c": "[{" * 500}}).encode())
+        self.assertEqual(response.code, 201, response.body)
+        response = await self.send("POST", "/api/messaging/send", (
+            '{"recipientId":"bob","encryptedPayload":' + nested(63) + "}").encode())
+        self.assertEqual(response.code, 201, response.body)
+        after = await self.http.get("/api/messaging/sync", headers=self.bob.auth())
+        self.assertEqual(len(after.json()["messages"]), len(before.json()["messages"]) + 2)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
 
 class SQLiteBadInputTests(SQLiteMixin, BadInputTestsMixin, TestCase):
     pass

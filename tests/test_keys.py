@@ -351,6 +351,19 @@ class KeysTestsMixin:
         self.assertEqual(await self.count(self.bob), 1)
 
     @server_options(rate_limit_claim=(3, 3600))
+    async def test_unknown_targets_are_not_counted(self) -> None:
+        """A claim of an unknown user is 404 before the rate limit counts it: a flood of random names
+        adds no key to the limit's table, and is never answered 429."""
+        table = self.server.limits.claim._arrivals
+        before = len(table)
+        for n in range(20):
+            self.assert_error(await self.claim(self.alice, f"nobody_{n}"), 404, "USER_NOT_FOUND")
+        for _ in range(5):
+            self.assert_error(await self.claim(self.alice, "nobody_0"), 404, "USER_NOT_FOUND")
+        self.assertEqual(len(table), before)
+        self.assertEqual(self.server.limits.claim.refused, 0)
+
+    @server_options(rate_limit_claim=(3, 3600))
     async def test_claim_rate_limit(self) -> None:
         """Claims are limited per caller and target: the 4th claim by alice of bob is 429 with Retry-After
         and hands out nothing, while carol may still claim bob's and alice carol's."""

@@ -64,3 +64,29 @@ class RateLimitTests(TestCase):
         clock.advance(11)
         limit.hit("fresh")
         self.assertEqual(len(limit._arrivals), 1)
+
+    def test_full_table_evicts_the_oldest_in_place(self) -> None:
+        """When more keys than max_keys are busy at once, the least recently used are dropped, in place:
+        the table never grows past max_keys and is never rebuilt."""
+        clock = Clock()
+        limit = RateLimit(clock, 1, 10, max_keys=100)
+        table = limit._arrivals
+        for n in range(150):
+            limit.hit(n)
+        self.assertIs(limit._arrivals, table)
+        self.assertEqual(len(table), 100)
+        self.assertEqual(list(table), list(range(50, 150)))
+        limit.hit(0)  # forgotten: a fresh budget
+        self.assertRaises(RateLimited, limit.hit, 149)  # kept: still limited
+        self.assertEqual(len(table), 100)
+
+    def test_use_keeps_a_key(self) -> None:
+        """A key hit again moves to the young end, so eviction takes keys unused for longest."""
+        clock = Clock()
+        limit = RateLimit(clock, 2, 10, max_keys=3)
+        for key in ("a", "b", "c"):
+            limit.hit(key)
+        limit.hit("a")
+        limit.hit("d")
+        self.assertEqual(list(limit._arrivals), ["c", "a", "d"])
+        self.assertRaises(RateLimited, limit.hit, "a")

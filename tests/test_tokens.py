@@ -78,3 +78,34 @@ class TokenTests(TestCase):
         self.tokens.verify(self.issued.token)
         self.clock.advance(1)
         self.assertEqual(self.refused(self.issued.token), "TOKEN_EXPIRED")
+
+    def test_only_the_issued_spelling(self) -> None:
+        """Only unpadded base64url, as issued, is accepted: the same bytes written in standard base64,
+        with '=' padding, or with stray low bits in the last character are 401 INVALID_TOKEN."""
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        respelled = 0
+        for n in range(200):  # until both URL-safe characters have shown up
+            token = self.tokens.issue(f"user-{n}", "alice", "d" * 64).token
+            self.tokens.verify(token)
+            header, payload, signature = token.split(".")
+            standard = token.replace("-", "+").replace("_", "/")
+            if standard != token:
+                respelled += 1
+                with self.assertRaises(Unauthorized) as caught:
+                    self.tokens.verify(standard)
+                self.assertEqual((caught.exception.status, caught.exception.code), (401, "INVALID_TOKEN"))
+            if respelled >= 5:
+                break
+        self.assertGreaterEqual(respelled, 5)
+        header, payload, signature = self.issued.token.split(".")
+        variants = [f"{header}.{payload}.{signature}" + "=" * (-len(signature) % 4)]
+        if len(payload) % 4:
+            variants.append(f"{header}.{payload}{'=' * (-len(payload) % 4)}.{signature}")
+        variants.append(f"{header}.{payload}.{signature}====")
+        # 32 bytes in 43 characters: the last one carries 2 unused bits.
+        stray = alphabet[alphabet.index(signature[-1]) ^ 1]
+        self.assertEqual(base64.urlsafe_b64decode(signature[:-1] + stray + "="),
+                         base64.urlsafe_b64decode(signature + "="))
+        variants.append(f"{header}.{payload}.{signature[:-1]}{stray}")
+        for token in variants:
+            self.assertEqual(self.refused(token), "INVALID_TOKEN", token)

@@ -43,6 +43,7 @@ from cyphr.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from cyphr.handlers.validation import MAX_JSON_DEPTH, json_too_deep
 from cyphr.metrics import HttpStats
 
 _log = Logger()
@@ -96,23 +97,34 @@ def _is_json_type(content_type: bytes | None) -> bool:
 
 
 def parse_json(raw: bytes) -> Any:
-    """Decode a JSON document, or raise InvalidJson saying where it breaks."""
+    """Decode a JSON document, or raise InvalidJson saying where it breaks.
+    Arrays and objects nested deeper than MAX_JSON_DEPTH are InvalidJson too."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidJson("The request body is not valid UTF-8",
                           details={"position": e.start}) from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         raise InvalidJson(
             f"The request body is not valid JSON: {e.msg}",
             details={"line": e.lineno, "column": e.colno, "position": e.pos},
         ) from None
-    except RecursionError:
-        raise InvalidJson("The request body is nested too deeply") from None
+    except RecursionError:  # deeper than the decoder goes: far past the cap
+        raise _too_deep() from None
     except ValueError as e:  # NaN, Infinity, integers of too many digits
         raise InvalidJson(f"The request body is not valid JSON: {e}") from None
+    # On the decoded value: its cost follows the number of arrays and
+    # objects, not of bytes (a typical body: well under a microsecond).
+    if json_too_deep(value):
+        raise _too_deep()
+    return value
+
+
+def _too_deep() -> InvalidJson:
+    return InvalidJson(f"The request body is nested deeper than {MAX_JSON_DEPTH} levels",
+                       details={"maxDepth": MAX_JSON_DEPTH})
 
 
 def read_json(request: Any, *, required: bool = True) -> dict[str, Any]:

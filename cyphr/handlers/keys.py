@@ -85,9 +85,11 @@ class KeysHandler:
 
     async def claim(self, user: AuthUser, cyphr_id: str) -> ClaimedKey:
         """One of the target's unexpired one-time prekeys, handed out once;
-        its main Kyber key when none is left."""
-        self._claim_limit.hit((user.user_id, cyphr_id))
+        its main Kyber key when none is left. An unknown target is 404
+        before the rate limit counts anything: the limit's table is keyed by
+        (caller, target) and holds only targets that exist."""
         target = await self._target(cyphr_id)
+        self._claim_limit.hit((user.user_id, target.id))
         prekey = await self._prekeys.claim(target.id, now_ms(self._clock))
         if prekey is not None:
             return ClaimedKey(prekey.key_id, prekey.kyber_public_key, prekey.signature, True,

@@ -79,6 +79,9 @@ def check_payload(value: Any, max_payload: int) -> str:
         payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:
         raise invalid("encryptedPayload", "encryptedPayload holds a number JSON cannot carry") from None
+    except (TypeError, RecursionError):
+        # Fields.value refuses these first; kept for any other caller.
+        raise invalid("encryptedPayload", "encryptedPayload holds a value JSON cannot carry") from None
     try:
         size = len(payload.encode("utf-8"))
     except UnicodeEncodeError:

@@ -10,6 +10,7 @@ key). Time comes from the injected clock.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Hashable
 
 from cyphr.errors import RateLimited
@@ -24,7 +25,8 @@ class RateLimit:
         self._interval = period / count
         self._burst = period - self._interval  # how far ahead a key may run
         self._max_keys = max_keys
-        self._arrivals: dict[Hashable, float] = {}
+        # In order of last use, so the oldest go first when it is full.
+        self._arrivals: OrderedDict[Hashable, float] = OrderedDict()
 
     def hit(self, key: Hashable) -> None:
         """Count one event for ``key``, or raise RateLimited with the seconds
@@ -35,14 +37,29 @@ class RateLimit:
         if ahead > self._burst:
             self.refused += 1
             raise RateLimited(max(1, math.ceil(ahead - self._burst)))
-        self._arrivals[key] = theoretical + self._interval
-        if len(self._arrivals) > self._max_keys:
-            self._forget_idle(now)
+        arrivals = self._arrivals
+        arrivals[key] = theoretical + self._interval
+        arrivals.move_to_end(key)  # the table stays in order of last use
+        if len(arrivals) > self._max_keys:
+            self._evict(now)
 
-    def _forget_idle(self, now: float) -> None:
-        # A key whose next arrival time has passed is back at a full burst:
-        # forgetting it changes nothing.
-        self._arrivals = {k: t for k, t in self._arrivals.items() if t > now}
+    def _evict(self, now: float) -> None:
+        """
+        Bring the table back within ``max_keys`` in place, never rebuilding
+        it, from its old end (least recently used first). Idle keys go first:
+        one whose next arrival time has passed is back at a full burst, and
+        forgetting it changes nothing; the run of idle keys at the old end
+        goes at once, so each key costs one pop in its life. Only when more
+        than ``max_keys`` keys are busy at once is a busy one forgotten, the
+        one unused for longest (it may burst again: the price of a bounded
+        table).
+        """
+        arrivals = self._arrivals
+        while arrivals:
+            oldest = next(iter(arrivals))  # O(1): an OrderedDict's linked list
+            if arrivals[oldest] > now and len(arrivals) <= self._max_keys:
+                break
+            del arrivals[oldest]
 
 
 class RateLimits:

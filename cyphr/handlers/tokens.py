@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +26,7 @@ from typing import Any
 from cyphr.errors import INVALID_TOKEN, TOKEN_EXPIRED, Unauthorized
 
 ALGORITHM = "HS256"
+_BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
 
 
 def _b64url(data: bytes) -> bytes:
@@ -32,8 +34,20 @@ def _b64url(data: bytes) -> bytes:
 
 
 def _b64url_decode(data: bytes) -> bytes:
-    # validate=True: characters outside the alphabet are an error, not skipped.
-    return base64.b64decode(data + b"=" * (-len(data) % 4), altchars=b"-_", validate=True)
+    """
+    Exactly the form _b64url writes: the URL-safe alphabet, no padding, no
+    stray bits in the last character; ValueError otherwise. A token is one
+    string, so no other spelling of the same bytes (standard base64, ``=``
+    padding) passes as it.
+    """
+    # b64decode maps altchars onto "+/" before validating, so it would take
+    # "+" and "/" too: the alphabet is checked here.
+    if _BASE64URL.fullmatch(data) is None:
+        raise ValueError("not unpadded base64url")
+    raw = base64.b64decode(data + b"=" * (-len(data) % 4), altchars=b"-_", validate=True)
+    if _b64url(raw) != data:  # unused low bits set: another spelling
+        raise ValueError("not canonical base64url")
+    return raw
 
 
 _HEADER = _b64url(json.dumps({"alg": ALGORITHM, "typ": "JWT"}, separators=(",", ":")).encode())

@@ -27,6 +27,53 @@ CYPHR_ID_PREFIX = re.compile(r"[a-z0-9_]{1,30}", re.ASCII)
 FINGERPRINT = re.compile(r"[0-9a-f]{64}", re.ASCII)
 TIMESTAMP = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{3})Z", re.ASCII)
 _MISSING = object()
+# The deepest nesting of arrays and objects accepted in a REST body or a
+# socket event. Far above what any request of the contract needs, far below
+# where encoding the value back (json.dumps, a relay) would overflow the stack.
+MAX_JSON_DEPTH = 64
+_CONTAINERS = (dict, list, tuple)
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """
+    True if arrays and objects in ``value`` nest more than ``limit`` deep (a
+    bare scalar is depth 0, ``[]`` depth 1). Iterative, so any value the
+    JSON decoder built is scanned without recursion; the scan stops at the
+    first container past the limit.
+    """
+    if type(value) not in _CONTAINERS:
+        return False
+    stack = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = container.values() if type(container) is dict else container
+        for child in children:
+            if type(child) in _CONTAINERS:
+                stack.append((child, depth + 1))
+    return False
+
+
+def _json_value_problem(value: Any) -> str | None:
+    """What makes ``value`` no JSON value of at most MAX_JSON_DEPTH levels:
+    "deep", "bytes" (a binary Socket.IO event puts its attachments in place
+    of JSON values), or None. One iterative pass."""
+    if type(value) not in _CONTAINERS:
+        return "bytes" if isinstance(value, _BYTES) else None
+    stack = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return "deep"
+        for child in container.values() if type(container) is dict else container:
+            kind = type(child)
+            if kind in _CONTAINERS:
+                stack.append((child, depth + 1))
+            elif kind in _BYTES:
+                return "bytes"
+    return None
 
 
 def invalid(field: str, message: str, code: str = INVALID_FIELD) -> BadRequest:
@@ -73,8 +120,17 @@ class Fields:
         return value
 
     def value(self, name: str) -> Any:
-        """A required field as it came, for a check of its own."""
-        return self._get(name, True)
+        """A required field as it came, for a check of its own: any JSON
+        value nested at most MAX_JSON_DEPTH deep. Bytes (the attachments of
+        a binary socket event) are no JSON value, and are refused here, so
+        that no field of the contract can carry them into storage or a relay."""
+        value = self._get(name, True)
+        problem = _json_value_problem(value)
+        if problem == "deep":
+            raise invalid(name, f"{name} is nested deeper than {MAX_JSON_DEPTH} levels")
+        if problem == "bytes":
+            raise invalid(name, f"{name} must be JSON, not binary data")
+        return value
 
     def text(self, name: str, *, required: bool = True, max_length: int = 1000,
              allow_control: bool = False) -> str | None:

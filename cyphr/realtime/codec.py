@@ -34,6 +34,21 @@ class ProtocolError(ValueError):
     """What a peer sent breaks the protocol; the session that sent it is closed."""
 
 
+class NestedTooDeep(ProtocolError):
+    """
+    A packet whose JSON nests deeper than the decoder can go. The packet is
+    framed like any other, so the layer above may refuse just this one (an
+    EVENT: with an error ack, by ``ack_id``) and keep the session; a binary
+    one is still followed by its attachments, and is a protocol error.
+    """
+
+    def __init__(self, kind: int, namespace: str, ack_id: int | None) -> None:
+        super().__init__("payload nested too deeply")
+        self.kind = kind
+        self.namespace = namespace
+        self.ack_id = ack_id
+
+
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 
 
@@ -462,7 +477,7 @@ class PacketDecoder:
             except ProtocolError:
                 raise
             except RecursionError:
-                raise ProtocolError("payload nested too deeply") from None
+                raise NestedTooDeep(kind, namespace, ack_id) from None
             except ValueError:  # JSONDecodeError, or an int of over 4300 digits
                 raise ProtocolError("payload is not valid JSON") from None
             if stop != end and text[stop:].strip(_JSON_WHITESPACE):

@@ -1,14 +1,21 @@
 """
 Socket.IO v5 over the Engine.IO sessions of cyphr.realtime.engine:
 namespaces with connect handlers, sockets, rooms, events and acks in both
-directions. Nothing here knows about Cyphr; an application registers
-namespaces and event handlers.
+directions. Nothing here knows about Cyphr's events; an application
+registers namespaces and event handlers. (Its refusals of malformed events
+are the contract's ApiErrors, so that any ``error_ack`` renders them.)
 
 A namespace's ``connect`` handler accepts a socket by returning (or
 resolving to) anything, and refuses it by raising ConnectRefused, which
 becomes a CONNECT_ERROR object. The CONNECT reply always goes out before
 anything the application emits to the socket. An event handler's result is
 the ack (a tuple is several arguments); handlers may be coroutines.
+
+An event is refused with an error (answered through the namespace's
+``error_ack``, and the connection lives) before its handler runs when its
+arguments do not fit the handler's signature (BadEventArguments) or nest
+deeper than MAX_JSON_DEPTH (EventTooDeep). A handler that raises, at once
+or later, is answered the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import inspect
 import secrets
 from typing import Any, Callable
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,11 +37,16 @@ from cyphr.realtime.codec import (
     DISCONNECT,
     EVENT,
     RESERVED_EVENTS,
+    NestedTooDeep,
     PacketDecoder,
     ProtocolError,
     SocketPacket,
     encode_packet,
 )
+# The one place this layer speaks the application's language: its refusals
+# of malformed events are the contract's 400s, which any error_ack renders.
+from cyphr.errors import INVALID_BODY, ApiError, BadRequest, InvalidJson
+from cyphr.handlers.validation import MAX_JSON_DEPTH, json_too_deep
 from cyphr.realtime.engine import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, Session
 
 _log = Logger()
@@ -50,6 +62,36 @@ class ConnectRefused(Exception):
         super().__init__(message)
         self.message = message
         self.data = data
+
+
+class BadEventArguments(BadRequest):
+    """An event came with more (or fewer) arguments than its handler takes."""
+
+    code = INVALID_BODY
+
+
+class EventTooDeep(InvalidJson):
+    """An event's arguments nest deeper than MAX_JSON_DEPTH."""
+
+    message = f"The event's data is nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _arity(handler: Handler) -> tuple[int, int | None]:
+    """How many event arguments (after the socket) ``handler`` takes: at
+    least, and at most (None: any number)."""
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let it decide
+        return 0, None
+    least = most = 0
+    for parameter in parameters:
+        if parameter.kind == parameter.VAR_POSITIONAL:
+            return max(least - 1, 0), None
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            most += 1
+            if parameter.default is parameter.empty:
+                least += 1
+    return max(least - 1, 0), max(most - 1, 0)
 
 
 class AckTimeout(Exception):
@@ -69,6 +111,7 @@ class Namespace:
         self.sockets: dict[str, Socket] = {}
         self.rooms: dict[str, set[Socket]] = {}
         self.handlers: dict[str, Handler] = {}
+        self._arities: dict[str, tuple[int, int | None]] = {}
         self.connect_handler: Handler | None = None
         self.connected_handler: Handler | None = None
         self.disconnect_handler: Handler | None = None
@@ -79,6 +122,8 @@ class Namespace:
         if event in RESERVED_EVENTS:
             raise ValueError(f"{event!r} is a reserved event name")
         self.handlers[event] = handler
+        # Read once here: inspecting a signature costs more than an event.
+        self._arities[event] = _arity(handler)
 
     def emit(self, event: str, *args: Any, room: str | None = None,
              skip: Socket | None = None) -> int:
@@ -224,11 +269,12 @@ class Socket:
 
 
 def _run(handler: Handler, *args: Any) -> Deferred[Any]:
-    """Call a handler that may answer a value, a Deferred or a coroutine."""
+    """Call a handler that may answer a value, a Deferred or a coroutine.
+    What it raises, at once or later, comes back as the Deferred's failure."""
     try:
         result = handler(*args)
     except Exception:
-        return Deferred.fromFailure(Failure())
+        return fail()
     if inspect.isawaitable(result):
         return ensureDeferred(result)  # type: ignore[arg-type]
     if isinstance(result, Deferred):
@@ -275,6 +321,9 @@ class Connection:
     def message(self, data: str | bytes) -> None:
         try:
             packet = self.decoder.feed(data)
+        except NestedTooDeep as e:
+            self._too_deep(e)
+            return
         except ProtocolError as e:
             self._protocol_error(str(e))
             return
@@ -309,6 +358,20 @@ class Connection:
         for socket in list(self.sockets.values()):
             self._drop(socket, reason)
         self.server.connections.discard(self)
+
+    def _too_deep(self, error: NestedTooDeep) -> None:
+        """An EVENT too deep to decode is refused like one too deep to
+        handle, and the session lives; anything else is a protocol error."""
+        socket = self.sockets.get(error.namespace)
+        if error.kind != EVENT or socket is None or not socket.connected:
+            self._protocol_error(str(error))
+            return
+        if not self._allow():  # it counts against the event rate all the same
+            self.server.refused_events += 1
+            self._answer(socket, error.ack_id, socket.namespace.error_ack, Failure(RateExceeded()))
+            return
+        if error.ack_id is not None:
+            self._answer(socket, error.ack_id, socket.namespace.error_ack, Failure(EventTooDeep()))
 
     def _protocol_error(self, why: str) -> None:
         _log.debug("Session {sid} broke the Socket.IO protocol: {why}", sid=self.session.sid, why=why)
@@ -371,6 +434,21 @@ class Connection:
             if packet.id is not None:
                 self._answer(socket, packet.id, namespace.error_ack, Failure(UnknownEvent(event)))
             return
+        # Refused before the handler runs: a call with the wrong arguments
+        # would be a TypeError, and data this deep would overflow the stack
+        # wherever it is encoded again (stored, relayed).
+        least, most = namespace._arities.get(event, (0, None))
+        refusal: Exception | None = None
+        if len(args) < least or (most is not None and len(args) > most):
+            takes = str(least) if least == most else f"{least} to {most}"
+            refusal = BadEventArguments(f"The event {event} takes {takes} argument"
+                                        f"{'' if most == 1 else 's'}, not {len(args)}")
+        elif args and json_too_deep(args, MAX_JSON_DEPTH + 1):  # + 1: the list of arguments
+            refusal = EventTooDeep()
+        if refusal is not None:
+            if packet.id is not None:
+                self._answer(socket, packet.id, namespace.error_ack, Failure(refusal))
+            return
         outcome = _run(handler, socket, *args)
         if packet.id is None:
             outcome.addErrback(self._unanswered, event)
@@ -393,7 +471,9 @@ class Connection:
 
     @staticmethod
     def _unanswered(failure: Failure, event: Any) -> None:
-        if not failure.check(CancelledError):
+        # A refusal (the client's mistake) with no ack id to answer: there
+        # is nobody to tell, and nothing for the log.
+        if not failure.check(CancelledError, ApiError):
             _log.failure("Handling event {event!r} failed", failure, event=event)
 
     def _ack(self, result: Any, socket: Socket, ack_id: int) -> None:
@@ -409,7 +489,7 @@ class Connection:
     def _answer(self, socket: Socket, ack_id: int | None, error_ack: Callable[[Failure], Any] | None,
                 failure: Failure) -> None:
         if error_ack is None:
-            if not failure.check(RateExceeded, UnknownEvent):
+            if not failure.check(RateExceeded, UnknownEvent, BadEventArguments, EventTooDeep):
                 _log.failure("Handling an event failed", failure)
             return
         try:
