@@ -3,8 +3,12 @@ the contract's ISO 8601 form. Nothing here reads the system clock."""
 
 from __future__ import annotations
 
+import calendar
+import re
 import time
 from typing import Any
+
+_ISO = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{3})Z", re.ASCII)
 
 
 def now_ms(clock: Any) -> int:
@@ -28,3 +32,16 @@ def iso(ms: int | None) -> str | None:
 
 
 _iso_cache: tuple[int | None, str] = (None, "")
+
+
+def parse_iso(value: Any) -> int | None:
+    """Milliseconds since the epoch of a time written exactly as :func:`iso`
+    writes it (a valid date, 1970 or later); None for anything else."""
+    match = _ISO.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, millis = (int(g) for g in match.groups())
+    if not (1970 <= year and 1 <= month <= 12 and hour < 24 and minute < 60 and second < 60
+            and 1 <= day <= calendar.monthrange(year, month)[1]):
+        return None
+    return calendar.timegm((year, month, day, hour, minute, second)) * 1000 + millis

@@ -41,9 +41,9 @@ its own. A SEP-53 signature can never be a transaction signature.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import urlsplit
@@ -285,7 +285,6 @@ class KeyBinding:
 # -- wallet links (SEP-53) ----------------------------------------------------
 
 SEP53_PREFIX = b"Stellar Signed Message:\n"
-_STELLAR_ADDRESS = re.compile(r"^G[A-Z2-7]{55}$")
 
 
 def wallet_link_text(origin: str, cyphr_id: str, stellar_address: str, challenge_id: str,
@@ -293,8 +292,6 @@ def wallet_link_text(origin: str, cyphr_id: str, stellar_address: str, challenge
     """The message a Stellar key signs (SEP-53) to link its account to a
     Cyphr ID: readable in a wallet, one field a line, no field holding a
     line break."""
-    import base64
-
     fields = (origin, cyphr_id, stellar_address, challenge_id)
     if any("\n" in f or "\r" in f for f in fields):
         raise EncodingError("a wallet link field holds a line break")
@@ -316,9 +313,6 @@ def sep53_digest(message: bytes) -> bytes:
     """What the Ed25519 key of a SEP-53 signature signs."""
     return hashlib.sha256(SEP53_PREFIX + message).digest()
 
-
-def is_stellar_address(value: str) -> bool:
-    return bool(_STELLAR_ADDRESS.match(value))
 
 
 # -- messages -----------------------------------------------------------------

@@ -41,7 +41,7 @@ from cyphr.client.crypto import (
     b64,
 )
 from cyphr.client.profile import Profile, ProfileError
-from cyphr.crypto import is_mlkem1024_key
+from cyphr.crypto import is_mlkem1024_key, verify_kyber_key_signature
 
 STRONG = "correct horse battery staple 4711"
 
@@ -509,7 +509,7 @@ class IdentityTests(SynchronousTestCase):
                                          identity.kyber_public_key)):
             self.assertFalse(other.verify(identity.public_key, signature))
         # No v1 signature any more.
-        self.assertFalse(crypto.verify_v1_kyber_key(identity.public_key, identity.kyber_public_key,
+        self.assertFalse(verify_kyber_key_signature(identity.public_key, identity.kyber_public_key,
                                                     signature))
         prekey = Prekey.generate(5)
         entry = prekey.upload_form(identity, "alice", now)

@@ -25,6 +25,22 @@ def _send_frame(chat_id: str, ack_id: int = 1) -> str:
         ["send_message", {"chatId": chat_id, "encryptedPayload": {"ct": "EVIL"}}]))
 
 
+def hold_welcomes(testcase: TestCase, realtime: Any) -> tuple[list[Deferred[Any]], Any]:
+    """Make every welcome wait on the database: each leaves a Deferred in
+    the list answered, for the test to fire with the result of the real
+    lookup, answered too."""
+    held: list[Deferred[Any]] = []
+    real_positions = realtime._chats.chat_positions
+
+    def hold(cyphr_id: str) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        held.append(d)
+        return d
+
+    testcase.patch(realtime._chats, "chat_positions", hold)
+    return held, real_positions
+
+
 class RevocationMixin(RealtimeBase):
     async def _messages(self, user: User, chat_id: str) -> list[dict[str, Any]]:
         response = await self.http.get(f"/api/messaging/chat/{chat_id}", headers=user.auth())
@@ -41,16 +57,7 @@ class RevocationMixin(RealtimeBase):
         chat_id = await self.direct_chat(bob, alice)
         b = await self.connect(bob)
         realtime = self.server.realtime
-        chats = realtime._chats
-        held: list[Deferred[Any]] = []
-        real_positions = chats.chat_positions
-
-        def hold(cyphr_id: str) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            held.append(d)
-            return d
-
-        self.patch(chats, "chat_positions", hold)
+        held, real_positions = hold_welcomes(self, realtime)
         raw = await deferToThread(RawSocket, self.url)
         self.addCleanup(deferToThread, raw.close)
         await deferToThread(raw.ws.send, '40{"token":"%s"}' % alice.token)
@@ -84,15 +91,7 @@ class RevocationMixin(RealtimeBase):
         client = SioClient(self.url, transports=self.transports)
         self.clients.append(client)
         realtime = self.server.realtime
-        held: list[Deferred[Any]] = []
-        real_positions = realtime._chats.chat_positions
-
-        def hold(cyphr_id: str) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            held.append(d)
-            return d
-
-        self.patch(realtime._chats, "chat_positions", hold)
+        held, real_positions = hold_welcomes(self, realtime)
         await client.connect({"token": alice.token})
         await until(lambda: held, "the welcome to wait on the database")
         response = await alice.recover(self.http, "ab" * 32)
@@ -191,15 +190,7 @@ class ClusterRevocationTests(PostgresMixin, ClusterMixin, TestCase):
         alice = User("alice")
         await alice.register(a_node.http)
         realtime = b_node.server.realtime
-        held: list[Deferred[Any]] = []
-        real_positions = realtime._chats.chat_positions
-
-        def hold(cyphr_id: str) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            held.append(d)
-            return d
-
-        self.patch(realtime._chats, "chat_positions", hold)
+        held, real_positions = hold_welcomes(self, realtime)
         client = SioClient(b_node.url, transports=["websocket"])
         self.clients.append(client)
         await client.connect({"token": alice.token})

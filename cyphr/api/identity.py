@@ -122,7 +122,7 @@ class IdentityAPI:
     app = Klein()
 
     def __init__(self, identity: IdentityHandler, authenticator: Authenticator, limits: RateLimits,
-                 pins: PinBackupHandler | None = None) -> None:
+                 pins: PinBackupHandler) -> None:
         self._identity = identity
         self._pins = pins
         self.authenticator = authenticator
@@ -288,19 +288,15 @@ class IdentityAPI:
         assert blob is not None
         if not blob:
             raise invalid("blob", "blob must not be empty")
-        updated_at = await self._pin_handler().put(user, blob)
+        updated_at = await self._pins.put(user, blob)
         return answer(request, {"success": True, "updatedAt": iso(updated_at)})
 
     @app.route("/api/cyphr-id/pin-backup", methods=["GET"])
     @authenticated(ip_limited=True)
     async def get_pin_backup(self, request: Any, user: AuthUser) -> bytes:
-        backup = await self._pin_handler().get(user)
+        backup = await self._pins.get(user)
         return answer(request, {"success": True, "blob": b64(backup.blob),
                                 "updatedAt": iso(backup.updated_at)})
-
-    def _pin_handler(self) -> PinBackupHandler:
-        assert self._pins is not None, "IdentityAPI was built without a PinBackupHandler"
-        return self._pins
 
 
 def _query_text(request: Any, name: str) -> str | None:

@@ -51,7 +51,6 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from cryptography.exceptions import InvalidKey
@@ -75,7 +74,8 @@ from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.signing import SigningKey, VerifyKey
 
 from cyphr import signing
-from cyphr.crypto import KYBER_KEY_CONTEXT, MLKEM1024_KEY_BYTES, is_mlkem1024_key
+from cyphr.clock import iso, parse_iso
+from cyphr.crypto import MLKEM1024_KEY_BYTES, is_mlkem1024_key
 from cyphr.signing import KeyBinding, MessageHeader, WrappedKey
 
 VERSION = 2
@@ -175,24 +175,19 @@ def _hkdf(ikm: bytes, length: int, info: bytes, salt: bytes | None = None) -> by
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
-_ISO_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
-
-
 def iso_ms(ms: int) -> str:
     """A time as the wire carries it: ISO 8601 UTC with milliseconds."""
-    moment = datetime.fromtimestamp(ms // 1000, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+    text = iso(ms)
+    assert text is not None
+    return text
 
 
 def parse_iso_ms(value: Any, what: str) -> int:
     """ms since the epoch of a wire time; strictly the form :func:`iso_ms` makes."""
-    if not isinstance(value, str) or not _ISO_MS.match(value):
-        raise KeyRefused(f"{what} is not a time of the form 2026-01-31T12:00:00.000Z")
-    try:
-        moment = datetime.strptime(value[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
-    except ValueError:
-        raise KeyRefused(f"{what} is not a valid time") from None
-    return int(moment.timestamp()) * 1000 + int(value[20:23])
+    ms = parse_iso(value)
+    if ms is None:
+        raise KeyRefused(f"{what} is not a valid time of the form 2026-01-31T12:00:00.000Z")
+    return ms
 
 
 # -- the recovery phrase and the identity ---------------------------------
@@ -220,18 +215,6 @@ def normalize_phrase(phrase: str) -> str:
 
 def phrase_seed(phrase: str) -> bytes:
     return Mnemonic.to_seed(normalize_phrase(phrase), passphrase="")
-
-
-def verify_v1_kyber_key(identity_key: bytes, kyber_public_key: bytes, signature: bytes) -> bool:
-    """A v1 key signature (``cyphr-kyber-key:`` then the raw key). Kept only
-    to recognise a v1 key; a v2 reader never seals to one."""
-    if len(kyber_public_key) != MLKEM1024_KEY_BYTES:
-        return False
-    try:
-        VerifyKey(identity_key).verify(KYBER_KEY_CONTEXT + kyber_public_key, signature)
-    except (BadSignatureError, ValueError, TypeError):
-        return False
-    return True
 
 
 class Identity:

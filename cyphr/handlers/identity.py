@@ -110,8 +110,8 @@ class IdentityHandler:
         clock: Any,
         is_online: Callable[[str], bool] = lambda cyphr_id: False,
         *,
-        origins: AcceptedOrigins | None = None,
-        accept_v1: bool = False,
+        origins: AcceptedOrigins,
+        accept_v1: bool,
     ) -> None:
         self._identities = identities
         self._challenges = challenges
@@ -121,7 +121,7 @@ class IdentityHandler:
         self._fingerprint_key = fingerprint_key
         self._clock = clock
         self.is_online = is_online
-        self.origins = origins if origins is not None else AcceptedOrigins()
+        self._origins = origins
         self.accept_v1 = accept_v1
         # Told when tokens of a user end: (cyphrId, jti), or (cyphrId, None)
         # for all of them. The realtime layer disconnects their sockets.
@@ -169,9 +169,9 @@ class IdentityHandler:
             if statement.purpose != purpose:
                 raise _mismatch("purpose", f"The statement is for purpose {statement.purpose}, "
                                 f"not {purpose}", purpose)
-            if not self.origins.accepts(statement.origin):
+            if not self._origins.accepts(statement.origin):
                 raise _mismatch("origin", "The statement names another server origin than this "
-                                f"server accepts ({self.origins.describe()})", self.origins.describe())
+                                f"server accepts ({self._origins.describe()})", self._origins.describe())
             if statement.cyphr_id != cyphr_id:
                 raise _mismatch("cyphrId", f"The statement is for another Cyphr ID than {cyphr_id}",
                                 cyphr_id)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import calendar
 import re
 import uuid
 from typing import Any, Iterable, Mapping
 
+from cyphr.clock import parse_iso
 from cyphr.errors import (
     INVALID_CYPHR_ID,
     INVALID_FIELD,
@@ -25,7 +25,6 @@ from cyphr.errors import (
 CYPHR_ID = re.compile(r"[a-z0-9_]{3,30}", re.ASCII)
 CYPHR_ID_PREFIX = re.compile(r"[a-z0-9_]{1,30}", re.ASCII)
 FINGERPRINT = re.compile(r"[0-9a-f]{64}", re.ASCII)
-TIMESTAMP = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{3})Z", re.ASCII)
 _MISSING = object()
 # The deepest nesting of arrays and objects accepted in a REST body or a
 # socket event. Far above what any request of the contract needs, far below
@@ -203,15 +202,10 @@ class Fields:
 
 
 def parse_timestamp(value: Any, field: str) -> int:
-    match = TIMESTAMP.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        raise invalid(field, f"{field} must be a UTC time such as 2026-11-27T20:36:35.123Z")
-    year, month, day, hour, minute, second, millis = (int(g) for g in match.groups())
-    if not (1970 <= year and 1 <= month <= 12 and hour < 24 and minute < 60 and second < 60
-            and 1 <= day <= calendar.monthrange(year, month)[1]):
-        raise invalid(field, f"{field} is not a valid time after 1970")
-    seconds = calendar.timegm((year, month, day, hour, minute, second))
-    return seconds * 1000 + millis
+    ms = parse_iso(value)
+    if ms is None:
+        raise invalid(field, f"{field} must be a valid UTC time such as 2026-11-27T20:36:35.123Z")
+    return ms
 
 
 def decode_base64(value: Any, field: str, *, length: int | None = None,

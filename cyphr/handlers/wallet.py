@@ -42,11 +42,11 @@ def check_stellar_address(address: Any) -> str:
 
 class WalletHandler:
     def __init__(self, store: WalletStore, identity: IdentityHandler, clock: Any,
-                 origins: AcceptedOrigins | None = None) -> None:
+                 origins: AcceptedOrigins) -> None:
         self._store = store
         self._identity = identity
         self._clock = clock
-        self._origins = origins if origins is not None else identity.origins
+        self._origins = origins
 
     async def link(self, user: AuthUser, address: str, challenge_id: str, origin: str,
                    signature: bytes) -> None:
