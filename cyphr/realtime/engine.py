@@ -26,13 +26,18 @@ from urllib.parse import parse_qs
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from cyphr._compat import (
+    plain_tcp_socket,
+    request_gone,
+    slim_websocket,
+    transport_idle,
+    websocket_data_received,
+)
 from cyphr.realtime.codec import (
     CLOSE,
     MESSAGE,
@@ -182,7 +187,7 @@ class Session:
 
     @staticmethod
     def _respond(request: Any, body: bytes) -> None:
-        if request.finished or request._disconnected:
+        if request.finished or request_gone(request):
             return
         request.setHeader(b"Content-Type", b"text/plain; charset=UTF-8")
         request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
@@ -564,16 +569,6 @@ class EngineResource(resource.Resource):
             session.close("payload too large", flush=False, abort=True)
 
 
-# Autobahn's per-connection handshake records, unused once it is open.
-_HANDSHAKE_ATTRIBUTES = (
-    "http_headers", "http_request_data", "http_response_data", "http_request_params",
-    "http_status_line", "http_request_uri", "http_request_path", "http_request_host",
-    "_wskey", "websocket_origin", "websocket_protocols", "websocket_extensions",
-)
-# Traffic counters nobody reads, shared rather than kept per connection.
-_SHARED_TRAFFIC_STATS = TrafficStats()
-
-
 class EngineWebSocket(WebSocketServerProtocol):
     """One WebSocket: a fresh session, or the upgrade of a polling one."""
 
@@ -614,16 +609,10 @@ class EngineWebSocket(WebSocketServerProtocol):
             self.upgrading = True
         return None
 
-    def _slim(self) -> None:
-        """Drop what Autobahn keeps of the handshake and per connection but
-        never uses again: an idle connection should cost little memory."""
-        for name in _HANDSHAKE_ATTRIBUTES:
-            self.__dict__.pop(name, None)
-        self.trafficStats = _SHARED_TRAFFIC_STATS
-        self.utf8validator = None
-
     def onOpen(self) -> None:
-        self._slim()
+        # What Autobahn keeps of the handshake and per connection but never
+        # uses again: an idle connection should cost little memory.
+        slim_websocket(self)
         engine: EngineServer = self.factory.engine
         # Twisted's HTTP channel registered itself as the producer of this
         # connection; from now on the WebSocket is.
@@ -632,8 +621,7 @@ class EngineWebSocket(WebSocketServerProtocol):
         except Exception:
             pass
         self.transport.registerProducer(self, True)
-        if type(self.transport) is tcp.Server and not self.transport.TLS:
-            self._socket = self.transport.getHandle()
+        self._socket = plain_tcp_socket(self.transport)
         if self.refused:
             self.close(CLOSE_PROTOCOL_ERROR, "upgrade refused")
             return
@@ -677,10 +665,10 @@ class EngineWebSocket(WebSocketServerProtocol):
 
     # Autobahn formats a debug line, with colours, for every read and every
     # write, even when debug logging is off: about 5% of the reactor's time
-    # under load. These two do what Autobahn does, without that line.
+    # under load. These two do what Autobahn does, without that line (both
+    # are listed in cyphr._compat.COPIED, checked at each upgrade).
 
-    def dataReceived(self, data: bytes) -> None:
-        self._dataReceived(data)
+    dataReceived = websocket_data_received
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.logOctets:
@@ -700,9 +688,7 @@ class EngineWebSocket(WebSocketServerProtocol):
         when something is buffered already, Twisted's write does it all."""
         transport = self.transport
         sock = self._socket
-        if (sock is not None and transport.connected and not transport.disconnecting
-                and not transport._writeDisconnected and not transport.dataBuffer
-                and not transport._tempDataBuffer):
+        if sock is not None and transport_idle(transport):
             try:
                 sent = sock.send(data)
             except OSError:  # full (EAGAIN), or gone: Twisted's write finds out
