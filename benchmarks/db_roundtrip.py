@@ -32,6 +32,10 @@ from cyphr.db.sqlite import SQLiteDatabase  # noqa: E402
 from tests import postgres  # noqa: E402
 
 
+
+def _fatal(message: str) -> None:
+    raise SystemExit(message)
+
 async def _insert(txn: Transaction, chat_id: str, seq: int) -> None:
     await txn.execute(
         "INSERT INTO messages (chat_id, seq, id, sender_id, encrypted_content, created_at)"
@@ -106,11 +110,13 @@ async def main(reactor: object, count: int) -> None:
     from twisted.internet import reactor as the_reactor
 
     directory = tempfile.mkdtemp(prefix="cyphr-bench-")
-    await measure("sqlite", SQLiteDatabase(os.path.join(directory, "bench.sqlite3"), the_reactor), count)
+    await measure("sqlite", SQLiteDatabase(os.path.join(directory, "bench.sqlite3"), the_reactor,
+                                                    on_fatal=_fatal), count)
     cluster = postgres.new_cluster()
     try:
         url = cluster.create_database()
-        await measure("postgresql", PostgresDatabase(url, the_reactor, pool_size=10), count)
+        await measure("postgresql", PostgresDatabase(url, the_reactor, on_fatal=_fatal,
+                                                                   pool_size=10), count)
     finally:
         cluster.destroy()
 

@@ -43,11 +43,33 @@ def events(count: int, size: int) -> list[dict[str, Any]]:
         for i in range(count)]
 
 
-async def node(reactor: Any, url: str, node_id: str) -> tuple[PostgresDatabase, PostgresBus]:
-    database = PostgresDatabase(url, reactor, pool_size=4)
+class Collect:
+    """A bus listener that keeps what arrives."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+    def bus_event(self, event: dict[str, Any]) -> None:
+        self.received.append(event)
+
+    def bus_listening(self) -> None:
+        pass
+
+    def bus_restored(self) -> None:
+        pass
+
+
+def _fatal(message: str) -> None:
+    raise SystemExit(message)
+
+
+async def node(reactor: Any, url: str, node_id: str,
+               listener: Collect | None = None) -> tuple[PostgresDatabase, PostgresBus]:
+    database = PostgresDatabase(url, reactor, on_fatal=_fatal, pool_size=4)
     database.start()
     await database.when_ready()
     bus = PostgresBus(database, url, node_id, reactor)
+    bus.listen(listener or Collect())
     bus.start()
     while not bus.listening:
         await deferLater(reactor, 0.01, lambda: None)
@@ -77,9 +99,9 @@ def check(received: list[dict[str, Any]], count: int) -> None:
 async def in_one_process(reactor: Any, url: str, items: list[dict[str, Any]],
                          per_turn: int) -> float:
     db_a, a = await node(reactor, url, "a")
-    db_b, b = await node(reactor, url, "b")
-    received: list[dict[str, Any]] = []
-    b.on_event = received.append
+    collect = Collect()
+    db_b, b = await node(reactor, url, "b", collect)
+    received = collect.received
     started = time.perf_counter()
     await publish(reactor, a, items, per_turn)
     await until(reactor, lambda: len(received) >= len(items))
@@ -111,9 +133,9 @@ async def in_two_processes(reactor: Any, url: str, items: list[dict[str, Any]],
 
 
 async def receive(reactor: Any, url: str, count: int) -> None:
-    database, bus = await node(reactor, url, "b")
-    received: list[dict[str, Any]] = []
-    bus.on_event = received.append
+    collect = Collect()
+    database, bus = await node(reactor, url, "b", collect)
+    received = collect.received
     print("listening", flush=True)
     await until(reactor, lambda: len(received) >= count)
     finished = time.perf_counter()

@@ -195,9 +195,13 @@ def migrate(config: Config, out: Callable[[str], None]) -> None:
     outcome: dict[str, Any] = {}
 
     async def run(reactor: Any) -> None:
-        database = open_database(config, reactor)
+        def fatal(message: str) -> None:
+            # Only called once started, when ``ready`` (below) exists.
+            if not ready.called:
+                ready.errback(Failed(message))
+
+        database = open_database(config, reactor, on_fatal=fatal)
         ready = database.when_ready()
-        database.on_fatal = lambda message: ready.called or ready.errback(Failed(message))
         database.start()
         timer = reactor.callLater(CONNECT_TIMEOUT, lambda: ready.called or ready.errback(
             Failed(f"cannot reach the database {config.describe_database()} "

@@ -98,11 +98,12 @@ class CyphrCollector:
     """Reads the server's state at each scrape. Takes the server's parts
     (see cyphr.server.build_server)."""
 
-    def __init__(self, *, http: HttpStats, engine: Any, realtime: Any, batcher: Any,
-                 database: Any, bus: Any, limits: Any, sockets: Any) -> None:
+    def __init__(self, *, http: HttpStats, engine: Any, presence: Any, receipts: Any,
+                 batcher: Any, database: Any, bus: Any, limits: Any, sockets: Any) -> None:
         self._http = http
         self._engine = engine
-        self._realtime = realtime
+        self._presence = presence
+        self._receipts = receipts
         self._batcher = batcher
         self._database = database
         self._bus = bus
@@ -151,7 +152,7 @@ class CyphrCollector:
         for transport, count in sorted(by_transport.items()):
             sessions.add_metric([transport], count)
         yield sessions
-        presence = self._realtime.presence
+        presence = self._presence
         yield GaugeMetricFamily("cyphr_realtime_users",
                                 "Authenticated users with a socket on this process.",
                                 value=presence.users)
@@ -159,16 +160,16 @@ class CyphrCollector:
                                 "Authenticated sockets on this process.", value=presence.connections)
 
     def _collect_messages(self) -> Iterator[Metric]:
-        batcher, realtime = self._batcher, self._realtime
+        batcher, receipts = self._batcher, self._receipts
         yield CounterMetricFamily("cyphr_messages_sent",
                                   "Messages stored and acknowledged to their senders (REST and Socket.IO).",
                                   value=batcher.messages_stored)
         yield CounterMetricFamily("cyphr_messages_delivered",
                                   "Messages acknowledged as delivered by a recipient, first time only.",
-                                  value=realtime.delivered_count)
+                                  value=receipts.delivered_count)
         yield CounterMetricFamily("cyphr_messages_read",
                                   "Read marks recorded (one message, or a chat up to a seq).",
-                                  value=realtime.read_count)
+                                  value=receipts.read_count)
         yield _histogram("cyphr_send_batch_size", "Messages written per group-commit transaction.",
                          batcher.size_histogram)
         yield _histogram("cyphr_send_batch_duration_seconds",

@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 import cyphr
+from cyphr._compat import port_deferred
 from cyphr.api.health import HealthAPI
 from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root
 from cyphr.api.identity import IdentityAPI
@@ -32,6 +33,7 @@ from cyphr.api.metrics import MetricsResource, MetricsRoot
 from cyphr.api.operations import OperationsAPI
 from cyphr.api.security import SecurityAPI
 from cyphr.api.wallet import WalletAPI
+from cyphr.changes import ChangeFeed, IdentityDeleted
 from cyphr.clock import now_ms
 from cyphr.config import Config
 from cyphr.cpu import CpuPool
@@ -40,6 +42,8 @@ from cyphr.db import Database, Transaction, open_database
 from cyphr.db.fingerprints import check_fingerprints_txn
 from cyphr.db.postgres import PostgresDatabase
 from cyphr.handlers.auth import Authenticator
+from cyphr.handlers.calls import CallsHandler
+from cyphr.handlers.delivery import DeliveryHandler
 from cyphr.handlers.health import HealthHandler, RealtimeStats
 from cyphr.handlers.ice import IceServers
 from cyphr.handlers.identity import IdentityHandler
@@ -49,6 +53,7 @@ from cyphr.handlers.origins import AcceptedOrigins
 from cyphr.handlers.pins import PinBackupHandler
 from cyphr.handlers.messaging import MessagingHandler
 from cyphr.handlers.ratelimit import RateLimits
+from cyphr.handlers.receipts import ReceiptsHandler
 from cyphr.handlers.security import PasswordHashing, TotpHandler
 from cyphr.handlers.sending import SendBatcher
 from cyphr.handlers.storage import StorageStatus
@@ -59,6 +64,7 @@ from cyphr.metrics import CyphrCollector, Metrics
 from cyphr.realtime.bus import Bus, LocalBus, PostgresBus
 from cyphr.realtime.engine import EngineServer
 from cyphr.realtime.events import Realtime
+from cyphr.realtime.presence import Presence
 from cyphr.realtime.socketio import SocketServer
 from cyphr.store.challenges import ChallengeStore
 from cyphr.store.chats import ChatStore
@@ -135,14 +141,15 @@ class CyphrService(MultiService):
     still open are dropped and the stop ends anyway, so that the process
     exits (twistd stops the reactor once the stop has ended)."""
 
-    def __init__(self, config: Config, cpu: CpuPool, engine: EngineServer, clock: Any) -> None:
+    def __init__(self, config: Config, cpu: CpuPool, engine: EngineServer, clock: Any, *,
+                 on_fatal: Callable[[str], None]) -> None:
         super().__init__()
         self.config = config
         self.cpu = cpu
         self.engine = engine
         self.clock = clock
         self.held: list[StreamServerEndpointService] = []
-        self.on_fatal: Callable[[str], None] = lambda message: None
+        self.on_fatal = on_fatal
 
     def open_endpoints(self) -> None:
         """Listen on the held API endpoints (the database is ready)."""
@@ -154,7 +161,7 @@ class CyphrService(MultiService):
             except CannotListenError as e:
                 self.on_fatal(f"cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
                 return
-            endpoint_service._waitingForPort.addCallback(self._listening, "API")
+            port_deferred(endpoint_service).addCallback(self._listening, "API")
 
     def stopService(self) -> Deferred[None]:
         began = self.clock.seconds()
@@ -216,8 +223,9 @@ class CyphrService(MultiService):
             _log.warn("{reason}", reason=warning)
         super().startService()
         for child in self:
-            if isinstance(child, StreamServerEndpointService) and child._waitingForPort is not None:
-                child._waitingForPort.addCallback(self._listening, getattr(child, "serves", "API"))
+            port = port_deferred(child) if isinstance(child, StreamServerEndpointService) else None
+            if port is not None:
+                port.addCallback(self._listening, getattr(child, "serves", "API"))
 
     @staticmethod
     def _listening(port: Any, serves: str) -> Any:
@@ -306,11 +314,11 @@ class Server:
     def listening(self) -> list[Deferred[Any]]:
         """The listening ports, once the service has started and the
         database is ready (CyphrService.open_endpoints)."""
-        return [svc._waitingForPort for svc in self.endpoint_services]
+        return [port_deferred(svc) for svc in self.endpoint_services]
 
     def metrics_listening(self) -> list[Deferred[Any]]:
         """The ports of ``--metrics-listen``, once the service has started."""
-        return [svc._waitingForPort for svc in self.metrics_services]
+        return [port_deferred(svc) for svc in self.metrics_services]
 
 
 def default_node_id() -> str:
@@ -334,15 +342,24 @@ def build_server(
     data_dir = prepare_data_dir(config.data_dir)
     secrets = load_secrets(config, data_dir)
 
-    database = open_database(config, reactor)
-
     def fatal(message: str) -> None:
         _log.critical("Cyphr cannot go on: {message}", message=message)
         if reactor.running:
             reactor.stop()
 
-    database.on_fatal = on_fatal or fatal
+    database_fatal = on_fatal or fatal
+    # Ready means migrated and, in the same transaction, this node's secrets
+    # found equal to those the database was first started with.
+    fingerprints = secrets.fingerprints()
 
+    async def check_secrets(txn: Transaction) -> None:
+        await check_fingerprints_txn(txn, fingerprints, now_ms(clock), secrets.generated)
+
+    database = open_database(config, reactor, on_fatal=database_fatal, start_check=check_secrets)
+
+    # The change feed first: handlers publish on it, listeners subscribe.
+    changes = ChangeFeed()
+    presence = Presence(clock)
     cpu = CpuPool(reactor)
     limits = RateLimits(clock, config)
     identities = IdentityStore(database)
@@ -355,15 +372,25 @@ def build_server(
     # One rule for the origins login statements and wallet links may name.
     origins = AcceptedOrigins(config.public_url)
     identity = IdentityHandler(identities, challenges, revocations, tokens, totp,
-                               secrets.fingerprint_key, clock, origins=origins,
-                               accept_v1=config.accept_v1_auth)
+                               secrets.fingerprint_key, clock, is_online=presence.is_online,
+                               changes=changes, origins=origins, accept_v1=config.accept_v1_auth)
     keys = KeysHandler(identities, identity, PrekeyStore(database), cpu, limits.claim,
                        config.max_prekeys, clock)
     wallet = WalletHandler(WalletStore(database), identity, clock, origins)
     messages = MessageStore(database)
     batcher = SendBatcher(messages, reactor)
     chats = ChatStore(database)
-    messaging = MessagingHandler(chats, messages, identities, batcher, limits.send, clock)
+    messaging = MessagingHandler(chats, messages, identities, batcher, limits.send, changes, clock)
+    receipts = ReceiptsHandler(chats, messages, clock)
+    calls = CallsHandler(chats, clock)
+    delivery = DeliveryHandler(chats, messages, identities, clock)
+
+    def identity_deleted(change: IdentityDeleted) -> None:
+        # Nothing about a deleted identity stays in memory.
+        messaging.forget_user(change.cyphr_id)
+        calls.forget_user(change.cyphr_id)
+
+    changes.subscribe(IdentityDeleted, identity_deleted)
     node_id = config.node_id or default_node_id()
 
     bus: Bus
@@ -375,16 +402,10 @@ def build_server(
         clock, connect_timeout=config.connect_timeout,
         event_rate=config.realtime_event_rate[0] / config.realtime_event_rate[1],
         event_burst=config.realtime_event_rate[0])
-    realtime = Realtime(sockets=sockets, authenticator=authenticator, messaging=messaging, chats=chats,
-                        messages=messages, identities=identities, bus=bus, clock=clock,
-                        max_payload=min(config.max_payload, config.max_body), reactor=reactor)
-    identity.is_online = realtime.is_online
-    def sessions_ended(cyphr_id: str, jti: str | None) -> None:
-        if jti is None:  # recovered or deleted: nothing about it is kept in memory
-            messaging.forget_user(cyphr_id)
-        realtime.end_sessions(cyphr_id, jti)
-
-    identity.sessions_ended = sessions_ended
+    realtime = Realtime(sockets=sockets, authenticator=authenticator, messaging=messaging,
+                        receipts=receipts, calls=calls, delivery=delivery, presence=presence,
+                        bus=bus, changes=changes, clock=clock, reactor=reactor,
+                        max_payload=min(config.max_payload, config.max_body))
     http_policy = HttpPolicy.from_config(config)
     engine = EngineServer(
         clock, on_session=sockets.on_session, ping_interval=config.ping_interval,
@@ -410,27 +431,16 @@ def build_server(
     ])
     metrics = Metrics()
     metrics.registry.register(CyphrCollector(
-        http=metrics.http, engine=engine, realtime=realtime, batcher=batcher, database=database,
-        bus=bus, limits=limits, sockets=sockets))
+        http=metrics.http, engine=engine, presence=presence, receipts=receipts, batcher=batcher,
+        database=database, bus=bus, limits=limits, sockets=sockets))
     metrics_resource = MetricsResource(metrics)
     # With --metrics-listen, /metrics is served only there: the public
     # endpoints answer 404 for it, as for any unknown path.
     root = Root(router, engine.resource, None if config.metrics_listen else metrics_resource)
-    site = CyphrSite(root, http_policy, reactor)
-    site.on_body_refused = engine.resource.body_refused
-    site.metrics = metrics.http
+    site = CyphrSite(root, http_policy, reactor, metrics=metrics.http,
+                     on_body_refused=engine.resource.body_refused)
 
-    # Ready means migrated and, in the same transaction, this node's secrets
-    # found equal to those the database was first started with.
-    fingerprints = secrets.fingerprints()
-
-    async def check_secrets(txn: Transaction) -> None:
-        await check_fingerprints_txn(txn, fingerprints, now_ms(clock), secrets.generated)
-
-    database.start_check = check_secrets
-
-    service = CyphrService(config, cpu, engine, clock)
-    service.on_fatal = database.on_fatal
+    service = CyphrService(config, cpu, engine, clock, on_fatal=database_fatal)
     DatabaseService(database, batcher, bus, realtime, engine,
                     on_ready=service.open_endpoints).setServiceParent(service)
     def purge_now() -> Deferred[None] | None:
@@ -442,10 +452,10 @@ def build_server(
     purge.setServiceParent(service)
 
     def serve(description: str, factory: CyphrSite, serves: str) -> StreamServerEndpointService:
-        endpoint_service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+        # strports.service makes a service that fails the start (with a
+        # clear message) rather than run deaf when it cannot listen.
+        endpoint_service = strports.service(description, factory, reactor=reactor)
         endpoint_service.serves = serves  # type: ignore[attr-defined]  # for the log
-        # Fail the start (with a clear message) rather than run deaf.
-        endpoint_service._raiseSynchronously = True
         if serves == "API":
             service.held.append(endpoint_service)  # until the database is ready
         else:

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import threading
 import uuid
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from cyphr.db import DatabaseUnavailable, IntegrityError, Transaction, open_database
-from cyphr.db.postgres import to_pyformat
+from cyphr.db.postgres import (
+    MaintainedConnection,
+    connection_dsn,
+    dsn_connect_timeout,
+    is_connection_error,
+    to_pyformat,
+)
 from cyphr.db.sqlite import SQLiteDatabase
+from tests import postgres
 from tests.helpers import PostgresMixin, SQLiteMixin, make_config, start_server
 
 NOW = 1_790_000_000_000
@@ -192,10 +204,13 @@ class PostgresDatabaseTests(PostgresMixin, DatabaseTestsMixin, TestCase):
         self.assertEqual(rows, [(100,)])
 
     async def test_pool_stats(self) -> None:
-        """The pool reports its size and how many connections are up."""
+        """The pool reports its size and how many connections are up: all of
+        them soon after it is ready (the first one up makes it ready)."""
+        self.assertEqual(self.db.stats["size"], 10)
+        self.assertGreaterEqual(self.db.stats["up"], 1)
+        await wait_until(lambda: self.db.stats["up"] == 10, "every connection")
         stats = self.db.stats
         self.assertEqual(stats["size"], 10)
-        self.assertEqual(stats["up"], 10)
         self.assertEqual(stats["waiting"], 0)
 
 
@@ -209,13 +224,165 @@ class EngineChoiceTests(TestCase):
     def test_sqlite_by_default(self) -> None:
         """Without --database the engine is SQLite in the data directory."""
         config = make_config(self)
-        database = open_database(config, reactor)
+        database = open_database(config, reactor, on_fatal=self.fail)
         self.assertIsInstance(database, SQLiteDatabase)
         self.assertTrue(database.path.endswith("cyphr.sqlite3"))
         self.assertFalse(database.ready)
 
     async def test_not_ready_before_start(self) -> None:
         """A database that has not started answers DatabaseUnavailable, not a hang."""
-        database = open_database(make_config(self), reactor)
+        database = open_database(make_config(self), reactor, on_fatal=self.fail)
         with self.assertRaises(DatabaseUnavailable):
             await database.run_query("SELECT 1")
+
+    def test_on_fatal_is_required(self) -> None:
+        """A database is not built without someone to tell of a fatal
+        condition: there is no silent default."""
+        with self.assertRaises(TypeError):
+            open_database(make_config(self), reactor)  # type: ignore[call-arg]
+
+
+async def wait_until(predicate: Any, what: str, seconds: float = 10.0) -> None:
+    deadline = reactor.seconds() + seconds
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+class Told:
+    """A ConnectionObserver that writes down what it is told, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[str] = []
+        self.reasons: list[str] = []
+        self.delays: list[float] = []
+
+    def connection_up(self, connection: MaintainedConnection) -> None:
+        self.told.append("up")
+
+    def connection_died(self, connection: MaintainedConnection, failure: Failure) -> None:
+        self.told.append("died")
+        self.reasons.append(failure.getErrorMessage())
+
+    def reconnect_failed(self, connection: MaintainedConnection, failure: Failure) -> None:
+        self.told.append("failed")
+
+    def retry_scheduled(self, connection: MaintainedConnection, failure: Failure,
+                        delay: float) -> None:
+        self.told.append("retry")
+        self.delays.append(delay)
+
+
+class _Mute(Protocol):
+    """Accepts a connection and never says a word, like a server that hangs."""
+
+    def connectionMade(self) -> None:
+        self.factory.made.append(self)  # type: ignore[attr-defined]
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+class MaintainedConnectionTests(TestCase):
+    """One PostgreSQL connection kept up, as the pool and the bus use it."""
+
+    timeout = 90
+
+    def maintained(self, url: str, told: Any) -> MaintainedConnection:
+        dsn = connection_dsn(url)
+        conn = MaintainedConnection(dsn, reactor, told, connect_timeout=dsn_connect_timeout(dsn))
+        self.addCleanup(lambda: Deferred.fromCoroutine(conn.stop()))
+        return conn
+
+    async def test_reconnects_after_server_restart(self) -> None:
+        """The connection comes up; when its server stops, the observer
+        hears it died and of retries, and work fails at once; when the
+        server is back, it comes up again and runs work; after stop(),
+        nothing more happens and work fails."""
+        cluster = await deferToThread(postgres.new_cluster)
+        self.addCleanup(deferToThread, cluster.destroy)
+        url = await deferToThread(cluster.create_database)
+        told = Told()
+        conn = self.maintained(url, told)
+        self.assertFalse(conn.alive)
+        conn.start()
+        await wait_until(lambda: conn.alive, "the connection")
+        self.assertEqual(told.told, ["up"])
+        rows, _ = await conn.execute("SELECT 1")
+        self.assertEqual(rows, [(1,)])
+
+        await deferToThread(cluster.stop)
+        await wait_until(lambda: "retry" in told.told, "a retry")
+        self.assertFalse(conn.alive)
+        self.assertEqual(told.told[:3], ["up", "died", "retry"])
+        with self.assertRaises(Exception) as caught:
+            await conn.execute("SELECT 1")
+        self.assertTrue(is_connection_error(caught.exception))
+
+        await deferToThread(cluster.start)
+        await wait_until(lambda: conn.alive, "the connection again", seconds=20)
+        self.assertEqual(told.told[-1], "up")
+        self.assertEqual(told.told.count("died"), 1)
+        self.assertTrue(all(0 < delay <= 2.4 for delay in told.delays), told.delays)
+        rows = await conn.run_interaction(
+            lambda cursor: cursor.execute("SELECT 2").addCallback(lambda c: c.fetchall()))
+        self.assertEqual(rows, [(2,)])
+
+        await conn.stop()
+        self.assertFalse(conn.alive)
+        before = list(told.told)
+        with self.assertRaises(Exception):
+            await conn.execute("SELECT 1")
+        await deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(told.told, before)
+
+    async def test_attempt_deadline_and_stop(self) -> None:
+        """An attempt on a server that never answers is given up at its
+        connect_timeout (libpq would wait for ever) and another follows;
+        stop() ends the attempt in progress at once, and none follows."""
+        factory = Factory.forProtocol(_Mute)
+        factory.made = made = []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+        async def cleanup() -> None:
+            await port.stopListening()
+            for protocol in made:
+                protocol.transport.loseConnection()
+                await protocol.closed
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
+        told = Told()
+        conn = self.maintained(
+            f"postgresql://postgres@127.0.0.1:{port.getHost().port}/x?connect_timeout=1", told)
+        conn.start()
+        await wait_until(lambda: len(made) == 1, "an attempt")
+        started = reactor.seconds()
+        await wait_until(lambda: "died" in told.told, "the attempt given up", seconds=3)
+        self.assertLess(reactor.seconds() - started, 1.5)
+        self.assertIn("no answer from PostgreSQL within 1 s", told.reasons[0])
+        await wait_until(lambda: len(made) == 2, "another attempt", seconds=3)
+
+        started = reactor.seconds()
+        await conn.stop()
+        self.assertLess(reactor.seconds() - started, 0.5)
+        await made[1].closed
+        await deferLater(reactor, 1.5, lambda: None)
+        self.assertEqual(len(made), 2)
+        self.assertEqual(told.told, ["died", "retry"])
+
+    async def test_observer_failure_does_not_stop_reconnecting(self) -> None:
+        """An observer that raises is logged, and the connection keeps
+        trying."""
+        class Faulty(Told):
+            def connection_died(self, connection: Any, failure: Failure) -> None:
+                super().connection_died(connection, failure)
+                raise ZeroDivisionError("observer bug")
+
+        told = Faulty()
+        conn = self.maintained("postgresql://postgres@/x?host=/nonexistent-cyphr-dir", told)
+        conn.start()
+        await wait_until(lambda: "failed" in told.told, "a second attempt")
+        self.assertEqual(told.told[:3], ["died", "retry", "failed"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

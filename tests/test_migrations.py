@@ -33,7 +33,6 @@ class MigrationTestsMixin:
 
     async def started(self, location: str, target: int | None = None) -> Database:
         database = self.open(location, target)
-        database.on_fatal = self.fatal.append
         database.start()
         self.addCleanup(lambda: Deferred.fromCoroutine(database.close()))
         await database.when_ready()
@@ -79,7 +78,6 @@ class MigrationTestsMixin:
         await database.close()
 
         refused = self.open(location)
-        refused.on_fatal = self.fatal.append
         refused.start()
         self.addCleanup(lambda: Deferred.fromCoroutine(refused.close()))
         for _ in range(200):
@@ -163,7 +161,7 @@ class SQLiteMigrationTests(V2SignaturesMigrationMixin, MigrationTestsMixin, Test
         return os.path.join(directory, "cyphr.sqlite3")
 
     def open(self, location: str, target: int | None = None) -> Database:
-        return SQLiteDatabase(location, reactor, schema_target=target)
+        return SQLiteDatabase(location, reactor, on_fatal=self.fatal.append, schema_target=target)
 
     def preflight(self, location: str) -> None:
         sqlite_preflight(location)
@@ -178,7 +176,8 @@ class PostgresMigrationTests(V2SignaturesMigrationMixin, MigrationTestsMixin, Te
         return postgres.database_url()
 
     def open(self, location: str, target: int | None = None) -> Database:
-        return PostgresDatabase(location, reactor, pool_size=2, schema_target=target)
+        return PostgresDatabase(location, reactor, on_fatal=self.fatal.append, pool_size=2,
+                                schema_target=target)
 
     def preflight(self, location: str) -> None:
         postgres_preflight(location)
@@ -215,9 +214,13 @@ class TwinTests(TestCase):
         """Every table has the same columns on both engines."""
         directory = self.mktemp()
         os.makedirs(directory)
-        lite = await self.open_started(SQLiteDatabase(os.path.join(directory, "db.sqlite3"), reactor))
-        pg = await self.open_started(PostgresDatabase(postgres.database_url(), reactor, pool_size=1))
+        fatal: list[str] = []
+        lite = await self.open_started(
+            SQLiteDatabase(os.path.join(directory, "db.sqlite3"), reactor, on_fatal=fatal.append))
+        pg = await self.open_started(PostgresDatabase(postgres.database_url(), reactor,
+                                                      on_fatal=fatal.append, pool_size=1))
         self.assertEqual(await self.columns(lite), await self.columns(pg))
+        self.assertEqual(fatal, [])
 
     def test_versions_are_dense(self) -> None:
         """Migration files are numbered 1..N on both engines, named alike."""

@@ -55,16 +55,24 @@ def largest_fitting(bus: Bus) -> dict[str, Any]:
 
 
 class Node:
-    """A bus with what it received and how often it was restored."""
+    """A bus's listener: what it heard, and how often the bus said it
+    listened and was restored. ``hear`` is what takes each event."""
 
-    def __init__(self, bus: PostgresBus) -> None:
+    def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.received: list[dict[str, Any]] = []
+        self.hear: Any = self.received.append
+        self.listened = 0
         self.restored = 0
-        bus.on_event = self.received.append
-        bus.on_restored = self._restored
+        bus.listen(self)
 
-    def _restored(self) -> None:
+    def bus_event(self, event: dict[str, Any]) -> None:
+        self.hear(event)
+
+    def bus_listening(self) -> None:
+        self.listened += 1
+
+    def bus_restored(self) -> None:
         self.restored += 1
 
 
@@ -72,7 +80,8 @@ class BusTestsMixin:
     """Builds nodes on a database of the test's choosing."""
 
     def database(self, url: str) -> PostgresDatabase:
-        db = PostgresDatabase(url, reactor, pool_size=2)
+        fail = self.fail  # type: ignore[attr-defined]
+        db = PostgresDatabase(url, reactor, on_fatal=fail, pool_size=2)
         db.start()
         self.addCleanup(lambda: Deferred.fromCoroutine(db.close()))  # type: ignore[attr-defined]
         return db
@@ -145,6 +154,7 @@ class PostgresBusTests(BusTestsMixin, TestCase):
         self.assertEqual(self.a.received, [])
         self.assertEqual(statements[:5], [100] * 5)
         self.assertEqual((self.a.restored, self.b.restored), (0, 0))
+        self.assertEqual((self.a.listened, self.b.listened), (1, 1))
 
     async def test_several_turns_arrive_once_in_order(self) -> None:
         """Events published over several turns arrive once each, in order,
@@ -225,9 +235,9 @@ class PostgresBusTests(BusTestsMixin, TestCase):
         self.assertEqual(len(warnings), 2, warnings)
         self.assertNotIn("garbage", " ".join(messages(logs)))
 
-    async def test_failing_on_event(self) -> None:
-        """An on_event that raises is logged and does not stop the events
-        after it."""
+    async def test_failing_listener(self) -> None:
+        """A listener whose bus_event raises is logged and does not stop the
+        events after it."""
         seen: list[dict[str, Any]] = []
 
         def on_event(event: dict[str, Any]) -> None:
@@ -235,7 +245,7 @@ class PostgresBusTests(BusTestsMixin, TestCase):
             if event.get("bad"):
                 raise ZeroDivisionError("owner bug")
 
-        self.b.bus.on_event = on_event
+        self.b.hear = on_event
         self.a.bus.publish({"bad": True})
         self.a.bus.publish({"bad": False})
         await wait_until(lambda: len(seen) >= 2, "both events")
@@ -275,33 +285,79 @@ class PostgresBusTests(BusTestsMixin, TestCase):
         self.assertEqual(self.b.received, [{"i": 1}])
 
 
+def unused_postgres_bus(node_id: str = "solo") -> PostgresBus:
+    """A PostgresBus that is never started (its database is not either)."""
+    url = "postgresql:///x"
+    return PostgresBus(PostgresDatabase(url, reactor, on_fatal=lambda message: None), url,
+                       node_id, reactor)
+
+
 class LocalBusTests(TestCase):
     def test_local_bus(self) -> None:
-        """A single node's bus accepts what fits, sends nothing anywhere,
-        always listens, and applies the same size rule."""
+        """A single node's bus is not shared: it accepts what fits, sends
+        nothing anywhere, applies the same size rule, listens from start()
+        to stop(), and tells its listener bus_listening once, at start()."""
         bus = LocalBus("solo")
-        heard: list[Any] = []
-        bus.on_event = heard.append
+        node = Node(bus)
+        self.assertFalse(bus.shared)
+        self.assertFalse(bus.listening)
         bus.start()
         self.assertTrue(bus.listening)
+        self.assertEqual((node.listened, node.restored), (1, 0))
+        bus.start()  # again: nothing more
+        self.assertEqual(node.listened, 1)
         bus.publish({"type": "message"})
-        self.assertEqual(heard, [])
-        other = PostgresBus(PostgresDatabase("postgresql:///x", reactor), "postgresql:///x",
-                            "solo", reactor)
+        self.assertEqual(node.received, [])
         big = largest_fitting(bus)
-        self.assertEqual(big, largest_fitting(other))
+        self.assertEqual(big, largest_fitting(unused_postgres_bus()))
         bus.publish(big)
         too_big = {"x": big["x"] + "a"}
         self.assertFalse(bus.fits(too_big))
         with self.assertRaises(ValueError):
             bus.publish(too_big)
-        self.assertEqual(heard, [])
-        return Deferred.fromCoroutine(bus.stop())
+        self.assertEqual(node.received, [])
+        self.assertEqual(bus.published, 2)
+        self.successResultOf(Deferred.fromCoroutine(bus.stop()))
+        self.assertFalse(bus.listening)
 
     def test_node_id_required(self) -> None:
         """A bus needs a node id."""
         with self.assertRaises(ValueError):
             LocalBus("")
+
+
+class ListenerTests(TestCase):
+    """The bus interface's rules for its listener, on each engine."""
+
+    def buses(self) -> list[Bus]:
+        return [LocalBus("solo"), unused_postgres_bus()]
+
+    def test_start_without_listener_is_refused(self) -> None:
+        """A bus nobody listens to refuses to start, with RuntimeError, and
+        does not start: it is not listening, and starts once it has one."""
+        for bus in self.buses():
+            with self.assertRaises(RuntimeError):
+                bus.start()
+            self.assertFalse(bus.listening)
+        local = LocalBus("solo")
+        with self.assertRaises(RuntimeError):
+            local.start()
+        node = Node(local)
+        local.start()
+        self.assertEqual(node.listened, 1)
+
+    def test_second_listener_is_refused(self) -> None:
+        """listen() takes one listener: a second call raises RuntimeError
+        and the first listener stays the one the bus tells."""
+        for bus in self.buses():
+            first = Node(bus)
+            with self.assertRaises(RuntimeError):
+                Node(bus)
+            self.assertIs(bus.listener, first)
+
+    def test_shared(self) -> None:
+        """Only a bus whose events other nodes may hear says it is shared."""
+        self.assertEqual([bus.shared for bus in self.buses()], [False, True])
 
 
 class _Silent(Protocol):
@@ -329,7 +385,7 @@ class UnreachableTests(BusTestsMixin, TestCase):
         at once."""
         logs = capture_logs(self)
         url = "postgresql://postgres:hunter2-secret@/nothing?host=/nonexistent-cyphr-dir"
-        db = PostgresDatabase(url, reactor, pool_size=1)
+        db = PostgresDatabase(url, reactor, on_fatal=self.fail, pool_size=1)
         node = self.node(db, url, "lonely")
         for i in range(10):
             node.bus.publish({"i": i})
@@ -361,7 +417,7 @@ class UnreachableTests(BusTestsMixin, TestCase):
     async def test_stop_while_connecting(self) -> None:
         """stop() does not wait for a reconnection attempt to time out."""
         made, url = self.silent_server()
-        node = self.node(PostgresDatabase(url, reactor), url, "hanging")
+        node = self.node(PostgresDatabase(url, reactor, on_fatal=self.fail), url, "hanging")
         await wait_until(lambda: len(made) == 2, "a second connection attempt")
         started = reactor.seconds()
         await node.bus.stop()
@@ -373,7 +429,7 @@ class UnreachableTests(BusTestsMixin, TestCase):
         connect_timeout, and another follows."""
         made, url = self.silent_server()
         url += "?connect_timeout=1"
-        node = self.node(PostgresDatabase(url, reactor), url, "patient")
+        node = self.node(PostgresDatabase(url, reactor, on_fatal=self.fail), url, "patient")
         await wait_until(lambda: len(made) == 2, "a second connection attempt")
         started = reactor.seconds()
         await made[1].closed
@@ -384,7 +440,7 @@ class UnreachableTests(BusTestsMixin, TestCase):
     async def test_stop_without_start(self) -> None:
         """stop() on a bus that never started returns at once."""
         url = "postgresql://postgres@/nothing?host=/nonexistent-cyphr-dir&port=5432"
-        bus = PostgresBus(PostgresDatabase(url, reactor), url, "idle", reactor)
+        bus = PostgresBus(PostgresDatabase(url, reactor, on_fatal=self.fail), url, "idle", reactor)
         bus.publish({"i": 1})
         await bus.stop()
         self.assertFalse(bus.listening)
@@ -403,7 +459,7 @@ class OutageTests(BusTestsMixin, TestCase):
     async def test_restart(self) -> None:
         """When PostgreSQL restarts, publishing during the outage neither
         raises nor leaves errors (the events are dropped and counted); once
-        it is back, each node LISTENs again, on_restored fires once, and
+        it is back, each node LISTENs again, bus_restored fires once, and
         events flow again."""
         logs = capture_logs(self)
         db_a, db_b = self.database(self.url), self.database(self.url)
@@ -432,6 +488,7 @@ class OutageTests(BusTestsMixin, TestCase):
         await wait_until(lambda: len(b.received) >= 101, "events after the outage")
         self.assertEqual(b.received, [{"before": 1}, *events])
         self.assertEqual((a.restored, b.restored), (1, 1))
+        self.assertEqual((a.listened, b.listened), (1, 1))  # only the first LISTEN
         warnings = messages(logs, "warn")
         self.assertEqual(len([m for m in warnings if "dropping" in m]), 1, warnings)
         self.assertIn("Event bus: 10 event(s) were dropped while PostgreSQL was unavailable",
@@ -454,6 +511,7 @@ class OutageTests(BusTestsMixin, TestCase):
         await wait_until(lambda: b.received, "an event")
         self.assertEqual(b.received, [{"found": True}])
         self.assertEqual((a.restored, b.restored), (0, 0))
+        self.assertEqual((a.listened, b.listened), (1, 1))
 
 
 class PoolDeadlineTests(TestCase):
@@ -466,7 +524,7 @@ class PoolDeadlineTests(TestCase):
         factory.made = made = []  # type: ignore[attr-defined]
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         url = f"postgresql://postgres@127.0.0.1:{port.getHost().port}/nothing?connect_timeout=1"
-        db = PostgresDatabase(url, reactor, pool_size=1)
+        db = PostgresDatabase(url, reactor, on_fatal=self.fail, pool_size=1)
         db.start()
         await wait_until(lambda: len(made) >= 1, "a connection attempt")
         started = reactor.seconds()

@@ -73,6 +73,9 @@ class ClusterMixin:
 
 class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
     async def test_events_cross_nodes_once(self) -> None:
+        """Two nodes on one database: presence, messages (to every socket of
+        the recipient, on either node, once each), replies and receipts
+        cross between nodes."""
         a_node, b_node = await self.cluster(self.database_setting())
         alice = await self.user(a_node, "alice")
         bob = await self.user(b_node, "bob")
@@ -193,6 +196,8 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         self.assertEqual([m["message"]["id"] for m in got], [ack["messageId"] for ack in acks])
 
     async def test_ordering_across_nodes(self) -> None:
+        """Members on two nodes sending at once: each receives the group's
+        messages once each and in seq order, the listener all 75 of them."""
         nodes = await self.cluster(self.database_setting())
         users = [await self.user(nodes[n % 2], f"user{n}") for n in range(4)]
         response = await nodes[0].http.post("/api/messaging/create-group", {
@@ -229,6 +234,10 @@ class RestartTests(ClusterMixin, TestCase):
         return self.url
 
     async def test_restart_mid_conversation(self) -> None:
+        """When PostgreSQL restarts mid-conversation, sends are refused
+        DATABASE_UNAVAILABLE meanwhile, and afterwards every acknowledged
+        message reaches the other node's client once, in order, including
+        those written before that node listened again."""
         a_node, b_node = await self.cluster(self.url)
         alice = await self.user(a_node, "alice")
         bob = await self.user(b_node, "bob")
@@ -270,15 +279,15 @@ class RestartTests(ClusterMixin, TestCase):
         b = await self.connect(b_node, bob)
         acked = [await a.call("send_message", {"recipientId": "bob", "encryptedPayload": {"n": 0}})]
         await b.wait_for("new_message")
-        bus = b_node.server.bus
-        hear, bus.on_event = bus.on_event, lambda event: None  # deaf, as while reconnecting
+        fanout = b_node.server.realtime.fanout
+        self.patch(fanout, "bus_event", lambda event: None)  # deaf, as while reconnecting
         for n in range(1, 4):
             acked.append(await a.call("send_message", {"chatId": acked[0]["chatId"],
                                                        "encryptedPayload": {"n": n}}))
         await sleep(0.3)
         self.assertEqual(len(b.events("new_message")), 1)
-        bus.on_event = hear
-        bus.on_restored()
+        del fanout.bus_event  # hears again
+        fanout.bus_restored()
         await b.wait_for("new_message", 4)
         await sleep(0.3)
         self.assertEqual([m["message"]["id"] for m in b.events("new_message")],

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, start_server
-from tests.realtime import SioClient, sessions_closed, sleep
+from tests.realtime import SioClient, sessions_at_most, sessions_closed, sleep
 from tests.users import User
 
 
@@ -66,6 +66,9 @@ class RealtimeMixin(RealtimeBase):
     # -- authentication ----------------------------------------------------
 
     async def test_connect_with_token(self) -> None:
+        """A client that connects with a valid token is told
+        ``authenticated`` (its user and Cyphr ID), then ``sync_complete``
+        with an integer cursor."""
         await self.serve()
         alice = await self.user("alice")
         client = await self.connect(alice)
@@ -75,6 +78,8 @@ class RealtimeMixin(RealtimeBase):
         self.assertIsInstance(done["cursor"], int)
 
     async def test_invalid_token_is_refused(self) -> None:
+        """A connect with a token that is none is refused: the client's
+        connect fails with connect_error INVALID_TOKEN and a message."""
         # The stock client may drop its Engine.IO CLOSE when it gives up
         # while its CONNECT is still being posted (python-engineio's write
         # loop stops on the state change): the refused session then ends at
@@ -88,6 +93,9 @@ class RealtimeMixin(RealtimeBase):
         self.assertTrue(client.connect_errors[0]["message"])
 
     async def test_authenticate_event(self) -> None:
+        """A socket connected without a token may only authenticate, with a
+        valid token (the old userId/publicKey form and a bad token are
+        refused); every other event is refused UNAUTHORIZED until then."""
         await self.serve()
         alice = await self.user("alice")
         client = await self.connect(None)
@@ -107,6 +115,9 @@ class RealtimeMixin(RealtimeBase):
     # -- messages -------------------------------------------------------------
 
     async def test_two_users_chat(self) -> None:
+        """A message sent over a socket is acked with its id and seq and
+        pushed to the recipient and to the sender's other sockets, not to
+        the sending socket; a message sent over REST is pushed too."""
         await self.serve()
         alice, bob = await self.user("alice"), await self.user("bob")
         a = await self.connect(alice)
@@ -133,6 +144,8 @@ class RealtimeMixin(RealtimeBase):
         await a.wait_for("new_message", 2)
 
     async def test_send_errors(self) -> None:
+        """A bad send_message is answered with the contract's error code and
+        the socket lives; an unknown event is answered UNKNOWN_EVENT."""
         await self.serve()
         alice = await self.user("alice")
         a = await self.connect(alice)
@@ -149,6 +162,9 @@ class RealtimeMixin(RealtimeBase):
         self.assertEqual(unknown["code"], "UNKNOWN_EVENT")
 
     async def test_group_fan_out(self) -> None:
+        """A group message reaches every other member and nobody else; a
+        member added later receives the next one at once, a removed member
+        does not, and may no longer send typing to the chat."""
         await self.serve()
         alice, bob, carol, dave = [await self.user(n) for n in ("alice", "bob", "carol", "dave")]
         chat_id = await self.group(alice, bob, carol)
@@ -157,7 +173,10 @@ class RealtimeMixin(RealtimeBase):
         for client in (a, c):
             [got] = await client.wait_for("new_message")
             self.assertEqual(got["message"]["id"], ack["messageId"])
-        await sleep(0.2)
+        # The fan-out went to every socket at once: what d and b would have
+        # been sent has arrived by their barriers.
+        await d.barrier()
+        await b.barrier()
         self.assertEqual(d.events("new_message"), [])
         self.assertEqual(b.events("new_message"), [])
         # A member added later joins the room at once; a removed one leaves it.
@@ -170,12 +189,15 @@ class RealtimeMixin(RealtimeBase):
         [got] = await d.wait_for("new_message")
         self.assertEqual(got["message"]["seq"], ack["seq"])
         await b.wait_for("new_message")
-        await sleep(0.2)
+        await c.barrier()
         self.assertEqual(len(c.events("new_message")), 1)
         typing = await c.call("typing", {"chatId": chat_id, "isTyping": True})
         self.assertEqual(typing["code"], "CHAT_NOT_FOUND")
 
     async def test_receipts(self) -> None:
+        """Delivered and read receipts (up to a seq, or one message) reach
+        the sender with who, what and when; a second delivered receipt is
+        answered but not told again; nobody outside the chat can send one."""
         await self.serve()
         alice, bob = await self.user("alice"), await self.user("bob")
         a, b = await self.connect(alice), await self.connect(bob)
@@ -205,10 +227,13 @@ class RealtimeMixin(RealtimeBase):
         self.assertEqual(refused["code"], "MESSAGE_NOT_FOUND")
         refused = await c.call("message_read", {"chatId": first["chatId"], "upToSeq": 1})
         self.assertEqual(refused["code"], "CHAT_NOT_FOUND")
-        await sleep(0.2)
+        # Anything those calls sent alice was sent before their answers.
+        await a.barrier()
         self.assertEqual(len(a.events("message_delivered")), 1)
 
     async def test_typing(self) -> None:
+        """Typing reaches the other people in the chat, not the typist's own
+        sockets; typing to a chat one is not in is refused CHAT_NOT_FOUND."""
         await self.serve()
         alice, bob = await self.user("alice"), await self.user("bob")
         chat_id = await self.direct_chat(alice, bob)
@@ -217,12 +242,16 @@ class RealtimeMixin(RealtimeBase):
         self.assertTrue(ack["success"], ack)
         [typing] = await b.wait_for("user_typing")
         self.assertEqual(typing, {"chatId": chat_id, "userId": "alice", "isTyping": True})
-        await sleep(0.2)
+        await a.barrier()
+        await a2.barrier()
         self.assertEqual(a.events("user_typing") + a2.events("user_typing"), [])
         refused = await a.call("typing", {"chatId": str(uuid.uuid4()), "isTyping": True})
         self.assertEqual(refused["code"], "CHAT_NOT_FOUND")
 
     async def test_presence(self) -> None:
+        """The people one shares a chat with are told ``user_online`` at the
+        first socket and ``user_offline`` (with lastSeen) at the last one's
+        end, and the profile says so; people sharing no chat hear nothing."""
         await self.serve()
         alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
         await self.direct_chat(alice, bob)
@@ -235,20 +264,30 @@ class RealtimeMixin(RealtimeBase):
         self.assertTrue(profile.json()["user"]["isOnline"], profile.body)
         b2 = await self.connect(bob)  # a second socket: nobody is told again
         await b.disconnect()
-        await sleep(0.2)
+        # Once the server has ended b's session, what it made of that has
+        # been sent to a before a's barrier is answered.
+        await sessions_at_most(self.server, 3)
+        await a.barrier()
         self.assertEqual(a.events("user_offline"), [])
         await b2.disconnect()
         [offline] = await a.wait_for("user_offline")
         self.assertEqual(offline["userId"], "bob")
         self.assertTrue(offline["lastSeen"].endswith("Z"))
-        await sleep(0.1)
-        profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
+        # last_seen may be written just after the event went out.
+        for _ in range(250):
+            profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
+            if profile.json()["user"]["lastSeen"] == offline["lastSeen"]:
+                break
+            await sleep(0.02)
         self.assertFalse(profile.json()["user"]["isOnline"])
         self.assertEqual(profile.json()["user"]["lastSeen"], offline["lastSeen"])
         # Carol shares no chat with bob: she saw nothing.
         self.assertEqual(c.events("user_online") + c.events("user_offline"), [])
 
     async def test_calls(self) -> None:
+        """Call signalling (offer, answer, ICE candidate, end) passes between
+        two people who share a chat, each with who sent it; a stranger's
+        signals are refused USER_NOT_FOUND and reach nobody."""
         await self.serve()
         alice, bob, mallory = await self.user("alice"), await self.user("bob"), await self.user("mallory")
         await self.direct_chat(alice, bob)
@@ -272,10 +311,13 @@ class RealtimeMixin(RealtimeBase):
             refused = await m.call(event, {"callId": "c", "to": "bob", "offer": {}, "answer": {},
                                            "candidate": {}})
             self.assertEqual((refused["success"], refused["code"]), (False, "USER_NOT_FOUND"), event)
-        await sleep(0.2)
+        await b.barrier()
         self.assertEqual(len(b.events("incoming_call")), 1)
 
     async def test_offline_delivery(self) -> None:
+        """Messages sent while the recipient was away are pushed on connect,
+        in seq order, before ``sync_complete``, whose cursor leaves nothing
+        to sync; messages acknowledged as delivered are not pushed again."""
         await self.serve()
         alice, bob = await self.user("alice"), await self.user("bob")
         a = await self.connect(alice)
@@ -297,6 +339,8 @@ class RealtimeMixin(RealtimeBase):
         self.assertEqual([m["message"]["seq"] for m in b2.events("new_message")], [4, 5])
 
     async def test_ordering_under_concurrent_senders(self) -> None:
+        """Three members sending at once: each member receives the group's
+        messages once each, in seq order, the listener all 60 of them."""
         await self.serve()
         users = [await self.user(f"user{n}") for n in range(4)]
         chat_id = await self.group(users[0], *users[1:])
@@ -344,13 +388,15 @@ class MessageTextTests(SynchronousTestCase):
     """The hand-made new_message frame equals the codec's."""
 
     def test_message_text(self) -> None:
+        """A message's JSON text, spliced around its stored payload without
+        parsing it, is its message_json; and the new_message frame built
+        around that text is what the codec makes of the parsed event."""
         import json
 
-        from cyphr.api.messaging import message_json
         from cyphr.handlers.messaging import check_payload
-        from cyphr.realtime.codec import EVENT, SocketPacket, encode_packet
-        from cyphr.realtime.feeds import message_text, new_message_frames
+        from cyphr.realtime.codec import EVENT, SocketPacket, encode_event_json, encode_packet
         from cyphr.store.messages import Message
+        from cyphr.wire import message_json, message_text
 
         for value in [{"ct": "AAAA", "nested": {"x": [1, 2, "\x00"]}}, {"é": "\u2028 é"}, None]:
             payload = check_payload(value, 10_000) if value is not None else None  # as stored
@@ -358,8 +404,9 @@ class MessageTextTests(SynchronousTestCase):
                               "c-1", 1_790_000_000_000, None, None, 3)
             text = message_text(message)
             self.assertEqual(json.loads(text), message_json(message))
-            self.assertEqual(new_message_frames(text), encode_packet(SocketPacket(
-                EVENT, "/", ["new_message", {"message": json.loads(text)}])))
+            self.assertEqual(encode_event_json("new_message", '{"message":' + text + "}"),
+                             encode_packet(SocketPacket(
+                                 EVENT, "/", ["new_message", {"message": json.loads(text)}])))
 
 
 class RawSocket:
@@ -388,6 +435,9 @@ class TimedRealtimeTests(SQLiteMixin, RealtimeBase, TestCase):
     """Timeouts on the server's clock, moved by the test."""
 
     async def test_ping_timeout_ends_presence(self) -> None:
+        """A socket that stops answering pings is ended at the ping timeout:
+        its user goes offline (``user_offline`` with lastSeen at that time)
+        and its last_seen is recorded."""
         from twisted.internet.threads import deferToThread
 
         from tests.helpers import fixed_clock
@@ -442,14 +492,14 @@ class TimedRealtimeTests(SQLiteMixin, RealtimeBase, TestCase):
         # has dave too.
         for node, user in [("ghost", "bob"), ("ghost", "carol"), ("ghost", "dave"),
                            ("other", "dave")]:
-            realtime._bus_event({"t": "p", "n": node, "u": user, "o": 1})
-        self.assertTrue(realtime.is_online("bob"))
+            realtime.fanout.bus_event({"t": "p", "n": node, "u": user, "o": 1})
+        self.assertTrue(realtime.presence.is_online("bob"))
         for _ in range(int(NODE_SILENCE // HEARTBEAT)):
-            realtime._bus_event({"t": "h", "n": "other"})
+            realtime.fanout.bus_event({"t": "h", "n": "other"})
             clock.advance(HEARTBEAT)
         await sleep(0.2)
         self.assertEqual(a.events("user_offline"), [])  # not silent long enough yet
-        realtime._bus_event({"t": "h", "n": "other"})
+        realtime.fanout.bus_event({"t": "h", "n": "other"})
         clock.advance(HEARTBEAT)
         [offline] = await a.wait_for("user_offline")
         last_seen = iso(now_ms(clock))
@@ -457,9 +507,9 @@ class TimedRealtimeTests(SQLiteMixin, RealtimeBase, TestCase):
         await sleep(0.2)
         self.assertEqual(len(a.events("user_offline")), 1)
         self.assertEqual(c.events("user_offline") + e.events("user_offline"), [])
-        self.assertFalse(realtime.is_online("bob"))
-        self.assertTrue(realtime.is_online("carol"))
-        self.assertTrue(realtime.is_online("dave"))
+        self.assertFalse(realtime.presence.is_online("bob"))
+        self.assertTrue(realtime.presence.is_online("carol"))
+        self.assertTrue(realtime.presence.is_online("dave"))
         profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
         self.assertEqual((profile.json()["user"]["lastSeen"], profile.json()["user"]["isOnline"]),
                          (last_seen, False))
@@ -468,25 +518,26 @@ class TimedRealtimeTests(SQLiteMixin, RealtimeBase, TestCase):
         """A heartbeat step that fails (publishing, or taking a silent
         node's users offline) is logged, and the heartbeat goes on: a node
         whose heartbeat stopped would look silent to the others."""
+        from cyphr.realtime.envelopes import Heartbeat
         from cyphr.realtime.events import HEARTBEAT, NODE_SILENCE
         from tests.helpers import fixed_clock
 
         clock = fixed_clock()
         await self.serve(clock=clock, ping_interval=3600)
         realtime = self.server.realtime
-        published: list[dict] = []
+        published: list[object] = []
 
-        def failing_publish(event: dict) -> bool:
-            published.append(event)
+        def failing_publish(envelope: object) -> bool:
+            published.append(envelope)
             raise RuntimeError("the bus is broken")
 
-        self.patch(realtime, "_publish", failing_publish)
+        self.patch(realtime.fanout, "publish", failing_publish)
         self.patch(realtime.presence, "forget_node",
                    lambda node: (_ for _ in ()).throw(RuntimeError("presence is broken")))
-        realtime._bus_event({"t": "p", "n": "ghost", "u": "bob", "o": 1})
+        realtime.fanout.bus_event({"t": "p", "n": "ghost", "u": "bob", "o": 1})
         for _ in range(int(NODE_SILENCE // HEARTBEAT) + 3):
             clock.advance(HEARTBEAT)
-        beats = [e for e in published if e.get("t") == "h"]
+        beats = [e for e in published if isinstance(e, Heartbeat)]
         self.assertGreaterEqual(len(beats), int(NODE_SILENCE // HEARTBEAT) + 3)
         self.assertTrue(realtime._heartbeat.active())
         errors = self.flushLoggedErrors(RuntimeError)

@@ -601,9 +601,8 @@ class TransportTests(SQLiteMixin, TestCase):
         """A CONNECT still undecided when connect_timeout passes does not hold
         the session open."""
         await self.serve(connect_timeout=5)
-        slow = self.server.realtime.sockets.namespace("/slow")
         decision: Deferred[None] = Deferred()
-        slow.connect_handler = lambda socket, auth: decision
+        self.server.realtime.sockets.namespace("/slow", connect=lambda socket, auth: decision)
         ws, _, _ = await self.websocket(connect=False)
         ws.send_text("40/slow,")
         await self.round_trip(ws)
@@ -1046,8 +1045,7 @@ class TransportTests(SQLiteMixin, TestCase):
         next GET gets ``1``); a session beside it goes on."""
         await self.serve()
         self.server.realtime.sockets.namespace("/other")
-        slow = self.server.realtime.sockets.namespace("/slow")
-        slow.connect_handler = lambda socket, auth: Deferred()
+        self.server.realtime.sockets.namespace("/slow", connect=lambda socket, auth: Deferred())
         bystander, _, _ = await self.websocket()
         cases = [
             (False, ['42["no_such_event"]']),

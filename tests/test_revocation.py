@@ -30,14 +30,14 @@ def hold_welcomes(testcase: TestCase, realtime: Any) -> tuple[list[Deferred[Any]
     the list answered, for the test to fire with the result of the real
     lookup, answered too."""
     held: list[Deferred[Any]] = []
-    real_positions = realtime._chats.chat_positions
+    real_positions = realtime._delivery.positions
 
     def hold(cyphr_id: str) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         held.append(d)
         return d
 
-    testcase.patch(realtime._chats, "chat_positions", hold)
+    testcase.patch(realtime._delivery, "positions", hold)
     return held, real_positions
 
 
@@ -78,7 +78,7 @@ class RevocationMixin(RealtimeBase):
                          {"bob"})
         self.assertFalse(any(s.state.user is not None and s.state.user.cyphr_id == "alice"
                              for s in realtime.ns.sockets.values()))
-        self.assertFalse(realtime.is_online("alice"))
+        self.assertFalse(realtime.presence.is_online("alice"))
         self.assertEqual(b.events("user_online"), [])
         self.assertEqual(b.events("new_message"), [])
         self.assertEqual([m["senderId"] for m in await self._messages(bob, chat_id)], ["bob"])
@@ -101,7 +101,7 @@ class RevocationMixin(RealtimeBase):
         await sleep(0.2)
         self.assertEqual(client.events("authenticated"), [])
         self.assertNotIn("user:alice", realtime.ns.rooms)
-        self.assertFalse(realtime.is_online("alice"))
+        self.assertFalse(realtime.presence.is_online("alice"))
 
     async def test_concurrent_connects_while_logging_out(self) -> None:
         """Many sockets connecting with a token while it is logged out: once
@@ -129,7 +129,7 @@ class RevocationMixin(RealtimeBase):
             await sleep(0.2)
             self.assertEqual(realtime.ns.sockets, {})
             self.assertNotIn("user:alice", realtime.ns.rooms)
-            self.assertFalse(realtime.is_online("alice"))
+            self.assertFalse(realtime.presence.is_online("alice"))
             await alice.login(self.http)
 
 
@@ -152,14 +152,16 @@ class ExpiryTests(SQLiteMixin, RealtimeBase, TestCase):
         alice = await self.user("alice")
         client = await self.connect(alice)
         clock.advance(59.5)
-        await sleep(0.2)
+        # The expiry timer would have fired within advance(): a disconnect
+        # it sent has arrived by the barrier's answer.
+        await client.barrier()
         self.assertEqual(client.disconnects, [])
         self.assertTrue(client.sio.connected)
         clock.advance(1)
         reason = await client.wait_disconnected(timeout=3)
         self.assertEqual(reason, client.sio.reason.SERVER_DISCONNECT)
         await until(lambda: not self.server.realtime.ns.sockets, "the socket to go")
-        self.assertFalse(self.server.realtime.is_online("alice"))
+        self.assertFalse(self.server.realtime.presence.is_online("alice"))
 
     async def test_events_after_expiry_are_refused(self) -> None:
         """An event that arrives once the token has expired is refused with

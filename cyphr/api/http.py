@@ -29,6 +29,7 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import Map, RequestRedirect
 
+from cyphr._compat import generic_http_channel, handle_star, request_line, set_aborting_call
 from cyphr.config import Config
 from cyphr.errors import (
     CORS_ORIGIN_DENIED,
@@ -403,13 +404,13 @@ class CyphrRequest(server.Request):
             name + b": " + value + b"\r\n" for name, value in headers
         )
         self.channel.transport.write(head + b"\r\n" + body)
-        uri = getattr(self.channel, "_path", b"") or b""
+        method, uri = request_line(self.channel)
         if uri.startswith(b"/socket.io") and self.channel.site.on_body_refused is not None:
             self.channel.site.on_body_refused(uri)
         stats = self.channel.site.metrics
         if stats is not None:  # answered before any route was matched
-            method = getattr(self.channel, "_command", b"").decode("ascii", "replace")
-            stats.observe(method, "", 413, self.channel.site.reactor.seconds() - self.arrived)
+            stats.observe(method.decode("ascii", "replace"), "", 413,
+                          self.channel.site.reactor.seconds() - self.arrived)
         if self.policy.access_log:
             _log.info("{client} - 413 request body too large", client=self.policy.client_ip(self))
         self.channel.loseConnection()
@@ -433,7 +434,7 @@ class CyphrRequest(server.Request):
 
     def process(self) -> None:
         # Twisted's Request.process, with the site's policy applied first and
-        # no version in the Server header.
+        # no version in the Server header (listed in cyphr._compat.COPIED).
         self.site = self.channel.site
         self.client_ip = self.policy.client_ip(self)
         self.setHeader(b"Server", b"Cyphr")
@@ -450,7 +451,7 @@ class CyphrRequest(server.Request):
         self.prepath = []
         self.postpath = [unquote_to_bytes(s) for s in self.path[1:].split(b"/")]
         if self.path == b"*":
-            self._handleStar()
+            handle_star(self)
             return
         try:
             self.render(self.site.getResourceFor(self))
@@ -484,21 +485,22 @@ class CyphrRequest(server.Request):
 
 class _Channel(http.HTTPChannel):
     """Twisted's HTTP channel, without the client's address in the log when
-    an idle connection is timed out (addresses are for access logs only)."""
+    an idle connection is timed out (addresses are for access logs only).
+    Both methods are Twisted's, less that line (cyphr._compat.COPIED)."""
 
     def timeoutConnection(self) -> None:
         if self.abortTimeout is not None:
-            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+            set_aborting_call(self, self.callLater(self.abortTimeout, self.forceAbortClient))
         self.loseConnection()
 
     def forceAbortClient(self) -> None:
-        self._abortingCall = None
+        set_aborting_call(self, None)
         self.transport.abortConnection()
 
 
 def _channel() -> Any:
     # As Twisted's own factory does, so that HTTP/2 negotiation still works.
-    return http._GenericHTTPChannelProtocol(_Channel())
+    return generic_http_channel(_Channel())
 
 
 class CyphrSite(server.Site):
@@ -509,7 +511,8 @@ class CyphrSite(server.Site):
     displayTracebacks = False
 
     def __init__(self, root: resource.Resource, policy: HttpPolicy, reactor: Any,
-                 timeout: float = 75) -> None:
+                 timeout: float = 75, *, metrics: HttpStats | None = None,
+                 on_body_refused: Callable[[bytes], None] | None = None) -> None:
         # The idle timeout must outlast a long-polling GET (pingInterval +
         # pingTimeout) and stay short enough to shed idle sockets.
         # No parsing of form bodies into request.args: the API takes JSON only.
@@ -517,10 +520,10 @@ class CyphrSite(server.Site):
         self.policy = policy
         self.noisy = False
         # Where answered requests are counted (cyphr.metrics.HttpStats), if anywhere.
-        self.metrics: HttpStats | None = None
+        self.metrics = metrics
         # Told of the path of a request whose body was refused as too large
-        # (the realtime layer ends the session it was meant for).
-        self.on_body_refused: Callable[[bytes], None] | None = None
+        # (the realtime layer ends the session it was meant for), if anyone.
+        self.on_body_refused = on_body_refused
 
     def log(self, request: Any) -> None:
         # Called once for each request that is answered.

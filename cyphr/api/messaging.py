@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -22,29 +21,13 @@ from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.messaging import MessagingHandler, check_payload, parse_send
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import Fields, check_cyphr_id, invalid
-from cyphr.store.messages import Message
+from cyphr.wire import message_json, sent_json
 
 HISTORY_DEFAULT, HISTORY_MAX = 50, 200
 SYNC_DEFAULT, SYNC_MAX = 100, 500
 MAX_GROUP_MEMBERS = 1000
 MAX_ENCRYPTED_NAME = 4096
 MAX_ENCRYPTED_SETTINGS = 65536
-
-
-def message_json(message: Message) -> dict[str, Any]:
-    return {
-        "id": message.id,
-        "chatId": message.chat_id,
-        "seq": message.seq,
-        "senderId": message.sender_id,
-        # Stored as the JSON the sender sent; never looked into.
-        "encryptedPayload": json.loads(message.payload) if message.payload is not None else None,
-        "messageType": message.message_type,
-        "clientMessageId": message.client_message_id,
-        "timestamp": iso(message.created_at),
-        "editedAt": iso(message.edited_at),
-        "deletedAt": iso(message.deleted_at),
-    }
 
 
 def _uuid_or_404(value: str, code: str, what: str) -> str:
@@ -81,9 +64,7 @@ class MessagingAPI:
     @authenticated()
     async def send(self, request: Any, user: AuthUser) -> bytes:
         message = await self._messaging.send(user, **parse_send(read_json(request), self._max_payload))
-        return answer(request, {
-            "success": True, "messageId": message.id, "chatId": message.chat_id,
-            "seq": message.seq, "timestamp": iso(message.created_at)}, 201)
+        return answer(request, sent_json(message), 201)
 
     @app.route("/api/messaging/chat/<chat_id>", methods=["GET"])
     @authenticated()

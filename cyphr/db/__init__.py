@@ -80,18 +80,29 @@ class Database(ABC):
 
     engine: str
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        on_fatal: Callable[[str], None],
+        start_check: Callable[[Transaction], Awaitable[None]] | None = None,
+    ) -> None:
         self._ready_waiters: list[Deferred[None]] = []
         self.schema_version: int | None = None
-        self.on_fatal: Callable[[str], None] | None = None
+        self._on_fatal = on_fatal
         self._schema_target: int | None = None
         # Run at start in the migration's transaction, after it; what it
         # raises keeps the database from becoming ready (build_server: the
         # check that this node has the same secrets as the others).
-        self.start_check: Callable[[Transaction], Awaitable[None]] | None = None
+        self._start_check = start_check
         # For metrics: connections lost, callers answered DatabaseUnavailable,
         # statements the database failed (constraint refusals are not failures).
         self.failures = {"connection_lost": 0, "unavailable": 0, "error": 0}
+
+    @property
+    def on_fatal(self) -> Callable[[str], None]:
+        """Told, once, of a condition no retry can mend (read-only: given
+        to the constructor)."""
+        return self._on_fatal
 
     @property
     @abstractmethod
@@ -155,28 +166,38 @@ class Database(ABC):
         from cyphr.db.migrations import migrate_txn
 
         version = await migrate_txn(txn, self.engine, self._schema_target)
-        if self.start_check is not None:
-            await self.start_check(txn)
+        if self._start_check is not None:
+            await self._start_check(txn)
         return version
 
     def _fatal(self, message: str) -> None:
         """A condition no retry can mend (a database newer than the code,
-        secrets that differ from the other nodes')."""
-        if self.on_fatal is not None:
-            self.on_fatal(message)
-        else:
-            _log.critical("Refusing the database: {reason}", reason=message)
+        secrets that differ from the other nodes'): ``on_fatal`` says it."""
+        self._on_fatal(message)
 
 
-def open_database(config: Config, reactor: Any) -> Database:
-    """The engine the configuration names, not yet started."""
+def open_database(
+    config: Config,
+    reactor: Any,
+    *,
+    on_fatal: Callable[[str], None],
+    start_check: Callable[[Transaction], Awaitable[None]] | None = None,
+) -> Database:
+    """
+    The engine the configuration names, not yet started. ``on_fatal`` is
+    told (once) of a condition no retry can mend, such as a schema newer
+    than the code; the database is then never ready. ``start_check`` runs
+    in the migration's transaction, after it; what it raises keeps the
+    database from becoming ready.
+    """
     if config.database_engine == "postgresql":
         from cyphr.db.postgres import PostgresDatabase
 
-        return PostgresDatabase(config.database, reactor, pool_size=config.db_pool_size)
+        return PostgresDatabase(config.database, reactor, pool_size=config.db_pool_size,
+                                on_fatal=on_fatal, start_check=start_check)
     from cyphr.db.sqlite import SQLiteDatabase
 
-    return SQLiteDatabase(config.sqlite_path, reactor)
+    return SQLiteDatabase(config.sqlite_path, reactor, on_fatal=on_fatal, start_check=start_check)
 
 
 def preflight(config: Config) -> None:

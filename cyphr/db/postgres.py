@@ -1,12 +1,15 @@
 """
 The PostgreSQL engine: a pool of txpostgres connections that heals itself.
 
-txpostgres's own ConnectionPool never recovers once PostgreSQL restarts, so
-this pool gives each connection a DeadConnectionDetector: when a connection
-dies (a query fails with a connection error, or the idle socket closes), it
-is taken out of the pool and reconnected with a short backoff, and put back
-when it answers again. While no connection is up, callers are answered
-DatabaseUnavailable at once (503 to HTTP clients) rather than left hanging.
+txpostgres's own ConnectionPool never recovers once PostgreSQL restarts.
+Here each connection is a MaintainedConnection, the one place that keeps a
+PostgreSQL connection up: when it dies (a query fails with a connection
+error, or the idle socket closes), it reconnects with a short backoff and a
+deadline on each attempt, telling its owner at each step. The pool takes a
+dead connection out and puts it back when it answers again; while no
+connection is up, callers are answered DatabaseUnavailable at once (503 to
+HTTP clients) rather than left hanging. The event bus (cyphr.realtime.bus)
+keeps its LISTEN connection up with the same class.
 
 The first connection that comes up applies the schema migrations; the pool
 serves queries only after that.
@@ -18,7 +21,7 @@ import random
 from collections import deque
 from contextlib import suppress
 from functools import lru_cache
-from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import psycopg2
 import psycopg2.errors
@@ -29,6 +32,7 @@ from twisted.python.failure import Failure
 from txpostgres import txpostgres
 from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 
+from cyphr._compat import locked_call
 from cyphr.db import (
     Database,
     DatabaseUnavailable,
@@ -111,6 +115,12 @@ def connection_dsn(url: str) -> str:
     return psycopg2.extensions.make_dsn(**params)
 
 
+def dsn_connect_timeout(dsn: str) -> float:
+    """The connect_timeout of ``dsn``, in seconds (connection_dsn always sets
+    one): the deadline of each connection attempt."""
+    return float(psycopg2.extensions.parse_dsn(dsn)["connect_timeout"])
+
+
 class _Connection(txpostgres.Connection):
     def doRead(self) -> Any:
         # When the server closes an idle connection, psycopg2 raises from
@@ -131,13 +141,28 @@ class _Connection(txpostgres.Connection):
                 raise
             return None
 
-    def execute(self, sql: str, params: Sequence[Any]) -> Deferred[tuple[list[Row], int]]:
+    def execute(self, sql: str, params: Sequence[Any] | None) -> Deferred[tuple[list[Row], int]]:
         """One statement in autocommit, through the detector and the lock."""
-        return self._doit(self._execute, sql, params)
+        return locked_call(self, self._execute, sql, params)
 
-    def _execute(self, sql: str, params: Sequence[Any]) -> Deferred[tuple[list[Row], int]]:
+    def _execute(self, sql: str, params: Sequence[Any] | None) -> Deferred[tuple[list[Row], int]]:
         d = self.cursor().execute(sql, params)
         return d.addCallback(lambda cursor: (_fetch(cursor), cursor.rowcount))
+
+
+class _InOrder:
+    """
+    Stands in for the Cooperator txpostgres hands notifications to. It makes
+    each read's notifications into a task of their own, and a Cooperator
+    runs its tasks round-robin: the notifications of two reads could reach
+    the observer interleaved, out of order. This runs each at once, in
+    order; observers should only queue them, so that is quick.
+    """
+
+    @staticmethod
+    def cooperate(iterator: Iterator[Any]) -> None:
+        for _ in iterator:
+            pass
 
 
 def _with_deadline(d: Deferred[Any], conn: _Connection, seconds: float,
@@ -164,67 +189,188 @@ def _with_deadline(d: Deferred[Any], conn: _Connection, seconds: float,
 
 
 class _Detector(DeadConnectionDetector):
-    """Reconnects one connection. Unlike the stock detector it can be
-    stopped (so that closing the pool leaves no timer behind), it tells its
-    owner (the pool, or the bus) about every death and failed attempt, and
-    it gives each attempt a deadline: libpq ignores connect_timeout in the
-    asynchronous mode txpostgres uses, so an attempt on a server that
-    accepts and never answers would wait for ever."""
+    """txpostgres's hook into a connection: it judges whether a failure
+    means the connection died, and while it is dead fails further work at
+    once with ConnectionDead. What happens then (reconnecting) is the
+    MaintainedConnection's, not the stock detector's, which can be neither
+    stopped nor given a deadline."""
 
-    def __init__(self, database: PostgresDatabase, reactor: Any, timeout: float = 10.0) -> None:
+    def __init__(self, owner: MaintainedConnection, reactor: Any) -> None:
         super().__init__(deathChecker=_death_checker, reactor=reactor)
-        self._timeout = timeout
-        self._database = database
-        self._delays: Iterator[float] = iter(())
-        self._timer: Any = None
-        self._attempt: Deferred[Any] | None = None
-        self._stopped = False
-
-    def reconnect(self) -> Deferred[Any]:
-        return _with_deadline(super().reconnect(), self.reconnectable, self._timeout, self.reactor)
+        self._owner = owner
 
     def startReconnecting(self, f: Failure) -> None:
-        self._database._connection_died(self.reconnectable, f)
-        self._delays = backoff()
-        self._schedule(f)
+        self._owner._lost(f)
 
-    def _schedule(self, f: Failure) -> None:
-        if not self._stopped:
-            delay = next(self._delays)
-            # The bus owns detectors too, and need not hear of each retry.
-            scheduled = getattr(self._database, "_retry_scheduled", None)
-            if scheduled is not None:
-                scheduled(self.reconnectable, f, delay)
-            self._timer = self.reactor.callLater(delay, self._try)
 
-    def _try(self) -> None:
-        self._timer = None
-        self._attempt = maybeDeferred(self.reconnect)
-        self._attempt.addCallbacks(self._reconnected, self._failed)
+class ConnectionObserver(Protocol):
+    """What a MaintainedConnection tells its owner (the pool, the bus)."""
 
-    def _reconnected(self, _: Any) -> None:
-        self._attempt = None
-        if self._stopped:
-            self.reconnectable.close()
+    def connection_up(self, connection: MaintainedConnection) -> None:
+        """Connected, at first or again: work can be given to it."""
+
+    def connection_died(self, connection: MaintainedConnection, failure: Failure) -> None:
+        """Lost (or the first attempt failed): reconnecting has begun."""
+
+    def reconnect_failed(self, connection: MaintainedConnection, failure: Failure) -> None:
+        """An attempt to reconnect failed; another will follow."""
+
+    def retry_scheduled(self, connection: MaintainedConnection, failure: Failure,
+                        delay: float) -> None:
+        """The next attempt comes in ``delay`` seconds."""
+
+
+class MaintainedConnection:
+    """
+    One PostgreSQL connection, kept up until stop(): the pool holds one for
+    each connection it keeps, the event bus one for its LISTEN.
+
+    start() connects. When the connection dies (work fails with a
+    connection error, or the idle socket closes) or an attempt fails, it
+    reconnects after a short backoff with jitter, for ever, and tells its
+    observer at each step. Each attempt has a deadline (``connect_timeout``):
+    libpq ignores connect_timeout in the asynchronous mode txpostgres uses,
+    so an attempt on a server that accepts and never answers would wait for
+    ever. While it is dead, work given to it fails at once (ConnectionDead,
+    a connection error for is_connection_error).
+
+    Notifications (after a LISTEN) reach the notify observers at once, in
+    the order they arrived.
+    """
+
+    def __init__(self, dsn: str, reactor: Any, observer: ConnectionObserver, *,
+                 connect_timeout: float) -> None:
+        self._dsn = dsn
+        self._reactor = reactor
+        self._observer = observer
+        self._timeout = connect_timeout
+        self._detector = _Detector(self, reactor)
+        self._conn = _Connection(reactor, cooperator=_InOrder(), detector=self._detector)
+        self._alive = False
+        self._started = False
+        self._stopped = False
+        self._tried = False  # an attempt was made: the next closes what it left
+        self._reconnecting = False
+        self._delays: Iterator[float] = iter(())
+        self._timer: Any = None
+        self._attempt: Deferred[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        """Connected, and not found dead since: work can be given to it."""
+        return self._alive
+
+    # -- life cycle -----------------------------------------------------
+
+    def start(self) -> None:
+        """Connect, without waiting; the observer hears connection_up when
+        it is connected."""
+        if self._started or self._stopped:
             return
-        self.connectionRecovered()
-
-    def _failed(self, f: Failure) -> None:
-        self._attempt = None
-        self._database._reconnect_failed(f)
-        self._schedule(f)
+        self._started = True
+        self._try()
 
     async def stop(self) -> None:
+        """Stop for good: no further attempt, an attempt in progress ends now
+        rather than at its deadline, and the connection closes (work still
+        running on it fails). A second call returns at once."""
+        if self._stopped:
+            return
         self._stopped = True
+        self._alive = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._attempt is not None:
-            attempt = self._attempt
-            attempt.addErrback(lambda _: None)
-            with suppress(Exception):
-                self.reconnectable.close()  # fails the attempt now
+        attempt = self._attempt
+        self._close()  # fails an attempt in progress now
+        if attempt is not None:
             await attempt
+
+    def _try(self) -> None:
+        self._timer = None
+        attempt = self._attempt = maybeDeferred(self._connect)
+        attempt.addCallbacks(self._connected, self._attempt_failed)
+
+    def _connect(self) -> Deferred[Any]:
+        if self._tried:
+            self._close()  # what the dead connection or the last attempt left
+        self._tried = True
+        return _with_deadline(self._conn.connect(self._dsn), self._conn, self._timeout,
+                              self._reactor)
+
+    def _connected(self, _: Any) -> None:
+        self._attempt = None
+        if self._stopped:
+            self._close()
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()  # a retry set while this attempt still ran
+        self._timer = None
+        self._reconnecting = False
+        self._detector.connectionIsDead = False
+        self._alive = True
+        self._tell(self._observer.connection_up, self)
+
+    def _attempt_failed(self, f: Failure) -> None:
+        self._attempt = None
+        if self._stopped:
+            return
+        if not self._reconnecting:
+            # The first attempt: from here on, as if a connection had died.
+            self._detector.connectionIsDead = True
+            self._lost(f)
+            return
+        self._tell(self._observer.reconnect_failed, self, f)
+        self._schedule(f)
+
+    def _lost(self, f: Failure) -> None:
+        """Dead (the detector found out, or the first attempt failed)."""
+        self._alive = False
+        if self._stopped:
+            return
+        self._reconnecting = True
+        self._delays = backoff()
+        self._tell(self._observer.connection_died, self, f)
+        self._schedule(f)
+
+    def _schedule(self, f: Failure) -> None:
+        if self._stopped or (self._timer is not None and self._timer.active()):
+            return
+        delay = next(self._delays)
+        self._tell(self._observer.retry_scheduled, self, f, delay)
+        self._timer = self._reactor.callLater(delay, self._try)
+
+    def _close(self) -> None:
+        with suppress(Exception):  # never connected, or closed already
+            self._conn.close()
+
+    def _tell(self, method: Callable[..., None], *args: Any) -> None:
+        # The observer's bug must not stop the reconnection.
+        try:
+            method(*args)
+        except Exception:  # noqa: BLE001
+            _log.failure("The observer of a PostgreSQL connection failed")
+
+    # -- work -----------------------------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None
+                ) -> Deferred[tuple[list[Row], int]]:
+        """Run one statement (psycopg2's ``%s`` placeholders) in autocommit;
+        answer its rows and its rowcount."""
+        return self._conn.execute(sql, params)
+
+    def run_interaction(self, interaction: Callable[[Any], Deferred[T]]) -> Deferred[T]:
+        """Run ``interaction(cursor)`` in one transaction: committed when
+        its Deferred fires, rolled back when it fails."""
+        return self._conn.runInteraction(interaction)
+
+    def add_notify_observer(self, observer: Callable[[Any], None]) -> None:
+        """Call ``observer(notify)`` for each notification (psycopg2's
+        Notify: ``channel``, ``payload``), across reconnections."""
+        self._conn.addNotifyObserver(observer)
+
+    def remove_notify_observer(self, observer: Callable[[Any], None]) -> None:
+        self._conn.removeNotifyObserver(observer)
 
 
 class _PostgresTransaction(Transaction):
@@ -245,6 +391,9 @@ class _PostgresTransaction(Transaction):
 
 
 class PostgresDatabase(Database):
+    """The pool: ``pool_size`` MaintainedConnections, of which it is the
+    ConnectionObserver."""
+
     engine = "postgresql"
 
     def __init__(
@@ -252,22 +401,24 @@ class PostgresDatabase(Database):
         url: str,
         reactor: Any,
         *,
+        on_fatal: Callable[[str], None],
+        start_check: Callable[[Transaction], Awaitable[None]] | None = None,
         pool_size: int = 10,
         acquire_timeout: float = 10.0,
         schema_target: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(on_fatal=on_fatal, start_check=start_check)
         self._schema_target = schema_target
         self._dsn = connection_dsn(url)
-        self._connect_timeout = float(psycopg2.extensions.parse_dsn(self._dsn)["connect_timeout"])
+        self._connect_timeout = dsn_connect_timeout(self._dsn)
         self._reactor = reactor
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
-        self._connections: list[_Connection] = []
-        self._up: set[_Connection] = set()
-        self._busy: set[_Connection] = set()
-        self._free: deque[_Connection] = deque()
-        self._waiters: deque[tuple[Deferred[_Connection], Any]] = deque()
+        self._connections: list[MaintainedConnection] = []
+        self._up: set[MaintainedConnection] = set()
+        self._busy: set[MaintainedConnection] = set()
+        self._free: deque[MaintainedConnection] = deque()
+        self._waiters: deque[tuple[Deferred[MaintainedConnection], Any]] = deque()
         self._migrated = False
         self._migrating = False
         self._refused = False  # a fatal condition was reported: never migrate again
@@ -296,25 +447,40 @@ class PostgresDatabase(Database):
     # -- lifecycle ------------------------------------------------------
 
     def start(self) -> None:
-        for _ in range(self._pool_size):
-            detector = _Detector(self, self._reactor, self._connect_timeout)
-            conn = _Connection(self._reactor, detector=detector)
-            conn.detector.addRecoveryHandler(lambda conn=conn: self._connection_up(conn))
-            self._connections.append(conn)
-            d = _with_deadline(conn.connect(self._dsn), conn, self._connect_timeout, self._reactor)
-            d.addCallbacks(lambda _, conn=conn: self._connection_up(conn),
-                           lambda f, conn=conn: self._first_connect_failed(conn, f))
+        self._connections = [
+            MaintainedConnection(self._dsn, self._reactor, self,
+                                 connect_timeout=self._connect_timeout)
+            for _ in range(self._pool_size)]
+        for conn in self._connections:
+            conn.start()
 
-    def _first_connect_failed(self, conn: _Connection, f: Failure) -> None:
+    async def close(self) -> None:
         if self._closing:
             return
-        conn.detector.connectionIsDead = True
-        conn.detector.startReconnecting(f)
+        self._closing = True
+        self._fail_waiters()
+        # Connections without work stop now (an attempt in progress ends at
+        # once); those running work are given 10 s to finish it.
+        busy = [conn for conn in self._connections if conn in self._busy]
+        stopping = [Deferred.fromCoroutine(conn.stop())
+                    for conn in self._connections if conn not in self._busy]
+        if self._busy:
+            self._idle = Deferred()
+            timer = self._reactor.callLater(10, self._idle.callback, None)
+            await self._idle
+            if timer.active():
+                timer.cancel()
+        stopping += [Deferred.fromCoroutine(conn.stop()) for conn in busy]
+        for stopped in stopping:
+            await stopped
+        self._up.clear()
+        self._free.clear()
 
-    def _connection_up(self, conn: _Connection) -> None:
+    # -- ConnectionObserver: what the connections tell the pool ---------
+
+    def connection_up(self, conn: MaintainedConnection) -> None:
         if self._closing:
-            conn.close()
-            return
+            return  # close() stops it
         if not self._up and self._start_attempts and not self._migrated:
             _log.info("PostgreSQL at {where} answers after {attempts} failed attempts",
                       where=self._where, attempts=self._start_attempts)
@@ -331,11 +497,11 @@ class PostgresDatabase(Database):
             d = Deferred.fromCoroutine(self._migrate(conn))
             d.addErrback(self._migration_failed, conn)
 
-    async def _migrate(self, conn: _Connection) -> None:
+    async def _migrate(self, conn: MaintainedConnection) -> None:
         def txn(cursor: Any) -> Deferred[int]:
             return Deferred.fromCoroutine(self._start_txn(_PostgresTransaction(cursor)))
 
-        self.schema_version = await conn.runInteraction(txn)
+        self.schema_version = await conn.run_interaction(txn)
         self._migrating = False
         self._migrated = True
         _log.info("PostgreSQL database ready at schema version {version}",
@@ -346,12 +512,12 @@ class PostgresDatabase(Database):
                 self._release(other)
         self._became_ready()
 
-    def _migration_failed(self, f: Failure, conn: _Connection) -> None:
+    def _migration_failed(self, f: Failure, conn: MaintainedConnection) -> None:
         self._migrating = False
         self._busy.discard(conn)
         if f.check(UnusableDatabase):
             # A newer schema, or secrets that differ from the other nodes':
-            # one line, said once (by on_fatal, or by _fatal without it).
+            # one line, said once (by on_fatal).
             self._refused = True
             self._fatal(f.getErrorMessage())
         elif is_connection_error(f.value):
@@ -362,7 +528,7 @@ class PostgresDatabase(Database):
             _log.failure("Schema migration failed", f)
             self._fatal(f"schema migration failed: {f.getErrorMessage()}")
 
-    def _connection_died(self, conn: _Connection, f: Failure) -> None:
+    def connection_died(self, conn: MaintainedConnection, f: Failure) -> None:
         was_up = conn in self._up
         self._up.discard(conn)
         try:
@@ -378,11 +544,11 @@ class PostgresDatabase(Database):
                 self._report_down(f)
             self._fail_waiters()
 
-    def _reconnect_failed(self, f: Failure) -> None:
-        if not self._up and self._migrated:
+    def reconnect_failed(self, conn: MaintainedConnection, f: Failure) -> None:
+        if not self._up and self._migrated and not self._closing:
             self._report_down(f)
 
-    def _retry_scheduled(self, conn: _Connection, f: Failure, delay: float) -> None:
+    def retry_scheduled(self, conn: MaintainedConnection, f: Failure, delay: float) -> None:
         # Until the database is first ready nothing listens: say so at every
         # attempt (of one connection: the others retry in step), so that a
         # server waiting for its database is seen waiting. Later outages are
@@ -406,47 +572,26 @@ class PostgresDatabase(Database):
             _log.warn("PostgreSQL is unreachable, reconnecting: {reason}",
                       reason=" ".join(f.getErrorMessage().split()))
 
-    async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._fail_waiters()
-        for conn in self._connections:
-            await conn.detector.stop()
-        if self._busy:
-            self._idle = Deferred()
-            timer = self._reactor.callLater(10, self._idle.callback, None)
-            await self._idle
-            if timer.active():
-                timer.cancel()
-        for conn in self._connections:
-            try:
-                conn.close()
-            except Exception:
-                pass  # never connected
-        self._up.clear()
-        self._free.clear()
-
     # -- the pool -------------------------------------------------------
 
-    def _acquire(self) -> Deferred[_Connection]:
+    def _acquire(self) -> Deferred[MaintainedConnection]:
         if not self.ready:
             raise DatabaseUnavailable()
         while self._free:
             # The connection used last: its caches (plans, relations) are
             # warm, and under light load the others stay idle.
             conn = self._free.pop()
-            if conn in self._up and not conn.detector.connectionIsDead:
+            if conn in self._up and conn.alive:
                 self._busy.add(conn)
-                d: Deferred[_Connection] = Deferred()
+                d: Deferred[MaintainedConnection] = Deferred()
                 d.callback(conn)
                 return d
-        waiter: Deferred[_Connection] = Deferred()
+        waiter: Deferred[MaintainedConnection] = Deferred()
         timer = self._reactor.callLater(self._acquire_timeout, self._waiter_timed_out, waiter)
         self._waiters.append((waiter, timer))
         return waiter
 
-    def _waiter_timed_out(self, waiter: Deferred[_Connection]) -> None:
+    def _waiter_timed_out(self, waiter: Deferred[MaintainedConnection]) -> None:
         # Left in the queue, and skipped when its turn comes: removing it
         # here would cost the length of the queue, for every timeout.
         waiter.errback(DatabaseUnavailable("The database is busy, try again shortly"))
@@ -459,7 +604,7 @@ class PostgresDatabase(Database):
             if not d.called:
                 d.errback(DatabaseUnavailable())
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: MaintainedConnection) -> None:
         self._busy.discard(conn)
         if self._closing:
             if not self._busy and self._idle is not None and not self._idle.called:
@@ -477,7 +622,7 @@ class PostgresDatabase(Database):
             return
         self._free.append(conn)
 
-    async def _run(self, operation: Callable[[_Connection], Deferred[T]]) -> T:
+    async def _run(self, operation: Callable[[MaintainedConnection], Deferred[T]]) -> T:
         try:
             conn = await self._acquire()
         except DatabaseUnavailable:
@@ -513,7 +658,7 @@ class PostgresDatabase(Database):
         def interaction(cursor: Any) -> Deferred[T]:
             return Deferred.fromCoroutine(func(_PostgresTransaction(cursor), *args, **kwargs))
 
-        return await self._run(lambda conn: conn.runInteraction(interaction))
+        return await self._run(lambda conn: conn.run_interaction(interaction))
 
 
 def read_schema_version(url: str, timeout: int = 3) -> int | None:

@@ -14,7 +14,7 @@ import sqlite3
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from urllib.parse import quote
 
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -31,6 +31,19 @@ from cyphr.db.migrations import check_version
 
 _log = Logger()
 T = TypeVar("T")
+
+# The test switch (as tahoe-lafs: util/cputhreadpool.py): tests of rules
+# run each call at once on the calling thread, so that they need no thread
+# hop and no real time. Never set outside tests.
+_inline_for_tests = False
+
+
+def run_inline_for_tests(inline: bool) -> bool:
+    """Tests only: run the engine's work on the calling thread (or, with
+    False, on its own thread again); answers the previous setting."""
+    global _inline_for_tests
+    previous, _inline_for_tests = _inline_for_tests, inline
+    return previous
 
 
 def _execute(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> tuple[list[Row], int]:
@@ -74,8 +87,16 @@ class _SQLiteTransaction(Transaction):
 class SQLiteDatabase(Database):
     engine = "sqlite"
 
-    def __init__(self, path: str, reactor: Any, *, schema_target: int | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        path: str,
+        reactor: Any,
+        *,
+        on_fatal: Callable[[str], None],
+        start_check: Callable[[Transaction], Awaitable[None]] | None = None,
+        schema_target: int | None = None,
+    ) -> None:
+        super().__init__(on_fatal=on_fatal, start_check=start_check)
         self._schema_target = schema_target
         self.path = path
         self._reactor = reactor
@@ -110,7 +131,12 @@ class SQLiteDatabase(Database):
                 raise DatabaseUnavailable()
             return f(self._conn, *args)
 
-        return deferToThreadPool(self._reactor, self._pool, in_thread).addErrback(self._count_failure)
+        return self._in_thread(in_thread).addErrback(self._count_failure)
+
+    def _in_thread(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        if _inline_for_tests:
+            return maybeDeferred(f, *args)
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
 
     def _count_failure(self, failure: Any) -> Any:
         if failure.check(DatabaseUnavailable):
@@ -148,7 +174,7 @@ class SQLiteDatabase(Database):
         self._starting.addErrback(self._start_failed)
 
     async def _open_and_migrate(self) -> None:
-        await deferToThreadPool(self._reactor, self._pool, self._open_in_thread)
+        await self._in_thread(self._open_in_thread)
         self.schema_version = await self._transaction(self._start_txn)
         self._ready = True
         _log.info(
@@ -160,7 +186,7 @@ class SQLiteDatabase(Database):
 
     def _start_failed(self, failure: Any) -> None:
         if failure.check(UnusableDatabase):
-            # One line, said once (by on_fatal, or by _fatal without it).
+            # One line, said once (by on_fatal).
             self._fatal(failure.getErrorMessage())
             return None
         _log.failure("Cannot open the SQLite database {path}", failure, path=self.path)
@@ -176,7 +202,7 @@ class SQLiteDatabase(Database):
             # Taking the lock waits for the running transaction to finish.
             await self._lock.acquire()
             try:
-                await deferToThreadPool(self._reactor, self._pool, self._close_in_thread)
+                await self._in_thread(self._close_in_thread)
             finally:
                 self._lock.release()
             self._pool.stop()

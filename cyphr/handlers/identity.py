@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from cyphr.changes import ChangeFeed, IdentityDeleted, SessionsEnded
 from cyphr.clock import now_ms
 from cyphr.crypto import fingerprint_hash, verify_ed25519
 from cyphr.errors import (
@@ -108,8 +109,9 @@ class IdentityHandler:
         totp: TotpHandler,
         fingerprint_key: bytes,
         clock: Any,
-        is_online: Callable[[str], bool] = lambda cyphr_id: False,
         *,
+        is_online: Callable[[str], bool],
+        changes: ChangeFeed,
         origins: AcceptedOrigins,
         accept_v1: bool,
     ) -> None:
@@ -123,9 +125,9 @@ class IdentityHandler:
         self.is_online = is_online
         self._origins = origins
         self.accept_v1 = accept_v1
-        # Told when tokens of a user end: (cyphrId, jti), or (cyphrId, None)
-        # for all of them. The realtime layer disconnects their sockets.
-        self.sessions_ended: Callable[[str, str | None], None] = lambda cyphr_id, jti: None
+        # Told when tokens of a user end (SessionsEnded: the realtime layer
+        # closes their sockets) and when an identity is deleted.
+        self._changes = changes
 
     def _device(self, fingerprint: str) -> str:
         return fingerprint_hash(self._fingerprint_key, fingerprint)
@@ -270,14 +272,14 @@ class IdentityHandler:
         # stops working (those of the old device stop anyway: their device
         # no longer matches).
         await self._identities.rebind_device(identity.id, device, now - now % 1000, kyber, now)
-        self.sessions_ended(identity.cyphr_id, None)
+        self._changes.publish(SessionsEnded(identity.cyphr_id))
         recovered = await self._identities.by_id(identity.id)
         assert recovered is not None
         return Session(self._issue(recovered, device), recovered)
 
     async def logout(self, user: AuthUser) -> None:
         await self._revocations.revoke(user.jti, user.user_id, user.expires_at * 1000)
-        self.sessions_ended(user.cyphr_id, user.jti)
+        self._changes.publish(SessionsEnded(user.cyphr_id, user.jti))
 
     async def delete_account(self, user: AuthUser, device_fingerprint: str | None,
                              proof: Proof) -> None:
@@ -293,7 +295,8 @@ class IdentityHandler:
             raise Unauthorized("deviceFingerprint is not the device of this session",
                                code=DEVICE_MISMATCH)
         await self._identities.delete(identity, now_ms(self._clock))
-        self.sessions_ended(identity.cyphr_id, None)
+        self._changes.publish(SessionsEnded(identity.cyphr_id))
+        self._changes.publish(IdentityDeleted(identity.cyphr_id))
 
     # -- profiles -------------------------------------------------------
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import uuid
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Any
 
+from cyphr.changes import ChangeFeed, MemberJoined, MemberLeft, MessageStored, RoleChanged
 from cyphr.clock import now_ms
 from cyphr.errors import (
     ALREADY_MEMBER,
@@ -96,35 +97,16 @@ def _no_chat() -> NotFound:
     return NotFound("No such chat", code=CHAT_NOT_FOUND)
 
 
-class MessagingListener(Protocol):
-    """Who hears of what changed (the realtime layer)."""
-
-    def message_stored(self, message: Message, origin: Any) -> None: ...
-    def member_joined(self, chat_id: str, cyphr_id: str, last_seq: int = 0) -> None: ...
-    def member_left(self, chat_id: str, cyphr_id: str) -> None: ...
-
-
-class _Nobody:
-    def message_stored(self, message: Message, origin: Any) -> None:
-        pass
-
-    def member_joined(self, chat_id: str, cyphr_id: str, last_seq: int = 0) -> None:
-        pass
-
-    def member_left(self, chat_id: str, cyphr_id: str) -> None:
-        pass
-
-
 class MessagingHandler:
     def __init__(self, chats: ChatStore, messages: MessageStore, identities: IdentityStore,
-                 batcher: SendBatcher, send_limit: RateLimit, clock: Any) -> None:
+                 batcher: SendBatcher, send_limit: RateLimit, changes: ChangeFeed, clock: Any) -> None:
         self._chats = chats
         self._messages = messages
         self._identities = identities
         self._batcher = batcher
         self._send_limit = send_limit
         self._clock = clock
-        self.listener: MessagingListener = _Nobody()
+        self._changes = changes
         # (cyphrId, cyphrId) -> (direct chat id, when learnt): a send by
         # recipientId then costs no lookup. Believed for DIRECT_CHAT_CACHE
         # seconds, so that a recipient deleted on another node is soon
@@ -147,11 +129,15 @@ class MessagingHandler:
             self._direct_chats.popitem(last=False)
 
     def forget_user(self, cyphr_id: str) -> None:
-        """The identity is gone: no send may reach it from memory."""
+        """The identity is gone: no send may reach it from memory (build_server
+        subscribes this to IdentityDeleted)."""
         for key in [key for key in self._direct_chats if cyphr_id in key]:
             del self._direct_chats[key]
 
-    async def _member(self, user: AuthUser, chat_id: str) -> Membership:
+    async def membership(self, user: AuthUser, chat_id: str) -> Membership:
+        """The user's membership of the chat: what a member may see of it
+        (history, typing, its realtime room). A non-member, like a chat that
+        does not exist, is 404 CHAT_NOT_FOUND."""
         membership = await self._chats.membership(chat_id, user.cyphr_id)
         if membership is None:
             raise _no_chat()
@@ -168,9 +154,9 @@ class MessagingHandler:
                    recipient_id: str | None = None, origin: Any = None) -> Message:
         """Store one message, in a chat the sender belongs to or in the
         direct chat with ``recipient_id`` (created on first use). The REST
-        route and the realtime event both come here; the listener hears of
-        the message once it is committed (``origin``: the socket that sent
-        it, which is not told)."""
+        route and the realtime event both come here; MessageStored goes on
+        the change feed once the message is committed (``origin``: the
+        socket that sent it, which is not told)."""
         self._send_limit.hit(user.user_id)
         now = now_ms(self._clock)
         if recipient_id is not None:
@@ -180,7 +166,7 @@ class MessagingHandler:
                 chat_id, created = await self._chats.direct_chat(user.cyphr_id, recipient_id, now)
                 if created:
                     for member in sorted({user.cyphr_id, recipient_id}):
-                        self.listener.member_joined(chat_id, member)
+                        self._changes.publish(MemberJoined(chat_id, member))
                 self._remember_direct_chat(user.cyphr_id, recipient_id, chat_id)
         assert chat_id is not None
         result = await self._batcher.submit(Outgoing(
@@ -188,12 +174,12 @@ class MessagingHandler:
             message_type=message_type, client_message_id=client_message_id, created_at=now))
         if isinstance(result, NotAMember):
             raise _no_chat()
-        self.listener.message_stored(result, origin)
+        self._changes.publish(MessageStored(result, origin))
         return result
 
     async def history(self, user: AuthUser, chat_id: str, *, before: int | None, after: int | None,
                       limit: int) -> tuple[list[Message], bool]:
-        await self._member(user, chat_id)
+        await self.membership(user, chat_id)
         return await self._messages.history(chat_id, before=before, after=after, limit=limit)
 
     async def sync(self, user: AuthUser, since: int, limit: int) -> tuple[list[Message], bool]:
@@ -237,11 +223,11 @@ class MessagingHandler:
         chat_id = await self._chats.create_group(user.cyphr_id, others, encrypted_name,
                                                  encrypted_settings, now_ms(self._clock))
         for member in [user.cyphr_id, *others]:
-            self.listener.member_joined(chat_id, member)
+            self._changes.publish(MemberJoined(chat_id, member))
         return chat_id
 
     async def _admin_of_group(self, user: AuthUser, chat_id: str) -> Membership:
-        membership = await self._member(user, chat_id)
+        membership = await self.membership(user, chat_id)
         if membership.chat.chat_type != "group":
             raise BadRequest("Members of a direct chat cannot change", code=NOT_A_GROUP)
         if membership.role != "admin":
@@ -249,7 +235,7 @@ class MessagingHandler:
         return membership
 
     async def members(self, user: AuthUser, chat_id: str) -> list[Member]:
-        await self._member(user, chat_id)
+        await self.membership(user, chat_id)
         return await self._chats.members(chat_id)
 
     async def add_member(self, user: AuthUser, chat_id: str, cyphr_id: str) -> None:
@@ -259,19 +245,19 @@ class MessagingHandler:
             last_seq = await self._chats.add_member(chat_id, cyphr_id, now_ms(self._clock))
         except AlreadyMember:
             raise Conflict("Already a member", code=ALREADY_MEMBER) from None
-        self.listener.member_joined(chat_id, cyphr_id, last_seq)
+        self._changes.publish(MemberJoined(chat_id, cyphr_id, last_seq))
 
     async def remove_member(self, user: AuthUser, chat_id: str, cyphr_id: str) -> None:
         """An admin removes a member, or a member leaves."""
         if cyphr_id == user.cyphr_id:
-            membership = await self._member(user, chat_id)
+            membership = await self.membership(user, chat_id)
             if membership.chat.chat_type != "group":
                 raise BadRequest("A direct chat cannot be left", code=NOT_A_GROUP)
         else:
             await self._admin_of_group(user, chat_id)
         if not await self._chats.remove_member(chat_id, cyphr_id):
             raise NotFound("Not a member of this chat", code=NOT_A_MEMBER)
-        self.listener.member_left(chat_id, cyphr_id)
+        self._changes.publish(MemberLeft(chat_id, cyphr_id))
 
     async def set_role(self, user: AuthUser, chat_id: str, cyphr_id: str, role: str) -> None:
         await self._admin_of_group(user, chat_id)
@@ -281,3 +267,4 @@ class MessagingHandler:
             raise Conflict("A group keeps at least one admin", code=LAST_ADMIN) from None
         if not changed:
             raise NotFound("Not a member of this chat", code=NOT_A_MEMBER)
+        self._changes.publish(RoleChanged(chat_id, cyphr_id, role))

@@ -1,17 +1,25 @@
 """
-The cross-node event bus: server processes sharing one PostgreSQL database
-pass realtime events (JSON objects) to each other with LISTEN/NOTIFY.
+The cross-node event bus: server processes that serve one set of users pass
+realtime events (JSON objects) to each other.
 
-Publishing is fire and forget. The events published in one turn of the
-reactor go out in one statement on the pool (``SELECT pg_notify(?, ?),
-...``); while it runs, newcomers gather for the next one. Statements go one
+``Bus`` is what the realtime layer sees: ``publish`` an event to every other
+node; ``listen`` (one BusListener, before ``start``) to theirs. Two engines
+implement it: ``LocalBus`` for a single node (SQLite), where there is nobody
+to tell, and ``PostgresBus`` for nodes that share one PostgreSQL database,
+with LISTEN/NOTIFY. Another engine would be another subclass; the realtime
+layer would not change.
+
+On PostgreSQL, publishing is fire and forget. The events published in one
+turn of the reactor go out in one statement on the pool (``SELECT
+pg_notify(?, ?), ...``); while it runs, newcomers gather for the next one. Statements go one
 after another, so every other node gets a node's events in publish order
 (PostgreSQL delivers notifications in commit order). While the database is
 down, events are dropped and counted: the realtime layer recovers them
-through its catch-up path, which ``on_restored`` starts.
+through its catch-up path, which ``bus_restored`` starts.
 
 Listening runs on a connection of its own (the pool's connections run
-queries and transactions), which reconnects by itself and says LISTEN again.
+queries and transactions): a MaintainedConnection, as each of the pool's,
+which reconnects by itself; the bus then says LISTEN again.
 
 A payload is ``{"n":<node id>,"s":<sequence>,"e":<event>}``. The sequence
 number is there because PostgreSQL folds identical notifications sent in one
@@ -25,26 +33,22 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import suppress
-from typing import Any
+from typing import Any, Protocol
 
-from psycopg2.extensions import parse_dsn
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cyphr.db.postgres import (
+    MaintainedConnection,
     PostgresDatabase,
-    _Connection,
-    _Detector,
-    _with_deadline,
     connection_dsn,
+    dsn_connect_timeout,
     is_connection_error,
 )
 from cyphr.errors import DatabaseUnavailable
 
-__all__ = ["CHANNEL", "MAX_PAYLOAD", "Bus", "LocalBus", "PostgresBus"]
+__all__ = ["CHANNEL", "MAX_PAYLOAD", "Bus", "BusListener", "LocalBus", "PostgresBus"]
 
 _log = Logger()
 
@@ -56,7 +60,7 @@ CHUNK = 100
 # Events waiting to be sent at most; beyond that the database cannot keep up
 # and new events are dropped (and counted) rather than held without bound.
 MAX_BACKLOG = 100_000
-# Events handed to on_event in one turn of the reactor, so that a burst of
+# Events handed to the listener in one turn of the reactor, so that a burst of
 # notifications does not hold the reactor for long.
 DRAIN_SLICE = 500
 # Digits the sequence number may take, counted in the size check so that
@@ -69,19 +73,27 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
 
 
-def _ignore_event(event: dict[str, Any]) -> None:
-    pass
-
-
-def _ignore() -> None:
-    pass
-
-
 def _statement(count: int) -> str:
     return "SELECT " + ", ".join(["pg_notify(?, ?)"] * count)
 
 
 _FULL_STATEMENT = _statement(CHUNK)
+
+
+class BusListener(Protocol):
+    """Who hears the other nodes (the realtime layer's fan-out adapter).
+    A bus calls it on the reactor thread; what it raises is logged, and the
+    bus goes on."""
+
+    def bus_event(self, event: dict[str, Any]) -> None:
+        """An event another node published."""
+
+    def bus_listening(self) -> None:
+        """Once: events from the other nodes can first arrive (on a
+        LocalBus: at start(), since there are no others)."""
+
+    def bus_restored(self) -> None:
+        """Listening again after a lost connection: events may have been missed."""
 
 
 class Bus(ABC):
@@ -94,12 +106,8 @@ class Bus(ABC):
         if not isinstance(node_id, str) or not node_id:
             raise ValueError("node_id must be a non-empty string")
         self.node_id = node_id
-        # Set by the owner: events from the other nodes; LISTEN established
-        # again after a lost connection.
-        self.on_event: Callable[[dict[str, Any]], None] = _ignore_event
-        self.on_restored: Callable[[], None] = _ignore
-        # Called once, when events from other nodes can first arrive.
-        self.on_listening: Callable[[], None] = _ignore
+        # Who hears the other nodes' events (listen()).
+        self._listener: BusListener | None = None
         # For metrics: events published, sent to the other nodes, received
         # from them, dropped; notifications that were not events.
         self.published = 0
@@ -124,6 +132,27 @@ class Bus(ABC):
                 " publish ids and let the other nodes fetch the rest")
         return body
 
+    def listen(self, listener: BusListener) -> None:
+        """Hand the other nodes' events to ``listener``: exactly once, before
+        start(). A second call raises RuntimeError."""
+        if self._listener is not None:
+            raise RuntimeError("the bus has a listener already")
+        self._listener = listener
+
+    @property
+    def listener(self) -> BusListener:
+        """Who hears this bus. RuntimeError before listen(): start() uses
+        it, so that a bus nobody hears refuses to start."""
+        if self._listener is None:
+            raise RuntimeError("nobody listens to the bus: listen() comes before start()")
+        return self._listener
+
+    @property
+    def shared(self) -> bool:
+        """Whether other nodes may hear what is published (a single node's
+        bus says False)."""
+        return True
+
     def fits(self, event: dict[str, Any]) -> bool:
         """Would publish() accept ``event``?"""
         return isinstance(event, dict) and len(_encode(event)) <= self._room
@@ -135,7 +164,8 @@ class Bus(ABC):
 
     @abstractmethod
     def start(self) -> None:
-        """Start listening, without waiting."""
+        """Start listening, without waiting. RuntimeError if nobody
+        listens (see ``listener``)."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -145,57 +175,66 @@ class Bus(ABC):
     def publish(self, event: dict[str, Any]) -> None:
         """
         Send ``event`` to every other node, fire and forget: it reaches each
-        other node's on_event once, in publish order. Raises ValueError at
+        other node's listener once, in publish order. Raises ValueError at
         once when it is too big (check with fits(), or send ids instead).
         Events published while the database is down are dropped.
         """
 
 
 class LocalBus(Bus):
-    """A single node (SQLite): there is nobody to tell."""
+    """
+    A single node (SQLite): there is nobody to tell. It behaves as a bus
+    whose LISTEN succeeds at once and never fails: start() tells the
+    listener bus_listening (so whoever waits for that moment goes on, as on
+    any bus), it listens from start() until stop(), nothing ever arrives,
+    and it is never restored.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self._started = False
+        self._stopped = False
+
+    @property
+    def shared(self) -> bool:
+        return False
 
     @property
     def listening(self) -> bool:
-        return True
+        return self._started and not self._stopped
 
     def start(self) -> None:
-        pass
+        listener = self.listener
+        if self._started or self._stopped:
+            return
+        self._started = True
+        try:
+            listener.bus_listening()
+        except Exception:  # noqa: BLE001 - the listener's bug must not stop the start
+            _log.failure("The event bus's listener failed (bus_listening)")
 
     async def stop(self) -> None:
-        pass
+        self._stopped = True
 
     def publish(self, event: dict[str, Any]) -> None:
         self._body(event)
         self.published += 1
 
 
-class _InOrder:
-    """
-    Stands in for the Cooperator txpostgres hands notifications to. It makes
-    each read's notifications into a task of their own, and a Cooperator
-    runs its tasks round-robin: the notifications of two reads could reach
-    the observer interleaved, out of order. This runs each at once, in
-    order; the observer only queues them, so that is quick.
-    """
-
-    @staticmethod
-    def cooperate(iterator: Iterator[Any]) -> None:
-        for _ in iterator:
-            pass
-
-
 class PostgresBus(Bus):
-    """The bus of nodes that share one PostgreSQL database."""
+    """The bus of nodes that share one PostgreSQL database: it publishes
+    through the pool, and listens on a MaintainedConnection of its own, of
+    which it is the ConnectionObserver."""
 
     def __init__(self, database: PostgresDatabase, url: str, node_id: str, reactor: Any) -> None:
         super().__init__(node_id)
         self._database = database
         self._dsn = connection_dsn(url)
-        self._connect_timeout = float(parse_dsn(self._dsn)["connect_timeout"])
+        self._connect_timeout = dsn_connect_timeout(self._dsn)
         self._reactor = reactor
         self._seq = 0
         # listening
-        self._conn: _Connection | None = None
+        self._conn: MaintainedConnection | None = None
         self._listening = False
         self._listened_before = False
         self._retry: Any = None
@@ -220,32 +259,19 @@ class PostgresBus(Bus):
     # -- listening ------------------------------------------------------
 
     def start(self) -> None:
+        self.listener  # noqa: B018 - raises if nobody listens
         if self._conn is not None or self._stopping:
             return
-        # The pool's connection class and detector, each with one more fix:
-        # the same doRead that turns a dead socket into a quiet
-        # reconnection, the same backoff.
-        conn = _Connection(
-            self._reactor, cooperator=_InOrder(),
-            detector=_Detector(self, self._reactor, self._connect_timeout))  # type: ignore[arg-type]
-        conn.addNotifyObserver(self._notified)
-        conn.detector.addRecoveryHandler(self._listen)
-        self._conn = conn
-        connected = _with_deadline(conn.connect(self._dsn), conn, self._connect_timeout,
-                                   self._reactor)
-        connected.addCallbacks(lambda _: self._listen(), self._first_connect_failed)
-
-    def _first_connect_failed(self, f: Failure) -> None:
-        if self._stopping or self._conn is None:
-            return
-        self._conn.detector.connectionIsDead = True
-        self._conn.detector.startReconnecting(f)
+        self._conn = MaintainedConnection(self._dsn, self._reactor, self,
+                                          connect_timeout=self._connect_timeout)
+        self._conn.add_notify_observer(self._notified)
+        self._conn.start()
 
     def _listen(self) -> None:
         self._retry = None
         if self._stopping or self._conn is None:
             return
-        d = self._conn.runOperation(f"LISTEN {CHANNEL}")
+        d = self._conn.execute(f"LISTEN {CHANNEL}")
         d.addCallbacks(self._now_listening, self._listen_failed)
 
     def _now_listening(self, _: Any) -> None:
@@ -256,26 +282,29 @@ class PostgresBus(Bus):
             self._listened_before = True
             _log.info("Event bus listening as node {node}", node=self.node_id)
             try:
-                self.on_listening()
-            except Exception:  # noqa: BLE001 - the owner's bug must not stop the bus
-                _log.failure("The event bus's on_listening failed")
+                self.listener.bus_listening()
+            except Exception:  # noqa: BLE001 - the listener's bug must not stop the bus
+                _log.failure("The event bus's listener failed (bus_listening)")
             return
         _log.info("Event bus listening again")
         try:
-            self.on_restored()
-        except Exception:  # noqa: BLE001 - the owner's bug must not stop the bus
-            _log.failure("The event bus's on_restored failed")
+            self.listener.bus_restored()
+        except Exception:  # noqa: BLE001 - the listener's bug must not stop the bus
+            _log.failure("The event bus's listener failed (bus_restored)")
 
     def _listen_failed(self, f: Failure) -> None:
         if self._stopping or is_connection_error(f.value):
-            return  # the detector reconnects, then LISTENs again
+            return  # the connection reconnects, then LISTENs again
         # Not the connection: say a standby, where LISTEN is refused.
         _log.failure("LISTEN failed; trying again in {delay} s", f, delay=_RETRY_LISTEN)
         self._retry = self._reactor.callLater(_RETRY_LISTEN, self._listen)
 
-    # The detector calls these two, as it calls them on the pool.
+    # -- ConnectionObserver: what the LISTEN connection tells the bus ---
 
-    def _connection_died(self, conn: Any, f: Failure) -> None:
+    def connection_up(self, conn: MaintainedConnection) -> None:
+        self._listen()
+
+    def connection_died(self, conn: MaintainedConnection, f: Failure) -> None:
         was_listening, self._listening = self._listening, False
         if self._stopping:
             return
@@ -288,10 +317,13 @@ class PostgresBus(Bus):
         else:
             _log.warn("Event bus cannot reach PostgreSQL, retrying: {reason}", reason=reason)
 
-    def _reconnect_failed(self, f: Failure) -> None:
+    def reconnect_failed(self, conn: MaintainedConnection, f: Failure) -> None:
         # One line per attempt would drown the log; the pool reports the
         # outage every 30 s.
         _log.debug("Event bus reconnection failed: {reason}", reason=f.getErrorMessage())
+
+    def retry_scheduled(self, conn: MaintainedConnection, f: Failure, delay: float) -> None:
+        pass  # the pool reports a PostgreSQL out of reach, for both
 
     # -- receiving ------------------------------------------------------
 
@@ -306,6 +338,7 @@ class PostgresBus(Bus):
     def _drain(self) -> None:
         self._draining = None
         inbox = self._inbox
+        listener = self.listener
         for _ in range(min(len(inbox), DRAIN_SLICE)):
             payload = inbox.popleft()
             try:
@@ -323,9 +356,9 @@ class PostgresBus(Bus):
                 continue  # ours, written some other way
             self.received += 1
             try:
-                self.on_event(message["e"])
+                listener.bus_event(message["e"])
             except Exception:  # noqa: BLE001 - nor stop the events after it
-                _log.failure("The event bus's on_event failed")
+                _log.failure("The event bus's listener failed (bus_event)")
         if inbox and not self._stopping:
             self._draining = self._reactor.callLater(0, self._drain)
 
@@ -423,13 +456,10 @@ class PostgresBus(Bus):
         self._inbox.clear()
         conn = self._conn
         if conn is not None:
-            # The detector's stop() cancels the next attempt; closing ends
-            # one in progress now rather than at its deadline.
-            detector_stopped = Deferred.fromCoroutine(conn.detector.stop())
-            conn.removeNotifyObserver(self._notified)
-            with suppress(AttributeError):  # never connected
-                conn.close()
-            await detector_stopped
+            # No further attempt; one in progress ends now rather than at
+            # its deadline.
+            conn.remove_notify_observer(self._notified)
+            await conn.stop()
         # What was published before stop() goes out.
         while self._sending is not None or self._pending:
             if self._scheduled is not None:

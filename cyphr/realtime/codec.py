@@ -328,6 +328,13 @@ def encode_packet(packet: SocketPacket) -> list[str | bytes]:
 
 # -- decoding
 
+def encode_event_json(event: str, json_text: str) -> list[str | bytes]:
+    """``encode_packet(SocketPacket(EVENT, "/", [event, data]))`` where
+    ``json_text`` is ``data`` already encoded as compact JSON with no bytes
+    in it (a stored message on its way out: it is not parsed again)."""
+    return ["2[" + _dumps_plain(event) + "," + json_text + "]"]
+
+
 def _refuse_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not JSON")
 

@@ -1,18 +1,22 @@
 """
-Cyphr's realtime events (API.md, "Realtime") on the Socket.IO layer:
-authentication, rooms, messages and their receipts, typing, presence, call
-signalling, offline catch-up, and fan-out to the other nodes over the bus.
+Cyphr's realtime events (API.md, "Realtime") on the Socket.IO layer.
+
+Each event is one short method: parse, call the handler that holds the
+rule (the same one the REST route calls), fan the outcome out, answer the
+ack. What this module keeps for itself is what only a socket has: its
+session (the token it was accepted with, its expiry), its welcome (rooms,
+presence, the offline catch-up) and the pacing of what goes out to it.
 
 Rooms: ``user:<cyphrId>`` holds a user's sockets, ``chat:<chatId>`` the
-sockets of a chat's members. Every event is checked against the database
-or against room membership, which follows the database (joins and leaves
-are broadcast to every node).
+sockets of a chat's members. Rooms follow the database: the handlers
+publish every membership change on the change feed (cyphr.changes), and
+the fan-out adapter (cyphr.realtime.fanout) carries it to every node.
 
 Order: messages pass through the chat's feed (cyphr.realtime.feeds), so
 that every socket sees its chats in seq order without gaps. A socket that
-comes back first gets what it has not acknowledged as
-delivered (the catch-up), then ``sync_complete``; what arrives live during
-the catch-up is held and sent after it, without duplicates.
+comes back first gets what it has not acknowledged as delivered (the
+catch-up), then ``sync_complete``; what arrives live during the catch-up is
+held and sent after it, without duplicates.
 """
 
 from __future__ import annotations
@@ -23,27 +27,36 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cyphr.changes import ChangeFeed, MemberJoined, MemberLeft, MessageStored, SessionsEnded
 from cyphr.clock import iso, now_ms
 from cyphr.errors import (
-    CHAT_NOT_FOUND,
     INTERNAL_ERROR,
     INVALID_BODY,
-    MESSAGE_NOT_FOUND,
     RATE_LIMITED,
     TOKEN_EXPIRED,
     UNAUTHORIZED,
-    USER_NOT_FOUND,
     ApiError,
     BadRequest,
-    NotFound,
     Unauthorized,
 )
 from cyphr.handlers.auth import Authenticator, AuthUser
+from cyphr.handlers.calls import CALL_TYPES, CallsHandler
+from cyphr.handlers.delivery import CATCH_UP_PAGE, DeliveryHandler
 from cyphr.handlers.messaging import MessagingHandler, parse_send
+from cyphr.handlers.receipts import Receipt, ReceiptsHandler
 from cyphr.handlers.validation import Fields, invalid
-from cyphr.realtime.bus import Bus, LocalBus
-from cyphr.realtime.codec import EVENT, SocketPacket, encode_packet
-from cyphr.realtime.feeds import ChatFeeds, message_text, new_message_frames
+from cyphr.realtime.bus import Bus
+from cyphr.realtime.codec import EVENT, SocketPacket, encode_event_json, encode_packet
+from cyphr.realtime.envelopes import (
+    USERS_PER_LIST,
+    Envelope,
+    Heartbeat,
+    Hello,
+    PresenceChanged,
+    PresenceList,
+)
+from cyphr.realtime.fanout import FanOut
+from cyphr.realtime.feeds import ChatFeeds
 from cyphr.realtime.presence import Presence
 from cyphr.realtime.socketio import (
     ConnectRefused,
@@ -52,20 +65,15 @@ from cyphr.realtime.socketio import (
     SocketServer,
     UnknownEvent,
 )
-from cyphr.store.chats import ChatStore
-from cyphr.store.identities import IdentityStore
-from cyphr.store.messages import Message, MessageStore
+from cyphr.wire import message_text, receipt_json, sent_json
 
 _log = Logger()
 
 AUTH_TIMEOUT = 10.0          # seconds an unauthenticated socket may stay
-CATCH_UP_PAGE = 200          # messages per catch-up query
-MAX_NAMED_CHATS = 500        # beyond this, the catch-up query does not list the chats
 HEARTBEAT = 15.0             # seconds between a node's heartbeats on the bus
 NODE_SILENCE = 60.0          # a node silent this long has its presence forgotten
-PARTNER_CACHE = 60.0         # seconds "these two share a chat" is believed
-CALL_TYPES = ("audio", "video")
-_FIRST = ("00000000-0000-0000-0000-000000000000", -1)
+
+Frames = list[str | bytes]
 
 
 class Client:
@@ -79,7 +87,7 @@ class Client:
         self.expiry_timer: Any = None  # ends the socket when its token expires
         self.welcomed = False
         # While catching up: the live messages that arrive meanwhile.
-        self.catching_up: list[tuple[str, int, list[str | bytes]]] | None = None
+        self.catching_up: list[tuple[str, int, Frames]] | None = None
         # chat -> the highest seq the catch-up sent (live ones up to it are dropped).
         self.seen: dict[str, int] | None = None
 
@@ -88,8 +96,12 @@ def _ok(**fields: Any) -> dict[str, Any]:
     return {"success": True, **fields}
 
 
-def _frames(event: str, data: Any) -> list[str | bytes]:
+def _frames(event: str, data: Any) -> Frames:
     return encode_packet(SocketPacket(EVENT, "/", [event, data]))
+
+
+def _new_message_frames(text: str) -> Frames:
+    return encode_event_json("new_message", '{"message":' + text + "}")
 
 
 def _body(data: Any) -> dict[str, Any]:
@@ -100,25 +112,23 @@ def _body(data: Any) -> dict[str, Any]:
 
 class Realtime:
     def __init__(self, *, sockets: SocketServer, authenticator: Authenticator,
-                 messaging: MessagingHandler, chats: ChatStore, messages: MessageStore,
-                 identities: IdentityStore, bus: Bus, clock: Any, max_payload: int,
-                 reactor: Any = None) -> None:
+                 messaging: MessagingHandler, receipts: ReceiptsHandler, calls: CallsHandler,
+                 delivery: DeliveryHandler, presence: Presence, bus: Bus, changes: ChangeFeed,
+                 clock: Any, reactor: Any, max_payload: int) -> None:
         self.sockets = sockets
         self._authenticator = authenticator
         self._messaging = messaging
-        self._chats = chats
-        self._messages = messages
-        self._identities = identities
-        self.bus = bus
-        self._single_node = isinstance(bus, LocalBus)
+        self._receipts = receipts
+        self._calls = calls
+        self._delivery = delivery
+        self.presence = presence
+        self._bus = bus
         self._clock = clock
         # Business time (timeouts, lastSeen) comes from the clock; "soon"
         # (the next turn, a short wait) from the reactor.
-        self._reactor = reactor if reactor is not None else clock
+        self._reactor = reactor
         self._max_payload = max_payload
-        self.presence = Presence(clock)
-        self.feeds = ChatFeeds(messages, self._reactor, self._deliver, self._spawn)
-        self._partners: dict[tuple[str, str], float] = {}
+        self.feeds = ChatFeeds(delivery, reactor, self._deliver, self._spawn)
         # Every socket whose token was accepted, from that moment (before its
         # welcome), by user and by token: ending sessions finds them here,
         # including those not yet in their ``user:`` room.
@@ -128,16 +138,12 @@ class Realtime:
         # see _check_token.
         self._endings = 0
         self._heartbeat: Any = None
-        # For metrics: first delivery receipts and read marks recorded here.
-        self.delivered_count = 0
-        self.read_count = 0
+        self._started = False
+        self._said_hello = False
 
-        ns = self.ns = sockets.namespace("/")
-        ns.connect_handler = self._connect
-        ns.connected_handler = self._connected
-        ns.disconnect_handler = self._disconnected
-        ns.error_ack = self._error_ack
-        ns.on("authenticate", self._authenticate)
+        self.ns = sockets.namespace("/", connect=self._connect, connected=self._connected,
+                                    disconnected=self._disconnected, error_ack=self._error_ack)
+        self.ns.on("authenticate", self._authenticate)
         for event, handler in (
             ("send_message", self._send_message),
             ("message_delivered", self._message_delivered),
@@ -149,13 +155,12 @@ class Realtime:
             ("call_ice_candidate", self._call_ice_candidate),
             ("call_end", self._call_end),
         ):
-            ns.on(event, self._signed_in(handler))
-        messaging.listener = self
-        bus.on_event = self._bus_event
-        bus.on_restored = self._bus_restored
-        bus.on_listening = self._hello
-        self._started = False
-        self._said_hello = False
+            self.ns.on(event, self._signed_in(handler))
+        self.fanout = FanOut(bus, self)
+        changes.subscribe(MessageStored, self._message_stored)
+        changes.subscribe(MemberJoined, lambda c: self.fanout.join(c.chat_id, c.cyphr_id, c.last_seq))
+        changes.subscribe(MemberLeft, lambda c: self.fanout.leave(c.chat_id, c.cyphr_id))
+        changes.subscribe(SessionsEnded, lambda c: self.fanout.end_sessions(c.cyphr_id, c.jti))
 
     # -- life cycle ---------------------------------------------------------
 
@@ -168,9 +173,9 @@ class Realtime:
     def _hello(self) -> None:
         # Asks the other nodes who is online there; they answer on the bus,
         # so it waits until this node listens too.
-        if self._started and self.bus.listening and not self._said_hello:
+        if self._started and self._bus.listening and not self._said_hello:
             self._said_hello = True
-            self._publish({"t": "hello", "n": self.bus.node_id})
+            self.fanout.publish(Hello(self.fanout.node_id))
 
     def stop(self) -> None:
         self._started = False
@@ -185,7 +190,7 @@ class Realtime:
         # would then take all its users offline.
         self._heartbeat = self._clock.callLater(HEARTBEAT, self._beat)
         try:
-            self._publish({"t": "h", "n": self.bus.node_id})
+            self.fanout.publish(Heartbeat(self.fanout.node_id))
         except Exception:
             _log.failure("The heartbeat could not be published")
         for node in self.presence.silent_nodes(NODE_SILENCE):
@@ -201,24 +206,16 @@ class Realtime:
         that would have done (last_seen, ``user_offline``). Every node that
         notices the silence does the same, so each tells only its own
         sockets: each socket hears it once, from the node it is on."""
-        if not users:
-            return
-        now = now_ms(self._clock)
         for user in users:
-            self._spawn(self._identities.set_last_seen(user, now))
-            self._spawn(self._announce(user, {"userId": user, "lastSeen": iso(now)}, "user_offline",
-                                       here_only=True))
+            self._went_offline(user, here_only=True)
 
     def stats(self) -> dict[str, int]:
         return {"connections": self.presence.connections, "users": self.presence.users}
 
-    def is_online(self, cyphr_id: str) -> bool:
-        return self.presence.is_online(cyphr_id)
-
     # -- authentication -------------------------------------------------------
 
     async def _connect(self, socket: Socket, auth: Any) -> None:
-        client = socket.state = Client()
+        socket.state = Client()
         token = auth.get("token") if isinstance(auth, dict) else None
         if token is not None:
             if not isinstance(token, str):
@@ -258,7 +255,7 @@ class Realtime:
         self._by_user.setdefault(user.cyphr_id, set()).add(socket)
         self._by_jti.setdefault(user.jti, set()).add(socket)
         delay = max(0.0, user.expires_at - self._clock.seconds())
-        client.expiry_timer = self._clock.callLater(delay, self._token_expired, socket)
+        client.expiry_timer = self._clock.callLater(delay, _end_socket, socket, "session token expired")
 
     def _unregister(self, socket: Socket) -> None:
         client: Client = socket.state
@@ -274,10 +271,6 @@ class Realtime:
                 sockets.discard(socket)
                 if not sockets:
                     del index[key]
-
-    @staticmethod
-    def _token_expired(socket: Socket) -> None:
-        _end_socket(socket, "session token expired")
 
     def _connected(self, socket: Socket) -> Deferred[None] | None:
         client: Client = socket.state
@@ -316,6 +309,8 @@ class Realtime:
         ensureDeferred(self._welcome(socket)).addErrback(
             lambda f: _log.failure("Welcoming a socket failed", f))
 
+    # -- the welcome: rooms, presence, catch-up ---------------------------------
+
     async def _welcome(self, socket: Socket) -> None:
         """Rooms, presence, ``authenticated``, the catch-up, ``sync_complete``."""
         client: Client = socket.state
@@ -327,48 +322,42 @@ class Realtime:
         me = user.cyphr_id
         client.catching_up = []
         try:
-            positions = await self._chats.chat_positions(me)
+            positions = await self._delivery.positions(me)
         except ApiError:
             socket.session.close("database unavailable")
             return
         if not socket.connected:
             return  # ended meanwhile (logout, expiry): no rooms, no presence
         socket.join("user:" + me)
-        behind = []  # chats with messages past what this user acknowledged
-        for chat_id, last_seq, delivered in positions:
+        for chat_id, last_seq in positions.chats:
             self._join(socket, chat_id, last_seq)
-            if last_seq > delivered:
-                behind.append(chat_id)
         if self.presence.add(me, socket):
-            self._publish({"t": "p", "n": self.bus.node_id, "u": me, "o": 1})
+            self.fanout.publish(PresenceChanged(self.fanout.node_id, me, True))
             if not self.presence.elsewhere(me):
-                self._spawn(self._announce(me, {"userId": me}, "user_online"))
+                self._spawn(self._announce(me, "user_online", {"userId": me}))
         socket.emit("authenticated", {"userId": me, "cyphrId": me})
         try:
-            await self._catch_up(socket, me, behind)
+            await self._catch_up(socket, me, positions.behind)
         except ApiError:
             socket.session.close("database unavailable")
-            return
         except Exception:
             _log.failure("A catch-up failed")  # who it was is not for the log
             socket.session.close("server error")
-            return
 
-    async def _catch_up(self, socket: Socket, me: str, behind: list[str]) -> None:
+    async def _catch_up(self, socket: Socket, me: str, behind: tuple[str, ...]) -> None:
         """Push what ``me`` has not acknowledged, in the chats ``behind``
         (any chat whose newest message is past the member's delivered
         mark; the others have nothing to push)."""
         client: Client = socket.state
-        cursor = await self._messages.stream_position()
-        after = _FIRST
+        cursor = await self._delivery.cursor()
+        after: tuple[str, int] | None = None
         seen: dict[str, int] = {}
-        chats = sorted(behind) if len(behind) <= MAX_NAMED_CHATS else None
         while socket.connected and behind:
-            page = await self._messages.undelivered(me, after, CATCH_UP_PAGE, chats)
+            page = await self._delivery.undelivered_page(me, after, behind)
             if not socket.connected:
                 return
             for message in page:
-                socket.send_frames(new_message_frames(message_text(message)))
+                socket.send_frames(_new_message_frames(message_text(message)))
                 seen[message.chat_id] = message.seq
             if len(page) < CATCH_UP_PAGE:
                 break
@@ -407,23 +396,30 @@ class Realtime:
             return
         me = user.cyphr_id
         if self.presence.remove(me, socket):
-            now = now_ms(self._clock)
-            self._publish({"t": "p", "n": self.bus.node_id, "u": me, "o": 0})
-            self._spawn(self._identities.set_last_seen(me, now))
-            if not self.presence.elsewhere(me):
-                self._spawn(self._announce(me, {"userId": me, "lastSeen": iso(now)}, "user_offline"))
+            self.fanout.publish(PresenceChanged(self.fanout.node_id, me, False))
+            self._went_offline(me, here_only=False)
 
-    async def _announce(self, me: str, data: dict[str, Any], event: str, *,
+    def _went_offline(self, me: str, *, here_only: bool) -> None:
+        """``me`` has no socket left (here, or on a silent node): record its
+        last_seen and, unless it is online elsewhere, say so."""
+        now = now_ms(self._clock)
+        self._spawn(self._delivery.went_offline(me))  # records the same now
+        if here_only or not self.presence.elsewhere(me):
+            self._spawn(self._announce(me, "user_offline", {"userId": me, "lastSeen": iso(now)},
+                                       here_only=here_only))
+
+    async def _announce(self, me: str, event: str, data: dict[str, Any], *,
                         here_only: bool = False) -> None:
         """Tell everyone who shares a chat with ``me``, on every node (or,
         ``here_only``, on this one)."""
-        partners = await self._chats.partners(me)
+        partners = await self._delivery.partners(me)
+        rooms = ["user:" + u for u in partners]
         if here_only:
-            self._emit_local(["user:" + u for u in partners], event, data, None)
+            self.emit_here(rooms, event, data, None)
         else:
-            self.emit_to_users(partners, event, data)
+            self.fanout.to_rooms(rooms, event, data)
 
-    # -- events ---------------------------------------------------------------
+    # -- events: parse, handler, fan-out, ack ------------------------------------
 
     def _signed_in(self, handler: Any) -> Any:
         # One optional argument, as every signed-in event takes: the
@@ -437,138 +433,97 @@ class Realtime:
                 # Refused whether or not the expiry timer (which ends the
                 # socket) has run yet: a busy reactor may run it late.
                 raise Unauthorized("The session token has expired", code=TOKEN_EXPIRED)
-            return await handler(socket, user, data)
+            return await handler(socket, user, _body(data))
         return guarded
 
-    async def _send_message(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
-        arguments = parse_send(_body(data), self._max_payload)
-        message = await self._messaging.send(user, origin=socket, **arguments)
-        return _ok(messageId=message.id, chatId=message.chat_id, seq=message.seq,
-                   timestamp=iso(message.created_at))
+    async def _send_message(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
+        message = await self._messaging.send(user, origin=socket, **parse_send(body, self._max_payload))
+        return sent_json(message)
 
-    async def _member_message(self, user: AuthUser, body: dict[str, Any]) -> Message:
-        fields = Fields(body, body.keys())
-        message_id = fields.uuid("messageId")
-        chat_id = fields.uuid("chatId") if body.get("chatId") is not None else None
-        message = await self._messages.by_id_for_member(message_id, user.cyphr_id)
-        if message is None or (chat_id is not None and message.chat_id != chat_id):
-            raise NotFound("No such message", code=MESSAGE_NOT_FOUND)
-        return message
+    async def _message_delivered(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
+        message_id, chat_id = _message_ref(body)
+        receipt = await self._receipts.delivered(user, message_id, chat_id)
+        self._tell(receipt, "message_delivered")
+        return _ok(messageId=receipt.message_id, chatId=receipt.chat_id)
 
-    async def _message_delivered(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
-        message = await self._member_message(user, _body(data))
-        if message.sender_id != user.cyphr_id:
-            now = now_ms(self._clock)
-            first = await self._chats.mark_delivered(message.chat_id, message.id, user.cyphr_id, now,
-                                                     seq=message.seq)
-            if first:  # the sender hears of it once, whichever socket says it
-                self.delivered_count += 1
-                self.emit_to_users([message.sender_id], "message_delivered", {
-                    "messageId": message.id, "chatId": message.chat_id, "userId": user.cyphr_id,
-                    "at": iso(now)})
-        return _ok(messageId=message.id, chatId=message.chat_id)
-
-    async def _message_read(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
-        body = _body(data)
-        now = now_ms(self._clock)
+    async def _message_read(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("messageId") is not None:
-            message = await self._member_message(user, body)
-            if message.sender_id != user.cyphr_id:
-                await self._chats.mark_message_read(message.chat_id, message.id, user.cyphr_id, now)
-                self.read_count += 1
-                self.emit_to_users([message.sender_id], "message_read", {
-                    "messageId": message.id, "chatId": message.chat_id, "userId": user.cyphr_id,
-                    "at": iso(now)})
-            return _ok(messageId=message.id, chatId=message.chat_id)
+            message_id, chat_id = _message_ref(body)
+            receipt = await self._receipts.read(user, message_id, chat_id)
+            self._tell(receipt, "message_read")
+            return _ok(messageId=receipt.message_id, chatId=receipt.chat_id)
         fields = Fields(body, body.keys())
         chat_id = fields.uuid("chatId")
         up_to = fields.integer("upToSeq", minimum=0, maximum=2**62)
         assert up_to is not None
-        membership = await self._chats.membership(chat_id, user.cyphr_id)
-        if membership is None:
-            raise NotFound("No such chat", code=CHAT_NOT_FOUND)
-        up_to = min(up_to, membership.chat.last_seq)
-        senders = await self._chats.unread_senders(chat_id, user.cyphr_id, up_to)
-        await self._chats.mark_read(chat_id, user.cyphr_id, up_to)
-        self.read_count += 1
-        if senders:
-            self.emit_to_users(senders, "message_read", {
-                "upToSeq": up_to, "chatId": chat_id, "userId": user.cyphr_id, "at": iso(now)})
-        return _ok(chatId=chat_id, upToSeq=up_to)
+        receipt = await self._receipts.read_up_to(user, chat_id, up_to)
+        self._tell(receipt, "message_read")
+        return _ok(chatId=receipt.chat_id, upToSeq=receipt.up_to_seq)
 
-    async def _typing(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
-        body = _body(data)
+    def _tell(self, receipt: Receipt, event: str) -> None:
+        if receipt.tell:
+            self.fanout.to_users(receipt.tell, event, receipt_json(receipt))
+
+    async def _typing(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         fields = Fields(body, body.keys())
         chat_id = fields.uuid("chatId")
         typing = body.get("isTyping", True)
         if not isinstance(typing, bool):
             raise invalid("isTyping", "isTyping must be true or false")
         if "chat:" + chat_id not in socket.rooms:
-            raise NotFound("No such chat", code=CHAT_NOT_FOUND)
-        self.emit_to_rooms(["chat:" + chat_id], "user_typing", {
+            # The room is the membership the handler last said; not in it,
+            # ask (a chat joined meanwhile: this socket then joins it too).
+            await self._enter(socket, user, chat_id)
+        self.fanout.to_rooms(["chat:" + chat_id], "user_typing", {
             "chatId": chat_id, "userId": user.cyphr_id, "isTyping": typing}, skip_user=user.cyphr_id)
         return _ok()
 
-    async def _join_chat(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
-        body = _body(data)
+    async def _join_chat(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         chat_id = Fields(body, body.keys()).uuid("chatId")
-        membership = await self._chats.membership(chat_id, user.cyphr_id)
-        if membership is None:
-            raise NotFound("No such chat", code=CHAT_NOT_FOUND)
-        if socket.connected:
-            self._join(socket, chat_id, membership.chat.last_seq)
+        await self._enter(socket, user, chat_id)
         return _ok(chatId=chat_id)
 
-    async def _call_target(self, user: AuthUser, body: dict[str, Any]) -> tuple[Fields, str, str]:
+    async def _enter(self, socket: Socket, user: AuthUser, chat_id: str) -> None:
+        """Join ``socket`` to the chat's room if its user is a member
+        (MessagingHandler.membership refuses otherwise, as for REST)."""
+        membership = await self._messaging.membership(user, chat_id)
+        if socket.connected:
+            self._join(socket, chat_id, membership.chat.last_seq)
+
+    async def _call_peer(self, user: AuthUser, body: dict[str, Any]) -> tuple[Fields, str, str]:
         fields = Fields(body, body.keys())
         call_id = fields.text("callId", max_length=128)
         to = fields.cyphr_id("to")
         assert call_id is not None and to is not None
-        if to == user.cyphr_id or not await self._share_a_chat(user.cyphr_id, to):
-            # Strangers cannot ring each other, nor learn who exists.
-            raise NotFound("No such user", code=USER_NOT_FOUND, details={"to": to})
+        await self._calls.check_peer(user, to)
         return fields, call_id, to
 
-    async def _share_a_chat(self, a: str, b: str) -> bool:
-        key = (a, b) if a < b else (b, a)
-        now = self._clock.seconds()
-        at = self._partners.get(key)
-        if at is not None and now - at < PARTNER_CACHE:
-            return True
-        if not await self._chats.share_a_chat(a, b):
-            return False
-        if len(self._partners) > 100_000:
-            self._partners.clear()
-        self._partners[key] = now
-        return True
-
     def _relay(self, to: str, event: str, data: dict[str, Any]) -> dict[str, Any]:
-        if not self.emit_to_users([to], event, data):
+        if not self.fanout.to_users([to], event, data):
             raise ApiError("The event is too large to relay", code="PAYLOAD_TOO_LARGE", status=413)
         return _ok()
 
-    async def _call_offer(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
-        body = _body(data)
-        fields, call_id, to = await self._call_target(user, body)
+    async def _call_offer(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
+        fields, call_id, to = await self._call_peer(user, body)
         call_type = fields.text("callType", required=False, max_length=16) or "audio"
         if call_type not in CALL_TYPES:
             raise invalid("callType", "callType must be audio or video")
-        offer = fields.value("offer")
         return self._relay(to, "incoming_call", {
-            "callId": call_id, "from": user.cyphr_id, "offer": offer, "callType": call_type})
+            "callId": call_id, "from": user.cyphr_id, "offer": fields.value("offer"),
+            "callType": call_type})
 
-    async def _call_answer(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
-        fields, call_id, to = await self._call_target(user, _body(data))
+    async def _call_answer(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
+        fields, call_id, to = await self._call_peer(user, body)
         return self._relay(to, "call_answer", {
             "callId": call_id, "from": user.cyphr_id, "answer": fields.value("answer")})
 
-    async def _call_ice_candidate(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
-        fields, call_id, to = await self._call_target(user, _body(data))
+    async def _call_ice_candidate(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
+        fields, call_id, to = await self._call_peer(user, body)
         return self._relay(to, "call_ice_candidate", {
             "callId": call_id, "from": user.cyphr_id, "candidate": fields.value("candidate")})
 
-    async def _call_end(self, socket: Socket, user: AuthUser, data: Any = None) -> dict[str, Any]:
-        fields, call_id, to = await self._call_target(user, _body(data))
+    async def _call_end(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
+        fields, call_id, to = await self._call_peer(user, body)
         reason = fields.text("reason", required=False, max_length=64)
         return self._relay(to, "call_end", {
             "callId": call_id, "from": user.cyphr_id, "reason": reason or "ended"})
@@ -584,26 +539,16 @@ class Realtime:
         _log.failure("Unexpected error answering an event", failure)
         return {"success": False, "error": "Internal server error", "code": INTERNAL_ERROR}
 
-    # -- emitting, here and on the other nodes ----------------------------------
+    # -- changes from the handlers ------------------------------------------------
 
-    def emit_to_users(self, users: list[str], event: str, data: dict[str, Any]) -> bool:
-        return self.emit_to_rooms(["user:" + u for u in users], event, data)
+    def _message_stored(self, change: MessageStored) -> None:
+        message = change.message
+        self.fanout.message(message.chat_id, message.seq, message_text(message), change.origin)
 
-    def emit_to_rooms(self, rooms: list[str], event: str, data: dict[str, Any],
-                      skip_user: str | None = None) -> bool:
-        """Emit to these rooms' sockets on every node, once per socket.
-        False if the event was too large for the other nodes (it still
-        reached this node's sockets)."""
-        self._emit_local(rooms, event, data, skip_user)
-        published = True
-        for start in range(0, len(rooms), 100):
-            envelope = {"t": "e", "r": rooms[start:start + 100], "e": event, "d": data}
-            if skip_user is not None:
-                envelope["u"] = skip_user
-            published = self._publish(envelope) and published
-        return published
+    # -- this node's part of each fan-out (cyphr.realtime.fanout.Here) -------------
 
-    def _emit_local(self, rooms: list[str], event: str, data: Any, skip_user: str | None) -> None:
+    def emit_here(self, rooms: tuple[str, ...] | list[str], event: str, data: Any,
+                  skip_user: str | None) -> None:
         targets: set[Socket] = set()
         for room in rooms:
             members = self.ns.rooms.get(room)
@@ -618,47 +563,21 @@ class Realtime:
                 continue
             socket.send_frames(frames)
 
-    def _publish(self, event: dict[str, Any]) -> bool:
-        if self._single_node:
-            return True
-        try:
-            self.bus.publish(event)
-        except ValueError:
-            return False
-        return True
-
-    @staticmethod
-    def _spawn(coroutine: Any) -> None:
-        ensureDeferred(coroutine).addErrback(_quiet_failure)
-
-    # -- rooms and feeds --------------------------------------------------------
-
-    def _join(self, socket: Socket, chat_id: str, last_seq: int) -> None:
-        socket.join("chat:" + chat_id)
-        self.feeds.open(chat_id, last_seq)
-
-    def _joined(self, chat_id: str, cyphr_id: str, last_seq: int) -> None:
+    def join_here(self, chat_id: str, cyphr_id: str, last_seq: int) -> None:
         for socket in list(self.presence.sockets(cyphr_id)):
             if socket.connected:
                 self._join(socket, chat_id, last_seq)
 
-    def _left(self, chat_id: str, cyphr_id: str) -> None:
+    def leave_here(self, chat_id: str, cyphr_id: str) -> None:
         room = "chat:" + chat_id
         for socket in list(self.presence.sockets(cyphr_id)):
             socket.leave(room)
         if not self.ns.room_size(room):
             self.feeds.close(chat_id)
 
-    def end_sessions(self, cyphr_id: str, jti: str | None = None) -> None:
-        """The user logged out (``jti``: that token's sockets), recovered its
-        identity on a new device or deleted it (every socket): on every node,
-        its sockets are disconnected."""
-        self._end_sessions(cyphr_id, jti)
-        self._publish({"t": "k", "u": cyphr_id, "j": jti})
-
-    def _end_sessions(self, cyphr_id: str, jti: str | None) -> None:
-        # Here and from the bus alike: every registered socket of the token
-        # (or of the user), welcomed or still in its welcome.
+    def end_here(self, cyphr_id: str, jti: str | None) -> None:
+        # Every registered socket of the token (or of the user), welcomed
+        # or still in its welcome.
         self._endings += 1
         sockets = self._by_user.get(cyphr_id, ()) if jti is None else self._by_jti.get(jti, ())
         for socket in list(sockets):
@@ -666,35 +585,57 @@ class Realtime:
             if user is not None and user.cyphr_id == cyphr_id:
                 _end_socket(socket, "session ended")
 
-    # MessagingListener: what the REST routes and the events change.
+    def message_here(self, chat_id: str, seq: int, text: str | None, origin: Any) -> None:
+        if text is None:
+            self.feeds.fetch(chat_id, seq)
+        else:
+            self.feeds.arrive(chat_id, seq, text, origin)
 
-    def member_joined(self, chat_id: str, cyphr_id: str, last_seq: int = 0) -> None:
-        self._joined(chat_id, cyphr_id, last_seq)
-        self._publish({"t": "j", "c": chat_id, "u": cyphr_id, "s": last_seq})
+    def node_event(self, envelope: Envelope) -> None:
+        presence = self.presence
+        match envelope:
+            case PresenceChanged(node, cyphr_id, online):
+                presence.heard(node)
+                if online:
+                    presence.remote_online(node, cyphr_id)
+                else:
+                    presence.remote_offline(node, cyphr_id)
+            case PresenceList(node, users):
+                presence.heard(node)
+                for user in users:
+                    presence.remote_online(node, user)
+            case Hello(node):
+                presence.heard(node)
+                self._announce_users()
+            case Heartbeat(node):
+                presence.heard(node)
 
-    def member_left(self, chat_id: str, cyphr_id: str) -> None:
-        self._left(chat_id, cyphr_id)
-        self._publish({"t": "l", "c": chat_id, "u": cyphr_id})
+    def bus_listening(self) -> None:
+        self._hello()
 
-    def message_stored(self, message: Message, origin: Any) -> None:
-        as_json = message_text(message)
-        self.feeds.arrive(message.chat_id, message.seq, as_json, origin)
-        if self._single_node:
-            return
-        event = {"t": "m", "c": message.chat_id, "s": message.seq, "m": as_json}
-        try:
-            self.bus.publish(event)
-        except ValueError:
-            del event["m"]  # too large: the other nodes fetch it
-            self._publish(event)
+    def bus_restored(self) -> None:
+        """The bus was down: others may have missed our presence, and our
+        feeds may have missed messages. Catch up on both."""
+        self._announce_users()
+        self.feeds.resync()
 
-    # -- delivery: what a feed hands on, to the chat's sockets here ------------
+    def _announce_users(self) -> None:
+        users = list(self.presence.local)
+        for start in range(0, len(users), USERS_PER_LIST):
+            self.fanout.publish(PresenceList(self.fanout.node_id, tuple(users[start:start + USERS_PER_LIST])))
+
+    # -- rooms and feeds --------------------------------------------------------
+
+    def _join(self, socket: Socket, chat_id: str, last_seq: int) -> None:
+        socket.join("chat:" + chat_id)
+        self.feeds.open(chat_id, last_seq)
 
     def _deliver(self, chat_id: str, seq: int, message: str, origin: Socket | None) -> None:
+        """What a feed hands on, to the chat's sockets here."""
         members = self.ns.rooms.get("chat:" + chat_id)
         if not members:
             return
-        frames = new_message_frames(message)
+        frames = _new_message_frames(message)
         # A copy: a socket closed on the way (slow consumer) leaves the room.
         for socket in list(members):
             if socket is origin:
@@ -712,48 +653,18 @@ class Realtime:
                     client.seen = None
             socket.send_frames(frames)
 
-    # -- the bus ----------------------------------------------------------------
+    @staticmethod
+    def _spawn(coroutine: Any) -> None:
+        ensureDeferred(coroutine).addErrback(_quiet_failure)
 
-    def _bus_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("t")
-        node = event.get("n", "")
-        if node:
-            self.presence.heard(node)
-        if kind == "m":
-            chat_id, seq = event["c"], event["s"]
-            if isinstance(event.get("m"), str):
-                self.feeds.arrive(chat_id, seq, event["m"])
-            else:
-                self.feeds.fetch(chat_id, seq)
-        elif kind == "e":
-            self._emit_local(event["r"], event["e"], event["d"], event.get("u"))
-        elif kind == "j":
-            self._joined(event["c"], event["u"], event.get("s", 0))
-        elif kind == "l":
-            self._left(event["c"], event["u"])
-        elif kind == "k":
-            self._end_sessions(event["u"], event.get("j"))
-        elif kind == "p" and node:
-            if event.get("o"):
-                self.presence.remote_online(node, event["u"])
-            else:
-                self.presence.remote_offline(node, event["u"])
-        elif kind == "P" and node:
-            for user in event.get("us", ()):
-                self.presence.remote_online(node, user)
-        elif kind == "hello":
-            self._announce_users()
 
-    def _announce_users(self) -> None:
-        users = list(self.presence.local)
-        for start in range(0, len(users), 200):
-            self._publish({"t": "P", "n": self.bus.node_id, "us": users[start:start + 200]})
-
-    def _bus_restored(self) -> None:
-        """The bus was down: others may have missed our presence, and our
-        feeds may have missed messages. Catch up on both."""
-        self._announce_users()
-        self.feeds.resync()
+def _message_ref(body: dict[str, Any]) -> tuple[str, str | None]:
+    """``{messageId, chatId?}`` (old clients leave chatId out)."""
+    fields = Fields(body, body.keys())
+    message_id = fields.uuid("messageId")
+    chat_id = fields.uuid("chatId") if body.get("chatId") is not None else None
+    assert message_id is not None
+    return message_id, chat_id
 
 
 def _end_socket(socket: Socket, reason: str) -> None:
@@ -771,4 +682,3 @@ def _quiet_failure(failure: Failure) -> None:
         _log.info("A realtime task failed: {error}", error=failure.getErrorMessage())
         return
     _log.failure("A realtime task failed", failure)
-

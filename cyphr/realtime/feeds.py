@@ -1,6 +1,6 @@
 """
 Each chat's messages in seq order, without gaps, on their way to this
-node's sockets; and a message's JSON as it goes out.
+node's sockets.
 
 A message reaches a chat's feed from this node's commits or from the bus,
 in whatever order they come. The feed hands messages on in seq order; a
@@ -11,40 +11,23 @@ A node keeps a feed only for chats that have sockets here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from cyphr.api.messaging import message_json
-from cyphr.store.messages import Message, MessageStore
+from cyphr.store.messages import Message
+from cyphr.wire import message_text
 
 GAP_WAIT = 0.25   # seconds a feed waits for a missing seq before fetching it
 FILL_PAGE = 200   # messages fetched per query
 
-_PAYLOAD_MARK = "\x00payload"
-_PAYLOAD_MARK_JSON = json.dumps(_PAYLOAD_MARK)
 
+class MessageSource(Protocol):
+    """Where a feed fetches what it missed (the delivery handler)."""
 
-def message_text(message: Message) -> str:
-    """The message as JSON text, as history shows it. The stored payload
-    text goes in as it is: a message on its way out is never parsed and
-    encoded again (nothing else in it can hold a NUL)."""
-    shape = message_json(Message(
-        message.id, message.chat_id, message.seq, message.sender_id, None, message.message_type,
-        message.client_message_id, message.created_at, message.edited_at, message.deleted_at,
-        message.stream_position))
-    if message.payload is None:
-        return json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
-    shape["encryptedPayload"] = _PAYLOAD_MARK
-    text = json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
-    return text.replace(_PAYLOAD_MARK_JSON, message.payload, 1)
+    async def message_at(self, chat_id: str, seq: int) -> Message | None: ...
 
-
-def new_message_frames(text: str) -> list[str | bytes]:
-    """encode_packet(EVENT, "/", ["new_message", {"message": ...}]), by hand
-    around the message's text."""
-    return ['2["new_message",{"message":' + text + "}]"]
+    async def messages_after(self, chat_id: str, seq: int, limit: int) -> tuple[list[Message], bool]: ...
 
 
 # Called with (chat id, seq, message JSON text, the socket that sent it or None).
@@ -60,9 +43,9 @@ class Feed:
 
 
 class ChatFeeds:
-    def __init__(self, messages: MessageStore, reactor: Any, deliver: Deliver,
+    def __init__(self, source: MessageSource, reactor: Any, deliver: Deliver,
                  spawn: Callable[[Any], None]) -> None:
-        self._messages = messages
+        self._source = source
         self._reactor = reactor
         self._deliver = deliver
         self._spawn = spawn
@@ -111,7 +94,7 @@ class ChatFeeds:
             self._spawn(self._fetch(chat_id, seq))
 
     async def _fetch(self, chat_id: str, seq: int) -> None:
-        message = await self._messages.by_seq(chat_id, seq)
+        message = await self._source.message_at(chat_id, seq)
         if message is not None:
             self.arrive(chat_id, seq, message_text(message))
 
@@ -136,8 +119,7 @@ class ChatFeeds:
         feed.filling = True
         try:
             while True:
-                page, more = await self._messages.history(chat_id, before=None, after=feed.next_seq - 1,
-                                                          limit=FILL_PAGE)
+                page, more = await self._source.messages_after(chat_id, feed.next_seq - 1, FILL_PAGE)
                 if self._feeds.get(chat_id) is not feed:
                     return
                 for message in page:

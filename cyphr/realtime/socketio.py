@@ -105,18 +105,23 @@ class Disconnected(Exception):
 class Namespace:
     """A namespace's handlers, sockets and rooms."""
 
-    def __init__(self, server: SocketServer, name: str) -> None:
+    def __init__(self, server: SocketServer, name: str, *, connect: Handler | None = None,
+                 connected: Handler | None = None, disconnected: Handler | None = None,
+                 error_ack: Callable[[Failure], Any] | None = None) -> None:
         self.server = server
         self.name = name
         self.sockets: dict[str, Socket] = {}
         self.rooms: dict[str, set[Socket]] = {}
         self.handlers: dict[str, Handler] = {}
         self._arities: dict[str, tuple[int, int | None]] = {}
-        self.connect_handler: Handler | None = None
-        self.connected_handler: Handler | None = None
-        self.disconnect_handler: Handler | None = None
+        # (socket, auth) -> accept (anything) or raise ConnectRefused; None accepts all.
+        self.connect_handler = connect
+        # (socket): the CONNECT reply has gone out.
+        self.connected_handler = connected
+        # (socket, reason): called with the socket's rooms still joined.
+        self.disconnect_handler = disconnected
         # An event handler's exception becomes the ack this answers, if any.
-        self.error_ack: Callable[[Failure], Any] | None = None
+        self.error_ack = error_ack
 
     def on(self, event: str, handler: Handler) -> None:
         if event in RESERVED_EVENTS:
@@ -530,10 +535,23 @@ class SocketServer:
         self.namespaces: dict[str, Namespace] = {}
         self.connections: set[Connection] = set()
 
-    def namespace(self, name: str = "/") -> Namespace:
-        if name not in self.namespaces:
-            self.namespaces[name] = Namespace(self, name)
-        return self.namespaces[name]
+    def namespace(self, name: str = "/", *, connect: Handler | None = None,
+                  connected: Handler | None = None, disconnected: Handler | None = None,
+                  error_ack: Callable[[Failure], Any] | None = None) -> Namespace:
+        """Create the namespace ``name`` with its handlers (all optional:
+        without ``connect`` every socket is accepted). A namespace is made
+        once, complete: asking again for one that exists answers it, and
+        giving handlers then is a mistake (ValueError)."""
+        existing = self.namespaces.get(name)
+        given = (connect, connected, disconnected, error_ack)
+        if existing is not None:
+            if any(handler is not None for handler in given):
+                raise ValueError(f"the namespace {name!r} exists already")
+            return existing
+        namespace = self.namespaces[name] = Namespace(
+            self, name, connect=connect, connected=connected, disconnected=disconnected,
+            error_ack=error_ack)
+        return namespace
 
     def on_session(self, session: Session) -> Connection:
         """The Engine.IO server's ``on_session``."""

@@ -1,0 +1,60 @@
+"""
+Call signalling: who may signal whom. The server only relays offers,
+answers, ICE candidates and hang-ups between two users who share a chat;
+to anyone else the target does not exist, so strangers can neither ring
+each other nor learn who has an identity here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from cyphr.errors import USER_NOT_FOUND, NotFound
+from cyphr.handlers.auth import AuthUser
+from cyphr.store.chats import ChatStore
+
+CALL_TYPES = ("audio", "video")
+PARTNER_CACHE = 60.0            # seconds "these two share a chat" is believed
+PARTNER_CACHE_SIZE = 100_000    # pairs remembered; the oldest go first
+
+
+class CallsHandler:
+    def __init__(self, chats: ChatStore, clock: Any) -> None:
+        self._chats = chats
+        self._clock = clock
+        # (cyphrId, cyphrId), the smaller first -> when they were found to
+        # share a chat. A call sends many signals (every ICE candidate), so
+        # each one costs no query; kept in the order learnt, so the oldest
+        # entry is trimmed first. Only "yes" is remembered: a stranger's
+        # attempts are always asked of the database, and cannot fill it.
+        self._partners: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    async def check_peer(self, user: AuthUser, to: str) -> None:
+        """``user`` may signal ``to``: another user who shares a chat with
+        it. NotFound USER_NOT_FOUND otherwise, for oneself too."""
+        if to == user.cyphr_id or not await self._share_a_chat(user.cyphr_id, to):
+            raise NotFound("No such user", code=USER_NOT_FOUND, details={"to": to})
+
+    async def _share_a_chat(self, a: str, b: str) -> bool:
+        key = (a, b) if a < b else (b, a)
+        now = self._clock.seconds()
+        at = self._partners.get(key)
+        if at is not None:
+            if now - at < PARTNER_CACHE:
+                return True
+            # Stale: one of them may have left the chat since.
+            del self._partners[key]
+        if not await self._chats.share_a_chat(a, b):
+            return False
+        self._partners[key] = now
+        self._partners.move_to_end(key)  # the same pair learnt twice at once
+        while len(self._partners) > PARTNER_CACHE_SIZE:
+            self._partners.popitem(last=False)
+        return True
+
+    def forget_user(self, cyphr_id: str) -> None:
+        """The identity is gone: no signal may reach it (or come from it)
+        on what this node remembers."""
+        for key in [key for key in self._partners if cyphr_id in key]:
+            del self._partners[key]

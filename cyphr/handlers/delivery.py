@@ -1,0 +1,92 @@
+"""
+Delivery to a user's sockets: where each of its chats stands when a socket
+comes back, the pages of what it has not acknowledged (the catch-up), and
+what happens when its last socket goes (last seen). The realtime layer does
+the sending; the rules of what to send live here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cyphr.clock import now_ms
+from cyphr.store.chats import ChatStore
+from cyphr.store.identities import IdentityStore
+from cyphr.store.messages import Message, MessageStore
+
+CATCH_UP_PAGE = 200          # messages per catch-up query
+MAX_NAMED_CHATS = 500        # beyond this, the catch-up query does not list the chats
+# Before every (chat id, seq): chat ids are UUIDs, and seqs start at 1.
+_FIRST = ("00000000-0000-0000-0000-000000000000", -1)
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    chats: tuple[tuple[str, int], ...]   # (chat_id, last_seq) of every chat of the user
+    behind: tuple[str, ...]             # chats whose last_seq is past the user's delivered mark
+
+
+class DeliveryHandler:
+    def __init__(self, chats: ChatStore, messages: MessageStore, identities: IdentityStore,
+                 clock: Any) -> None:
+        self._chats = chats
+        self._messages = messages
+        self._identities = identities
+        self._clock = clock
+
+    async def positions(self, cyphr_id: str) -> Positions:
+        """Every chat of ``cyphr_id`` with its newest seq (its sockets join
+        them there), and those with something it has not acknowledged: only
+        these need a catch-up."""
+        rows = await self._chats.chat_positions(cyphr_id)
+        return Positions(
+            chats=tuple((chat_id, last_seq) for chat_id, last_seq, _ in rows),
+            behind=tuple(chat_id for chat_id, last_seq, delivered in rows if last_seq > delivered))
+
+    async def cursor(self) -> Any:
+        """The stream position of the newest committed message: read before
+        the catch-up, it is the ``sync_complete`` cursor, from which a
+        client's next REST sync misses nothing the catch-up did not send."""
+        return await self._messages.stream_position()
+
+    async def undelivered_page(self, cyphr_id: str, after: tuple[str, int] | None,
+                               behind: Sequence[str]) -> list[Message]:
+        """One page (CATCH_UP_PAGE) of the messages of others, not deleted,
+        that ``cyphr_id`` has not acknowledged as delivered in the chats
+        ``behind``, in (chat_id, seq) order, past ``after`` (the last one of
+        the previous page; None: from the start). A short page is the last.
+        With no chat behind there is nothing to send, and nothing is asked.
+        Up to MAX_NAMED_CHATS chats are named in the query, sorted
+        (PostgreSQL then reads their partitions only); past that the list
+        would be too long for one query, and every chat of the user is read."""
+        if not behind:
+            return []
+        chats = sorted(behind) if len(behind) <= MAX_NAMED_CHATS else None
+        return await self._messages.undelivered(cyphr_id, after if after is not None else _FIRST,
+                                                CATCH_UP_PAGE, chats)
+
+    async def went_offline(self, cyphr_id: str) -> int:
+        """``cyphr_id``'s last socket went (or its node went silent): its
+        last seen is now. Answers that time (ms), for ``user_offline``."""
+        now = now_ms(self._clock)
+        await self._identities.set_last_seen(cyphr_id, now)
+        return now
+
+    async def partners(self, cyphr_id: str) -> list[str]:
+        """Everyone who shares a chat with ``cyphr_id``: those told when it
+        comes online or goes offline."""
+        return await self._chats.partners(cyphr_id)
+
+    # What a chat's feed fetches when it missed messages (cyphr.realtime.feeds):
+    # the feed only exists for chats with member sockets, so no member check.
+
+    async def message_at(self, chat_id: str, seq: int) -> Message | None:
+        """The message of ``chat_id`` with ``seq``, if it still exists."""
+        return await self._messages.by_seq(chat_id, seq)
+
+    async def messages_after(self, chat_id: str, seq: int, limit: int) -> tuple[list[Message], bool]:
+        """Up to ``limit`` messages of ``chat_id`` after ``seq``, in order,
+        and whether more follow."""
+        return await self._messages.history(chat_id, before=None, after=seq, limit=limit)

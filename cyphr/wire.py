@@ -1,0 +1,70 @@
+"""
+The JSON shapes of the contract (API.md) that both the REST routes and the
+realtime events send: a message, the answer to a send, a receipt. One
+definition each, so that a message looks the same in history, in sync and
+in ``new_message``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from cyphr.clock import iso
+from cyphr.store.messages import Message
+
+if TYPE_CHECKING:
+    from cyphr.handlers.receipts import Receipt
+
+_PAYLOAD_MARK = "\x00payload"
+_PAYLOAD_MARK_JSON = json.dumps(_PAYLOAD_MARK)
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A message as history, sync and ``new_message`` show it."""
+    return {
+        "id": message.id,
+        "chatId": message.chat_id,
+        "seq": message.seq,
+        "senderId": message.sender_id,
+        # Stored as the JSON the sender sent; never looked into.
+        "encryptedPayload": json.loads(message.payload) if message.payload is not None else None,
+        "messageType": message.message_type,
+        "clientMessageId": message.client_message_id,
+        "timestamp": iso(message.created_at),
+        "editedAt": iso(message.edited_at),
+        "deletedAt": iso(message.deleted_at),
+    }
+
+
+def message_text(message: Message) -> str:
+    """``message_json(message)`` as compact JSON text. The stored payload
+    text goes in as it is: a message on its way out is never parsed and
+    encoded again (nothing else in it can hold a NUL)."""
+    shape = message_json(Message(
+        message.id, message.chat_id, message.seq, message.sender_id, None, message.message_type,
+        message.client_message_id, message.created_at, message.edited_at, message.deleted_at,
+        message.stream_position))
+    if message.payload is None:
+        return json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
+    shape["encryptedPayload"] = _PAYLOAD_MARK
+    text = json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
+    return text.replace(_PAYLOAD_MARK_JSON, message.payload, 1)
+
+
+def sent_json(message: Message) -> dict[str, Any]:
+    """The answer to a send: the REST body (201) and the ``send_message`` ack."""
+    return {"success": True, "messageId": message.id, "chatId": message.chat_id,
+            "seq": message.seq, "timestamp": iso(message.created_at)}
+
+
+def receipt_json(receipt: Receipt) -> dict[str, Any]:
+    """``message_delivered`` / ``message_read`` as the sender hears it:
+    ``{messageId or upToSeq, chatId, userId, at}``."""
+    data: dict[str, Any] = {}
+    if receipt.message_id is not None:
+        data["messageId"] = receipt.message_id
+    else:
+        data["upToSeq"] = receipt.up_to_seq
+    data.update(chatId=receipt.chat_id, userId=receipt.reader, at=iso(receipt.at))
+    return data
