@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 from cyphr.errors import USER_NOT_FOUND, NotFound
 from cyphr.handlers import calls
 from cyphr.handlers.calls import PARTNER_CACHE, CallsHandler
-from tests.test_handlers_receipts import open_world
+from tests.stores import open_world
 
 
 class CallsTests(TestCase):

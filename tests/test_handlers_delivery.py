@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 from cyphr.clock import now_ms
 from cyphr.handlers.delivery import CATCH_UP_PAGE, MAX_NAMED_CHATS, DeliveryHandler, Positions
 from cyphr.store.messages import Message
-from tests.test_handlers_receipts import open_world
+from tests.stores import open_world
 
 
 class DeliveryTests(TestCase):
