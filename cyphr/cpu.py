@@ -10,11 +10,23 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
+
+# The test switch (tahoe-lafs: util/cputhreadpool.py): tests of rules run
+# the work at once on the calling thread. Never set outside tests.
+_inline_for_tests = False
+
+
+def run_inline_for_tests(inline: bool) -> bool:
+    """Tests only: run CpuPool work on the calling thread (or, with False,
+    on the pool again); answers the previous setting."""
+    global _inline_for_tests
+    previous, _inline_for_tests = _inline_for_tests, inline
+    return previous
 
 
 class CpuPool:
@@ -24,6 +36,8 @@ class CpuPool:
         self._pool: ThreadPool | None = None
 
     def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        if _inline_for_tests:
+            return maybeDeferred(f, *args, **kwargs)
         if self._pool is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name="cyphr-cpu")
             self._pool.start()

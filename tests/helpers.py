@@ -49,18 +49,45 @@ class PostgresMixin:
     def database_setting(self) -> str:
         return postgres.database_url()
 
+    def migrated_database_setting(self) -> str:
+        return postgres.migrated_database_url()
+
+
+def run_inline(testcase: Any) -> None:
+    """Until the test ends, the SQLite engine and the CPU pool do their work
+    at once on the calling thread (their test switches, as tahoe-lafs's
+    CPU pool has one): an in-process request is then answered within one
+    pump of the in-memory connection, with no thread hop and no real time.
+    For tests of rules; tests of concurrency keep the threads."""
+    from cyphr import cpu
+    from cyphr.db import sqlite
+
+    previous = sqlite.run_inline_for_tests(True), cpu.run_inline_for_tests(True)
+
+    def restore() -> None:
+        sqlite.run_inline_for_tests(previous[0])
+        cpu.run_inline_for_tests(previous[1])
+    testcase.addCleanup(restore)
+
 
 async def start_server(testcase: Any, *, serve: bool = False, clock: Any = None,
-                       **overrides: Any) -> Server:
+                       inline: bool = False, **overrides: Any) -> Server:
     """
     A server on the test class's engine, with its database started and
     migrated. With ``serve`` the whole service runs (real ports); the test
     then finds the ports with ``server.listening()``. With ``clock`` (a
     task.Clock), the server reads time from it, so tests can move time;
-    the database still runs on the real reactor. Everything is stopped when
-    the test ends.
+    the database still runs on the real reactor. With ``inline``, the SQLite
+    engine and CPU pool run on the calling thread (``run_inline``). A
+    PostgreSQL database starts as a copy of one already migrated (the server
+    would migrate it first thing; a copy is cheaper). Everything is stopped
+    when the test ends.
     """
-    overrides.setdefault("database", testcase.database_setting())
+    if inline:
+        run_inline(testcase)
+    if "database" not in overrides:
+        setting = getattr(testcase, "migrated_database_setting", testcase.database_setting)
+        overrides["database"] = setting()
     config = make_config(testcase, **overrides)
     fatal: list[str] = []
     server = build_server(config, reactor, clock=clock, on_fatal=fatal.append)

@@ -21,12 +21,14 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 
 from twisted.trial.unittest import SkipTest
 
 REQUIRED = os.environ.get("CYPHR_TEST_POSTGRES", "").lower() == "required"
 PORT = 5432  # the socket lives in a private directory: no port is shared
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def find_bindir() -> str | None:
@@ -56,6 +58,7 @@ class Cluster:
             entry = pwd.getpwnam("postgres")
             os.chown(self.directory, entry.pw_uid, entry.pw_gid)
         self._names = itertools.count(1)
+        self._migrated: str | None = None
         self._run("initdb", "-D", self.datadir, "-U", "postgres", "-A", "trust",
                   "--no-sync", "-E", "UTF8", "--locale=C")
 
@@ -88,19 +91,44 @@ class Cluster:
     def url(self, dbname: str) -> str:
         return f"postgresql://postgres@/{dbname}?host={self.directory}&port={PORT}"
 
-    def create_database(self) -> str:
-        """A new, empty database; its postgresql:// URL."""
+    def create_database(self, template: str = "template0") -> str:
+        """A new database, a copy of ``template`` (by default empty); its
+        postgresql:// URL."""
         import psycopg2
 
         name = f"cyphr_test_{os.getpid()}_{next(self._names)}"
         conn = psycopg2.connect(self.url("postgres"))
         try:
             conn.autocommit = True
+            # PostgreSQL 15 and later copy a template through the WAL by
+            # default; copying its files is as safe here (fsync is off and
+            # the cluster is thrown away) and does not grow with the WAL.
+            strategy = " STRATEGY FILE_COPY" if conn.server_version >= 150000 else ""
             with conn.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+                cursor.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"{strategy}')
         finally:
             conn.close()
         return self.url(name)
+
+    def migrated_template(self) -> str:
+        """The name of a database at the code's schema version, migrated
+        once by ``cyphr-admin migrate`` (the server's own migration code)
+        and then only copied: a copy costs less than migrating anew."""
+        if self._migrated is None:
+            url = self.create_database()
+            data_dir = tempfile.mkdtemp(prefix="cyphr-template-")
+            try:
+                env = {k: v for k, v in os.environ.items() if not k.startswith("CYPHR_")}
+                env.update(CYPHR_DATABASE=url, CYPHR_DATA_DIR=data_dir,
+                           PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+                result = subprocess.run([sys.executable, "-m", "cyphr.admin", "migrate"],
+                                        env=env, capture_output=True, text=True, timeout=120)
+            finally:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"migrating the template failed: {result.stdout}{result.stderr}")
+            self._migrated = url.split("@/", 1)[1].split("?", 1)[0]
+        return self._migrated
 
 
 _shared: Cluster | None = None
@@ -134,5 +162,12 @@ def shared_cluster() -> Cluster:
 
 
 def database_url() -> str:
-    """A fresh database in the shared cluster."""
+    """A fresh, empty database in the shared cluster."""
     return shared_cluster().create_database()
+
+
+def migrated_database_url() -> str:
+    """A fresh database in the shared cluster, already at the code's schema
+    version (for tests of what a started server does, not of migrating)."""
+    cluster = shared_cluster()
+    return cluster.create_database(cluster.migrated_template())

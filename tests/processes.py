@@ -79,7 +79,7 @@ class CyphrProcess:
                         return
             except OSError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.02)
         raise AssertionError(f"the server did not become ready:\n{self.output()}")
 
     async def started(self, timeout: float = 60) -> CyphrProcess:

@@ -74,6 +74,41 @@ class SioClient:
     def call(self, event: str, data: Any = None, timeout: float = 10) -> Deferred[Any]:
         return deferToThread(self.sio.call, event, data, timeout=timeout)
 
+    def call_while_connected(self, event: str, data: Any = None, timeout: float = 10) -> Any:
+        """In a thread of the caller's: emit with an ack and wait for the
+        answer while the socket lives. The stock ``call`` waits out its whole
+        timeout when the connection drops; this raises ConnectionError as
+        soon as the disconnect is seen."""
+        answers: list[Any] = []
+
+        def answered(*args: Any) -> None:
+            with self._changed:
+                answers.append(args[0] if len(args) == 1 else args)
+                self._changed.notify_all()
+
+        self.sio.emit(event, data, callback=answered)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not answers:
+                if self.disconnects:
+                    raise ConnectionError("disconnected before the answer")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no answer to {event!r} after {timeout}s")
+                self._changed.wait(left)
+            return answers[0]
+
+    async def barrier(self) -> None:
+        """Every frame the server sent this socket before now has arrived.
+
+        An event with an ack (one the server does not know: it has no other
+        effect) is answered after everything the server already queued for
+        this socket, and the stock client handles frames in order: once the
+        answer is here, so is all that came before it. A test asserting that
+        nothing else arrived waits for this, not for a sleep."""
+        answer = await self.call("no_such_event", {})
+        assert answer.get("code") == "UNKNOWN_EVENT", answer
+
     def emit(self, event: str, data: Any = None) -> Deferred[None]:
         return deferToThread(self.sio.emit, event, data)
 
@@ -140,4 +175,15 @@ async def sessions_closed(server: Any, timeout: float = 10) -> None:
             raise AssertionError(f"{len(server.engine.sessions)} sessions still open")
         d: Deferred[None] = Deferred()
         reactor.callLater(0.02, d.callback, None)
+        await d
+
+
+async def sessions_at_most(server: Any, count: int, timeout: float = 10) -> None:
+    """Wait until the server holds at most ``count`` sessions."""
+    deadline = time.monotonic() + timeout
+    while len(server.engine.sessions) > count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(server.engine.sessions)} sessions still open, not {count}")
+        d: Deferred[None] = Deferred()
+        reactor.callLater(0.01, d.callback, None)
         await d

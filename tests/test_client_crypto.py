@@ -143,6 +143,9 @@ class SealTests(SynchronousTestCase):
                                   **kwargs)
 
     def test_one_recipient_and_the_sender(self) -> None:
+        """A message sealed to one recipient's prekey opens for that recipient
+        (naming the key) and for the sender with its main key; the payload
+        is plain JSON with the original field names and version 2."""
         bob = self.others[0]
         payload = self.seal("hello, bob ☃".encode(),
                             [self.alice.as_recipient(), bob.as_recipient(key_id=2)])
@@ -162,6 +165,8 @@ class SealTests(SynchronousTestCase):
         self.assertTrue(opened.verified)
 
     def test_five_recipients(self) -> None:
+        """A message sealed to five people opens for each of them and for
+        nobody else (NotARecipient)."""
         text = os.urandom(3000)
         recipients = [self.alice.as_recipient()] + [u.as_recipient(key_id=1) for u in self.others]
         payload = self.seal(text, recipients)
@@ -173,6 +178,9 @@ class SealTests(SynchronousTestCase):
             self.open(payload, stranger)
 
     def test_padding_hides_the_length(self) -> None:
+        """Plaintexts are padded to fixed sizes (256 bytes, then 1024), so
+        nearby lengths give equal ciphertext lengths; pad and unpad
+        round-trip at every size."""
         recipients = [self.alice.as_recipient()]
         short = self.seal(b"hi", recipients)
         longer = self.seal(b"x" * 200, recipients)
@@ -189,6 +197,8 @@ class SealTests(SynchronousTestCase):
         return bob, self.seal(b"secret", [self.alice.as_recipient(), bob.as_recipient(key_id=1)])
 
     def test_tampered_ciphertext(self) -> None:
+        """A changed ciphertext byte breaks the signature; signed again, the
+        AEAD still refuses it."""
         bob, payload = self.bob_payload()
         raw = bytearray(base64.b64decode(payload["encryptedMessage"]))
         raw[10] ^= 1
@@ -200,6 +210,8 @@ class SealTests(SynchronousTestCase):
             self.open(resign(payload, self.alice), bob)
 
     def test_tampered_tag_and_nonce(self) -> None:
+        """A changed tag or nonce breaks the signature; signed again, the AEAD
+        still refuses it."""
         bob, payload = self.bob_payload()
         for name in ("tag", "nonce"):
             altered = copy.deepcopy(payload)
@@ -212,6 +224,9 @@ class SealTests(SynchronousTestCase):
                 self.open(resign(altered, self.alice), bob)
 
     def test_tampered_header(self) -> None:
+        """A changed header field breaks the signature; signed again it must
+        still match what the server says of the message, and the AEAD binds
+        the header the sender sealed with."""
         bob, payload = self.bob_payload()
         for name, value in (("messageType", "payment"), ("chatId", "chat-2"),
                             ("senderId", "bob"), ("clientMessageId", "cm-2")):
@@ -231,11 +246,15 @@ class SealTests(SynchronousTestCase):
             self.open(resign(altered, self.alice), bob, envelope=envelope(altered))
 
     def test_delivered_to_another_chat(self) -> None:
+        """A message the server delivers in another chat than it was sealed for
+        is refused as a tampered header."""
         bob, payload = self.bob_payload()
         with self.assertRaises(TamperedHeader):
             self.open(payload, bob, envelope=envelope(payload, chat_id="chat-2"))
 
     def test_first_direct_message_names_its_chat_by_members(self) -> None:
+        """A first direct message (no chat id yet) opens only when the reader
+        knows the chat as the direct chat of exactly those two members."""
         bob = self.others[0]
         payload = self.seal(b"first", [self.alice.as_recipient(), bob.as_recipient()], chat_id=None)
         members = frozenset({"alice", "bob"})
@@ -246,6 +265,8 @@ class SealTests(SynchronousTestCase):
             self.open(payload, bob, direct_members=frozenset({"bob", "carol"}))
 
     def test_bad_signature(self) -> None:
+        """A message checked against another sender's key, or with a changed
+        signature, is refused BadSignature."""
         bob, payload = self.bob_payload()
         with self.assertRaises(BadSignature):
             self.open(payload, bob, sender_key=bob.identity.public_key)
@@ -256,6 +277,8 @@ class SealTests(SynchronousTestCase):
             self.open(payload, bob)
 
     def test_recipient_list(self) -> None:
+        """Adding a recipient to the header or dropping a wrapped key breaks
+        the signature; signed again, an added recipient is still refused."""
         bob, payload = self.bob_payload()
         carol = self.others[1]
         # Adding a recipient to the header.
@@ -283,6 +306,8 @@ class SealTests(SynchronousTestCase):
                       prekeys=bob.prekey_seeds())
 
     def test_swapped_wrapped_keys(self) -> None:
+        """Wrapped keys swapped between two recipients break the signature;
+        signed again, neither recipient can open the message."""
         bob = self.others[0]
         carol = self.others[1]
         payload = self.seal(b"three", [self.alice.as_recipient(), bob.as_recipient(),
@@ -298,6 +323,9 @@ class SealTests(SynchronousTestCase):
                 self.open(resign(altered, self.alice), reader)
 
     def test_malformed(self) -> None:
+        """Every malformed payload (wrong types, versions, scheme, base64,
+        extra fields, unsorted recipients, a null key id) is refused as
+        malformed or badly signed, never crashes."""
         bob, payload = self.bob_payload()
         unsorted = copy.deepcopy(payload)
         unsorted["header"]["recipients"].reverse()
@@ -445,6 +473,9 @@ class SealTests(SynchronousTestCase):
             self.open(dict(payload, version=2, scheme=crypto.SCHEME), bob)
 
     def test_prekey_is_used_once(self) -> None:
+        """Once the prekey's secret is erased after first use, the message no
+        longer opens with it, but still opens with the content key the
+        device kept."""
         bob, payload = self.bob_payload()
         opened = self.open(payload, bob)
         self.assertEqual(opened.key_id, 1)
@@ -457,6 +488,8 @@ class SealTests(SynchronousTestCase):
         self.assertEqual(again.plaintext, b"secret")
 
     def test_sender_must_be_a_recipient(self) -> None:
+        """Sealing refuses a recipient list without the sender, or with a
+        recipient twice."""
         with self.assertRaises(crypto.CryptoError):
             self.seal(b"x", [self.others[0].as_recipient()])
         with self.assertRaises(crypto.CryptoError):
@@ -465,6 +498,9 @@ class SealTests(SynchronousTestCase):
 
 class IdentityTests(SynchronousTestCase):
     def test_phrase_re_derives_the_same_keys(self) -> None:
+        """A 24-word phrase (whatever its case and spacing) derives the same
+        identity and ML-KEM keys every time; another phrase derives other
+        keys."""
         phrase = crypto.new_phrase()
         self.assertEqual(len(phrase.split()), 24)
         one, two = Identity.from_phrase(phrase), Identity.from_phrase("  " + phrase.upper() + "\n")
@@ -523,6 +559,9 @@ class IdentityTests(SynchronousTestCase):
         self.assertFalse(hasattr(identity, "sign"))  # nothing is signed raw
 
     def test_rotated_generations(self) -> None:
+        """A rotated generation keeps the identity key and gets a new ML-KEM
+        key, and still holds the older ones: a message sealed to generation
+        0 opens after two rotations."""
         identity = Identity.from_phrase(crypto.new_phrase())
         rotated = Identity(identity.seed, 2)
         self.assertNotEqual(rotated.kyber_public_key, identity.kyber_public_key)
@@ -538,6 +577,8 @@ class IdentityTests(SynchronousTestCase):
         self.assertEqual(opened.plaintext, b"old")
 
     def test_bad_phrases(self) -> None:
+        """A phrase too short, with an unknown word or a wrong checksum is
+        refused InvalidPhrase."""
         words = crypto.new_phrase().split()
         for bad in (" ".join(words[:12]), " ".join(words[:-1] + ["notaword"]),
                     " ".join(words[:-1] + [words[0] if words[-1] != words[0] else words[1]])):
@@ -545,6 +586,8 @@ class IdentityTests(SynchronousTestCase):
                 Identity.from_phrase(bad)
 
     def test_safety_number(self) -> None:
+        """The safety number of two people is the same from either side, is
+        twelve groups of five digits, and changes when a key changes."""
         a, b = Identity.from_phrase(crypto.new_phrase()), Identity.from_phrase(crypto.new_phrase())
         number = crypto.safety_number("alice", a.public_key, "bob", b.public_key)
         self.assertEqual(number, crypto.safety_number("bob", b.public_key, "alice", a.public_key))
@@ -559,17 +602,21 @@ class MLKEMInteroperabilityTests(SynchronousTestCase):
     from the same seed."""
 
     def test_same_keys_from_a_seed(self) -> None:
+        """cryptography and kyber-py derive the same ML-KEM-1024 public key
+        from one seed."""
         seed = os.urandom(64)
         ek, _ = ML_KEM_1024.key_derive(seed)
         self.assertEqual(MLKEM1024PrivateKey.from_seed_bytes(seed).public_key().public_bytes_raw(), ek)
 
     def test_cryptography_encapsulates_kyber_py_decapsulates(self) -> None:
+        """A secret encapsulated by cryptography is recovered by kyber-py."""
         ek, dk = ML_KEM_1024.keygen()
         secret, ciphertext = MLKEM1024PublicKey.from_public_bytes(ek).encapsulate()
         self.assertEqual(len(ciphertext), 1568)
         self.assertEqual(ML_KEM_1024.decaps(dk, ciphertext), secret)
 
     def test_kyber_py_encapsulates_cryptography_decapsulates(self) -> None:
+        """A secret encapsulated by kyber-py is recovered by cryptography."""
         private = MLKEM1024PrivateKey.generate()
         secret, ciphertext = ML_KEM_1024.encaps(private.public_key().public_bytes_raw())
         self.assertEqual(private.decapsulate(ciphertext), secret)
@@ -592,6 +639,9 @@ class MLKEMInteroperabilityTests(SynchronousTestCase):
 
 class ProfileTests(SynchronousTestCase):
     def test_vault_is_sealed_and_private(self) -> None:
+        """The profile's files are private (0600 in a 0700 directory) and hold
+        no seed, fingerprint or passphrase in any encoding; the vault
+        reopens with the passphrase."""
         directory = self.mktemp()
         seed = os.urandom(64)
         profile = Profile.create(directory, STRONG, {"server": "http://x"},
@@ -616,6 +666,8 @@ class ProfileTests(SynchronousTestCase):
             Profile.open(self.mktemp(), STRONG)
 
     def test_damaged_vault(self) -> None:
+        """A vault whose ciphertext was changed, or that is no JSON, is refused
+        with a ProfileError."""
         directory = self.mktemp()
         Profile.create(directory, STRONG, {}, {"seed": "x"})
         path = os.path.join(directory, "vault.json")

@@ -454,6 +454,8 @@ class ReaderTests(FakeServerMixin, SynchronousTestCase):
         self.refused("not signed by bob's identity key")
 
     def test_a_relabelled_key_id(self) -> None:
+        """A claimed prekey whose key id the server changed is refused: its
+        binding is not signed by the owner's identity key for that id."""
         self.server.lie = claim_lie(lambda a: dict(a, keyId=a["keyId"] + 1000))
         self.refused("not signed by bob's identity key")
 
@@ -471,6 +473,7 @@ class ReaderTests(FakeServerMixin, SynchronousTestCase):
         self.refused("expired")
 
     def test_an_expired_main_key(self) -> None:
+        """A contact whose main key has expired is refused, saying so."""
         self.server.add_user("bob", now=self.clock.ms() - 181 * DAY_MS)
         with self.assertRaises(ClientError) as raised:
             self.alice.contact("bob")
@@ -548,6 +551,8 @@ class CheckPublishedKeyTests(SynchronousTestCase):
                                    now=changes.pop("now", self.now), **{**self.fields, **changes})
 
     def test_accepted(self) -> None:
+        """An honest claim is accepted as the owner's one-time prekey with its
+        id and public key."""
         key = self.check()
         self.assertEqual((key.owner, key.one_time, key.key_id, key.public_key),
                          ("bob", True, 7, self.prekey.public_key))

@@ -124,6 +124,8 @@ class PinBackupTests(FakeServerMixin, SynchronousTestCase):
                           Identity.from_phrase(new_phrase()).seed, "alice", blob)
 
     def test_a_failed_upload_is_logged_not_raised(self) -> None:
+        """When the pin backup cannot be uploaded, the client logs a warning
+        and keeps the pin; the call that pinned the contact succeeds."""
         alice = self.new_client("alice")
         self.server.add_user("bob")
 

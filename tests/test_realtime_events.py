@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from cyphr.store.chats import ChatStore
 from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, start_server
 from tests.realtime import SioClient, sessions_at_most, sessions_closed, sleep
 from tests.users import User
@@ -54,7 +55,14 @@ class RealtimeBase:
         assert response.code == 201, response.body
         return response.json()["chatId"]
 
+    async def contacts(self, user: User, *others: User) -> None:
+        """Direct chats (no message) between ``user`` and ``others``: a
+        group admin may add only its contacts."""
+        for other in others:
+            await ChatStore(self.server.database).direct_chat(user.cyphr_id, other.cyphr_id, 0)
+
     async def group(self, admin: User, *members: User) -> str:
+        await self.contacts(admin, *members)
         response = await self.http.post("/api/messaging/create-group", {
             "members": [m.cyphr_id for m in members]}, headers=admin.auth())
         assert response.code in (200, 201), response.body
@@ -180,6 +188,7 @@ class RealtimeMixin(RealtimeBase):
         self.assertEqual(d.events("new_message"), [])
         self.assertEqual(b.events("new_message"), [])
         # A member added later joins the room at once; a removed one leaves it.
+        await self.contacts(alice, dave)
         added = await self.http.post(f"/api/chats/{chat_id}/members/dave", {}, headers=alice.auth())
         self.assertIn(added.code, (200, 201), added.body)
         removed = await self.http.request("DELETE", f"/api/chats/{chat_id}/members/carol",
