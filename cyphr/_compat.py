@@ -274,6 +274,15 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("autobahn.twisted.websocket.WebSocketServerProtocol", "_wskey",
                 "cyphr.realtime.engine (slim_websocket)", "no public way to release it",
                 on_instance=True),
+    # Not underscored, but internal by Autobahn's own word: a message over a
+    # session's frame limit is refused from its frame header with close 1009
+    # and without Autobahn's per-connection warning line.
+    PrivateName("autobahn.websocket.protocol.WebSocketProtocol", "sendCloseFrame",
+                "cyphr.realtime.engine (EngineWebSocket.onMessageFrameBegin)",
+                "the public sendClose refuses 1009 as a code an application may send"),
+    PrivateName("autobahn.twisted.websocket.WebSocketServerProtocol", "failedByMe",
+                "cyphr.realtime.engine (EngineWebSocket.onMessageFrameBegin)",
+                "makes Autobahn discard the rest of a refused message", on_instance=True),
     PrivateName("txpostgres.txpostgres.Connection", "_doit",
                 "cyphr.db.postgres (locked_call)",
                 "no public call that answers both rows and row count"),

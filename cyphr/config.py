@@ -68,8 +68,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Directory for the embedded database and generated secrets "
             "(created mode 0700).", metavar="DIR"),
     Setting("max_body", "size",
-            "Largest request body and Socket.IO event, in bytes (suffixes "
-            "KiB, MiB allowed).", metavar="BYTES"),
+            "Largest request body and Socket.IO event (its header and every "
+            "binary attachment together), in bytes (suffixes KiB, MiB allowed).",
+            metavar="BYTES"),
     Setting("cors_origin", "list",
             "Origin allowed to call the API from a browser. Repeatable.",
             metavar="ORIGIN"),
@@ -91,6 +92,22 @@ SETTINGS: tuple[Setting, ...] = (
             "Address or network (CIDR) of a reverse proxy whose "
             "X-Forwarded-For / X-Real-IP headers are believed; 'unix' trusts "
             "peers on unix sockets. Repeatable.", metavar="NETWORK"),
+    Setting("max_connections", "int",
+            "Most connections (HTTP and WebSocket) open at once; past it a new "
+            "connection is answered 503 and closed. 0: 80% of the open-file "
+            "limit read at start (a larger value is brought down to that).",
+            metavar="N"),
+    Setting("max_connections_per_address", "int",
+            "Most connections open at once from one client address (an IPv6 "
+            "client by its /64); past it a new one is answered 429 and closed. "
+            "A trusted proxy's own address is not capped: each of its requests "
+            "counts for the client it names, while it is in flight. 0: no cap.",
+            metavar="N"),
+    Setting("request_timeout", "duration",
+            "Time a client has to send a whole request, head and body, from its "
+            "first byte (one more second for each 16 KiB of body received); "
+            "past it the request is answered 408 and the connection closed.",
+            metavar="DURATION"),
     Setting("access_log", "bool",
             "Log one line per HTTP request (off by default: it holds client "
             "addresses)."),
@@ -129,6 +146,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate_limit_password", "rate",
             "Argon2 password hashes (POST /api/auth/hash-password) per user, "
             "as COUNT/PERIOD.", metavar="RATE"),
+    Setting("rate_limit_group_create", "rate",
+            "Groups created per user, as COUNT/PERIOD.", metavar="RATE"),
+    Setting("rate_limit_member_add", "rate",
+            "Members added to existing groups per user (the adding admin), "
+            "as COUNT/PERIOD.", metavar="RATE"),
     Setting("ping_interval", "duration",
             "Socket.IO: the server pings each connection this often.", metavar="DURATION"),
     Setting("ping_timeout", "duration",
@@ -137,9 +159,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("connect_timeout", "duration",
             "Socket.IO: a connection that joins no namespace within this time "
             "is closed.", metavar="DURATION"),
+    Setting("realtime_handshake_rate", "rate",
+            "Socket.IO: new sessions (Engine.IO handshakes) one client address "
+            "may open, as COUNT/PERIOD; past it a handshake is answered 429.",
+            metavar="RATE"),
+    Setting("realtime_pending_sessions", "int",
+            "Socket.IO: most open sessions of one client address that have "
+            "joined no namespace yet; past it a handshake is answered 429. "
+            "0: no cap.", metavar="N"),
     Setting("realtime_buffer", "size",
-            "Socket.IO: a connection with more than this much unsent is closed "
-            "(slow consumer); at least max_body.", metavar="BYTES"),
+            "Socket.IO: a connection with more than this much unsent (queued, or "
+            "in the transport's write buffer) is closed (slow consumer); at "
+            "least max_body.", metavar="BYTES"),
     Setting("realtime_event_rate", "rate",
             "Socket.IO: events one connection may send, as COUNT/PERIOD.",
             metavar="RATE"),
@@ -196,6 +227,9 @@ class Config:
     accept_v1_auth: bool = False
     hash_password_endpoint: bool = False
     trusted_proxy: tuple[str, ...] = ()
+    max_connections: int = 0
+    max_connections_per_address: int = 256
+    request_timeout: int = 30
     access_log: bool = False
     log_format: str = "text"
     db_pool_size: int = 10
@@ -209,9 +243,15 @@ class Config:
     rate_limit_search: tuple[int, int] = (30, 60)
     rate_limit_claim: tuple[int, int] = (20, 3600)
     rate_limit_password: tuple[int, int] = (10, 60)
+    rate_limit_group_create: tuple[int, int] = (20, 3600)
+    rate_limit_member_add: tuple[int, int] = (100, 3600)
     ping_interval: int = 25
     ping_timeout: int = 20
-    connect_timeout: int = 45
+    # Socket.IO clients send CONNECT as soon as the handshake is answered:
+    # the reference's 45 s only lets unused sessions pile up.
+    connect_timeout: int = 10
+    realtime_handshake_rate: tuple[int, int] = (60, 3)
+    realtime_pending_sessions: int = 32
     realtime_buffer: int = 32 * MiB
     realtime_event_rate: tuple[int, int] = (200, 2)
     # No STUN server by default: a public one (Google's, say) would learn
@@ -448,19 +488,60 @@ def load_config(
     if config_file is None:
         config_file = environ.get(ENV_PREFIX + "CONFIG") or None
     merged: dict[str, Any] = {}
+    # Where each setting given came from, for the errors of validate().
+    sources: dict[str, str] = {}
     if config_file:
-        merged.update(read_config_file(config_file))
-    merged.update(read_environment(environ))
+        from_file = read_config_file(config_file)
+        merged.update(from_file)
+        sources.update(dict.fromkeys(from_file, "file"))
+    from_environment = read_environment(environ)
+    merged.update(from_environment)
+    sources.update(dict.fromkeys(from_environment, "environment"))
     for name, value in command_line.items():
         setting = SETTINGS_BY_NAME[name]
         try:
             merged[name] = _parse(setting, value)
         except ValueError as e:
             raise ConfigError(f"--{setting.option}: {e}") from None
+        sources[name] = "command line"
     merged["config_file"] = config_file or ""
     config = Config(**merged)
-    validate(config)
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise ConfigError(named_by_source(str(e), sources, config_file or "")) from None
     return config
+
+
+_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+_SETTINGS_BY_OPTION = {s.option: s for s in SETTINGS}
+
+
+def named_by_source(message: str, sources: Mapping[str, str], config_file: str) -> str:
+    """A validation error (which names settings as their command-line
+    options) as the operator wrote the settings at fault: a setting from
+    the config file by its key, with the file named in front; one from the
+    environment by its variable; one from the command line (or a default)
+    as the option it is."""
+    in_file = False
+
+    def name(match: re.Match[str]) -> str:
+        nonlocal in_file
+        setting = _SETTINGS_BY_OPTION.get(match.group(1))
+        source = sources.get(setting.name) if setting is not None else None
+        if setting is None or source in (None, "command line"):
+            return match.group(0)
+        if source == "file":
+            in_file = True
+            return setting.name
+        return setting.env
+
+    text = _OPTION.sub(name, message)
+    # Settings with no option (the secrets) are named by their key already.
+    for setting_name, source in sources.items():
+        if source == "file" and re.search(rf"\b{setting_name}\b", text):
+            in_file = True
+    return f"config file {config_file}: {text}" if in_file else text
 
 
 # -- validation -------------------------------------------------------------
@@ -570,7 +651,14 @@ def validate(config: Config) -> None:
         raise ConfigError("--max-payload must be between 1KiB and 1GiB")
     if not 0 <= config.retention_days <= 100_000:
         raise ConfigError("--retention-days must be 0 (keep) or a number of days")
-    for name in ("ping_interval", "ping_timeout", "connect_timeout", "shutdown_timeout"):
+    if not 0 <= config.max_connections <= 10_000_000:
+        raise ConfigError("--max-connections must be 0 (from the open-file limit) or a number of connections")
+    if not 0 <= config.max_connections_per_address <= 10_000_000:
+        raise ConfigError("--max-connections-per-address must be 0 (no cap) or a number of connections")
+    if not 0 <= config.realtime_pending_sessions <= 1_000_000:
+        raise ConfigError("--realtime-pending-sessions must be 0 (no cap) or a number of sessions")
+    for name in ("ping_interval", "ping_timeout", "connect_timeout", "shutdown_timeout",
+                 "request_timeout"):
         if not 1 <= getattr(config, name) <= 3600:
             raise ConfigError(f"--{name.replace('_', '-')} must be between 1s and 1h")
     if not config.max_body <= config.realtime_buffer <= 64 * 1024 * MiB:

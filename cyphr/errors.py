@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-# Error codes of API.md, in one place so that clients and tests can rely on
+# Error codes of the contract (the OpenAPI and AsyncAPI documents in
+# cyphr/api/), in one place so that clients and tests can rely on
 # the spelling.
 BAD_REQUEST = "BAD_REQUEST"
 INVALID_JSON = "INVALID_JSON"
@@ -28,6 +29,8 @@ RATE_LIMITED = "RATE_LIMITED"
 CORS_ORIGIN_DENIED = "CORS_ORIGIN_DENIED"
 INTERNAL_ERROR = "INTERNAL_ERROR"
 DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+SERVER_BUSY = "SERVER_BUSY"            # 503: every connection the process may hold is taken
+REQUEST_TIMEOUT = "REQUEST_TIMEOUT"    # 408: the request did not arrive whole in time
 
 MISSING_FIELD = "MISSING_FIELD"
 INVALID_FIELD = "INVALID_FIELD"

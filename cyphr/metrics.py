@@ -99,7 +99,8 @@ class CyphrCollector:
     (see cyphr.server.build_server)."""
 
     def __init__(self, *, http: HttpStats, engine: Any, presence: Any, receipts: Any,
-                 batcher: Any, database: Any, bus: Any, limits: Any, sockets: Any) -> None:
+                 batcher: Any, database: Any, bus: Any, limits: Any, sockets: Any,
+                 connections: Any) -> None:
         self._http = http
         self._engine = engine
         self._presence = presence
@@ -109,6 +110,7 @@ class CyphrCollector:
         self._bus = bus
         self._limits = limits
         self._sockets = sockets
+        self._connections = connections
 
     def describe(self) -> list[Metric]:
         # Nothing to check against other collectors: this is the only one,
@@ -126,6 +128,7 @@ class CyphrCollector:
         yield from self._collect_database()
         yield from self._collect_bus()
         yield from self._collect_limits()
+        yield from self._collect_connections()
 
     def _collect_http(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -215,6 +218,36 @@ class CyphrCollector:
         for limit in self._limits.all():
             refused.add_metric([limit.name], limit.refused)
         refused.add_metric(["realtime_events"], self._sockets.refused_events)
+        yield refused
+        # Ordinary refusals of what realtime clients sent (their mistakes,
+        # or an attack): counted here rather than logged one by one.
+        realtime = CounterMetricFamily(
+            "cyphr_realtime_refused",
+            "Realtime messages, packets and events refused, by reason: protocol (broken "
+            "protocol), too_large (over the frame or event limit), slow_consumer, rate, "
+            "unknown_event, bad_arguments, too_deep, refused (by the event's handler).",
+            labels=["reason"])
+        totals = self._engine.refusals.totals + self._sockets.refusals.totals
+        for reason, count in sorted(totals.items()):
+            realtime.add_metric([reason], count)
+        yield realtime
+
+
+    def _collect_connections(self) -> Iterator[Metric]:
+        connections = self._connections
+        yield GaugeMetricFamily("cyphr_http_connections",
+                                "Open connections of the API endpoints (HTTP, and WebSockets).",
+                                value=connections.open)
+        yield GaugeMetricFamily("cyphr_http_connections_limit",
+                                "Most connections open at once (max_connections, or from the "
+                                "open-file limit).", value=connections.total)
+        refused = CounterMetricFamily(
+            "cyphr_connections_refused",
+            "Connections, requests and Engine.IO handshakes refused by a connection limit, by reason.",
+            labels=["reason"])
+        for reason, count in sorted({**connections.refused,
+                                     **self._engine.refused_handshakes}.items()):
+            refused.add_metric([reason], count)
         yield refused
 
 

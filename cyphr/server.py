@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 import cyphr
 from cyphr._compat import port_deferred
 from cyphr.api.health import HealthAPI
-from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root
+from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root, connection_release
 from cyphr.api.identity import IdentityAPI
 from cyphr.api.keys import KeysAPI
 from cyphr.api.messaging import ChatsAPI, MessagingAPI
@@ -33,11 +33,12 @@ from cyphr.api.metrics import MetricsResource, MetricsRoot
 from cyphr.api.operations import OperationsAPI
 from cyphr.api.security import SecurityAPI
 from cyphr.api.wallet import WalletAPI
-from cyphr.changes import ChangeFeed, IdentityDeleted
+from cyphr.changes import ChangeFeed, IdentityDeleted, MemberLeft
 from cyphr.clock import now_ms
 from cyphr.config import Config
+from cyphr.connections import ConnectionLimits
 from cyphr.cpu import CpuPool
-from cyphr.datadir import ServerSecrets, load_secrets, prepare_data_dir
+from cyphr.datadir import DataDirectory, ServerSecrets, load_secrets, open_data_dir
 from cyphr.db import Database, Transaction, open_database
 from cyphr.db.fingerprints import check_fingerprints_txn
 from cyphr.db.postgres import PostgresDatabase
@@ -87,10 +88,13 @@ class DatabaseService(Service):
     database is ready, calls ``on_ready`` (the process then listens). At the
     end, in this order: no new realtime sessions; the messages still waiting
     for a batch are written (and acknowledged); every socket is closed with
-    a reason; the bus and the database close."""
+    a reason; the bus and the database close; the data directory is
+    released (cyphr.datadir.DataDirectory.close)."""
 
     def __init__(self, database: Database, batcher: SendBatcher, bus: Bus, realtime: Realtime,
-                 engine: EngineServer, on_ready: Callable[[], None] = lambda: None) -> None:
+                 engine: EngineServer, data_dir: DataDirectory,
+                 on_ready: Callable[[], None] = lambda: None) -> None:
+        self.data_dir = data_dir
         self.database = database
         self.batcher = batcher
         self.bus = bus
@@ -100,6 +104,7 @@ class DatabaseService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.data_dir.record_holder()
         self.database.start()
         self.bus.start()
         # Realtime publishes on the bus through the database: not before
@@ -122,9 +127,14 @@ class DatabaseService(Service):
         # Let each client answer its close frame, so that it hears the code
         # and reason rather than a reset (CyphrService bounds the wait).
         await self.engine.websockets_closed()
+        # What the closed sockets began (last_seen, user_offline) uses the
+        # database: it ends before the database closes, rather than fail
+        # with "the database is unavailable".
+        await self.realtime.tasks_done()
         self.realtime.stop()
         await self.bus.stop()
         await self.database.close()
+        self.data_dir.close()
 
 
 class CyphrService(MultiService):
@@ -339,15 +349,27 @@ def build_server(
     when the database can never be used (default: stop the reactor).
     """
     clock = clock if clock is not None else reactor
-    data_dir = prepare_data_dir(config.data_dir)
-    secrets = load_secrets(config, data_dir)
+    # Locked on SQLite: two servers there would split the realtime side.
+    # Nodes on one PostgreSQL database may share a data directory (and so
+    # their secrets) on one host.
+    directory = open_data_dir(config.data_dir, lock=config.database_engine == "sqlite")
+    data_dir = directory.path
+    try:
+        secrets = load_secrets(config, data_dir)
+    except Exception:
+        directory.close()
+        raise
 
     def fatal(message: str) -> None:
         _log.critical("Cyphr cannot go on: {message}", message=message)
         if reactor.running:
             reactor.stop()
 
-    database_fatal = on_fatal or fatal
+    fatal_messages: list[str] = []
+
+    def database_fatal(message: str) -> None:
+        fatal_messages.append(message)  # the start failed: see ready()
+        (on_fatal or fatal)(message)
     # Ready means migrated and, in the same transaction, this node's secrets
     # found equal to those the database was first started with.
     fingerprints = secrets.fingerprints()
@@ -371,18 +393,23 @@ def build_server(
     totp = TotpHandler(TotpStore(database), secrets.totp_key, clock)
     # One rule for the origins login statements and wallet links may name.
     origins = AcceptedOrigins(config.public_url)
+    chats = ChatStore(database)
     identity = IdentityHandler(identities, challenges, revocations, tokens, totp,
                                secrets.fingerprint_key, clock, is_online=presence.is_online,
-                               changes=changes, origins=origins, accept_v1=config.accept_v1_auth)
+                               chats=chats, changes=changes, origins=origins,
+                               accept_v1=config.accept_v1_auth)
     keys = KeysHandler(identities, identity, PrekeyStore(database), cpu, limits.claim,
                        config.max_prekeys, clock)
     wallet = WalletHandler(WalletStore(database), identity, clock, origins)
     messages = MessageStore(database)
     batcher = SendBatcher(messages, reactor)
-    chats = ChatStore(database)
-    messaging = MessagingHandler(chats, messages, identities, batcher, limits.send, changes, clock)
+    messaging = MessagingHandler(chats, messages, identities, batcher, limits.send, changes, clock,
+                                 group_limit=limits.group_create, member_limit=limits.member_add)
     receipts = ReceiptsHandler(chats, messages, clock)
     calls = CallsHandler(chats, clock)
+    # A call may be signalled only while the two share a chat: a leave ends
+    # what this node believed of its member's pairs.
+    changes.subscribe(MemberLeft, calls.member_left)
     delivery = DeliveryHandler(chats, messages, identities, clock)
 
     def identity_deleted(change: IdentityDeleted) -> None:
@@ -407,10 +434,14 @@ def build_server(
                         bus=bus, changes=changes, clock=clock, reactor=reactor,
                         max_payload=min(config.max_payload, config.max_body))
     http_policy = HttpPolicy.from_config(config)
+    # The API site's open connections, within the policy's caps.
+    connections = ConnectionLimits(http_policy.max_connections, http_policy.max_connections_per_address)
     engine = EngineServer(
         clock, on_session=sockets.on_session, ping_interval=config.ping_interval,
         ping_timeout=config.ping_timeout, max_payload=config.max_body,
-        buffer_limit=config.realtime_buffer, client_ip=http_policy.client_ip)
+        buffer_limit=config.realtime_buffer, client_ip=http_policy.client_ip,
+        handshake_rate=config.realtime_handshake_rate, max_pending=config.realtime_pending_sessions,
+        connection_release=connection_release)
     status = StatusStore(database)
     health = HealthHandler(status, clock, node_id=node_id,
                            realtime_stats=lambda: RealtimeStats(**realtime.stats()))
@@ -432,17 +463,22 @@ def build_server(
     metrics = Metrics()
     metrics.registry.register(CyphrCollector(
         http=metrics.http, engine=engine, presence=presence, receipts=receipts, batcher=batcher,
-        database=database, bus=bus, limits=limits, sockets=sockets))
+        database=database, bus=bus, limits=limits, sockets=sockets, connections=connections))
     metrics_resource = MetricsResource(metrics)
     # With --metrics-listen, /metrics is served only there: the public
     # endpoints answer 404 for it, as for any unknown path.
     root = Root(router, engine.resource, None if config.metrics_listen else metrics_resource)
     site = CyphrSite(root, http_policy, reactor, metrics=metrics.http,
-                     on_body_refused=engine.resource.body_refused)
+                     on_body_refused=engine.resource.body_refused, connections=connections)
 
     service = CyphrService(config, cpu, engine, clock, on_fatal=database_fatal)
-    DatabaseService(database, batcher, bus, realtime, engine,
-                    on_ready=service.open_endpoints).setServiceParent(service)
+    def ready() -> None:
+        service.open_endpoints()
+        if not fatal_messages:
+            directory.served()
+
+    DatabaseService(database, batcher, bus, realtime, engine, directory,
+                    on_ready=ready).setServiceParent(service)
     def purge_now() -> Deferred[None] | None:
         # Not before the database is up (the pool says so when it is down).
         return Deferred.fromCoroutine(maintenance.run()) if database.ready else None

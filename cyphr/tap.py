@@ -19,7 +19,9 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
+import cyphr
 from cyphr.config import (
+    SETTINGS,
     SETTINGS_BY_NAME,
     ConfigError,
     Setting,
@@ -37,6 +39,22 @@ def _help(setting: Setting) -> str:
     return f"{setting.help} [default: {describe_default(setting)}; env {setting.env}]"
 
 
+def _secrets_help() -> str:
+    """Where the secrets come from, for --help: they are no options, so
+    that they stay out of the process list and the shell's history."""
+    names = [s for s in SETTINGS if not s.cli]
+    generated = ("jwt_secret", "fingerprint_key", "totp_key")
+    return (
+        "Secrets are not command-line options, so that they stay out of the process list "
+        "and shell history: set " + ", ".join(s.name for s in names) + " in the --config "
+        "file or as " + ", ".join(s.env for s in names) + ". Those of "
+        + ", ".join(generated) + " not set are generated at first start into the data "
+        "directory (DATA_DIR/<name>.secret, mode 0600) and read from there afterwards; "
+        "every node of a cluster needs the same ones. turn_secret and admin_token have no "
+        "default: without them, no TURN server is handed out and the admin route answers 404."
+    )
+
+
 def _repeatable(setting: Setting) -> Any:
     def opt(self: Options, value: str) -> None:
         self.repeated.setdefault(setting.name, []).append(value)
@@ -52,7 +70,7 @@ class Options(usage.Options):
         "no options: HTTP on tcp:3001 and an embedded SQLite database in "
         "./cyphr-data/. Every option can also be set in the TOML file given "
         "with --config, or as a CYPHR_* environment variable; the command line "
-        "wins over the environment, which wins over the file."
+        "wins over the environment, which wins over the file. " + _secrets_help()
     )
 
     optParameters = [
@@ -79,6 +97,14 @@ class Options(usage.Options):
         self.repeated: dict[str, list[str]] = {}
         self.environ: dict[str, str] = dict(os.environ)
         self.config = None
+
+    def opt_version(self) -> None:
+        """Show the versions of Cyphr and Twisted, and exit."""
+        from twisted import copyright
+
+        print(f"Cyphr {cyphr.__version__} (Twisted {copyright.version}, "
+              f"Python {sys.version.split()[0]})")
+        sys.exit(0)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # One line on what is wrong, rather than the whole usage text.
@@ -188,6 +214,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     config = options.config
+    # Before build_server: the cap on connections (max_connections) is read
+    # from the limit now in force.
     raise_open_file_limit()
     try:
         preflight(config)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.address import UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,8 +31,11 @@ from werkzeug.routing import Map, RequestRedirect
 
 from cyphr._compat import generic_http_channel, handle_star, request_line, set_aborting_call
 from cyphr.config import Config
+from cyphr.connections import ConnectionLimits, address_key, connection_cap, open_file_limit
 from cyphr.errors import (
     CORS_ORIGIN_DENIED,
+    REQUEST_TIMEOUT,
+    SERVER_BUSY,
     INVALID_BODY,
     ApiError,
     BadRequest,
@@ -42,6 +45,7 @@ from cyphr.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     UnsupportedMediaType,
 )
 from cyphr.handlers.validation import MAX_JSON_DEPTH, json_too_deep
@@ -64,6 +68,10 @@ HSTS = b"max-age=31536000; includeSubDomains"
 CORS_METHODS = b"GET, POST, PUT, DELETE"
 CORS_HEADERS = b"Content-Type, Authorization"
 CORS_MAX_AGE = b"600"
+# A request's deadline grows by one second for each this many bytes of it
+# received: a large body on a slow link gets the time it needs, a client
+# that trickles gets none (Apache's mod_reqtimeout MinRate, in effect).
+MIN_REQUEST_RATE = 16 * 1024
 
 
 # -- JSON in and out ----------------------------------------------------------
@@ -283,6 +291,12 @@ class HttpPolicy:
     trusted_networks: tuple[Any, ...]
     trust_unix: bool
     access_log: bool
+    # Connections open at once in all (from the open-file limit, see
+    # cyphr.connections.connection_cap), and per client address (0: no cap).
+    max_connections: int
+    max_connections_per_address: int
+    # Seconds a client has to send a whole request, from its first byte.
+    request_timeout: float
 
     @classmethod
     def from_config(cls, config: Config) -> HttpPolicy:
@@ -292,6 +306,9 @@ class HttpPolicy:
             trusted_networks=config.trusted_networks,
             trust_unix=config.trust_unix_peers,
             access_log=config.access_log,
+            max_connections=connection_cap(config.max_connections, open_file_limit()),
+            max_connections_per_address=config.max_connections_per_address,
+            request_timeout=config.request_timeout,
         )
 
     def _trusted(self, address: str) -> bool:
@@ -302,6 +319,12 @@ class HttpPolicy:
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self.trusted_networks)
+
+    def trusts_peer(self, peer: Any) -> bool:
+        """Whether the connection's peer is a trusted proxy."""
+        if isinstance(peer, UNIXAddress):
+            return self.trust_unix
+        return self._trusted(getattr(peer, "host", "") or "")
 
     def client_ip(self, request: Any) -> str:
         """
@@ -445,6 +468,10 @@ class CyphrRequest(server.Request):
             self.setHeader(b"Strict-Transport-Security", HSTS)
         for name, value in self._cors_headers():
             self.setHeader(name, value)
+        if not self.channel.claim_client(self):
+            self.write(error_answer(self, RateLimited(1, "Too many connections from this address")))
+            self.finish()
+            return
         if self.method == b"OPTIONS" and self.getHeader(b"access-control-request-method"):
             self._preflight()
             return
@@ -484,9 +511,158 @@ class CyphrRequest(server.Request):
 
 
 class _Channel(http.HTTPChannel):
-    """Twisted's HTTP channel, without the client's address in the log when
-    an idle connection is timed out (addresses are for access logs only).
-    Both methods are Twisted's, less that line (cyphr._compat.COPIED)."""
+    """
+    Twisted's HTTP channel, held to the site's connection limits:
+
+    - At most ``max_connections`` open in all: past it a connection is
+      answered 503 and closed as soon as it is accepted (it was accepted all
+      the same, so that the client hears why rather than being reset).
+    - At most ``max_connections_per_address`` for one client address. A
+      peer that is not a trusted proxy is its own client: it is counted from
+      accept, and refused with 429 at once. A trusted proxy's connection
+      carries many clients, so it is not counted as one: each request it
+      forwards counts for its client (X-Forwarded-For, by the trusted-proxy
+      rules) while it is in flight, and is refused with 429 past the cap. A
+      unix-socket peer that is not trusted is counted in all only.
+    - A deadline for each request, head and body: ``request_timeout`` from
+      its first byte, plus a second for each MIN_REQUEST_RATE bytes of it
+      received. The idle timeout alone restarts with every byte, so a client
+      trickling one byte at a time would hold the connection for ever. Once
+      the request has arrived the deadline is over: the time taken to answer
+      (a long-polling GET) is not the client's.
+
+    A WebSocket that takes the connection over keeps its counts until it
+    closes (see ``release_connection``). Time outs do not log the client's
+    address (addresses are for access logs only): ``timeoutConnection`` and
+    ``forceAbortClient`` are Twisted's, less that line (cyphr._compat.COPIED).
+    """
+
+    _admitted = False
+    _claimed: str | None = None    # the address this connection counts for
+    _per_request = False           # a trusted proxy: clients counted per request
+    _refusing = False              # answered and closing: input is ignored
+    _answering = False             # a whole request arrived and is being answered
+    _deadline: Any = None
+    _started = 0.0
+    _received = 0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        limits: ConnectionLimits = self.site.connections
+        if not limits.admit():
+            self._refuse(ApiError("The server has too many connections, try again shortly",
+                                  code=SERVER_BUSY, status=503, headers={"Retry-After": "1"}))
+            return
+        self._admitted = True
+        peer = self.transport.getPeer()
+        if self.site.policy.trusts_peer(peer):
+            self._per_request = True
+        elif isinstance(peer, (IPv4Address, IPv6Address)):
+            key = address_key(peer.host)
+            if not limits.claim(key):
+                self._refuse(RateLimited(1, "Too many connections from this address"))
+                return
+            self._claimed = key
+
+    def release_connection(self) -> None:
+        """Give this connection's places back (once; the WebSocket that took
+        the connection over calls this when it closes)."""
+        limits: ConnectionLimits = self.site.connections
+        if self._claimed is not None:
+            limits.unclaim(self._claimed)
+            self._claimed = None
+        if self._admitted:
+            self._admitted = False
+            limits.release()
+
+    def claim_client(self, request: CyphrRequest) -> bool:
+        """On a trusted proxy's connection, count the request for its client
+        until it is answered; False when that client holds too many."""
+        if not self._per_request:
+            return True
+        key = address_key(request.client_ip)
+        if not self.site.connections.claim(key):
+            return False
+        self._claimed = key
+        request.notifyFinish().addBoth(self._request_answered, key)
+        return True
+
+    def _request_answered(self, _: Any, key: str) -> None:
+        if self._claimed == key:
+            self.site.connections.unclaim(key)
+            self._claimed = None
+
+    # -- the request deadline --
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refusing:
+            return
+        if self._deadline is None and not self._answering:
+            self._started = self.site.reactor.seconds()
+            self._received = 0
+            self._deadline = self.callLater(self.site.policy.request_timeout, self._overdue)
+        self._received += len(data)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        self._answering = True
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # A request the client pipelined behind this one is replayed through
+        # dataReceived from here: its deadline starts then.
+        self._answering = False
+        super().requestDone(request)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _overdue(self) -> None:
+        self._deadline = None
+        now = self.site.reactor.seconds()
+        allowed = self._started + self.site.policy.request_timeout + self._received / MIN_REQUEST_RATE
+        if now < allowed:
+            self._deadline = self.callLater(allowed - now, self._overdue)
+            return
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            return  # answered already (a refused body), and closing
+        self.site.connections.refused["request_timeout"] += 1
+        self._refuse(ApiError("The request took too long to arrive", code=REQUEST_TIMEOUT, status=408))
+
+    def _refuse(self, error: ApiError) -> None:
+        """Answer ``error`` before (or instead of) any request, straight on
+        the transport, and close: input that follows is not read."""
+        self._refusing = True
+        self._stop_deadline()
+        body = json_bytes(error.to_json())
+        headers = [
+            (b"Server", b"Cyphr"),
+            (b"Date", datetimeToString()),
+            (b"Content-Type", JSON_TYPE),
+            (b"Content-Length", str(len(body)).encode("ascii")),
+            (b"Connection", b"close"),
+            *((name.encode("ascii"), value.encode("ascii")) for name, value in error.headers.items()),
+            *SECURITY_HEADERS,
+            *([(b"Strict-Transport-Security", HSTS)] if self.isSecure() else []),
+        ]
+        head = b"HTTP/1.1 %d %s\r\n" % (error.status, http.RESPONSES.get(error.status, b"")) + b"".join(
+            name + b": " + value + b"\r\n" for name, value in headers)
+        self.transport.write(head + b"\r\n" + body)
+        self.loseConnection()
+        # A client that does not read (or never finishes a TLS handshake)
+        # must not keep the descriptor: as after an idle timeout.
+        if self.abortTimeout is not None:
+            set_aborting_call(self, self.callLater(self.abortTimeout, self.forceAbortClient))
+
+    def connectionLost(self, reason: Any) -> None:
+        self._stop_deadline()
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.release_connection()
 
     def timeoutConnection(self) -> None:
         if self.abortTimeout is not None:
@@ -496,6 +672,14 @@ class _Channel(http.HTTPChannel):
     def forceAbortClient(self) -> None:
         set_aborting_call(self, None)
         self.transport.abortConnection()
+
+
+def connection_release(request: Any) -> Callable[[], None]:
+    """What gives back the places of a request's connection: for the
+    WebSocket that takes the connection over, to call when it closes (the
+    HTTP channel no longer hears of the connection then)."""
+    channel: _Channel = request.channel
+    return channel.release_connection
 
 
 def _channel() -> Any:
@@ -512,7 +696,8 @@ class CyphrSite(server.Site):
 
     def __init__(self, root: resource.Resource, policy: HttpPolicy, reactor: Any,
                  timeout: float = 75, *, metrics: HttpStats | None = None,
-                 on_body_refused: Callable[[bytes], None] | None = None) -> None:
+                 on_body_refused: Callable[[bytes], None] | None = None,
+                 connections: ConnectionLimits | None = None) -> None:
         # The idle timeout must outlast a long-polling GET (pingInterval +
         # pingTimeout) and stay short enough to shed idle sockets.
         # No parsing of form bodies into request.args: the API takes JSON only.
@@ -524,6 +709,11 @@ class CyphrSite(server.Site):
         # Told of the path of a request whose body was refused as too large
         # (the realtime layer ends the session it was meant for), if anyone.
         self.on_body_refused = on_body_refused
+        # The connections open on this site, within the policy's caps (a
+        # site of its own unless given: the metrics endpoint keeps serving
+        # scrapes while the API's connections are at their cap).
+        self.connections = connections or ConnectionLimits(
+            policy.max_connections, policy.max_connections_per_address)
 
     def log(self, request: Any) -> None:
         # Called once for each request that is answered.

@@ -30,6 +30,11 @@ _MISSING = object()
 # socket event. Far above what any request of the contract needs, far below
 # where encoding the value back (json.dumps, a relay) would overflow the stack.
 MAX_JSON_DEPTH = 64
+# The most of a client's own text (a field name it made up) that an error
+# message or its details repeat, and how many such names: a refusal must
+# not cost more than the request that caused it, in the answer or a log.
+MAX_ECHO = 64
+MAX_ECHOED_NAMES = 10
 _CONTAINERS = (dict, list, tuple)
 _BYTES = (bytes, bytearray, memoryview)
 
@@ -75,6 +80,13 @@ def _json_value_problem(value: Any) -> str | None:
     return None
 
 
+def echo(text: Any) -> str:
+    """``text`` (a client's) as an error may repeat it: at most MAX_ECHO
+    characters, the cut marked with an ellipsis."""
+    text = text if isinstance(text, str) else repr(text)
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 1] + "\u2026"
+
+
 def invalid(field: str, message: str, code: str = INVALID_FIELD) -> BadRequest:
     return BadRequest(message, code=code, details={"field": field})
 
@@ -101,10 +113,16 @@ class Fields:
     Fields the route does not know are refused up front."""
 
     def __init__(self, body: Mapping[str, Any], allowed: Iterable[str]) -> None:
-        unknown = sorted(set(body) - set(allowed))
+        allowed = set(allowed)
+        unknown = sorted(name for name in body if name not in allowed)
         if unknown:
-            raise BadRequest(f"Unknown field: {', '.join(unknown)}", code=UNKNOWN_FIELD,
-                             details={"fields": unknown})
+            # Named as the client sent them, but cut short: the names are
+            # the client's, of any length and number.
+            shown = [echo(name) for name in unknown[:MAX_ECHOED_NAMES]]
+            more = len(unknown) - len(shown)
+            listed = ", ".join(shown) + (f" and {more} more" if more else "")
+            raise BadRequest(f"Unknown field: {listed}", code=UNKNOWN_FIELD,
+                             details={"fields": shown})
         self._body = body
 
     def present(self, name: str) -> bool:

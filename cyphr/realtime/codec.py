@@ -34,6 +34,11 @@ class ProtocolError(ValueError):
     """What a peer sent breaks the protocol; the session that sent it is closed."""
 
 
+class EventTooLarge(ProtocolError):
+    """A Socket.IO packet, header and binary attachments together, passes
+    its decoder's ``limit``: the session is closed before the rest is read."""
+
+
 class NestedTooDeep(ProtocolError):
     """
     A packet whose JSON nests deeper than the decoder can go. The packet is
@@ -179,6 +184,10 @@ RESERVED_EVENTS = frozenset({
     "connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener",
 })
 MAX_ATTACHMENTS = 10
+# The longest namespace name read. Names are the application's ("/",
+# "/admin"), never user data: anything longer is a protocol error, and no
+# answer ever echoes more than this of what a client sent.
+MAX_NAMESPACE = 128
 
 _SOCKET_TYPES = {str(kind): kind for kind in range(7)}
 _SOCKET_DIGITS = {kind: str(kind) for kind in range(7)}
@@ -385,12 +394,18 @@ class PacketDecoder:
     their placeholders, as the reference decoder returns it.
     """
 
-    __slots__ = ("_attachments", "_expected", "_max_attachments", "_pending", "_placeholders")
+    __slots__ = ("_attachments", "_expected", "_max_attachments", "_pending", "_placeholders",
+                 "_size", "limit")
 
-    def __init__(self, max_attachments: int = MAX_ATTACHMENTS) -> None:
+    def __init__(self, max_attachments: int = MAX_ATTACHMENTS, limit: int = 0) -> None:
         self._max_attachments = max_attachments
+        # The most one packet may weigh, its header (in characters) and
+        # every attachment (in bytes) together; 0: no limit. The owner may
+        # change it between packets (raise it once the peer is trusted).
+        self.limit = limit
         self._pending: SocketPacket | None = None
         self._expected = 0
+        self._size = 0  # what the pending packet weighs so far
         self._attachments: list[bytes] = []
         self._placeholders: list[tuple[Any, Any, int]] = []
 
@@ -399,18 +414,34 @@ class PacketDecoder:
         """True while a binary packet waits for its attachments."""
         return self._pending is not None
 
+    @property
+    def budget(self) -> int:
+        """The most the next message may weigh (0: no limit): what is left
+        of the limit while a binary packet waits for attachments."""
+        if not self.limit:
+            return 0
+        return max(self.limit - self._size, 1) if self._pending is not None else self.limit
+
     def feed(self, message: str | bytes) -> SocketPacket | None:
         """
         Decode the next MESSAGE payload: a complete packet, or None while a
         binary packet still waits for attachments.
         """
+        limit = self.limit
         if type(message) is str:
             if self._pending is not None:
                 self._reset()
                 raise ProtocolError("text packet while binary attachments were awaited")
+            if limit and len(message) > limit:
+                raise EventTooLarge(f"a packet larger than {limit}")
             return self._decode(message)
         if self._pending is None:
             raise ProtocolError("binary data without a binary packet")
+        self._size += len(message)
+        if limit and self._size > limit:
+            # Dropped now: the attachments already read go with the session.
+            self._reset()
+            raise EventTooLarge(f"an event and its attachments larger than {limit}")
         attachments = self._attachments
         attachments.append(_as_bytes(message))
         if len(attachments) < self._expected:
@@ -426,6 +457,7 @@ class PacketDecoder:
         self._expected = 0
         self._attachments = []
         self._placeholders = []
+        self._size = 0
 
     def _decode(self, text: str) -> SocketPacket | None:
         end = len(text)
@@ -454,8 +486,11 @@ class PacketDecoder:
         # The namespace runs to the first comma, which is consumed, or to the end.
         namespace = "/"
         if i < end and text[i] == "/":
-            comma = text.find(",", i)
+            # Looked for no further than the longest name: bounded work.
+            comma = text.find(",", i, i + MAX_NAMESPACE + 1)
             if comma < 0:
+                if end - i > MAX_NAMESPACE:
+                    raise ProtocolError("namespace name too long")
                 namespace = text[i:]
                 i = end
             else:
@@ -502,4 +537,32 @@ class PacketDecoder:
         self._placeholders = _find_placeholders(data, count)
         self._pending = SocketPacket(_UNBINARY[kind], namespace, data, ack_id)
         self._expected = count
+        self._size = end
         return None
+
+
+def peek_event(text: str) -> tuple[str, int | None] | None:
+    """The namespace and ack id of a text EVENT packet (``2...``), read
+    from its header alone, without its JSON: None for any other packet, or
+    a header that does not parse (decoding the whole packet then says
+    why). Cheap, so that an event over a rate can be refused unparsed."""
+    if text[:1] != "2":
+        return None
+    end = len(text)
+    i = 1
+    namespace = "/"
+    if i < end and text[i] == "/":
+        comma = text.find(",", i, i + MAX_NAMESPACE + 1)
+        if comma < 0:
+            return None
+        namespace = text[i:comma]
+        i = comma + 1
+    start = i
+    while i < end and "0" <= text[i] <= "9" and i - start <= _ACK_ID_DIGITS:
+        i += 1
+    if i - start > _ACK_ID_DIGITS:
+        return None
+    ack_id = int(text[start:i]) if i > start else None
+    if ack_id is not None and ack_id >= _ACK_ID_LIMIT:
+        return None
+    return namespace, ack_id

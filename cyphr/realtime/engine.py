@@ -8,19 +8,32 @@ messages.
 Rules (see socketio-protocol.md): a bad handshake, an unknown sid, an
 unknown transport and a protocol violation get HTTP 400 with the reference
 server's ``{"code", "message"}`` body; a POST is answered ``ok``; a session
-whose client breaks the protocol is closed, and only that session.
+whose client breaks the protocol is closed, and only that session. A
+handshake over its address's caps (``handshake_rate``, ``max_pending``
+sessions that have not joined) gets HTTP 429 with code 4, the reference's
+"Forbidden", and a message saying which.
 
 Outgoing packets wait in the session's queue while the transport cannot
 take them (no poll pending, a WebSocket whose TCP buffer is full, an upgrade
 in progress). A queue that passes ``buffer_limit`` bytes closes the session
 ("slow consumer"): the client reconnects and catches up, the process does
-not grow without bound.
+not grow without bound. What waits in the transport's own write buffer
+(written, not yet taken by the kernel) counts toward that limit too.
+
+Incoming messages are held to the session's ``frame_limit``, which the
+handler sets (Socket.IO: a few KiB until the application trusts the
+client, then what is left of the event limit). A larger WebSocket message
+is refused from its frame header, before it is read (close code 1009); a
+larger polling body is refused before it is decoded (413). Either closes
+the session. Refusals are counted by reason (``refusals``) and logged as a
+periodic summary, never one line per client mistake.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections import Counter
 from typing import Any, Callable, Protocol
 from urllib.parse import parse_qs
 
@@ -38,6 +51,9 @@ from cyphr._compat import (
     transport_idle,
     websocket_data_received,
 )
+from cyphr.connections import address_key
+from cyphr.errors import RateLimited
+from cyphr.handlers.ratelimit import RateLimit
 from cyphr.realtime.codec import (
     CLOSE,
     MESSAGE,
@@ -61,12 +77,14 @@ TRANSPORT_UNKNOWN = 0
 SESSION_UNKNOWN = 1
 BAD_HANDSHAKE_METHOD = 2
 BAD_REQUEST = 3
+FORBIDDEN = 4  # the reference's answer to a handshake its allowRequest refuses
 UNSUPPORTED_PROTOCOL = 5
 _ERROR_MESSAGES = {
     TRANSPORT_UNKNOWN: "Transport unknown",
     SESSION_UNKNOWN: "Session ID unknown",
     BAD_HANDSHAKE_METHOD: "Bad handshake method",
     BAD_REQUEST: "Bad request",
+    FORBIDDEN: "Forbidden",
     UNSUPPORTED_PROTOCOL: "Unsupported protocol version",
 }
 
@@ -83,6 +101,40 @@ CLOSE_PACKET = EnginePacket(CLOSE)
 
 POLLING = "polling"
 WEBSOCKET = "websocket"
+CLOSE_TOO_BIG = 1009  # WebSocket "message too big", sent as Autobahn does for its own limit
+# Room for a polling body's framing around messages of frame_limit bytes:
+# base64 grows binary data by a third, and each record has a type and a
+# separator.
+_BODY_SLACK = 1024
+
+
+class FrameTooLarge(ProtocolError):
+    """A message over its session's frame_limit."""
+
+
+class Refusals:
+    """What clients had refused, by reason (a fixed word: label values for
+    metrics), and at most one summary line in the log per ``period``: a
+    client that makes mistakes on purpose must not fill the log."""
+
+    def __init__(self, clock: Any, what: str, period: float = 60.0) -> None:
+        self.totals: Counter[str] = Counter()
+        self._clock = clock
+        self._what = what
+        self._period = period
+        self._window: Counter[str] = Counter()
+        self._logged_at: float | None = None
+
+    def count(self, reason: str) -> None:
+        self.totals[reason] += 1
+        self._window[reason] += 1
+        now = self._clock.seconds()
+        if self._logged_at is None or now - self._logged_at >= self._period:
+            window, self._window = self._window, Counter()
+            self._logged_at = now
+            _log.info("Refused {count} {what} from clients since the last summary: {reasons}",
+                      count=sum(window.values()), what=self._what,
+                      reasons=", ".join(f"{n} {r}" for r, n in sorted(window.items())))
 
 
 class SessionHandler(Protocol):
@@ -98,7 +150,7 @@ class Session:
     __slots__ = (
         "sid", "server", "handler", "transport", "closed", "_queue", "_queued_bytes", "_poll",
         "_ws", "_probe", "_paused", "_ping_call", "_pong_deadline", "_upgrade_call", "_linger",
-        "client_ip", "__weakref__",
+        "client_ip", "frame_limit", "__weakref__",
     )
 
     def __init__(self, server: EngineServer, sid: str, transport: str, client_ip: str) -> None:
@@ -118,6 +170,8 @@ class Session:
         self._pong_deadline: Any = None
         self._upgrade_call: Any = None
         self._linger: Any = None
+        # The largest message the handler takes next (it lowers and raises it).
+        self.frame_limit = server.max_payload
 
     # -- sending --------------------------------------------------------
 
@@ -132,19 +186,28 @@ class Session:
         ws = self._ws
         if ws is not None and not self._paused and not self._queue:
             ws.send_packet(packet)
+            if ws.unsent > self.server.buffer_limit:
+                self._slow_consumer()
             return
         self._queue.append(packet)
         self._queued_bytes += len(packet.data) + 1
-        if self._queued_bytes > self.server.buffer_limit:
-            _log.debug("Session {sid} closed: its client does not keep up", sid=self.sid)
-            self.close("slow consumer", code=CLOSE_SLOW_CONSUMER, flush=False, abort=True)
+        if self.buffered_bytes > self.server.buffer_limit:
+            self._slow_consumer()
             return
         if self._poll is not None:
             self._answer_poll()
 
+    def _slow_consumer(self) -> None:
+        _log.debug("Session {sid} closed: its client does not keep up", sid=self.sid)
+        self.server.refusals.count("slow_consumer")
+        self.close("slow consumer", code=CLOSE_SLOW_CONSUMER, flush=False, abort=True)
+
     @property
     def buffered_bytes(self) -> int:
-        return self._queued_bytes
+        """What waits for the client: in our queue, and in the WebSocket
+        transport's write buffer."""
+        ws = self._ws
+        return self._queued_bytes + (ws.unsent if ws is not None else 0)
 
     def _take_queue(self) -> list[EnginePacket]:
         queue, self._queue, self._queued_bytes = self._queue, [], 0
@@ -201,7 +264,16 @@ class Session:
         for packet in decode_payload(body):
             if self.closed:
                 return
+            # The limit may change with each message (the handler sets it).
+            if packet.type == MESSAGE and len(packet.data) > self.frame_limit:
+                raise FrameTooLarge(f"a message larger than {self.frame_limit}")
             self.receive(packet)
+
+    @property
+    def body_limit(self) -> int:
+        """The largest polling body this session takes now: messages up to
+        frame_limit, base64 and framing included."""
+        return self.frame_limit * 4 // 3 + _BODY_SLACK
 
     # -- receiving ------------------------------------------------------
 
@@ -224,6 +296,12 @@ class Session:
 
     def start(self) -> None:
         self._ping_call = self.server.clock.callLater(self.server.ping_interval, self._ping)
+
+    def joined(self) -> None:
+        """The handler's client passed the handler's own handshake (Socket.IO:
+        a namespace accepted its CONNECT): the session no longer counts among
+        its address's pending sessions."""
+        self.server.joined(self)
 
     def _ping(self) -> None:
         self._ping_call = None
@@ -307,10 +385,10 @@ class Session:
                 return
             ws.send_packet(packet)
 
-    def transport_lost(self, ws: EngineWebSocket) -> None:
+    def transport_lost(self, ws: EngineWebSocket, reason: str = "transport close") -> None:
         if self._ws is ws:
             self._ws = None
-            self.close("transport close", flush=False, abort=True)
+            self.close(reason, flush=False, abort=True)
 
     # -- closing --------------------------------------------------------
 
@@ -382,7 +460,16 @@ class EngineServer:
                  ping_interval: float = 25.0, ping_timeout: float = 20.0,
                  upgrade_timeout: float = 10.0, max_payload: int = 1_000_000,
                  buffer_limit: int = 4 * 1024 * 1024, client_ip: Callable[[Any], str] | None = None,
+                 handshake_rate: tuple[int, float] | None = None, max_pending: int = 0,
+                 connection_release: Callable[[Any], Callable[[], None]] | None = None,
                  ) -> None:
+        """``handshake_rate`` (count, period): new sessions one client address
+        may open (None: no cap). ``max_pending``: open sessions of one client
+        address that have not ``joined()`` (0: no cap). Both count client
+        addresses by cyphr.connections.address_key. ``connection_release``:
+        for a request that becomes a WebSocket, what gives its connection's
+        place back to the site when the WebSocket closes (None: the site
+        counts nothing)."""
         self.clock = clock
         self.on_session = on_session
         self.ping_interval = ping_interval
@@ -392,12 +479,23 @@ class EngineServer:
         self.buffer_limit = buffer_limit
         self.client_ip = client_ip or (lambda request: getattr(request.getClientAddress(), "host", ""))
         self.sessions: dict[str, Session] = {}
+        self.refusals = Refusals(clock, "Engine.IO messages")
         # Every WebSocket connection until its TCP connection is gone
         # (including those whose close handshake is under way).
         self.websockets: set[EngineWebSocket] = set()
         self._all_closed: list[Deferred[None]] = []
         self.accepting = True
         self.handover_ip = ""
+        self._handshakes = (RateLimit(clock, handshake_rate[0], handshake_rate[1], name="handshakes")
+                            if handshake_rate is not None else None)
+        self.max_pending = max_pending
+        # Open sessions not joined yet, by client address (an address with
+        # none is not kept).
+        self._pending: dict[str, set[Session]] = {}
+        self.refused_handshakes = {"handshake_rate": 0, "pending_sessions": 0}
+        self.connection_release = connection_release
+        self.handover_release: Callable[[], None] | None = None
+        self._releases: dict[EngineWebSocket, Callable[[], None]] = {}
         self.resource = EngineResource(self)
 
     def open_packet(self, upgrades: list[str], sid: str) -> EnginePacket:
@@ -413,7 +511,43 @@ class EngineServer:
         sid = secrets.token_urlsafe(15)
         session = Session(self, sid, transport, client_ip)
         self.sessions[sid] = session
+        self._pending.setdefault(address_key(client_ip), set()).add(session)
         return session
+
+    def refuse_handshake(self, request: Any) -> bytes | None:
+        """The answer refusing a new session to this request's client, or
+        None when it may open one: 429 in the reference's error format
+        (code 4, "Forbidden", with a message of ours) when its address holds
+        ``max_pending`` sessions not joined yet, or opens them faster than
+        ``handshake_rate``."""
+        key = address_key(self.client_ip(request))
+        if self.max_pending and self._pending_count(key) >= self.max_pending:
+            self.refused_handshakes["pending_sessions"] += 1
+            return self.error(request, FORBIDDEN, 429, "Too many sessions without a namespace")
+        if self._handshakes is not None:
+            try:
+                self._handshakes.hit(key)
+            except RateLimited as e:
+                self.refused_handshakes["handshake_rate"] += 1
+                request.setHeader(b"Retry-After", e.headers["Retry-After"].encode("ascii"))
+                return self.error(request, FORBIDDEN, 429, "Too many handshakes from this address")
+        return None
+
+    def _pending_count(self, key: str) -> int:
+        # A closed session may wait a while to be forgotten (to tell its
+        # polling client): it holds nothing the cap is about.
+        return sum(1 for session in self._pending.get(key, ()) if not session.closed)
+
+    def joined(self, session: Session) -> None:
+        self._not_pending(session)
+
+    def _not_pending(self, session: Session) -> None:
+        key = address_key(session.client_ip)
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.discard(session)
+            if not pending:
+                del self._pending[key]
 
     def started(self, session: Session) -> None:
         """Hand the open session to its handler and start its heartbeat."""
@@ -427,6 +561,7 @@ class EngineServer:
     def forget(self, session: Session) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
+        self._not_pending(session)
 
     def close_all(self, reason: str, code: int = CLOSE_SHUTDOWN) -> None:
         """Close every session (the service is stopping), sending what each
@@ -440,9 +575,16 @@ class EngineServer:
 
     def websocket_opened(self, ws: EngineWebSocket) -> None:
         self.websockets.add(ws)
+        # The connection it took over stays counted by the site until it closes.
+        release, self.handover_release = self.handover_release, None
+        if release is not None:
+            self._releases[ws] = release
 
     def websocket_gone(self, ws: EngineWebSocket) -> None:
         self.websockets.discard(ws)
+        release = self._releases.pop(ws, None)
+        if release is not None:
+            release()
         if not self.websockets:
             waiters, self._all_closed = self._all_closed, []
             for d in waiters:
@@ -468,10 +610,10 @@ class EngineServer:
         return len(dropped)
 
     @staticmethod
-    def error(request: Any, code: int, status: int = 400) -> bytes:
+    def error(request: Any, code: int, status: int = 400, message: str | None = None) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps({"code": code, "message": _ERROR_MESSAGES[code]}).encode("ascii")
+        return json.dumps({"code": code, "message": message or _ERROR_MESSAGES[code]}).encode("ascii")
 
 
 class EngineResource(resource.Resource):
@@ -518,6 +660,9 @@ class EngineResource(resource.Resource):
                 return engine.error(request, BAD_HANDSHAKE_METHOD)
             if not engine.accepting:
                 return engine.error(request, BAD_REQUEST, 503)
+            refused = engine.refuse_handshake(request)
+            if refused is not None:
+                return refused
         elif sid not in engine.sessions or engine.sessions[sid].closed and transport == WEBSOCKET:
             return engine.error(request, SESSION_UNKNOWN)
         if transport == WEBSOCKET:
@@ -527,10 +672,13 @@ class EngineResource(resource.Resource):
             # idle timeout must no longer apply to it.
             request.channel.setTimeout(None)
             engine.handover_ip = engine.client_ip(request)
+            if engine.connection_release is not None:
+                engine.handover_release = engine.connection_release(request)
             try:
                 return self._websocket.render(request)
             finally:
                 engine.handover_ip = ""
+                engine.handover_release = None
         if sid is None:
             session = engine.new_session(POLLING, engine.client_ip(request))
             request.setHeader(b"Content-Type", b"text/plain; charset=UTF-8")
@@ -548,10 +696,24 @@ class EngineResource(resource.Resource):
         if method == b"POST":
             if session.closed:
                 return engine.error(request, SESSION_UNKNOWN)
-            request.content.seek(0)
+            # Measured before it is read: a body over the session's limit is
+            # refused without being decoded (Twisted keeps a large one in a
+            # temporary file, not in memory).
+            content = request.content
+            content.seek(0, 2)
+            if content.tell() > session.body_limit:
+                engine.refusals.count("too_large")
+                session.close("message too big", flush=False, abort=True)
+                return engine.error(request, BAD_REQUEST, 413)
+            content.seek(0)
             try:
-                session.receive_payload(request.content.read())
+                session.receive_payload(content.read())
+            except FrameTooLarge:
+                engine.refusals.count("too_large")
+                session.close("message too big", flush=False, abort=True)
+                return engine.error(request, BAD_REQUEST, 413)
             except ProtocolError as e:
+                engine.refusals.count("protocol")
                 _log.debug("Session {sid} broke the protocol: {error}", sid=sid, error=str(e))
                 session.close("protocol error", flush=False, abort=True)
                 return engine.error(request, BAD_REQUEST)
@@ -578,6 +740,11 @@ class EngineWebSocket(WebSocketServerProtocol):
     refused = False  # a second WebSocket for a session: closed once open
     client_ip = ""
     _socket: Any = None  # a plain TCP connection's socket, for _write
+    # Bytes handed to the transport since its buffer was last seen empty
+    # or below its own threshold (it had not paused us): about what waits
+    # there for a client that does not read.
+    unsent = 0
+    _held_back = False  # the transport paused us (its buffer is full)
 
     def connectionMade(self) -> None:
         # The site's view of the client (trusted proxies applied), handed
@@ -633,6 +800,24 @@ class EngineWebSocket(WebSocketServerProtocol):
         self.send_packet(engine.open_packet([], session.sid))
         engine.started(session)
 
+    def onMessageFrameBegin(self, length: int) -> None:
+        # A message over the session's frame_limit is refused from the frame
+        # header, before its payload is read: Autobahn's own check, with
+        # a limit that changes per session (Autobahn's maxMessagePayloadSize
+        # also bounds what we send, so it stays at max_body).
+        session = self.session
+        if (session is not None and not self.failedByMe
+                and self.message_data_total_length + length > session.frame_limit):
+            self.failedByMe = True  # Autobahn discards the rest of the message
+            self.factory.engine.refusals.count("too_large")
+            self.session = None
+            self.sendCloseFrame(CLOSE_TOO_BIG, b"message too big")
+            if self.upgrading:
+                session.probe_lost(self)
+            else:
+                session.transport_lost(self, "message too big")
+        super().onMessageFrameBegin(length)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
         if session is None:
@@ -646,6 +831,7 @@ class EngineWebSocket(WebSocketServerProtocol):
             session.receive(packet)
         except (ProtocolError, UnicodeDecodeError) as e:
             _log.debug("Session {sid} broke the protocol: {error}", sid=session.sid, error=str(e))
+            self.factory.engine.refusals.count("protocol")
             if self.upgrading:
                 self.close(CLOSE_PROTOCOL_ERROR, "protocol error")
             else:
@@ -672,6 +858,7 @@ class EngineWebSocket(WebSocketServerProtocol):
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.logOctets:
+            self._count_unsent(len(data))
             super().sendData(data, sync, chopsize)
             return
         self._write(data)
@@ -689,6 +876,7 @@ class EngineWebSocket(WebSocketServerProtocol):
         transport = self.transport
         sock = self._socket
         if sock is not None and transport_idle(transport):
+            self.unsent = 0  # nothing waits before this
             try:
                 sent = sock.send(data)
             except OSError:  # full (EAGAIN), or gone: Twisted's write finds out
@@ -696,7 +884,13 @@ class EngineWebSocket(WebSocketServerProtocol):
             if sent == len(data):
                 return
             data = data[sent:]
+        self._count_unsent(len(data))
         transport.write(data)
+
+    def _count_unsent(self, size: int) -> None:
+        # While the transport has not paused us its buffer is below its
+        # threshold (64 KiB): only what goes on top of a full one adds up.
+        self.unsent = self.unsent + size if self._held_back else size
 
     def send_packet(self, packet: EnginePacket) -> None:
         if self.state != self.STATE_OPEN:
@@ -716,10 +910,13 @@ class EngineWebSocket(WebSocketServerProtocol):
     # -- flow control (IPushProducer for the TCP transport) --------------
 
     def pauseProducing(self) -> None:
+        self._held_back = True
         if self.session is not None and not self.upgrading:
             self.session.pause()
 
     def resumeProducing(self) -> None:
+        self._held_back = False
+        self.unsent = 0  # the transport resumes us once its buffer is empty
         if self.session is not None and not self.upgrading:
             self.session.resume()
 

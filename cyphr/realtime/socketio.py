@@ -16,6 +16,16 @@ An event is refused with an error (answered through the namespace's
 arguments do not fit the handler's signature (BadEventArguments) or nest
 deeper than MAX_JSON_DEPTH (EventTooDeep). A handler that raises, at once
 or later, is answered the same way.
+
+Limits: until the application trusts a connection (``Socket.trust()``,
+once it knows who the client is) every packet, attachments included, must
+fit ``untrusted_limit`` (a few KiB: a CONNECT, an ``authenticate``); after
+that, ``max_event`` (default: the Engine.IO session's maxPayload). Either
+is enforced from the frame header or body length, before anything is
+read (cyphr.realtime.engine), and passing it closes the session. An event
+over the event rate is refused from its header, before its JSON is parsed.
+Refusals are counted by reason (``refusals``, for metrics) and never
+logged one by one.
 """
 
 from __future__ import annotations
@@ -37,21 +47,29 @@ from cyphr.realtime.codec import (
     DISCONNECT,
     EVENT,
     RESERVED_EVENTS,
+    EventTooLarge,
     NestedTooDeep,
     PacketDecoder,
     ProtocolError,
     SocketPacket,
     encode_packet,
+    peek_event,
 )
 # The one place this layer speaks the application's language: its refusals
 # of malformed events are the contract's 400s, which any error_ack renders.
 from cyphr.errors import INVALID_BODY, ApiError, BadRequest, InvalidJson
 from cyphr.handlers.validation import MAX_JSON_DEPTH, json_too_deep
-from cyphr.realtime.engine import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, Session
+from cyphr.realtime.engine import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, Refusals, Session
 
 _log = Logger()
 
 Handler = Callable[..., Any]
+
+# The largest packet (with its attachments) of a connection the
+# application has not trusted yet: room for a CONNECT or an authenticate
+# event with a session token, and nothing an attacker could use to make
+# the server buffer or parse much.
+UNTRUSTED_LIMIT = 4096
 
 
 class ConnectRefused(Exception):
@@ -186,6 +204,11 @@ class Socket:
 
     # -- rooms ------------------------------------------------------------
 
+    def trust(self) -> None:
+        """The application knows who the client is (its token was
+        accepted): the connection's packets may now reach the event limit."""
+        self.connection.trust()
+
     def join(self, room: str) -> None:
         if room not in self.rooms and self.connection.open:
             self.rooms.add(room)
@@ -303,17 +326,27 @@ class Connection:
     """One Engine.IO session seen from Socket.IO: its sockets, one per
     namespace, and the decoder of what it sends."""
 
-    __slots__ = ("server", "session", "decoder", "sockets", "open", "_connect_timer", "_bucket",
-                 "__weakref__")
+    __slots__ = ("server", "session", "decoder", "sockets", "open", "trusted", "_connect_timer",
+                 "_bucket", "__weakref__")
 
     def __init__(self, server: SocketServer, session: Session) -> None:
         self.server = server
         self.session = session
-        self.decoder = PacketDecoder(server.max_attachments)
+        self.decoder = PacketDecoder(server.max_attachments, server.untrusted_limit)
         self.sockets: dict[str, Socket] = {}
         self.open = True
+        self.trusted = False
         self._connect_timer: Any = server.clock.callLater(server.connect_timeout, self._no_connect)
         self._bucket: _Bucket | None = None
+        session.frame_limit = self.decoder.budget
+
+    def trust(self) -> None:
+        """Raise the packet limit from untrusted_limit to the event limit."""
+        if self.trusted:
+            return
+        self.trusted = True
+        self.decoder.limit = self.server.max_event or self.session.server.max_payload
+        self.session.frame_limit = self.decoder.budget
 
     def _no_connect(self) -> None:
         self._connect_timer = None
@@ -325,9 +358,31 @@ class Connection:
 
     def message(self, data: str | bytes) -> None:
         try:
+            self._message(data)
+        finally:
+            # What the next message may weigh (the engine refuses more
+            # before reading it).
+            self.session.frame_limit = self.decoder.budget
+
+    def _message(self, data: str | bytes) -> None:
+        # An EVENT counts against the event rate from its header: over the
+        # rate, its JSON is not parsed.
+        peeked = peek_event(data) if type(data) is str and not self.decoder.waiting else None
+        if peeked is not None and not self._allow():
+            socket = self.sockets.get(peeked[0])
+            if socket is None or not socket.connected:
+                self._protocol_error("packet type 2 for a namespace not joined")
+                return
+            self.server.refused_events += 1
+            self._refuse(socket, peeked[1], RateExceeded(), "rate")
+            return
+        try:
             packet = self.decoder.feed(data)
         except NestedTooDeep as e:
-            self._too_deep(e)
+            self._too_deep(e, counted=peeked is not None)
+            return
+        except EventTooLarge as e:
+            self._protocol_error(str(e), "too_large", "message too big")
             return
         except ProtocolError as e:
             self._protocol_error(str(e))
@@ -349,7 +404,7 @@ class Connection:
             self._protocol_error(f"packet type {kind} for a namespace not joined")
             return
         if kind == EVENT or kind == BINARY_EVENT:
-            self._event(socket, packet)
+            self._event(socket, packet, counted=peeked is not None)
         elif kind == ACK or kind == BINARY_ACK:
             socket._acked(packet.id, packet.data)
         else:  # DISCONNECT
@@ -364,23 +419,25 @@ class Connection:
             self._drop(socket, reason)
         self.server.connections.discard(self)
 
-    def _too_deep(self, error: NestedTooDeep) -> None:
+    def _too_deep(self, error: NestedTooDeep, counted: bool) -> None:
         """An EVENT too deep to decode is refused like one too deep to
         handle, and the session lives; anything else is a protocol error."""
         socket = self.sockets.get(error.namespace)
         if error.kind != EVENT or socket is None or not socket.connected:
             self._protocol_error(str(error))
             return
-        if not self._allow():  # it counts against the event rate all the same
+        if not counted and not self._allow():  # it counts against the event rate all the same
             self.server.refused_events += 1
-            self._answer(socket, error.ack_id, socket.namespace.error_ack, Failure(RateExceeded()))
+            self._refuse(socket, error.ack_id, RateExceeded(), "rate")
             return
-        if error.ack_id is not None:
-            self._answer(socket, error.ack_id, socket.namespace.error_ack, Failure(EventTooDeep()))
+        self._refuse(socket, error.ack_id, EventTooDeep(), "too_deep")
 
-    def _protocol_error(self, why: str) -> None:
+    def _protocol_error(self, why: str, reason: str = "protocol",
+                        close_reason: str = "protocol error") -> None:
+        # Bounded: the codec's messages quote no more than a namespace name.
         _log.debug("Session {sid} broke the Socket.IO protocol: {why}", sid=self.session.sid, why=why)
-        self.session.close("protocol error", code=CLOSE_PROTOCOL_ERROR, flush=False)
+        self.server.refusals.count(reason)
+        self.session.close(close_reason, code=CLOSE_PROTOCOL_ERROR, flush=False)
 
     # -- packets ----------------------------------------------------------
 
@@ -408,6 +465,7 @@ class Connection:
         if self._connect_timer is not None and self._connect_timer.active():
             self._connect_timer.cancel()
         self._connect_timer = None
+        self.session.joined()  # no longer among its address's pending sessions
         socket.namespace.sockets[socket.id] = socket
         socket._accepted()
         handler = socket.namespace.connected_handler
@@ -427,17 +485,16 @@ class Connection:
         if self.open:
             self.session.send_many(encode_packet(SocketPacket(CONNECT_ERROR, socket.namespace.name, error)))
 
-    def _event(self, socket: Socket, packet: SocketPacket) -> None:
+    def _event(self, socket: Socket, packet: SocketPacket, counted: bool = False) -> None:
         event, args = packet.data[0], packet.data[1:]
         namespace = socket.namespace
-        if not self._allow():
+        if not counted and not self._allow():
             self.server.refused_events += 1
-            self._answer(socket, packet.id, namespace.error_ack, Failure(RateExceeded()))
+            self._refuse(socket, packet.id, RateExceeded(), "rate")
             return
         handler = namespace.handlers.get(event) if isinstance(event, str) else None
         if handler is None:
-            if packet.id is not None:
-                self._answer(socket, packet.id, namespace.error_ack, Failure(UnknownEvent(event)))
+            self._refuse(socket, packet.id, UnknownEvent(event), "unknown_event")
             return
         # Refused before the handler runs: a call with the wrong arguments
         # would be a TypeError, and data this deep would overflow the stack
@@ -451,12 +508,12 @@ class Connection:
         elif args and json_too_deep(args, MAX_JSON_DEPTH + 1):  # + 1: the list of arguments
             refusal = EventTooDeep()
         if refusal is not None:
-            if packet.id is not None:
-                self._answer(socket, packet.id, namespace.error_ack, Failure(refusal))
+            self._refuse(socket, packet.id, refusal,
+                         "too_deep" if isinstance(refusal, EventTooDeep) else "bad_arguments")
             return
         outcome = _run(handler, socket, *args)
         if packet.id is None:
-            outcome.addErrback(self._unanswered, event)
+            outcome.addErrback(self._unanswered, event, self.server.refusals)
         else:
             outcome.addCallbacks(self._ack, self._answer_error, callbackArgs=(socket, packet.id),
                                  errbackArgs=(socket, packet.id, namespace.error_ack))
@@ -474,11 +531,20 @@ class Connection:
         bucket.tokens -= 1
         return True
 
+    def _refuse(self, socket: Socket, ack_id: int | None, refusal: Exception, reason: str) -> None:
+        """An ordinary refusal (the client's mistake): counted, answered
+        when the client asked for an ack, never logged one by one."""
+        self.server.refusals.count(reason)
+        if ack_id is not None:
+            self._answer(socket, ack_id, socket.namespace.error_ack, Failure(refusal))
+
     @staticmethod
-    def _unanswered(failure: Failure, event: Any) -> None:
+    def _unanswered(failure: Failure, event: Any, refusals: Refusals) -> None:
         # A refusal (the client's mistake) with no ack id to answer: there
-        # is nobody to tell, and nothing for the log.
-        if not failure.check(CancelledError, ApiError):
+        # is nobody to tell, and nothing for the log but the count.
+        if failure.check(ApiError):
+            refusals.count("refused")
+        elif not failure.check(CancelledError):
             _log.failure("Handling event {event!r} failed", failure, event=event)
 
     def _ack(self, result: Any, socket: Socket, ack_id: int) -> None:
@@ -489,6 +555,8 @@ class Connection:
 
     def _answer_error(self, failure: Failure, socket: Socket, ack_id: int,
                       error_ack: Callable[[Failure], Any] | None) -> None:
+        if failure.check(ApiError):
+            self.server.refusals.count("refused")
         self._answer(socket, ack_id, error_ack, failure)
 
     def _answer(self, socket: Socket, ack_id: int | None, error_ack: Callable[[Failure], Any] | None,
@@ -525,13 +593,21 @@ class SocketServer:
     """The Socket.IO server: its namespaces and live connections."""
 
     def __init__(self, clock: Any, *, connect_timeout: float = 45.0, event_rate: float = 100.0,
-                 event_burst: float = 200.0, max_attachments: int = 10) -> None:
+                 event_burst: float = 200.0, max_attachments: int = 10, max_event: int = 0,
+                 untrusted_limit: int = UNTRUSTED_LIMIT) -> None:
         self.clock = clock
         self.connect_timeout = connect_timeout
         self.event_rate = event_rate
         self.event_burst = event_burst
         self.max_attachments = max_attachments
+        # The largest packet, header and attachments together, of a trusted
+        # connection (0: the Engine.IO session's maxPayload), and of one not
+        # trusted yet.
+        self.max_event = max_event
+        self.untrusted_limit = untrusted_limit
         self.refused_events = 0  # over the event rate, for metrics
+        # Every refusal by reason, for metrics (cyphr_realtime_refused).
+        self.refusals = Refusals(clock, "Socket.IO packets and events")
         self.namespaces: dict[str, Namespace] = {}
         self.connections: set[Connection] = set()
 
