@@ -56,6 +56,10 @@ async def run(args: argparse.Namespace) -> None:
         users = [User(f"sender_{n:04d}") for n in range(args.senders)]
         tokens = await asyncio.gather(*(register(ports[0], u) for u in users))
         conn = await Connection.open(ports[0])
+        for token in tokens[1:]:  # a group admin may add only its contacts: each writes to it first
+            status, body = await conn.post("/api/messaging/send", {
+                "recipientId": users[0].cyphr_id, "encryptedPayload": PAYLOAD}, token)
+            assert status == 201, body
         chats = []
         for _ in range(args.chats):
             status, body = await conn.post("/api/messaging/create-group", {

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
+from cyphr.store.chats import ChatStore
 from cyphr.store.messages import NotAMember, Outgoing
 from tests.helpers import (
     InProcessHTTP,
@@ -23,6 +24,13 @@ from tests.users import User
 
 PAYLOAD = {"kyberCiphertext": "AAAA", "encryptedMessage": "QUJD", "nonce": "bm9uY2U=", "tag": "dGFn",
            "v": 2, "nested": {"list": [1, 2.5, "é", None, True]}}
+
+
+async def make_contacts(server: Any, user: User, *others: User) -> None:
+    """Direct chats (with no message) between ``user`` and each of ``others``."""
+    chats = ChatStore(server.database)
+    for other in others:
+        await chats.direct_chat(user.cyphr_id, other.cyphr_id, 0)
 
 
 class MessagingTestsMixin:
@@ -49,7 +57,13 @@ class MessagingTestsMixin:
     def assertError(self, response: Response, status: int, code: str) -> None:
         self.assertEqual((response.code, response.json().get("code")), (status, code), response.body)
 
+    async def contacts(self, user: User, *others: User) -> None:
+        """Make ``others`` contacts of ``user`` (a direct chat, no message),
+        as a group admin may add only its contacts."""
+        await make_contacts(self.server, user, *others)
+
     async def group(self, admin: User, *members: User) -> str:
+        await self.contacts(admin, *members)
         response = await self.http.post("/api/messaging/create-group", {
             "encryptedName": "bmFtZQ==", "members": [m.cyphr_id for m in members]}, headers=admin.auth())
         self.assertEqual(response.code, 201, response.body)
@@ -319,6 +333,7 @@ class MessagingTestsMixin:
         members = (await self.get(self.bob, base)).json()["members"]
         self.assertEqual([(m["cyphrId"], m["role"]) for m in members], [("alice", "admin"), ("bob", "member")])
 
+        await self.contacts(self.alice, self.carol, dave)
         self.assertError(await self.http.post(f"{base}/carol", headers=self.bob.auth()), 403, "NOT_ADMIN")
         self.assertError(await self.http.post(f"{base}/carol", headers=self.carol.auth()), 404, "CHAT_NOT_FOUND")
         self.assertError(await self.get(self.carol, base), 404, "CHAT_NOT_FOUND")
@@ -462,6 +477,7 @@ class RemovalRaceTests(PostgresMixin, TestCase):
         alice, dave = User("alice"), User("dave")
         await alice.register(http)
         await dave.register(http)
+        await make_contacts(server, alice, dave)
         chat = (await http.post("/api/messaging/create-group", {"members": ["dave"]},
                                 headers=alice.auth())).json()["chatId"]
 

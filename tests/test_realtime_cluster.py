@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 from cyphr.clock import iso, now_ms
 from cyphr.realtime.events import HEARTBEAT, NODE_SILENCE
 from tests import postgres
+from cyphr.store.chats import ChatStore
 from tests.helpers import InProcessHTTP, PostgresMixin, start_server
 from tests.realtime import SioClient, sessions_closed, sleep, until
 from tests.users import User
@@ -200,6 +201,8 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         messages once each and in seq order, the listener all 75 of them."""
         nodes = await self.cluster(self.database_setting())
         users = [await self.user(nodes[n % 2], f"user{n}") for n in range(4)]
+        for user in users[1:]:  # a group admin may add only its contacts
+            await ChatStore(nodes[0].server.database).direct_chat(users[0].cyphr_id, user.cyphr_id, 0)
         response = await nodes[0].http.post("/api/messaging/create-group", {
             "members": [u.cyphr_id for u in users[1:]]}, headers=users[0].auth())
         chat_id = response.json()["chatId"]

@@ -49,17 +49,21 @@ def main_key_fields(identity: Identity) -> dict[str, Any]:
     }
 
 
-def public_profile(identity: Identity, online: bool) -> dict[str, Any]:
-    """What anyone signed in may see of a user."""
-    return {
+def public_profile(identity: Identity, online: bool | None) -> dict[str, Any]:
+    """What anyone signed in may see of a user; with its presence
+    (``isOnline``, ``lastSeen``) only for those who may know it, ``online``
+    None for a stranger (IdentityHandler.presence_for)."""
+    profile = {
         "cyphrId": identity.cyphr_id,
         "displayName": identity.display_name,
         "avatarUrl": identity.avatar_url,
         "publicKey": b64(identity.public_key),
         **main_key_fields(identity),
-        "isOnline": online,
-        "lastSeen": iso(identity.last_seen),
     }
+    if online is not None:
+        profile["isOnline"] = online
+        profile["lastSeen"] = iso(identity.last_seen)
+    return profile
 
 
 def own_profile(identity: Identity, online: bool) -> dict[str, Any]:
@@ -230,17 +234,18 @@ class IdentityAPI:
             limit = int(limit_text)
         self.limits.search.hit(user.user_id)
         found = await self._identity.search(query, limit)
+        presence = await self._identity.presence_for(user, found)
         return answer(request, {
             "success": True,
-            "users": [public_profile(i, self._identity.is_online(i.cyphr_id)) for i in found],
+            "users": [public_profile(i, online) for i, online in zip(found, presence)],
         })
 
     @app.route("/api/cyphr-id/user/<cyphr_id>", methods=["GET"])
     @authenticated(ip_limited=True)
     async def user(self, request: Any, user: AuthUser, cyphr_id: str) -> bytes:
         identity = await self._identity.user(check_cyphr_id(cyphr_id))
-        return answer(request, {
-            "success": True, "user": public_profile(identity, self._identity.is_online(cyphr_id))})
+        [online] = await self._identity.presence_for(user, [identity])
+        return answer(request, {"success": True, "user": public_profile(identity, online)})
 
     @app.route("/api/cyphr-id/update-profile", methods=["POST"])
     @authenticated(ip_limited=True)

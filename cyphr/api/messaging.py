@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from typing import Any
 
@@ -25,6 +27,8 @@ from cyphr.wire import message_json, sent_json
 
 HISTORY_DEFAULT, HISTORY_MAX = 50, 200
 SYNC_DEFAULT, SYNC_MAX = 100, 500
+CHATS_DEFAULT, CHATS_MAX = 100, 500
+MAX_CURSOR = 128  # characters: an activity time and a chat id, encoded
 MAX_GROUP_MEMBERS = 1000
 MAX_ENCRYPTED_NAME = 4096
 MAX_ENCRYPTED_SETTINGS = 65536
@@ -48,6 +52,30 @@ def _query_int(request: Any, name: str, minimum: int, maximum: int) -> int | Non
         raise BadRequest(f"{name} must be an integer from {minimum} to {maximum}", code=INVALID_QUERY,
                          details={"field": name})
     return int(text)
+
+
+def chats_cursor(after: tuple[int, str]) -> str:
+    """The opaque ``nextCursor`` of a chat list page: where the next begins."""
+    return base64.urlsafe_b64encode(f"{after[0]}:{after[1]}".encode("ascii")).decode("ascii").rstrip("=")
+
+
+def _chats_after(request: Any) -> tuple[int, str] | None:
+    """The position a ``cursor`` query parameter names (None without one);
+    400 INVALID_QUERY for anything the server did not hand out."""
+    values = request.args.get(b"cursor")
+    if not values:
+        return None
+    try:
+        text = values[0]
+        if len(text) > MAX_CURSOR:
+            raise ValueError
+        activity, chat_id = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4)).decode("ascii").split(":")
+        if not activity.isdigit() or len(activity) > 19 or len(chat_id) != 36:
+            raise ValueError
+        return int(activity), str(uuid.UUID(chat_id))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest("cursor must be a nextCursor this server answered", code=INVALID_QUERY,
+                         details={"field": "cursor"}) from None
 
 
 class MessagingAPI:
@@ -83,7 +111,12 @@ class MessagingAPI:
     @app.route("/api/messaging/chats", methods=["GET"])
     @authenticated()
     async def chats(self, request: Any, user: AuthUser) -> bytes:
-        chats = await self._messaging.chats(user)
+        """A page of the caller's chats, newest activity first: without a
+        cursor the first (the original call, whose answer keeps its shape),
+        with ``cursor`` the one after the page that answered it."""
+        after = _chats_after(request)
+        limit = _query_int(request, "limit", 1, CHATS_MAX) or CHATS_DEFAULT
+        page = await self._messaging.chats(user, limit, after)
         return answer(request, {"success": True, "chats": [{
             "chatId": summary.chat.id,
             "chatType": summary.chat.chat_type,
@@ -92,7 +125,8 @@ class MessagingAPI:
             "lastMessageAt": iso(summary.chat.last_message_at),
             "unreadCount": summary.unread,
             "role": summary.role,
-        } for summary in chats]})
+        } for summary in page.chats],
+            "nextCursor": chats_cursor(page.next_after) if page.next_after is not None else None})
 
     @app.route("/api/messaging/sync", methods=["GET"])
     @authenticated()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from cyphr.changes import MemberLeft
 from cyphr.errors import USER_NOT_FOUND, NotFound
 from cyphr.handlers.auth import AuthUser
 from cyphr.store.chats import ChatStore
@@ -29,6 +30,9 @@ class CallsHandler:
         # entry is trimmed first. Only "yes" is remembered: a stranger's
         # attempts are always asked of the database, and cannot fill it.
         self._partners: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # cyphrId -> its pairs in _partners, so that forgetting a user (a
+        # leave, a deletion) costs its own pairs, not a walk of the cache.
+        self._pairs_of: dict[str, set[tuple[str, str]]] = {}
 
     async def check_peer(self, user: AuthUser, to: str) -> None:
         """``user`` may signal ``to``: another user who shares a chat with
@@ -44,17 +48,36 @@ class CallsHandler:
             if now - at < PARTNER_CACHE:
                 return True
             # Stale: one of them may have left the chat since.
-            del self._partners[key]
+            self._drop(key)
         if not await self._chats.share_a_chat(a, b):
             return False
         self._partners[key] = now
         self._partners.move_to_end(key)  # the same pair learnt twice at once
+        for user in key:
+            self._pairs_of.setdefault(user, set()).add(key)
         while len(self._partners) > PARTNER_CACHE_SIZE:
-            self._partners.popitem(last=False)
+            self._drop(next(iter(self._partners)))
         return True
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        self._partners.pop(key, None)
+        for user in key:
+            pairs = self._pairs_of.get(user)
+            if pairs is not None:
+                pairs.discard(key)
+                if not pairs:
+                    del self._pairs_of[user]
+
+    def member_left(self, change: MemberLeft) -> None:
+        """``change.cyphr_id`` left a chat: the pairs it was remembered in
+        may no longer share one, so they are asked again (build_server
+        subscribes this to MemberLeft). Every pair of the member goes, not
+        only those of that chat: which chat made a pair is not kept, and a
+        lookup costs little beside a stale permission."""
+        self.forget_user(change.cyphr_id)
 
     def forget_user(self, cyphr_id: str) -> None:
         """The identity is gone: no signal may reach it (or come from it)
         on what this node remembers."""
-        for key in [key for key in self._partners if cyphr_id in key]:
-            del self._partners[key]
+        for key in list(self._pairs_of.get(cyphr_id, ())):
+            self._drop(key)

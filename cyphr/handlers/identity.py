@@ -55,6 +55,7 @@ from cyphr.signing import (
     verify_with_label,
 )
 from cyphr.store.challenges import ChallengeStore
+from cyphr.store.chats import ChatStore
 from cyphr.store.identities import Identity, IdentityStore, IdentityTaken, MainKey, StaleKey
 from cyphr.store.tokens import TokenStore
 
@@ -111,6 +112,7 @@ class IdentityHandler:
         clock: Any,
         *,
         is_online: Callable[[str], bool],
+        chats: ChatStore,
         changes: ChangeFeed,
         origins: AcceptedOrigins,
         accept_v1: bool,
@@ -123,6 +125,7 @@ class IdentityHandler:
         self._fingerprint_key = fingerprint_key
         self._clock = clock
         self.is_online = is_online
+        self._chats = chats
         self._origins = origins
         self.accept_v1 = accept_v1
         # Told when tokens of a user end (SessionsEnded: the realtime layer
@@ -314,6 +317,14 @@ class IdentityHandler:
 
     async def search(self, prefix: str, limit: int) -> list[Identity]:
         return await self._identities.search(prefix, limit)
+
+    async def presence_for(self, viewer: AuthUser, identities: list[Identity]) -> list[bool | None]:
+        """For each identity, whether it is online as ``viewer`` may know it:
+        True or False for the viewer itself and users who share a chat with
+        it, None for strangers, who learn neither that nor when the user was
+        last seen (the same rule as ``user_online``/``user_offline``)."""
+        shown = await self._chats.sharing(viewer.cyphr_id, [i.cyphr_id for i in identities])
+        return [self.is_online(i.cyphr_id) if i.cyphr_id in shown else None for i in identities]
 
     async def update_profile(self, user: AuthUser, changes: dict[str, Any]) -> Identity:
         if changes:

@@ -3,6 +3,16 @@ Chats and messages: sending (through group commit), history, the chat list,
 sync, edits and deletions, groups and roles. A non-member learns nothing of
 a chat: every refusal of that kind is 404 CHAT_NOT_FOUND, as for a chat that
 does not exist.
+
+Who may be put in a group: a user may add (at creation or later) only its
+contacts, the users it has a direct chat with, as messengers let their
+users refuse additions by strangers. Anyone else is 404 USER_NOT_FOUND, as
+for a Cyphr ID that does not exist, so the refusal tells a stranger nothing.
+Group creations and additions are rate limited per user.
+
+A member sees a chat's messages from when it joined (its joined_seq):
+history and sync never show one sent before, also to a member re-added
+after leaving.
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ from cyphr.handlers.sending import SendBatcher
 from cyphr.handlers.validation import Fields, invalid
 from cyphr.store.chats import (
     AlreadyMember,
+    ChatPage,
     ChatStore,
-    ChatSummary,
     LastAdmin,
     Member,
     Membership,
@@ -99,12 +109,15 @@ def _no_chat() -> NotFound:
 
 class MessagingHandler:
     def __init__(self, chats: ChatStore, messages: MessageStore, identities: IdentityStore,
-                 batcher: SendBatcher, send_limit: RateLimit, changes: ChangeFeed, clock: Any) -> None:
+                 batcher: SendBatcher, send_limit: RateLimit, changes: ChangeFeed, clock: Any, *,
+                 group_limit: RateLimit, member_limit: RateLimit) -> None:
         self._chats = chats
         self._messages = messages
         self._identities = identities
         self._batcher = batcher
         self._send_limit = send_limit
+        self._group_limit = group_limit     # groups created, per user
+        self._member_limit = member_limit   # members added to existing groups, per user
         self._clock = clock
         self._changes = changes
         # (cyphrId, cyphrId) -> (direct chat id, when learnt): a send by
@@ -179,10 +192,14 @@ class MessagingHandler:
 
     async def history(self, user: AuthUser, chat_id: str, *, before: int | None, after: int | None,
                       limit: int) -> tuple[list[Message], bool]:
-        await self.membership(user, chat_id)
-        return await self._messages.history(chat_id, before=before, after=after, limit=limit)
+        """A page of the chat's history, from after the member joined only."""
+        membership = await self.membership(user, chat_id)
+        return await self._messages.history(chat_id, before=before, after=after, limit=limit,
+                                            from_seq=membership.joined_seq)
 
     async def sync(self, user: AuthUser, since: int, limit: int) -> tuple[list[Message], bool]:
+        """Messages of the user's chats past ``since``, each chat's from
+        after the user joined it."""
         return await self._messages.sync(user.cyphr_id, since, limit)
 
     async def _own_message(self, user: AuthUser, message_id: str) -> Message:
@@ -211,15 +228,25 @@ class MessagingHandler:
 
     # -- chats and groups -----------------------------------------------
 
-    async def chats(self, user: AuthUser) -> list[ChatSummary]:
-        return await self._chats.chats_of(user.cyphr_id)
+    async def chats(self, user: AuthUser, limit: int, after: tuple[int, str] | None = None) -> ChatPage:
+        """A page of the user's chats, most recently active first: the first
+        ``limit``, or those after the previous page's last (ChatPage.next_after)."""
+        return await self._chats.chats_of(user.cyphr_id, limit, after)
+
+    async def _contacts_only(self, user: AuthUser, others: list[str]) -> None:
+        """Refuse, as unknown users, those of ``others`` who are not
+        ``user``'s contacts (no direct chat with it)."""
+        strangers = sorted(set(others) - await self._chats.direct_partners(user.cyphr_id, others))
+        if strangers:
+            raise NotFound("No such user", code=USER_NOT_FOUND, details={"members": strangers})
 
     async def create_group(self, user: AuthUser, members: list[str], encrypted_name: str | None,
                            encrypted_settings: str | None) -> str:
+        """A new group of ``user`` (its admin) and ``members``, each one of
+        its contacts."""
+        self._group_limit.hit(user.user_id)
         others = sorted(set(members) - {user.cyphr_id})
-        missing = [m for m in others if await self._identities.by_cyphr_id(m) is None]
-        if missing:
-            raise NotFound("No such user", code=USER_NOT_FOUND, details={"members": missing})
+        await self._contacts_only(user, others)
         chat_id = await self._chats.create_group(user.cyphr_id, others, encrypted_name,
                                                  encrypted_settings, now_ms(self._clock))
         for member in [user.cyphr_id, *others]:
@@ -239,8 +266,11 @@ class MessagingHandler:
         return await self._chats.members(chat_id)
 
     async def add_member(self, user: AuthUser, chat_id: str, cyphr_id: str) -> None:
+        """An admin adds one of its contacts to the group."""
+        self._member_limit.hit(user.user_id)
         await self._admin_of_group(user, chat_id)
-        await self._exists(cyphr_id)
+        if cyphr_id != user.cyphr_id and not await self._chats.direct_partners(user.cyphr_id, [cyphr_id]):
+            raise NotFound("No such user", code=USER_NOT_FOUND, details={"cyphrId": cyphr_id})
         try:
             last_seq = await self._chats.add_member(chat_id, cyphr_id, now_ms(self._clock))
         except AlreadyMember:

@@ -71,6 +71,9 @@ class RateLimits:
         self.claim = RateLimit(clock, *config.rate_limit_claim, name="claim")
         self.password = RateLimit(clock, *config.rate_limit_password, name="password")
         self.send = RateLimit(clock, *config.rate_limit_send, name="send")
+        self.group_create = RateLimit(clock, *config.rate_limit_group_create, name="group_create")
+        self.member_add = RateLimit(clock, *config.rate_limit_member_add, name="member_add")
 
     def all(self) -> list[RateLimit]:
-        return [self.auth_ip, self.search, self.claim, self.password, self.send]
+        return [self.auth_ip, self.search, self.claim, self.password, self.send, self.group_create,
+                self.member_add]

@@ -5,7 +5,10 @@ with a Receipt naming whom to tell; the caller (the realtime layer) tells
 them. A member learns nothing of a message it cannot see: an unknown id, a
 chat it is not in, or a message of another chat than the one named are all
 MESSAGE_NOT_FOUND. Own messages are acknowledged but record nothing and
-tell nobody: a sender needs no receipt from itself.
+tell nobody: a sender needs no receipt from itself. A receipt that changes
+nothing (a message delivered or read again, a read mark that does not move)
+is acknowledged and tells nobody: a client repeating itself cannot make the
+server repeat it to the sender.
 
 As synapse's ``handlers/receipts.py``, this knows nothing of the transport:
 the ids come parsed (UUIDs, a seq within range) from the caller.
@@ -70,15 +73,15 @@ class ReceiptsHandler:
 
     async def read(self, user: AuthUser, message_id: str, chat_id: str | None) -> Receipt:
         """``user`` read the message (which records its delivery too, if
-        not yet recorded). Unlike ``delivered``, the sender is told every
-        time it is said (API.md, `message_read`)."""
+        not yet recorded). As for ``delivered``, the sender is told only the
+        first time."""
         now = now_ms(self._clock)
         message = await self._visible(user, message_id, chat_id)
         tell: tuple[str, ...] = ()
         if message.sender_id != user.cyphr_id:
-            await self._chats.mark_message_read(message.chat_id, message.id, user.cyphr_id, now)
-            self.read_count += 1
-            tell = (message.sender_id,)
+            if await self._chats.mark_message_read(message.chat_id, message.id, user.cyphr_id, now):
+                self.read_count += 1
+                tell = (message.sender_id,)
         return Receipt(chat_id=message.chat_id, reader=user.cyphr_id, at=now, message_id=message.id,
                        up_to_seq=None, tell=tell)
 
@@ -86,14 +89,17 @@ class ReceiptsHandler:
         """``user`` read the chat up to ``up_to_seq``, capped at its newest
         message (a mark past it would hide messages still to come). Those
         told are the senders of the messages this marks read, found before
-        the mark moves; a mark that does not move tells nobody."""
+        the mark moves; a mark that does not move (already there, or moved
+        by a concurrent receipt meanwhile) tells nobody."""
         now = now_ms(self._clock)
         membership = await self._chats.membership(chat_id, user.cyphr_id)
         if membership is None:
             raise NotFound("No such chat", code=CHAT_NOT_FOUND)
         up_to = min(up_to_seq, membership.chat.last_seq)
         senders = await self._chats.unread_senders(chat_id, user.cyphr_id, up_to)
-        await self._chats.mark_read(chat_id, user.cyphr_id, up_to)
-        self.read_count += 1
+        tell: tuple[str, ...] = ()
+        if await self._chats.mark_read(chat_id, user.cyphr_id, up_to):
+            self.read_count += 1
+            tell = tuple(sorted(senders))
         return Receipt(chat_id=chat_id, reader=user.cyphr_id, at=now, message_id=None,
-                       up_to_seq=up_to, tell=tuple(sorted(senders)))
+                       up_to_seq=up_to, tell=tell)

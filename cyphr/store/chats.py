@@ -31,6 +31,8 @@ class Chat:
 class Membership:
     chat: Chat
     role: str
+    # The chat's last_seq when the member joined: it sees later messages only.
+    joined_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,21 @@ class ChatSummary:
     role: str
     participants: list[str]
     unread: int
+
+    @property
+    def activity(self) -> int:
+        """What the chat list is ordered by (newest first): its last message's
+        time, or its creation for a chat with none."""
+        return self.chat.last_message_at if self.chat.last_message_at is not None else self.chat.created_at
+
+
+@dataclass(frozen=True)
+class ChatPage:
+    """A page of a member's chat list, and where the next one starts (None:
+    this is the last): the activity and id of the page's last chat."""
+
+    chats: list[ChatSummary]
+    next_after: tuple[int, str] | None
 
 
 class AlreadyMember(Exception):
@@ -76,11 +93,11 @@ class ChatStore:
 
     async def membership(self, chat_id: str, cyphr_id: str) -> Membership | None:
         rows = await self._db.run_query(
-            "SELECT " + _CHAT_COLUMNS + ", p.role FROM chats c JOIN chat_participants p"
+            "SELECT " + _CHAT_COLUMNS + ", p.role, p.joined_seq FROM chats c JOIN chat_participants p"
             " ON p.chat_id = c.id WHERE c.id = ? AND p.user_id = ?", (chat_id, cyphr_id))
         if not rows:
             return None
-        return Membership(Chat(*rows[0][:9]), rows[0][9])
+        return Membership(Chat(*rows[0][:9]), rows[0][9], rows[0][10])
 
     async def create_group(self, creator: str, members: list[str], encrypted_name: str | None,
                            encrypted_settings: str | None, now: int) -> str:
@@ -95,12 +112,13 @@ class ChatStore:
 
     async def add_member(self, chat_id: str, cyphr_id: str, now: int) -> int:
         """Add a member, who starts at the chat's newest message (its seq is
-        the answer): what came before was not encrypted for it."""
+        the answer, kept as its joined_seq): what came before was not
+        encrypted for it, and it sees none of it (schema 008)."""
         try:
             rows = await self._db.run_query(
                 "INSERT INTO chat_participants (chat_id, user_id, role, joined_at, read_up_to_seq,"
-                " delivered_up_to_seq) SELECT ?, ?, 'member', ?, last_seq, last_seq"
-                " FROM chats WHERE id = ? RETURNING delivered_up_to_seq", (chat_id, cyphr_id, now, chat_id))
+                " delivered_up_to_seq, joined_seq) SELECT ?, ?, 'member', ?, last_seq, last_seq, last_seq"
+                " FROM chats WHERE id = ? RETURNING joined_seq", (chat_id, cyphr_id, now, chat_id))
         except IntegrityError:
             raise AlreadyMember() from None
         return rows[0][0] if rows else 0
@@ -115,33 +133,48 @@ class ChatStore:
         leave the group without an admin."""
         return await self._db.run_interaction("set_role", _role_txn, chat_id, cyphr_id, role)
 
-    async def chats_of(self, cyphr_id: str) -> list[ChatSummary]:
-        """The member's chats, most recently active first, with their members
-        and how many messages of others it has not read."""
+    async def chats_of(self, cyphr_id: str, limit: int,
+                       after: tuple[int, str] | None = None) -> ChatPage:
+        """A page of the member's chats, most recently active first (ties by
+        id), with their members and how many messages of others it has not
+        read: the first ``limit``, or those that come after ``after`` (the
+        activity and id of the previous page's last chat), keyset-style, so
+        that a page costs the same however deep it lies."""
+        where, params = "", [cyphr_id]
+        if after is not None:
+            where = (" AND (COALESCE(c.last_message_at, c.created_at) < ?"
+                     " OR (COALESCE(c.last_message_at, c.created_at) = ? AND c.id > ?))")
+            params += [after[0], after[0], after[1]]
         rows = await self._db.run_query(
             "SELECT " + _CHAT_COLUMNS + ", p.role,"
             " (SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id AND m.seq > p.read_up_to_seq"
             "  AND m.sender_id <> p.user_id AND m.deleted_at IS NULL)"
-            " FROM chat_participants p JOIN chats c ON c.id = p.chat_id WHERE p.user_id = ?"
-            " ORDER BY COALESCE(c.last_message_at, c.created_at) DESC, c.id", (cyphr_id,))
+            " FROM chat_participants p JOIN chats c ON c.id = p.chat_id WHERE p.user_id = ?" + where +
+            " ORDER BY COALESCE(c.last_message_at, c.created_at) DESC, c.id LIMIT ?", [*params, limit + 1])
+        more = len(rows) > limit
+        rows = rows[:limit]
         if not rows:
-            return []
+            return ChatPage([], None)
+        ids = [row[0] for row in rows]
         members = await self._db.run_query(
-            "SELECT chat_id, user_id FROM chat_participants WHERE chat_id IN"
-            " (SELECT chat_id FROM chat_participants WHERE user_id = ?) ORDER BY joined_at, user_id",
-            (cyphr_id,))
+            "SELECT chat_id, user_id FROM chat_participants WHERE chat_id IN ("
+            + ", ".join("?" for _ in ids) + ") ORDER BY joined_at, user_id", ids)
         by_chat: dict[str, list[str]] = {}
         for chat_id, user in members:
-            by_chat.setdefault(chat_id, []).append(user)
-        return [ChatSummary(Chat(*row[:9]), row[9], by_chat.get(row[0], []), row[10]) for row in rows]
+            by_chat.setdefault(str(chat_id), []).append(user)
+        page = [ChatSummary(Chat(*row[:9]), row[9], by_chat.get(str(row[0]), []), row[10]) for row in rows]
+        last = page[-1]
+        return ChatPage(page, (last.activity, str(last.chat.id)) if more else None)
 
-    async def mark_read(self, chat_id: str, cyphr_id: str, up_to_seq: int) -> None:
-        """The member has read the chat up to ``up_to_seq`` (never moves back)."""
-        await self._db.run_operation(
+    async def mark_read(self, chat_id: str, cyphr_id: str, up_to_seq: int) -> bool:
+        """The member has read the chat up to ``up_to_seq`` (never moves
+        back); False if the mark was there already (nothing changed)."""
+        moved = await self._db.run_operation(
             "UPDATE chat_participants SET read_up_to_seq = ?,"
             " delivered_up_to_seq = CASE WHEN delivered_up_to_seq < ? THEN ? ELSE delivered_up_to_seq END"
             " WHERE chat_id = ? AND user_id = ? AND read_up_to_seq < ?",
             (up_to_seq, up_to_seq, up_to_seq, chat_id, cyphr_id, up_to_seq))
+        return moved == 1
 
     async def mark_delivered(self, chat_id: str, message_id: str, cyphr_id: str, now: int,
                              seq: int | None = None) -> bool:
@@ -173,6 +206,30 @@ class ChatStore:
             " ON o.chat_id = p.chat_id WHERE p.user_id = ? AND o.user_id <> ?", (cyphr_id, cyphr_id))
         return [row[0] for row in rows]
 
+    async def sharing(self, cyphr_id: str, others: list[str]) -> set[str]:
+        """Those of ``others`` who share a chat with ``cyphr_id`` (oneself
+        counts as sharing)."""
+        if not others:
+            return set()
+        rows = await self._db.run_query(
+            "SELECT DISTINCT o.user_id FROM chat_participants p JOIN chat_participants o"
+            " ON o.chat_id = p.chat_id WHERE p.user_id = ? AND o.user_id IN ("
+            + ", ".join("?" for _ in others) + ")", [cyphr_id, *others])
+        return {row[0] for row in rows} | ({cyphr_id} & set(others))
+
+    async def direct_partners(self, cyphr_id: str, others: list[str]) -> set[str]:
+        """Those of ``others`` with whom ``cyphr_id`` has a direct chat (its
+        contacts: the one kind of chat two users make between themselves),
+        both still members of it (a deleted identity is nobody's contact)."""
+        if not others:
+            return set()
+        keys = [direct_key(cyphr_id, other) for other in others]
+        rows = await self._db.run_query(
+            "SELECT p.user_id FROM chats c JOIN chat_participants p ON p.chat_id = c.id"
+            " WHERE c.direct_key IN (" + ", ".join("?" for _ in keys) + ") AND p.user_id <> ?",
+            [*keys, cyphr_id])
+        return {row[0] for row in rows} & set(others)
+
     async def share_a_chat(self, a: str, b: str) -> bool:
         rows = await self._db.run_query(
             "SELECT 1 FROM chat_participants p JOIN chat_participants o ON o.chat_id = p.chat_id"
@@ -188,13 +245,17 @@ class ChatStore:
             (cyphr_id, chat_id, up_to_seq, cyphr_id))
         return [row[0] for row in rows]
 
-    async def mark_message_read(self, chat_id: str, message_id: str, cyphr_id: str, now: int) -> None:
-        await self._db.run_operation(
+    async def mark_message_read(self, chat_id: str, message_id: str, cyphr_id: str, now: int) -> bool:
+        """Record that the member read the message (and so received it);
+        False if its read was recorded already (nothing changed)."""
+        changed = await self._db.run_operation(
             "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at, read_at)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (chat_id, message_id, user_id) DO UPDATE"
-            " SET read_at = COALESCE(message_receipts.read_at, excluded.read_at),"
-            " delivered_at = COALESCE(message_receipts.delivered_at, excluded.delivered_at)",
+            " SET read_at = excluded.read_at,"
+            " delivered_at = COALESCE(message_receipts.delivered_at, excluded.delivered_at)"
+            " WHERE message_receipts.read_at IS NULL",
             (chat_id, message_id, cyphr_id, now, now))
+        return changed == 1
 
 
 async def _direct_txn(txn: Transaction, a: str, b: str, key: str, now: int) -> tuple[str, bool]:

@@ -84,33 +84,35 @@ class MessageStore:
         return await self._db.run_interaction("store_messages", _store_batch_txn, items)
 
     async def history(self, chat_id: str, *, before: int | None, after: int | None,
-                      limit: int) -> tuple[list[Message], bool]:
+                      limit: int, from_seq: int = 0) -> tuple[list[Message], bool]:
         """A page of the chat in ascending seq, and whether more lie further
-        in that direction: after ``after``, before ``before``, or the latest."""
+        in that direction: after ``after``, before ``before``, or the latest;
+        never a message at or below ``from_seq`` (the reader's joined_seq)."""
         if after is not None:
             rows = await self._db.run_query(
                 "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id = ? AND m.seq > ?"
-                " ORDER BY m.seq LIMIT ?", (chat_id, after, limit + 1))
+                " ORDER BY m.seq LIMIT ?", (chat_id, max(after, from_seq), limit + 1))
             page = [Message(*row) for row in rows]
             return page[:limit], len(page) > limit
         if before is not None:
             rows = await self._db.run_query(
-                "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id = ? AND m.seq < ?"
-                " ORDER BY m.seq DESC LIMIT ?", (chat_id, before, limit + 1))
+                "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id = ? AND m.seq < ? AND m.seq > ?"
+                " ORDER BY m.seq DESC LIMIT ?", (chat_id, before, from_seq, limit + 1))
         else:
             rows = await self._db.run_query(
-                "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id = ?"
-                " ORDER BY m.seq DESC LIMIT ?", (chat_id, limit + 1))
+                "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id = ? AND m.seq > ?"
+                " ORDER BY m.seq DESC LIMIT ?", (chat_id, from_seq, limit + 1))
         page = [Message(*row) for row in rows]
         return list(reversed(page[:limit])), len(page) > limit
 
     async def sync(self, cyphr_id: str, since: int, limit: int) -> tuple[list[Message], bool]:
         """Messages of the member's chats past stream position ``since``, in
-        stream order (see schema 004 for why no message is ever skipped)."""
+        stream order (see schema 004 for why no message is ever skipped),
+        each chat's only from after the member joined it (schema 008)."""
         rows = await self._db.run_query(
-            "SELECT " + _COLUMNS + " FROM messages m WHERE m.chat_id IN"
-            " (SELECT chat_id FROM chat_participants WHERE user_id = ?)"
-            " AND m.stream_position > ? ORDER BY m.stream_position LIMIT ?",
+            "SELECT " + _COLUMNS + " FROM messages m JOIN chat_participants p"
+            " ON p.chat_id = m.chat_id AND p.user_id = ?"
+            " WHERE m.stream_position > ? AND m.seq > p.joined_seq ORDER BY m.stream_position LIMIT ?",
             (cyphr_id, since, limit + 1))
         page = [Message(*row) for row in rows]
         return page[:limit], len(page) > limit
@@ -137,10 +139,12 @@ class MessageStore:
         return [Message(*row) for row in rows]
 
     async def by_id_for_member(self, message_id: str, cyphr_id: str) -> Message | None:
-        """The message, if ``cyphr_id`` is a member of its chat."""
+        """The message, if ``cyphr_id`` is a member of its chat and it was
+        sent after the member joined."""
         rows = await self._db.run_query(
             "SELECT " + _COLUMNS + " FROM messages m JOIN chat_participants p"
-            " ON p.chat_id = m.chat_id AND p.user_id = ? WHERE m.id = ?", (cyphr_id, message_id))
+            " ON p.chat_id = m.chat_id AND p.user_id = ? WHERE m.id = ? AND m.seq > p.joined_seq",
+            (cyphr_id, message_id))
         return Message(*rows[0]) if rows else None
 
     async def by_seq(self, chat_id: str, seq: int) -> Message | None:
