@@ -4,13 +4,20 @@ The data directory and the server's secrets.
 There is no built-in secret: each one comes from the configuration or is
 generated at first start into the data directory (mode 0700), in a file of
 its own (mode 0600), and read back on later starts.
+
+A server on the embedded SQLite engine holds a lock on its data directory
+for as long as it runs (open_data_dir): a second server there would split
+the realtime side between two processes that do not know of each other.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import secrets
+import shutil
 import stat
 from dataclasses import dataclass, field
 
@@ -113,3 +120,101 @@ def load_secrets(config: Config, data_dir: str) -> ServerSecrets:
         totp_key=hashlib.sha256(text("totp_key").encode("utf-8")).digest(),
         generated=generated,
     )
+
+
+LOCK_FILE = "cyphr.lock"
+
+
+class DataDirInUse(ConfigError):
+    """Another process holds the data directory's lock."""
+
+
+class DataDirectory:
+    """A data directory opened by a server: its path, its lock (if it took
+    one) and whether this process created it. ``close`` releases the lock;
+    a directory this process created for a start that never served (a port
+    in use, secrets refused, stopped before the database was ready) is
+    removed then, so that the next try starts afresh rather than on
+    secrets and a database nobody used."""
+
+    def __init__(self, path: str, *, created: bool, lock_fd: int | None) -> None:
+        self.path = path
+        self.created = created
+        self._lock_fd = lock_fd
+        self._served = False
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    def record_holder(self) -> None:
+        """Write this process's id into the lock file, for the refusal of
+        a second server to name (after twistd has forked, if it does)."""
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode("ascii"), 0)
+
+    def served(self) -> None:
+        """The server is serving: the directory is in use, and stays."""
+        self._served = True
+
+    def close(self) -> None:
+        if self.created and not self._served:
+            shutil.rmtree(self.path, ignore_errors=True)
+            _log.info("Removed the data directory {path} made for this start, which never served",
+                      path=self.path)
+        if self._lock_fd is not None:
+            # Closing the descriptor releases the lock (the OS does the
+            # same when the process dies, however it dies).
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def lock_data_dir(path: str) -> int:
+    """Take the lock of data directory ``path`` (a prepared one) for this
+    process: an exclusive flock(2) on its lock file, which the OS releases
+    when the descriptor closes or the process dies, so a crashed server
+    leaves no stale lock. The file tells who holds it. Answers the open
+    descriptor (close it to release); DataDirInUse if another process, or
+    another open in this one, holds it."""
+    lock_path = os.path.join(path, LOCK_FILE)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cannot open lock file {lock_path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = ""
+        try:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        except OSError:
+            pass
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"cannot lock data directory {path}: {e.strerror or e}") from None
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise DataDirInUse(
+            f"data directory {path} is in use by another Cyphr server{who}: two servers on one "
+            "SQLite database would each see only their own realtime clients; stop the other "
+            "one, or give this one its own --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
+def open_data_dir(path: str, *, lock: bool) -> DataDirectory:
+    """Prepare the data directory (prepare_data_dir) and, with ``lock``,
+    take its lock (lock_data_dir; a directory this call created is removed
+    again if that fails)."""
+    created = not os.path.isdir(path)
+    path = prepare_data_dir(path)
+    fd = None
+    if lock:
+        try:
+            fd = lock_data_dir(path)
+        except ConfigError:
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+    return DataDirectory(path, created=created, lock_fd=fd)

@@ -1,8 +1,8 @@
 """
-The JSON shapes of the contract (API.md) that both the REST routes and the
-realtime events send: a message, the answer to a send, a receipt. One
-definition each, so that a message looks the same in history, in sync and
-in ``new_message``.
+The JSON shapes of the contract (cyphr/api/openapi.json and asyncapi.json)
+that both the REST routes and the realtime events send: a message, the
+answer to a send, a receipt. One definition each, so that a message looks
+the same in history, in sync and in ``new_message``.
 """
 
 from __future__ import annotations

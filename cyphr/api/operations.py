@@ -1,5 +1,6 @@
-"""Operations: ICE servers for calls, the operator's storage report, and
-the OpenAPI document of the whole REST API."""
+"""Operations: ICE servers for calls, the operator's storage report, the
+OpenAPI document of the whole REST API and the AsyncAPI document of the
+realtime events."""
 
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.storage import NEVER_STORES, STORES, StorageStatus
 
 OPENAPI_RESOURCE = "openapi.json"
+ASYNCAPI_RESOURCE = "asyncapi.json"
 
 
 def openapi_document() -> bytes:
     """The OpenAPI 3.1 document shipped in this package, as its bytes."""
     return importlib.resources.files("cyphr.api").joinpath(OPENAPI_RESOURCE).read_bytes()
+
+
+def asyncapi_document() -> bytes:
+    """The AsyncAPI 3.0 document of the Socket.IO events shipped in this
+    package, as its bytes."""
+    return importlib.resources.files("cyphr.api").joinpath(ASYNCAPI_RESOURCE).read_bytes()
 
 
 def _ice_server(server: IceServer) -> dict[str, Any]:
@@ -42,6 +50,7 @@ class OperationsAPI:
         self.limits = limits
         self.admin_token = admin_token.encode("utf-8") if admin_token else None
         self._document = openapi_document()
+        self._asyncapi = asyncapi_document()
 
     @app.route("/api/ice-servers", methods=["GET"])
     @authenticated()
@@ -68,3 +77,9 @@ class OperationsAPI:
     def openapi(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", JSON_TYPE)
         return self._document
+
+    @app.route("/api/asyncapi.json", methods=["GET"])
+    @public()
+    def asyncapi(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", JSON_TYPE)
+        return self._asyncapi

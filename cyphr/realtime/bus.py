@@ -68,6 +68,9 @@ DRAIN_SLICE = 500
 _SEQ_DIGITS = 20
 _MALFORMED_REPORT_EVERY = 60.0
 _RETRY_LISTEN = 5.0
+# While PostgreSQL stays away, the bus says so this often (the pool's rule,
+# cyphr.db.postgres: one line when it goes, one every 30 s, one when back).
+AWAY_REPORT_EVERY = 30.0
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
@@ -239,6 +242,10 @@ class PostgresBus(Bus):
         self._listened_before = False
         self._retry: Any = None
         self._stopping = False
+        # Since when the LISTEN connection is away, and when that was last said.
+        self._away_since: float | None = None
+        self._away_reported = float("-inf")
+        self._said_stopped = False
         # Callers of stop() waiting for the first one to finish.
         self._stop_waiters: list[Deferred[None]] | None = None
         # publishing
@@ -286,7 +293,12 @@ class PostgresBus(Bus):
             except Exception:  # noqa: BLE001 - the listener's bug must not stop the bus
                 _log.failure("The event bus's listener failed (bus_listening)")
             return
-        _log.info("Event bus listening again")
+        away, self._away_since = self._away_since, None
+        if away is None:
+            _log.info("Event bus listening again")
+        else:
+            _log.info("Event bus listening again, after {seconds:.0f}s away",
+                      seconds=self._reactor.seconds() - away)
         try:
             self.listener.bus_restored()
         except Exception:  # noqa: BLE001 - the listener's bug must not stop the bus
@@ -311,16 +323,27 @@ class PostgresBus(Bus):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        # One line, however many lines libpq's message spans.
         reason = " ".join(f.getErrorMessage().split())
+        self._away_since = self._away_reported = self._reactor.seconds()
         if was_listening:
             _log.warn("Event bus lost PostgreSQL, reconnecting: {reason}", reason=reason)
         else:
             _log.warn("Event bus cannot reach PostgreSQL, retrying: {reason}", reason=reason)
 
     def reconnect_failed(self, conn: MaintainedConnection, f: Failure) -> None:
-        # One line per attempt would drown the log; the pool reports the
-        # outage every 30 s.
-        _log.debug("Event bus reconnection failed: {reason}", reason=f.getErrorMessage())
+        # An attempt every second or two: one line each would drown the log.
+        if self._stopping:
+            return
+        now = self._reactor.seconds()
+        if self._away_since is None:
+            self._away_since = self._away_reported = now
+        if now - self._away_reported < AWAY_REPORT_EVERY:
+            return
+        self._away_reported = now
+        _log.warn("Event bus still cannot reach PostgreSQL after {seconds:.0f}s, reconnecting: "
+                  "{reason}", seconds=now - self._away_since,
+                  reason=" ".join(f.getErrorMessage().split()))
 
     def retry_scheduled(self, conn: MaintainedConnection, f: Failure, delay: float) -> None:
         pass  # the pool reports a PostgreSQL out of reach, for both
@@ -381,7 +404,11 @@ class PostgresBus(Bus):
         body = self._body(event)
         self.published += 1
         if self._stopping:
-            _log.debug("Event bus stopped: an event was not sent")
+            # Sockets closing at shutdown publish their users' presence:
+            # said once, not once for each.
+            if not self._said_stopped:
+                self._said_stopped = True
+                _log.debug("Event bus stopped: events published from now on are not sent")
             self.dropped_total += 1
             return
         if len(self._pending) >= MAX_BACKLOG:

@@ -1,5 +1,6 @@
 """
-Cyphr's realtime events (API.md, "Realtime") on the Socket.IO layer.
+Cyphr's realtime events on the Socket.IO layer, as the AsyncAPI document
+describes them (cyphr/api/asyncapi.json, served at /api/asyncapi.json).
 
 Each event is one short method: parse, call the handler that holds the
 rule (the same one the REST route calls), fan the outcome out, answer the
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -76,6 +77,28 @@ NODE_SILENCE = 60.0          # a node silent this long has its presence forgotte
 Frames = list[str | bytes]
 
 
+class Sent:
+    """The name of every event the server sends. The code below emits these
+    and no other, and tests.test_asyncapi checks that the AsyncAPI document
+    (cyphr/api/asyncapi.json) describes exactly these (SENT_EVENTS)."""
+
+    AUTHENTICATED = "authenticated"
+    NEW_MESSAGE = "new_message"
+    SYNC_COMPLETE = "sync_complete"
+    MESSAGE_DELIVERED = "message_delivered"
+    MESSAGE_READ = "message_read"
+    USER_TYPING = "user_typing"
+    USER_ONLINE = "user_online"
+    USER_OFFLINE = "user_offline"
+    INCOMING_CALL = "incoming_call"
+    CALL_ANSWER = "call_answer"
+    CALL_ICE_CANDIDATE = "call_ice_candidate"
+    CALL_END = "call_end"
+
+
+SENT_EVENTS = frozenset(value for name, value in vars(Sent).items() if name.isupper())
+
+
 class Client:
     """What a socket is, to Cyphr."""
 
@@ -101,7 +124,7 @@ def _frames(event: str, data: Any) -> Frames:
 
 
 def _new_message_frames(text: str) -> Frames:
-    return encode_event_json("new_message", '{"message":' + text + "}")
+    return encode_event_json(Sent.NEW_MESSAGE, '{"message":' + text + "}")
 
 
 def _body(data: Any) -> dict[str, Any]:
@@ -128,6 +151,9 @@ class Realtime:
         # (the next turn, a short wait) from the reactor.
         self._reactor = reactor
         self._max_payload = max_payload
+        # What _spawn began and has not finished (last_seen writes,
+        # announcements, feed fills): the stop waits for them (tasks_done).
+        self._tasks: set[Deferred[Any]] = set()
         self.feeds = ChatFeeds(delivery, reactor, self._deliver, self._spawn)
         # Every socket whose token was accepted, from that moment (before its
         # welcome), by user and by token: ending sessions finds them here,
@@ -252,6 +278,7 @@ class Realtime:
     def _register(self, socket: Socket, user: AuthUser) -> None:
         client: Client = socket.state
         client.user = user
+        socket.trust()  # its packets may now reach the event limit (max_body)
         self._by_user.setdefault(user.cyphr_id, set()).add(socket)
         self._by_jti.setdefault(user.jti, set()).add(socket)
         delay = max(0.0, user.expires_at - self._clock.seconds())
@@ -334,8 +361,8 @@ class Realtime:
         if self.presence.add(me, socket):
             self.fanout.publish(PresenceChanged(self.fanout.node_id, me, True))
             if not self.presence.elsewhere(me):
-                self._spawn(self._announce(me, "user_online", {"userId": me}))
-        socket.emit("authenticated", {"userId": me, "cyphrId": me})
+                self._spawn(self._announce(me, Sent.USER_ONLINE, {"userId": me}))
+        socket.emit(Sent.AUTHENTICATED, {"userId": me, "cyphrId": me})
         try:
             await self._catch_up(socket, me, positions.behind)
         except ApiError:
@@ -368,7 +395,7 @@ class Realtime:
         for chat_id, seq, frames in held:
             if seq > seen.get(chat_id, 0):
                 socket.send_frames(frames)
-        socket.emit("sync_complete", {"cursor": cursor})
+        socket.emit(Sent.SYNC_COMPLETE, {"cursor": cursor})
 
     async def _drained(self, socket: Socket) -> None:
         """Wait while the socket has much unsent (the catch-up must not
@@ -405,7 +432,7 @@ class Realtime:
         now = now_ms(self._clock)
         self._spawn(self._delivery.went_offline(me))  # records the same now
         if here_only or not self.presence.elsewhere(me):
-            self._spawn(self._announce(me, "user_offline", {"userId": me, "lastSeen": iso(now)},
+            self._spawn(self._announce(me, Sent.USER_OFFLINE, {"userId": me, "lastSeen": iso(now)},
                                        here_only=here_only))
 
     async def _announce(self, me: str, event: str, data: dict[str, Any], *,
@@ -443,21 +470,21 @@ class Realtime:
     async def _message_delivered(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         message_id, chat_id = _message_ref(body)
         receipt = await self._receipts.delivered(user, message_id, chat_id)
-        self._tell(receipt, "message_delivered")
+        self._tell(receipt, Sent.MESSAGE_DELIVERED)
         return _ok(messageId=receipt.message_id, chatId=receipt.chat_id)
 
     async def _message_read(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("messageId") is not None:
             message_id, chat_id = _message_ref(body)
             receipt = await self._receipts.read(user, message_id, chat_id)
-            self._tell(receipt, "message_read")
+            self._tell(receipt, Sent.MESSAGE_READ)
             return _ok(messageId=receipt.message_id, chatId=receipt.chat_id)
         fields = Fields(body, body.keys())
         chat_id = fields.uuid("chatId")
         up_to = fields.integer("upToSeq", minimum=0, maximum=2**62)
         assert up_to is not None
         receipt = await self._receipts.read_up_to(user, chat_id, up_to)
-        self._tell(receipt, "message_read")
+        self._tell(receipt, Sent.MESSAGE_READ)
         return _ok(chatId=receipt.chat_id, upToSeq=receipt.up_to_seq)
 
     def _tell(self, receipt: Receipt, event: str) -> None:
@@ -474,7 +501,7 @@ class Realtime:
             # The room is the membership the handler last said; not in it,
             # ask (a chat joined meanwhile: this socket then joins it too).
             await self._enter(socket, user, chat_id)
-        self.fanout.to_rooms(["chat:" + chat_id], "user_typing", {
+        self.fanout.to_rooms(["chat:" + chat_id], Sent.USER_TYPING, {
             "chatId": chat_id, "userId": user.cyphr_id, "isTyping": typing}, skip_user=user.cyphr_id)
         return _ok()
 
@@ -508,24 +535,24 @@ class Realtime:
         call_type = fields.text("callType", required=False, max_length=16) or "audio"
         if call_type not in CALL_TYPES:
             raise invalid("callType", "callType must be audio or video")
-        return self._relay(to, "incoming_call", {
+        return self._relay(to, Sent.INCOMING_CALL, {
             "callId": call_id, "from": user.cyphr_id, "offer": fields.value("offer"),
             "callType": call_type})
 
     async def _call_answer(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         fields, call_id, to = await self._call_peer(user, body)
-        return self._relay(to, "call_answer", {
+        return self._relay(to, Sent.CALL_ANSWER, {
             "callId": call_id, "from": user.cyphr_id, "answer": fields.value("answer")})
 
     async def _call_ice_candidate(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         fields, call_id, to = await self._call_peer(user, body)
-        return self._relay(to, "call_ice_candidate", {
+        return self._relay(to, Sent.CALL_ICE_CANDIDATE, {
             "callId": call_id, "from": user.cyphr_id, "candidate": fields.value("candidate")})
 
     async def _call_end(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         fields, call_id, to = await self._call_peer(user, body)
         reason = fields.text("reason", required=False, max_length=64)
-        return self._relay(to, "call_end", {
+        return self._relay(to, Sent.CALL_END, {
             "callId": call_id, "from": user.cyphr_id, "reason": reason or "ended"})
 
     @staticmethod
@@ -653,9 +680,26 @@ class Realtime:
                     client.seen = None
             socket.send_frames(frames)
 
-    @staticmethod
-    def _spawn(coroutine: Any) -> None:
-        ensureDeferred(coroutine).addErrback(_quiet_failure)
+    def _spawn(self, coroutine: Any) -> None:
+        task = ensureDeferred(coroutine)
+        if task.called:
+            task.addErrback(_quiet_failure)
+            return
+        self._tasks.add(task)
+
+        def done(result: Any) -> Any:
+            self._tasks.discard(task)
+            return result
+
+        task.addBoth(done).addErrback(_quiet_failure)
+
+    async def tasks_done(self) -> None:
+        """Wait until the background tasks begun so far have ended, and
+        those they began: at shutdown, the sockets closed last write their
+        users' last_seen and announce them offline, and the database must
+        not close under them."""
+        while self._tasks:
+            await DeferredList(list(self._tasks))
 
 
 def _message_ref(body: dict[str, Any]) -> tuple[str, str | None]:
