@@ -443,6 +443,9 @@ class FakeClient:
     def history(self, chat_id: str, limit: int, before: int | None) -> list[Message]:
         return self._messages
 
+    def display_name(self, cyphr_id: str) -> str | None:
+        return None
+
     def wallet_link(self, secret: str) -> str:
         self.calls.append(("wallet_link", secret))
         return "GLINKED"

@@ -15,7 +15,6 @@ import argparse
 import base64
 import binascii
 import getpass
-import json
 import os
 import queue
 import sys
@@ -35,6 +34,7 @@ from cyphr.client.http import (
     check_server,
 )
 from cyphr.client.profile import Profile, ProfileError, check_passphrase
+from cyphr.client.terminal import json_line, safe, safe_lines
 
 DEFAULT_SERVER = "http://localhost:3001"
 DEFAULT_PROFILE = "~/.cyphr"
@@ -46,12 +46,21 @@ IGNORED_VARIABLES = {
     "CYPHR_STELLAR_SECRET": "wallet link --secret-file or --secret-fd",
 }
 SAFETY_NUMBER_DIGITS = 60
+MESSAGE_INDENT = "    "
 # A secret read from a file descriptor is one line; more than this is not one.
 _MAX_SECRET_BYTES = 64 * 1024
 
 _HINTS = {
     "TOTP_REQUIRED": "this account has two-factor authentication: run "
                      "`cyphr-client login --totp CODE`",
+    "INVALID_TOTP": "give the code your authenticator app shows now (each code is taken "
+                    "once: a code used already is refused; wait for the next one)",
+}
+# Where the general hint would be wrong: recover runs on a fresh profile,
+# which has no identity to log in with yet.
+_COMMAND_HINTS = {
+    ("recover", "TOTP_REQUIRED"): "this account has two-factor authentication: run "
+                                  "`cyphr-client recover CYPHR_ID --totp CODE`",
 }
 
 
@@ -65,12 +74,14 @@ class Output:
 
     def result(self, data: dict[str, Any], text: str | Callable[[], str]) -> None:
         if self.as_json:
-            print(json.dumps(data, ensure_ascii=False), flush=True)
+            print(json_line(data), flush=True)
         else:
-            print(text() if callable(text) else text, flush=True)
+            # Each foreign field is made safe where the text is built; this
+            # is the last guard for one that was not.
+            print(safe_lines(text() if callable(text) else text), flush=True)
 
     def warn(self, text: str) -> None:
-        print(f"cyphr-client: warning: {text}", file=sys.stderr, flush=True)
+        print(safe_lines(f"cyphr-client: warning: {text}"), file=sys.stderr, flush=True)
 
     def progress(self, what: str) -> Callable[[int, int], None]:
         """Progress on stderr: a counter on a terminal, else a line at the
@@ -124,25 +135,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--display-name")
     p.add_argument("--prekeys", type=int, default=100, help="one-time prekeys to publish (100)")
     p = command("login", "start a session (needed again after it expires)")
-    p.add_argument("--totp", help="the current two-factor code")
+    p.add_argument("--totp", help="the current two-factor code (else asked for, when "
+                                  "interactive and the account needs one)")
     command("logout", "end this session")
     p = command("recover", "restore an identity on this device from its recovery phrase")
     p.add_argument("cyphr_id")
     p.add_argument("--phrase-file", help="read the 24 words from this file (else stdin or a prompt)")
+    p.add_argument("--totp", help="the current two-factor code, for an account with two-factor "
+                                  "login (else asked for, when interactive)")
     command("whoami", "show this profile's identity")
-    p = command("send", "send an encrypted message to a Cyphr ID or a chat id")
+    p = command("send", "send an encrypted message to a Cyphr ID, a group's name or a chat id")
     p.add_argument("to")
-    p.add_argument("text", nargs="+")
+    p.add_argument("text", nargs="+", help="the message; - alone reads it from standard input")
     p.add_argument("--type", default="text", dest="message_type",
                    choices=["text", "image", "file", "audio", "video", "call", "payment"])
     p = command("listen", "print messages as they arrive (first those received while away)")
     p.add_argument("--count", type=int, help="exit after this many messages")
     p.add_argument("--timeout", type=float, help="exit after this many seconds")
     p = command("history", "show a chat's messages")
-    p.add_argument("chat", help="a chat id, or a Cyphr ID for the direct chat with it")
+    p.add_argument("chat", help="a chat id, a group's name, or a Cyphr ID for the direct chat "
+                                "with it")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--before", type=int, help="the page before this seq")
     command("chats", "list chats")
+    p = command("contacts", "list the people you know (pinned, or in a direct chat), with "
+                            "their display names")
+    p.add_argument("search", nargs="?", help="only those whose Cyphr ID or display name holds "
+                                             "this")
 
     group = command("group", "group chats").add_subparsers(dest="group_command", metavar="ACTION",
                                                            required=True)
@@ -151,14 +170,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("members", nargs="*")
     for action, help in (("add", "add a member"), ("remove", "remove a member (or leave)")):
         p = group.add_parser(action, help=help)
-        p.add_argument("chat")
+        p.add_argument("chat", help="the group's name or chat id")
         p.add_argument("cyphr_id")
     p = group.add_parser("role", help="make a member admin or member")
-    p.add_argument("chat")
+    p.add_argument("chat", help="the group's name or chat id")
     p.add_argument("cyphr_id")
     p.add_argument("role", choices=["admin", "member"])
     p = group.add_parser("members", help="list members")
-    p.add_argument("chat")
+    p.add_argument("chat", help="the group's name or chat id")
 
     keys = command("keys", "this identity's keys").add_subparsers(dest="keys_command",
                                                                    metavar="ACTION", required=True)
@@ -323,8 +342,8 @@ def safety_number(value: str) -> str:
 def _time(timestamp: str) -> str:
     try:
         moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return timestamp
+    except (ValueError, AttributeError):
+        return safe(timestamp)
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -332,24 +351,67 @@ def message_json(message: Message) -> dict[str, Any]:
     return message.as_json()
 
 
+def _person(cyphr_id: str, display_name: Callable[[str], str | None] | None) -> str:
+    """A person as shown: the Cyphr ID (unique, and checked against the
+    pinned key) and, after it, the display name they chose, if any."""
+    name = display_name(cyphr_id) if display_name is not None else None
+    return f"{safe(cyphr_id)} ({safe(name)})" if name and name != cyphr_id else safe(cyphr_id)
+
+
 def line(message: Message, me: str | None = None,
-         chat_names: dict[str, str | None] | None = None) -> str:
+         chat_names: dict[str, str | None] | None = None,
+         display_name: Callable[[str], str | None] | None = None) -> str:
     """A message as a person reads it: ``✓`` when its signature checked
     against the sender's pinned key, and ``(unverified contact)`` when that
     key was pinned on first use rather than compared (``verify``); one's
     own messages (``me``) need no such marker."""
     where = ""
     if chat_names is not None and chat_names.get(message.chat_id):
-        where = f"#{chat_names[message.chat_id]} "
+        where = f"#{safe(chat_names[message.chat_id])} "
+    sender = _person(message.sender, display_name)
     if message.text is None:
-        return f"[{_time(message.timestamp)}] {where}{message.sender} ✗ ({message.error})"
+        return f"[{_time(message.timestamp)}] {where}{sender} ✗ ({safe(message.error)})"
     mark = "✓" if message.verified else "?"
     if message.sender != me and not message.contact_verified:
         mark += " (unverified contact)"
     if not message.verified and message.error:
         # Opened but not proven (a v1 message): say why.
-        mark += f" ({message.error})"
-    return f"[{_time(message.timestamp)}] {where}{message.sender} {mark}: {message.text}"
+        mark += f" ({safe(message.error)})"
+    # Every line of the text under its sender, indented: a line of the
+    # text can never pass for a message of its own.
+    return f"[{_time(message.timestamp)}] {where}{sender} {mark}: " \
+           f"{safe(message.text, indent=MESSAGE_INDENT)}"
+
+
+def api_error_text(error: ApiError, command: str | None = None) -> str:
+    """The server's refusal in one line: its message, code and details,
+    every part of them shown safely (the server, or a user whose text it
+    quotes, wrote them), and a hint of what to do."""
+    text = f"{safe(error.message)} ({safe(error.code)})"
+    if error.details:
+        text += f" [{safe(_plain(error.details))}]"
+    hint = _COMMAND_HINTS.get((command, error.code)) or _HINTS.get(error.code)
+    return text + (f": {hint}" if hint else "")
+
+
+def _plain(value: Any) -> str:
+    """Error details as a person reads them: ``key: value; key: a, b``."""
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {_plain(item)}" for key, item in value.items())
+    if isinstance(value, list):
+        return ", ".join(_plain(item) for item in value)
+    return str(value)
+
+
+def _ask(prompt: str, hidden: bool = False) -> str:
+    """A line typed at the terminal (Ctrl-D ends the command: EOFError)."""
+    return (getpass.getpass(prompt) if hidden else input(prompt)).strip()
+
+
+def _ask_totp() -> str | None:
+    if not sys.stdin.isatty():
+        return None
+    return _ask("Two-factor code: ") or None
 
 
 def _visible(message: Message) -> bool:
@@ -394,7 +456,13 @@ def cmd_register(args: argparse.Namespace, out: Output) -> None:
 
 def cmd_login(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
-    answer = client.login(args.totp)
+    try:
+        answer = client.login(args.totp)
+    except ApiError as e:
+        code = None if args.totp or e.code != "TOTP_REQUIRED" else _ask_totp()
+        if not code:
+            raise
+        answer = client.login(code)
     out.result({"cyphrId": client.cyphr_id, "expiresAt": answer.get("expiresAt")},
                f"Logged in as {client.cyphr_id} until {_time(answer.get('expiresAt', ''))}.")
 
@@ -424,11 +492,14 @@ def cmd_recover(args: argparse.Namespace, out: Output) -> None:
     try:
         client = Client.recover(directory, passphrase, server, phrase,
                                 args.cyphr_id, progress=out.progress("Publishing one-time prekeys"),
+                                totp_code=args.totp, ask_totp=_ask_totp,
                                 verify_tls=_verify_tls(args))
-    except BaseException:
+    except BaseException as e:
         # A failed recovery leaves no half-made profile behind.
-        for name in ("vault.json", "profile.json"):
+        for name in ("vault.json", "profile.json", "vault.lock"):
             (directory / name).unlink(missing_ok=True)
+        if isinstance(e, ApiError) and e.code == "INVALID_SIGNATURE":
+            raise _recovery_refused(server, args.cyphr_id, _verify_tls(args)) from None
         raise
     restored = getattr(client, "restored_pins", 0)
     problem = getattr(client, "pin_backup_error", None)
@@ -440,21 +511,63 @@ def cmd_recover(args: argparse.Namespace, out: Output) -> None:
                f"{restored} pinned contact(s) restored from the encrypted backup.")
 
 
+def _recovery_refused(server: str, cyphr_id: str, verify_tls: bool) -> ClientError:
+    """Why the server refused a recovery's signature, as far as can be
+    told: the server refuses an unknown Cyphr ID like a wrong phrase, but
+    whether the Cyphr ID is free is public (a deleted one never is)."""
+    from cyphr.client.http import Http
+
+    http = Http(server, verify=verify_tls)
+    try:
+        free = http.call("POST", "/api/cyphr-id/check", {"cyphrId": cyphr_id},
+                         auth=False).get("available")
+    except ClientError:
+        free = None
+    finally:
+        http.close()
+    if free is True:
+        return ClientError(f"no account has the Cyphr ID {safe(cyphr_id)} on {server}: check "
+                           f"its spelling")
+    return ClientError(f"this recovery phrase is not the one of {safe(cyphr_id)} (or that "
+                       f"account was deleted, and cannot be recovered): check the 24 words")
+
+
 def cmd_whoami(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
     user = client.whoami()
     user["server"] = client.http.server
     out.result(user, lambda: "\n".join([
         f"Cyphr ID:     {user['cyphrId']}",
-        f"Display name: {user.get('displayName') or '-'}",
+        f"Display name: {safe(user.get('displayName')) or '-'}",
         f"Server:       {client.http.server}",
         f"Identity key: {user['publicKey']}",
     ]))
 
 
+def _message_text(args: argparse.Namespace) -> str:
+    """The text to send: the words given, or standard input for ``-``;
+    never empty or only whitespace."""
+    if args.text == ["-"]:
+        if args.passphrase_fd == 0:
+            raise UsageError("the message and the passphrase cannot both come from standard "
+                             "input: give --passphrase-file")
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise UsageError("standard input is not UTF-8 text") from None
+        # One final line break is how a file or `echo` ends; not the text's.
+        text = text[:-1] if text.endswith("\n") else text
+    else:
+        text = " ".join(args.text)
+    if not text.strip():
+        raise UsageError("an empty message is not sent")
+    return text
+
+
 def cmd_send(args: argparse.Namespace, out: Output) -> None:
+    text = _message_text(args)  # before the passphrase is asked for
     client = _open(args)
-    answer = client.send(args.to, " ".join(args.text), args.message_type)
+    answer = client.send(_target(client, args.to), text, args.message_type)
     answer.pop("success", None)
     out.result(answer, f"Sent (chat {answer['chatId']}, #{answer['seq']}).")
 
@@ -462,8 +575,11 @@ def cmd_send(args: argparse.Namespace, out: Output) -> None:
 def cmd_listen(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
     client.top_up_prekeys(progress=out.progress("Publishing one-time prekeys"))
-    arrived: queue.Queue[Message] = queue.Queue()
-    listener = client.listener(arrived.put, top_up=False).start()
+    # Messages and what happens to the connection, in the order they came.
+    arrived: queue.Queue[Message | tuple[str, str]] = queue.Queue()
+    listener = client.listener(arrived.put, top_up=False,
+                               on_status=lambda status, detail: arrived.put((status, detail))
+                               ).start()
     names = {c["chatId"]: c.get("name") for c in client.chats() if c["chatType"] == "group"}
     deadline = time.monotonic() + args.timeout if args.timeout is not None else None
     shown = 0
@@ -476,12 +592,16 @@ def cmd_listen(args: argparse.Namespace, out: Output) -> None:
                 message = arrived.get(timeout=wait)
             except queue.Empty:
                 break
+            if isinstance(message, tuple):
+                _connection_status(client, *message)
+                continue
             if not _visible(message):
                 continue
             if message.chat_id not in names and message.chat_id:
                 names.update({c["chatId"]: c.get("name") for c in client.chats()
                               if c["chatType"] == "group"})
-            out.result(message_json(message), line(message, client.cyphr_id, names))
+            out.result(message_json(message), line(message, client.cyphr_id, names,
+                                                   client.display_name))
             if message.sender != client.cyphr_id:
                 listener.mark_read(message.chat_id, message.seq)  # shown is read
             shown += 1
@@ -491,12 +611,55 @@ def cmd_listen(args: argparse.Namespace, out: Output) -> None:
         raise ClientError(f"timed out after {shown} of {args.count} messages")
 
 
+def _connection_status(client: Client, status: str, detail: str) -> None:
+    """What happened to ``listen``'s connection, on stderr; a session the
+    server ended stops the command."""
+    if status == "ended":
+        raise ClientError(f"{detail}: run `cyphr-client login` to sign in again")
+    if status == "lost":
+        print(f"cyphr-client: the connection to {client.http.server} was lost "
+              f"({safe(detail)}); reconnecting", file=sys.stderr, flush=True)
+    else:
+        print(f"cyphr-client: reconnected to {client.http.server}", file=sys.stderr, flush=True)
+
+
+def _group_named(client: Client, name: str) -> str | None:
+    """The chat id of the group called ``name`` here; UsageError when
+    several are."""
+    found = [c["chatId"] for c in client.chats()
+             if c["chatType"] == "group" and c.get("name") == name]
+    if len(found) > 1:
+        raise UsageError(f"{len(found)} groups are called {safe(name)!r}: give one of their "
+                         f"chat ids ({', '.join(found)})")
+    return found[0] if found else None
+
+
+def _target(client: Client, to: str) -> str:
+    """Whom ``send`` means: a chat id, a group's name, or a Cyphr ID."""
+    if is_chat_id(to):
+        return to
+    if client._direct_chat_with(to) is None:
+        group = _group_named(client, to)
+        if group is not None:
+            return group
+    return to
+
+
 def _chat_id(client: Client, chat: str) -> str:
     if is_chat_id(chat):
         return chat
-    chat_id = client._direct_chat_with(chat)
+    chat_id = client._direct_chat_with(chat) or _group_named(client, chat)
     if chat_id is None:
-        raise UsageError(f"no direct chat with {chat}")
+        raise UsageError(f"no direct chat with {safe(chat)} and no group of that name")
+    return chat_id
+
+
+def _group_id(client: Client, chat: str) -> str:
+    if is_chat_id(chat):
+        return chat
+    chat_id = _group_named(client, chat)
+    if chat_id is None:
+        raise UsageError(f"no group called {safe(chat)!r} (give its name or chat id)")
     return chat_id
 
 
@@ -508,7 +671,7 @@ def cmd_history(args: argparse.Namespace, out: Output) -> None:
         out.result({"messages": [message_json(m) for m in messages]}, "")
     else:
         for message in messages:
-            print(line(message, client.cyphr_id))
+            print(safe_lines(line(message, client.cyphr_id, None, client.display_name)))
 
 
 def cmd_chats(args: argparse.Namespace, out: Output) -> None:
@@ -518,7 +681,9 @@ def cmd_chats(args: argparse.Namespace, out: Output) -> None:
     def text() -> str:
         lines = []
         for chat in chats:
-            name = chat.get("name") or "(name not known here)"
+            name = safe(chat.get("name")) or "(name not known here)"
+            if chat["chatType"] == "direct" and chat.get("name"):
+                name = _person(chat["name"], client.display_name)
             kind = "group" if chat["chatType"] == "group" else "direct"
             lines.append(f"{chat['chatId']}  {kind:6}  {name}  ({chat['unreadCount']} unread, "
                          f"{len(chat['participants'])} members)")
@@ -526,9 +691,24 @@ def cmd_chats(args: argparse.Namespace, out: Output) -> None:
     out.result({"chats": chats}, text)
 
 
+def cmd_contacts(args: argparse.Namespace, out: Output) -> None:
+    client = _open(args)
+    wanted = (args.search or "").casefold()
+    people = []
+    for cyphr_id in client.contacts():
+        name = client.display_name(cyphr_id)
+        if wanted in cyphr_id.casefold() or (name is not None and wanted in name.casefold()):
+            people.append({"cyphrId": cyphr_id, "displayName": name})
+    out.result({"contacts": people}, lambda: "\n".join(
+        _person(p["cyphrId"], lambda _: p["displayName"]) for p in people)
+        or ("Nobody matches." if wanted else "No contacts yet."))
+
+
 def cmd_group(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
     action = args.group_command
+    if action != "create":
+        args.chat = _group_id(client, args.chat)
     if action == "create":
         chat_id = client.create_group(args.name, args.members)
         out.result({"chatId": chat_id}, f"Created group {args.name}: {chat_id}")
@@ -545,7 +725,8 @@ def cmd_group(args: argparse.Namespace, out: Output) -> None:
     else:
         members = client.members(args.chat)
         out.result({"members": members}, lambda: "\n".join(
-            f"{m['cyphrId']:30} {m['role']:6} since {_time(m['joinedAt'])}" for m in members))
+            f"{_person(m['cyphrId'], client.display_name):40} {safe(m['role']):6} since "
+            f"{_time(m['joinedAt'])}" for m in members))
 
 
 def cmd_keys(args: argparse.Namespace, out: Output) -> None:
@@ -613,9 +794,11 @@ def cmd_totp(args: argparse.Namespace, out: Output) -> None:
         secret = client.totp_generate()
         code = args.code
         if code is None and sys.stdin.isatty() and not out.as_json:
-            print(f"Add this to your authenticator app:\n  secret: {secret['secret']}\n"
-                  f"  {secret['otpauthUrl']}")
-            code = input("Code shown by the app: ").strip()
+            print("Scan this with your authenticator app:")
+            _show_qr(secret["otpauthUrl"])
+            print(f"or type the secret in it: {safe(secret['secret'])}\n"
+                  f"  {safe(secret['otpauthUrl'])}")
+            code = _ask("Code shown by the app: ")
         if code is None:
             out.result({"secret": secret["secret"], "otpauthUrl": secret["otpauthUrl"],
                         "enabled": False},
@@ -630,6 +813,13 @@ def cmd_totp(args: argparse.Namespace, out: Output) -> None:
     else:
         client.totp_disable(args.code)
         out.result({"enabled": False}, "Two-factor authentication is off.")
+
+
+def _show_qr(text: str) -> None:
+    """``text`` as a QR code drawn in the terminal."""
+    import segno
+
+    segno.make(text, error="m").terminal(out=sys.stdout, compact=True)
 
 
 def cmd_wallet(args: argparse.Namespace, out: Output) -> None:
@@ -699,7 +889,8 @@ def cmd_delete_account(args: argparse.Namespace, out: Output) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int | None]] = {
     "init": cmd_init, "register": cmd_register, "login": cmd_login, "logout": cmd_logout,
     "recover": cmd_recover, "whoami": cmd_whoami, "send": cmd_send, "listen": cmd_listen,
-    "history": cmd_history, "chats": cmd_chats, "group": cmd_group, "keys": cmd_keys,
+    "history": cmd_history, "chats": cmd_chats, "contacts": cmd_contacts, "group": cmd_group,
+    "keys": cmd_keys,
     "verify": cmd_verify, "totp": cmd_totp, "wallet": cmd_wallet,
     "delete-account": cmd_delete_account,
 }
@@ -716,15 +907,22 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         status = COMMANDS[args.command](args, out)
     except ApiError as e:
-        hint = _HINTS.get(e.code)
-        print(f"cyphr-client: {e.message} ({e.code})" + (f": {hint}" if hint else ""),
-              file=sys.stderr)
+        print(f"cyphr-client: {api_error_text(e, args.command)}", file=sys.stderr)
         return 1
     except (ClientError, ProfileError, CryptoError, UsageError) as e:
-        print(f"cyphr-client: {e}", file=sys.stderr)
+        print(f"cyphr-client: {safe(e)}", file=sys.stderr)
+        return 1
+    except EOFError:
+        # Ctrl-D at a prompt: the person changed their mind.
+        print("\ncyphr-client: cancelled", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last guard: one line, never a traceback
+        print(f"cyphr-client: unexpected error ({type(e).__name__}): {safe(e)}; this is a "
+              f"bug of cyphr-client, please report it", file=sys.stderr)
+        return 1
     return status or 0
 
 

@@ -29,6 +29,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,7 @@ class Client:
         self._chat_cache: dict[str, dict[str, Any]] = {}
         self._backup_lock = threading.Lock()
         self._wallet_texts: dict[str, tuple[str, str]] = {}
+        self._display_names: dict[str, str | None] = {}
         # Set by recover(): how many pins the backup restored, or why not.
         self.restored_pins: int | None = None
         self.pin_backup_error: str | None = None
@@ -196,6 +198,7 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+        self.profile.close()
 
     @property
     def cyphr_id(self) -> str:
@@ -278,9 +281,11 @@ class Client:
             body["displayName"] = display_name
         answer = self.http.call("POST", "/api/cyphr-id/register", body, auth=False)
         with self.profile.lock:
+            # Saved under the same lock as changed: another process's save
+            # in between would otherwise replace the change.
             self.profile.settings.update(cyphrId=answer["cyphrId"], userId=answer["userId"])
-        self._save(mainKey=self._main_key_record(main_key))
-        self._set_session(answer)
+            self._save(mainKey=self._main_key_record(main_key))
+            self._set_session(answer)
         if prekeys:
             self.upload_prekeys(prekeys, progress)
         return answer
@@ -318,19 +323,34 @@ class Client:
     @classmethod
     def recover(cls, directory: str | Path, passphrase: str, server: str, phrase: str,
                 cyphr_id: str, prekeys: int = PREKEY_BATCH, progress: Progress | None = None,
-                **kwargs: Any) -> Client:
+                totp_code: str | None = None,
+                ask_totp: Callable[[], str | None] | None = None, **kwargs: Any) -> Client:
         """This identity on a new device: a new profile from the phrase. The
         server rebinds the Cyphr ID to this device and ends the old one's
         sessions. The pins of the old device come back from the encrypted
-        pin backup (``restored_pins``; ``pin_backup_error`` says why not)."""
+        pin backup (``restored_pins``; ``pin_backup_error`` says why not).
+        An account with two-factor login needs ``totp_code``; without one,
+        ``ask_totp`` is asked for it when the server says it is needed."""
         client, _ = cls.init(directory, passphrase, server, phrase, **kwargs)
         fingerprint = client.profile.vault["fingerprint"]
-        body = {"cyphrId": cyphr_id, "newDeviceFingerprint": fingerprint,
-                **client._statement(signing.RECOVER, cyphr_id, fingerprint)}
-        answer = client.http.call("POST", "/api/cyphr-id/recover", body, auth=False)
+        while True:
+            body = {"cyphrId": cyphr_id, "newDeviceFingerprint": fingerprint,
+                    **client._statement(signing.RECOVER, cyphr_id, fingerprint)}
+            if totp_code:
+                body["totpCode"] = totp_code
+            try:
+                answer = client.http.call("POST", "/api/cyphr-id/recover", body, auth=False)
+            except ApiError as e:
+                if e.code != "TOTP_REQUIRED" or totp_code or ask_totp is None:
+                    raise
+                totp_code = ask_totp()
+                if not totp_code:
+                    raise
+                continue  # a statement is good for one challenge: a new one
+            break
         with client.profile.lock:
             client.profile.settings["cyphrId"] = cyphr_id
-        client._set_session(answer)
+            client._set_session(answer)
         # Before anything else is pinned: the pins the old device had.
         client._restore_pins()
         # The main ML-KEM key may have been rotated since the phrase was
@@ -350,11 +370,49 @@ class Client:
             if e.status != 401 or e.code not in _SESSION_CODES:
                 raise
             why = e.code
+        with self.profile.lock:
+            saved = self.profile.vault.get("token")
+        if saved is not None and saved != self.http.token:
+            # Another process using this profile signed in since: its
+            # session is this one's too.
+            self.http.token = saved
+            try:
+                return self.http.call(method, path, body, params=params)
+            except ApiError as e:
+                if e.status != 401 or e.code not in _SESSION_CODES:
+                    raise
         self._automatic_login(f"the server answered {why}")  # TOTP users must do it by hand
         return self.http.call(method, path, body, params=params)
 
     def whoami(self) -> dict[str, Any]:
-        return self._call("GET", f"/api/cyphr-id/user/{segment(self.cyphr_id)}")["user"]
+        return self.user(self.cyphr_id)
+
+    def user(self, cyphr_id: str) -> dict[str, Any]:
+        """A user's public profile (``displayName`` among it)."""
+        return self._call("GET", f"/api/cyphr-id/user/{segment(cyphr_id)}")["user"]
+
+    def display_name(self, cyphr_id: str) -> str | None:
+        """A user's display name as the server shows it (None when it has
+        none, or the user is not known or gone); asked once per run."""
+        if cyphr_id not in self._display_names:
+            try:
+                name = self.user(cyphr_id).get("displayName")
+            except ApiError:
+                name = None
+            self._display_names[cyphr_id] = name if isinstance(name, str) and name else None
+        return self._display_names[cyphr_id]
+
+    def contacts(self) -> list[str]:
+        """The people this profile knows: those pinned, and those it has a
+        direct chat with, sorted."""
+        with self.profile.lock:
+            known = set(self.profile.vault.get("pins", {}))
+        me = self.cyphr_id
+        for chat in self.chats():
+            if chat["chatType"] == "direct":
+                known.update(p for p in chat["participants"] if p != me)
+        known.discard(me)
+        return sorted(known)
 
     def logout(self) -> None:
         if self.http.token is not None:
@@ -377,7 +435,7 @@ class Client:
         self.http.token = None
         with self.profile.lock:
             self.profile.settings["deleted"] = True
-        self._save(token=None, tokenExpiresAt=None, prekeys={})
+            self._save(token=None, tokenExpiresAt=None, prekeys={})
 
     # -- keys -------------------------------------------------------------
 
@@ -751,7 +809,17 @@ class Client:
     # -- chats ------------------------------------------------------------
 
     def chats(self) -> list[dict[str, Any]]:
-        chats = self._call("GET", "/api/messaging/chats")["chats"]
+        """Every chat, page after page (the first as the original call
+        asks it; then by ``nextCursor``), newest activity first."""
+        chats: list[dict[str, Any]] = []
+        path = "/api/messaging/chats"
+        while True:
+            page = self._call("GET", path)
+            chats.extend(page["chats"])
+            cursor = page.get("nextCursor")
+            if not cursor:
+                break
+            path = "/api/messaging/chats?limit=500&cursor=" + urllib.parse.quote(cursor, safe="")
         for chat in chats:
             self._chat_cache[chat["chatId"]] = chat
             chat["name"] = self._group_name(chat)
@@ -902,7 +970,12 @@ class Client:
     def _group_name(self, chat: dict[str, Any]) -> str | None:
         if chat.get("chatType") != "group":
             others = [p for p in chat.get("participants", []) if p != self.cyphr_id]
-            return others[0] if others else self.cyphr_id
+            if others:
+                return others[0]
+            # The contact's account is gone and the server lists only this
+            # user: the chat is still the one with the contact, whose id
+            # the messages in it carry.
+            return self._other_sender(chat["chatId"]) or "(a deleted account)"
         if not chat.get("encryptedName"):
             return None
         with self.profile.lock:
@@ -919,6 +992,16 @@ class Client:
             if key is None:
                 return None
         return _open_name(base64.b64decode(key), chat["encryptedName"])
+
+    def _other_sender(self, chat_id: str) -> str | None:
+        try:
+            answer = self._call("GET", f"/api/messaging/chat/{segment(chat_id)}",
+                                params={"limit": 50})
+        except ApiError:
+            return None
+        me = self.cyphr_id
+        return next((m["senderId"] for m in answer.get("messages", [])
+                     if isinstance(m, dict) and m.get("senderId") not in (None, me)), None)
 
     def add_member(self, chat_id: str, cyphr_id: str) -> None:
         self._call("POST", f"/api/chats/{segment(chat_id)}/members/{segment(cyphr_id)}", {})

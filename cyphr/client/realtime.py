@@ -7,10 +7,18 @@ acknowledged as delivered, then ``sync_complete``; after that, new messages
 as they are stored. The listener opens each message, hands it to the
 callback, and acknowledges it (``message_delivered``) so that it is not
 pushed again.
+
+What happens to the connection goes to ``on_status``: ``"lost"`` when it
+dropped (the stock client then reconnects, with a growing delay),
+``"reconnected"`` when it is back, ``"ended"`` when the server ended the
+session (a logout elsewhere, a revoked token, a recovery on another
+device): then nothing more comes, and the listener does not reconnect.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -24,15 +32,56 @@ if TYPE_CHECKING:
     from cyphr.client.client import Client, Message
 
 
+_log = logging.getLogger(__name__)
+
+LOST, RECONNECTED, ENDED = "lost", "reconnected", "ended"
+_SESSION_CODES = {"INVALID_TOKEN", "TOKEN_EXPIRED", "TOKEN_REVOKED", "UNAUTHORIZED"}
+
+
 class _InOrderEngineIO(engineio.Client):
     # The stock client runs each incoming message's handlers in a thread of
     # its own, so two messages may be handled out of order. A messenger must
     # see a chat in seq order and the catch-up before sync_complete: handle
-    # them one by one, on the reading thread, as they arrive.
+    # them one by one, in arrival order, on one thread of their own. Not on
+    # the reading thread: the stock DISCONNECT handler joins the reading
+    # thread ("cannot join current thread"), and a handler that blocks
+    # there (opening a message may ask the server for a key) would stop
+    # the pings too.
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._inbox: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self._handling: threading.Thread | None = None
+        self.server_ended = False
+
     def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
-        if event == "message":
-            kwargs["run_async"] = False
-        return super()._trigger_event(event, *args, **kwargs)
+        if event != "message":
+            return super()._trigger_event(event, *args, **kwargs)
+        data = args[0] if args else None
+        if isinstance(data, str) and data[:1] == "1" and data[1:2] in ("", "/"):
+            # A Socket.IO DISCONNECT: the server ended the session. Noted
+            # now, on the reading thread, as the transport may close before
+            # the handler thread gets to the packet.
+            self.server_ended = True
+        if self._handling is None or not self._handling.is_alive():
+            self._handling = threading.Thread(target=self._handle, daemon=True,
+                                              name="cyphr-realtime-handler")
+            self._handling.start()
+        self._inbox.put(args)
+        return None
+
+    def _handle(self) -> None:
+        while True:
+            args = self._inbox.get()
+            if args is None:
+                return
+            super()._trigger_event("message", *args, run_async=False)
+
+    def stop_handling(self, timeout: float = 5.0) -> None:
+        """End the handler thread once what arrived before is handled."""
+        handling = self._handling
+        if handling is not None and handling is not threading.current_thread():
+            self._inbox.put(None)
+            handling.join(timeout)
 
 
 class OrderedClient(socketio.Client):
@@ -45,11 +94,15 @@ class OrderedClient(socketio.Client):
 class Listener:
     def __init__(self, client: Client, on_message: Callable[[Message], None], *,
                  on_event: Callable[[str, Any], None] | None = None,
+                 on_status: Callable[[str, str], None] | None = None,
                  transports: list[str] | None = None, acknowledge: bool = True,
                  top_up: bool = True) -> None:
         self.client = client
         self.on_message = on_message
         self.on_event = on_event
+        self.on_status = on_status
+        self.ended: str | None = None  # why the server ended the session
+        self._connected_once = False
         self.transports = transports
         self.acknowledge = acknowledge
         self.top_up = top_up
@@ -66,6 +119,8 @@ class Listener:
         self.sio.on("sync_complete", self._sync_complete)
         self.sio.on("authenticated", lambda data: self._authenticated.set())
         self.sio.on("connect_error", self._connect_error)
+        self.sio.on("connect", self._connected)
+        self.sio.on("disconnect", self._disconnected)
         for event in ("message_delivered", "message_read", "user_typing", "user_online",
                       "user_offline", "incoming_call", "call_answer", "call_ice_candidate",
                       "call_end"):
@@ -99,16 +154,49 @@ class Listener:
             while self._unacknowledged and self.sio.connected:
                 if not self._acknowledged.wait(max(0.0, deadline - time.monotonic())):
                     break
-        self.sio.disconnect()
+        # shutdown, not disconnect: it also ends a reconnection under way.
+        self.sio.shutdown()
+        eio = self.sio.eio
+        if isinstance(eio, _InOrderEngineIO):
+            eio.stop_handling()
         if self._topping_up is not None:
             self._topping_up.join(30)
 
+    def _status(self, status: str, detail: str) -> None:
+        if self.on_status is not None:
+            self.on_status(status, detail)
+
+    def _connected(self) -> None:
+        if self._connected_once:
+            self._status(RECONNECTED, self.client.http.server)
+        self._connected_once = True
+
+    def _disconnected(self, reason: str = "") -> None:
+        eio = self.sio.eio
+        if reason == socketio.Client.reason.CLIENT_DISCONNECT or self.ended is not None:
+            return
+        if reason == socketio.Client.reason.SERVER_DISCONNECT \
+                or getattr(eio, "server_ended", False):
+            self._end("the server ended this session (signed out elsewhere, or the session "
+                      "was revoked or expired)")
+        else:
+            self._status(LOST, reason or "connection lost")
+
+    def _end(self, why: str) -> None:
+        if self.ended is None:
+            self.ended = why
+            self._status(ENDED, why)
+
     def _connect_error(self, data: Any) -> None:
+        code = None
         if isinstance(data, dict):
             code = (data.get("data") or {}).get("code")
             self.error = f"{data.get('message')} ({code})" if code else str(data.get("message"))
         else:
             self.error = str(data)
+        if self._connected_once and code in _SESSION_CODES:
+            # Reconnecting with a session the server no longer takes.
+            self._end(f"the server ended this session ({self.error})")
 
     def _sync_complete(self, data: Any) -> None:
         if isinstance(data, dict):
@@ -150,7 +238,14 @@ class Listener:
 
         with self._acknowledged:
             self._unacknowledged += 1
-        self.sio.emit(event, data, callback=answered)
+        try:
+            self.sio.emit(event, data, callback=answered)
+        except socketio.exceptions.SocketIOError:
+            # Not connected (now): the server pushes the message again on
+            # the next connection, and it is acknowledged then.
+            with self._acknowledged:
+                self._unacknowledged -= 1
+                self._acknowledged.notify_all()
 
     def send(self, to: str, text: str, message_type: str = "text",
              timeout: float = 30.0) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""
+``cyphr-client listen`` when the connection goes: a session the server
+ended stops it with one line and a non-zero status; a dropped connection
+is said, retried, and the reconnection said too. Nothing is logged as an
+error ("cannot join current thread" was, and listen then hung).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.protocols import portforward
+from twisted.trial.unittest import TestCase
+
+from cyphr.client.client import Client
+from tests.helpers import SQLiteMixin, start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+STRONG = "correct horse battery staple 4711"
+
+
+class _Proxy(portforward.ProxyServer):
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        super().connectionMade()
+
+
+class ListenTests(SQLiteMixin, TestCase):
+    async def setUp(self) -> None:
+        self.server = await start_server(self, serve=True)
+        [port] = [await d for d in self.server.listening()]
+        self.port = port.getHost().port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.alice = os.path.abspath(self.mktemp())
+        await deferToThread(self.ok, "init")
+        await deferToThread(self.ok, "register", "alice", "--prekeys", "5")
+
+    def command(self, *args: str, server: str | None = None) -> list[str]:
+        passphrase = Path(f"{self.alice}.passphrase")
+        passphrase.write_text(f"passphrase for {self.alice}")
+        return [sys.executable, "-m", "cyphr.client.cli", "--server", server or self.url,
+                "--profile", self.alice, "--passphrase-file", str(passphrase), *args]
+
+    def ok(self, *args: str) -> str:
+        result = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=60,
+                                cwd=str(ROOT), stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def listen(self, server: str | None = None) -> subprocess.Popen[str]:
+        process = subprocess.Popen(self.command("listen", server=server), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                   cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        return process
+
+    def assertNoErrorLogged(self, stderr: str) -> None:
+        for sign in ("Traceback", "cannot join", "Exception", "handler error"):
+            self.assertNotIn(sign, stderr)
+
+    async def test_session_ended_by_the_server(self) -> None:
+        """A logout from another process ends the listen's session: listen
+        says so in one line on stderr and exits 1, without a traceback."""
+        listen = self.listen()
+
+        def scenario() -> tuple[int, str]:
+            assert listen.stderr is not None
+            # Ready once the prekey check is done and it is connected.
+            import time
+            time.sleep(4)
+            self.ok("logout")
+            out, err = listen.communicate(timeout=30)
+            return listen.returncode, err
+
+        status, err = await deferToThread(scenario)
+        self.assertEqual(status, 1, err)
+        said = [line for line in err.splitlines() if not line.startswith("Publishing")]
+        self.assertEqual(len(said), 1, err)
+        self.assertIn("the server ended this session", err)
+        self.assertIn("cyphr-client login", err)
+        self.assertNoErrorLogged(err)
+
+    async def test_dropped_connection_is_retried(self) -> None:
+        """A connection cut under listen (here by a proxy in between) is
+        said on stderr, retried, and the reconnection said; a message sent
+        after it is shown; nothing is logged as an error."""
+        factory = portforward.ProxyFactory("127.0.0.1", self.port)
+        factory.protocol = _Proxy
+        factory.connections = []
+        proxy = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(proxy.stopListening)
+        listen = self.listen(f"http://127.0.0.1:{proxy.getHost().port}")
+        bob, _ = await deferToThread(Client.init, self.mktemp(), STRONG, self.url)
+        self.addCleanup(bob.close)
+        await deferToThread(bob.register, "bob", None, 2)
+        lines: list[str] = []
+        reconnected = threading.Event()
+
+        def read_stderr() -> None:
+            assert listen.stderr is not None
+            for text in listen.stderr:
+                lines.append(text)
+                if "reconnected" in text:
+                    reconnected.set()
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+
+        def wait_connected() -> None:
+            import time
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any(
+                    not c.transport.disconnected for c in factory.connections):
+                time.sleep(0.1)
+            time.sleep(1.5)  # the realtime connection is the last one made
+
+        await deferToThread(wait_connected)
+        reader.start()
+        for connection in list(factory.connections):
+            connection.transport.abortConnection()
+        self.assertTrue(await deferToThread(reconnected.wait, 30), "".join(lines))
+        await deferToThread(bob.send, "alice", "after the drop")
+
+        def shown() -> str:
+            assert listen.stdout is not None
+            return listen.stdout.readline()
+
+        line = await deferToThread(shown)
+        self.assertIn("after the drop", line)
+        listen.terminate()
+        await deferToThread(listen.wait, 30)
+        await deferToThread(reader.join, 10)
+        err = "".join(lines)
+        self.assertIn("was lost", err)
+        self.assertIn("reconnecting", err)
+        self.assertIn("reconnected to", err)
+        self.assertNoErrorLogged(err)
