@@ -169,7 +169,11 @@ async def cyphr_servers(processes: int, pool: int, extra: list[str],
                  "cyphr", "--listen", f"tcp:{port}:interface=127.0.0.1",
                  *(["--database", url] if url else []),
                  "--data-dir", data_dir, "--node-id", f"bench-{number}",
-                 "--rate-limit-auth", "100000000/1s", "--db-pool-size", str(pool), *extra],
+                 "--rate-limit-auth", "100000000/1s", "--db-pool-size", str(pool),
+                 # Every load client comes from 127.0.0.1: no per-address caps.
+                 "--max-connections-per-address", "1000000",
+                 "--realtime-handshake-rate", "100000000/1s", "--realtime-pending-sessions", "0",
+                 *extra],
                 env=env, stdout=output, stderr=subprocess.STDOUT if log else subprocess.DEVNULL))
             if not isinstance(output, int):
                 output.close()  # the child holds its own copy
