@@ -156,7 +156,9 @@ class ProcessesTests(SQLiteMixin, TestCase):
         finally:
             for listen in listens:
                 listen.send_signal(signal.SIGINT)
-            errors = [listen.communicate(timeout=30)[1] for listen in listens]
+            # A listen stops once its receipts are acknowledged and its prekey
+            # top-up (if one runs) is saved: on a loaded machine, a while.
+            errors = [listen.communicate(timeout=90)[1] for listen in listens]
         for index in range(2):
             # "hello" came before: the catch-up of the first listen to take
             # it marks it delivered, so the other may not be shown it.

@@ -13,7 +13,6 @@ from argon2 import PasswordHasher
 from argon2.exceptions import VerifyMismatchError
 from stellar_sdk import Keypair
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import (
@@ -21,6 +20,7 @@ from tests.helpers import (
     PostgresMixin,
     Response,
     SQLiteMixin,
+    fixed_clock,
     start_server,
 )
 from cyphr.signing import sep53_digest, wallet_link_text
@@ -33,13 +33,6 @@ DISABLE = "/api/auth/totp/disable"
 HASH, LINK = "/api/auth/hash-password", "/api/wallet/link"
 
 
-async def current_step() -> int:
-    """The TOTP step of now. Near the end of a step it first waits for the
-    next one, so that the server, a moment later, sees the same step."""
-    left = STEP - reactor.seconds() % STEP
-    if left < 2:
-        await deferLater(reactor, left + 0.1, lambda: None)
-    return int(reactor.seconds() // STEP)
 
 
 def code(secret: str, step: int) -> str:
@@ -54,6 +47,9 @@ def wrong_code(secret: str, step: int) -> str:
 
 class SecurityTestsMixin:
     async def start(self, **overrides: Any) -> None:
+        # The server's time is a fixed clock: the TOTP step cannot turn
+        # between a code made here and the server's check of it.
+        overrides.setdefault("clock", fixed_clock())
         self.server = await start_server(self, **overrides)
         self.http = InProcessHTTP.for_server(self.server)
         if self.server.config.public_url:
@@ -80,6 +76,10 @@ class SecurityTestsMixin:
         self.assertEqual(response.code, 200, response.body)
         self.assertIs(response.json()["user"]["totpEnabled"], totp_enabled)
 
+    def current_step(self) -> int:
+        """The TOTP step of the server's (fixed) now."""
+        return int(self.server.clock.seconds() // STEP)
+
     async def generate(self, user: User) -> str:
         response = await self.call(GENERATE, user=user)
         self.assertEqual(response.code, 200, response.body)
@@ -89,7 +89,7 @@ class SecurityTestsMixin:
         """Two-factor on for ``user`` with the code of the step before now;
         answers the secret and that step (the last one used)."""
         secret = await self.generate(user)
-        step = await current_step() - 1
+        step = self.current_step() - 1
         response = await self.call(VERIFY, {"code": code(secret, step)}, user)
         self.assertEqual(response.json(), {"success": True, "enabled": True})
         return secret, step
@@ -122,7 +122,7 @@ class SecurityTestsMixin:
         await self.start()
         old, new = await self.generate(self.alice), await self.generate(self.alice)
         self.assertNotEqual(old, new)
-        step = await current_step()
+        step = self.current_step()
         near_new = {code(new, s) for s in range(step - 2, step + 3)}
         stale = next(c for c in (code(old, s) for s in range(step - 1, step + 2)) if c not in near_new)
         self.assertError(await self.call(VERIFY, {"code": stale}, self.alice), 400, "INVALID_TOTP")
@@ -136,11 +136,11 @@ class SecurityTestsMixin:
         self.assertError(await self.call(VERIFY, {"code": "123456"}, self.alice), 400,
                          "TOTP_NOT_ENABLED")
         secret = await self.generate(self.alice)
-        step = await current_step()
+        step = self.current_step()
         for bad in (wrong_code(secret, step), code(secret, step - 3), code(secret, step + 2)):
             self.assertError(await self.call(VERIFY, {"code": bad}, self.alice), 400, "INVALID_TOTP")
         self.assertLoggedIn(await self.alice.login(self.http), totp_enabled=False)
-        response = await self.call(VERIFY, {"code": code(secret, await current_step())}, self.alice)
+        response = await self.call(VERIFY, {"code": code(secret, self.current_step())}, self.alice)
         self.assertEqual(response.json(), {"success": True, "enabled": True})
         self.assertError(await self.alice.login(self.http), 401, "TOTP_REQUIRED")
 
@@ -149,7 +149,7 @@ class SecurityTestsMixin:
         verify and login alike, and change nothing."""
         await self.start()
         secret = await self.generate(self.alice)
-        right = code(secret, await current_step())
+        right = code(secret, self.current_step())
         for bad in ("12345", "1234567", "abcdef", " 12345", "\uff11" * 6, int(right), None, [right]):
             response = await self.call(VERIFY, {"code": bad}, self.alice)
             self.assertError(response, 400)
@@ -168,13 +168,13 @@ class SecurityTestsMixin:
         self.assertError(await self.call(GENERATE, user=self.alice), 409, "TOTP_ALREADY_ENABLED")
         self.assertEqual(await self.stored_secrets(), before)
         self.assertError(await self.alice.login(self.http), 401, "TOTP_REQUIRED")
-        step = await current_step()
+        step = self.current_step()
         for bad in (wrong_code(secret, step), code(secret, step + 3), code(secret, step - 3)):
             self.assertError(await self.alice.login(self.http, totpCode=bad), 401, "INVALID_TOTP")
         now = code(secret, step)
         self.assertLoggedIn(await self.alice.login(self.http, totpCode=now), totp_enabled=True)
         self.assertError(await self.alice.login(self.http, totpCode=now), 401, "INVALID_TOTP")
-        following = code(secret, await current_step() + 1)
+        following = code(secret, self.current_step() + 1)
         self.assertLoggedIn(await self.alice.login(self.http, totpCode=following), totp_enabled=True)
         # Two-factor is alice's alone.
         self.assertLoggedIn(await self.bob.login(self.http), totp_enabled=False)
@@ -184,7 +184,7 @@ class SecurityTestsMixin:
         the window is refused too; a later step's code still works."""
         await self.start()
         secret = await self.generate(self.alice)
-        step = await current_step()
+        step = self.current_step()
         self.assertEqual((await self.call(VERIFY, {"code": code(secret, step)}, self.alice)).code, 200)
         earlier = code(secret, step - 1)
         self.assertError(await self.alice.login(self.http, totpCode=earlier), 401, "INVALID_TOTP")
@@ -202,7 +202,7 @@ class SecurityTestsMixin:
         new_device = hashlib.sha256(os.urandom(16)).hexdigest()
         profile = "/api/cyphr-id/user/bob"
         self.assertError(await self.recover(self.alice, new_device), 401, "TOTP_REQUIRED")
-        step = await current_step()
+        step = self.current_step()
         response = await self.recover(self.alice, new_device, totpCode=wrong_code(secret, step))
         self.assertError(response, 401, "INVALID_TOTP")
         self.assertEqual((await self.call(profile, user=self.alice, method="GET")).code, 200)
@@ -214,7 +214,7 @@ class SecurityTestsMixin:
             "alice", token=response.json()["token"]))).code, 200)
         self.assertError(await self.alice.login(self.http), 401, "DEVICE_MISMATCH")
         self.alice.fingerprint = new_device
-        later = code(secret, await current_step() + 1)
+        later = code(secret, self.current_step() + 1)
         self.assertLoggedIn(await self.alice.login(self.http, totpCode=later), totp_enabled=True)
         self.assertNotEqual(self.alice.token, old_token)
 
@@ -223,7 +223,7 @@ class SecurityTestsMixin:
         login needs no code. Without two-factor on it is TOTP_NOT_ENABLED."""
         await self.start()
         secret, used = await self.enable(self.alice)
-        step = await current_step()
+        step = self.current_step()
         for bad in (wrong_code(secret, step), code(secret, used)):
             self.assertError(await self.call(DISABLE, {"code": bad}, self.alice), 400, "INVALID_TOTP")
         self.assertError(await self.alice.login(self.http), 401, "TOTP_REQUIRED")
@@ -236,7 +236,7 @@ class SecurityTestsMixin:
                          400, "TOTP_NOT_ENABLED")
         # A generated but unverified secret is not "enabled" either.
         pending = await self.generate(self.bob)
-        response = await self.call(DISABLE, {"code": code(pending, await current_step())}, self.bob)
+        response = await self.call(DISABLE, {"code": code(pending, self.current_step())}, self.bob)
         self.assertError(response, 400, "TOTP_NOT_ENABLED")
         self.assertLoggedIn(await self.bob.login(self.http), totp_enabled=False)
 
