@@ -247,6 +247,10 @@ def prepare(base: str) -> tuple[Account, Account, str, str]:
     fuzzer = register(base, "fuzzer")
     peer = register(base, "peer")
     auth = {"Authorization": f"Bearer {fuzzer.token}"}
+    # A group holds only contacts (a direct chat first).
+    direct = requests.post(f"{base}/api/messaging/send", headers=auth, timeout=30,
+                           json={"recipientId": peer.cyphr_id, "encryptedPayload": {"ciphertext": "AAAA"}})
+    direct.raise_for_status()
     group = requests.post(f"{base}/api/messaging/create-group", headers=auth, timeout=30,
                           json={"members": [peer.cyphr_id], "encryptedName": "x"})
     group.raise_for_status()
