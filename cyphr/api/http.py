@@ -16,7 +16,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -409,24 +409,10 @@ class CyphrRequest(server.Request):
         # Twisted would answer "100 Continue" after this: the client must not
         # be invited to send what will not be read.
         self.requestHeaders.removeHeader(b"expect")
-        body = json_bytes(PayloadTooLarge(
+        self.channel.transport.write(raw_error_answer(PayloadTooLarge(
             f"The request body is larger than {self.policy.max_body} bytes",
             details={"limit": self.policy.max_body},
-        ).to_json())
-        headers = [
-            (b"Server", b"Cyphr"),
-            (b"Date", datetimeToString()),
-            (b"Content-Type", JSON_TYPE),
-            (b"Content-Length", str(len(body)).encode("ascii")),
-            (b"Connection", b"close"),
-            *SECURITY_HEADERS,
-            *([(b"Strict-Transport-Security", HSTS)] if self.isSecure() else []),
-            *self._cors_headers(),
-        ]
-        head = b"HTTP/1.1 413 Payload Too Large\r\n" + b"".join(
-            name + b": " + value + b"\r\n" for name, value in headers
-        )
-        self.channel.transport.write(head + b"\r\n" + body)
+        ), secure=self.isSecure(), extra=self._cors_headers()))
         method, uri = request_line(self.channel)
         if uri.startswith(b"/socket.io") and self.channel.site.on_body_refused is not None:
             self.channel.site.on_body_refused(uri)
@@ -637,20 +623,7 @@ class _Channel(http.HTTPChannel):
         the transport, and close: input that follows is not read."""
         self._refusing = True
         self._stop_deadline()
-        body = json_bytes(error.to_json())
-        headers = [
-            (b"Server", b"Cyphr"),
-            (b"Date", datetimeToString()),
-            (b"Content-Type", JSON_TYPE),
-            (b"Content-Length", str(len(body)).encode("ascii")),
-            (b"Connection", b"close"),
-            *((name.encode("ascii"), value.encode("ascii")) for name, value in error.headers.items()),
-            *SECURITY_HEADERS,
-            *([(b"Strict-Transport-Security", HSTS)] if self.isSecure() else []),
-        ]
-        head = b"HTTP/1.1 %d %s\r\n" % (error.status, http.RESPONSES.get(error.status, b"")) + b"".join(
-            name + b": " + value + b"\r\n" for name, value in headers)
-        self.transport.write(head + b"\r\n" + body)
+        self.transport.write(raw_error_answer(error, secure=self.isSecure()))
         self.loseConnection()
         # A client that does not read (or never finishes a TLS handshake)
         # must not keep the descriptor: as after an idle timeout.
@@ -672,6 +645,29 @@ class _Channel(http.HTTPChannel):
     def forceAbortClient(self) -> None:
         set_aborting_call(self, None)
         self.transport.abortConnection()
+
+
+def raw_error_answer(error: ApiError, *, secure: bool,
+                     extra: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
+    """A whole HTTP/1.1 answer carrying ``error`` in the contract's format,
+    with the headers every answer has and ``Connection: close``: for what
+    is answered straight on the transport, before (or instead of) a request
+    (a refused body, a request that took too long, a connection over a cap)."""
+    body = json_bytes(error.to_json())
+    headers = [
+        (b"Server", b"Cyphr"),
+        (b"Date", datetimeToString()),
+        (b"Content-Type", JSON_TYPE),
+        (b"Content-Length", str(len(body)).encode("ascii")),
+        (b"Connection", b"close"),
+        *((name.encode("ascii"), value.encode("ascii")) for name, value in error.headers.items()),
+        *SECURITY_HEADERS,
+        *([(b"Strict-Transport-Security", HSTS)] if secure else []),
+        *extra,
+    ]
+    head = b"HTTP/1.1 %d %s\r\n" % (error.status, http.RESPONSES.get(error.status, b"")) + b"".join(
+        name + b": " + value + b"\r\n" for name, value in headers)
+    return head + b"\r\n" + body
 
 
 def connection_release(request: Any) -> Callable[[], None]:
