@@ -107,9 +107,12 @@ class RevocationMixin(RealtimeBase):
         """Many sockets connecting with a token while it is logged out: once
         the logout is answered and the connects have settled, none of them
         is still connected on the server (no socket, no room, offline)."""
-        # Known defect, not asserted here (see the notes of issues 12 and 18):
-        # now and then one stock client stays "connected" after the server
-        # has ended its socket, as if its Engine.IO session outlived it.
+        # Not asserted here: whether each stock client says it is
+        # disconnected. Now and then one python-socketio client keeps
+        # ``connected`` True although its Engine.IO client is disconnected
+        # (no sid) and the server holds no session for it: the stock
+        # client's own flag, when its connection closes while connect()
+        # still waits for the namespace.
         await self.serve()
         alice = await self.user("alice")
         realtime = self.server.realtime
