@@ -167,8 +167,11 @@ async def until(predicate: Any, what: str = "the condition", timeout: float = 10
         waited += step
 
 
-async def sessions_closed(server: Any, timeout: float = 10) -> None:
-    """Wait until the server holds no session (every connection closed)."""
+async def sessions_closed(server: Any, timeout: float = 30) -> None:
+    """Wait until the server holds no session (every connection closed).
+    A polling session whose client went without a word ends at the
+    server's timeouts (connect_timeout, 10 s, for one that never joined):
+    the wait outlasts them."""
     deadline = time.monotonic() + timeout
     while server.engine.sessions:
         if time.monotonic() > deadline:
