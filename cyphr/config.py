@@ -124,6 +124,16 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="DURATION"),
     Setting("max_prekeys", "int",
             "Most one-time prekeys one user may hold on the server.", metavar="N"),
+    Setting("cache_entries", "int",
+            "Most entries in each of the in-memory caches that spare a "
+            "database lookup (session tokens checked, direct chats, call "
+            "partners); each also forgets what was unused for a minute, and "
+            "a forgotten entry is only looked up again.", metavar="N"),
+    Setting("rate_limit_keys", "int",
+            "Most keys (client addresses, users) each rate limit tracks at "
+            "once; an idle key is forgotten anyway once back at its full "
+            "burst. Past the cap the least recently used goes first.",
+            metavar="N"),
     Setting("max_payload", "size",
             "Largest encryptedPayload of one message, in bytes of JSON (the "
             "request body limit applies too).",
@@ -236,6 +246,8 @@ class Config:
     node_id: str = ""
     token_lifetime: int = 7 * 24 * 3600
     max_prekeys: int = 1000
+    cache_entries: int = 100_000
+    rate_limit_keys: int = 200_000
     max_payload: int = 1 * MiB
     retention_days: int = 0
     rate_limit_send: tuple[int, int] = (300, 10)
@@ -665,6 +677,10 @@ def validate(config: Config) -> None:
         raise ConfigError("--realtime-buffer must be at least --max-body")
     if not 1 <= config.max_prekeys <= 100_000:
         raise ConfigError("--max-prekeys must be between 1 and 100000")
+    if not 100 <= config.cache_entries <= 100_000_000:
+        raise ConfigError("--cache-entries must be between 100 and 100000000")
+    if not 1000 <= config.rate_limit_keys <= 100_000_000:
+        raise ConfigError("--rate-limit-keys must be between 1000 and 100000000")
     for setting in SETTINGS:
         if setting.kind == "rate":
             count, period = getattr(config, setting.name)

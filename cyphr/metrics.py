@@ -16,7 +16,7 @@ methods from a fixed list, status codes, limit names, transports.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -94,13 +94,24 @@ def _histogram(name: str, documentation: str, histogram: Histogram,
     return family
 
 
+class MemoryTables(Protocol):
+    """A part that holds in-memory tables keyed by user, token, chat,
+    address or socket, and says how big each is (table name -> entries)."""
+
+    def memory_tables(self) -> dict[str, int]: ...
+
+
 class CyphrCollector:
     """Reads the server's state at each scrape. Takes the server's parts
-    (see cyphr.server.build_server)."""
+    (see cyphr.server.build_server); ``tables``: further parts whose
+    in-memory tables are counted in cyphr_memory_table_entries (the engine's,
+    the presence's, the rate limits', the Socket.IO server's and the
+    connection counts' are counted from the parts above)."""
 
     def __init__(self, *, http: HttpStats, engine: Any, presence: Any, receipts: Any,
                  batcher: Any, database: Any, bus: Any, limits: Any, sockets: Any,
-                 connections: Any) -> None:
+                 connections: Any, tables: Sequence[MemoryTables] = ()) -> None:
+        self._tables = tuple(tables)
         self._http = http
         self._engine = engine
         self._presence = presence
@@ -129,6 +140,7 @@ class CyphrCollector:
         yield from self._collect_bus()
         yield from self._collect_limits()
         yield from self._collect_connections()
+        yield from self._collect_memory()
 
     def _collect_http(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -249,6 +261,32 @@ class CyphrCollector:
                                      **self._engine.refused_handshakes}.items()):
             refused.add_metric([reason], count)
         yield refused
+
+    def memory_tables(self) -> dict[str, int]:
+        """Every in-memory table that grows with users, tokens, chats,
+        addresses or sockets, by name, with its entries now."""
+        sizes: dict[str, int] = {}
+        for part in (self._engine, self._presence, *self._tables):
+            sizes.update(part.memory_tables())
+        for limit in self._limits.all():
+            sizes["rate_limit_" + limit.name] = len(limit)
+        sockets = self._sockets
+        sizes["socketio_connections"] = len(sockets.connections)
+        sizes["socketio_sockets"] = sum(len(ns.sockets) for ns in sockets.namespaces.values())
+        sizes["socketio_rooms"] = sum(len(ns.rooms) for ns in sockets.namespaces.values())
+        sizes["connection_addresses"] = self._connections.addresses
+        return sizes
+
+    def _collect_memory(self) -> Iterator[Metric]:
+        # One family, labelled by table: an operator (or benchmarks/soak.py)
+        # sees a table that grows while the users connected do not.
+        entries = GaugeMetricFamily(
+            "cyphr_memory_table_entries",
+            "Entries in each in-memory table that grows with users, tokens, chats, addresses or "
+            "sockets (each is bounded: see README, Memory).", labels=["table"])
+        for table, count in sorted(self.memory_tables().items()):
+            entries.add_metric([table], count)
+        yield entries
 
 
 class Metrics:

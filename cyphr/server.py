@@ -80,6 +80,7 @@ from cyphr.store.wallet import WalletStore
 
 _log = Logger()
 MAINTENANCE_INTERVAL = 300  # seconds between purges of expired challenges and revocations
+CACHE_SWEEP_INTERVAL = 60  # seconds between sweeps of idle cache and rate-limit entries
 
 
 class DatabaseService(Service):
@@ -388,7 +389,7 @@ def build_server(
     challenges = ChallengeStore(database)
     revocations = TokenStore(database)
 
-    tokens = TokenService(secrets.jwt_key, config.token_lifetime, clock)
+    tokens = TokenService(secrets.jwt_key, config.token_lifetime, clock, cache_size=config.cache_entries)
     authenticator = Authenticator(tokens, identities, reactor)
     totp = TotpHandler(TotpStore(database), secrets.totp_key, clock)
     # One rule for the origins login statements and wallet links may name.
@@ -404,9 +405,10 @@ def build_server(
     messages = MessageStore(database)
     batcher = SendBatcher(messages, reactor)
     messaging = MessagingHandler(chats, messages, identities, batcher, limits.send, changes, clock,
-                                 group_limit=limits.group_create, member_limit=limits.member_add)
+                                 group_limit=limits.group_create, member_limit=limits.member_add,
+                                 cache_size=config.cache_entries)
     receipts = ReceiptsHandler(chats, messages, clock)
-    calls = CallsHandler(chats, clock)
+    calls = CallsHandler(chats, clock, cache_size=config.cache_entries)
     # A call may be signalled only while the two share a chat: a leave ends
     # what this node believed of its member's pairs.
     changes.subscribe(MemberLeft, calls.member_left)
@@ -463,7 +465,8 @@ def build_server(
     metrics = Metrics()
     metrics.registry.register(CyphrCollector(
         http=metrics.http, engine=engine, presence=presence, receipts=receipts, batcher=batcher,
-        database=database, bus=bus, limits=limits, sockets=sockets, connections=connections))
+        database=database, bus=bus, limits=limits, sockets=sockets, connections=connections,
+        tables=(realtime, messaging, calls, tokens)))
     metrics_resource = MetricsResource(metrics)
     # With --metrics-listen, /metrics is served only there: the public
     # endpoints answer 404 for it, as for any unknown path.
@@ -486,6 +489,17 @@ def build_server(
     purge = TimerService(MAINTENANCE_INTERVAL, purge_now)
     purge.clock = clock
     purge.setServiceParent(service)
+
+    def forget_idle() -> None:
+        # The caches and rate limits trim their idle entries as they are
+        # used; this is for one no longer used (the load has stopped), so
+        # that it empties within a minute or two all the same.
+        for table in (tokens, messaging, calls, engine, *limits.all()):
+            table.expire()
+
+    sweep = TimerService(CACHE_SWEEP_INTERVAL, forget_idle)
+    sweep.clock = clock
+    sweep.setServiceParent(service)
 
     def serve(description: str, factory: CyphrSite, serves: str) -> StreamServerEndpointService:
         # strports.service makes a service that fails the start (with a

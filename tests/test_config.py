@@ -182,6 +182,8 @@ class NonsenseTests(TestCase):
         self.assertIn("--cors-origin", self.refused({"cors_origin": ("https://a.example/path",)}))
         self.assertIn("--trusted-proxy", self.refused({"trusted_proxy": ("proxy.example",)}))
         self.assertIn("jwt_secret", self.refused(env={"CYPHR_JWT_SECRET": "short"}))
+        self.assertIn("--cache-entries", self.refused({"cache_entries": "0"}))
+        self.assertIn("--rate-limit-keys", self.refused({"rate_limit_keys": "10"}))
 
     def test_sizes(self) -> None:
         """Sizes take plain bytes or KiB/MiB/GiB suffixes."""

@@ -8,7 +8,6 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from cyphr.errors import USER_NOT_FOUND, NotFound
-from cyphr.handlers import calls
 from cyphr.handlers.calls import PARTNER_CACHE, CallsHandler
 from tests.stores import open_world
 
@@ -79,9 +78,9 @@ class CallsTests(TestCase):
         await self.handler.check_peer(self.alice, "carol")  # still remembered
 
     async def test_cache_bounded_oldest_first(self) -> None:
-        """Past PARTNER_CACHE_SIZE pairs, the pair learnt longest ago is
+        """Past its cache_size pairs, the pair learnt longest ago is
         forgotten first, and the others are still believed."""
-        self.patch(calls, "PARTNER_CACHE_SIZE", 2)
+        self.handler = CallsHandler(self.world.chats, self.world.clock, cache_size=2)
         await self.handler.check_peer(self.alice, "carol")  # the oldest: forgotten
         await self.handler.check_peer(self.alice, "dave")
         await self.handler.check_peer(self.alice, "bob")

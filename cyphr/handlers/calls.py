@@ -21,8 +21,9 @@ PARTNER_CACHE_SIZE = 100_000    # pairs remembered; the oldest go first
 
 
 class CallsHandler:
-    def __init__(self, chats: ChatStore, clock: Any) -> None:
+    def __init__(self, chats: ChatStore, clock: Any, *, cache_size: int = PARTNER_CACHE_SIZE) -> None:
         self._chats = chats
+        self._cache_size = cache_size
         self._clock = clock
         # (cyphrId, cyphrId), the smaller first -> when they were found to
         # share a chat. A call sends many signals (every ICE candidate), so
@@ -33,6 +34,14 @@ class CallsHandler:
         # cyphrId -> its pairs in _partners, so that forgetting a user (a
         # leave, a deletion) costs its own pairs, not a walk of the cache.
         self._pairs_of: dict[str, set[tuple[str, str]]] = {}
+        # Memory: pairs older than PARTNER_CACHE are trimmed from the old
+        # end as new ones are learnt (the cache holds the pairs that called
+        # in the last minute, not every pair ever seen), and never more than
+        # PARTNER_CACHE_SIZE; _pairs_of loses a user with its last pair.
+
+    def memory_tables(self) -> dict[str, int]:
+        """The size of each table, for the memory metrics."""
+        return {"call_partners": len(self._partners), "call_partner_users": len(self._pairs_of)}
 
     async def check_peer(self, user: AuthUser, to: str) -> None:
         """``user`` may signal ``to``: another user who shares a chat with
@@ -55,9 +64,23 @@ class CallsHandler:
         self._partners.move_to_end(key)  # the same pair learnt twice at once
         for user in key:
             self._pairs_of.setdefault(user, set()).add(key)
-        while len(self._partners) > PARTNER_CACHE_SIZE:
+        self.expire(now)
+        while len(self._partners) > self._cache_size:
             self._drop(next(iter(self._partners)))
         return True
+
+    def expire(self, now: float | None = None) -> None:
+        """Forget the pairs older than PARTNER_CACHE, from the cache's old
+        end (each popped once in its life: amortised O(1) per pair learnt).
+        Also called on a timer (build_server), for a cache no longer used."""
+        if now is None:
+            now = self._clock.seconds()
+        partners = self._partners
+        while partners:
+            oldest = next(iter(partners))
+            if now - partners[oldest] < PARTNER_CACHE:
+                break
+            self._drop(oldest)
 
     def _drop(self, key: tuple[str, str]) -> None:
         self._partners.pop(key, None)

@@ -110,7 +110,8 @@ def _no_chat() -> NotFound:
 class MessagingHandler:
     def __init__(self, chats: ChatStore, messages: MessageStore, identities: IdentityStore,
                  batcher: SendBatcher, send_limit: RateLimit, changes: ChangeFeed, clock: Any, *,
-                 group_limit: RateLimit, member_limit: RateLimit) -> None:
+                 group_limit: RateLimit, member_limit: RateLimit,
+                 cache_size: int = DIRECT_CHAT_CACHE_SIZE) -> None:
         self._chats = chats
         self._messages = messages
         self._identities = identities
@@ -124,7 +125,16 @@ class MessagingHandler:
         # recipientId then costs no lookup. Believed for DIRECT_CHAT_CACHE
         # seconds, so that a recipient deleted on another node is soon
         # refused here too (this node forgets at once, see forget_user).
+        # Memory: in the order learnt, so entries past DIRECT_CHAT_CACHE are
+        # trimmed from the old end as new ones come (the table holds the
+        # pairs that sent in the last minute, not every pair ever seen), and
+        # never more than DIRECT_CHAT_CACHE_SIZE (the oldest go first).
         self._direct_chats: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+        self._direct_chats_size = cache_size
+
+    def memory_tables(self) -> dict[str, int]:
+        """The size of each table, for the memory metrics."""
+        return {"direct_chats": len(self._direct_chats)}
 
     def _known_direct_chat(self, a: str, b: str) -> str | None:
         key = (a, b) if a < b else (b, a)
@@ -137,9 +147,27 @@ class MessagingHandler:
         return entry[0]
 
     def _remember_direct_chat(self, a: str, b: str, chat_id: str) -> None:
-        self._direct_chats[(a, b) if a < b else (b, a)] = (chat_id, self._clock.seconds())
-        if len(self._direct_chats) > DIRECT_CHAT_CACHE_SIZE:
-            self._direct_chats.popitem(last=False)
+        key = (a, b) if a < b else (b, a)
+        now = self._clock.seconds()
+        cache = self._direct_chats
+        cache[key] = (chat_id, now)
+        cache.move_to_end(key)  # learnt twice at once: it stays in time order
+        self.expire(now)
+        if len(cache) > self._direct_chats_size:
+            cache.popitem(last=False)
+
+    def expire(self, now: float | None = None) -> None:
+        """Forget the direct chats learnt more than DIRECT_CHAT_CACHE ago,
+        from the cache's old end (each popped once in its life: amortised
+        O(1) per entry learnt). Also called on a timer (build_server)."""
+        if now is None:
+            now = self._clock.seconds()
+        cache = self._direct_chats
+        while cache:
+            oldest = next(iter(cache))
+            if now - cache[oldest][1] <= DIRECT_CHAT_CACHE:
+                break
+            del cache[oldest]
 
     def forget_user(self, cyphr_id: str) -> None:
         """The identity is gone: no send may reach it from memory (build_server

@@ -5,6 +5,15 @@ Each limit allows ``count`` events per ``period`` seconds for each key (a
 client address, a user, a pair of users), as a burst of ``count`` refilled
 evenly over the period (the generic cell rate algorithm: one timestamp per
 key). Time comes from the injected clock.
+
+Memory: each limit's table holds one entry per key that is *busy* (its
+next arrival time not yet passed: it has used part of its burst). A key
+that has been idle long enough to be back at a full burst is forgotten,
+since forgetting it changes nothing; idle keys are trimmed from the
+table's old end on every hit, so the table follows the keys active in the last
+``period``, not every key ever seen (each key is popped once in its life,
+so this costs O(1) per hit, amortised). ``max_keys`` caps it besides (the
+least recently used busy key goes first).
 """
 
 from __future__ import annotations
@@ -40,8 +49,30 @@ class RateLimit:
         arrivals = self._arrivals
         arrivals[key] = theoretical + self._interval
         arrivals.move_to_end(key)  # the table stays in order of last use
+        # Idle keys at the old end go as the table is used, so that keys
+        # seen once (a user who came and left) do not stay until the cap.
+        # (``key`` itself may go: with a tiny interval, next to the clock's
+        # magnitude, it is at once back at a full burst.)
+        self.expire(now)
         if len(arrivals) > self._max_keys:
             self._evict(now)
+
+    def expire(self, now: float | None = None) -> None:
+        """Forget the keys back at a full burst, from the table's old end
+        (each key is popped once in its life: amortised O(1) per hit). Also
+        called on a timer (build_server), for a table no longer used."""
+        if now is None:
+            now = self._clock.seconds()
+        arrivals = self._arrivals
+        while arrivals:
+            oldest = next(iter(arrivals))
+            if arrivals[oldest] > now:
+                break
+            del arrivals[oldest]
+
+    def __len__(self) -> int:
+        """Keys held now (for the memory metrics)."""
+        return len(self._arrivals)
 
     def _evict(self, now: float) -> None:
         """
@@ -66,13 +97,16 @@ class RateLimits:
     """The server's named limits, from the configuration."""
 
     def __init__(self, clock: Any, config: Any) -> None:
-        self.auth_ip = RateLimit(clock, *config.rate_limit_auth, name="auth")
-        self.search = RateLimit(clock, *config.rate_limit_search, name="search")
-        self.claim = RateLimit(clock, *config.rate_limit_claim, name="claim")
-        self.password = RateLimit(clock, *config.rate_limit_password, name="password")
-        self.send = RateLimit(clock, *config.rate_limit_send, name="send")
-        self.group_create = RateLimit(clock, *config.rate_limit_group_create, name="group_create")
-        self.member_add = RateLimit(clock, *config.rate_limit_member_add, name="member_add")
+        def limit(name: str, rate: tuple[int, int]) -> RateLimit:
+            return RateLimit(clock, *rate, max_keys=config.rate_limit_keys, name=name)
+
+        self.auth_ip = limit("auth", config.rate_limit_auth)
+        self.search = limit("search", config.rate_limit_search)
+        self.claim = limit("claim", config.rate_limit_claim)
+        self.password = limit("password", config.rate_limit_password)
+        self.send = limit("send", config.rate_limit_send)
+        self.group_create = limit("group_create", config.rate_limit_group_create)
+        self.member_add = limit("member_add", config.rate_limit_member_add)
 
     def all(self) -> list[RateLimit]:
         return [self.auth_ip, self.search, self.claim, self.password, self.send, self.group_create,

@@ -19,8 +19,8 @@ import hmac
 import json
 import re
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from cyphr.errors import INVALID_TOKEN, TOKEN_EXPIRED, Unauthorized
@@ -50,6 +50,15 @@ def _b64url_decode(data: bytes) -> bytes:
     return raw
 
 
+# Tokens whose check is remembered. A token is kept while it is used: one
+# unused for TOKEN_CACHE_IDLE seconds (its user left) is forgotten at the
+# next check of any token, so the cache follows the users active now, not
+# every token ever seen; TOKEN_CACHE_SIZE caps it besides (the least
+# recently used goes first). A forgotten token is only checked again.
+TOKEN_CACHE_SIZE = 10_000
+TOKEN_CACHE_IDLE = 60.0
+
+
 _HEADER = _b64url(json.dumps({"alg": ALGORITHM, "typ": "JWT"}, separators=(",", ":")).encode())
 
 
@@ -76,14 +85,50 @@ class Claims:
 
 
 class TokenService:
-    def __init__(self, key: bytes, lifetime: int, clock: Any) -> None:
+    def __init__(self, key: bytes, lifetime: int, clock: Any, *,
+                 cache_size: int = TOKEN_CACHE_SIZE, cache_idle: float = TOKEN_CACHE_IDLE) -> None:
         self._key = key
         self._lifetime = lifetime
         self._clock = clock
         # A client presents the same token on every request: its signature
         # and claims are checked once. Only tokens that verified are kept
         # (exceptions are not cached); expiry is checked on every use.
-        self._checked = lru_cache(maxsize=10_000)(self._check)
+        # token -> (claims, when last used), in order of last use.
+        self._cache: OrderedDict[str, tuple[Claims, float]] = OrderedDict()
+        self._cache_size = cache_size
+        self._cache_idle = cache_idle
+
+    def memory_tables(self) -> dict[str, int]:
+        """The size of each table, for the memory metrics."""
+        return {"token_checks": len(self._cache)}
+
+    def _checked(self, token: str) -> Claims:
+        now = self._clock.seconds()
+        cache = self._cache
+        entry = cache.get(token)
+        if entry is None:
+            claims = self._check(token)
+        else:
+            claims = entry[0]
+        cache[token] = (claims, now)
+        cache.move_to_end(token)
+        self.expire(now)
+        while len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return claims
+
+    def expire(self, now: float | None = None) -> None:
+        """Forget the tokens unused for TOKEN_CACHE_IDLE, from the cache's
+        old end (each is popped once in its life: amortised O(1) per use).
+        Also called on a timer (build_server), for a cache no longer used."""
+        if now is None:
+            now = self._clock.seconds()
+        cache = self._cache
+        while cache:
+            oldest = next(iter(cache))
+            if now - cache[oldest][1] <= self._cache_idle:
+                break
+            del cache[oldest]
 
     def issue(self, user_id: str, cyphr_id: str, device_hash: str) -> IssuedToken:
         now = int(self._clock.seconds())

@@ -541,6 +541,20 @@ class EngineServer:
     def joined(self, session: Session) -> None:
         self._not_pending(session)
 
+    def memory_tables(self) -> dict[str, int]:
+        """The size of each table, for the memory metrics. Each follows the
+        open connections: a session goes when it is forgotten, an address
+        with its last session not joined yet, a WebSocket with its TCP
+        connection; the handshake limit forgets idle addresses (RateLimit)."""
+        return {"engine_sessions": len(self.sessions), "engine_pending_addresses": len(self._pending),
+                "engine_websockets": len(self.websockets),
+                "engine_handshake_addresses": len(self._handshakes) if self._handshakes else 0}
+
+    def expire(self) -> None:
+        """Forget the addresses idle long enough (the handshake limit's)."""
+        if self._handshakes is not None:
+            self._handshakes.expire()
+
     def _not_pending(self, session: Session) -> None:
         key = address_key(session.client_ip)
         pending = self._pending.get(key)

@@ -238,6 +238,15 @@ class Realtime:
     def stats(self) -> dict[str, int]:
         return {"connections": self.presence.connections, "users": self.presence.users}
 
+    def memory_tables(self) -> dict[str, int]:
+        """The size of each table, for the memory metrics. Each follows the
+        sockets connected now: _by_user and _by_jti lose a socket when it
+        goes (_unregister), a chat's feed closes with the chat's last socket
+        here, a task leaves _tasks when it ends."""
+        return {"realtime_sockets_by_user": len(self._by_user),
+                "realtime_sockets_by_token": len(self._by_jti),
+                "realtime_chat_feeds": len(self.feeds), "realtime_tasks": len(self._tasks)}
+
     # -- authentication -------------------------------------------------------
 
     async def _connect(self, socket: Socket, auth: Any) -> None:
@@ -654,8 +663,12 @@ class Realtime:
     # -- rooms and feeds --------------------------------------------------------
 
     def _join(self, socket: Socket, chat_id: str, last_seq: int) -> None:
-        socket.join("chat:" + chat_id)
-        self.feeds.open(chat_id, last_seq)
+        room = "chat:" + chat_id
+        socket.join(room)
+        # A socket whose connection is closing is not let into the room:
+        # no feed for it either, or nothing would ever close that feed.
+        if room in socket.rooms:
+            self.feeds.open(chat_id, last_seq)
 
     def _deliver(self, chat_id: str, seq: int, message: str, origin: Socket | None) -> None:
         """What a feed hands on, to the chat's sockets here."""

@@ -7,6 +7,10 @@ in whatever order they come. The feed hands messages on in seq order; a
 missing seq is waited for a moment (GAP_WAIT), then fetched from the
 database, page by page; a seq that no longer exists (purged) is skipped.
 A node keeps a feed only for chats that have sockets here.
+
+Memory: one Feed per chat with a socket here; it is closed (its timer
+cancelled, its pending messages dropped) when the chat's last socket here
+leaves or disconnects, so the table follows the sockets connected now.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class ChatFeeds:
 
     def __contains__(self, chat_id: str) -> bool:
         return chat_id in self._feeds
+
+    def __len__(self) -> int:
+        """Open feeds (for the memory metrics)."""
+        return len(self._feeds)
 
     def open(self, chat_id: str, last_seq: int) -> None:
         """Start a chat's feed (if it has none) after ``last_seq``."""

@@ -2,6 +2,12 @@
 Who is online: the sockets of each user on this node, and the users that
 other nodes report. A plain object; the caller turns its answers into
 events. Time comes from the injected clock.
+
+Memory: ``local`` holds the users with a socket here (a user goes with its
+last socket); ``_remote`` the users other nodes report online (a user goes
+when its last node reports it offline, or falls silent); ``_node_users`` and
+``_node_heard`` one entry per other node, dropped when the node falls silent
+(forget_node). So all of it follows the users connected now, on any node.
 """
 
 from __future__ import annotations
@@ -88,6 +94,11 @@ class Presence:
 
     def is_online(self, user: str) -> bool:
         return user in self.local or user in self._remote
+
+    def memory_tables(self) -> dict[str, int]:
+        """The size of each table, for the memory metrics."""
+        return {"presence_local_users": len(self.local), "presence_remote_users": len(self._remote),
+                "presence_nodes": len(self._node_heard)}
 
     @property
     def users(self) -> int:
