@@ -179,6 +179,29 @@ def route_template(rule: str) -> str:
     return _RULE_ARGUMENT.sub(name, rule)
 
 
+# Compiling a map's rules costs milliseconds each (werkzeug writes and
+# compiles a builder function per rule); the routes are declared on the API
+# classes, so one map serves every router over the same classes.
+_MAPS: dict[tuple[Any, ...], Map] = {}
+
+
+def _route_map(apps: tuple[Any, ...]) -> Map:
+    """One map of the routes of ``apps`` (Klein apps, bound or not); each
+    rule's endpoint is (the app's index, its endpoint there, its template)."""
+    # A bound Klein shares its class's url_map: the maps identify the routes.
+    key = tuple(app.url_map for app in apps)
+    found = _MAPS.get(key)
+    if found is None:
+        rules = []
+        for index, app in enumerate(apps):
+            for rule in app.url_map.iter_rules():
+                copy = rule.empty()
+                copy.endpoint = (index, rule.endpoint, route_template(rule.rule))
+                rules.append(copy)
+        found = _MAPS[key] = Map(rules)
+    return found
+
+
 class ApiRouter(resource.Resource):
     """
     Routes each request to the API (a Klein app bound to its instance)
@@ -203,13 +226,7 @@ class ApiRouter(resource.Resource):
         # One map of every API's routes, so that a request is matched once;
         # each rule's endpoint names its app and its route there.
         self._apps = [api.app for api in self.apis]
-        rules = []
-        for index, app in enumerate(self._apps):
-            for rule in app.url_map.iter_rules():
-                copy = rule.empty()
-                copy.endpoint = (index, rule.endpoint, route_template(rule.rule))
-                rules.append(copy)
-        self._adapter = Map(rules).bind("cyphr", "/")
+        self._adapter = _route_map(tuple(self._apps)).bind("cyphr", "/")
 
     def render(self, request: Any) -> Any:
         path = _request_path(request)
