@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +26,9 @@ def make_config(testcase: Any, **overrides: Any) -> Config:
     values: dict[str, Any] = {
         "listen": ("tcp:0:interface=127.0.0.1",),
         "data_dir": testcase.mktemp(),
+        # A test's server needs few PostgreSQL connections; each costs a
+        # connect and a close.
+        "db_pool_size": 3,
     }
     values.update(overrides)
     config = Config(**values)
@@ -50,7 +54,7 @@ class PostgresMixin:
         return postgres.database_url()
 
     def migrated_database_setting(self) -> str:
-        return postgres.migrated_database_url()
+        return postgres.migrated_database_url(self)
 
 
 def run_inline(testcase: Any) -> None:
@@ -248,6 +252,25 @@ class Response:
         return json.loads(self.body)
 
 
+def wait_for_sockets(server: Server, user: str, sockets: int, timeout: float = 60) -> None:
+    """From a thread off the reactor (where subprocess clients are driven),
+    block until ``user`` has at least ``sockets`` welcomed sockets on
+    ``server``: the barrier that a client is listening, instead of a sleep
+    guessed long enough for it to start and connect."""
+    import time
+
+    from twisted.internet.threads import blockingCallFromThread
+
+    def count() -> int:
+        return len(server.realtime.presence.sockets(user))
+
+    deadline = time.monotonic() + timeout
+    while blockingCallFromThread(reactor, count) < sockets:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{user} did not get {sockets} sockets in {timeout} s")
+        time.sleep(0.02)
+
+
 def fixed_clock() -> Any:
     """A task.Clock set to a plausible present (2026-09-21T14:13:20Z), for servers whose time tests move."""
     from twisted.internet.task import Clock
@@ -261,3 +284,9 @@ def with_config(config: Config, **changes: Any) -> Config:
     config = replace(config, **changes)
     validate(config)
     return config
+
+
+# A client process as the tests run one: cyphr-client's entry point with
+# the tests' cheap vault key derivation (tests/client_process.py). Run it
+# from the repository's root (cwd) or with it on PYTHONPATH.
+CLIENT = (sys.executable, "-m", "tests.client_process")

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
@@ -59,6 +60,10 @@ class Cluster:
             os.chown(self.directory, entry.pw_uid, entry.pw_gid)
         self._names = itertools.count(1)
         self._migrated: str | None = None
+        # Copies of the migrated template that a finished test gave back,
+        # emptied again (see give_back).
+        self._idle: list[str] = []
+        self._template_state: tuple[Any, ...] | None = None
         self._run("initdb", "-D", self.datadir, "-U", "postgres", "-A", "trust",
                   "--no-sync", "-E", "UTF8", "--locale=C")
 
@@ -131,6 +136,96 @@ class Cluster:
         return self._migrated
 
 
+    # -- copies reused between tests -------------------------------------
+    #
+    # CREATE DATABASE costs about 0.17 s (it checkpoints); emptying a copy a
+    # test is done with costs about 5 ms. A copy is reused only if its schema
+    # is still the template's and nobody is still connected to it; else it
+    # is left alone and the next test gets a new copy.
+
+    _STATE = """SELECT
+        (SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace),
+        (SELECT count(*) FROM pg_attribute a JOIN pg_class c ON a.attrelid = c.oid
+          WHERE c.relnamespace = 'public'::regnamespace),
+        (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace),
+        (SELECT count(*) FROM pg_trigger t JOIN pg_class c ON t.tgrelid = c.oid
+          WHERE c.relnamespace = 'public'::regnamespace),
+        (SELECT count(*) FROM pg_namespace)"""
+
+    def _read_state(self, cursor: Any) -> tuple[Any, ...]:
+        """The schema's shape, the tables, and the rows the migrations left
+        (the template's are all it should have after emptying)."""
+        cursor.execute(self._STATE)
+        shape = cursor.fetchone()
+        cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+        tables = tuple(row[0] for row in cursor.fetchall())
+        cursor.execute("SELECT sequence_name FROM information_schema.sequences"
+                       " WHERE sequence_schema = 'public'")
+        sequences = tuple(row[0] for row in cursor.fetchall())
+        rows = {}
+        for table in tables:
+            cursor.execute(f'SELECT * FROM "{table}"')
+            found = cursor.fetchall()
+            if found:
+                rows[table] = found
+        return shape, tables, sequences, rows
+
+    def take_migrated(self) -> str:
+        """A migrated database no running test uses: one given back, or a new
+        copy of the template."""
+        template = self.migrated_template()
+        if self._template_state is None:
+            import psycopg2
+
+            conn = psycopg2.connect(self.url(template))
+            try:
+                with conn.cursor() as cursor:
+                    self._template_state = self._read_state(cursor)
+            finally:
+                conn.close()
+        if self._idle:
+            return self._idle.pop()
+        return self.create_database(template)
+
+    def give_back(self, url: str) -> None:
+        """After a test (its servers stopped): empty the database to the
+        template's rows and keep it for the next test, unless it changed
+        shape or someone is still connected."""
+        import psycopg2
+
+        assert self._template_state is not None
+        shape, tables, sequences, rows = self._template_state
+        try:
+            conn = psycopg2.connect(url)
+        except psycopg2.Error:
+            return
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '1s'")
+                cursor.execute("SELECT count(*) FROM pg_stat_activity"
+                               " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                if cursor.fetchone()[0]:
+                    return
+                cursor.execute(self._STATE)
+                if cursor.fetchone() != shape:
+                    return
+                conn.autocommit = False
+                # One round trip for the lot.
+                cursor.execute("; ".join([*(f'DELETE FROM "{table}"' for table in tables),
+                                          *(f'ALTER SEQUENCE "{sequence}" RESTART'
+                                            for sequence in sequences)]))
+                for table, values in rows.items():
+                    marks = ", ".join(["%s"] * len(values[0]))
+                    cursor.executemany(f'INSERT INTO "{table}" VALUES ({marks})', values)
+                conn.commit()
+        except psycopg2.Error:
+            return
+        finally:
+            conn.close()
+        self._idle.append(url)
+
+
 _shared: Cluster | None = None
 
 
@@ -166,8 +261,15 @@ def database_url() -> str:
     return shared_cluster().create_database()
 
 
-def migrated_database_url() -> str:
+def migrated_database_url(testcase: Any = None) -> str:
     """A fresh database in the shared cluster, already at the code's schema
-    version (for tests of what a started server does, not of migrating)."""
+    version (for tests of what a started server does, not of migrating).
+    With ``testcase``, the database is emptied when the test ends (after
+    the cleanups registered later, such as stopping its servers) and reused
+    by a later test: cheaper than a new copy."""
     cluster = shared_cluster()
-    return cluster.create_database(cluster.migrated_template())
+    if testcase is None:
+        return cluster.create_database(cluster.migrated_template())
+    url = cluster.take_migrated()
+    testcase.addCleanup(cluster.give_back, url)
+    return url

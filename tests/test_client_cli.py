@@ -27,7 +27,7 @@ from cyphr.client import cli
 from cyphr.client.client import Client, Contact, IdentityChanged, Message
 from cyphr.client.http import INSECURE_TLS_VARIABLE, ClientError, Http, check_server
 from cyphr.client.profile import Profile, ProfileError, _derive, check_passphrase
-from tests.helpers import SQLiteMixin, start_server
+from tests.helpers import CLIENT, SQLiteMixin, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = "correct horse battery staple 4711"
@@ -636,7 +636,7 @@ class RealServerTests(SQLiteMixin, TestCase):
     def command(self, profile: str, *args: str) -> list[str]:
         passphrase = Path(f"{os.path.abspath(profile)}.passphrase")
         passphrase.write_text(f"passphrase for {passphrase}")
-        return [sys.executable, "-m", "cyphr.client.cli", "--server", self.url, "--profile",
+        return [*CLIENT, "--server", self.url, "--profile",
                 os.path.abspath(profile), "--passphrase-file", str(passphrase), *args]
 
     async def cli(self, profile: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -33,7 +33,7 @@ from twisted.trial.unittest import TestCase
 from cyphr.client import ApiError, Client, ClientError, IdentityChanged, Message
 from cyphr.client.crypto import Identity, b64, new_phrase
 from cyphr.logs import event_as_json
-from tests.helpers import PostgresMixin, SQLiteMixin, start_server
+from tests.helpers import CLIENT, PostgresMixin, SQLiteMixin, start_server
 from tests.realtime import sessions_closed, sleep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -577,7 +577,7 @@ class CommandLineTests(SQLiteMixin, TestCase):
         environment = dict(os.environ, CYPHR_SERVER=self.url, CYPHR_PROFILE=profile,
                            PYTHONPATH=str(ROOT))
         environment.update(env or {})
-        return subprocess.run([sys.executable, "-m", "cyphr.client.cli", "--passphrase-file",
+        return subprocess.run([*CLIENT, "--passphrase-file",
                                str(passphrase_file), *args], env=environment,
                               capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
                               stdin=subprocess.DEVNULL)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
 from cyphr.client.client import Client
-from tests.helpers import SQLiteMixin, start_server
+from tests.helpers import CLIENT, SQLiteMixin, start_server, wait_for_sockets
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = "correct horse battery staple 4711"
@@ -44,7 +43,7 @@ class ListenTests(SQLiteMixin, TestCase):
     def command(self, *args: str, server: str | None = None) -> list[str]:
         passphrase = Path(f"{self.alice}.passphrase")
         passphrase.write_text(f"passphrase for {self.alice}")
-        return [sys.executable, "-m", "cyphr.client.cli", "--server", server or self.url,
+        return [*CLIENT, "--server", server or self.url,
                 "--profile", self.alice, "--passphrase-file", str(passphrase), *args]
 
     def ok(self, *args: str) -> str:
@@ -61,6 +60,12 @@ class ListenTests(SQLiteMixin, TestCase):
         self.addCleanup(lambda: process.poll() is None and process.kill())
         return process
 
+    def wait_online(self, sockets: int = 1) -> None:
+        """Block (off the reactor) until alice has ``sockets`` welcomed
+        sockets on the server: the listen is then connected, in place of
+        a guessed sleep."""
+        wait_for_sockets(self.server, "alice", sockets)
+
     def assertNoErrorLogged(self, stderr: str) -> None:
         for sign in ("Traceback", "cannot join", "Exception", "handler error"):
             self.assertNotIn(sign, stderr)
@@ -73,8 +78,7 @@ class ListenTests(SQLiteMixin, TestCase):
         def scenario() -> tuple[int, str]:
             assert listen.stderr is not None
             # Ready once the prekey check is done and it is connected.
-            import time
-            time.sleep(4)
+            self.wait_online()
             self.ok("logout")
             out, err = listen.communicate(timeout=30)
             return listen.returncode, err
@@ -112,15 +116,7 @@ class ListenTests(SQLiteMixin, TestCase):
 
         reader = threading.Thread(target=read_stderr, daemon=True)
 
-        def wait_connected() -> None:
-            import time
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and not any(
-                    not c.transport.disconnected for c in factory.connections):
-                time.sleep(0.1)
-            time.sleep(1.5)  # the realtime connection is the last one made
-
-        await deferToThread(wait_connected)
+        await deferToThread(self.wait_online)
         reader.start()
         for connection in list(factory.connections):
             connection.transport.abortConnection()

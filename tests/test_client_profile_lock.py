@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cyphr.client.client import Client
 from cyphr.client.profile import Profile
-from tests.helpers import SQLiteMixin, start_server
+from tests.helpers import CLIENT, SQLiteMixin, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = "correct horse battery staple 4711"
@@ -85,7 +84,7 @@ class ProcessesTests(SQLiteMixin, TestCase):
     def command(self, profile: str, *args: str) -> list[str]:
         passphrase = Path(f"{profile}.passphrase")
         passphrase.write_text(f"passphrase for {profile}")
-        return [sys.executable, "-m", "cyphr.client.cli", "--server", self.url, "--profile",
+        return [*CLIENT, "--server", self.url, "--profile",
                 profile, "--passphrase-file", str(passphrase), *args]
 
     def run_cli(self, profile: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -26,7 +26,7 @@ import cyphr
 from cyphr.config import ConfigError, load_config, named_by_source
 from cyphr.datadir import LOCK_FILE, DataDirInUse, open_data_dir
 from cyphr.db import open_database
-from cyphr.realtime.bus import AWAY_REPORT_EVERY, PostgresBus
+from cyphr.realtime.bus import PostgresBus
 from cyphr.server import build_server
 from cyphr.tap import Options
 from tests.helpers import SQLiteMixin, make_config

@@ -216,7 +216,7 @@ class Profile:
         os.chmod(directory, 0o700)
         salt = os.urandom(pwhash.argon2id.SALTBYTES)
         profile = cls(directory, dict(settings, format=FORMAT), vault,
-                      _derive(passphrase, salt, OPSLIMIT, MEMLIMIT), salt)
+                      _derive(passphrase, salt, OPSLIMIT, MEMLIMIT), salt, OPSLIMIT, MEMLIMIT)
         with profile.lock:
             # Checked again under the lock: two processes creating one
             # profile at once, and only one of them wins.
