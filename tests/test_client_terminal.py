@@ -19,11 +19,11 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cyphr.client import cli
+from cyphr.client import cli, render
 from cyphr.client.client import Message
 from cyphr.client.http import ApiError
 from cyphr.client.terminal import json_line, safe
-from tests.helpers import SQLiteMixin, start_server
+from tests.helpers import CLIENT, SQLiteMixin, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,8 +147,8 @@ class CommandOutputTests(RawCharacters, SynchronousTestCase):
         # under it, and only a message's first line starts with its time.
         lines = out.splitlines()
         self.assertEqual([line.startswith("[") for line in lines], [True, False, True, False, False])
-        self.assertTrue(all(line.startswith(cli.MESSAGE_INDENT) for line in lines[1::2] + lines[4:]))
-        self.assertTrue(lines[3].startswith(cli.MESSAGE_INDENT + "second␛"), lines)
+        self.assertTrue(all(line.startswith(render.MESSAGE_INDENT) for line in lines[1::2] + lines[4:]))
+        self.assertTrue(lines[3].startswith(render.MESSAGE_INDENT + "second␛"), lines)
         status, out, err = self.run_main("--json", "history", "00000000-0000-4000-8000-000000000001")
         self.assertNothingRaw(out)
         self.assertEqual(json.loads(out)["messages"][0]["text"], EVERY)
@@ -188,7 +188,7 @@ class RealServerTests(RawCharacters, SQLiteMixin, TestCase):
         passphrase = Path(f"{profile}.passphrase")
         passphrase.write_text(f"passphrase for {profile}")
         return await deferToThread(
-            subprocess.run, [sys.executable, "-m", "cyphr.client.cli", "--server", self.url,
+            subprocess.run, [*CLIENT, "--server", self.url,
                              "--profile", profile, "--passphrase-file", str(passphrase), *args],
             capture_output=True, text=True, timeout=60, cwd=str(ROOT), input=stdin or "",
             env=dict(os.environ, PYTHONPATH=str(ROOT)))

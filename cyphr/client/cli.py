@@ -19,7 +19,6 @@ import os
 import queue
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,6 +33,10 @@ from cyphr.client.http import (
     check_server,
 )
 from cyphr.client.profile import Profile, ProfileError, check_passphrase
+from cyphr.client.render import line
+from cyphr.client.render import person as _person
+from cyphr.client.render import time_text as _time
+from cyphr.client.render import visible as _visible
 from cyphr.client.terminal import json_line, safe, safe_lines
 
 DEFAULT_SERVER = "http://localhost:3001"
@@ -46,7 +49,6 @@ IGNORED_VARIABLES = {
     "CYPHR_STELLAR_SECRET": "wallet link --secret-file or --secret-fd",
 }
 SAFETY_NUMBER_DIGITS = 60
-MESSAGE_INDENT = "    "
 # A secret read from a file descriptor is one line; more than this is not one.
 _MAX_SECRET_BYTES = 64 * 1024
 
@@ -158,6 +160,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--before", type=int, help="the page before this seq")
     command("chats", "list chats")
+    p = command("chat", "a full-screen chat: the chats with unread counts, live messages, "
+                        "receipts, typing and presence; Enter sends, Tab moves, Esc quits")
+    p.add_argument("chat", nargs="?", help="open this chat first: a Cyphr ID, a group's name "
+                                           "or a chat id")
     p = command("contacts", "list the people you know (pinned, or in a direct chat), with "
                             "their display names")
     p.add_argument("search", nargs="?", help="only those whose Cyphr ID or display name holds "
@@ -339,48 +345,8 @@ def safety_number(value: str) -> str:
     return " ".join(digits[i:i + 5] for i in range(0, SAFETY_NUMBER_DIGITS, 5))
 
 
-def _time(timestamp: str) -> str:
-    try:
-        moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except (ValueError, AttributeError):
-        return safe(timestamp)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
 def message_json(message: Message) -> dict[str, Any]:
     return message.as_json()
-
-
-def _person(cyphr_id: str, display_name: Callable[[str], str | None] | None) -> str:
-    """A person as shown: the Cyphr ID (unique, and checked against the
-    pinned key) and, after it, the display name they chose, if any."""
-    name = display_name(cyphr_id) if display_name is not None else None
-    return f"{safe(cyphr_id)} ({safe(name)})" if name and name != cyphr_id else safe(cyphr_id)
-
-
-def line(message: Message, me: str | None = None,
-         chat_names: dict[str, str | None] | None = None,
-         display_name: Callable[[str], str | None] | None = None) -> str:
-    """A message as a person reads it: ``✓`` when its signature checked
-    against the sender's pinned key, and ``(unverified contact)`` when that
-    key was pinned on first use rather than compared (``verify``); one's
-    own messages (``me``) need no such marker."""
-    where = ""
-    if chat_names is not None and chat_names.get(message.chat_id):
-        where = f"#{safe(chat_names[message.chat_id])} "
-    sender = _person(message.sender, display_name)
-    if message.text is None:
-        return f"[{_time(message.timestamp)}] {where}{sender} ✗ ({safe(message.error)})"
-    mark = "✓" if message.verified else "?"
-    if message.sender != me and not message.contact_verified:
-        mark += " (unverified contact)"
-    if not message.verified and message.error:
-        # Opened but not proven (a v1 message): say why.
-        mark += f" ({safe(message.error)})"
-    # Every line of the text under its sender, indented: a line of the
-    # text can never pass for a message of its own.
-    return f"[{_time(message.timestamp)}] {where}{sender} {mark}: " \
-           f"{safe(message.text, indent=MESSAGE_INDENT)}"
 
 
 def api_error_text(error: ApiError, command: str | None = None) -> str:
@@ -412,11 +378,6 @@ def _ask_totp() -> str | None:
     if not sys.stdin.isatty():
         return None
     return _ask("Two-factor code: ") or None
-
-
-def _visible(message: Message) -> bool:
-    # System messages carry keys between clients; a person need not see them.
-    return message.message_type != "system" or message.text is None
 
 
 # -- commands -----------------------------------------------------------------
@@ -691,6 +652,32 @@ def cmd_chats(args: argparse.Namespace, out: Output) -> None:
     out.result({"chats": chats}, text)
 
 
+def cmd_chat(args: argparse.Namespace, out: Output) -> int:
+    if out.as_json:
+        raise UsageError("chat is for a person at a terminal; scripts use listen and send "
+                         "(with --json)")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("chat needs a terminal (scripts use listen and send)")
+    client = _open(args)
+    try:
+        target = _target(client, args.chat) if args.chat else None
+        from cyphr.client.chat import run_chat  # prompt_toolkit only for this command
+
+        return run_chat(client, target, lambda e: _error_text(e, "chat"))
+    finally:
+        client.close()
+
+
+def _error_text(error: BaseException, command: str | None = None) -> str:
+    """An error in one line, as ``main`` says it."""
+    if isinstance(error, ApiError):
+        return api_error_text(error, command)
+    if isinstance(error, (ClientError, ProfileError, CryptoError, UsageError)):
+        return safe(error)
+    return (f"unexpected error ({type(error).__name__}): {safe(error)}; this is a bug of "
+            f"cyphr-client, please report it")
+
+
 def cmd_contacts(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
     wanted = (args.search or "").casefold()
@@ -761,7 +748,8 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
               f'"<the {SAFETY_NUMBER_DIGITS} digits you compared>"')
     try:
         contact = client.contact(args.cyphr_id)
-    except IdentityChanged as changed:
+    except IdentityChanged as error:
+        changed = error  # a name the lambda below may use after this block
         # Shown, not hidden: comparing this number is how the user finds
         # out whether the change is real.
         out.result({"cyphrId": args.cyphr_id, "safetyNumber": changed.safety_number,
@@ -889,7 +877,7 @@ def cmd_delete_account(args: argparse.Namespace, out: Output) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int | None]] = {
     "init": cmd_init, "register": cmd_register, "login": cmd_login, "logout": cmd_logout,
     "recover": cmd_recover, "whoami": cmd_whoami, "send": cmd_send, "listen": cmd_listen,
-    "history": cmd_history, "chats": cmd_chats, "contacts": cmd_contacts, "group": cmd_group,
+    "history": cmd_history, "chats": cmd_chats, "chat": cmd_chat, "contacts": cmd_contacts, "group": cmd_group,
     "keys": cmd_keys,
     "verify": cmd_verify, "totp": cmd_totp, "wallet": cmd_wallet,
     "delete-account": cmd_delete_account,

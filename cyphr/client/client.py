@@ -389,7 +389,12 @@ class Client:
 
     def user(self, cyphr_id: str) -> dict[str, Any]:
         """A user's public profile (``displayName`` among it)."""
-        return self._call("GET", f"/api/cyphr-id/user/{segment(cyphr_id)}")["user"]
+        user = self._call("GET", f"/api/cyphr-id/user/{segment(cyphr_id)}")["user"]
+        # Lookups are rate limited: one made for another reason (presence)
+        # also answers display_name.
+        name = user.get("displayName") if isinstance(user, dict) else None
+        self._display_names[cyphr_id] = name if isinstance(name, str) and name else None
+        return user
 
     def display_name(self, cyphr_id: str) -> str | None:
         """A user's display name as the server shows it (None when it has

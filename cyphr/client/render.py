@@ -1,0 +1,65 @@
+"""
+Messages and people as a person reads them, made safe for a terminal:
+one rendering for every command that shows them (``listen``, ``history``,
+``chats``, the full-screen ``chat``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Callable
+
+from cyphr.client.client import Message
+from cyphr.client.terminal import safe
+
+MESSAGE_INDENT = "    "
+
+
+def time_text(timestamp: str, short: bool = False) -> str:
+    """A server timestamp in local time (``short``: the time of day alone
+    when it is today)."""
+    try:
+        moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).astimezone()
+    except (ValueError, AttributeError):
+        return safe(timestamp)
+    today = short and moment.date() == datetime.now().astimezone().date()
+    return moment.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M:%S")
+
+
+def person(cyphr_id: str, display_name: Callable[[str], str | None] | None) -> str:
+    """A person as shown: the Cyphr ID (unique, and checked against the
+    pinned key) and, after it, the display name they chose, if any."""
+    name = display_name(cyphr_id) if display_name is not None else None
+    return f"{safe(cyphr_id)} ({safe(name)})" if name and name != cyphr_id else safe(cyphr_id)
+
+
+def line(message: Message, me: str | None = None,
+         chat_names: dict[str, str | None] | None = None,
+         display_name: Callable[[str], str | None] | None = None,
+         short_time: bool = False) -> str:
+    """A message as a person reads it: ``✓`` when its signature checked
+    against the sender's pinned key, and ``(unverified contact)`` when that
+    key was pinned on first use rather than compared (``verify``); one's
+    own messages (``me``) need no such marker."""
+    where = ""
+    if chat_names is not None and chat_names.get(message.chat_id):
+        where = f"#{safe(chat_names[message.chat_id])} "
+    sender = person(message.sender, display_name)
+    when = time_text(message.timestamp, short_time)
+    if message.text is None:
+        return f"[{when}] {where}{sender} ✗ ({safe(message.error)})"
+    mark = "✓" if message.verified else "?"
+    if message.sender != me and not message.contact_verified:
+        mark += " (unverified contact)"
+    if not message.verified and message.error:
+        # Opened but not proven (a v1 message): say why.
+        mark += f" ({safe(message.error)})"
+    # Every line of the text under its sender, indented: a line of the
+    # text can never pass for a message of its own.
+    return f"[{when}] {where}{sender} {mark}: {safe(message.text, indent=MESSAGE_INDENT)}"
+
+
+def visible(message: Message) -> bool:
+    """Whether a person sees ``message``: system messages carry keys
+    between clients, and only one that failed to open is shown."""
+    return message.message_type != "system" or message.text is None
