@@ -44,6 +44,7 @@ import signal
 import sys
 import time
 import tracemalloc
+from collections import Counter
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -150,12 +151,14 @@ class Counts:
     def __init__(self) -> None:
         self.sent = self.acked = self.failed = self.delivered = self.duplicated = 0
         self.seen: set[str] = set()
+        self.refusals: Counter[str] = Counter()  # failed acks by error code
 
     def on_ack(self, client: Client, ack_id: int, args: list[Any]) -> None:
         if args and isinstance(args[0], dict) and args[0].get("success"):
             self.acked += 1
         else:
             self.failed += 1
+            self.refusals[str(args[0].get("code") if args and isinstance(args[0], dict) else args)] += 1
 
     def on_event(self, client: Client, name: str, data: Any) -> None:
         if name != "new_message":
@@ -252,6 +255,8 @@ async def main(args: argparse.Namespace) -> None:
             print(f"{number:>5} {minutes:>6.2f} {counts.sent:>7} {counts.acked:>7} "
                   f"{counts.delivered:>7} {lost:>5} {counts.duplicated:>4} {rss:>9} {fds:>5}  "
                   f"{changed if number else 'warm-up'}", flush=True)
+            if counts.refusals:
+                print(f"      refused: {dict(counts.refusals)}", flush=True)
             number += 1
 
         per_round, r2 = slope(xs_round, ys)

@@ -37,6 +37,7 @@ from cyphr.changes import ChangeFeed, IdentityDeleted, MemberLeft
 from cyphr.clock import now_ms
 from cyphr.config import Config
 from cyphr.connections import ConnectionLimits
+from cyphr import heap
 from cyphr.cpu import CpuPool
 from cyphr.datadir import DataDirectory, ServerSecrets, load_secrets, open_data_dir
 from cyphr.db import Database, Transaction, open_database
@@ -490,12 +491,15 @@ def build_server(
     purge.clock = clock
     purge.setServiceParent(service)
 
-    def forget_idle() -> None:
+    def forget_idle() -> Deferred[None]:
         # The caches and rate limits trim their idle entries as they are
         # used; this is for one no longer used (the load has stopped), so
         # that it empties within a minute or two all the same.
         for table in (tokens, messaging, calls, engine, *limits.all()):
             table.expire()
+        # And what the process freed (a burst's buffers) goes back to the
+        # system, so that RSS follows what is in use (cyphr.heap).
+        return cpu.run(heap.trim)
 
     sweep = TimerService(CACHE_SWEEP_INTERVAL, forget_idle)
     sweep.clock = clock

@@ -19,6 +19,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from cyphr import heap
 from cyphr.changes import ChangeFeed
 from cyphr.config import load_config
 from cyphr.connections import ConnectionLimits
@@ -329,3 +330,38 @@ class ChurnTests(SQLiteMixin, TestCase):
                     "the socket to be gone")
         await sessions_closed(self.server)
         await self.server.realtime.tasks_done()  # its last_seen written
+
+
+class HeapTests(SQLiteMixin, TestCase):
+    def test_trim_returns_freed_memory(self) -> None:
+        """After a burst of buffers is freed (with survivors in between, so
+        that no heap can shrink from its top), heap.trim gives the pages
+        back: RSS falls by most of the burst."""
+        self.assertTrue(heap.can_trim(), "glibc's malloc_trim is expected on Linux")
+        burst = [bytes(600 + (n * 7919) % 100_000) for n in range(2000)]  # about 100 MB
+        survivors = [bytes(1000) for _ in range(200)]
+        del burst
+        freed = rss_kib()
+        heap.trim()
+        self.assertLess(rss_kib(), freed - 40_000)
+        self.assertEqual(len(survivors), 200)
+
+    async def test_server_trims_every_sweep(self) -> None:
+        """The server's sweep gives freed memory back once a minute."""
+        trims: list[None] = []
+        self.patch(heap, "trim", lambda: trims.append(None))
+        clock = fixed_clock()
+        await start_server(self, serve=True, clock=clock, inline=True)
+        before = len(trims)
+        clock.advance(CACHE_SWEEP_INTERVAL)
+        self.assertEqual(len(trims), before + 1)
+        clock.advance(CACHE_SWEEP_INTERVAL)
+        self.assertEqual(len(trims), before + 2)
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
