@@ -314,6 +314,53 @@ def sep53_digest(message: bytes) -> bytes:
     return hashlib.sha256(SEP53_PREFIX + message).digest()
 
 
+def verify_sep53(account_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is the SEP-53 signature of ``message`` by the
+    Ed25519 key of a Stellar account (``stellar_account_key``)."""
+    if len(account_key) != 32 or len(signature) != ED25519_SIGNATURE_BYTES:
+        return False
+    try:
+        VerifyKey(account_key).verify(sep53_digest(message), signature)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
+# A Stellar account ID (StrKey, SEP-23): base32 of a version byte (6 << 3,
+# "G..."), the 32-byte Ed25519 public key, and the CRC16-XModem of those 33
+# bytes, little-endian: 35 bytes, 56 characters, no padding.
+_STRKEY_ACCOUNT_VERSION = 6 << 3
+STELLAR_ACCOUNT_LENGTH = 56
+
+
+def _crc16_xmodem(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = (crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1
+        crc &= 0xFFFF
+    return crc
+
+
+def stellar_account_key(address: object) -> bytes | None:
+    """The Ed25519 public key of a Stellar account ID (``G...``), or None
+    when ``address`` is not one: another kind of StrKey (a secret seed, a
+    muxed account), lower case, a bad checksum, anything else."""
+    if not isinstance(address, str) or len(address) != STELLAR_ACCOUNT_LENGTH \
+            or not address.isascii():
+        return None
+    try:
+        raw = base64.b32decode(address)  # upper case only, no padding needed
+    except ValueError:  # binascii.Error
+        return None
+    body, checksum = raw[:33], raw[33:]
+    if body[0] != _STRKEY_ACCOUNT_VERSION \
+            or checksum != _crc16_xmodem(body).to_bytes(2, "little"):
+        return None
+    return body[1:]
+
+
 
 # -- messages -----------------------------------------------------------------
 

@@ -265,3 +265,51 @@ class PropertyTests(unittest.TestCase):
         self.assertFalse(data.startswith(signing.SEP53_PREFIX))
         self.assertFalse(data.startswith(b"cyphr-kyber-key:"))
         self.assertFalse(data.startswith(b"cyphr-message-signature-v1"))
+
+
+class StellarAccountTests(unittest.TestCase):
+    """cyphr.signing reads Stellar account IDs and checks SEP-53 signatures
+    itself (the server does not import stellar-sdk); stellar-sdk, what
+    wallets use, is the reference here."""
+
+    def test_account_ids_agree_with_stellar_sdk(self) -> None:
+        """Every account ID stellar-sdk makes gives its public key back; a
+        secret seed, a muxed account, lower case, one character changed, a
+        bad checksum and non-strings are refused, as stellar-sdk refuses
+        them."""
+        from stellar_sdk import MuxedAccount, StrKey
+
+        for _ in range(50):
+            keypair = Keypair.random()
+            address = keypair.public_key
+            self.assertEqual(signing.stellar_account_key(address), keypair.raw_public_key())
+            wrong = [keypair.secret, address.lower(), address[:-1], address + "A",
+                     MuxedAccount(address, 7).account_muxed]
+            for index in (0, 1, 30, 54, 55):
+                for other in ("A", "B", "Z", "7"):
+                    if address[index] != other:
+                        wrong.append(address[:index] + other + address[index + 1:])
+            for candidate in wrong:
+                self.assertEqual(signing.stellar_account_key(candidate) is not None,
+                                 StrKey.is_valid_ed25519_public_key(candidate), candidate)
+                if len(candidate) == signing.STELLAR_ACCOUNT_LENGTH and candidate != address:
+                    self.assertIsNone(signing.stellar_account_key(candidate), candidate)
+        for nonsense in (None, 7, b"G" * 56, "G" * 56, "é" * 56, "=" * 56, ""):
+            self.assertIsNone(signing.stellar_account_key(nonsense), repr(nonsense))
+
+    def test_sep53_signatures_agree_with_stellar_sdk(self) -> None:
+        """A message signed with stellar-sdk's Keypair.sign_message (SEP-53)
+        verifies; another message, another key, a changed or truncated
+        signature, or a signature over the raw message do not."""
+        keypair, other = Keypair.random(), Keypair.random()
+        key = signing.stellar_account_key(keypair.public_key)
+        assert key is not None
+        message = "Link this Stellar account\nto a Cyphr ID: é".encode()
+        signature = keypair.sign_message(message)
+        self.assertTrue(signing.verify_sep53(key, message, signature))
+        self.assertFalse(signing.verify_sep53(key, message + b"!", signature))
+        self.assertFalse(signing.verify_sep53(key, message, other.sign_message(message)))
+        self.assertFalse(signing.verify_sep53(key, message, signature[:-1]))
+        self.assertFalse(signing.verify_sep53(key, message, bytes([signature[0] ^ 1]) + signature[1:]))
+        self.assertFalse(signing.verify_sep53(key, message, keypair.sign(message)))
+        self.assertFalse(signing.verify_sep53(key[:31], message, signature))

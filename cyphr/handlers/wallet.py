@@ -2,7 +2,7 @@
 secret key and never submits a transaction.
 
 A link is proven by a SEP-53 signed message (``Keypair.sign_message`` in
-stellar-sdk, what wallets sign) over ``signing.wallet_link_text``: the
+stellar-sdk, what wallets sign; checked by cyphr.signing.verify_sep53) over ``signing.wallet_link_text``: the
 server's origin, the Cyphr ID, the address and a fresh challenge. A SEP-53
 signature signs a hash of a prefixed message, so it can never be a
 transaction signature; and a signature over raw challenge bytes (or over a
@@ -11,9 +11,6 @@ transaction hash) does not verify as one."""
 from __future__ import annotations
 
 from typing import Any
-
-from stellar_sdk import Keypair, StrKey
-from stellar_sdk.exceptions import BadSignatureError
 
 from cyphr.clock import now_ms
 from cyphr.errors import (
@@ -29,12 +26,12 @@ from cyphr.errors import (
 from cyphr.handlers.auth import AuthUser
 from cyphr.handlers.identity import IdentityHandler
 from cyphr.handlers.origins import AcceptedOrigins
-from cyphr.signing import wallet_link_text
+from cyphr.signing import stellar_account_key, verify_sep53, wallet_link_text
 from cyphr.store.wallet import WalletStore
 
 
 def check_stellar_address(address: Any) -> str:
-    if not isinstance(address, str) or len(address) != 56 or not StrKey.is_valid_ed25519_public_key(address):
+    if stellar_account_key(address) is None:
         raise BadRequest("stellarAddress is not a valid Stellar account (G... StrKey)",
                          code=INVALID_STELLAR_ADDRESS, details={"field": "stellarAddress"})
     return address
@@ -60,11 +57,10 @@ class WalletHandler:
                 f"({self._origins.describe()})", code=STATEMENT_MISMATCH,
                 details={"field": "origin", "expected": self._origins.describe()})
         text = wallet_link_text(origin, user.cyphr_id, address, challenge_id, challenge)
-        try:
-            Keypair.from_public_key(address).verify_message(text, signature)
-        except BadSignatureError:
+        key = stellar_account_key(address)
+        if key is None or not verify_sep53(key, text.encode("utf-8"), signature):
             raise Unauthorized("The signature is not the Stellar account's SEP-53 signature of "
-                               "the wallet link text", code=INVALID_SIGNATURE) from None
+                               "the wallet link text", code=INVALID_SIGNATURE)
         await self._store.link(user.user_id, address, now_ms(self._clock))
 
     async def unlink(self, user: AuthUser) -> bool:
