@@ -24,8 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 import cyphr
 import cyphr.errors
 from cyphr.api.operations import asyncapi_document
-from cyphr.realtime import events
-from cyphr.realtime.events import SENT_EVENTS
+from cyphr.realtime import client_events, events
+from cyphr.realtime.client_events import SENT_EVENTS
 from tests.helpers import InProcessHTTP, SQLiteMixin, start_server
 from tests.test_realtime_events import RealtimeBase
 
@@ -35,7 +35,7 @@ SCHEMA = os.path.join(ROOT, "tests", "asyncapi", "asyncapi-3.0.0.schema.json")
 DOCUMENT_URI = "urn:cyphr:asyncapi"
 # Codes the Socket.IO layer answers with that no REST route does.
 REALTIME_ONLY_CODES = {"UNKNOWN_EVENT"}
-# Calls in cyphr/realtime/events.py that name an event among their arguments.
+# Calls in cyphr/realtime/events.py and client_events.py that name an event among their arguments.
 EMITTING_CALLS = {"emit", "emit_with_ack", "emit_here", "to_rooms", "to_users", "_relay",
                   "_announce", "_tell", "_frames", "encode_event_json"}
 
@@ -97,7 +97,7 @@ def event_mismatch(doc: dict[str, Any], handled: set[str], sent: set[str]) -> li
 
 def emitted_literals(source: str) -> list[tuple[int, str]]:
     """(line, text) of every string literal passed to a call that emits an
-    event, in ``source``: event names must come from events.Sent."""
+    event, in ``source``: event names must come from client_events.Sent."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call):
@@ -176,18 +176,18 @@ class AsyncAPIDocumentTests(SynchronousTestCase):
         self.assertEqual(self.doc["info"]["version"], cyphr.__version__)
 
     def test_sent_events_documented(self) -> None:
-        """The events the server sends (events.Sent) are exactly the send
+        """The events the server sends (client_events.Sent) are exactly the send
         operations of the document."""
         self.assertEqual(len(SENT_EVENTS), 12)
         self.assertEqual(documented(self.doc, "send"), set(SENT_EVENTS))
 
     def test_events_named_only_through_the_registry(self) -> None:
-        """cyphr/realtime/events.py passes no event name as a string literal
-        to a call that emits: each comes from events.Sent, which the document
+        """cyphr/realtime/events.py and client_events.py pass no event name as
+        a string literal to a call that emits: each comes from Sent, which the document
         is checked against. The scan finds such a literal where there is one."""
-        with open(events.__file__) as f:
-            source = f.read()
-        self.assertEqual(emitted_literals(source), [])
+        for module in (events, client_events):
+            with open(module.__file__) as f:
+                self.assertEqual(emitted_literals(f.read()), [], module.__name__)
         self.assertEqual(emitted_literals('socket.emit("surprise", {})\nx.to_users(u, "boo", {})'),
                          [(1, "surprise"), (2, "boo")])
 

@@ -252,7 +252,7 @@ class RulesMixin:
         once one leaves it, the next signal is refused at once (not after
         the 60 s the permission is otherwise believed)."""
         chat_id = await self.group(self.alice, self.bob)
-        calls = self.server.realtime._calls  # the handler build_server wired
+        calls = self.server.realtime.events._calls  # the handler build_server wired
         # Only the group is shared: the direct chat that made them contacts goes.
         await self.server.database.run_operation("DELETE FROM chats WHERE chat_type = 'direct'")
         await calls.check_peer(self.auth_user(self.alice), "bob")

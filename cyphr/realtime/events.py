@@ -2,11 +2,11 @@
 Cyphr's realtime events on the Socket.IO layer, as the AsyncAPI document
 describes them (cyphr/api/asyncapi.json, served at /api/asyncapi.json).
 
-Each event is one short method: parse, call the handler that holds the
-rule (the same one the REST route calls), fan the outcome out, answer the
-ack. What this module keeps for itself is what only a socket has: its
-session (the token it was accepted with, its expiry), its welcome (rooms,
-presence, the offline catch-up) and the pacing of what goes out to it.
+The events a signed-in client sends are in cyphr.realtime.client_events,
+each one short method that calls the handler holding its rule. This module
+keeps what only a socket has: its session (the token it was accepted with,
+its expiry), its welcome (rooms, presence, the offline catch-up) and the
+pacing of what goes out to it.
 
 Rooms: ``user:<cyphrId>`` holds a user's sockets, ``chat:<chatId>`` the
 sockets of a chat's members. Rooms follow the database: the handlers
@@ -28,25 +28,26 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cyphr.changes import ChangeFeed, MemberJoined, MemberLeft, MessageStored, SessionsEnded
+from cyphr.changes import (
+    ChangeFeed,
+    MemberJoined,
+    MemberLeft,
+    MessageStored,
+    SessionsEnded,
+)
 from cyphr.clock import iso, now_ms
 from cyphr.errors import (
-    INTERNAL_ERROR,
-    INVALID_BODY,
-    RATE_LIMITED,
-    TOKEN_EXPIRED,
     UNAUTHORIZED,
     ApiError,
-    BadRequest,
     Unauthorized,
 )
 from cyphr.handlers.auth import Authenticator, AuthUser
-from cyphr.handlers.calls import CALL_TYPES, CallsHandler
+from cyphr.handlers.calls import CallsHandler
 from cyphr.handlers.delivery import CATCH_UP_PAGE, DeliveryHandler
-from cyphr.handlers.messaging import MessagingHandler, parse_send
-from cyphr.handlers.receipts import Receipt, ReceiptsHandler
-from cyphr.handlers.validation import Fields, invalid
+from cyphr.handlers.messaging import MessagingHandler
+from cyphr.handlers.receipts import ReceiptsHandler
 from cyphr.realtime.bus import Bus
+from cyphr.realtime.client_events import ClientEvents, Sent, event_body, ok
 from cyphr.realtime.codec import EVENT, SocketPacket, encode_event_json, encode_packet
 from cyphr.realtime.envelopes import (
     USERS_PER_LIST,
@@ -61,12 +62,10 @@ from cyphr.realtime.feeds import ChatFeeds
 from cyphr.realtime.presence import Presence
 from cyphr.realtime.socketio import (
     ConnectRefused,
-    RateExceeded,
     Socket,
     SocketServer,
-    UnknownEvent,
 )
-from cyphr.wire import message_text, receipt_json, sent_json
+from cyphr.wire import message_text
 
 _log = Logger()
 
@@ -75,28 +74,6 @@ HEARTBEAT = 15.0             # seconds between a node's heartbeats on the bus
 NODE_SILENCE = 60.0          # a node silent this long has its presence forgotten
 
 Frames = list[str | bytes]
-
-
-class Sent:
-    """The name of every event the server sends. The code below emits these
-    and no other, and tests.test_asyncapi checks that the AsyncAPI document
-    (cyphr/api/asyncapi.json) describes exactly these (SENT_EVENTS)."""
-
-    AUTHENTICATED = "authenticated"
-    NEW_MESSAGE = "new_message"
-    SYNC_COMPLETE = "sync_complete"
-    MESSAGE_DELIVERED = "message_delivered"
-    MESSAGE_READ = "message_read"
-    USER_TYPING = "user_typing"
-    USER_ONLINE = "user_online"
-    USER_OFFLINE = "user_offline"
-    INCOMING_CALL = "incoming_call"
-    CALL_ANSWER = "call_answer"
-    CALL_ICE_CANDIDATE = "call_ice_candidate"
-    CALL_END = "call_end"
-
-
-SENT_EVENTS = frozenset(value for name, value in vars(Sent).items() if name.isupper())
 
 
 class Client:
@@ -115,22 +92,12 @@ class Client:
         self.seen: dict[str, int] | None = None
 
 
-def _ok(**fields: Any) -> dict[str, Any]:
-    return {"success": True, **fields}
-
-
 def _frames(event: str, data: Any) -> Frames:
     return encode_packet(SocketPacket(EVENT, "/", [event, data]))
 
 
 def _new_message_frames(text: str) -> Frames:
     return encode_event_json(Sent.NEW_MESSAGE, '{"message":' + text + "}")
-
-
-def _body(data: Any) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise BadRequest("The event's data must be a JSON object", code=INVALID_BODY)
-    return data
 
 
 class Realtime:
@@ -140,9 +107,6 @@ class Realtime:
                  clock: Any, reactor: Any, max_payload: int) -> None:
         self.sockets = sockets
         self._authenticator = authenticator
-        self._messaging = messaging
-        self._receipts = receipts
-        self._calls = calls
         self._delivery = delivery
         self.presence = presence
         self._bus = bus
@@ -150,7 +114,6 @@ class Realtime:
         # Business time (timeouts, lastSeen) comes from the clock; "soon"
         # (the next turn, a short wait) from the reactor.
         self._reactor = reactor
-        self._max_payload = max_payload
         # What _spawn began and has not finished (last_seen writes,
         # announcements, feed fills): the stop waits for them (tasks_done).
         self._tasks: set[Deferred[Any]] = set()
@@ -168,21 +131,13 @@ class Realtime:
         self._said_hello = False
 
         self.ns = sockets.namespace("/", connect=self._connect, connected=self._connected,
-                                    disconnected=self._disconnected, error_ack=self._error_ack)
+                                    disconnected=self._disconnected, error_ack=ClientEvents.error_ack)
         self.ns.on("authenticate", self._authenticate)
-        for event, handler in (
-            ("send_message", self._send_message),
-            ("message_delivered", self._message_delivered),
-            ("message_read", self._message_read),
-            ("typing", self._typing),
-            ("join_chat", self._join_chat),
-            ("call_offer", self._call_offer),
-            ("call_answer", self._call_answer),
-            ("call_ice_candidate", self._call_ice_candidate),
-            ("call_end", self._call_end),
-        ):
-            self.ns.on(event, self._signed_in(handler))
         self.fanout = FanOut(bus, self)
+        self.events = ClientEvents(messaging=messaging, receipts=receipts, calls=calls,
+                                   fanout=self.fanout, clock=clock, max_payload=max_payload,
+                                   join=self._join)
+        self.events.register(self.ns)
         changes.subscribe(MessageStored, self._message_stored)
         changes.subscribe(MemberJoined, lambda c: self.fanout.join(c.chat_id, c.cyphr_id, c.last_seq))
         changes.subscribe(MemberLeft, lambda c: self.fanout.leave(c.chat_id, c.cyphr_id))
@@ -323,23 +278,23 @@ class Realtime:
 
     async def _authenticate(self, socket: Socket, data: Any = None) -> dict[str, Any]:
         client: Client = socket.state
-        body = _body(data)
+        body = event_body(data)
         if client.user is not None:
-            return _ok(userId=client.user.cyphr_id, cyphrId=client.user.cyphr_id)
+            return ok(userId=client.user.cyphr_id, cyphrId=client.user.cyphr_id)
         token = body.get("token")
         if not isinstance(token, str) or not token:
             # The original {userId, publicKey} proves nothing.
             raise Unauthorized("Authenticate with a session token", code=UNAUTHORIZED)
         user = await self._check_token(token)
         if client.user is not None or not socket.connected:
-            return _ok(userId=user.cyphr_id, cyphrId=user.cyphr_id)
+            return ok(userId=user.cyphr_id, cyphrId=user.cyphr_id)
         self._register(socket, user)  # with no await since the check: see _check_token
         if client.auth_timer is not None and client.auth_timer.active():
             client.auth_timer.cancel()
         client.auth_timer = None
         # The ack first, then the welcome (rooms, catch-up).
         self._reactor.callLater(0, self._start_welcome, socket)
-        return _ok(userId=user.cyphr_id, cyphrId=user.cyphr_id)
+        return ok(userId=user.cyphr_id, cyphrId=user.cyphr_id)
 
     def _start_welcome(self, socket: Socket) -> None:
         ensureDeferred(self._welcome(socket)).addErrback(
@@ -454,126 +409,6 @@ class Realtime:
             self.emit_here(rooms, event, data, None)
         else:
             self.fanout.to_rooms(rooms, event, data)
-
-    # -- events: parse, handler, fan-out, ack ------------------------------------
-
-    def _signed_in(self, handler: Any) -> Any:
-        # One optional argument, as every signed-in event takes: the
-        # namespace reads this signature to refuse extra arguments (400).
-        async def guarded(socket: Socket, data: Any = None) -> Any:
-            client: Client = socket.state
-            user = client.user
-            if user is None:
-                raise Unauthorized("Authenticate first", code=UNAUTHORIZED)
-            if user.expires_at <= self._clock.seconds():
-                # Refused whether or not the expiry timer (which ends the
-                # socket) has run yet: a busy reactor may run it late.
-                raise Unauthorized("The session token has expired", code=TOKEN_EXPIRED)
-            return await handler(socket, user, _body(data))
-        return guarded
-
-    async def _send_message(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        message = await self._messaging.send(user, origin=socket, **parse_send(body, self._max_payload))
-        return sent_json(message)
-
-    async def _message_delivered(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        message_id, chat_id = _message_ref(body)
-        receipt = await self._receipts.delivered(user, message_id, chat_id)
-        self._tell(receipt, Sent.MESSAGE_DELIVERED)
-        return _ok(messageId=receipt.message_id, chatId=receipt.chat_id)
-
-    async def _message_read(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        if body.get("messageId") is not None:
-            message_id, chat_id = _message_ref(body)
-            receipt = await self._receipts.read(user, message_id, chat_id)
-            self._tell(receipt, Sent.MESSAGE_READ)
-            return _ok(messageId=receipt.message_id, chatId=receipt.chat_id)
-        fields = Fields(body, body.keys())
-        chat_id = fields.uuid("chatId")
-        up_to = fields.integer("upToSeq", minimum=0, maximum=2**62)
-        assert up_to is not None
-        receipt = await self._receipts.read_up_to(user, chat_id, up_to)
-        self._tell(receipt, Sent.MESSAGE_READ)
-        return _ok(chatId=receipt.chat_id, upToSeq=receipt.up_to_seq)
-
-    def _tell(self, receipt: Receipt, event: str) -> None:
-        if receipt.tell:
-            self.fanout.to_users(receipt.tell, event, receipt_json(receipt))
-
-    async def _typing(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        fields = Fields(body, body.keys())
-        chat_id = fields.uuid("chatId")
-        typing = body.get("isTyping", True)
-        if not isinstance(typing, bool):
-            raise invalid("isTyping", "isTyping must be true or false")
-        if "chat:" + chat_id not in socket.rooms:
-            # The room is the membership the handler last said; not in it,
-            # ask (a chat joined meanwhile: this socket then joins it too).
-            await self._enter(socket, user, chat_id)
-        self.fanout.to_rooms(["chat:" + chat_id], Sent.USER_TYPING, {
-            "chatId": chat_id, "userId": user.cyphr_id, "isTyping": typing}, skip_user=user.cyphr_id)
-        return _ok()
-
-    async def _join_chat(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        chat_id = Fields(body, body.keys()).uuid("chatId")
-        await self._enter(socket, user, chat_id)
-        return _ok(chatId=chat_id)
-
-    async def _enter(self, socket: Socket, user: AuthUser, chat_id: str) -> None:
-        """Join ``socket`` to the chat's room if its user is a member
-        (MessagingHandler.membership refuses otherwise, as for REST)."""
-        membership = await self._messaging.membership(user, chat_id)
-        if socket.connected:
-            self._join(socket, chat_id, membership.chat.last_seq)
-
-    async def _call_peer(self, user: AuthUser, body: dict[str, Any]) -> tuple[Fields, str, str]:
-        fields = Fields(body, body.keys())
-        call_id = fields.text("callId", max_length=128)
-        to = fields.cyphr_id("to")
-        assert call_id is not None and to is not None
-        await self._calls.check_peer(user, to)
-        return fields, call_id, to
-
-    def _relay(self, to: str, event: str, data: dict[str, Any]) -> dict[str, Any]:
-        if not self.fanout.to_users([to], event, data):
-            raise ApiError("The event is too large to relay", code="PAYLOAD_TOO_LARGE", status=413)
-        return _ok()
-
-    async def _call_offer(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        fields, call_id, to = await self._call_peer(user, body)
-        call_type = fields.text("callType", required=False, max_length=16) or "audio"
-        if call_type not in CALL_TYPES:
-            raise invalid("callType", "callType must be audio or video")
-        return self._relay(to, Sent.INCOMING_CALL, {
-            "callId": call_id, "from": user.cyphr_id, "offer": fields.value("offer"),
-            "callType": call_type})
-
-    async def _call_answer(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        fields, call_id, to = await self._call_peer(user, body)
-        return self._relay(to, Sent.CALL_ANSWER, {
-            "callId": call_id, "from": user.cyphr_id, "answer": fields.value("answer")})
-
-    async def _call_ice_candidate(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        fields, call_id, to = await self._call_peer(user, body)
-        return self._relay(to, Sent.CALL_ICE_CANDIDATE, {
-            "callId": call_id, "from": user.cyphr_id, "candidate": fields.value("candidate")})
-
-    async def _call_end(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        fields, call_id, to = await self._call_peer(user, body)
-        reason = fields.text("reason", required=False, max_length=64)
-        return self._relay(to, Sent.CALL_END, {
-            "callId": call_id, "from": user.cyphr_id, "reason": reason or "ended"})
-
-    @staticmethod
-    def _error_ack(failure: Failure) -> dict[str, Any]:
-        if failure.check(ApiError):
-            return failure.value.to_json()
-        if failure.check(RateExceeded):
-            return {"success": False, "error": "Too many events", "code": RATE_LIMITED}
-        if failure.check(UnknownEvent):
-            return {"success": False, "error": "Unknown event", "code": "UNKNOWN_EVENT"}
-        _log.failure("Unexpected error answering an event", failure)
-        return {"success": False, "error": "Internal server error", "code": INTERNAL_ERROR}
 
     # -- changes from the handlers ------------------------------------------------
 
@@ -713,15 +548,6 @@ class Realtime:
         not close under them."""
         while self._tasks:
             await DeferredList(list(self._tasks))
-
-
-def _message_ref(body: dict[str, Any]) -> tuple[str, str | None]:
-    """``{messageId, chatId?}`` (old clients leave chatId out)."""
-    fields = Fields(body, body.keys())
-    message_id = fields.uuid("messageId")
-    chat_id = fields.uuid("chatId") if body.get("chatId") is not None else None
-    assert message_id is not None
-    return message_id, chat_id
 
 
 def _end_socket(socket: Socket, reason: str) -> None:
