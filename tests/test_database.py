@@ -206,11 +206,12 @@ class PostgresDatabaseTests(PostgresMixin, DatabaseTestsMixin, TestCase):
     async def test_pool_stats(self) -> None:
         """The pool reports its size and how many connections are up: all of
         them soon after it is ready (the first one up makes it ready)."""
-        self.assertEqual(self.db.stats["size"], 10)
+        size = self.db.stats["size"]
+        self.assertEqual(size, self.server.config.db_pool_size)
         self.assertGreaterEqual(self.db.stats["up"], 1)
-        await wait_until(lambda: self.db.stats["up"] == 10, "every connection")
+        await wait_until(lambda: self.db.stats["up"] == size, "every connection")
         stats = self.db.stats
-        self.assertEqual(stats["size"], 10)
+        self.assertEqual(stats["size"], size)
         self.assertEqual(stats["waiting"], 0)
 
 

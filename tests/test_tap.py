@@ -147,15 +147,16 @@ class TwistdTests(TestCase):
 
 class MakeServiceTests(TestCase):
     def test_make_service(self) -> None:
-        """makeService builds the database service, the periodic purge and one listener per
-        --listen, the listeners held until the database is ready."""
+        """makeService builds the database service, the periodic purge, the
+        one-minute sweep of idle memory and one listener per --listen, the
+        listeners held until the database is ready."""
         options = Options()
         options.environ = {}
         options.parseOptions(["--data-dir", self.mktemp(), "--listen", "tcp:0:interface=127.0.0.1",
                               "--listen", "tcp:0:interface=127.0.0.1"])
         self.addCleanup(gc.unfreeze)  # this test process goes on
         service = makeService(options)
-        self.assertEqual(len(list(IServiceCollection(service))), 2)
+        self.assertEqual(len(list(IServiceCollection(service))), 3)
         self.assertEqual(len(service.held), 2)
         # What start made is out of the garbage collector's full passes.
         self.assertGreater(gc.get_freeze_count(), 10_000)
