@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from cyphr.clock import iso
+from cyphr.store.chats import MessageReceipts
 from cyphr.store.messages import Message
 
 if TYPE_CHECKING:
@@ -20,9 +21,11 @@ _PAYLOAD_MARK = "\x00payload"
 _PAYLOAD_MARK_JSON = json.dumps(_PAYLOAD_MARK)
 
 
-def message_json(message: Message) -> dict[str, Any]:
-    """A message as history, sync and ``new_message`` show it."""
-    return {
+def message_json(message: Message, receipts: MessageReceipts | None = None) -> dict[str, Any]:
+    """A message as history, sync and ``new_message`` show it; with
+    ``receipts`` (history and sync, on the reader's own messages) who of the
+    other members it reached and who read it."""
+    shape = {
         "id": message.id,
         "chatId": message.chat_id,
         "seq": message.seq,
@@ -35,6 +38,9 @@ def message_json(message: Message) -> dict[str, Any]:
         "editedAt": iso(message.edited_at),
         "deletedAt": iso(message.deleted_at),
     }
+    if receipts is not None:
+        shape["receipts"] = {"delivered": list(receipts.delivered), "read": list(receipts.read)}
+    return shape
 
 
 def message_text(message: Message) -> str:

@@ -11,6 +11,7 @@ no traceback anywhere in what reached the terminal.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -28,7 +29,7 @@ from twisted.protocols import portforward
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cyphr.client.chatstate import TYPING_SHOWN, ChatEntry, ChatState, Shown
-from cyphr.client.client import Client, Message
+from cyphr.client.client import Client, Message, Receipts
 from tests.helpers import CLIENT, SQLiteMixin, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,6 +346,23 @@ class ChatStateTests(SynchronousTestCase):
         self.state.receipt("message_delivered", {"messageId": "m1", "userId": "bob"})
         self.state.receipt("message_read", {"messageId": "m1", "userId": "carol"})
         self.assertEqual(self.state.mark(mine), "delivered to 2/2, read by 1/2")
+
+    def test_receipts_from_history(self) -> None:
+        """Receipts that came with the history seed the marks of one's own
+        messages: read, delivered, or "sent" when nobody has it yet (the
+        server said so); in a group, the counts; live receipts add to them."""
+        def own(seq: int, chat: str, delivered: tuple[str, ...], read: tuple[str, ...]) -> Shown:
+            return Shown(dataclasses.replace(_message(seq, "alice", chat),
+                                             receipts=Receipts(delivered, read)), "")
+
+        read, delivered, nobody = own(1, "chat-1", ("bob",), ("bob",)), \
+            own(2, "chat-1", ("bob",), ()), own(3, "chat-1", (), ())
+        group = own(4, "chat-2", ("bob", "carol"), ("carol",))
+        self.state.add([read, delivered, nobody, group])
+        self.assertEqual([self.state.mark(one) for one in (read, delivered, nobody, group)],
+                         ["read", "delivered", "sent", "delivered to 2/2, read by 1/2"])
+        self.state.receipt("message_read", {"messageId": "m4", "chatId": "chat-2", "userId": "bob"})
+        self.assertEqual(self.state.mark(group), "delivered to 2/2, read by 2/2")
 
     def test_typing_shown_for_a_while(self) -> None:
         """Someone typing is shown until they say they stopped, until their

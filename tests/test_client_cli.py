@@ -4,8 +4,9 @@ The hardening of the reference client's edges: which servers it talks to
 secrets come from (a prompt, a file or a file descriptor, never the
 environment), the passphrase floor of a new profile, what ``init --json``
 prints, and the command line of ``verify --accept NUMBER``, ``history``
-and ``wallet link --address``. Most run in-process against ``cli.main``
-with stand-ins for the network; a few run the command as a script does.
+(with its receipt marks), ``login --totp`` and ``wallet link --address``.
+Most run in-process against ``cli.main`` with stand-ins for the network; a
+few run the command as a script does.
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pyotp
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cyphr.client import cli
-from cyphr.client.client import Client, Contact, IdentityChanged, Message
+from cyphr.client.client import Client, Contact, IdentityChanged, Message, Receipts
 from cyphr.client.http import INSECURE_TLS_VARIABLE, ClientError, Http, check_server
 from cyphr.client.profile import Profile, ProfileError, _derive, check_passphrase
+from cyphr.handlers.auth import AuthUser
+from cyphr.handlers.receipts import ReceiptsHandler
+from cyphr.store.chats import ChatStore
+from cyphr.store.messages import MessageStore
 from tests.helpers import CLIENT, SQLiteMixin, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -564,6 +571,18 @@ class MessageMarkTests(CliTestCase):
                          [("bob", False), ("carol", True)])
 
 
+class ReceiptsParseTests(SynchronousTestCase):
+    def test_only_the_documented_shape(self) -> None:
+        """The client takes a message's receipts only as two lists of
+        Cyphr IDs; anything else a server sends is no receipts at all."""
+        self.assertEqual(Receipts.parse({"delivered": ["bob", "carol"], "read": ["carol"]}),
+                         Receipts(("bob", "carol"), ("carol",)))
+        self.assertEqual(Receipts.parse({"delivered": [], "read": []}), Receipts())
+        for bad in (None, [], "read", {"delivered": ["bob"]}, {"delivered": "bob", "read": []},
+                    {"delivered": [1], "read": []}, {"delivered": [], "read": [None]}):
+            self.assertIsNone(Receipts.parse(bad), bad)
+
+
 class WalletLinkTests(CliTestCase):
     ADDRESS = "GAAZI4TCR3TY5OJHCTJC2A4QSY6CJWJH5IAJTGKIN2ER7LBNVKOCCWN7"
 
@@ -673,6 +692,67 @@ class RealServerTests(SQLiteMixin, TestCase):
         self.assertIn("bob ✓: hello", await self.ok(alice, "history", "bob"))
         [message] = json.loads(await self.ok(alice, "--json", "history", "bob"))["messages"]
         self.assertTrue(message["contactVerified"])
+
+    async def test_history_shows_receipts(self) -> None:
+        """history marks one's own messages with what the server recorded
+        before the command ran (read by a read-up-to mark or by id,
+        delivered, or only sent; in a group, counts of the other members),
+        others' messages with nothing, and --json carries the server's
+        receipts exactly, on one's own messages only."""
+        alice, bob = self.mktemp(), self.mktemp()
+        for profile, name in ((alice, "alice"), (bob, "bob")):
+            await self.ok(profile, "init")
+            await self.ok(profile, "register", name, "--prekeys", "2")
+        sent = [json.loads(await self.ok(alice, "--json", "send", "bob", text))
+                for text in ("first", "second", "third", "fourth")]
+        await self.ok(bob, "send", "alice", "a reply")
+        database = self.server.database
+        receipts = ReceiptsHandler(ChatStore(database), MessageStore(database), self.server.clock)
+        as_bob = AuthUser(user_id="", cyphr_id="bob", jti="", expires_at=0, device_hash="")
+        chat = sent[0]["chatId"]
+        await receipts.read_up_to(as_bob, chat, sent[0]["seq"])
+        await receipts.read(as_bob, sent[1]["messageId"], chat)
+        await receipts.delivered(as_bob, sent[2]["messageId"], chat)
+
+        shown = (await self.ok(alice, "history", "bob")).splitlines()
+        self.assertEqual(len(shown), 5, shown)
+        for text, mark in zip(shown, ("first  · read", "second  · read", "third  · delivered",
+                                      "fourth  · sent")):
+            self.assertTrue(text.endswith(f"alice ✓: {mark}"), text)
+        self.assertTrue(shown[4].endswith("bob ✓ (unverified contact): a reply"), shown[4])
+        listed = json.loads(await self.ok(alice, "--json", "history", "bob"))["messages"]
+        self.assertEqual([m.get("receipts") for m in listed], [
+            {"delivered": ["bob"], "read": ["bob"]}, {"delivered": ["bob"], "read": ["bob"]},
+            {"delivered": ["bob"], "read": []}, {"delivered": [], "read": []}, None])
+        theirs = json.loads(await self.ok(bob, "--json", "history", "alice"))["messages"]
+        self.assertEqual([m.get("receipts") for m in theirs],
+                         [None, None, None, None, {"delivered": [], "read": []}])
+
+        group = json.loads(await self.ok(alice, "--json", "group", "create", "Club", "bob"))["chatId"]
+        posted = json.loads(await self.ok(alice, "--json", "send", group, "hello club"))
+        await receipts.delivered(as_bob, posted["messageId"], group)
+        self.assertIn("alice ✓: hello club  · delivered to 1/1, read by 0/1",
+                      await self.ok(alice, "history", group))
+
+    async def test_code_used_twice_said_plainly(self) -> None:
+        """login --totp with a code used already fails with TOTP_CODE_USED
+        and says to wait for the next code; a wrong code says INVALID_TOTP."""
+        alice = self.mktemp()
+        await self.ok(alice, "init")
+        await self.ok(alice, "register", "alice", "--prekeys", "0")
+        secret = json.loads(await self.ok(alice, "--json", "totp", "enable"))["secret"]
+        await self.ok(alice, "totp", "confirm", pyotp.TOTP(secret).now())
+        code = pyotp.TOTP(secret).at(time.time() + 30)
+        await self.ok(alice, "login", "--totp", code)
+        again = await self.cli(alice, "login", "--totp", code)
+        self.assertEqual(again.returncode, 1)
+        self.assertIn("This code was used already: wait for the next one (TOTP_CODE_USED)", again.stderr)
+        self.assertIn("wait until your authenticator app shows a new code", again.stderr)
+        self.assertNotIn("Traceback", again.stderr)
+        near = {pyotp.TOTP(secret).at(time.time() + 30 * step) for step in range(-3, 4)}
+        wrong = next(c for c in ("000000", "111111", "222222", "333333") if c not in near)
+        refused = await self.cli(alice, "login", "--totp", wrong)
+        self.assertIn("(INVALID_TOTP)", refused.stderr)
 
     async def test_wallet_link_own_wallet(self) -> None:
         """wallet link --address: the command prints the text, a wallet

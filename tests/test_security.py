@@ -13,6 +13,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import VerifyMismatchError
 from stellar_sdk import Keypair
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import (
@@ -23,7 +24,9 @@ from tests.helpers import (
     fixed_clock,
     start_server,
 )
+from cyphr.handlers.security import TotpHandler
 from cyphr.signing import sep53_digest, wallet_link_text
+from cyphr.store.totp import TotpStore
 from tests.users import User, b64
 
 STEP = 30  # seconds per TOTP step
@@ -173,7 +176,7 @@ class SecurityTestsMixin:
             self.assertError(await self.alice.login(self.http, totpCode=bad), 401, "INVALID_TOTP")
         now = code(secret, step)
         self.assertLoggedIn(await self.alice.login(self.http, totpCode=now), totp_enabled=True)
-        self.assertError(await self.alice.login(self.http, totpCode=now), 401, "INVALID_TOTP")
+        self.assertError(await self.alice.login(self.http, totpCode=now), 401, "TOTP_CODE_USED")
         following = code(secret, self.current_step() + 1)
         self.assertLoggedIn(await self.alice.login(self.http, totpCode=following), totp_enabled=True)
         # Two-factor is alice's alone.
@@ -181,15 +184,104 @@ class SecurityTestsMixin:
 
     async def test_earlier_step_refused(self) -> None:
         """Once a step's code was used, an unused code of an earlier step in
-        the window is refused too; a later step's code still works."""
+        the window is refused too, as used (TOTP_CODE_USED); a later step's
+        code still works."""
         await self.start()
         secret = await self.generate(self.alice)
         step = self.current_step()
         self.assertEqual((await self.call(VERIFY, {"code": code(secret, step)}, self.alice)).code, 200)
         earlier = code(secret, step - 1)
-        self.assertError(await self.alice.login(self.http, totpCode=earlier), 401, "INVALID_TOTP")
+        self.assertError(await self.alice.login(self.http, totpCode=earlier), 401, "TOTP_CODE_USED")
         later = code(secret, step + 1)
         self.assertLoggedIn(await self.alice.login(self.http, totpCode=later), totp_enabled=True)
+
+    async def totp_row(self) -> list[tuple[Any, ...]]:
+        """Every two-factor row as stored: what a refused code must not change."""
+        return [tuple(row) for row in await self.server.database.run_query(
+            "SELECT user_id, encrypted_secret, enabled, last_used_step, updated_at FROM totp_secrets"
+            " ORDER BY user_id")]
+
+    async def identity_rows(self) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await self.server.database.run_query(
+            "SELECT cyphr_id, device_fingerprint_hash, tokens_valid_after FROM cyphr_identities"
+            " ORDER BY cyphr_id")]
+
+    async def test_code_used_twice_at_login(self) -> None:
+        """At login (v2 and v1 signatures) and at recovery, a right code used
+        already is 401 TOTP_CODE_USED, saying to wait for the next one, while
+        a wrong code stays INVALID_TOTP; neither refusal changes the stored
+        two-factor state nor the identity's device, and a fresh code works."""
+        await self.start(accept_v1_auth=True)
+        carol = User("carol", v1=True)
+        await carol.register(self.http)
+        for user in (self.alice, carol):
+            secret, _ = await self.enable(user)
+            step = self.current_step()
+            now = code(secret, step)
+            self.assertLoggedIn(await user.login(self.http, totpCode=now), totp_enabled=True)
+            before = (await self.totp_row(), await self.identity_rows())
+            response = await user.login(self.http, totpCode=now)
+            self.assertError(response, 401, "TOTP_CODE_USED")
+            self.assertEqual(response.json()["error"], "This code was used already: wait for the next one")
+            self.assertError(await user.login(self.http, totpCode=wrong_code(secret, step)), 401,
+                             "INVALID_TOTP")
+            new_device = hashlib.sha256(os.urandom(16)).hexdigest()
+            self.assertError(await self.recover(user, new_device, totpCode=now), 401, "TOTP_CODE_USED")
+            self.assertEqual((await self.totp_row(), await self.identity_rows()), before)
+            later = code(secret, step + 1)
+            self.assertLoggedIn(await user.login(self.http, totpCode=later), totp_enabled=True)
+
+    async def test_code_used_twice_at_disable(self) -> None:
+        """Disable with the code just used to log in is 400 TOTP_CODE_USED and
+        leaves two-factor on, untouched; a wrong code is still INVALID_TOTP."""
+        await self.start()
+        secret, _ = await self.enable(self.alice)
+        now = code(secret, self.current_step())
+        self.assertLoggedIn(await self.alice.login(self.http, totpCode=now), totp_enabled=True)
+        before = await self.totp_row()
+        response = await self.call(DISABLE, {"code": now}, self.alice)
+        self.assertError(response, 400, "TOTP_CODE_USED")
+        self.assertEqual(response.json()["error"], "This code was used already: wait for the next one")
+        self.assertError(await self.call(DISABLE, {"code": wrong_code(secret, self.current_step())},
+                                         self.alice), 400, "INVALID_TOTP")
+        self.assertEqual(await self.totp_row(), before)
+        self.assertError(await self.alice.login(self.http), 401, "TOTP_REQUIRED")
+
+    async def test_code_used_twice_at_verify(self) -> None:
+        """Two verifies of one code at once (a double submission): one
+        enables two-factor, the other is 400 TOTP_CODE_USED, however their
+        reads and writes interleave (both are held until both have read the
+        secret). A wrong code at verify stays INVALID_TOTP."""
+        await self.start()
+        secret = await self.generate(self.alice)
+        arrived: list[None] = []
+        both: Deferred[None] = Deferred()
+
+        class HeldStore(TotpStore):
+            """The real store; each use_step waits until two have arrived."""
+
+            async def use_step(self, *args: Any, **kwargs: Any) -> bool:
+                arrived.append(None)
+                if len(arrived) == 2:
+                    both.callback(None)
+                await both
+                return await super().use_step(*args, **kwargs)
+
+        handler = TotpHandler(HeldStore(self.server.database), self.server.secrets.totp_key,
+                              self.server.clock)
+        step = self.current_step()
+        self.assertError(await self.call(VERIFY, {"code": wrong_code(secret, step)}, self.alice), 400,
+                         "INVALID_TOTP")
+        user_id = (await self.server.database.run_query(
+            "SELECT user_id FROM totp_secrets"))[0][0]
+        now = code(secret, step)
+        results = await DeferredList([Deferred.fromCoroutine(handler.verify(user_id, now)) for _ in range(2)],
+                                     consumeErrors=True)
+        outcomes = sorted((ok, getattr(getattr(value, "value", None), "code", None)) for ok, value in results)
+        self.assertEqual(outcomes, [(False, "TOTP_CODE_USED"), (True, None)])
+        [row] = await self.totp_row()
+        self.assertEqual((bool(row[2]), row[3]), (True, step))
+        self.assertError(await self.alice.login(self.http), 401, "TOTP_REQUIRED")
 
     async def recover(self, user: User, fingerprint: str, **extra: Any) -> Response:
         return await user.recover(self.http, fingerprint, **extra)
@@ -219,13 +311,15 @@ class SecurityTestsMixin:
         self.assertNotEqual(self.alice.token, old_token)
 
     async def test_disable(self) -> None:
-        """Disable needs a right, unused code; then the secret is gone and
-        login needs no code. Without two-factor on it is TOTP_NOT_ENABLED."""
+        """Disable needs a right, unused code (a wrong one is INVALID_TOTP, a
+        used one TOTP_CODE_USED); then the secret is gone and login needs no
+        code. Without two-factor on it is TOTP_NOT_ENABLED."""
         await self.start()
         secret, used = await self.enable(self.alice)
         step = self.current_step()
-        for bad in (wrong_code(secret, step), code(secret, used)):
-            self.assertError(await self.call(DISABLE, {"code": bad}, self.alice), 400, "INVALID_TOTP")
+        for bad, error in ((wrong_code(secret, step), "INVALID_TOTP"),
+                           (code(secret, used), "TOTP_CODE_USED")):
+            self.assertError(await self.call(DISABLE, {"code": bad}, self.alice), 400, error)
         self.assertError(await self.alice.login(self.http), 401, "TOTP_REQUIRED")
         self.assertEqual(len(await self.stored_secrets()), 1)
         response = await self.call(DISABLE, {"code": code(secret, step)}, self.alice)

@@ -105,8 +105,9 @@ class MessagingAPI:
         limit = _query_int(request, "limit", 1, HISTORY_MAX) or HISTORY_DEFAULT
         messages, has_more = await self._messaging.history(user, chat_id, before=before, after=after,
                                                            limit=limit)
-        return answer(request, {"success": True, "messages": [message_json(m) for m in messages],
-                                "hasMore": has_more})
+        receipts = await self._messaging.own_receipts(user, messages)
+        return answer(request, {"success": True, "messages": [message_json(m, receipts.get(m.id))
+                                                              for m in messages], "hasMore": has_more})
 
     @app.route("/api/messaging/chats", methods=["GET"])
     @authenticated()
@@ -134,8 +135,10 @@ class MessagingAPI:
         since = _query_int(request, "since", 0, 2**62) or 0
         limit = _query_int(request, "limit", 1, SYNC_MAX) or SYNC_DEFAULT
         messages, has_more = await self._messaging.sync(user, since, limit)
+        receipts = await self._messaging.own_receipts(user, messages)
         cursor = messages[-1].stream_position if messages else since
-        return answer(request, {"success": True, "messages": [message_json(m) for m in messages],
+        return answer(request, {"success": True, "messages": [message_json(m, receipts.get(m.id))
+                                                              for m in messages],
                                 "cursor": cursor, "hasMore": has_more})
 
     @app.route("/api/messaging/create-group", methods=["POST"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cyphr.client.client import Message
+from cyphr.client.render import receipt_mark
 
 # Another client's typing indicator is shown this long after its last
 # ``typing`` event, unless it says it stopped: a client that goes away
@@ -126,6 +127,12 @@ class ChatState:
                 message = one.message
                 chat = self._messages.setdefault(message.chat_id, {})
                 known = chat.get(message.id)
+                if message.receipts is not None:
+                    # From history: what the server knew when it answered;
+                    # receipts that come live add to it.
+                    receipts = self._receipts.setdefault(message.id, _Receipts())
+                    receipts.delivered.update(message.receipts.delivered)
+                    receipts.read.update(message.receipts.read)
                 if known is not None and known.sent_here:
                     one.sent_here = True
                 chat[message.id] = one
@@ -192,7 +199,8 @@ class ChatState:
 
     def mark(self, one: Shown) -> str:
         """The receipt mark of one's own message, or "" when not known (a
-        message sent before this session, with no receipt seen since)."""
+        message that came without receipts, not sent in this session, with
+        no receipt seen since)."""
         message = one.message
         if message.sender != self.me:
             return ""
@@ -202,16 +210,10 @@ class ChatState:
             read = set(receipts.read) | {user for (chat, user), seq in self._read_up_to.items()
                                          if chat == message.chat_id and seq >= message.seq}
             delivered = receipts.delivered | read
-        others = len([m for m in entry.members if m != self.me]) if entry is not None else 1
+        others = None
         if entry is not None and entry.group:
-            if not delivered:
-                return "sent" if one.sent_here else ""
-            return f"delivered to {len(delivered)}/{others}, read by {len(read)}/{others}"
-        if read:
-            return "read"
-        if delivered:
-            return "delivered"
-        return "sent" if one.sent_here else ""
+            others = len([m for m in entry.members if m != self.me])
+        return receipt_mark(delivered, read, others, one.sent_here or message.receipts is not None)
 
     def typing_now(self, chat: str | None) -> list[str]:
         now = self.clock()

@@ -35,6 +35,7 @@ from cyphr.client.http import (
 from cyphr.client.profile import Profile, ProfileError, check_passphrase
 from cyphr.client.render import line
 from cyphr.client.render import person as _person
+from cyphr.client.render import receipt_mark as _receipt_mark
 from cyphr.client.render import time_text as _time
 from cyphr.client.render import visible as _visible
 from cyphr.client.terminal import json_line, safe, safe_lines
@@ -55,8 +56,9 @@ _MAX_SECRET_BYTES = 64 * 1024
 _HINTS = {
     "TOTP_REQUIRED": "this account has two-factor authentication: run "
                      "`cyphr-client login --totp CODE`",
-    "INVALID_TOTP": "give the code your authenticator app shows now (each code is taken "
-                    "once: a code used already is refused; wait for the next one)",
+    "INVALID_TOTP": "give the code your authenticator app shows now",
+    "TOTP_CODE_USED": "each code works once: wait until your authenticator app shows a new "
+                      "code, and give that",
 }
 # Where the general hint would be wrong: recover runs on a fresh profile,
 # which has no identity to log in with yet.
@@ -626,13 +628,23 @@ def _group_id(client: Client, chat: str) -> str:
 
 def cmd_history(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
-    messages = [m for m in client.history(_chat_id(client, args.chat), args.limit, args.before)
-                if _visible(m)]
+    chat_id = _chat_id(client, args.chat)
+    messages = [m for m in client.history(chat_id, args.limit, args.before) if _visible(m)]
     if out.as_json:
         out.result({"messages": [message_json(m) for m in messages]}, "")
-    else:
-        for message in messages:
-            print(safe_lines(line(message, client.cyphr_id, None, client.display_name)))
+        return
+    others: int | None = None
+    if any(m.receipts is not None for m in messages):
+        chat = client._chat(chat_id)
+        if chat is not None and chat["chatType"] == "group":
+            others = len([m for m in chat["participants"] if m != client.cyphr_id])
+    for message in messages:
+        text = line(message, client.cyphr_id, None, client.display_name)
+        receipts = message.receipts
+        if receipts is not None:
+            # As chat shows it: one's own messages say who got and read them.
+            text += f"  · {_receipt_mark(set(receipts.delivered), set(receipts.read), others, True)}"
+        print(safe_lines(text))
 
 
 def cmd_chats(args: argparse.Namespace, out: Output) -> None:

@@ -102,13 +102,39 @@ class Contact:
 
 
 @dataclass(frozen=True)
+class Receipts:
+    """Who of a chat's other members one's own message reached and who
+    read it, as history and sync give them (a read counts as reached)."""
+
+    delivered: tuple[str, ...] = ()
+    read: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, value: Any) -> Receipts | None:
+        """The server's ``receipts``; None when absent or not of its shape
+        (a server is not trusted to send what it should)."""
+        if not isinstance(value, dict):
+            return None
+        delivered, read = value.get("delivered"), value.get("read")
+        if not (isinstance(delivered, list) and isinstance(read, list)
+                and all(isinstance(user, str) for user in delivered + read)):
+            return None
+        return cls(tuple(delivered), tuple(read))
+
+    def as_json(self) -> dict[str, list[str]]:
+        return {"delivered": list(self.delivered), "read": list(self.read)}
+
+
+@dataclass(frozen=True)
 class Message:
     """A message as its reader sees it. ``text`` is None when it could not
     be opened (``error`` says why) or was deleted; ``verified`` is True
     only when the sender's v2 signature checked against the pinned key. A
     v1 message has its text, ``verified`` False and an ``error`` saying
     that its signature proves nothing. ``contact_verified`` says the user
-    compared the sender's safety number (always True for one's own)."""
+    compared the sender's safety number (always True for one's own).
+    ``receipts``: on one's own messages from history and sync, who got and
+    who read it when they were fetched (None elsewhere)."""
 
     id: str
     chat_id: str
@@ -121,13 +147,17 @@ class Message:
     error: str | None = None
     client_message_id: str | None = None
     contact_verified: bool = False
+    receipts: Receipts | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, "chatId": self.chat_id, "seq": self.seq, "sender": self.sender,
-                "timestamp": self.timestamp, "messageType": self.message_type, "text": self.text,
-                "verified": self.verified, "error": self.error,
-                "clientMessageId": self.client_message_id,
-                "contactVerified": self.contact_verified}
+        shape = {"id": self.id, "chatId": self.chat_id, "seq": self.seq, "sender": self.sender,
+                 "timestamp": self.timestamp, "messageType": self.message_type, "text": self.text,
+                 "verified": self.verified, "error": self.error,
+                 "clientMessageId": self.client_message_id,
+                 "contactVerified": self.contact_verified}
+        if self.receipts is not None:
+            shape["receipts"] = self.receipts.as_json()
+        return shape
 
 
 def is_chat_id(value: str) -> bool:
@@ -896,11 +926,15 @@ class Client:
         raises for a bad message: the answer's ``error`` says what is wrong."""
         def result(text: str | None, verified: bool, error: str | None = None) -> Message:
             sender = message.get("senderId", "")
+            # Receipts only on one's own: no server can make a client say
+            # who read another's message.
+            receipts = Receipts.parse(message.get("receipts")) if sender == self.cyphr_id else None
             return Message(message.get("id", ""), message.get("chatId", ""), message.get("seq", 0),
                            sender, message.get("timestamp", ""),
                            message.get("messageType", ""), text, verified, error,
                            message.get("clientMessageId"),
-                           verified and isinstance(sender, str) and self._contact_verified(sender))
+                           verified and isinstance(sender, str) and self._contact_verified(sender),
+                           receipts)
 
         payload = message.get("encryptedPayload")
         if message.get("deletedAt") or payload is None:

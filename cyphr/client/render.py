@@ -59,6 +59,21 @@ def line(message: Message, me: str | None = None,
     return f"[{when}] {where}{sender} {mark}: {safe(message.text, indent=MESSAGE_INDENT)}"
 
 
+def receipt_mark(delivered: set[str], read: set[str], others: int | None, sent: bool) -> str:
+    """The mark of one's own message: in a direct chat (``others`` None)
+    ``read``, ``delivered`` or ``sent``; in a group the count of the
+    ``others`` members it reached and that read it. "" when nothing is
+    known (``sent`` False: no receipt state came with the message)."""
+    delivered = delivered | read
+    if others is not None and delivered:
+        return f"delivered to {len(delivered)}/{others}, read by {len(read)}/{others}"
+    if others is None and read:
+        return "read"
+    if others is None and delivered:
+        return "delivered"
+    return "sent" if sent else ""
+
+
 def visible(message: Message) -> bool:
     """Whether a person sees ``message``: system messages carry keys
     between clients, and only one that failed to open is shown."""

@@ -53,6 +53,7 @@ from cyphr.store.chats import (
     LastAdmin,
     Member,
     Membership,
+    MessageReceipts,
 )
 from cyphr.store.identities import IdentityStore
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
@@ -229,6 +230,22 @@ class MessagingHandler:
         """Messages of the user's chats past ``since``, each chat's from
         after the user joined it."""
         return await self._messages.sync(user.cyphr_id, since, limit)
+
+    async def own_receipts(self, user: AuthUser,
+                           messages: list[Message]) -> dict[str, MessageReceipts]:
+        """The receipt state of ``user``'s own messages among ``messages``
+        (a page that history or sync gave ``user``, so a member's), by
+        message id, each one present (empty before any receipt): one query
+        for the page. Others' messages get none: who read them is their
+        sender's business."""
+        spans: dict[str, tuple[int, int]] = {}
+        for message in messages:
+            if message.sender_id == user.cyphr_id:
+                first, last = spans.get(message.chat_id, (message.seq, message.seq))
+                spans[message.chat_id] = (min(first, message.seq), max(last, message.seq))
+        found = await self._chats.receipts_of(user.cyphr_id, spans) if spans else {}
+        return {message.id: found.get(message.id, MessageReceipts())
+                for message in messages if message.sender_id == user.cyphr_id}
 
     async def _own_message(self, user: AuthUser, message_id: str) -> Message:
         message = await self._messages.by_id(message_id)

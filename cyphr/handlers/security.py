@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import pyotp
@@ -18,8 +19,10 @@ from cyphr.cpu import CpuPool
 from cyphr.errors import (
     INVALID_TOTP,
     TOTP_ALREADY_ENABLED,
+    TOTP_CODE_USED,
     TOTP_NOT_ENABLED,
     TOTP_REQUIRED,
+    ApiError,
     BadRequest,
     Conflict,
     Unauthorized,
@@ -29,6 +32,16 @@ from cyphr.store.totp import TotpStore
 ISSUER = "Cyphr"
 STEP_SECONDS = 30
 WINDOW = 1  # steps either side of now, for clocks a little off
+USED_MESSAGE = "This code was used already: wait for the next one"
+
+
+class CodeCheck(Enum):
+    """What became of a code: taken, no code of the window, or right but
+    of a step that was (or is older than one that was) used already."""
+
+    TAKEN = "taken"
+    INVALID = "invalid"
+    USED = "used"
 
 
 @dataclass(frozen=True)
@@ -69,14 +82,20 @@ class TotpHandler:
         return None
 
     async def _use(self, user_id: str, code: str, *, must_be_enabled: bool,
-                   enable: bool = False) -> bool:
+                   enable: bool = False) -> CodeCheck:
         state = await self._store.get(user_id)
         if state is None or state.enabled != must_be_enabled:
-            return False
+            return CodeCheck.INVALID
         step = self._matching_step(state.encrypted_secret, code)
         if step is None:
-            return False
-        return await self._store.use_step(user_id, step, now_ms(self._clock), enable=enable)
+            return CodeCheck.INVALID
+        # The store refuses a step at or before the last one used (also one
+        # used by a concurrent request since the read above): the code is
+        # right, and telling the person so spares them doubting their app.
+        # It gives a guesser nothing: that step's code is spent either way.
+        if await self._store.use_step(user_id, step, now_ms(self._clock), enable=enable):
+            return CodeCheck.TAKEN
+        return CodeCheck.USED
 
     async def verify(self, user_id: str, code: str) -> None:
         """Enable two-factor login with a first code from the authenticator."""
@@ -85,23 +104,32 @@ class TotpHandler:
             raise Conflict("Two-factor login is already enabled", code=TOTP_ALREADY_ENABLED)
         if state is None:
             raise BadRequest("Generate a TOTP secret first", code=TOTP_NOT_ENABLED)
-        if not await self._use(user_id, code, must_be_enabled=False, enable=True):
-            raise BadRequest("The code is not valid", code=INVALID_TOTP)
+        _refuse(await self._use(user_id, code, must_be_enabled=False, enable=True), BadRequest,
+                "The code is not valid")
 
     async def disable(self, user_id: str, code: str) -> None:
         state = await self._store.get(user_id)
         if state is None or not state.enabled:
             raise BadRequest("Two-factor login is not enabled", code=TOTP_NOT_ENABLED)
-        if not await self._use(user_id, code, must_be_enabled=True):
-            raise BadRequest("The code is not valid", code=INVALID_TOTP)
+        _refuse(await self._use(user_id, code, must_be_enabled=True), BadRequest, "The code is not valid")
         await self._store.delete(user_id)
 
     async def check_login(self, user_id: str, code: str | None) -> None:
-        """For a user with two-factor on: the code must be given, right, and unused."""
+        """For a user with two-factor on: the code must be given, right, and
+        unused (a right code used already is TOTP_CODE_USED, so that a
+        person who typed it twice learns to wait for the next one)."""
         if code is None:
             raise Unauthorized("This account needs a TOTP code", code=TOTP_REQUIRED)
-        if not await self._use(user_id, code, must_be_enabled=True):
-            raise Unauthorized("The TOTP code is not valid", code=INVALID_TOTP)
+        _refuse(await self._use(user_id, code, must_be_enabled=True), Unauthorized,
+                "The TOTP code is not valid")
+
+
+def _refuse(check: CodeCheck, error: type[ApiError], invalid_message: str) -> None:
+    """Raise ``error`` (the route's status) for a code that was not taken."""
+    if check is CodeCheck.INVALID:
+        raise error(invalid_message, code=INVALID_TOTP)
+    if check is CodeCheck.USED:
+        raise error(USED_MESSAGE, code=TOTP_CODE_USED)
 
 
 class PasswordHashing:

@@ -57,6 +57,15 @@ class ChatSummary:
 
 
 @dataclass(frozen=True)
+class MessageReceipts:
+    """Who of the chat's other members a message reached and who read it,
+    each sorted. A read counts as reached: ``read`` is within ``delivered``."""
+
+    delivered: tuple[str, ...] = ()
+    read: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ChatPage:
     """A page of a member's chat list, and where the next one starts (None:
     this is the last): the activity and id of the page's last chat."""
@@ -244,6 +253,46 @@ class ChatStore:
             " WHERE m.chat_id = ? AND m.seq > p.read_up_to_seq AND m.seq <= ? AND m.sender_id <> ?",
             (cyphr_id, chat_id, up_to_seq, cyphr_id))
         return [row[0] for row in rows]
+
+    async def receipts_of(self, sender: str,
+                          spans: dict[str, tuple[int, int]]) -> dict[str, MessageReceipts]:
+        """The receipts of ``sender``'s messages in each chat of ``spans``
+        with a seq from its first to its last number, by message id (a
+        message nobody has acknowledged is left out), in one query.
+
+        A member counts for a message sent after it joined (schema 008),
+        when it has a receipt for the message (delivered, or read by id)
+        or marks past its seq (delivered_up_to_seq, or read_up_to_seq from
+        ``message_read {upToSeq}``). Only the chat's present members count:
+        one who left or was removed, or whose account is gone, takes its
+        read mark with it, and so its receipts go too. The joins follow
+        primary keys: messages by (chat_id, seq), members by (chat_id,
+        user_id), receipts by (chat_id, message_id, user_id)."""
+        if not spans:
+            return {}
+        where: list[str] = []
+        params: list[Any] = [sender]
+        for chat_id, (first, last) in sorted(spans.items()):
+            where.append("(m.chat_id = ? AND m.seq >= ? AND m.seq <= ?)")
+            params += [chat_id, first, last]
+        rows = await self._db.run_query(
+            "SELECT m.id, o.user_id,"
+            " CASE WHEN o.read_up_to_seq >= m.seq OR r.read_at IS NOT NULL THEN 1 ELSE 0 END"
+            " FROM messages m JOIN chat_participants o ON o.chat_id = m.chat_id"
+            " LEFT JOIN message_receipts r"
+            "  ON r.chat_id = m.chat_id AND r.message_id = m.id AND r.user_id = o.user_id"
+            " WHERE m.sender_id = ? AND (" + " OR ".join(where) + ")"
+            " AND o.user_id <> m.sender_id AND o.joined_seq < m.seq"
+            " AND (o.delivered_up_to_seq >= m.seq OR o.read_up_to_seq >= m.seq"
+            "  OR r.delivered_at IS NOT NULL OR r.read_at IS NOT NULL)", params)
+        delivered: dict[str, list[str]] = {}
+        read: dict[str, list[str]] = {}
+        for message_id, user, was_read in rows:
+            delivered.setdefault(str(message_id), []).append(user)
+            if was_read:
+                read.setdefault(str(message_id), []).append(user)
+        return {message_id: MessageReceipts(tuple(sorted(users)), tuple(sorted(read.get(message_id, []))))
+                for message_id, users in delivered.items()}
 
     async def mark_message_read(self, chat_id: str, message_id: str, cyphr_id: str, now: int) -> bool:
         """Record that the member read the message (and so received it);
