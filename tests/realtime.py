@@ -1,10 +1,16 @@
 """
-The stock python-socketio client, driven from trial tests.
+Realtime clients driven from trial tests.
 
-``socketio.Client`` (the threaded one, over requests and websocket-client)
-runs in its own threads; what it receives is kept in order, and tests wait
-for it from the reactor through the thread pool. Nothing here speaks the
-protocol itself: that is the point.
+``SioClient`` is the stock python-socketio client (the threaded one, over
+requests and websocket-client): it runs in its own threads; what it
+receives is kept in order, and tests wait for it from the reactor through
+the thread pool. It does not speak the protocol through anything of ours:
+that is the point.
+
+``WireSocket`` is a bare WebSocket (Autobahn's client protocol) that shows
+every frame, for tests that speak Engine.IO and Socket.IO by hand, over a
+real port (tests.test_realtime_transport) or in memory
+(tests.memory_socket).
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import threading
 import time
 from typing import Any
 
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.threads import deferToThread
 
 from cyphr.client.realtime import OrderedClient
@@ -64,6 +71,10 @@ class SioClient:
             self.disconnects.append(reason)
             self._changed.notify_all()
 
+    @property
+    def connected(self) -> bool:
+        return bool(self.sio.connected)
+
     # -- from the reactor ---------------------------------------------------
 
     def connect(self, auth: Any = None) -> Deferred[None]:
@@ -102,12 +113,13 @@ class SioClient:
         """Every frame the server sent this socket before now has arrived.
 
         An event with an ack (one the server does not know: it has no other
-        effect) is answered after everything the server already queued for
-        this socket, and the stock client handles frames in order: once the
+        effect; before authentication it is refused all the same) is
+        answered after everything the server already queued for this
+        socket, and the stock client handles frames in order: once the
         answer is here, so is all that came before it. A test asserting that
         nothing else arrived waits for this, not for a sleep."""
         answer = await self.call("no_such_event", {})
-        assert answer.get("code") == "UNKNOWN_EVENT", answer
+        assert isinstance(answer, dict) and answer.get("success") is False, answer
 
     def emit(self, event: str, data: Any = None) -> Deferred[None]:
         return deferToThread(self.sio.emit, event, data)
@@ -147,6 +159,52 @@ class SioClient:
                     self._changed.wait(left)
                 return self.disconnects[0]
         return deferToThread(wait)
+
+
+Closed = tuple[int | None, str | None]  # a WebSocket's close code and reason
+
+
+class WireSocket(WebSocketClientProtocol):
+    """A WebSocket that shows every frame: ``frames`` (str for text, bytes
+    for binary); ``opened`` fires after the handshake or fails with it;
+    ``ended`` fires with the close code and reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: DeferredQueue[str | bytes] = DeferredQueue()
+        self.opened: Deferred[WireSocket] = Deferred()
+        self.ended: Deferred[Closed] = Deferred()
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.frames.put(payload if isBinary else payload.decode("utf-8"))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"handshake failed: {reason}"))
+        self.ended.callback((code, reason))
+
+    def recv(self, timeout: float = 5.0) -> Deferred[str | bytes]:
+        return self.frames.get().addTimeout(timeout, reactor)
+
+    def send_text(self, text: str) -> None:
+        self.sendMessage(text.encode("utf-8"), isBinary=False)
+
+    def send_binary(self, data: bytes) -> None:
+        self.sendMessage(data, isBinary=True)
+
+    def wait_closed(self, timeout: float = 5.0) -> Deferred[Closed]:
+        d: Deferred[Closed] = Deferred()
+
+        def done(result: Any) -> Any:
+            if not d.called:
+                d.callback(result)
+            return result
+
+        self.ended.addBoth(done)
+        return d.addTimeout(timeout, reactor)
 
 
 def sleep(seconds: float) -> Deferred[None]:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import treq
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
@@ -24,7 +24,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from cyphr.realtime.socketio import AckTimeout, Disconnected
 from tests.helpers import InProcessHTTP, SQLiteMixin, fixed_clock, start_server
-from tests.realtime import sessions_closed, sleep, until
+from tests.realtime import WireSocket, sessions_closed, sleep, until
 from tests.users import User
 
 POLLING = "EIO=4&transport=polling"
@@ -87,52 +87,6 @@ def parse_raw(data: bytes) -> Reply:
         name, _, value = line.partition(b":")
         headers[name.strip().lower()] = value.strip().decode("latin-1")
     return Reply(int(lines[0].split(b" ")[1]), body, headers.get(b"content-type"))
-
-
-Closed = tuple[int | None, str | None]  # a WebSocket's close code and reason
-
-
-class WireSocket(WebSocketClientProtocol):
-    """A WebSocket that shows every frame: ``frames`` (str for text, bytes
-    for binary); ``opened`` fires after the handshake or fails with it;
-    ``ended`` fires with the close code and reason."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames: DeferredQueue[str | bytes] = DeferredQueue()
-        self.opened: Deferred[WireSocket] = Deferred()
-        self.ended: Deferred[Closed] = Deferred()
-
-    def onOpen(self) -> None:
-        self.opened.callback(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.frames.put(payload if isBinary else payload.decode("utf-8"))
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if not self.opened.called:
-            self.opened.errback(ConnectionError(f"handshake failed: {reason}"))
-        self.ended.callback((code, reason))
-
-    def recv(self, timeout: float = 5.0) -> Deferred[str | bytes]:
-        return self.frames.get().addTimeout(timeout, reactor)
-
-    def send_text(self, text: str) -> None:
-        self.sendMessage(text.encode("utf-8"), isBinary=False)
-
-    def send_binary(self, data: bytes) -> None:
-        self.sendMessage(data, isBinary=True)
-
-    def wait_closed(self, timeout: float = 5.0) -> Deferred[Closed]:
-        d: Deferred[Closed] = Deferred()
-
-        def done(result: Any) -> Any:
-            if not d.called:
-                d.callback(result)
-            return result
-
-        self.ended.addBoth(done)
-        return d.addTimeout(timeout, reactor)
 
 
 class _RecordingFactory(WebSocketClientFactory):

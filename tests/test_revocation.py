@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from tests.helpers import PostgresMixin, SQLiteMixin, fixed_clock
 from tests.realtime import SioClient, sleep, until
 from tests.test_realtime_cluster import ClusterMixin
-from tests.test_realtime_events import RawSocket, RealtimeBase
+from tests.test_realtime_events import MemoryRealtimeBase, RawSocket, RealtimeBase
 from tests.users import User
 
 
@@ -41,7 +41,10 @@ def hold_welcomes(testcase: TestCase, realtime: Any) -> tuple[list[Deferred[Any]
     return held, real_positions
 
 
-class RevocationMixin(RealtimeBase):
+class RawWelcomeRevocation(RealtimeBase):
+    """What a socket sends during its welcome, written by hand (RawSocket),
+    over a real port."""
+
     async def _messages(self, user: User, chat_id: str) -> list[dict[str, Any]]:
         response = await self.http.get(f"/api/messaging/chat/{chat_id}", headers=user.auth())
         assert response.code == 200, response.body
@@ -83,13 +86,17 @@ class RevocationMixin(RealtimeBase):
         self.assertEqual(b.events("new_message"), [])
         self.assertEqual([m["senderId"] for m in await self._messages(bob, chat_id)], ["bob"])
 
+
+class RevocationMixin(RealtimeBase):
+    """Sessions ended while sockets are being welcomed, with whichever
+    client the base class makes."""
+
     async def test_recovery_during_welcome_ends_the_socket(self) -> None:
         """A recovery on a new device while a socket of the old device is in
         its welcome ends that socket: it is disconnected and joins no room."""
         await self.serve()
         alice = await self.user("alice")
-        client = SioClient(self.url, transports=self.transports)
-        self.clients.append(client)
+        client = self.new_client()
         realtime = self.server.realtime
         held, real_positions = hold_welcomes(self, realtime)
         await client.connect({"token": alice.token})
@@ -118,8 +125,7 @@ class RevocationMixin(RealtimeBase):
         realtime = self.server.realtime
         for _ in range(5):
             token = alice.token
-            clients = [SioClient(self.url, transports=self.transports) for _ in range(10)]
-            self.clients.extend(clients)
+            clients = [self.new_client() for _ in range(10)]
             connects = [c.connect({"token": token}) for c in clients]
             settled = DeferredList(connects, consumeErrors=True)
             # The logout lands while the first sockets are in their welcome
@@ -137,11 +143,15 @@ class RevocationMixin(RealtimeBase):
             await alice.login(self.http)
 
 
-class SQLiteRevocationTests(SQLiteMixin, RevocationMixin, TestCase):
+class SQLiteRevocationTests(SQLiteMixin, RevocationMixin, MemoryRealtimeBase, TestCase):
+    """On SQLite, in memory (tests.memory_socket)."""
+
+
+class SQLiteRawRevocationTests(SQLiteMixin, RawWelcomeRevocation, TestCase):
     pass
 
 
-class PostgresRevocationTests(PostgresMixin, RevocationMixin, TestCase):
+class PostgresRevocationTests(PostgresMixin, RevocationMixin, RawWelcomeRevocation, TestCase):
     pass
 
 
