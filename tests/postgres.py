@@ -63,6 +63,7 @@ class Cluster:
         # Copies of the migrated template that a finished test gave back,
         # emptied again (see give_back).
         self._idle: list[str] = []
+        self._cleaners: dict[str, Any] = {}  # url -> the connection that empties it
         self._template_state: tuple[Any, ...] | None = None
         self._run("initdb", "-D", self.datadir, "-U", "postgres", "-A", "trust",
                   "--no-sync", "-E", "UTF8", "--locale=C")
@@ -87,6 +88,9 @@ class Cluster:
         self._run("pg_ctl", "-D", self.datadir, "-m", "fast", "-w", "stop")
 
     def destroy(self) -> None:
+        for conn in self._cleaners.values():
+            conn.close()
+        self._cleaners.clear()
         try:
             self.stop()
         except RuntimeError:
@@ -157,7 +161,10 @@ class Cluster:
         (the template's are all it should have after emptying)."""
         cursor.execute(self._STATE)
         shape = cursor.fetchone()
-        cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+        # Partitions are emptied through their parent (messages has a
+        # hundred): listing them too would delete everything twice.
+        cursor.execute("SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+                       " AND relkind IN ('r', 'p') AND NOT relispartition ORDER BY 1")
         tables = tuple(row[0] for row in cursor.fetchall())
         cursor.execute("SELECT sequence_name FROM information_schema.sequences"
                        " WHERE sequence_schema = 'public'")
@@ -195,11 +202,19 @@ class Cluster:
 
         assert self._template_state is not None
         shape, tables, sequences, rows = self._template_state
+        # The connection that emptied a copy last time stays open for the
+        # next time: its caches are warm (planning a DELETE over messages'
+        # hundred partitions costs 15 ms on a new connection, 1 ms after).
+        conn = self._cleaners.pop(url, None)
+        if conn is not None and conn.closed:
+            conn = None
         try:
-            conn = psycopg2.connect(url)
+            conn = conn or psycopg2.connect(url)
         except psycopg2.Error:
             return
+        kept = False
         try:
+            conn.rollback()  # whatever state the last use left
             conn.autocommit = True
             with conn.cursor() as cursor:
                 cursor.execute("SET lock_timeout = '1s'")
@@ -219,10 +234,14 @@ class Cluster:
                     marks = ", ".join(["%s"] * len(values[0]))
                     cursor.executemany(f'INSERT INTO "{table}" VALUES ({marks})', values)
                 conn.commit()
+            kept = True
         except psycopg2.Error:
             return
         finally:
-            conn.close()
+            if kept:
+                self._cleaners[url] = conn
+            else:
+                conn.close()
         self._idle.append(url)
 
 
