@@ -16,8 +16,10 @@ round registers --users-per-round *new* users, connects each over WebSocket
 is the warm-up and is not counted in the slope.
 
 After each round it samples the server's RSS and open file descriptors
-(/proc) and the sizes of its in-memory tables (``cyphr_memory_table_entries``
-scraped from /metrics), and prints them with the round's counts (sent,
+(/proc), the sizes of its in-memory tables (``cyphr_memory_table_entries``
+scraped from /metrics) and Python's live blocks
+(``cyphr_python_allocated_blocks``: objects held, whatever the C allocator
+keeps), and prints them with the round's counts (sent,
 acked, delivered, lost, duplicated). At the end it prints the RSS slope
 (least squares) per round, per user seen and per minute, with R², and
 whether memory returns: RSS --settle seconds after the load stops, and again
@@ -55,6 +57,7 @@ from sioclient import Client, ConnectFailed, connect  # noqa: E402
 HOST = "127.0.0.1"
 HIGH_LIMITS = ["--rate-limit-send", "100000000/1s", "--realtime-event-rate", "100000000/1s"]
 _TABLE = re.compile(r'^cyphr_memory_table_entries\{table="([^"]+)"\} ([0-9.e+]+)$', re.M)
+_BLOCKS = re.compile(r'^cyphr_python_allocated_blocks ([0-9.e+]+)$', re.M)
 
 
 # -- what is sampled --------------------------------------------------------------
@@ -78,7 +81,11 @@ async def tables(port: int) -> dict[str, int]:
     writer.write(b"GET /metrics HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")
     answer = (await reader.read()).decode("utf-8", "replace")
     writer.close()
-    return {name: int(float(value)) for name, value in _TABLE.findall(answer)}
+    sizes = {name: int(float(value)) for name, value in _TABLE.findall(answer)}
+    blocks = _BLOCKS.search(answer)
+    if blocks:  # Python's live allocations (a server before #24 has none)
+        sizes["python_blocks"] = int(float(blocks.group(1)))
+    return sizes
 
 
 def slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -228,17 +235,19 @@ async def main(args: argparse.Namespace) -> None:
         xs_round: list[float] = []
         xs_min: list[float] = []
         ys: list[float] = []
+        blocks: list[float] = []  # Python's live blocks (cyphr_python_allocated_blocks)
         first_tables: dict[str, int] = {}
         number = 0
         lost_total = dup_total = sent_total = 0
         header = f"{'round':>5} {'min':>6} {'sent':>7} {'acked':>7} {'deliv':>7} {'lost':>5} " \
-                 f"{'dup':>4} {'RSS KiB':>9} {'fds':>5}  tables (changed since round 1)"
+                 f"{'dup':>4} {'RSS KiB':>9} {'fds':>5} {'blocks':>9}  tables (changed since round 1)"
         print(header, flush=True)
         while time.monotonic() - began < args.minutes * 60:
             counts = await run_round(args, port, number)
             await asyncio.sleep(1)  # the server's last_seen writes
             minutes = (time.monotonic() - began) / 60
             rss, fds, sizes = rss_kib(pid), open_fds(pid), await tables(port)
+            live = sizes.pop("python_blocks", 0)
             if args.trace and number:
                 snapshots.append(await snapshot(pid, args.trace, len(snapshots)))
             lost = counts.acked - counts.delivered
@@ -248,12 +257,13 @@ async def main(args: argparse.Namespace) -> None:
                 xs_round.append(number)
                 xs_min.append(minutes)
                 ys.append(rss)
+                blocks.append(live)
                 lost_total += max(lost, 0)
                 dup_total += counts.duplicated
                 sent_total += counts.sent
             changed = {k: v for k, v in sizes.items() if v != first_tables.get(k)}
             print(f"{number:>5} {minutes:>6.2f} {counts.sent:>7} {counts.acked:>7} "
-                  f"{counts.delivered:>7} {lost:>5} {counts.duplicated:>4} {rss:>9} {fds:>5}  "
+                  f"{counts.delivered:>7} {lost:>5} {counts.duplicated:>4} {rss:>9} {fds:>5} {live:>9}  "
                   f"{changed if number else 'warm-up'}", flush=True)
             if counts.refusals:
                 print(f"      refused: {dict(counts.refusals)}", flush=True)
@@ -266,6 +276,21 @@ async def main(args: argparse.Namespace) -> None:
         print(f"RSS slope: {per_round:+.1f} KiB per round (R² {r2:.2f}), "
               f"{per_round / args.users_per_round:+.2f} KiB per user seen, "
               f"{per_minute:+.1f} KiB per minute (R² {r2_min:.2f})", flush=True)
+        # A step early on (a pool or a table reaching its working size)
+        # weighs on the whole fit; the second half says whether it goes on.
+        half = len(ys) // 2
+        if len(ys) - half >= 3:
+            late_round, late_r2 = slope(xs_round[half:], ys[half:])
+            late_minute, _ = slope(xs_min[half:], ys[half:])
+            print(f"second half ({len(ys) - half} rounds): {late_round:+.1f} KiB per round "
+                  f"(R² {late_r2:.2f}), {late_round / args.users_per_round:+.2f} KiB per user "
+                  f"seen, {late_minute:+.1f} KiB per minute", flush=True)
+        if any(blocks):
+            per_round_blocks, r2_blocks = slope(xs_round, blocks)
+            print(f"Python's live blocks: {per_round_blocks:+.0f} per round (R² {r2_blocks:.2f}), "
+                  f"{per_round_blocks / args.users_per_round:+.1f} per user seen "
+                  f"({blocks[0]:.0f} after the first counted round, {blocks[-1]:.0f} at the end)",
+                  flush=True)
         loaded = rss_kib(pid)
         await asyncio.sleep(args.settle)
         settled = rss_kib(pid)

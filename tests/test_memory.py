@@ -346,6 +346,22 @@ class HeapTests(SQLiteMixin, TestCase):
         self.assertLess(rss_kib(), freed - 40_000)
         self.assertEqual(len(survivors), 200)
 
+    async def test_python_blocks_gauge(self) -> None:
+        """/metrics counts the blocks Python has handed out: holding a
+        hundred thousand more objects raises it by at least that many."""
+        server = await start_server(self)
+
+        def blocks() -> float:
+            text = server.metrics.exposition().decode("utf-8")
+            [family] = [f for f in text_string_to_metric_families(text)
+                        if f.name == "cyphr_python_allocated_blocks"]
+            return family.samples[0].value
+
+        before = blocks()
+        held = [[n] for n in range(100_000)]
+        self.assertGreaterEqual(blocks() - before, 100_000)
+        self.assertEqual(len(held), 100_000)
+
     async def test_server_trims_every_sweep(self) -> None:
         """The server's sweep gives freed memory back once a minute."""
         trims: list[None] = []
