@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from rst_text import escape, indented, inline, label, literal, markdown, target_name, title
-from schema_text import block, summary
+from schema_text import block, schema_linker, summary
 
-_SCHEMA_REF = "#/components/schemas/"
 # AsyncAPI's "action" is the application's (the server's) point of view.
 DIRECTIONS = {
     "receive": ("Events a client emits", "client to server: the client emits it", "emit"),
@@ -31,11 +30,7 @@ def schema_label(name: str) -> str:
     return target_name("asyncapi", "schema", name)
 
 
-def _link(ref: str) -> str:
-    if not ref.startswith(_SCHEMA_REF):
-        raise ValueError(f"a $ref the reference cannot show: {ref}")
-    name = ref[len(_SCHEMA_REF):]
-    return f":ref:`{escape(name)} <{schema_label(name)}>`"
+_link = schema_linker(schema_label)
 
 
 def _resolve(document: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from rst_text import escape, indented, inline, label, literal, markdown, target_name, title
-from schema_text import block, summary
+from schema_text import block, schema_linker, summary
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
-_SCHEMA_REF = "#/components/schemas/"
 
 
 def operation_label(operation_id: str) -> str:
@@ -26,11 +25,7 @@ def schema_label(name: str) -> str:
     return target_name("openapi", "schema", name)
 
 
-def _link(ref: str) -> str:
-    if not ref.startswith(_SCHEMA_REF):
-        raise ValueError(f"a $ref the reference cannot show: {ref}")
-    name = ref[len(_SCHEMA_REF):]
-    return f":ref:`{escape(name)} <{schema_label(name)}>`"
+_link = schema_linker(schema_label)
 
 
 def _resolve(document: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:

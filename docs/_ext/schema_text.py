@@ -11,10 +11,26 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from rst_text import indented, literal, markdown
+from rst_text import escape, indented, literal, markdown
 
 # Turns a "$ref" into a reference to the named schema's section.
 Linker = Callable[[str], str]
+
+
+SCHEMA_REF = "#/components/schemas/"  # where both documents keep their named schemas
+
+
+def schema_linker(schema_label: Callable[[str], str]) -> Linker:
+    """The linker of a document: a ``$ref`` to one of its named schemas
+    becomes a reference to that schema's section (``schema_label``)."""
+
+    def link(ref: str) -> str:
+        if not ref.startswith(SCHEMA_REF):
+            raise ValueError(f"a $ref the reference cannot show: {ref}")
+        name = ref[len(SCHEMA_REF):]
+        return f":ref:`{escape(name)} <{schema_label(name)}>`"
+
+    return link
 
 _ALTERNATIVES = (("oneOf", "Exactly one of"), ("anyOf", "Any of"), ("allOf", "All of"))
 
