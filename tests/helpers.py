@@ -286,6 +286,23 @@ def with_config(config: Config, **changes: Any) -> Config:
     return config
 
 
+def run_cli_main(testcase: Any, *argv: str) -> tuple[int, str, str]:
+    """cyphr-client's main in this process: its status, stdout and stderr."""
+    import io
+
+    from cyphr.client import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    testcase.patch(sys, "stdout", out)
+    testcase.patch(sys, "stderr", err)
+    try:
+        status = cli.main(list(argv))
+    finally:
+        testcase.patch(sys, "stdout", sys.__stdout__)
+        testcase.patch(sys, "stderr", sys.__stderr__)
+    return status, out.getvalue(), err.getvalue()
+
+
 # A client process as the tests run one: cyphr-client's entry point with
 # the tests' cheap vault key derivation (tests/client_process.py). Run it
 # from the repository's root (cwd) or with it on PYTHONPATH.

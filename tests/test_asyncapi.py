@@ -59,16 +59,18 @@ def _resolve(doc: dict[str, Any], ref: str) -> Any:
     return node
 
 
-def _refs(node: Any) -> Iterator[str]:
+def _values(node: Any, wanted: str) -> Iterator[Any]:
+    """Every value under the key ``wanted``, anywhere in ``node`` (not
+    looking inside those values)."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "$ref" and isinstance(value, str):
+            if key == wanted:
                 yield value
             else:
-                yield from _refs(value)
+                yield from _values(value, wanted)
     elif isinstance(node, list):
         for item in node:
-            yield from _refs(item)
+            yield from _values(item, wanted)
 
 
 def documented(doc: dict[str, Any], action: str) -> set[str]:
@@ -159,7 +161,7 @@ class AsyncAPIDocumentTests(SynchronousTestCase):
     def test_every_reference_resolves(self) -> None:
         """Every ``$ref`` in the document names something in it, and every
         reply's messages are messages of the reply's channel."""
-        for ref in set(_refs(self.doc)):
+        for ref in set(_values(self.doc, "$ref")):
             try:
                 _resolve(self.doc, ref)
             except (KeyError, AssertionError):
@@ -209,18 +211,7 @@ class AsyncAPIDocumentTests(SynchronousTestCase):
     def test_user_id_is_a_cyphr_id(self) -> None:
         """Every ``userId`` in the document is a Cyphr ID, and the document
         says so."""
-        def user_ids(node: Any) -> Iterator[Any]:
-            if isinstance(node, dict):
-                for key, value in node.items():
-                    if key == "userId":
-                        yield value
-                    else:
-                        yield from user_ids(value)
-            elif isinstance(node, list):
-                for item in node:
-                    yield from user_ids(item)
-
-        found = list(user_ids(self.doc["components"]["messages"]))
+        found = list(_values(self.doc["components"]["messages"], "userId"))
         self.assertTrue(len(found) >= 6, found)
         for schema in found:
             self.assertIn("#/components/schemas/CyphrId", json.dumps(schema))

@@ -34,7 +34,7 @@ from cyphr.handlers.auth import AuthUser
 from cyphr.handlers.receipts import ReceiptsHandler
 from cyphr.store.chats import ChatStore
 from cyphr.store.messages import MessageStore
-from tests.helpers import CLIENT, SQLiteMixin, start_server
+from tests.helpers import CLIENT, SQLiteMixin, run_cli_main, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = "correct horse battery staple 4711"
@@ -81,15 +81,7 @@ class CliTestCase(SynchronousTestCase):
 
     def run_main(self, *argv: str) -> tuple[int, str, str]:
         """cli.main in this process: its status, stdout and stderr."""
-        out, err = io.StringIO(), io.StringIO()
-        self.patch(sys, "stdout", out)
-        self.patch(sys, "stderr", err)
-        try:
-            status = cli.main(list(argv))
-        finally:
-            self.patch(sys, "stdout", sys.__stdout__)
-            self.patch(sys, "stderr", sys.__stderr__)
-        return status, out.getvalue(), err.getvalue()
+        return run_cli_main(self, *argv)
 
     def passphrase_file(self, passphrase: str = STRONG) -> str:
         path = Path(self.mktemp()).resolve()  # scripts run elsewhere

@@ -23,7 +23,7 @@ from cyphr.client import cli, render
 from cyphr.client.client import Message
 from cyphr.client.http import ApiError
 from cyphr.client.terminal import json_line, safe
-from tests.helpers import CLIENT, SQLiteMixin, start_server
+from tests.helpers import CLIENT, SQLiteMixin, run_cli_main, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,15 +124,8 @@ class CommandOutputTests(RawCharacters, SynchronousTestCase):
         self.patch(cli, "_open", lambda args: self.client)
 
     def run_main(self, *argv: str) -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        self.patch(sys, "stdout", out)
-        self.patch(sys, "stderr", err)
-        try:
-            status = cli.main(list(argv))
-        finally:
-            self.patch(sys, "stdout", sys.__stdout__)
-            self.patch(sys, "stderr", sys.__stderr__)
-        return status, out.getvalue(), err.getvalue()
+        """cli.main in this process: its status, stdout and stderr."""
+        return run_cli_main(self, *argv)
 
     def test_message_and_display_name(self) -> None:
         """history shows a message's text and its sender's display name
