@@ -18,19 +18,19 @@ The kinds and their labels (docs/encryption.rst specifies each structure
 byte for byte; tests/vectors/ holds test vectors every implementation must
 reproduce):
 
-==========================  ===========================================
-label                       what is signed
-==========================  ===========================================
-``cyphr-v2 auth``           a login statement the client builds itself
-``cyphr-v2 ml-kem-key``     a main ML-KEM-1024 key, bound to its owner
-``cyphr-v2 one-time-prekey`` a one-time ML-KEM-1024 prekey, likewise
-``cyphr-v2 message``        a sealed message (header, ciphertext, keys)
-``cyphr-v2 wallet-link``    a Stellar account link (SEP-53 text, below)
-==========================  ===========================================
+============================  ===========================================
+label                         what is signed
+============================  ===========================================
+``cyphr-v2 auth``             a login statement the client builds itself
+``cyphr-v2 ml-kem-key``       a main ML-KEM-1024 key, bound to its owner
+``cyphr-v2 one-time-prekey``  a one-time ML-KEM-1024 prekey, likewise
+``cyphr-v2 device-key``       a device's own ML-KEM-1024 key, bound to its
+                              owner and to the device's id
+``cyphr-v2 message``          a sealed message (header, ciphertext, keys)
+``cyphr-v2 wallet-link``      a Stellar account link (SEP-53 text, below)
+============================  ===========================================
 
-Reserved for later kinds: ``cyphr-v2 device-key`` (a device's own key,
-certified by the identity key: it, not the identity key, will answer logins
-once devices exist) and ``cyphr-v2 group-roster``.
+Reserved for a later kind: ``cyphr-v2 group-roster``.
 
 The Stellar key cannot use this framing (wallets sign SEP-53 messages
 only), so a wallet link is a SEP-53 signed message: Ed25519 over
@@ -57,7 +57,8 @@ MLKEM_KEY = "ml-kem-key"
 ONE_TIME_PREKEY = "one-time-prekey"
 MESSAGE = "message"
 WALLET_LINK = "wallet-link"
-LABELS = (AUTH, MLKEM_KEY, ONE_TIME_PREKEY, MESSAGE, WALLET_LINK)
+DEVICE_KEY = "device-key"
+LABELS = (AUTH, MLKEM_KEY, ONE_TIME_PREKEY, MESSAGE, WALLET_LINK, DEVICE_KEY)
 
 # Purposes of a login statement.
 REGISTER = "register"
@@ -280,6 +281,43 @@ class KeyBinding:
         except EncodingError:
             return False
         return verify_with_label(identity_key, self.label, content, signature)
+
+
+@dataclass(frozen=True)
+class DeviceKeyBinding:
+    """What a device key's signature binds a device's own ML-KEM key to:
+    its owner, the device's id within that identity, the key's generation
+    and its validity. Signed by the identity key, so a server can neither
+    invent a device nor move one device's key to another device id."""
+
+    owner: str  # the owner's Cyphr ID
+    device_id: int  # 1, 2, ... within the identity; never reused
+    key_id: int  # the device key's generation: a rotated key has a higher one
+    created_at: int  # ms since the epoch, as the owner's client says
+    expires_at: int  # ms since the epoch: refused from then on
+    public_key: bytes
+
+    @property
+    def label(self) -> str:
+        return DEVICE_KEY
+
+    def encode(self) -> bytes:
+        # Device ids start at 1; a 0 would be a key of no device at all.
+        if self.device_id < 1:
+            raise EncodingError(f"device id {self.device_id} is not 1 or more")
+        return (text(KEY_ALGORITHM) + text(self.owner) + uint64(self.device_id)
+                + uint64(self.key_id) + uint64(self.created_at) + uint64(self.expires_at)
+                + opaque(self.public_key))
+
+    def sign(self, key: SigningKey) -> bytes:
+        return sign_with_label(key, DEVICE_KEY, self.encode())
+
+    def verify(self, identity_key: bytes, signature: bytes) -> bool:
+        try:
+            content = self.encode()
+        except EncodingError:
+            return False
+        return verify_with_label(identity_key, DEVICE_KEY, content, signature)
 
 
 # -- wallet links (SEP-53) ----------------------------------------------------

@@ -7,6 +7,7 @@ the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -25,6 +26,16 @@ PUBLIC = bytes(KEY.verify_key)
 ALL_LABELS = signing.LABELS
 
 
+def _device_binding(vector: dict) -> signing.DeviceKeyBinding:
+    inputs = vector["inputs"]
+    if inputs["algorithm"] != signing.KEY_ALGORITHM:
+        raise AssertionError(f"{vector['name']} is not an {signing.KEY_ALGORITHM} key")
+    return signing.DeviceKeyBinding(
+        owner=inputs["owner"], device_id=inputs["deviceId"], key_id=inputs["keyId"],
+        created_at=inputs["createdAt"], expires_at=inputs["expiresAt"],
+        public_key=bytes.fromhex(inputs["publicKey"]))
+
+
 def _rebuild(vector: dict) -> tuple[str, bytes]:
     """The label and content of a vector, made from its inputs alone."""
     inputs = vector["inputs"]
@@ -40,6 +51,8 @@ def _rebuild(vector: dict) -> tuple[str, bytes]:
             key_id=inputs["keyId"], created_at=inputs["createdAt"],
             expires_at=inputs["expiresAt"], public_key=bytes.fromhex(inputs["publicKey"]))
         return binding.label, binding.encode()
+    if vector["name"].startswith("device-key-"):
+        return signing.DEVICE_KEY, _device_binding(vector).encode()
     assert vector["name"] == "message", vector["name"]
     h = inputs["header"]
     header = signing.MessageHeader(h["scheme"], h["chatId"], h["senderId"], h["messageType"],
@@ -149,6 +162,126 @@ class LayoutTests(unittest.TestCase):
                          signing.MLKEM_KEY)
 
 
+    def test_device_key_binding_layout(self) -> None:
+        """A device key binding: algorithm, owner, device id, key id,
+        created, expires (uint64 big-endian) and the key, under the label
+        device-key."""
+        binding = signing.DeviceKeyBinding("bob", 2, 7, 1000, 2000, b"K" * 5)
+        self.assertEqual(binding.encode(),
+                         struct.pack(">I", 11) + b"ml-kem-1024" + struct.pack(">I", 3) + b"bob"
+                         + struct.pack(">QQQQ", 2, 7, 1000, 2000) + struct.pack(">I", 5)
+                         + b"KKKKK")
+        self.assertEqual(binding.label, signing.DEVICE_KEY)
+        self.assertEqual(signing.PREFIX + binding.label, "cyphr-v2 device-key")
+
+
+class DeviceKeyTests(unittest.TestCase):
+    """A device key's signature binds exactly its owner, device id, key id,
+    validity and key, and only as a device key."""
+
+    def setUp(self) -> None:
+        [vector] = [v for v in VECTORS["vectors"] if v["name"] == "device-key-2"]
+        self.binding = _device_binding(vector)
+        self.signature = bytes.fromhex(vector["signature"])
+
+    def test_the_vector_verifies(self) -> None:
+        """The vector's signature verifies for its own binding (so that the
+        refusals below are the changes' doing)."""
+        self.assertTrue(self.binding.verify(PUBLIC, self.signature))
+        self.assertEqual(self.binding.sign(KEY), self.signature)
+
+    def test_any_other_field_does_not_verify(self) -> None:
+        """The signature does not verify for another device id, owner, key
+        id, creation or expiry time, key, or identity key."""
+        b = self.binding
+        other_key = bytes([b.public_key[0] ^ 1]) + b.public_key[1:]
+        for changes in ({"device_id": 1}, {"device_id": 3}, {"owner": "alice_02"},
+                        {"owner": "Alice_01"}, {"key_id": 2}, {"key_id": 4},
+                        {"created_at": b.created_at + 1}, {"expires_at": b.expires_at + 1},
+                        {"expires_at": b.expires_at * 2}, {"public_key": other_key},
+                        {"public_key": b.public_key[:-1]}):
+            moved = dataclasses.replace(b, **changes)
+            self.assertFalse(moved.verify(PUBLIC, self.signature), changes)
+        other = bytes(SigningKey(bytes(range(1, 33))).verify_key)
+        self.assertFalse(b.verify(other, self.signature))
+        self.assertFalse(b.verify(PUBLIC, self.signature[:-1]))
+        self.assertFalse(b.verify(PUBLIC, bytes([self.signature[0] ^ 1]) + self.signature[1:]))
+
+    def test_no_swap_with_main_keys_or_prekeys(self) -> None:
+        """A device key's signature does not verify as a main key or a
+        one-time prekey with the same owner, id, times and key (nor with the
+        device id taken as the key id), and theirs do not verify as a
+        device key."""
+        b = self.binding
+        for one_time in (False, True):
+            for key_id in (b.key_id, b.device_id):
+                as_key = signing.KeyBinding(one_time, b.owner, key_id, b.created_at,
+                                            b.expires_at, b.public_key)
+                self.assertFalse(as_key.verify(PUBLIC, self.signature), (one_time, key_id))
+                self.assertFalse(b.verify(PUBLIC, as_key.sign(KEY)), (one_time, key_id))
+        for vector in VECTORS["vectors"]:
+            if vector["name"] in ("ml-kem-key", "one-time-prekey"):
+                inputs = vector["inputs"]
+                as_device = signing.DeviceKeyBinding(
+                    inputs["owner"], 1, inputs["keyId"], inputs["createdAt"],
+                    inputs["expiresAt"], bytes.fromhex(inputs["publicKey"]))
+                self.assertFalse(as_device.verify(PUBLIC, bytes.fromhex(vector["signature"])),
+                                 vector["name"])
+
+    def test_device_id_zero_is_refused(self) -> None:
+        """Device ids start at 1: a binding for device 0 cannot be encoded
+        or signed, and verifies as nothing (False, no exception), even with a
+        signature over the bytes it would have had."""
+        zero = dataclasses.replace(self.binding, device_id=0)
+        self.assertRaises(signing.EncodingError, zero.encode)
+        self.assertRaises(signing.EncodingError, zero.sign, KEY)
+        would_be = (signing.text(signing.KEY_ALGORITHM) + signing.text(zero.owner)
+                    + signing.uint64(0) + signing.uint64(zero.key_id)
+                    + signing.uint64(zero.created_at) + signing.uint64(zero.expires_at)
+                    + signing.opaque(zero.public_key))
+        forged = signing.sign_with_label(KEY, signing.DEVICE_KEY, would_be)
+        self.assertFalse(zero.verify(PUBLIC, forged))
+
+    def test_verify_never_raises(self) -> None:
+        """Values that do not encode (negative or over 64 bits) and keys or
+        signatures of the wrong size give False, not an exception."""
+        b = self.binding
+        for changes in ({"device_id": -1}, {"device_id": 2**64}, {"key_id": -1},
+                        {"key_id": 2**64}, {"created_at": -1}, {"expires_at": 2**64}):
+            self.assertFalse(dataclasses.replace(b, **changes).verify(PUBLIC, self.signature),
+                             changes)
+        self.assertFalse(b.verify(PUBLIC[:31], self.signature))
+        self.assertFalse(b.verify(PUBLIC, b""))
+
+    def test_the_client_makes_and_checks_the_same_signature(self) -> None:
+        """cyphr.client.crypto's sign_device_key gives the vector's
+        signature, verify_device_key accepts it and refuses it for another
+        device, and device_key_form carries the fields of a device key
+        upload, signed for the device."""
+        from cyphr.client import crypto
+
+        b = self.binding
+        values = (b.owner, b.device_id, b.key_id, b.created_at, b.expires_at, b.public_key)
+        self.assertEqual(crypto.sign_device_key(KEY, *values), self.signature)
+        self.assertTrue(crypto.verify_device_key(PUBLIC, *values, self.signature))
+        self.assertFalse(crypto.verify_device_key(PUBLIC, b.owner, 1, *values[2:],
+                                                  self.signature))
+        self.assertRaises(signing.EncodingError, crypto.sign_device_key, KEY, b.owner, 0,
+                          *values[2:])
+        identity = crypto.Identity(bytes(range(64)))
+        form = crypto.device_key_form(identity, "alice_01", 3, 1, b.public_key, b.created_at)
+        self.assertEqual(set(form), {"kyberPublicKey", "kyberKeyId", "kyberKeyCreatedAt",
+                                     "kyberKeyExpiresAt", "kyberKeySignature"})
+        self.assertEqual(form["kyberKeyId"], 1)
+        created = crypto.parse_iso_ms(form["kyberKeyCreatedAt"], "created")
+        expires = crypto.parse_iso_ms(form["kyberKeyExpiresAt"], "expires")
+        self.assertEqual((created, expires - created), (b.created_at, crypto.MAIN_KEY_LIFETIME_MS))
+        self.assertTrue(crypto.verify_device_key(
+            identity.public_key, "alice_01", 3, 1, created, expires,
+            crypto.unb64(form["kyberPublicKey"], "key"),
+            crypto.unb64(form["kyberKeySignature"], "signature")))
+
+
 class DecodeTests(unittest.TestCase):
     def statement(self, **changes: object) -> signing.AuthStatement:
         values: dict = dict(purpose="recover", origin="https://a.example", cyphr_id="carol",
@@ -250,6 +383,19 @@ class PropertyTests(unittest.TestCase):
         b = signing.KeyBinding(one_b, owner_b, id_b, t_b, t_b, b"k")
         self.assertEqual(signing.sign_content(a.label, a.encode())
                          == signing.sign_content(b.label, b.encode()), a == b)
+
+    @given(st.text(max_size=10), st.integers(1, 2**64 - 1), st.integers(0, 2**64 - 1),
+           st.integers(0, 2**64 - 1), st.text(max_size=10), st.integers(1, 2**64 - 1),
+           st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+    @settings(max_examples=300, deadline=None)
+    def test_device_key_bindings_never_coincide(self, owner_a: str, device_a: int, id_a: int,
+                                                t_a: int, owner_b: str, device_b: int,
+                                                id_b: int, t_b: int) -> None:
+        """Two device key bindings encode alike only when owner, device id,
+        key id, times and key are all equal."""
+        a = signing.DeviceKeyBinding(owner_a, device_a, id_a, t_a, t_a, b"k")
+        b = signing.DeviceKeyBinding(owner_b, device_b, id_b, t_b, t_b, b"k")
+        self.assertEqual(a.encode() == b.encode(), a == b)
 
     @given(_labels, _bytes)
     @settings(max_examples=40, deadline=None)

@@ -98,6 +98,17 @@ def build() -> dict[str, Any]:
                   "wrappedKey": _hex(k.wrapped_key)} for k in keys]},
         signing.message_content(header, nonce, ciphertext, tag, keys))
 
+    # Two devices of one identity: the device id is signed, so the same key
+    # signed for device 1 does not verify as device 2's.
+    for device_id, key_id in ((1, 0), (2, 3)):
+        device = signing.DeviceKeyBinding(owner="alice_01", device_id=device_id, key_id=key_id,
+                                          created_at=1_790_000_000_000,
+                                          expires_at=1_805_552_000_000, public_key=kem_public)
+        add(f"device-key-{device_id}", device.label, {
+            "algorithm": signing.KEY_ALGORITHM, "owner": device.owner, "deviceId": device_id,
+            "keyId": key_id, "createdAt": device.created_at, "expiresAt": device.expires_at,
+            "publicKey": _hex(kem_public)}, device.encode())
+
     stellar = Keypair.from_raw_ed25519_seed(STELLAR_SEED)
     text = signing.wallet_link_text("https://chat.example.org", "alice_01", stellar.public_key,
                                     "6f1c1f7e-0d6b-4a4f-9a59-3c1f4f0e2b7d", challenge)

@@ -14,8 +14,9 @@ Identity
     a new device. The identity key signs, each under its own label, the
     main ML-KEM key and every one-time prekey as a
     :class:`~cyphr.signing.KeyBinding` (kind, owner's Cyphr ID, key id,
-    validity), every message, and the login statements the client builds
-    itself.
+    validity), each device's own ML-KEM key as a
+    :class:`~cyphr.signing.DeviceKeyBinding` (the same and the device's
+    id), every message, and the login statements the client builds itself.
 
 A message, for every recipient including the sender itself
     1. The plaintext is padded to a size bucket (256 B, 1 KiB, 4 KiB,
@@ -76,7 +77,7 @@ from nacl.signing import SigningKey, VerifyKey
 from cyphr import signing
 from cyphr.clock import iso, parse_iso
 from cyphr.crypto import MLKEM1024_KEY_BYTES, is_mlkem1024_key
-from cyphr.signing import KeyBinding, MessageHeader, WrappedKey
+from cyphr.signing import DeviceKeyBinding, KeyBinding, MessageHeader, WrappedKey
 
 VERSION = 2
 SCHEME = "cyphr-hybrid-v2"  # ML-KEM-1024 + X25519, HKDF-SHA256, XChaCha20-Poly1305, Ed25519
@@ -320,6 +321,42 @@ class Prekey:
         return {"keyId": self.key_id, "kyberPublicKey": b64(binding.public_key),
                 "signature": b64(binding.sign(identity.signing_key)),
                 "createdAt": iso_ms(binding.created_at), "expiresAt": iso_ms(binding.expires_at)}
+
+
+def sign_device_key(signing_key: SigningKey, owner: str, device_id: int, key_id: int,
+                    created_at: int, expires_at: int, public_key: bytes) -> bytes:
+    """The identity key's signature (label device-key) on a device's own
+    ML-KEM key, binding it to ``owner`` (a Cyphr ID), to the device
+    ``device_id`` (1 or more: signing.EncodingError otherwise), to its
+    generation ``key_id`` and to its validity (ms)."""
+    return DeviceKeyBinding(owner, device_id, key_id, created_at, expires_at,
+                            public_key).sign(signing_key)
+
+
+def verify_device_key(identity_key: bytes, owner: str, device_id: int, key_id: int,
+                      created_at: int, expires_at: int, public_key: bytes,
+                      signature: bytes) -> bool:
+    """Whether ``signature`` is ``identity_key``'s device-key signature on
+    exactly this key, owner, device id, key id and validity: a key signed
+    for another device, another identity, or as a main key or prekey does
+    not verify. Never raises for bad values: False."""
+    return DeviceKeyBinding(owner, device_id, key_id, created_at, expires_at,
+                            public_key).verify(identity_key, signature)
+
+
+def device_key_form(identity: Identity, owner: str, device_id: int, key_id: int,
+                    public_key: bytes, created_at: int) -> dict[str, Any]:
+    """The fields of a device key upload (store-public-key, by the device
+    itself: its token names the device), signed as device ``device_id`` of
+    ``owner`` (docs/encryption.rst, "Device keys") for
+    :data:`MAIN_KEY_LIFETIME_MS` from ``created_at``. The server lists it
+    with ``kyberKeySignatureVersion`` 3."""
+    expires_at = created_at + MAIN_KEY_LIFETIME_MS
+    signature = sign_device_key(identity.signing_key, owner, device_id, key_id, created_at,
+                                expires_at, public_key)
+    return {"kyberPublicKey": b64(public_key), "kyberKeyId": key_id,
+            "kyberKeyCreatedAt": iso_ms(created_at), "kyberKeyExpiresAt": iso_ms(expires_at),
+            "kyberKeySignature": b64(signature)}
 
 
 @dataclass(frozen=True)
