@@ -65,12 +65,26 @@ class RoleChanged:
 
 @dataclass(frozen=True, slots=True)
 class SessionsEnded:
-    """Sessions of ``cyphr_id`` ended: the one of token ``jti`` (a logout),
-    or, with ``jti`` None, every one (the identity was recovered on a new
-    device, or deleted). Their sockets must close, on every node."""
+    """Sessions of ``cyphr_id`` ended: the one of token ``jti`` (a logout);
+    with ``jti`` None, every one of the device whose keyed fingerprint hash
+    is ``device`` (the device was removed, or recovered in place); with
+    both None, every one (the identity was recovered onto a new device
+    alone, or deleted). Their sockets must close, on every node."""
 
     cyphr_id: str
     jti: str | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesChanged:
+    """The devices of ``cyphr_id`` changed: device ``device_id`` was added
+    or removed, or has a new key (``change``: "added", "removed", "key").
+    Its contacts and its other devices re-read the device list."""
+
+    cyphr_id: str
+    device_id: int
+    change: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +95,8 @@ class IdentityDeleted:
     cyphr_id: str
 
 
-Change = MessageStored | MemberJoined | MemberLeft | RoleChanged | SessionsEnded | IdentityDeleted
+Change = (MessageStored | MemberJoined | MemberLeft | RoleChanged | SessionsEnded | DevicesChanged
+          | IdentityDeleted)
 C = TypeVar("C")
 
 

@@ -123,7 +123,10 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a session token is valid (s, m, h, d suffixes).",
             metavar="DURATION"),
     Setting("max_prekeys", "int",
-            "Most one-time prekeys one user may hold on the server.", metavar="N"),
+            "Most one-time prekeys one device may hold on the server.", metavar="N"),
+    Setting("max_devices", "int",
+            "Most devices one identity may have at once (recovery that "
+            "keeps the other devices is refused past it).", metavar="N"),
     Setting("cache_entries", "int",
             "Most entries in each of the in-memory caches that spare a "
             "database lookup (session tokens checked, direct chats, call "
@@ -151,7 +154,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate_limit_search", "rate",
             "User searches per user, as COUNT/PERIOD.", metavar="RATE"),
     Setting("rate_limit_claim", "rate",
-            "One-time prekey claims per caller and target user, as "
+            "One-time prekey claims per caller and target device, as "
             "COUNT/PERIOD.", metavar="RATE"),
     Setting("rate_limit_password", "rate",
             "Argon2 password hashes (POST /api/auth/hash-password) per user, "
@@ -246,6 +249,7 @@ class Config:
     node_id: str = ""
     token_lifetime: int = 7 * 24 * 3600
     max_prekeys: int = 1000
+    max_devices: int = 6
     cache_entries: int = 100_000
     rate_limit_keys: int = 200_000
     max_payload: int = 1 * MiB
@@ -677,6 +681,8 @@ def validate(config: Config) -> None:
         raise ConfigError("--realtime-buffer must be at least --max-body")
     if not 1 <= config.max_prekeys <= 100_000:
         raise ConfigError("--max-prekeys must be between 1 and 100000")
+    if not 1 <= config.max_devices <= 100:
+        raise ConfigError("--max-devices must be between 1 and 100")
     if not 100 <= config.cache_entries <= 100_000_000:
         raise ConfigError("--cache-entries must be between 100 and 100000000")
     if not 1000 <= config.rate_limit_keys <= 100_000_000:

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 import cyphr
 from cyphr._compat import port_deferred
+from cyphr.api.devices import DevicesAPI
 from cyphr.api.health import HealthAPI
 from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root, connection_release
 from cyphr.api.identity import IdentityAPI
@@ -46,6 +47,7 @@ from cyphr.db.postgres import PostgresDatabase
 from cyphr.handlers.auth import Authenticator
 from cyphr.handlers.calls import CallsHandler
 from cyphr.handlers.delivery import DeliveryHandler
+from cyphr.handlers.devices import DevicesHandler
 from cyphr.handlers.health import HealthHandler, RealtimeStats
 from cyphr.handlers.ice import IceServers
 from cyphr.handlers.identity import IdentityHandler
@@ -70,6 +72,7 @@ from cyphr.realtime.presence import Presence
 from cyphr.realtime.socketio import SocketServer
 from cyphr.store.challenges import ChallengeStore
 from cyphr.store.chats import ChatStore
+from cyphr.store.devices import DeviceStore
 from cyphr.store.identities import IdentityStore
 from cyphr.store.keys import PrekeyStore
 from cyphr.store.messages import MessageStore
@@ -387,6 +390,7 @@ def build_server(
     cpu = CpuPool(reactor)
     limits = RateLimits(clock, config)
     identities = IdentityStore(database)
+    devices = DeviceStore(database)
     challenges = ChallengeStore(database)
     revocations = TokenStore(database)
 
@@ -397,10 +401,11 @@ def build_server(
     origins = AcceptedOrigins(config.public_url)
     chats = ChatStore(database)
     identity = IdentityHandler(identities, challenges, revocations, tokens, totp,
-                               secrets.fingerprint_key, clock, is_online=presence.is_online,
+                               secrets.fingerprint_key, clock, devices=devices,
+                               max_devices=config.max_devices, is_online=presence.is_online,
                                chats=chats, changes=changes, origins=origins,
                                accept_v1=config.accept_v1_auth)
-    keys = KeysHandler(identities, identity, PrekeyStore(database), cpu, limits.claim,
+    keys = KeysHandler(identities, identity, PrekeyStore(database), devices, cpu, limits.claim,
                        config.max_prekeys, clock)
     wallet = WalletHandler(WalletStore(database), identity, clock, origins)
     messages = MessageStore(database)
@@ -413,7 +418,7 @@ def build_server(
     # A call may be signalled only while the two share a chat: a leave ends
     # what this node believed of its member's pairs.
     changes.subscribe(MemberLeft, calls.member_left)
-    delivery = DeliveryHandler(chats, messages, identities, clock)
+    delivery = DeliveryHandler(chats, messages, identities, devices, clock)
 
     def identity_deleted(change: IdentityDeleted) -> None:
         # Nothing about a deleted identity stays in memory.
@@ -454,6 +459,7 @@ def build_server(
         HealthAPI(health),
         IdentityAPI(identity, authenticator, limits, PinBackupHandler(PinBackupStore(database), clock)),
         KeysAPI(keys, authenticator, limits),
+        DevicesAPI(DevicesHandler(identities, devices, changes, clock), authenticator, limits),
         SecurityAPI(totp, PasswordHashing(cpu), authenticator, limits,
                     hash_password_endpoint=config.hash_password_endpoint),
         WalletAPI(wallet, authenticator, limits),

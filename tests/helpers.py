@@ -143,11 +143,21 @@ class JsonCalls:
         return await self.request("GET", url, **kwargs)
 
     async def post(self, url: str, body: Any = None, **kwargs: Any) -> Response:
+        return await self.request("POST", url, **self._json(body, kwargs))
+
+    async def put(self, url: str, body: Any = None, **kwargs: Any) -> Response:
+        return await self.request("PUT", url, **self._json(body, kwargs))
+
+    async def delete(self, url: str, body: Any = None, **kwargs: Any) -> Response:
+        return await self.request("DELETE", url, **self._json(body, kwargs))
+
+    @staticmethod
+    def _json(body: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if body is not None:
             kwargs["data"] = json.dumps(body).encode("utf-8")
             headers = kwargs.setdefault("headers", {})
             headers.setdefault(b"Content-Type", [b"application/json"])
-        return await self.request("POST", url, **kwargs)
+        return kwargs
 
 
 class InProcessHTTP(JsonCalls):

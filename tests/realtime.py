@@ -25,14 +25,12 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.threads import deferToThread
 
 from cyphr.client.realtime import OrderedClient
+from cyphr.realtime.client_events import SENT_EVENTS
 
 reactor.suggestThreadPoolSize(40)
 
-SERVER_EVENTS = (
-    "authenticated", "new_message", "message_delivered", "message_read", "user_typing",
-    "user_online", "user_offline", "sync_complete", "incoming_call", "call_answer",
-    "call_ice_candidate", "call_end",
-)
+# Every event the server sends (cyphr.realtime.client_events.Sent).
+SERVER_EVENTS = tuple(sorted(SENT_EVENTS))
 
 
 class SioClient:

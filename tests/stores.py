@@ -21,7 +21,8 @@ from cyphr.clock import now_ms
 from cyphr.db.sqlite import SQLiteDatabase
 from cyphr.handlers.auth import AuthUser
 from cyphr.store.chats import ChatStore
-from cyphr.store.identities import Identity, IdentityStore
+from cyphr.store.devices import DeviceStore
+from cyphr.store.identities import Identity, IdentityStore, MainKey
 from cyphr.store.messages import Message, MessageStore, Outgoing
 
 START = 1_790_000_000.0  # seconds: the clock's time when a test begins
@@ -42,18 +43,23 @@ class World:
         self.chats = ChatStore(database)
         self.messages = MessageStore(database)
         self.identities = IdentityStore(database)
+        self.devices = DeviceStore(database)
 
     async def user(self, cyphr_id: str) -> AuthUser:
         now = now_ms(self.clock)
         user_id = str(uuid.uuid4())
+        # The store checks no key: random bytes stand for device 1's.
+        key = MainKey(os.urandom(1568), os.urandom(64))
         await self.identities.create(Identity(
-            id=user_id, cyphr_id=cyphr_id, public_key=os.urandom(32), kyber_public_key=None,
-            kyber_key_signature=None, kyber_key_id=None, kyber_key_created_at=None,
-            kyber_key_expires_at=None, kyber_key_signature_version=1, device_fingerprint_hash=None,
-            display_name=None, avatar_url=None, encrypted_settings=None, tokens_valid_after=0,
-            created_at=now, updated_at=now, last_seen=None, totp_enabled=False))
+            id=user_id, cyphr_id=cyphr_id, public_key=os.urandom(32),
+            kyber_public_key=key.kyber_public_key, kyber_key_signature=key.signature,
+            kyber_key_id=None, kyber_key_created_at=None, kyber_key_expires_at=None,
+            kyber_key_signature_version=1, display_name=None, avatar_url=None,
+            encrypted_settings=None, tokens_valid_after=0, created_at=now, updated_at=now,
+            last_seen=None, totp_enabled=False), "device", key)
         return AuthUser(user_id=user_id, cyphr_id=cyphr_id, jti=str(uuid.uuid4()),
-                        expires_at=int(self.clock.seconds()) + 3600, device_hash="device")
+                        expires_at=int(self.clock.seconds()) + 3600, device_hash="device",
+                        device_id=1)
 
     async def direct(self, a: AuthUser, b: AuthUser) -> str:
         chat_id, _ = await self.chats.direct_chat(a.cyphr_id, b.cyphr_id, now_ms(self.clock))

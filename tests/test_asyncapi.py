@@ -180,7 +180,7 @@ class AsyncAPIDocumentTests(SynchronousTestCase):
     def test_sent_events_documented(self) -> None:
         """The events the server sends (client_events.Sent) are exactly the send
         operations of the document."""
-        self.assertEqual(len(SENT_EVENTS), 12)
+        self.assertEqual(len(SENT_EVENTS), 13)
         self.assertEqual(documented(self.doc, "send"), set(SENT_EVENTS))
 
     def test_events_named_only_through_the_registry(self) -> None:
@@ -287,7 +287,7 @@ class AsyncAPIWireTests(RealtimeBase, SQLiteMixin, TestCase):
     async def test_traffic_fits_the_document(self) -> None:
         """Every event a client emits here and the server accepts fits its
         documented payload; every ack (successes and refusals) fits its documented ack, with a
-        documented error code; every event the server sends (all twelve are
+        documented error code; every event the server sends (all thirteen are
         seen) fits its documented payload."""
         doc = document()
         check = PayloadChecker(doc)
@@ -328,6 +328,10 @@ class AsyncAPIWireTests(RealtimeBase, SQLiteMixin, TestCase):
         await b.wait_for("call_ice_candidate")
         await call(b, "call_end", {"callId": "k1", "to": "alice", "reason": "hung up"})
         await a.wait_for("call_end")
+        # Alice adds a device: her contact hears of it.
+        recovered = await alice.recover(self.http, "ab" * 32, keepOtherDevices=True)
+        self.assertEqual(recovered.code, 200, recovered.body)
+        await b.wait_for("devices_changed")
         # Refusals: each answered with a documented code.
         for event, data in [
             ("send_message", {"recipientId": "nobody_here", "encryptedPayload": {}}),

@@ -324,21 +324,30 @@ class ClientScenarios:
         alice, bob = self.new_client(f"calice{self.tag}"), self.new_client(f"cbob{self.tag}")
         alice.send(bob.cyphr_id, marker("pinned"))
         mallory = Identity.from_phrase(new_phrase())
-        columns = ("public_key", "kyber_public_key", "kyber_key_signature", "kyber_key_id",
+        columns = ("kyber_public_key", "kyber_key_signature", "kyber_key_id",
                    "kyber_key_created_at", "kyber_key_expires_at", "kyber_key_signature_version")
+        # The identity key is the identity's; the others are its device 1's.
+        device = ("devices WHERE device_id = 1 AND user_id ="
+                  " (SELECT id FROM cyphr_identities WHERE cyphr_id = ?)")
 
         def database(sql: str, params: tuple[Any, ...]) -> Any:
             return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(
                 self.server.database.run_query(sql, params)))
 
         def set_keys(values: tuple[Any, ...]) -> None:
-            blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(
-                self.server.database.run_operation(
-                    "UPDATE cyphr_identities SET " + ", ".join(f"{c} = ?" for c in columns)
-                    + " WHERE cyphr_id = ?", (*values, bob.cyphr_id))))
+            async def update() -> None:
+                await self.server.database.run_operation(
+                    "UPDATE cyphr_identities SET public_key = ? WHERE cyphr_id = ?",
+                    (values[0], bob.cyphr_id))
+                await self.server.database.run_operation(
+                    "UPDATE " + device.replace(" WHERE", " SET " + ", ".join(
+                        f"{c} = ?" for c in columns) + " WHERE"), (*values[1:], bob.cyphr_id))
+            blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(update()))
 
-        [genuine] = database("SELECT " + ", ".join(columns)
-                             + " FROM cyphr_identities WHERE cyphr_id = ?", (bob.cyphr_id,))
+        [(identity_key,)] = database("SELECT public_key FROM cyphr_identities WHERE cyphr_id = ?",
+                                     (bob.cyphr_id,))
+        [keys] = database("SELECT " + ", ".join(columns) + " FROM " + device, (bob.cyphr_id,))
+        genuine = (identity_key, *keys)
         # Mallory's keys, properly signed by mallory as bob's.
         now = int(time.time() * 1000)
         form = mallory.main_key_form(bob.cyphr_id, now)
@@ -360,7 +369,7 @@ class ClientScenarios:
         with self.assertRaises(ClientError):
             alice.accept_identity(bob.cyphr_id, real)
         self.assertFalse(alice.profile.vault["pins"][bob.cyphr_id]["verified"])
-        set_keys(tuple(genuine))
+        set_keys(genuine)
         self.assertEqual(alice.contact(bob.cyphr_id).safety_number, real)
         # Accepting after a real comparison marks the contact verified.
         self.assertTrue(alice.accept_identity(bob.cyphr_id, real).verified)
@@ -382,9 +391,10 @@ class ClientScenarios:
             KYBER_KEY_CONTEXT + alice.identity.kyber_public_key).signature
         blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(
             self.server.database.run_operation(
-                "UPDATE cyphr_identities SET kyber_key_signature = ?, kyber_key_id = NULL,"
+                "UPDATE devices SET kyber_key_signature = ?, kyber_key_id = NULL,"
                 " kyber_key_created_at = NULL, kyber_key_expires_at = NULL,"
-                " kyber_key_signature_version = 1 WHERE cyphr_id = ?",
+                " kyber_key_signature_version = 1 WHERE device_id = 1 AND user_id ="
+                " (SELECT id FROM cyphr_identities WHERE cyphr_id = ?)",
                 (v1_signature, alice.cyphr_id))))
         with alice.profile.lock:
             del alice.profile.vault["mainKey"]  # a v1 profile has no such record

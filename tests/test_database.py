@@ -131,16 +131,21 @@ class DatabaseTestsMixin:
                 (str(uuid.uuid4()),))
 
     async def test_cascade_on_identity_delete(self) -> None:
-        """Deleting an identity removes its memberships and prekeys with it."""
+        """Deleting an identity removes its memberships, devices and prekeys with it."""
         user_id = await self.db.run_interaction("add", _add_identity, "leaver")
         chat_id = await self.db.run_interaction("chat", _add_chat)
         await self.db.run_operation(
             "INSERT INTO chat_participants (chat_id, user_id, joined_at) VALUES (?, 'leaver', 0)", (chat_id,))
         await self.db.run_operation(
-            "INSERT INTO one_time_prekeys (user_id, key_id, kyber_public_key, signature, created_at)"
-            " VALUES (?, 1, ?, ?, 0)", (user_id, b"k", b"s"))
+            "INSERT INTO devices (user_id, device_id, fingerprint_hash, kyber_public_key,"
+            " kyber_key_signature, kyber_key_signature_version, created_at)"
+            " VALUES (?, 1, 'f', ?, ?, 1, 0)", (user_id, b"k", b"s"))
+        await self.db.run_operation(
+            "INSERT INTO one_time_prekeys (user_id, device_id, key_id, kyber_public_key, signature,"
+            " created_at) VALUES (?, 1, 1, ?, ?, 0)", (user_id, b"k", b"s"))
         await self.db.run_operation("DELETE FROM cyphr_identities WHERE id = ?", (user_id,))
         self.assertEqual(await self.db.run_query("SELECT * FROM chat_participants"), [])
+        self.assertEqual(await self.db.run_query("SELECT * FROM devices"), [])
         self.assertEqual(await self.db.run_query("SELECT * FROM one_time_prekeys"), [])
 
     async def test_concurrent_interactions(self) -> None:

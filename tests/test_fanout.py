@@ -39,6 +39,7 @@ EVERY_KIND = [
     (Left("c1", "alice"), {"t": "l", "c": "c1", "u": "alice"}),
     (EndSessions("alice", "jti-1"), {"t": "k", "u": "alice", "j": "jti-1"}),
     (EndSessions("alice"), {"t": "k", "u": "alice", "j": None}),
+    (EndSessions("alice", None, "d" * 64), {"t": "k", "u": "alice", "j": None, "d": "d" * 64}),
     (PresenceChanged("n1", "alice", True), {"t": "p", "n": "n1", "u": "alice", "o": 1}),
     (PresenceChanged("n1", "alice", False), {"t": "p", "n": "n1", "u": "alice", "o": 0}),
     (PresenceList("n1", ("alice", "bob")), {"t": "P", "n": "n1", "us": ["alice", "bob"]}),
@@ -112,8 +113,8 @@ class RecordingHere:
     def leave_here(self, chat_id: str, cyphr_id: str) -> None:
         self.calls.append(("leave", chat_id, cyphr_id))
 
-    def end_here(self, cyphr_id: str, jti: str | None) -> None:
-        self.calls.append(("end", cyphr_id, jti))
+    def end_here(self, cyphr_id: str, jti: str | None, device: str | None) -> None:
+        self.calls.append(("end", cyphr_id, jti, device))
 
     def message_here(self, chat_id: str, seq: int, text: str | None, origin: Any) -> None:
         self.calls.append(("message", chat_id, seq, text, origin))
@@ -147,7 +148,7 @@ class FanOutTests(SynchronousTestCase):
             ("emit", ("user:alice",), "call_end", {"callId": "c"}, None),
             ("join", "c1", "bob", 4),
             ("leave", "c1", "bob"),
-            ("end", "bob", None),
+            ("end", "bob", None, None),
             ("message", "c1", 5, '{"id":"m"}', origin),
         ])
         self.assertEqual([decode(e) for e in self.bus.sent], [
@@ -187,7 +188,7 @@ class FanOutTests(SynchronousTestCase):
         self.assertEqual(self.fanout.malformed, 1)
         kinds = [call[0] for call in self.here.calls]
         self.assertEqual(kinds, ["message", "message", "emit", "emit", "join", "leave", "end", "end",
-                                 "node", "node", "node", "node", "node"])
+                                 "end", "node", "node", "node", "node", "node"])
         self.assertEqual(self.here.calls[1], ("message", "c1", 7, None, None))
         self.assertEqual(self.here.calls[2], ("emit", ("user:a", "chat:b"), "user_typing",
                                               {"x": [1]}, "a"))

@@ -20,7 +20,7 @@ class DeliveryTests(TestCase):
             await w.user(name) for name in ("alice", "bob", "carol", "mallory")]
         self.direct = await w.direct(self.alice, self.bob)
         self.group = await w.group(self.alice, self.bob, self.carol)
-        self.handler = DeliveryHandler(w.chats, w.messages, w.identities, w.clock)
+        self.handler = DeliveryHandler(w.chats, w.messages, w.identities, w.devices, w.clock)
 
     async def deliver(self, cyphr_id: str, *messages: Message) -> None:
         """``cyphr_id`` acknowledges ``messages``, its delivered mark moving on."""
@@ -114,6 +114,19 @@ class DeliveryTests(TestCase):
         bob, alice = [await self.world.identities.by_cyphr_id(name) for name in ("bob", "alice")]
         assert bob is not None and alice is not None
         self.assertEqual((bob.last_seen, alice.last_seen), (at, None))
+
+    async def test_device_left_records_its_last_seen(self) -> None:
+        """A device's socket going records the clock's time as that
+        device's last seen, and no other device's (which keeps its time of
+        registration)."""
+        bob = self.bob
+        registered = now_ms(self.world.clock)
+        self.world.clock.advance(7)
+        await self.handler.device_left(bob.user_id, bob.device_id)
+        [device] = await self.world.devices.of_user(bob.user_id)
+        self.assertEqual(device.last_seen, now_ms(self.world.clock))
+        [other] = await self.world.devices.of_user(self.alice.user_id)
+        self.assertEqual(other.last_seen, registered)
 
     async def test_partners_share_a_chat(self) -> None:
         """Partners are everyone who shares a chat with the user, once each,

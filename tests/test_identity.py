@@ -55,7 +55,9 @@ class IdentityTestsMixin:
 
         response = await self.alice.register(self.http)
         body = response.json()
-        self.assertEqual(set(body), {"success", "token", "userId", "cyphrId", "expiresAt"})
+        self.assertEqual(set(body), {"success", "token", "userId", "cyphrId", "expiresAt",
+                                     "deviceId"})
+        self.assertEqual(body["deviceId"], 1)
         self.assertEqual(body["cyphrId"], "alice")
         uuid.UUID(body["userId"])
         self.assertEqual(body["expiresAt"], "2026-09-28T14:13:20.000Z")
@@ -89,7 +91,8 @@ class IdentityTestsMixin:
         """The device fingerprint never reaches the database; a keyed hash of it does."""
         await self.alice.register(self.http)
         rows = await self.server.database.run_query(
-            "SELECT device_fingerprint_hash FROM cyphr_identities WHERE cyphr_id = 'alice'")
+            "SELECT d.fingerprint_hash FROM devices d JOIN cyphr_identities i ON i.id = d.user_id"
+            " WHERE i.cyphr_id = 'alice'")
         self.assertRegex(rows[0][0], r"^[0-9a-f]{64}$")
         self.assertNotEqual(rows[0][0], self.alice.fingerprint)
         import hashlib
@@ -439,8 +442,8 @@ class IdentityTestsMixin:
         user_id = self.alice.user_id
         db = self.server.database
         await db.run_operation(
-            "INSERT INTO one_time_prekeys (user_id, key_id, kyber_public_key, signature, created_at)"
-            " VALUES (?, 1, ?, ?, 0)", (user_id, b"k", b"s"))
+            "INSERT INTO one_time_prekeys (user_id, device_id, key_id, kyber_public_key, signature,"
+            " created_at) VALUES (?, 1, 1, ?, ?, 0)", (user_id, b"k", b"s"))
         await db.run_operation("INSERT INTO totp_secrets (user_id, encrypted_secret, created_at, updated_at)"
                                " VALUES (?, ?, 0, 0)", (user_id, b"x"))
         await db.run_operation("INSERT INTO wallet_links (user_id, stellar_address, linked_at) VALUES (?, ?, 0)",
@@ -474,7 +477,8 @@ class IdentityTestsMixin:
                                     headers=bob.auth())
         await self.assertError(sent, 404, "USER_NOT_FOUND")
 
-        for table, column in (("cyphr_identities", "id"), ("one_time_prekeys", "user_id"),
+        for table, column in (("cyphr_identities", "id"), ("devices", "user_id"),
+                              ("one_time_prekeys", "user_id"),
                               ("totp_secrets", "user_id"), ("wallet_links", "user_id"),
                               ("revoked_tokens", "user_id")):
             self.assertEqual(await self.count(table, f"WHERE {column} = ?", (user_id,)), 0, table)

@@ -174,8 +174,8 @@ class KeysTestsMixin:
         self.assertEqual(set(body),
                          {"success", "cyphrId", "publicKey", "kyberPublicKey", "kyberKeySignature",
                           "kyberKeyId", "kyberKeyCreatedAt", "kyberKeyExpiresAt",
-                          "kyberKeySignatureVersion"})
-        self.assertEqual(body["cyphrId"], "bob")
+                          "kyberKeySignatureVersion", "deviceId"})
+        self.assertEqual((body["cyphrId"], body["deviceId"]), ("bob", 1))
         self.assertEqual(unb64(body["publicKey"]), self.bob.public_key)
         self.assertEqual(unb64(body["kyberPublicKey"]), self.bob.kyber_key)
         self.assertEqual((body["kyberKeyId"], body["kyberKeySignatureVersion"]), (1, 2))
@@ -323,7 +323,8 @@ class KeysTestsMixin:
             body = response.json()
             self.assertIs(body["oneTime"], True)
             self.assertEqual(set(body), {"success", "keyId", "kyberPublicKey", "signature", "oneTime",
-                                         "createdAt", "expiresAt", "signatureVersion"})
+                                         "createdAt", "expiresAt", "signatureVersion", "deviceId"})
+            self.assertEqual(body["deviceId"], 1)
             sent = uploaded[body["keyId"]]
             self.assertEqual({name: body[name] for name in sent}, sent)
             self.assertEqual(body["signatureVersion"], 2)

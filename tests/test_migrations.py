@@ -148,13 +148,65 @@ class V2SignaturesMigrationMixin:
         self.assertEqual(await new.run_query("SELECT COUNT(*) FROM pin_backups"), [(0,)])
 
 
+class DevicesMigrationMixin:
+    """Schema 010 (devices) on a database holding data from before."""
+
+    async def test_upgrade_moves_the_device_and_its_key_to_device_1(self) -> None:
+        """Upgrading from schema 9, an identity's fingerprint hash, main key
+        (with its id, times and signature version), token cut-off and last
+        seen move to its device 1, its prekeys become device 1's, its next
+        device id is 2, and the identity's own columns for them are gone. An
+        identity that had no device (no fingerprint) gets none, and its
+        prekeys, which no device holds, go."""
+        location = self.new_location()
+        old = await self.started(location, target=9)
+        alice, ghost = "00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002"
+        await old.run_operation(
+            "INSERT INTO cyphr_identities (id, cyphr_id, public_key, kyber_public_key,"
+            " kyber_key_signature, kyber_key_id, kyber_key_created_at, kyber_key_expires_at,"
+            " kyber_key_signature_version, device_fingerprint_hash, tokens_valid_after, created_at,"
+            " updated_at, last_seen) VALUES (?, 'alice', ?, ?, ?, 4, 10, 20, 2, ?, 5000, 1, 2, 3)",
+            (alice, b"k" * 32, b"m" * 1568, b"s" * 64, "f" * 64))
+        await old.run_operation(
+            "INSERT INTO cyphr_identities (id, cyphr_id, public_key, kyber_public_key,"
+            " kyber_key_signature, created_at, updated_at) VALUES (?, 'ghost', ?, ?, ?, 0, 0)",
+            (ghost, b"g" * 32, b"m" * 1568, b"s" * 64))
+        for user in (alice, ghost):
+            await old.run_operation(
+                "INSERT INTO one_time_prekeys (user_id, key_id, kyber_public_key, signature, created_at,"
+                " key_created_at, key_expires_at, signature_version) VALUES (?, 7, ?, ?, 0, 1, 2, 2)",
+                (user, b"p" * 1568, b"s" * 64))
+        await old.close()
+        new = await self.started(location, target=10)
+        rows = await new.run_query(
+            "SELECT user_id, device_id, fingerprint_hash, encrypted_name, kyber_public_key,"
+            " kyber_key_signature, kyber_key_id, kyber_key_created_at, kyber_key_expires_at,"
+            " kyber_key_signature_version, tokens_valid_after, created_at, last_seen FROM devices")
+        self.assertEqual([tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                          for row in rows],
+                         [(alice, 1, "f" * 64, None, b"m" * 1568, b"s" * 64, 4, 10, 20, 2, 5000, 1, 3)])
+        self.assertEqual(await new.run_query(
+            "SELECT user_id, device_id, key_id, key_created_at, key_expires_at, signature_version"
+            " FROM one_time_prekeys"), [(alice, 1, 7, 1, 2, 2)])
+        self.assertEqual(await new.run_query(
+            "SELECT cyphr_id, next_device_id FROM cyphr_identities ORDER BY cyphr_id"),
+            [("alice", 2), ("ghost", 1)])
+        for column in ("device_fingerprint_hash", "kyber_public_key", "kyber_key_signature_version"):
+            with self.assertRaises(Exception):
+                await new.run_query(f"SELECT {column} FROM cyphr_identities")
+        await new.run_operation("DELETE FROM cyphr_identities WHERE id = ?", (alice,))
+        self.assertEqual(await new.run_query("SELECT COUNT(*) FROM devices"), [(0,)])
+        self.assertEqual(await new.run_query("SELECT COUNT(*) FROM one_time_prekeys"), [(0,)])
+
+
 async def deferLater(seconds: float) -> None:
     from twisted.internet.task import deferLater as later
 
     await later(reactor, seconds, lambda: None)
 
 
-class SQLiteMigrationTests(V2SignaturesMigrationMixin, MigrationTestsMixin, TestCase):
+class SQLiteMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin, MigrationTestsMixin,
+                           TestCase):
     def new_location(self) -> str:
         directory = self.mktemp()
         os.makedirs(directory)
@@ -171,7 +223,8 @@ class SQLiteMigrationTests(V2SignaturesMigrationMixin, MigrationTestsMixin, Test
         sqlite_preflight(os.path.join(self.mktemp(), "none.sqlite3"))
 
 
-class PostgresMigrationTests(V2SignaturesMigrationMixin, MigrationTestsMixin, TestCase):
+class PostgresMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin, MigrationTestsMixin,
+                             TestCase):
     def new_location(self) -> str:
         return postgres.database_url()
 

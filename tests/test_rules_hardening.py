@@ -85,7 +85,7 @@ class RulesMixin:
 
     def auth_user(self, user: User) -> AuthUser:
         assert user.user_id is not None
-        return AuthUser(user_id=user.user_id, cyphr_id=user.cyphr_id, jti="t", expires_at=0, device_hash="d")
+        return AuthUser(user_id=user.user_id, cyphr_id=user.cyphr_id, jti="t", expires_at=0, device_hash="d", device_id=1)
 
     # -- MEDIUM 7: who may be added to a group --------------------------------
 

@@ -203,8 +203,9 @@ class SecurityTestsMixin:
 
     async def identity_rows(self) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await self.server.database.run_query(
-            "SELECT cyphr_id, device_fingerprint_hash, tokens_valid_after FROM cyphr_identities"
-            " ORDER BY cyphr_id")]
+            "SELECT i.cyphr_id, d.device_id, d.fingerprint_hash, i.tokens_valid_after,"
+            " d.tokens_valid_after FROM cyphr_identities i JOIN devices d ON d.user_id = i.id"
+            " ORDER BY i.cyphr_id, d.device_id")]
 
     async def test_code_used_twice_at_login(self) -> None:
         """At login (v2 and v1 signatures) and at recovery, a right code used

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cyphr.cpu import CpuPool
 from cyphr.db.migrations import latest_version
 from cyphr.db.sqlite import SQLiteDatabase
-from cyphr.store.identities import Identity, IdentityStore, IdentityTaken
+from cyphr.store.identities import Identity, IdentityStore, IdentityTaken, MainKey
 from tests.helpers import run_inline
 
 
@@ -37,14 +37,18 @@ def done(d: Any) -> Any:
     return results[0]
 
 
+# The store checks no key: random bytes stand for device 1's.
+KEY = MainKey(os.urandom(1568), os.urandom(64))
+
+
 def identity(cyphr_id: str, now: int = 1_790_000_000_000) -> Identity:
     return Identity(
         id=f"id-{cyphr_id}", cyphr_id=cyphr_id, public_key=os.urandom(32),
-        kyber_public_key=None, kyber_key_signature=None, kyber_key_id=None,
+        kyber_public_key=KEY.kyber_public_key, kyber_key_signature=KEY.signature, kyber_key_id=None,
         kyber_key_created_at=None, kyber_key_expires_at=None, kyber_key_signature_version=1,
-        device_fingerprint_hash="f" * 64, display_name=cyphr_id.title(), avatar_url=None,
+        display_name=cyphr_id.title(), avatar_url=None,
         encrypted_settings=None, tokens_valid_after=0, created_at=now, updated_at=now,
-        last_seen=None, totp_enabled=False)
+        last_seen=None, totp_enabled=False, primary_device_id=1)
 
 
 class InlineStoreTests(SynchronousTestCase):
@@ -73,7 +77,7 @@ class InlineStoreTests(SynchronousTestCase):
         name is then no longer available."""
         alice = identity("alice")
         self.assertTrue(done(self.store.is_available("alice")))
-        done(self.store.create(alice))
+        done(self.store.create(alice, "f" * 64, KEY))
         self.assertEqual(done(self.store.by_cyphr_id("alice")), alice)
         self.assertEqual(done(self.store.by_id(alice.id)), alice)
         self.assertFalse(done(self.store.is_available("alice")))
@@ -82,9 +86,9 @@ class InlineStoreTests(SynchronousTestCase):
         """A second identity with a name in use is refused IdentityTaken and
         the first one is kept."""
         first = identity("alice")
-        done(self.store.create(first))
+        done(self.store.create(first, "f" * 64, KEY))
         with self.assertRaises(IdentityTaken):
-            done(self.store.create(identity("alice")))
+            done(self.store.create(identity("alice"), "f" * 64, KEY))
         self.assertEqual(done(self.store.by_cyphr_id("alice")), first)
 
     def test_work_runs_on_the_calling_thread(self) -> None:

@@ -61,9 +61,11 @@ class ServerMixin:
     async def identity_state(self, cyphr_id: str = "alice") -> list[tuple[Any, ...]]:
         """What a refused request must leave as it was."""
         return await self.server.database.run_query(
-            "SELECT device_fingerprint_hash, tokens_valid_after, kyber_public_key, kyber_key_id,"
-            " kyber_key_created_at, kyber_key_expires_at, kyber_key_signature_version, updated_at"
-            " FROM cyphr_identities WHERE cyphr_id = ?", (cyphr_id,))
+            "SELECT d.device_id, d.fingerprint_hash, i.tokens_valid_after, d.tokens_valid_after,"
+            " d.kyber_public_key, d.kyber_key_id, d.kyber_key_created_at, d.kyber_key_expires_at,"
+            " d.kyber_key_signature_version, i.updated_at"
+            " FROM cyphr_identities i JOIN devices d ON d.user_id = i.id WHERE i.cyphr_id = ?"
+            " ORDER BY d.device_id", (cyphr_id,))
 
     async def prekey_rows(self, user_id: str) -> list[tuple[Any, ...]]:
         return await self.server.database.run_query(

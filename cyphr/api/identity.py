@@ -137,6 +137,7 @@ class IdentityAPI:
             "success": True,
             "token": session.token.token,
             "expiresAt": iso(session.token.expires_at * 1000),
+            "deviceId": session.device_id,
             "user": own_profile(session.identity, self._identity.is_online(session.identity.cyphr_id)),
         }, status)
 
@@ -184,6 +185,7 @@ class IdentityAPI:
             "userId": session.identity.id,
             "cyphrId": session.identity.cyphr_id,
             "expiresAt": iso(session.token.expires_at * 1000),
+            "deviceId": session.device_id,
         }, 201)
 
     @app.route("/api/cyphr-id/login", methods=["POST"])
@@ -203,7 +205,8 @@ class IdentityAPI:
     @public(ip_limited=True)
     async def recover(self, request: Any) -> bytes:
         fields = Fields(read_json(request), {
-            "cyphrId", "newDeviceFingerprint", *PROOF_FIELDS, *MAIN_KEY_FIELDS, "totpCode"})
+            "cyphrId", "newDeviceFingerprint", *PROOF_FIELDS, *MAIN_KEY_FIELDS, "totpCode",
+            "keepOtherDevices"})
         cyphr_id = fields.cyphr_id()
         fingerprint = fields.fingerprint("newDeviceFingerprint")
         key = main_key(fields, required=False)
@@ -213,6 +216,7 @@ class IdentityAPI:
             proof=proof(fields),
             kyber=key,
             totp_code=totp_code(fields),
+            keep_other_devices=fields.boolean("keepOtherDevices", default=False),
         )
         return self._session(request, session)
 

@@ -13,7 +13,8 @@ from cyphr.clock import iso
 from cyphr.crypto import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, MLKEM1024_KEY_BYTES
 from cyphr.errors import DUPLICATE_KEY_ID, MISSING_FIELD, BadRequest, Forbidden
 from cyphr.handlers.auth import Authenticator, AuthUser
-from cyphr.handlers.keys import MAX_PREKEYS_PER_CALL, KeysHandler
+from cyphr.api.devices import parse_device_id
+from cyphr.handlers.keys import MAX_PREKEYS_PER_CALL, ClaimedKey, KeysHandler
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import Fields, b64, check_cyphr_id, invalid
 from cyphr.store.keys import Prekey
@@ -66,6 +67,7 @@ class KeysAPI:
             "cyphrId": identity.cyphr_id,
             "publicKey": b64(identity.public_key),
             **main_key_fields(identity),
+            "deviceId": identity.primary_device_id,
         })
 
     @app.route("/api/keys/prekeys", methods=["POST"])
@@ -101,8 +103,22 @@ class KeysAPI:
     @app.route("/api/keys/claim/<cyphr_id>", methods=["POST"])
     @authenticated()
     async def claim(self, request: Any, user: AuthUser, cyphr_id: str) -> bytes:
+        """A prekey of the target's lowest-numbered device."""
         Fields(read_json(request, required=False), set())
         claimed = await self._keys.claim(user, check_cyphr_id(cyphr_id))
+        return self._claimed(request, claimed)
+
+    @app.route("/api/keys/claim/<cyphr_id>/<device_id>", methods=["POST"])
+    @authenticated()
+    async def claim_device(self, request: Any, user: AuthUser, cyphr_id: str,
+                           device_id: str) -> bytes:
+        """A prekey of one device of the target."""
+        Fields(read_json(request, required=False), set())
+        claimed = await self._keys.claim(user, check_cyphr_id(cyphr_id), parse_device_id(device_id))
+        return self._claimed(request, claimed)
+
+    @staticmethod
+    def _claimed(request: Any, claimed: ClaimedKey) -> bytes:
         return answer(request, {
             "success": True,
             "keyId": claimed.key_id,
@@ -112,6 +128,7 @@ class KeysAPI:
             "createdAt": iso(claimed.created_at),
             "expiresAt": iso(claimed.expires_at),
             "signatureVersion": claimed.signature_version,
+            "deviceId": claimed.device_id,
         })
 
     @app.route("/api/keys/count", methods=["GET"])

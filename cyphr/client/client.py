@@ -356,8 +356,8 @@ class Client:
                 totp_code: str | None = None,
                 ask_totp: Callable[[], str | None] | None = None, **kwargs: Any) -> Client:
         """This identity on a new device: a new profile from the phrase. The
-        server rebinds the Cyphr ID to this device and ends the old one's
-        sessions. The pins of the old device come back from the encrypted
+        server makes this device the identity's only one, removing the
+        others and ending their sessions. The pins of the old device come back from the encrypted
         pin backup (``restored_pins``; ``pin_backup_error`` says why not).
         An account with two-factor login needs ``totp_code``; without one,
         ``ask_totp`` is asked for it when the server says it is needed."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +25,12 @@ class AuthStateLoader:
     def __init__(self, identities: IdentityStore, reactor: Any) -> None:
         self._identities = identities
         self._reactor = reactor
-        self._pending: dict[tuple[str, str], list[Deferred[AuthState | None]]] = {}
+        self._pending: dict[tuple[str, str, str], list[Deferred[AuthState | None]]] = {}
         self._scheduled: Any = None
 
-    def load(self, user_id: str, jti: str) -> Deferred[AuthState | None]:
+    def load(self, user_id: str, jti: str, device_hash: str) -> Deferred[AuthState | None]:
         d: Deferred[AuthState | None] = Deferred()
-        self._pending.setdefault((user_id, jti), []).append(d)
+        self._pending.setdefault((user_id, jti, device_hash), []).append(d)
         if self._scheduled is None:
             self._scheduled = self._reactor.callLater(0, self._flush)
         return d
@@ -47,15 +46,15 @@ class AuthStateLoader:
                                 errbackArgs=(chunk, pending))
 
     @staticmethod
-    def _deliver(states: dict[tuple[str, str], AuthState], chunk: list[tuple[str, str]],
-                 pending: dict[tuple[str, str], list[Deferred[AuthState | None]]]) -> None:
+    def _deliver(states: dict[tuple[str, str, str], AuthState], chunk: list[tuple[str, str, str]],
+                 pending: dict[tuple[str, str, str], list[Deferred[AuthState | None]]]) -> None:
         for key in chunk:
             for d in pending[key]:
                 d.callback(states.get(key))
 
     @staticmethod
-    def _fail(failure: Any, chunk: list[tuple[str, str]],
-              pending: dict[tuple[str, str], list[Deferred[AuthState | None]]]) -> None:
+    def _fail(failure: Any, chunk: list[tuple[str, str, str]],
+              pending: dict[tuple[str, str, str], list[Deferred[AuthState | None]]]) -> None:
         for key in chunk:
             for d in pending[key]:
                 d.errback(failure)
@@ -69,7 +68,8 @@ class AuthUser:
     cyphr_id: str
     jti: str
     expires_at: int  # seconds
-    device_hash: str
+    device_hash: str  # the keyed fingerprint hash the token names
+    device_id: int  # the identity's device of that fingerprint
 
 
 class Authenticator:
@@ -81,8 +81,9 @@ class Authenticator:
         """
         The caller of an ``Authorization: Bearer <JWT>`` header. The token
         must be ours, unexpired and unrevoked, and its identity must still
-        exist, be bound to the token's device, and not have revoked every
-        token older than this one (recovery). Unauthorized otherwise.
+        exist and still have the token's device, and neither the identity
+        nor the device may have revoked every token older than this one
+        (recovery). Unauthorized otherwise.
         """
         if isinstance(authorization, bytes):
             authorization = authorization.decode("latin-1")
@@ -95,16 +96,19 @@ class Authenticator:
 
     async def authenticate_token(self, token: str) -> AuthUser:
         claims = self._tokens.verify(token)
-        state = await self._states.load(claims.user_id, claims.jti)
+        state = await self._states.load(claims.user_id, claims.jti, claims.device_hash)
         if state is None or state.cyphr_id != claims.cyphr_id:
             raise Unauthorized("The session token is not valid", code=INVALID_TOKEN)
         if state.revoked:
             raise Unauthorized("The session token was revoked", code=TOKEN_REVOKED)
+        # The device was found by its fingerprint hash, compared in the
+        # database: the hash is keyed by a server secret, so it is no secret
+        # a timing could reveal to whoever holds the token naming it.
         if (
-            state.device_fingerprint_hash is None
-            or not hmac.compare_digest(state.device_fingerprint_hash, claims.device_hash)
+            state.device_id is None
             or claims.issued_at * 1000 < state.tokens_valid_after
+            or claims.issued_at * 1000 < state.device_tokens_valid_after
         ):
             raise Unauthorized("The session token was revoked", code=TOKEN_REVOKED)
         return AuthUser(claims.user_id, claims.cyphr_id, claims.jti, claims.expires_at,
-                        claims.device_hash)
+                        claims.device_hash, state.device_id)

@@ -13,6 +13,7 @@ from typing import Any
 
 from cyphr.clock import now_ms
 from cyphr.store.chats import ChatStore
+from cyphr.store.devices import DeviceStore
 from cyphr.store.identities import IdentityStore
 from cyphr.store.messages import Message, MessageStore
 
@@ -30,10 +31,11 @@ class Positions:
 
 class DeliveryHandler:
     def __init__(self, chats: ChatStore, messages: MessageStore, identities: IdentityStore,
-                 clock: Any) -> None:
+                 devices: DeviceStore, clock: Any) -> None:
         self._chats = chats
         self._messages = messages
         self._identities = identities
+        self._devices = devices
         self._clock = clock
 
     async def positions(self, cyphr_id: str) -> Positions:
@@ -73,6 +75,11 @@ class DeliveryHandler:
         now = now_ms(self._clock)
         await self._identities.set_last_seen(cyphr_id, now)
         return now
+
+    async def device_left(self, user_id: str, device_id: int) -> None:
+        """A socket of the device went: the device was last seen now (what
+        its owner's device list shows)."""
+        await self._devices.seen(user_id, device_id, now_ms(self._clock))
 
     async def partners(self, cyphr_id: str) -> list[str]:
         """Everyone who shares a chat with ``cyphr_id``: those told when it

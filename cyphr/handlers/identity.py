@@ -2,6 +2,10 @@
 Cyphr IDs: registration, login by a signed statement, recovery on a new
 device, profiles, search, logout and deletion.
 
+An identity has devices (cyphr.store.devices): registration makes device 1;
+login is from one of the identity's devices (its fingerprint names it);
+recovery adds a device, removing the others or keeping them.
+
 Every proof of identity answers a challenge the server issued for that
 Cyphr ID (single use, valid five minutes, used up by the first request that
 presents it whether or not the rest of that request succeeds). Version 2:
@@ -18,27 +22,32 @@ from __future__ import annotations
 import hmac
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from cyphr.changes import ChangeFeed, IdentityDeleted, SessionsEnded
+from cyphr.changes import ChangeFeed, DevicesChanged, IdentityDeleted, SessionsEnded
 from cyphr.clock import now_ms
 from cyphr.crypto import fingerprint_hash, verify_ed25519
 from cyphr.errors import (
     CYPHR_ID_TAKEN,
+    DEVICE_LIMIT,
     DEVICE_MISMATCH,
     INVALID_CHALLENGE,
+    INVALID_KEY_SIGNATURE,
     INVALID_SIGNATURE,
+    MISSING_FIELD,
     STALE_KEY,
     STATEMENT_MISMATCH,
+    TOKEN_REVOKED,
     UNSUPPORTED_SIGNATURE_VERSION,
     USER_NOT_FOUND,
     Conflict,
     NotFound,
+    BadRequest,
     Unauthorized,
 )
 from cyphr.handlers.auth import AuthUser
-from cyphr.handlers.keycheck import KeyFields, check_key
+from cyphr.handlers.keycheck import KeyFields, check_device_key, check_key
 from cyphr.handlers.origins import AcceptedOrigins
 from cyphr.handlers.security import TotpHandler
 from cyphr.handlers.tokens import IssuedToken, TokenService
@@ -56,7 +65,8 @@ from cyphr.signing import (
 )
 from cyphr.store.challenges import ChallengeStore
 from cyphr.store.chats import ChatStore
-from cyphr.store.identities import Identity, IdentityStore, IdentityTaken, MainKey, StaleKey
+from cyphr.store.devices import DeviceLimit, DeviceStore, StaleDeviceKey
+from cyphr.store.identities import Identity, IdentityStore, IdentityTaken, MainKey
 from cyphr.store.tokens import TokenStore
 
 CHALLENGE_BYTES = 32
@@ -74,6 +84,7 @@ class Challenge:
 class Session:
     token: IssuedToken
     identity: Identity
+    device_id: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,8 @@ class IdentityHandler:
         fingerprint_key: bytes,
         clock: Any,
         *,
+        devices: DeviceStore,
+        max_devices: int,
         is_online: Callable[[str], bool],
         chats: ChatStore,
         changes: ChangeFeed,
@@ -118,6 +131,8 @@ class IdentityHandler:
         accept_v1: bool,
     ) -> None:
         self._identities = identities
+        self._devices = devices
+        self.max_devices = max_devices
         self._challenges = challenges
         self._revocations = revocations
         self._tokens = tokens
@@ -209,11 +224,30 @@ class IdentityHandler:
         assert identity is not None
         return identity
 
-    def check_main_key(self, key: MainKey, identity_key: bytes, owner: str) -> None:
-        """Refuse (400) a main key the identity key did not bind to ``owner``
-        (see cyphr.handlers.keycheck)."""
+    def check_device_key(self, key: MainKey, identity_key: bytes, owner: str,
+                         device_id: int | None) -> MainKey:
+        """``key`` as checked for device ``device_id`` of ``owner``: signed
+        by the identity key as that device's key (version 3, answered with
+        ``device_bound`` set), or as the identity's main key with no device
+        id (version 2, as clients of the single-device API sign; and version
+        1 where accepted). ``device_id`` None (a device whose id is not given
+        yet) accepts version 2 only. 400 otherwise (cyphr.handlers.keycheck).
+
+        A signature verifies under one label at most, so which version a key
+        is signed in is read from its signature, with no field to say so."""
+        now = now_ms(self._clock)
+        fields = KeyFields.main_key()
+        if key.signature_version != 1 and device_id is not None:
+            try:
+                check_device_key(key, identity_key=identity_key, owner=owner, device_id=device_id,
+                                 key_id=key.key_id, now=now, fields=fields)
+                return replace(key, device_bound=True)
+            except BadRequest as e:
+                if e.code != INVALID_KEY_SIGNATURE:
+                    raise
         check_key(key, identity_key=identity_key, owner=owner, key_id=key.key_id, one_time=False,
-                  now=now_ms(self._clock), accept_v1=self.accept_v1, fields=KeyFields.main_key())
+                  now=now, accept_v1=self.accept_v1, fields=fields)
+        return replace(key, device_bound=False)
 
     # -- accounts -------------------------------------------------------
 
@@ -222,7 +256,7 @@ class IdentityHandler:
 
     async def register(self, *, cyphr_id: str, public_key: bytes, main_key: MainKey,
                        device_fingerprint: str, display_name: str | None, proof: Proof) -> Session:
-        self.check_main_key(main_key, public_key, cyphr_id)
+        main_key = self.check_device_key(main_key, public_key, cyphr_id, 1)
         challenge = await self.consume_challenge(proof.challenge_id, cyphr_id)
         self._check_proof(proof, challenge, purpose=REGISTER, cyphr_id=cyphr_id,
                           device_fingerprint=device_fingerprint, identity_key=public_key)
@@ -233,52 +267,86 @@ class IdentityHandler:
             kyber_key_id=main_key.key_id, kyber_key_created_at=main_key.created_at,
             kyber_key_expires_at=main_key.expires_at,
             kyber_key_signature_version=main_key.signature_version,
-            device_fingerprint_hash=self._device(device_fingerprint), display_name=display_name,
-            avatar_url=None, encrypted_settings=None,
+            display_name=display_name, avatar_url=None, encrypted_settings=None,
             tokens_valid_after=0, created_at=now, updated_at=now, last_seen=None,
-            totp_enabled=False)
+            totp_enabled=False, primary_device_id=1)
+        device = self._device(device_fingerprint)
         try:
-            await self._identities.create(identity)
+            await self._identities.create(identity, device, main_key)
         except IdentityTaken:
             raise Conflict("This Cyphr ID is taken", code=CYPHR_ID_TAKEN) from None
-        return Session(self._issue(identity, identity.device_fingerprint_hash), identity)
-
-    def _issue(self, identity: Identity, device_hash: str | None) -> IssuedToken:
-        assert device_hash is not None
-        return self._tokens.issue(identity.id, identity.cyphr_id, device_hash)
+        return Session(self._tokens.issue(identity.id, identity.cyphr_id, device), identity, 1)
 
     async def login(self, *, cyphr_id: str, device_fingerprint: str, proof: Proof,
                     totp_code: str | None) -> Session:
         identity = await self._proven(LOGIN, cyphr_id, device_fingerprint, proof)
-        device = self._device(device_fingerprint)
-        if identity.device_fingerprint_hash is None or not hmac.compare_digest(
-            identity.device_fingerprint_hash, device
-        ):
-            raise Unauthorized("This identity is bound to another device; recover it to move it here",
-                               code=DEVICE_MISMATCH)
-        if identity.totp_enabled:
-            await self._totp.check_login(identity.id, totp_code)
-        return Session(self._issue(identity, device), identity)
-
-    async def recover(self, *, cyphr_id: str, new_device_fingerprint: str, proof: Proof,
-                      kyber: MainKey | None, totp_code: str | None) -> Session:
-        """The recovery phrase re-creates the identity key on a new device;
-        proving it moves the identity there and revokes every earlier token."""
-        identity = await self._proven(RECOVER, cyphr_id, new_device_fingerprint, proof)
-        if kyber is not None:
-            self.check_main_key(kyber, identity.public_key, identity.cyphr_id)
+        device = await self._devices.by_fingerprint(identity.id, self._device(device_fingerprint))
+        if device is None:
+            raise Unauthorized("This device is not one of this identity's devices; recover the "
+                               "identity here to add it", code=DEVICE_MISMATCH)
         if identity.totp_enabled:
             await self._totp.check_login(identity.id, totp_code)
         now = now_ms(self._clock)
-        device = self._device(new_device_fingerprint)
-        # Tokens carry whole seconds: every token issued before this second
-        # stops working (those of the old device stop anyway: their device
-        # no longer matches).
-        await self._identities.rebind_device(identity.id, device, now - now % 1000, kyber, now)
-        self._changes.publish(SessionsEnded(identity.cyphr_id))
+        await self._devices.seen(identity.id, device.device_id, now)
+        return Session(self._tokens.issue(identity.id, identity.cyphr_id, device.fingerprint_hash),
+                       identity, device.device_id)
+
+    async def recover(self, *, cyphr_id: str, new_device_fingerprint: str, proof: Proof,
+                      kyber: MainKey | None, totp_code: str | None,
+                      keep_other_devices: bool = False) -> Session:
+        """The recovery phrase re-creates the identity key on a device;
+        proving it makes that device one of the identity's. By default
+        every other device is removed (a lost phone: their tokens stop at
+        once); with ``keep_other_devices`` they stay and this one is added
+        (up to the device cap). A device that is already the identity's
+        (the same fingerprint) is re-keyed in place and its earlier tokens
+        stop.
+
+        Without ``kyber`` the device takes the key of the identity's lowest
+        device, which the phrase re-creates; a key signed for one device id
+        (version 3) cannot be taken by another device, so then ``kyber`` is
+        required."""
+        identity = await self._proven(RECOVER, cyphr_id, new_device_fingerprint, proof)
+        if kyber is not None:
+            # The device's id is given in the transaction: a key bound to a
+            # device id is uploaded after recovery (store-public-key).
+            kyber = self.check_device_key(kyber, identity.public_key, identity.cyphr_id, None)
+        elif identity.kyber_public_key is None or identity.kyber_key_signature_version == 3:
+            raise BadRequest("kyberPublicKey is required: this identity's key is bound to "
+                             "another device", code=MISSING_FIELD,
+                             details={"field": "kyberPublicKey"})
+        else:
+            assert identity.kyber_key_signature is not None
+            kyber = MainKey(identity.kyber_public_key, identity.kyber_key_signature,
+                            identity.kyber_key_id, identity.kyber_key_created_at,
+                            identity.kyber_key_expires_at)
+        if identity.totp_enabled:
+            await self._totp.check_login(identity.id, totp_code)
+        now = now_ms(self._clock)
+        fingerprint = self._device(new_device_fingerprint)
+        try:
+            # Tokens carry whole seconds: every token of this device issued
+            # before this second stops working.
+            added = await self._devices.add(
+                identity.id, fingerprint, kyber, self.max_devices, now,
+                replace_others=not keep_other_devices, tokens_valid_after=now - now % 1000)
+        except DeviceLimit as e:
+            raise Conflict(f"This identity has {e.count} devices, as many as it may; remove one "
+                           "or recover without keeping the others", code=DEVICE_LIMIT,
+                           details={"limit": self.max_devices}) from None
+        if keep_other_devices:
+            self._changes.publish(SessionsEnded(identity.cyphr_id, device=fingerprint))
+        else:
+            self._changes.publish(SessionsEnded(identity.cyphr_id))
+        device_id = added.device.device_id
+        for removed in added.removed:
+            self._changes.publish(DevicesChanged(identity.cyphr_id, removed, "removed"))
+        self._changes.publish(DevicesChanged(identity.cyphr_id, device_id,
+                                             "added" if added.new else "key"))
         recovered = await self._identities.by_id(identity.id)
         assert recovered is not None
-        return Session(self._issue(recovered, device), recovered)
+        return Session(self._tokens.issue(identity.id, identity.cyphr_id, fingerprint), recovered,
+                       device_id)
 
     async def logout(self, user: AuthUser) -> None:
         await self._revocations.revoke(user.jti, user.user_id, user.expires_at * 1000)
@@ -332,14 +400,19 @@ class IdentityHandler:
         return await self.me(user)
 
     async def set_kyber_key(self, user: AuthUser, key: MainKey) -> None:
-        """Replace the caller's main key: checked as at registration, and
-        refused (409 STALE_KEY) when older than the stored one."""
+        """Replace the key of the caller's device: checked as at
+        registration (for this device's id), and refused (409 STALE_KEY)
+        when older than the stored one."""
         identity = await self.me(user)
-        self.check_main_key(key, identity.public_key, identity.cyphr_id)
+        key = self.check_device_key(key, identity.public_key, identity.cyphr_id, user.device_id)
         try:
-            await self._identities.set_kyber_key(user.user_id, key, now_ms(self._clock))
-        except StaleKey as e:
+            await self._devices.set_key(user.user_id, user.device_id, key, now_ms(self._clock))
+        except LookupError:
+            raise Unauthorized("The session token was revoked", code=TOKEN_REVOKED) from None
+        except StaleDeviceKey as e:
             raise Conflict(
                 "This key is older than the stored one: a lower kyberKeyId, the same kyberKeyId "
-                "with another key, or a v1 key in place of a v2 one", code=STALE_KEY,
+                "with another key, or a key signed in an older version than the stored one",
+                code=STALE_KEY,
                 details={"field": "kyberKeyId", "currentKeyId": e.current_id}) from None
+        self._changes.publish(DevicesChanged(user.cyphr_id, user.device_id, "key"))

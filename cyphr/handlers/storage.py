@@ -21,6 +21,8 @@ STORES: tuple[str, ...] = (
     "delivery and read receipts (times, per message and recipient)",
     "encrypted group names and settings, opaque to the server",
     "keyed hashes (HMAC-SHA256) of device fingerprints",
+    "each identity's devices: their ids, keys, creation and last-seen times, and names "
+    "sealed by their owners, opaque to the server",
     "TOTP secrets encrypted with a server key",
     "login challenges (random bytes, single use, expiring)",
     "identifiers and expiry times of revoked session tokens",

@@ -200,6 +200,15 @@ class Fields:
             raise invalid(name, f"{name} must be an integer from {minimum} to {maximum}")
         return value
 
+    def boolean(self, name: str, *, default: bool) -> bool:
+        """An optional true or false (null or absent: ``default``)."""
+        value = self._get(name, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise invalid(name, f"{name} must be true or false")
+        return value
+
     def timestamp(self, name: str, *, required: bool = True, field: str | None = None) -> int | None:
         """An ISO 8601 UTC time with milliseconds (2026-11-27T20:36:35.123Z),
         strictly in that form, as milliseconds since the epoch."""

@@ -55,6 +55,7 @@ class Sent:
     CALL_ANSWER = "call_answer"
     CALL_ICE_CANDIDATE = "call_ice_candidate"
     CALL_END = "call_end"
+    DEVICES_CHANGED = "devices_changed"
 
 
 SENT_EVENTS = frozenset(value for name, value in vars(Sent).items() if name.isupper())

@@ -16,7 +16,7 @@ Kinds (``t``):
   chat and seq when too large for the bus: the receiver fetches it);
 - ``e`` Emitted: an event for the sockets of some rooms;
 - ``j`` / ``l`` Joined / Left: a user's sockets join or leave a chat's room;
-- ``k`` EndSessions: close a user's sockets (of one token, or all);
+- ``k`` EndSessions: close a user's sockets (of one token, one device, or all);
 - ``p`` PresenceChanged, ``P`` PresenceList: who is online on a node;
 - ``hello``: a node started and asks the others who is online there;
 - ``h`` Heartbeat: a node is alive (a silent one has its users forgotten).
@@ -66,7 +66,8 @@ class Left:
 @dataclass(frozen=True, slots=True)
 class EndSessions:
     cyphr_id: str
-    jti: str | None = None   # None: every session of the user
+    jti: str | None = None   # None: every session of the user (or of the device)
+    device: str | None = None  # a device's keyed fingerprint hash: only its sessions
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +114,11 @@ def encode(envelope: Envelope) -> dict[str, Any]:
             return {"t": "j", "c": chat_id, "u": cyphr_id, "s": last_seq}
         case Left(chat_id, cyphr_id):
             return {"t": "l", "c": chat_id, "u": cyphr_id}
-        case EndSessions(cyphr_id, jti):
-            return {"t": "k", "u": cyphr_id, "j": jti}
+        case EndSessions(cyphr_id, jti, device):
+            out = {"t": "k", "u": cyphr_id, "j": jti}
+            if device is not None:
+                out["d"] = device
+            return out
         case PresenceChanged(node, cyphr_id, online):
             return {"t": "p", "n": node, "u": cyphr_id, "o": 1 if online else 0}
         case PresenceList(node, users):
@@ -165,7 +169,8 @@ def decode(event: Any) -> Envelope | None:
     if kind == "l":
         return Left(_text(event, "c"), _text(event, "u"))
     if kind == "k":
-        return EndSessions(_text(event, "u"), _text(event, "j", optional=True))
+        return EndSessions(_text(event, "u"), _text(event, "j", optional=True),
+                           _text(event, "d", optional=True))
     if kind == "p":
         return PresenceChanged(_text(event, "n"), _text(event, "u"), bool(event.get("o")))
     if kind == "P":

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from cyphr.changes import (
     ChangeFeed,
+    DevicesChanged,
     MemberJoined,
     MemberLeft,
     MessageStored,
@@ -141,7 +142,9 @@ class Realtime:
         changes.subscribe(MessageStored, self._message_stored)
         changes.subscribe(MemberJoined, lambda c: self.fanout.join(c.chat_id, c.cyphr_id, c.last_seq))
         changes.subscribe(MemberLeft, lambda c: self.fanout.leave(c.chat_id, c.cyphr_id))
-        changes.subscribe(SessionsEnded, lambda c: self.fanout.end_sessions(c.cyphr_id, c.jti))
+        changes.subscribe(DevicesChanged, self._devices_changed)
+        changes.subscribe(SessionsEnded,
+                          lambda c: self.fanout.end_sessions(c.cyphr_id, c.jti, c.device))
 
     # -- life cycle ---------------------------------------------------------
 
@@ -385,6 +388,7 @@ class Realtime:
         user = client.user
         if user is None or not client.welcomed:
             return
+        self._spawn(self._delivery.device_left(user.user_id, user.device_id))
         me = user.cyphr_id
         if self.presence.remove(me, socket):
             self.fanout.publish(PresenceChanged(self.fanout.node_id, me, False))
@@ -400,17 +404,28 @@ class Realtime:
                                        here_only=here_only))
 
     async def _announce(self, me: str, event: str, data: dict[str, Any], *,
-                        here_only: bool = False) -> None:
-        """Tell everyone who shares a chat with ``me``, on every node (or,
-        ``here_only``, on this one)."""
+                        here_only: bool = False, including_me: bool = False) -> None:
+        """Tell everyone who shares a chat with ``me`` (and ``me``'s own
+        sockets, ``including_me``), on every node (or, ``here_only``, on
+        this one)."""
         partners = await self._delivery.partners(me)
         rooms = ["user:" + u for u in partners]
+        if including_me:
+            rooms.append("user:" + me)
         if here_only:
             self.emit_here(rooms, event, data, None)
         else:
             self.fanout.to_rooms(rooms, event, data)
 
     # -- changes from the handlers ------------------------------------------------
+
+    def _devices_changed(self, change: DevicesChanged) -> None:
+        # The account's own devices and everyone who shares a chat with it
+        # re-read its device list before they next seal to it.
+        self._spawn(self._announce(
+            change.cyphr_id, Sent.DEVICES_CHANGED,
+            {"userId": change.cyphr_id, "deviceId": change.device_id, "change": change.change},
+            including_me=True))
 
     def _message_stored(self, change: MessageStored) -> None:
         message = change.message
@@ -446,14 +461,15 @@ class Realtime:
         if not self.ns.room_size(room):
             self.feeds.close(chat_id)
 
-    def end_here(self, cyphr_id: str, jti: str | None) -> None:
-        # Every registered socket of the token (or of the user), welcomed
-        # or still in its welcome.
+    def end_here(self, cyphr_id: str, jti: str | None, device: str | None = None) -> None:
+        # Every registered socket of the token (or of the device, or of the
+        # user), welcomed or still in its welcome.
         self._endings += 1
         sockets = self._by_user.get(cyphr_id, ()) if jti is None else self._by_jti.get(jti, ())
         for socket in list(sockets):
             user = socket.state.user
-            if user is not None and user.cyphr_id == cyphr_id:
+            if user is not None and user.cyphr_id == cyphr_id and (
+                    device is None or user.device_hash == device):
                 _end_socket(socket, "session ended")
 
     def message_here(self, chat_id: str, seq: int, text: str | None, origin: Any) -> None:

@@ -48,8 +48,9 @@ class Here(Protocol):
     def leave_here(self, chat_id: str, cyphr_id: str) -> None:
         """The user's sockets here leave the chat's room."""
 
-    def end_here(self, cyphr_id: str, jti: str | None) -> None:
-        """Close the user's sockets here (of token ``jti``, or all)."""
+    def end_here(self, cyphr_id: str, jti: str | None, device: str | None) -> None:
+        """Close the user's sockets here (of token ``jti``, or of the device
+        of keyed fingerprint hash ``device``, or all)."""
 
     def message_here(self, chat_id: str, seq: int, text: str | None, origin: Any) -> None:
         """A committed message for the chat's sockets here (``text`` None:
@@ -100,9 +101,9 @@ class FanOut:
         self._here.leave_here(chat_id, cyphr_id)
         self.publish(Left(chat_id, cyphr_id))
 
-    def end_sessions(self, cyphr_id: str, jti: str | None) -> None:
-        self._here.end_here(cyphr_id, jti)
-        self.publish(EndSessions(cyphr_id, jti))
+    def end_sessions(self, cyphr_id: str, jti: str | None, device: str | None = None) -> None:
+        self._here.end_here(cyphr_id, jti, device)
+        self.publish(EndSessions(cyphr_id, jti, device))
 
     def message(self, chat_id: str, seq: int, text: str, origin: Any) -> None:
         """A committed message: to its chat's sockets here, and announced
@@ -148,8 +149,8 @@ class FanOut:
                 here.join_here(chat_id, cyphr_id, last_seq)
             case Left(chat_id, cyphr_id):
                 here.leave_here(chat_id, cyphr_id)
-            case EndSessions(cyphr_id, jti):
-                here.end_here(cyphr_id, jti)
+            case EndSessions(cyphr_id, jti, device):
+                here.end_here(cyphr_id, jti, device)
             case _:
                 here.node_event(envelope)
 

@@ -9,31 +9,54 @@ from cyphr.db import Database, IntegrityError, Transaction
 from cyphr.store.challenges import CONSUME
 
 _COLUMNS = (
-    "i.id, i.cyphr_id, i.public_key, i.kyber_public_key, i.kyber_key_signature,"
-    " i.kyber_key_id, i.kyber_key_created_at, i.kyber_key_expires_at,"
-    " i.kyber_key_signature_version,"
-    " i.device_fingerprint_hash, i.display_name, i.avatar_url, i.encrypted_settings,"
+    "i.id, i.cyphr_id, i.public_key, d.kyber_public_key, d.kyber_key_signature,"
+    " d.kyber_key_id, d.kyber_key_created_at, d.kyber_key_expires_at,"
+    " COALESCE(d.kyber_key_signature_version, 1),"
+    " i.display_name, i.avatar_url, i.encrypted_settings,"
     " i.tokens_valid_after, i.created_at, i.updated_at, i.last_seen,"
-    " COALESCE(t.enabled, FALSE)"
+    " COALESCE(t.enabled, FALSE), d.device_id"
 )
-_FROM = " FROM cyphr_identities i LEFT JOIN totp_secrets t ON t.user_id = i.id"
+# The key an identity shows in the single-device API (its profile,
+# public-key/:cyphrId) is its lowest-numbered device's.
+_PRIMARY_DEVICE = (
+    " LEFT JOIN devices d ON d.user_id = i.id"
+    " AND d.device_id = (SELECT MIN(device_id) FROM devices WHERE user_id = i.id)")
+_FROM = " FROM cyphr_identities i LEFT JOIN totp_secrets t ON t.user_id = i.id" + _PRIMARY_DEVICE
 
 
 @dataclass(frozen=True)
 class MainKey:
-    """An identity's main ML-KEM key with its signature by the identity key:
-    version 2 binds its id and validity (KeyBinding, label ml-kem-key);
-    version 1, from before, has neither."""
+    """A device's ML-KEM key with its signature by the identity key:
+    version 3 binds the device id too (DeviceKeyBinding, label device-key);
+    version 2 binds its id and validity (KeyBinding, label ml-kem-key), as
+    clients of the single-device API sign; version 1, from before, has
+    neither."""
 
     kyber_public_key: bytes
     signature: bytes
     key_id: int | None = None
     created_at: int | None = None  # ms, as the owner's client signed it
     expires_at: int | None = None  # ms
+    device_bound: bool = False  # signed as a DeviceKeyBinding (version 3)
 
     @property
     def signature_version(self) -> int:
-        return 1 if self.expires_at is None else 2
+        if self.expires_at is None:
+            return 1
+        return 3 if self.device_bound else 2
+
+
+def key_from_row(row: tuple[Any, ...]) -> MainKey:
+    """A MainKey from (key, signature, id, created, expires, version) columns."""
+    key, signature, key_id, created_at, expires_at, version = row
+    return MainKey(bytes(key), bytes(signature), key_id, created_at, expires_at,
+                   device_bound=version == 3)
+
+
+def key_values(key: MainKey) -> tuple[Any, ...]:
+    """The columns of key_from_row, to store ``key``."""
+    return (key.kyber_public_key, key.signature, key.key_id, key.created_at, key.expires_at,
+            key.signature_version)
 
 
 @dataclass(frozen=True)
@@ -47,7 +70,6 @@ class Identity:
     kyber_key_created_at: int | None
     kyber_key_expires_at: int | None
     kyber_key_signature_version: int
-    device_fingerprint_hash: str | None
     display_name: str | None
     avatar_url: str | None
     encrypted_settings: str | None
@@ -56,19 +78,25 @@ class Identity:
     updated_at: int
     last_seen: int | None
     totp_enabled: bool
+    # The lowest-numbered device, whose key the kyber_* fields are (None:
+    # the identity has no device).
+    primary_device_id: int | None = None
 
 
 def _identity(row: tuple[Any, ...]) -> Identity:
-    return Identity(*row[:17], totp_enabled=bool(row[17]))
+    return Identity(*row[:16], totp_enabled=bool(row[16]), primary_device_id=row[17])
 
 
 @dataclass(frozen=True)
 class AuthState:
-    """What authenticating a token needs to know of its identity."""
+    """What authenticating a token needs to know of its identity and device
+    (``device_id`` None: the identity has no device of the token's
+    fingerprint, removed or never linked)."""
 
     cyphr_id: str
-    device_fingerprint_hash: str | None
-    tokens_valid_after: int
+    tokens_valid_after: int  # ms, of the identity
+    device_id: int | None
+    device_tokens_valid_after: int  # ms, of the device
     revoked: bool
 
 
@@ -103,25 +131,14 @@ class IdentityStore:
             (cyphr_id, cyphr_id))
         return not rows
 
-    async def create(self, identity: Identity) -> None:
-        """Store a new identity; IdentityTaken if the name is in use or retired."""
+    async def create(self, identity: Identity, device_fingerprint_hash: str, key: MainKey) -> None:
+        """Store a new identity with its device 1 holding ``key``;
+        IdentityTaken if the name is in use or retired."""
         try:
-            changed = await self._db.run_operation(
-                "INSERT INTO cyphr_identities (id, cyphr_id, public_key, kyber_public_key,"
-                " kyber_key_signature, kyber_key_id, kyber_key_created_at, kyber_key_expires_at,"
-                " kyber_key_signature_version, device_fingerprint_hash, display_name, created_at,"
-                " updated_at)"
-                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
-                " WHERE NOT EXISTS (SELECT 1 FROM retired_cyphr_ids WHERE cyphr_id = ?)",
-                (identity.id, identity.cyphr_id, identity.public_key, identity.kyber_public_key,
-                 identity.kyber_key_signature, identity.kyber_key_id, identity.kyber_key_created_at,
-                 identity.kyber_key_expires_at, identity.kyber_key_signature_version,
-                 identity.device_fingerprint_hash, identity.display_name, identity.created_at,
-                 identity.updated_at, identity.cyphr_id))
+            await self._db.run_interaction("create_identity", _create_txn, identity,
+                                           device_fingerprint_hash, key)
         except IntegrityError:
             raise IdentityTaken() from None
-        if changed != 1:
-            raise IdentityTaken()
 
     async def by_cyphr_id(self, cyphr_id: str) -> Identity | None:
         rows = await self._db.run_query(
@@ -146,34 +163,50 @@ class IdentityStore:
                 "WITH used AS (" + CONSUME + ")"
                 " SELECT (SELECT challenge FROM used), " + _COLUMNS +
                 " FROM (SELECT 1) AS one LEFT JOIN"
-                " (cyphr_identities i LEFT JOIN totp_secrets t ON t.user_id = i.id)"
-                " ON i.cyphr_id = ?", (now, challenge_id, cyphr_id, now, cyphr_id))
+                " (cyphr_identities i LEFT JOIN totp_secrets t ON t.user_id = i.id"
+                + _PRIMARY_DEVICE + ") ON i.cyphr_id = ?", (now, challenge_id, cyphr_id, now, cyphr_id))
             challenge, identity = rows[0][0], rows[0][1:]
             return challenge, (_identity(identity) if identity[0] is not None else None)
         rows = await self._db.run_query(CONSUME, (now, challenge_id, cyphr_id, now))
         return (rows[0][0] if rows else None), await self.by_cyphr_id(cyphr_id)
 
-    async def auth_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], AuthState]:
-        """What authenticating needs to know, for many (user id, jti) pairs
-        in one round trip (see AuthStateLoader); pairs whose identity is
-        gone are missing from the answer."""
-        users = sorted({user for user, _ in keys})
-        jtis = sorted({jti for _, jti in keys})
+    async def auth_states(self, keys: list[tuple[str, str, str]]
+                          ) -> dict[tuple[str, str, str], AuthState]:
+        """What authenticating needs to know, for many (user id, jti, device
+        fingerprint hash) triples in one round trip (see AuthStateLoader);
+        triples whose identity is gone are missing from the answer."""
+        users = sorted({user for user, _, _ in keys})
+        jtis = sorted({jti for _, jti, _ in keys})
+        devices = sorted({device for _, _, device in keys})
+        user_marks = ", ".join("?" for _ in users)
         rows = await self._db.run_query(
-            "SELECT i.id, i.cyphr_id, i.device_fingerprint_hash, i.tokens_valid_after, r.jti"
-            " FROM cyphr_identities i LEFT JOIN revoked_tokens r ON r.user_id = i.id AND r.jti IN ("
-            + ", ".join("?" for _ in jtis) + ") WHERE i.id IN (" + ", ".join("?" for _ in users) + ")",
-            (*jtis, *users))
-        identities: dict[str, tuple[str, str | None, int]] = {}
+            "SELECT i.id, i.cyphr_id, i.tokens_valid_after, d.fingerprint_hash, d.device_id,"
+            " d.tokens_valid_after, NULL"
+            " FROM cyphr_identities i LEFT JOIN devices d ON d.user_id = i.id"
+            " AND d.fingerprint_hash IN (" + ", ".join("?" for _ in devices) + ")"
+            " WHERE i.id IN (" + user_marks + ")"
+            " UNION ALL SELECT r.user_id, NULL, NULL, NULL, NULL, NULL, r.jti FROM revoked_tokens r"
+            " WHERE r.user_id IN (" + user_marks + ") AND r.jti IN ("
+            + ", ".join("?" for _ in jtis) + ")",
+            (*devices, *users, *users, *jtis))
+        identities: dict[str, tuple[str, int]] = {}
+        found: dict[tuple[str, str], tuple[int, int]] = {}
         revoked: set[tuple[str, str]] = set()
-        for user, cyphr_id, device, valid_after, jti in rows:
-            identities[user] = (cyphr_id, device, valid_after)
+        for user, cyphr_id, valid_after, device, device_id, device_valid_after, jti in rows:
             if jti is not None:
                 revoked.add((user, jti))
-        return {
-            (user, jti): AuthState(*identities[user], (user, jti) in revoked)
-            for user, jti in keys if user in identities
-        }
+                continue
+            identities[user] = (cyphr_id, valid_after)
+            if device is not None:
+                found[(user, device)] = (device_id, device_valid_after)
+        states = {}
+        for user, jti, device in keys:
+            if user not in identities:
+                continue
+            device_id, device_valid_after = found.get((user, device), (None, 0))
+            states[(user, jti, device)] = AuthState(
+                *identities[user], device_id, device_valid_after, (user, jti) in revoked)
+        return states
 
     async def search(self, prefix: str, limit: int) -> list[Identity]:
         # A range on the (binary-collated) unique index: every character a
@@ -194,24 +227,6 @@ class IdentityStore:
             "UPDATE cyphr_identities SET " + assignments + ", updated_at = ? WHERE id = ?",
             (*changes.values(), now, user_id))
 
-    async def set_kyber_key(self, user_id: str, key: MainKey, now: int) -> None:
-        """Replace the main key, unless it is stale (StaleKey): a v2 key must
-        have a higher id than the stored v2 key, or the same id and the same
-        bytes (a renewal: new times); a v1 key cannot replace a v2 one.
-        Storing a v2 key deletes the user's v1 one-time prekeys in the same
-        transaction: v2 readers refuse them, and the client uploads fresh
-        ones."""
-        await self._db.run_interaction("set_kyber_key", _set_kyber_key_txn, user_id, key, now)
-
-    async def rebind_device(self, user_id: str, device_hash: str, tokens_valid_after: int,
-                            kyber: MainKey | None, now: int) -> None:
-        """Recovery: the identity moves to a new device; earlier tokens stop
-        working, and the one-time prekeys published by the old device go
-        (their secrets stayed on it: a message sealed to one could not be
-        opened on the new device)."""
-        await self._db.run_interaction("rebind_device", _rebind_txn, user_id, device_hash,
-                                       tokens_valid_after, kyber, now)
-
     async def set_last_seen(self, cyphr_id: str, at: int) -> None:
         await self._db.run_operation(
             "UPDATE cyphr_identities SET last_seen = ? WHERE cyphr_id = ?", (at, cyphr_id))
@@ -220,50 +235,23 @@ class IdentityStore:
         await self._db.run_interaction("delete_identity", _delete_txn, identity, now)
 
 
-_SET_MAIN_KEY = (
-    "kyber_public_key = ?, kyber_key_signature = ?, kyber_key_id = ?, kyber_key_created_at = ?,"
-    " kyber_key_expires_at = ?, kyber_key_signature_version = ?")
-
-
-def _main_key_values(key: MainKey) -> tuple[Any, ...]:
-    return (key.kyber_public_key, key.signature, key.key_id, key.created_at, key.expires_at,
-            key.signature_version)
-
-
-async def _set_kyber_key_txn(txn: Transaction, user_id: str, key: MainKey, now: int) -> None:
-    # Locks the row (an UPDATE that changes nothing), so that two uploads at
-    # once are compared one after the other.
-    await txn.execute("UPDATE cyphr_identities SET updated_at = updated_at WHERE id = ?", (user_id,))
+async def _create_txn(txn: Transaction, identity: Identity, device_fingerprint_hash: str,
+                      key: MainKey) -> None:
     rows = await txn.execute(
-        "SELECT kyber_public_key, kyber_key_id, kyber_key_signature_version FROM cyphr_identities"
-        " WHERE id = ?", (user_id,))
-    if rows:
-        current_key, current_id, current_version = rows[0]
-        if current_version == 2 and (
-            key.signature_version == 1
-            or key.key_id < current_id  # type: ignore[operator]
-            or (key.key_id == current_id and bytes(current_key) != key.kyber_public_key)
-        ):
-            raise StaleKey(current_id)
-    await txn.execute("UPDATE cyphr_identities SET " + _SET_MAIN_KEY + ", updated_at = ? WHERE id = ?",
-                      (*_main_key_values(key), now, user_id))
-    if key.signature_version == 2:
-        await txn.execute(
-            "DELETE FROM one_time_prekeys WHERE user_id = ? AND signature_version = 1", (user_id,))
-
-
-async def _rebind_txn(txn: Transaction, user_id: str, device_hash: str, tokens_valid_after: int,
-                      kyber: MainKey | None, now: int) -> None:
-    if kyber is None:
-        await txn.execute(
-            "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?,"
-            " updated_at = ? WHERE id = ?", (device_hash, tokens_valid_after, now, user_id))
-    else:
-        await txn.execute(
-            "UPDATE cyphr_identities SET device_fingerprint_hash = ?, tokens_valid_after = ?, "
-            + _SET_MAIN_KEY + ", updated_at = ? WHERE id = ?",
-            (device_hash, tokens_valid_after, *_main_key_values(kyber), now, user_id))
-    await txn.execute("DELETE FROM one_time_prekeys WHERE user_id = ?", (user_id,))
+        "INSERT INTO cyphr_identities (id, cyphr_id, public_key, display_name, next_device_id,"
+        " created_at, updated_at)"
+        " SELECT ?, ?, ?, ?, 2, ?, ? WHERE NOT EXISTS"
+        " (SELECT 1 FROM retired_cyphr_ids WHERE cyphr_id = ?) RETURNING id",
+        (identity.id, identity.cyphr_id, identity.public_key, identity.display_name,
+         identity.created_at, identity.updated_at, identity.cyphr_id))
+    if not rows:
+        raise IdentityTaken()
+    await txn.execute(
+        "INSERT INTO devices (user_id, device_id, fingerprint_hash, kyber_public_key,"
+        " kyber_key_signature, kyber_key_id, kyber_key_created_at, kyber_key_expires_at,"
+        " kyber_key_signature_version, created_at, last_seen) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (identity.id, device_fingerprint_hash, *key_values(key), identity.created_at,
+         identity.created_at))
 
 
 async def _delete_txn(txn: Transaction, identity: Identity, now: int) -> None:
