@@ -67,6 +67,7 @@ PIN_BACKUP_NOT_FOUND = "PIN_BACKUP_NOT_FOUND"
 DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"  # 404: the caller's identity has no such device
 DEVICE_LIMIT = "DEVICE_LIMIT"          # 409: the identity has as many devices as it may
 LAST_DEVICE = "LAST_DEVICE"            # 409: an identity keeps at least one device
+DEVICES_CHANGED = "DEVICES_CHANGED"    # 409: a message sealed for other devices than the chat's
 
 CHAT_NOT_FOUND = "CHAT_NOT_FOUND"
 MESSAGE_NOT_FOUND = "MESSAGE_NOT_FOUND"

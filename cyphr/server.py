@@ -57,6 +57,7 @@ from cyphr.handlers.origins import AcceptedOrigins
 from cyphr.handlers.pins import PinBackupHandler
 from cyphr.handlers.messaging import MessagingHandler
 from cyphr.handlers.ratelimit import RateLimits
+from cyphr.handlers.recipients import RecipientDevices
 from cyphr.handlers.receipts import ReceiptsHandler
 from cyphr.handlers.security import PasswordHashing, TotpHandler
 from cyphr.handlers.sending import SendBatcher
@@ -412,6 +413,7 @@ def build_server(
     batcher = SendBatcher(messages, reactor)
     messaging = MessagingHandler(chats, messages, identities, batcher, limits.send, changes, clock,
                                  group_limit=limits.group_create, member_limit=limits.member_add,
+                                 recipients=RecipientDevices(devices),
                                  cache_size=config.cache_entries)
     receipts = ReceiptsHandler(chats, messages, clock)
     calls = CallsHandler(chats, clock, cache_size=config.cache_entries)

@@ -389,6 +389,74 @@ class DevicesMixin:
         await self.assertError(last, 409, "LAST_DEVICE")
         self.assertEqual(await self.device_rows(), before)
 
+    # -- sending to devices -----------------------------------------------------
+
+    async def send(self, sender: User, devices: list[tuple[str, int]] | None, *,
+                   token: str | None = None, **target: str) -> Any:
+        body: dict[str, Any] = {**target, "encryptedPayload": {"ct": "AA"}}
+        if devices is not None:
+            body["devices"] = [{"cyphrId": c, "deviceId": d} for c, d in devices]
+        return await self.http.post("/api/messaging/send", body, headers=sender.auth(token))
+
+    async def messages(self) -> int:
+        rows = await self.server.database.run_query("SELECT COUNT(*) FROM messages")
+        return rows[0][0]
+
+    async def test_a_message_names_the_devices_it_was_sealed_for(self) -> None:
+        """A send that names every device of the chat's members (the
+        sending device may be left out or named) is stored; one that omits
+        a device, names one that is not there or was removed is refused with
+        409 DEVICES_CHANGED saying which, and nothing is stored or created
+        (not even the direct chat of a first message); a repeated device is
+        400; a send that names no devices is taken as before."""
+        _, second, token = await self.add_device(self.alice)
+        refused = await self.send(self.bob, [("alice", 1)], recipientId="alice")
+        error = await self.assertError(refused, 409, "DEVICES_CHANGED")
+        self.assertEqual(error["details"], {"missing": [{"cyphrId": "alice", "deviceId": 2}],
+                                            "stale": []})
+        self.assertEqual(await self.messages(), 0)
+        chats = await self.server.database.run_query("SELECT COUNT(*) FROM chats")
+        self.assertEqual(chats[0][0], 0)
+        sent = await self.send(self.bob, [("alice", 1), ("alice", 2)], recipientId="alice")
+        self.assertEqual(sent.code, 201, sent.body)
+        chat_id = sent.json()["chatId"]
+        for devices in ([("alice", 2), ("bob", 1)], [("alice", 1), ("alice", 2), ("bob", 1)]):
+            sent = await self.send(self.alice, devices, chatId=chat_id)
+            self.assertEqual(sent.code, 201, sent.body)
+        stale = await self.send(self.alice, [("alice", 2), ("bob", 1), ("bob", 2), ("carol", 1)],
+                                chatId=chat_id)
+        error = await self.assertError(stale, 409, "DEVICES_CHANGED")
+        self.assertEqual(error["details"], {"missing": [], "stale": [
+            {"cyphrId": "bob", "deviceId": 2}, {"cyphrId": "carol", "deviceId": 1}]})
+        removed = await self.http.delete(f"/api/devices/me/{second}", headers=self.alice.auth())
+        self.assertEqual(removed.code, 200, removed.body)
+        error = await self.assertError(
+            await self.send(self.bob, [("alice", 1), ("alice", 2)], chatId=chat_id),
+            409, "DEVICES_CHANGED")
+        self.assertEqual(error["details"]["stale"], [{"cyphrId": "alice", "deviceId": 2}])
+        self.assertEqual(await self.messages(), 3)
+        repeated = await self.send(self.bob, [("alice", 1), ("alice", 1)], chatId=chat_id)
+        error = await self.assertError(repeated, 400, "INVALID_FIELD")
+        self.assertEqual(error["details"], {"field": "devices[1]"})
+        for bad in ([{"cyphrId": "alice"}], [{"cyphrId": "alice", "deviceId": 0}], ["alice"], "x"):
+            response = await self.http.post("/api/messaging/send", {
+                "chatId": chat_id, "encryptedPayload": {}, "devices": bad}, headers=self.bob.auth())
+            self.assertEqual(response.code, 400, (bad, response.body))
+        self.assertEqual((await self.send(self.bob, None, chatId=chat_id)).code, 201)
+        self.assertEqual(await self.messages(), 4)
+
+    async def test_devices_of_a_chat_one_is_not_in(self) -> None:
+        """Naming devices for a chat the sender is not in is 404
+        CHAT_NOT_FOUND, as every other refusal of that kind: the answer
+        tells nothing of the chat's devices."""
+        sent = await self.send(self.bob, [("alice", 1)], recipientId="alice")
+        chat_id = sent.json()["chatId"]
+        carol = User("carol")
+        await carol.register(self.http)
+        for devices in ([("alice", 1), ("bob", 1)], []):
+            refused = await self.send(carol, devices, chatId=chat_id)
+            await self.assertError(refused, 404, "CHAT_NOT_FOUND")
+
     async def test_list_of_an_unknown_user(self) -> None:
         """The list of a Cyphr ID nobody has is 404 USER_NOT_FOUND; a
         malformed one is 400 INVALID_CYPHR_ID; without a token, 401."""
@@ -453,3 +521,25 @@ class DeviceSocketTests(SQLiteMixin, MemoryRealtimeBase, TestCase):
         await second_socket.wait_disconnected(timeout=3)
         await first_socket.barrier()
         self.assertEqual(first_socket.disconnects, [])
+
+    async def test_send_message_names_devices(self) -> None:
+        """send_message takes the same device list as the REST send: the
+        right one is stored, a wrong one is acknowledged with
+        DEVICES_CHANGED and its details, and nothing reaches the recipient."""
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        chat_id = await self.direct_chat(bob, alice)
+        receiver = await self.connect(alice)
+        sender = await self.connect(bob)
+        ack = await sender.call("send_message", {
+            "chatId": chat_id, "encryptedPayload": {"ct": "X"},
+            "devices": [{"cyphrId": "alice", "deviceId": 1}, {"cyphrId": "alice", "deviceId": 3}]})
+        self.assertEqual((ack["success"], ack["code"]), (False, "DEVICES_CHANGED"), ack)
+        self.assertEqual(ack["details"], {"missing": [], "stale": [{"cyphrId": "alice", "deviceId": 3}]})
+        ack = await sender.call("send_message", {
+            "chatId": chat_id, "encryptedPayload": {"ct": "Y"},
+            "devices": [{"cyphrId": "alice", "deviceId": 1}]})
+        self.assertTrue(ack["success"], ack)
+        [message] = [m["message"] for m in await receiver.wait_for("new_message", 2)
+                     if m["message"]["encryptedPayload"] != {"hello": True}]
+        self.assertEqual(message["encryptedPayload"], {"ct": "Y"})

@@ -28,6 +28,7 @@ from cyphr.handlers.calls import PARTNER_CACHE, CallsHandler
 from cyphr.handlers.messaging import DIRECT_CHAT_CACHE, MessagingHandler
 from cyphr.handlers.origins import _CACHE_SIZE, AcceptedOrigins
 from cyphr.handlers.ratelimit import RateLimit, RateLimits
+from cyphr.handlers.recipients import RecipientDevices
 from cyphr.handlers.sending import SendBatcher
 from cyphr.handlers.tokens import TOKEN_CACHE_IDLE, TokenService
 from cyphr.realtime.presence import Presence
@@ -145,7 +146,7 @@ class DirectChatCacheTests(TestCase):
             w.chats, w.messages, w.identities, SendBatcher(w.messages, reactor),
             RateLimit(w.clock, 1000, 10), ChangeFeed(), w.clock,
             group_limit=RateLimit(w.clock, 1000, 10), member_limit=RateLimit(w.clock, 1000, 10),
-            **options)
+            recipients=RecipientDevices(w.devices), **options)
 
     async def send_to_all(self) -> None:
         for other in self.others:

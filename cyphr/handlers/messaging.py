@@ -44,6 +44,7 @@ from cyphr.errors import (
 )
 from cyphr.handlers.auth import AuthUser
 from cyphr.handlers.ratelimit import RateLimit
+from cyphr.handlers.recipients import RecipientDevices, Sealed
 from cyphr.handlers.sending import SendBatcher
 from cyphr.handlers.validation import Fields, invalid
 from cyphr.store.chats import (
@@ -61,12 +62,15 @@ from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
 DIRECT_CHAT_CACHE = 60.0        # seconds
 DIRECT_CHAT_CACHE_SIZE = 100_000
 MESSAGE_TYPES = ("text", "image", "file", "audio", "video", "call", "payment", "system")
+# The most devices one message may name as sealed for (cyphr.handlers.recipients).
+MAX_SEALED_DEVICES = 10_000
 
 
 def parse_send(body: dict[str, Any], max_payload: int) -> dict[str, Any]:
     """The arguments of MessagingHandler.send from a send request's JSON
     object (REST body or realtime event), checked; ApiError otherwise."""
-    fields = Fields(body, {"recipientId", "chatId", "encryptedPayload", "messageType", "clientMessageId"})
+    fields = Fields(body, {"recipientId", "chatId", "encryptedPayload", "messageType", "clientMessageId",
+                           "devices"})
     recipient = fields.cyphr_id("recipientId", required=False)
     chat_id = fields.uuid("chatId") if fields.present("chatId") else None
     if (recipient is None) == (chat_id is None):
@@ -79,8 +83,26 @@ def parse_send(body: dict[str, Any], max_payload: int) -> dict[str, Any]:
     if client_message_id == "":
         raise invalid("clientMessageId", "clientMessageId must not be empty")
     payload = check_payload(fields.value("encryptedPayload"), max_payload)
+    devices = _sealed_for(fields) if fields.present("devices") else None
     return {"payload": payload, "message_type": message_type, "client_message_id": client_message_id,
-            "chat_id": chat_id, "recipient_id": recipient}
+            "chat_id": chat_id, "recipient_id": recipient, "devices": devices}
+
+
+def _sealed_for(fields: Fields) -> Sealed:
+    """``devices: [{cyphrId, deviceId}]``, each at most once (empty: a chat
+    with no device but the sender's)."""
+    sealed: set[tuple[str, int]] = set()
+    for index, item in enumerate(fields.list("devices", max_items=MAX_SEALED_DEVICES,
+                                             allow_empty=True)):
+        where = f"devices[{index}]"
+        if not isinstance(item, dict):
+            raise invalid(where, f"{where} must be an object {{cyphrId, deviceId}}")
+        entry = Fields(item, {"cyphrId", "deviceId"})
+        device = (entry.cyphr_id("cyphrId"), entry.integer("deviceId", minimum=1, maximum=2**31 - 1))
+        if device in sealed:
+            raise invalid(where, f"{where} names a device already named")
+        sealed.add(device)  # type: ignore[arg-type]
+    return frozenset(sealed)
 
 
 def check_payload(value: Any, max_payload: int) -> str:
@@ -111,9 +133,10 @@ def _no_chat() -> NotFound:
 class MessagingHandler:
     def __init__(self, chats: ChatStore, messages: MessageStore, identities: IdentityStore,
                  batcher: SendBatcher, send_limit: RateLimit, changes: ChangeFeed, clock: Any, *,
-                 group_limit: RateLimit, member_limit: RateLimit,
+                 group_limit: RateLimit, member_limit: RateLimit, recipients: RecipientDevices,
                  cache_size: int = DIRECT_CHAT_CACHE_SIZE) -> None:
         self._chats = chats
+        self._recipients = recipients
         self._messages = messages
         self._identities = identities
         self._batcher = batcher
@@ -193,16 +216,24 @@ class MessagingHandler:
 
     async def send(self, user: AuthUser, *, payload: str, message_type: str,
                    client_message_id: str | None, chat_id: str | None = None,
-                   recipient_id: str | None = None, origin: Any = None) -> Message:
+                   recipient_id: str | None = None, devices: Sealed | None = None,
+                   origin: Any = None) -> Message:
         """Store one message, in a chat the sender belongs to or in the
         direct chat with ``recipient_id`` (created on first use). The REST
         route and the realtime event both come here; MessageStored goes on
         the change feed once the message is committed (``origin``: the
-        socket that sent it, which is not told)."""
+        socket that sent it, which is not told). ``devices``, when given,
+        must be the chat's devices (cyphr.handlers.recipients), checked
+        before anything is stored or created."""
         self._send_limit.hit(user.user_id)
         now = now_ms(self._clock)
         if recipient_id is not None:
             chat_id = self._known_direct_chat(user.cyphr_id, recipient_id)
+            if devices is not None:
+                if chat_id is None:
+                    await self._exists(recipient_id)
+                await self._recipients.check(user, devices, chat_id=chat_id,
+                                             recipient_id=recipient_id)
             if chat_id is None:
                 await self._exists(recipient_id)
                 chat_id, created = await self._chats.direct_chat(user.cyphr_id, recipient_id, now)
@@ -211,6 +242,8 @@ class MessagingHandler:
                         self._changes.publish(MemberJoined(chat_id, member))
                 self._remember_direct_chat(user.cyphr_id, recipient_id, chat_id)
         assert chat_id is not None
+        if devices is not None and recipient_id is None:
+            await self._recipients.check(user, devices, chat_id=chat_id)
         result = await self._batcher.submit(Outgoing(
             id=str(uuid.uuid4()), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
             message_type=message_type, client_message_id=client_message_id, created_at=now))

@@ -217,11 +217,11 @@ class Fields:
             return None
         return parse_timestamp(value, field or name)
 
-    def list(self, name: str, *, max_items: int) -> list[Any]:
+    def list(self, name: str, *, max_items: int, allow_empty: bool = False) -> list[Any]:
         value = self._get(name, True)
         if not isinstance(value, list):
             raise invalid(name, f"{name} must be a list")
-        if not value:
+        if not value and not allow_empty:
             raise invalid(name, f"{name} must not be empty")
         if len(value) > max_items:
             raise invalid(name, f"{name} holds more than {max_items} items")

@@ -79,6 +79,21 @@ class DeviceStore:
             (user_id, device_id))
         return _device(rows[0]) if rows else None
 
+    async def of_chat_members(self, chat_id: str) -> list[tuple[str, int]]:
+        """(Cyphr ID, device id) of every device of every member of the chat."""
+        rows = await self._db.run_query(
+            "SELECT p.user_id, d.device_id FROM chat_participants p"
+            " JOIN cyphr_identities i ON i.cyphr_id = p.user_id"
+            " JOIN devices d ON d.user_id = i.id WHERE p.chat_id = ?", (chat_id,))
+        return [(cyphr_id, device_id) for cyphr_id, device_id in rows]
+
+    async def of_identities(self, cyphr_ids: list[str]) -> list[tuple[str, int]]:
+        """(Cyphr ID, device id) of every device of these identities."""
+        rows = await self._db.run_query(
+            "SELECT i.cyphr_id, d.device_id FROM cyphr_identities i JOIN devices d ON d.user_id = i.id"
+            " WHERE i.cyphr_id IN (" + ", ".join("?" for _ in cyphr_ids) + ")", tuple(cyphr_ids))
+        return [(cyphr_id, device_id) for cyphr_id, device_id in rows]
+
     async def by_fingerprint(self, user_id: str, fingerprint_hash: str) -> Device | None:
         rows = await self._db.run_query(
             "SELECT " + _COLUMNS + " FROM devices d WHERE d.user_id = ? AND d.fingerprint_hash = ?",
