@@ -126,7 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Most one-time prekeys one device may hold on the server.", metavar="N"),
     Setting("max_devices", "int",
             "Most devices one identity may have at once (recovery that "
-            "keeps the other devices is refused past it).", metavar="N"),
+            "keeps the other devices, and linking a device, are refused "
+            "past it).", metavar="N"),
     Setting("cache_entries", "int",
             "Most entries in each of the in-memory caches that spare a "
             "database lookup (session tokens checked, direct chats, call "
@@ -164,6 +165,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate_limit_member_add", "rate",
             "Members added to existing groups per user (the adding admin), "
             "as COUNT/PERIOD.", metavar="RATE"),
+    Setting("rate_limit_provision", "rate",
+            "Device provisionings (POST /api/devices/provision: a new device "
+            "asking to be linked) per client address, as COUNT/PERIOD, on "
+            "top of --rate-limit-auth.", metavar="RATE"),
+    Setting("rate_limit_link", "rate",
+            "Device links approved per user (the approving account), as "
+            "COUNT/PERIOD.", metavar="RATE"),
     Setting("ping_interval", "duration",
             "Socket.IO: the server pings each connection this often.", metavar="DURATION"),
     Setting("ping_timeout", "duration",
@@ -261,6 +269,8 @@ class Config:
     rate_limit_password: tuple[int, int] = (10, 60)
     rate_limit_group_create: tuple[int, int] = (20, 3600)
     rate_limit_member_add: tuple[int, int] = (100, 3600)
+    rate_limit_provision: tuple[int, int] = (10, 600)
+    rate_limit_link: tuple[int, int] = (10, 3600)
     ping_interval: int = 25
     ping_timeout: int = 20
     # Socket.IO clients send CONNECT as soon as the handshake is answered:

@@ -68,6 +68,10 @@ DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"  # 404: the caller's identity has no such 
 DEVICE_LIMIT = "DEVICE_LIMIT"          # 409: the identity has as many devices as it may
 LAST_DEVICE = "LAST_DEVICE"            # 409: an identity keeps at least one device
 DEVICES_CHANGED = "DEVICES_CHANGED"    # 409: a message sealed for other devices than the chat's
+# Linking a device (docs/encryption.rst, "Linking a device").
+PROVISION_NOT_FOUND = "PROVISION_NOT_FOUND"  # 404: unknown, expired or used provisioning, or a wrong secret
+INVALID_LINK_TOKEN = "INVALID_LINK_TOKEN"    # 401: no unexpired, unused link of that account has this token
+DEVICE_EXISTS = "DEVICE_EXISTS"              # 409: the fingerprint is already a device of the identity
 
 CHAT_NOT_FOUND = "CHAT_NOT_FOUND"
 MESSAGE_NOT_FOUND = "MESSAGE_NOT_FOUND"

@@ -28,6 +28,7 @@ from cyphr.api.devices import DevicesAPI
 from cyphr.api.health import HealthAPI
 from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root, connection_release
 from cyphr.api.identity import IdentityAPI
+from cyphr.api.linking import LinkingAPI
 from cyphr.api.keys import KeysAPI
 from cyphr.api.messaging import ChatsAPI, MessagingAPI
 from cyphr.api.metrics import MetricsResource, MetricsRoot
@@ -52,6 +53,7 @@ from cyphr.handlers.health import HealthHandler, RealtimeStats
 from cyphr.handlers.ice import IceServers
 from cyphr.handlers.identity import IdentityHandler
 from cyphr.handlers.keys import KeysHandler
+from cyphr.handlers.linking import LinkingHandler
 from cyphr.handlers.maintenance import Maintenance
 from cyphr.handlers.origins import AcceptedOrigins
 from cyphr.handlers.pins import PinBackupHandler
@@ -76,6 +78,7 @@ from cyphr.store.chats import ChatStore
 from cyphr.store.devices import DeviceStore
 from cyphr.store.identities import IdentityStore
 from cyphr.store.keys import PrekeyStore
+from cyphr.store.links import LinkStore
 from cyphr.store.messages import MessageStore
 from cyphr.store.pins import PinBackupStore
 from cyphr.store.status import StatusStore
@@ -455,13 +458,18 @@ def build_server(
     status = StatusStore(database)
     health = HealthHandler(status, clock, node_id=node_id,
                            realtime_stats=lambda: RealtimeStats(**realtime.stats()))
-    maintenance = Maintenance(challenges, revocations, messages, config.retention_days, clock)
+    links = LinkStore(database)
+    maintenance = Maintenance(challenges, revocations, messages, config.retention_days, clock,
+                              links=links)
 
     router = ApiRouter([
         HealthAPI(health),
         IdentityAPI(identity, authenticator, limits, PinBackupHandler(PinBackupStore(database), clock)),
         KeysAPI(keys, authenticator, limits),
         DevicesAPI(DevicesHandler(identities, devices, changes, clock), authenticator, limits),
+        LinkingAPI(LinkingHandler(links, identities, identity, tokens, changes, cpu,
+                                  secrets.fingerprint_key, config.max_devices, clock),
+                   authenticator, limits),
         SecurityAPI(totp, PasswordHashing(cpu), authenticator, limits,
                     hash_password_endpoint=config.hash_password_endpoint),
         WalletAPI(wallet, authenticator, limits),

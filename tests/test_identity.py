@@ -569,5 +569,6 @@ class RouteAccessTests(SQLiteMixin, TestCase):
         self.assertEqual(public, {
             "/health", "/api/health", "/api/cyphr-id/check", "/api/cyphr-id/challenge",
             "/api/cyphr-id/register", "/api/cyphr-id/login", "/api/cyphr-id/recover",
-            "/api/openapi.json", "/api/asyncapi.json"})
+            "/api/devices/provision", "/api/devices/provision/<provisioning_id>/receive",
+            "/api/devices/link", "/api/openapi.json", "/api/asyncapi.json"})
         self.assertEqual(operator, {"/api/admin/zero-storage-status"})

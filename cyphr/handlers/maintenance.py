@@ -1,5 +1,6 @@
-"""Periodic clean-up: expired challenges, revocations of expired tokens, and
-messages past the retention period (when the operator set one)."""
+"""Periodic clean-up: expired challenges, revocations of expired tokens,
+expired device provisionings and links, and messages past the retention
+period (when the operator set one)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from twisted.logger import Logger
 from cyphr.clock import now_ms
 from cyphr.db import DatabaseUnavailable
 from cyphr.store.challenges import ChallengeStore
+from cyphr.store.links import LinkStore
 from cyphr.store.messages import MessageStore
 from cyphr.store.tokens import TokenStore
 
@@ -20,8 +22,9 @@ MAX_BATCHES = 20  # per run: the rest waits for the next run
 
 class Maintenance:
     def __init__(self, challenges: ChallengeStore, revocations: TokenStore, messages: MessageStore,
-                 retention_days: int, clock: Any) -> None:
+                 retention_days: int, clock: Any, *, links: LinkStore | None = None) -> None:
         self._challenges = challenges
+        self._links = links
         self._revocations = revocations
         self._messages = messages
         self._retention_ms = retention_days * 86_400_000
@@ -32,6 +35,11 @@ class Maintenance:
             return 0
         return await self._messages.purge_older_than(now - self._retention_ms, batch)
 
+    async def _expired_links(self, now: int, batch: int) -> int:
+        if self._links is None:
+            return 0
+        return await self._links.purge(now, batch)
+
     async def run(self) -> None:
         """One round, in batches of BATCH rows (each its own short transaction,
         so neither the reactor nor other writers wait long). Each step is
@@ -39,6 +47,7 @@ class Maintenance:
         nor the schedule."""
         for name, purge in (("challenges", self._challenges.purge),
                             ("revoked tokens", self._revocations.purge),
+                            ("device provisionings", self._expired_links),
                             ("messages", self._expired_messages)):
             try:
                 for _ in range(MAX_BATCHES):

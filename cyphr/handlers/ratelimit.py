@@ -107,7 +107,9 @@ class RateLimits:
         self.send = limit("send", config.rate_limit_send)
         self.group_create = limit("group_create", config.rate_limit_group_create)
         self.member_add = limit("member_add", config.rate_limit_member_add)
+        self.provision = limit("provision", config.rate_limit_provision)
+        self.link = limit("link", config.rate_limit_link)
 
     def all(self) -> list[RateLimit]:
         return [self.auth_ip, self.search, self.claim, self.password, self.send, self.group_create,
-                self.member_add]
+                self.member_add, self.provision, self.link]

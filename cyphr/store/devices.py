@@ -161,6 +161,8 @@ async def _add_txn(txn: Transaction, user_id: str, fingerprint_hash: str, key: M
         removed = tuple(sorted(row[0] for row in await txn.execute(
             "DELETE FROM devices WHERE user_id = ? AND fingerprint_hash <> ? RETURNING device_id",
             (user_id, fingerprint_hash))))
+        # A link the lost devices approved must not finish after them.
+        await txn.execute("DELETE FROM device_provisionings WHERE user_id = ?", (user_id,))
     existing = await txn.execute(
         "SELECT device_id FROM devices WHERE user_id = ? AND fingerprint_hash = ?",
         (user_id, fingerprint_hash))
@@ -233,3 +235,52 @@ async def _set_key_txn(txn: Transaction, user_id: str, device_id: int, key: Main
         await txn.execute(
             "DELETE FROM one_time_prekeys WHERE user_id = ? AND device_id = ?"
             " AND signature_version = 1", (user_id, device_id))
+
+
+# -- for linking (cyphr.store.links): a device id reserved at approval, the
+# device inserted under it later, each inside the caller's transaction.
+
+
+class DeviceExists(Exception):
+    """The fingerprint is already one of the identity's devices."""
+
+
+async def reserve_device_id_txn(txn: Transaction, user_id: str, cap: int) -> int:
+    """Lock the identity, check it is under ``cap`` devices (DeviceLimit)
+    and take its next device id for a device added later: the id is then
+    nobody else's, even if that device never comes. LookupError when the
+    identity is gone."""
+    next_id = await _lock_identity(txn, user_id)
+    if next_id is None:
+        raise LookupError(user_id)
+    count = (await txn.execute("SELECT COUNT(*) FROM devices WHERE user_id = ?", (user_id,)))[0][0]
+    if count >= cap:
+        raise DeviceLimit(count)
+    await txn.execute("UPDATE cyphr_identities SET next_device_id = ? WHERE id = ?",
+                      (next_id + 1, user_id))
+    return next_id
+
+
+async def add_reserved_txn(txn: Transaction, user_id: str, device_id: int, fingerprint_hash: str,
+                           key: MainKey, cap: int, now: int, tokens_valid_after: int) -> Device:
+    """Insert the device under ``device_id`` (reserved by
+    reserve_device_id_txn), after locking the identity: DeviceExists when
+    its fingerprint is already the identity's (it is never re-keyed here),
+    DeviceLimit past ``cap``, LookupError when the identity is gone."""
+    if await _lock_identity(txn, user_id) is None:
+        raise LookupError(user_id)
+    if await txn.execute("SELECT 1 FROM devices WHERE user_id = ? AND fingerprint_hash = ?",
+                         (user_id, fingerprint_hash)):
+        raise DeviceExists()
+    count = (await txn.execute("SELECT COUNT(*) FROM devices WHERE user_id = ?", (user_id,)))[0][0]
+    if count >= cap:
+        raise DeviceLimit(count)
+    await txn.execute(
+        "INSERT INTO devices (user_id, device_id, fingerprint_hash, " + _KEY_COLUMNS
+        + ", tokens_valid_after, created_at, last_seen)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (user_id, device_id, fingerprint_hash, *key_values(key), tokens_valid_after, now, now))
+    rows = await txn.execute(
+        "SELECT " + _COLUMNS + " FROM devices d WHERE d.user_id = ? AND d.device_id = ?",
+        (user_id, device_id))
+    return _device(rows[0])
