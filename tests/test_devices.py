@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from cyphr.clock import iso
 from cyphr.signing import DeviceKeyBinding, KeyBinding
 from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, fixed_clock, start_server
+from tests.test_realtime_cluster import ClusterMixin
 from tests.test_realtime_events import MemoryRealtimeBase
 from tests.users import MAIN_KEY_LIFETIME_MS, User, b64, new_kyber_key
 
@@ -616,3 +617,36 @@ class DeviceSocketTests(SQLiteMixin, MemoryRealtimeBase, TestCase):
         [message] = [m["message"] for m in await receiver.wait_for("new_message", 2)
                      if m["message"]["encryptedPayload"] != {"hello": True}]
         self.assertEqual(message["encryptedPayload"], {"ct": "Y"})
+
+
+class DevicesAcrossNodesTests(PostgresMixin, ClusterMixin, TestCase):
+    """Devices of one user on two nodes of one database."""
+
+    async def test_each_device_gets_each_message_once(self) -> None:
+        """With alice's two devices on two nodes, a message bob sends on
+        one node reaches each of her devices once, live; both acknowledge
+        it, and bob hears of its delivery once."""
+        a_node, b_node = await self.cluster(self.database_setting())
+        alice, bob = await self.user(a_node, "alice"), await self.user(a_node, "bob")
+        response = await alice.recover(a_node.http, new_fingerprint(), keepOtherDevices=True)
+        assert response.code == 200, response.body
+        second = response.json()["token"]
+        first_device = await self.connect(a_node, alice)
+        other = User("alice")
+        other.token = second
+        second_device = await self.connect(b_node, other)
+        sender = await self.connect(a_node, bob)
+        ack = await sender.call("send_message", {"recipientId": "alice", "encryptedPayload": {"ct": "X"}})
+        self.assertTrue(ack["success"], ack)
+        for device in (first_device, second_device):
+            [event] = await device.wait_for("new_message")
+            self.assertEqual(event["message"]["id"], ack["messageId"])
+            answer = await device.call("message_delivered", {"messageId": ack["messageId"],
+                                                            "chatId": ack["chatId"]})
+            self.assertTrue(answer["success"], answer)
+        await sender.wait_for("message_delivered")
+        for client in (first_device, second_device, sender):
+            await client.barrier()
+        self.assertEqual(len(first_device.events("new_message")), 1)
+        self.assertEqual(len(second_device.events("new_message")), 1)
+        self.assertEqual(len(sender.events("message_delivered")), 1)
