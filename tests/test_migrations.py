@@ -200,15 +200,15 @@ class DevicesMigrationMixin:
 
 
 class DeviceDeliveryMigrationMixin:
-    """Schema 011 (delivery per device) on a database holding data from before."""
+    """Schema 012 (delivery per device) on a database holding data from before."""
 
     async def test_upgrade_gives_device_1_the_members_marks(self) -> None:
-        """Upgrading from schema 10, each member's delivered mark becomes
+        """Upgrading from schema 11, each member's delivered mark becomes
         its device 1's mark in that chat, and its receipts for messages past
         the mark (acknowledged out of order) become device 1's receipts;
         receipts at or below the mark are not copied."""
         location = self.new_location()
-        old = await self.started(location, target=10)
+        old = await self.started(location, target=11)
         alice = "00000000-0000-4000-8000-000000000001"
         chat = "00000000-0000-4000-8000-0000000000c1"
         await old.run_operation(
@@ -234,7 +234,7 @@ class DeviceDeliveryMigrationMixin:
                 "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at)"
                 " VALUES (?, ?, 'alice', 1)", (chat, message_id))
         await old.close()
-        new = await self.started(location, target=11)
+        new = await self.started(location, target=12)
         self.assertEqual([tuple(str(v) if not isinstance(v, int) else v for v in row)
                           for row in await new.run_query(
                               "SELECT user_id, device_id, chat_id, delivered_up_to_seq"

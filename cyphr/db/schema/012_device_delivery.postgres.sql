@@ -2,7 +2,7 @@
 -- its own. The member's own marks (chat_participants.delivered_up_to_seq,
 -- message_receipts) stay what senders see: delivered to the user is
 -- delivered to any of its devices. The SQLite twin
--- (011_device_delivery.sqlite.sql) must describe the same tables.
+-- (012_device_delivery.sqlite.sql) must describe the same tables.
 
 -- Each device's delivered mark in each chat: the highest seq up to which
 -- it has acknowledged every message of others. A chat with no row for a
