@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from cyphr.clock import iso
 from cyphr.signing import DeviceKeyBinding, KeyBinding
 from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, fixed_clock, start_server
+from tests.test_realtime_cluster import ClusterMixin
 from tests.test_realtime_events import MemoryRealtimeBase
 from tests.users import MAIN_KEY_LIFETIME_MS, User, b64, new_kyber_key
 
@@ -522,6 +523,79 @@ class DeviceSocketTests(SQLiteMixin, MemoryRealtimeBase, TestCase):
         await first_socket.barrier()
         self.assertEqual(first_socket.disconnects, [])
 
+    async def device_socket(self, token: str) -> Any:
+        client = self.new_client()
+        await client.connect({"token": token})
+        await client.wait_for("sync_complete")
+        return client
+
+    async def caught_up(self, client: Any) -> list[str]:
+        """The payload texts of what the socket's catch-up pushed, each
+        acknowledged as delivered."""
+        texts = []
+        for event in client.events("new_message"):
+            message = event["message"]
+            ack = await client.call("message_delivered", {"messageId": message["id"],
+                                                          "chatId": message["chatId"]})
+            self.assertTrue(ack["success"], ack)
+            texts.append(message["encryptedPayload"].get("ct", "hello"))
+        return texts
+
+    async def test_each_device_catches_up_on_its_own(self) -> None:
+        """Messages sent while a user's devices were away reach each device
+        once: the first device to come back gets them, the second still
+        gets them later, neither gets them twice; the sender hears of the
+        delivery once; a device added after they were sent does not get
+        them, but gets what is sent after."""
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        chat_id = await self.direct_chat(bob, alice)  # "hello", sent before any device was added
+        response = await alice.recover(self.http, new_fingerprint(), keepOtherDevices=True)
+        second = response.json()["token"]
+        sender = await self.connect(bob)
+        for text in ("one", "two"):
+            ack = await sender.call("send_message", {"chatId": chat_id, "encryptedPayload": {"ct": text}})
+            self.assertTrue(ack["success"], ack)
+        first_device = await self.device_socket(alice.token)
+        self.assertEqual(await self.caught_up(first_device), ["hello", "one", "two"])
+        await first_device.disconnect()
+        second_device = await self.device_socket(second)
+        self.assertEqual(await self.caught_up(second_device), ["one", "two"])
+        await second_device.disconnect()
+        again = await self.device_socket(alice.token)
+        self.assertEqual(again.events("new_message"), [])
+        await sender.barrier()
+        self.assertEqual(len(sender.events("message_delivered")), 3)  # hello, one, two: once each
+        response = await alice.recover(self.http, new_fingerprint(), keepOtherDevices=True)
+        third = response.json()["token"]
+        ack = await sender.call("send_message", {"chatId": chat_id, "encryptedPayload": {"ct": "three"}})
+        self.assertTrue(ack["success"], ack)
+        late = await self.device_socket(third)
+        self.assertEqual(await self.caught_up(late), ["three"])
+
+    async def test_reading_on_one_device_is_told_to_the_others(self) -> None:
+        """Read state is the user's: a read on one device is told to the
+        user's other devices (``message_read`` with the user's own
+        ``userId``), as to the sender, so that they clear their unread
+        counts; the chat list's unread count is the same on both."""
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        chat_id = await self.direct_chat(bob, alice)
+        response = await alice.recover(self.http, new_fingerprint(), keepOtherDevices=True)
+        second = response.json()["token"]
+        reader = await self.device_socket(alice.token)
+        other = await self.device_socket(second)
+        sender = await self.connect(bob)
+        ack = await reader.call("message_read", {"chatId": chat_id, "upToSeq": 1})
+        self.assertTrue(ack["success"], ack)
+        [told] = await other.wait_for("message_read")
+        self.assertEqual((told["chatId"], told["userId"], told["upToSeq"]), (chat_id, "alice", 1))
+        [heard] = await sender.wait_for("message_read")
+        self.assertEqual(heard, told)
+        for token in (alice.token, second):
+            chats = await self.http.get("/api/messaging/chats", headers=alice.auth(token))
+            self.assertEqual([c["unreadCount"] for c in chats.json()["chats"]], [0])
+
     async def test_send_message_names_devices(self) -> None:
         """send_message takes the same device list as the REST send: the
         right one is stored, a wrong one is acknowledged with
@@ -543,3 +617,36 @@ class DeviceSocketTests(SQLiteMixin, MemoryRealtimeBase, TestCase):
         [message] = [m["message"] for m in await receiver.wait_for("new_message", 2)
                      if m["message"]["encryptedPayload"] != {"hello": True}]
         self.assertEqual(message["encryptedPayload"], {"ct": "Y"})
+
+
+class DevicesAcrossNodesTests(PostgresMixin, ClusterMixin, TestCase):
+    """Devices of one user on two nodes of one database."""
+
+    async def test_each_device_gets_each_message_once(self) -> None:
+        """With alice's two devices on two nodes, a message bob sends on
+        one node reaches each of her devices once, live; both acknowledge
+        it, and bob hears of its delivery once."""
+        a_node, b_node = await self.cluster(self.database_setting())
+        alice, bob = await self.user(a_node, "alice"), await self.user(a_node, "bob")
+        response = await alice.recover(a_node.http, new_fingerprint(), keepOtherDevices=True)
+        assert response.code == 200, response.body
+        second = response.json()["token"]
+        first_device = await self.connect(a_node, alice)
+        other = User("alice")
+        other.token = second
+        second_device = await self.connect(b_node, other)
+        sender = await self.connect(a_node, bob)
+        ack = await sender.call("send_message", {"recipientId": "alice", "encryptedPayload": {"ct": "X"}})
+        self.assertTrue(ack["success"], ack)
+        for device in (first_device, second_device):
+            [event] = await device.wait_for("new_message")
+            self.assertEqual(event["message"]["id"], ack["messageId"])
+            answer = await device.call("message_delivered", {"messageId": ack["messageId"],
+                                                            "chatId": ack["chatId"]})
+            self.assertTrue(answer["success"], answer)
+        await sender.wait_for("message_delivered")
+        for client in (first_device, second_device, sender):
+            await client.barrier()
+        self.assertEqual(len(first_device.events("new_message")), 1)
+        self.assertEqual(len(second_device.events("new_message")), 1)
+        self.assertEqual(len(sender.events("message_delivered")), 1)

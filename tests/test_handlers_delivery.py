@@ -22,11 +22,17 @@ class DeliveryTests(TestCase):
         self.group = await w.group(self.alice, self.bob, self.carol)
         self.handler = DeliveryHandler(w.chats, w.messages, w.identities, w.devices, w.clock)
 
+    def device(self, cyphr_id: str) -> tuple[str, int]:
+        """The user's device 1, as (user id, device id)."""
+        user = {u.cyphr_id: u for u in (self.alice, self.bob, self.carol, self.mallory)}[cyphr_id]
+        return (user.user_id, 1)
+
     async def deliver(self, cyphr_id: str, *messages: Message) -> None:
-        """``cyphr_id`` acknowledges ``messages``, its delivered mark moving on."""
+        """``cyphr_id``'s device 1 acknowledges ``messages``, its delivered mark moving on."""
         for message in messages:
             await self.world.chats.mark_delivered(message.chat_id, message.id, cyphr_id,
-                                                  now_ms(self.world.clock), seq=message.seq)
+                                                  now_ms(self.world.clock), seq=message.seq,
+                                                  device=self.device(cyphr_id))
 
     # -- positions ------------------------------------------------------
 
@@ -37,13 +43,13 @@ class DeliveryTests(TestCase):
         await self.world.send(self.alice, self.direct, 2)
         group_messages = await self.world.send(self.carol, self.group, 3)
         await self.deliver("bob", *group_messages)
-        positions = await self.handler.positions("bob")
+        positions = await self.handler.positions("bob", self.device("bob"))
         self.assertEqual(sorted(positions.chats), sorted([(self.direct, 2), (self.group, 3), (quiet, 0)]))
         self.assertEqual(positions.behind, (self.direct,))
 
     async def test_positions_of_a_user_without_chats(self) -> None:
         """A user in no chat has no positions and nothing behind."""
-        self.assertEqual(await self.handler.positions("mallory"), Positions(chats=(), behind=()))
+        self.assertEqual(await self.handler.positions("mallory", self.device("mallory")), Positions(chats=(), behind=()))
 
     async def test_cursor_is_the_stream_position(self) -> None:
         """The cursor is the stream position of the newest committed message."""
@@ -63,9 +69,10 @@ class DeliveryTests(TestCase):
         deleted = (await self.world.send(self.alice, self.group))[0]
         await self.world.messages.delete(deleted, now_ms(self.world.clock))
         await self.deliver("bob", direct[0])
-        await self.world.chats.mark_delivered(self.group, group[1].id, "bob", now_ms(self.world.clock))
-        positions = await self.handler.positions("bob")
-        page = await self.handler.undelivered_page("bob", None, positions.behind)
+        await self.world.chats.mark_delivered(self.group, group[1].id, "bob", now_ms(self.world.clock),
+                                              seq=group[1].seq, device=self.device("bob"))
+        positions = await self.handler.positions("bob", self.device("bob"))
+        page = await self.handler.undelivered_page("bob", self.device("bob"), None, positions.behind)
         expected = sorted([direct[1], direct[2], group[0]], key=lambda m: (m.chat_id, m.seq))
         self.assertEqual([(m.chat_id, m.seq, m.id) for m in page],
                          [(m.chat_id, m.seq, m.id) for m in expected])
@@ -74,24 +81,24 @@ class DeliveryTests(TestCase):
         """Pages hold CATCH_UP_PAGE messages; the next one starts after the
         last of the previous one, and a short page is the last."""
         sent = await self.world.send(self.alice, self.direct, CATCH_UP_PAGE + 1)
-        behind = (await self.handler.positions("bob")).behind
-        first = await self.handler.undelivered_page("bob", None, behind)
+        behind = (await self.handler.positions("bob", self.device("bob"))).behind
+        first = await self.handler.undelivered_page("bob", self.device("bob"), None, behind)
         self.assertEqual([m.id for m in first], [m.id for m in sent[:CATCH_UP_PAGE]])
         last = first[-1]
-        second = await self.handler.undelivered_page("bob", (last.chat_id, last.seq), behind)
+        second = await self.handler.undelivered_page("bob", self.device("bob"), (last.chat_id, last.seq), behind)
         self.assertEqual([m.id for m in second], [sent[-1].id])
 
     async def test_nothing_behind_asks_nothing(self) -> None:
         """With no chat behind the page is empty, even if a message of
         another chat was never acknowledged (the positions say where to look)."""
         await self.world.send(self.alice, self.direct)
-        self.assertEqual(await self.handler.undelivered_page("bob", None, ()), [])
+        self.assertEqual(await self.handler.undelivered_page("bob", self.device("bob"), None, ()), [])
 
     async def test_only_named_chats_are_read(self) -> None:
         """Up to MAX_NAMED_CHATS chats, only the chats behind are read."""
         await self.world.send(self.alice, self.direct)
         [in_group] = await self.world.send(self.carol, self.group)
-        page = await self.handler.undelivered_page("bob", None, [self.group])
+        page = await self.handler.undelivered_page("bob", self.device("bob"), None, [self.group])
         self.assertEqual([m.id for m in page], [in_group.id])
 
     async def test_many_chats_behind_reads_them_all(self) -> None:
@@ -99,9 +106,9 @@ class DeliveryTests(TestCase):
         every chat of the user."""
         [in_direct] = await self.world.send(self.alice, self.direct)
         many = [str(uuid.uuid4()) for _ in range(MAX_NAMED_CHATS)]
-        page = await self.handler.undelivered_page("bob", None, many + [self.group])
+        page = await self.handler.undelivered_page("bob", self.device("bob"), None, many + [self.group])
         self.assertEqual([m.id for m in page], [in_direct.id])
-        named = await self.handler.undelivered_page("bob", None, many[1:] + [self.group])
+        named = await self.handler.undelivered_page("bob", self.device("bob"), None, many[1:] + [self.group])
         self.assertEqual(named, [])  # MAX_NAMED_CHATS of them: named, and the direct chat is not
 
     # -- offline and partners -------------------------------------------

@@ -57,7 +57,10 @@ class HistoryReceiptsMixin:
         self.receipts = ReceiptsHandler(ChatStore(database), MessageStore(database), self.clock)
 
     def who(self, name: str) -> AuthUser:
-        return AuthUser(user_id="", cyphr_id=name, jti="", expires_at=0, device_hash="", device_id=1)
+        user = self.users[name]
+        assert user.user_id is not None
+        return AuthUser(user_id=user.user_id, cyphr_id=name, jti="", expires_at=0, device_hash="",
+                        device_id=1)
 
     async def send(self, name: str, **target: Any) -> dict[str, Any]:
         response = await self.http.post("/api/messaging/send", {"encryptedPayload": PAYLOAD, **target},

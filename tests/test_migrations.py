@@ -199,14 +199,58 @@ class DevicesMigrationMixin:
         self.assertEqual(await new.run_query("SELECT COUNT(*) FROM one_time_prekeys"), [(0,)])
 
 
+class DeviceDeliveryMigrationMixin:
+    """Schema 012 (delivery per device) on a database holding data from before."""
+
+    async def test_upgrade_gives_device_1_the_members_marks(self) -> None:
+        """Upgrading from schema 11, each member's delivered mark becomes
+        its device 1's mark in that chat, and its receipts for messages past
+        the mark (acknowledged out of order) become device 1's receipts;
+        receipts at or below the mark are not copied."""
+        location = self.new_location()
+        old = await self.started(location, target=11)
+        alice = "00000000-0000-4000-8000-000000000001"
+        chat = "00000000-0000-4000-8000-0000000000c1"
+        await old.run_operation(
+            "INSERT INTO cyphr_identities (id, cyphr_id, public_key, created_at, updated_at)"
+            " VALUES (?, 'alice', ?, 0, 0)", (alice, b"k" * 32))
+        await old.run_operation(
+            "INSERT INTO devices (user_id, device_id, fingerprint_hash, kyber_public_key,"
+            " kyber_key_signature, kyber_key_signature_version, created_at)"
+            " VALUES (?, 1, 'f', ?, ?, 2, 0)", (alice, b"m" * 1568, b"s" * 64))
+        await old.run_operation(
+            "INSERT INTO chats (id, chat_type, created_at, updated_at, last_seq)"
+            " VALUES (?, 'group', 0, 0, 4)", (chat,))
+        await old.run_operation(
+            "INSERT INTO chat_participants (chat_id, user_id, joined_at, delivered_up_to_seq)"
+            " VALUES (?, 'alice', 0, 2)", (chat,))
+        ids = [f"00000000-0000-4000-8000-00000000000{n}" for n in range(1, 5)]
+        for seq, message_id in enumerate(ids, start=1):
+            await old.run_operation(
+                "INSERT INTO messages (chat_id, seq, id, sender_id, encrypted_content, created_at,"
+                " stream_position) VALUES (?, ?, ?, 'bob', '{}', 0, ?)", (chat, seq, message_id, seq))
+        for message_id in (ids[1], ids[3]):  # seq 2 (within the mark) and seq 4 (past it)
+            await old.run_operation(
+                "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at)"
+                " VALUES (?, ?, 'alice', 1)", (chat, message_id))
+        await old.close()
+        new = await self.started(location, target=12)
+        self.assertEqual([tuple(str(v) if not isinstance(v, int) else v for v in row)
+                          for row in await new.run_query(
+                              "SELECT user_id, device_id, chat_id, delivered_up_to_seq"
+                              " FROM device_deliveries")], [(alice, 1, chat, 2)])
+        self.assertEqual([(str(row[0]), row[1], str(row[2])) for row in await new.run_query(
+            "SELECT user_id, device_id, message_id FROM device_receipts")], [(alice, 1, ids[3])])
+
+
 async def deferLater(seconds: float) -> None:
     from twisted.internet.task import deferLater as later
 
     await later(reactor, seconds, lambda: None)
 
 
-class SQLiteMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin, MigrationTestsMixin,
-                           TestCase):
+class SQLiteMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin,
+                           DeviceDeliveryMigrationMixin, MigrationTestsMixin, TestCase):
     def new_location(self) -> str:
         directory = self.mktemp()
         os.makedirs(directory)
@@ -223,8 +267,8 @@ class SQLiteMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin, Mi
         sqlite_preflight(os.path.join(self.mktemp(), "none.sqlite3"))
 
 
-class PostgresMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin, MigrationTestsMixin,
-                             TestCase):
+class PostgresMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin,
+                             DeviceDeliveryMigrationMixin, MigrationTestsMixin, TestCase):
     def new_location(self) -> str:
         return postgres.database_url()
 

@@ -32,7 +32,7 @@ def hold_welcomes(testcase: TestCase, realtime: Any) -> tuple[list[Deferred[Any]
     held: list[Deferred[Any]] = []
     real_positions = realtime._delivery.positions
 
-    def hold(cyphr_id: str) -> Deferred[Any]:
+    def hold(cyphr_id: str, device: Any) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         held.append(d)
         return d
@@ -74,7 +74,7 @@ class RawWelcomeRevocation(RealtimeBase):
         except Exception:
             pass  # already closed: refused too
         await sleep(0.3)
-        held[0].callback(await real_positions("alice"))
+        held[0].callback(await real_positions("alice", (alice.user_id, 1)))
         await sleep(0.3)
         self.assertNotIn("user:alice", realtime.ns.rooms)
         self.assertEqual({s.state.user.cyphr_id for s in realtime.ns.rooms.get("chat:" + chat_id, ())},
@@ -103,7 +103,7 @@ class RevocationMixin(RealtimeBase):
         await until(lambda: held, "the welcome to wait on the database")
         response = await alice.recover(self.http, "ab" * 32)
         self.assertEqual(response.code, 200, response.body)
-        held[0].callback(await real_positions("alice"))
+        held[0].callback(await real_positions("alice", (alice.user_id, 1)))
         await client.wait_disconnected(timeout=3)
         await sleep(0.2)
         self.assertEqual(client.events("authenticated"), [])
@@ -214,7 +214,7 @@ class ClusterRevocationTests(PostgresMixin, ClusterMixin, TestCase):
         response = await a_node.http.post("/api/cyphr-id/logout", {}, headers=alice.auth())
         self.assertEqual(response.code, 200, response.body)
         await client.wait_disconnected(timeout=5)
-        held[0].callback(await real_positions("alice"))
+        held[0].callback(await real_positions("alice", (alice.user_id, 1)))
         await sleep(0.2)
         self.assertEqual(client.events("authenticated"), [])
         self.assertNotIn("user:alice", realtime.ns.rooms)

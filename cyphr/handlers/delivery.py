@@ -3,6 +3,10 @@ Delivery to a user's sockets: where each of its chats stands when a socket
 comes back, the pages of what it has not acknowledged (the catch-up), and
 what happens when its last socket goes (last seen). The realtime layer does
 the sending; the rules of what to send live here.
+
+Delivery is per device (``device``: the user id and device id of the
+socket's token): each device has its own marks, so a device that was away
+catches up on its own, and a message reaches each device once.
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ class DeliveryHandler:
         self._devices = devices
         self._clock = clock
 
-    async def positions(self, cyphr_id: str) -> Positions:
+    async def positions(self, cyphr_id: str, device: tuple[str, int]) -> Positions:
         """Every chat of ``cyphr_id`` with its newest seq (its sockets join
-        them there), and those with something it has not acknowledged: only
-        these need a catch-up."""
-        rows = await self._chats.chat_positions(cyphr_id)
+        them there), and those with something its ``device`` has not
+        acknowledged: only these need a catch-up."""
+        rows = await self._chats.chat_positions(cyphr_id, device)
         return Positions(
             chats=tuple((chat_id, last_seq) for chat_id, last_seq, _ in rows),
             behind=tuple(chat_id for chat_id, last_seq, delivered in rows if last_seq > delivered))
@@ -53,10 +57,11 @@ class DeliveryHandler:
         client's next REST sync misses nothing the catch-up did not send."""
         return await self._messages.stream_position()
 
-    async def undelivered_page(self, cyphr_id: str, after: tuple[str, int] | None,
+    async def undelivered_page(self, cyphr_id: str, device: tuple[str, int],
+                               after: tuple[str, int] | None,
                                behind: Sequence[str]) -> list[Message]:
         """One page (CATCH_UP_PAGE) of the messages of others, not deleted,
-        that ``cyphr_id`` has not acknowledged as delivered in the chats
+        that ``cyphr_id``'s ``device`` has not acknowledged as delivered in the chats
         ``behind``, in (chat_id, seq) order, past ``after`` (the last one of
         the previous page; None: from the start). A short page is the last.
         With no chat behind there is nothing to send, and nothing is asked.
@@ -66,7 +71,8 @@ class DeliveryHandler:
         if not behind:
             return []
         chats = sorted(behind) if len(behind) <= MAX_NAMED_CHATS else None
-        return await self._messages.undelivered(cyphr_id, after if after is not None else _FIRST,
+        return await self._messages.undelivered(cyphr_id, device,
+                                                after if after is not None else _FIRST,
                                                 CATCH_UP_PAGE, chats)
 
     async def went_offline(self, cyphr_id: str) -> int:

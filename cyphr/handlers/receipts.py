@@ -55,16 +55,18 @@ class ReceiptsHandler:
 
     async def delivered(self, user: AuthUser, message_id: str, chat_id: str | None) -> Receipt:
         """The message reached one of ``user``'s devices. Its sender is told
-        only the first time: a user with several sockets (or a client that
-        repeats itself) acknowledges one message many times, and the sender
-        hears of it once. The member's delivered mark moves on with it, so
-        the catch-up does not send the message again."""
+        only the first time: a user with several devices or sockets (or a
+        client that repeats itself) acknowledges one message many times, and
+        the sender hears of it once. The device's delivered mark moves on
+        with it, so that device's catch-up does not send the message again
+        (the others' still do, until they acknowledge it too)."""
         message = await self._visible(user, message_id, chat_id)
         now = now_ms(self._clock)
         tell: tuple[str, ...] = ()
         if message.sender_id != user.cyphr_id:
             first = await self._chats.mark_delivered(message.chat_id, message.id, user.cyphr_id, now,
-                                                     seq=message.seq)
+                                                     seq=message.seq,
+                                                     device=(user.user_id, user.device_id))
             if first:
                 self.delivered_count += 1
                 tell = (message.sender_id,)

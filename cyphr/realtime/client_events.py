@@ -140,19 +140,23 @@ class ClientEvents:
         if body.get("messageId") is not None:
             message_id, chat_id = _message_ref(body)
             receipt = await self._receipts.read(user, message_id, chat_id)
-            self._tell(receipt, Sent.MESSAGE_READ)
+            self._tell(receipt, Sent.MESSAGE_READ, reader_too=True)
             return ok(messageId=receipt.message_id, chatId=receipt.chat_id)
         fields = Fields(body, body.keys())
         chat_id = fields.uuid("chatId")
         up_to = fields.integer("upToSeq", minimum=0, maximum=2**62)
         assert up_to is not None
         receipt = await self._receipts.read_up_to(user, chat_id, up_to)
-        self._tell(receipt, Sent.MESSAGE_READ)
+        self._tell(receipt, Sent.MESSAGE_READ, reader_too=True)
         return ok(chatId=receipt.chat_id, upToSeq=receipt.up_to_seq)
 
-    def _tell(self, receipt: Receipt, event: str) -> None:
+    def _tell(self, receipt: Receipt, event: str, *, reader_too: bool = False) -> None:
+        """Tell the receipt's senders; with ``reader_too``, the reader's own
+        sockets as well (read state is the user's: its other devices clear
+        their unread counts; the socket that read gets its own ack too)."""
         if receipt.tell:
-            self.fanout.to_users(receipt.tell, event, receipt_json(receipt))
+            users = (*receipt.tell, receipt.reader) if reader_too else receipt.tell
+            self.fanout.to_users(users, event, receipt_json(receipt))
 
     async def _typing(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         fields = Fields(body, body.keys())

@@ -316,7 +316,7 @@ class Realtime:
         me = user.cyphr_id
         client.catching_up = []
         try:
-            positions = await self._delivery.positions(me)
+            positions = await self._delivery.positions(me, (user.user_id, user.device_id))
         except ApiError:
             socket.session.close("database unavailable")
             return
@@ -331,23 +331,24 @@ class Realtime:
                 self._spawn(self._announce(me, Sent.USER_ONLINE, {"userId": me}))
         socket.emit(Sent.AUTHENTICATED, {"userId": me, "cyphrId": me})
         try:
-            await self._catch_up(socket, me, positions.behind)
+            await self._catch_up(socket, user, positions.behind)
         except ApiError:
             socket.session.close("database unavailable")
         except Exception:
             _log.failure("A catch-up failed")  # who it was is not for the log
             socket.session.close("server error")
 
-    async def _catch_up(self, socket: Socket, me: str, behind: tuple[str, ...]) -> None:
-        """Push what ``me`` has not acknowledged, in the chats ``behind``
-        (any chat whose newest message is past the member's delivered
-        mark; the others have nothing to push)."""
+    async def _catch_up(self, socket: Socket, user: AuthUser, behind: tuple[str, ...]) -> None:
+        """Push what ``user``'s device has not acknowledged, in the chats
+        ``behind`` (any chat whose newest message is past the device's
+        delivered mark; the others have nothing to push)."""
         client: Client = socket.state
         cursor = await self._delivery.cursor()
         after: tuple[str, int] | None = None
         seen: dict[str, int] = {}
         while socket.connected and behind:
-            page = await self._delivery.undelivered_page(me, after, behind)
+            page = await self._delivery.undelivered_page(user.cyphr_id, (user.user_id, user.device_id),
+                                                         after, behind)
             if not socket.connected:
                 return
             for message in page:

@@ -186,26 +186,29 @@ class ChatStore:
         return moved == 1
 
     async def mark_delivered(self, chat_id: str, message_id: str, cyphr_id: str, now: int,
-                             seq: int | None = None) -> bool:
-        """A receipt for the message (False if there was one already); with
-        its ``seq``, the member's delivered mark moves on too when the
-        message is the next one."""
-        inserted = await self._db.run_operation(
-            "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (chat_id, message_id, user_id) DO NOTHING", (chat_id, message_id, cyphr_id, now))
-        if seq is not None:
-            await self._db.run_operation(
-                "UPDATE chat_participants SET delivered_up_to_seq = ?"
-                " WHERE chat_id = ? AND user_id = ? AND delivered_up_to_seq = ?",
-                (seq, chat_id, cyphr_id, seq - 1))
-        return inserted == 1
+                             seq: int | None = None, device: tuple[str, int] | None = None) -> bool:
+        """A receipt for the message (False if the member had one already);
+        with its ``seq``, the member's delivered mark moves on too when the
+        message is the next one. With ``device`` (user id, device id), that
+        device's delivery is recorded too (its own mark, or a receipt past
+        it): its catch-up does not send the message again, whatever the
+        member's other devices have acknowledged."""
+        return await self._db.run_interaction(
+            "mark_delivered", _delivered_txn, chat_id, message_id, cyphr_id, now, seq, device)
 
-    async def chat_positions(self, cyphr_id: str) -> list[tuple[str, int, int]]:
+    async def chat_positions(self, cyphr_id: str, device: tuple[str, int]
+                             ) -> list[tuple[str, int, int]]:
         """The member's chats, each with the seq of its newest message and
-        the highest seq the member acknowledged as delivered."""
+        the highest seq the device (user id, device id) acknowledged as
+        delivered, or from which it counts (the member's joined_seq, when
+        the device has no mark there)."""
         rows = await self._db.run_query(
-            "SELECT c.id, c.last_seq, p.delivered_up_to_seq FROM chat_participants p"
-            " JOIN chats c ON c.id = p.chat_id WHERE p.user_id = ?", (cyphr_id,))
+            "SELECT c.id, c.last_seq, CASE WHEN dd.delivered_up_to_seq > p.joined_seq"
+            " THEN dd.delivered_up_to_seq ELSE p.joined_seq END"
+            " FROM chat_participants p JOIN chats c ON c.id = p.chat_id"
+            " LEFT JOIN device_deliveries dd ON dd.user_id = ? AND dd.device_id = ?"
+            "  AND dd.chat_id = p.chat_id"
+            " WHERE p.user_id = ?", (*device, cyphr_id))
         return [(str(chat_id), last_seq, delivered) for chat_id, last_seq, delivered in rows]
 
     async def partners(self, cyphr_id: str) -> list[str]:
@@ -305,6 +308,48 @@ class ChatStore:
             " WHERE message_receipts.read_at IS NULL",
             (chat_id, message_id, cyphr_id, now, now))
         return changed == 1
+
+
+async def _delivered_txn(txn: Transaction, chat_id: str, message_id: str, cyphr_id: str, now: int,
+                         seq: int | None, device: tuple[str, int] | None) -> bool:
+    await txn.execute(
+        "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (chat_id, message_id, user_id) DO NOTHING", (chat_id, message_id, cyphr_id, now))
+    first = txn.rowcount == 1
+    if seq is not None:
+        await txn.execute(
+            "UPDATE chat_participants SET delivered_up_to_seq = ?"
+            " WHERE chat_id = ? AND user_id = ? AND delivered_up_to_seq = ?",
+            (seq, chat_id, cyphr_id, seq - 1))
+    if device is not None and seq is not None:
+        await _device_delivered(txn, chat_id, message_id, cyphr_id, seq, device)
+    return first
+
+
+async def _device_delivered(txn: Transaction, chat_id: str, message_id: str, cyphr_id: str,
+                            seq: int, device: tuple[str, int]) -> None:
+    """The device's mark moves on when the message is the next one (from
+    its mark, or from the member's joined_seq when it has none); else a
+    receipt records it past the mark."""
+    user_id, device_id = device
+    await txn.execute(
+        "UPDATE device_deliveries SET delivered_up_to_seq = ?"
+        " WHERE user_id = ? AND device_id = ? AND chat_id = ? AND delivered_up_to_seq = ?",
+        (seq, user_id, device_id, chat_id, seq - 1))
+    if txn.rowcount:
+        return
+    await txn.execute(
+        "INSERT INTO device_deliveries (user_id, device_id, chat_id, delivered_up_to_seq)"
+        " SELECT ?, ?, ?, ? FROM chat_participants p WHERE p.chat_id = ? AND p.user_id = ?"
+        " AND p.joined_seq = ? AND NOT EXISTS (SELECT 1 FROM device_deliveries"
+        "  WHERE user_id = ? AND device_id = ? AND chat_id = ?)",
+        (user_id, device_id, chat_id, seq, chat_id, cyphr_id, seq - 1, user_id, device_id, chat_id))
+    if txn.rowcount:
+        return
+    await txn.execute(
+        "INSERT INTO device_receipts (user_id, device_id, chat_id, message_id) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (user_id, device_id, chat_id, message_id) DO NOTHING",
+        (user_id, device_id, chat_id, message_id))
 
 
 async def _direct_txn(txn: Transaction, a: str, b: str, key: str, now: int) -> tuple[str, bool]:

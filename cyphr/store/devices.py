@@ -189,6 +189,16 @@ async def _add_txn(txn: Transaction, user_id: str, fingerprint_hash: str, key: M
             + ", tokens_valid_after, created_at, last_seen)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (user_id, device_id, fingerprint_hash, *key_values(key), tokens_valid_after, now, now))
+        # Where its delivery starts in each chat of the identity: a device
+        # added beside others receives what is sent from now on; one that
+        # replaces them all (a lost phone) also what none of them had
+        # acknowledged.
+        start = "p.delivered_up_to_seq" if replace_others else "c.last_seq"
+        await txn.execute(
+            "INSERT INTO device_deliveries (user_id, device_id, chat_id, delivered_up_to_seq)"
+            " SELECT i.id, ?, p.chat_id, " + start + " FROM cyphr_identities i"
+            " JOIN chat_participants p ON p.user_id = i.cyphr_id JOIN chats c ON c.id = p.chat_id"
+            " WHERE i.id = ?", (device_id, user_id))
         await txn.execute("UPDATE cyphr_identities SET next_device_id = ? WHERE id = ?",
                           (device_id + 1, user_id))
     rows = await txn.execute(

@@ -117,23 +117,30 @@ class MessageStore:
         page = [Message(*row) for row in rows]
         return page[:limit], len(page) > limit
 
-    async def undelivered(self, cyphr_id: str, after: tuple[str, int], limit: int,
-                          chats: list[str] | None = None) -> list[Message]:
+    async def undelivered(self, cyphr_id: str, device: tuple[str, int], after: tuple[str, int],
+                          limit: int, chats: list[str] | None = None) -> list[Message]:
         """Messages of others in the member's chats (or in ``chats`` of them)
-        that it has not acknowledged as delivered, by chat and seq, past
-        ``after`` (chat id, seq): the catch-up of a socket that comes back.
-        Naming the chats lets PostgreSQL look into their partitions only."""
+        that its device (user id, device id) has not acknowledged as
+        delivered, by chat and seq, past ``after`` (chat id, seq): the
+        catch-up of a socket of that device. A device counts from its mark
+        in each chat, or from the member's joined_seq where it has none
+        (store.chats.ChatStore.mark_delivered). Naming the chats lets
+        PostgreSQL look into their partitions only."""
         only = ""
-        params: list[Any] = [cyphr_id, after[0], after[0], after[1]]
+        params: list[Any] = [*device, cyphr_id, *device, after[0], after[0], after[1]]
         if chats:
             only = " AND m.chat_id IN (" + ", ".join("?" for _ in chats) + ")"
             params += chats
         rows = await self._db.run_query(
             "SELECT " + _COLUMNS + " FROM chat_participants p JOIN messages m ON m.chat_id = p.chat_id"
-            " WHERE p.user_id = ? AND m.seq > p.delivered_up_to_seq AND m.sender_id <> p.user_id"
-            " AND m.deleted_at IS NULL AND (m.chat_id > ? OR (m.chat_id = ? AND m.seq > ?))" + only +
-            " AND NOT EXISTS (SELECT 1 FROM message_receipts r WHERE r.chat_id = m.chat_id"
-            "  AND r.message_id = m.id AND r.user_id = p.user_id)"
+            " LEFT JOIN device_deliveries dd ON dd.user_id = ? AND dd.device_id = ?"
+            "  AND dd.chat_id = p.chat_id"
+            " WHERE p.user_id = ? AND m.seq > p.joined_seq"
+            " AND (dd.delivered_up_to_seq IS NULL OR m.seq > dd.delivered_up_to_seq)"
+            " AND m.sender_id <> p.user_id AND m.deleted_at IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM device_receipts r WHERE r.user_id = ?"
+            "  AND r.device_id = ? AND r.chat_id = m.chat_id AND r.message_id = m.id)"
+            " AND (m.chat_id > ? OR (m.chat_id = ? AND m.seq > ?))" + only +
             " ORDER BY m.chat_id, m.seq LIMIT ?",
             [*params, limit])
         return [Message(*row) for row in rows]
