@@ -486,7 +486,9 @@ class LinkSocketTests(SQLiteMixin, MemoryRealtimeBase, TestCase):
 
     async def test_link_is_announced(self) -> None:
         """When a device is linked, the account's other device and a
-        contact get ``devices_changed`` {change: "added"} for it."""
+        contact get ``devices_changed`` {change: "added"} for it; the linked
+        device's catch-up holds what was sent after it was linked, not
+        before."""
         await self.serve()
         alice, bob = await self.user("alice"), await self.user("bob")
         await self.direct_chat(bob, alice)
@@ -508,3 +510,13 @@ class LinkSocketTests(SQLiteMixin, MemoryRealtimeBase, TestCase):
         expected = [{"userId": "alice", "deviceId": body["deviceId"], "change": "added"}]
         for client in (own, contact):
             self.assertEqual(await client.wait_for("devices_changed"), expected)
+        # Linked mid-conversation: its catch-up starts from the link (the
+        # "hello" before it is in the history), and holds what came after.
+        sent = await contact.call("send_message", {"recipientId": "alice",
+                                                   "encryptedPayload": {"ct": "after"}})
+        self.assertTrue(sent["success"], sent)
+        device = self.new_client()
+        await device.connect({"token": linked.json()["token"]})
+        await device.wait_for("sync_complete")
+        self.assertEqual([e["message"]["encryptedPayload"] for e in device.events("new_message")],
+                         [{"ct": "after"}])

@@ -189,16 +189,9 @@ async def _add_txn(txn: Transaction, user_id: str, fingerprint_hash: str, key: M
             + ", tokens_valid_after, created_at, last_seen)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (user_id, device_id, fingerprint_hash, *key_values(key), tokens_valid_after, now, now))
-        # Where its delivery starts in each chat of the identity: a device
-        # added beside others receives what is sent from now on; one that
-        # replaces them all (a lost phone) also what none of them had
-        # acknowledged.
-        start = "p.delivered_up_to_seq" if replace_others else "c.last_seq"
-        await txn.execute(
-            "INSERT INTO device_deliveries (user_id, device_id, chat_id, delivered_up_to_seq)"
-            " SELECT i.id, ?, p.chat_id, " + start + " FROM cyphr_identities i"
-            " JOIN chat_participants p ON p.user_id = i.cyphr_id JOIN chats c ON c.id = p.chat_id"
-            " WHERE i.id = ?", (device_id, user_id))
+        # A device that replaces them all (a lost phone) also receives what
+        # none of them had acknowledged.
+        await _start_delivery(txn, user_id, device_id, from_member_marks=replace_others)
         await txn.execute("UPDATE cyphr_identities SET next_device_id = ? WHERE id = ?",
                           (device_id + 1, user_id))
     rows = await txn.execute(
@@ -290,7 +283,23 @@ async def add_reserved_txn(txn: Transaction, user_id: str, device_id: int, finge
         + ", tokens_valid_after, created_at, last_seen)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (user_id, device_id, fingerprint_hash, *key_values(key), tokens_valid_after, now, now))
+    await _start_delivery(txn, user_id, device_id, from_member_marks=False)
     rows = await txn.execute(
         "SELECT " + _COLUMNS + " FROM devices d WHERE d.user_id = ? AND d.device_id = ?",
         (user_id, device_id))
     return _device(rows[0])
+
+
+async def _start_delivery(txn: Transaction, user_id: str, device_id: int, *,
+                          from_member_marks: bool) -> None:
+    """Where a new device's delivery starts in each chat of the identity
+    (schema 012): at the chat's newest message, so that it receives what is
+    sent from now on (earlier messages are in the history); or, with
+    ``from_member_marks``, at the member's own delivered mark, so that it
+    also receives what no device of the member has acknowledged."""
+    start = "p.delivered_up_to_seq" if from_member_marks else "c.last_seq"
+    await txn.execute(
+        "INSERT INTO device_deliveries (user_id, device_id, chat_id, delivered_up_to_seq)"
+        " SELECT i.id, ?, p.chat_id, " + start + " FROM cyphr_identities i"
+        " JOIN chat_participants p ON p.user_id = i.cyphr_id JOIN chats c ON c.id = p.chat_id"
+        " WHERE i.id = ?", (device_id, user_id))
