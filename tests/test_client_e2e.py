@@ -341,7 +341,7 @@ class ClientScenarios:
                     (values[0], bob.cyphr_id))
                 await self.server.database.run_operation(
                     "UPDATE " + device.replace(" WHERE", " SET " + ", ".join(
-                        f"{c} = ?" for c in columns) + " WHERE"), (*values[1:], bob.cyphr_id))
+                        f"{c} = ?" for c in columns) + " WHERE", 1), (*values[1:], bob.cyphr_id))
             blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(update()))
 
         [(identity_key,)] = database("SELECT public_key FROM cyphr_identities WHERE cyphr_id = ?",
