@@ -700,7 +700,9 @@ class RealServerTests(SQLiteMixin, TestCase):
         await self.ok(bob, "send", "alice", "a reply")
         database = self.server.database
         receipts = ReceiptsHandler(ChatStore(database), MessageStore(database), self.server.clock)
-        as_bob = AuthUser(user_id="", cyphr_id="bob", jti="", expires_at=0, device_hash="", device_id=1)
+        [(bob_id,)] = await database.run_query("SELECT id FROM cyphr_identities WHERE cyphr_id = 'bob'")
+        as_bob = AuthUser(user_id=str(bob_id), cyphr_id="bob", jti="", expires_at=0, device_hash="",
+                          device_id=1)
         chat = sent[0]["chatId"]
         await receipts.read_up_to(as_bob, chat, sent[0]["seq"])
         await receipts.read(as_bob, sent[1]["messageId"], chat)
