@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from dataclasses import replace
 from typing import Any
@@ -311,6 +313,32 @@ def run_cli_main(testcase: Any, *argv: str) -> tuple[int, str, str]:
         testcase.patch(sys, "stdout", sys.__stdout__)
         testcase.patch(sys, "stderr", sys.__stderr__)
     return status, out.getvalue(), err.getvalue()
+
+
+def cli_in_process(argv: list[str], *, stdin: str = "",
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """What ``cyphr-client ARGV`` run as a script does (standard input no
+    terminal, holding ``stdin``; ``env`` added to the environment), through
+    cli.main in this process: its status and what it wrote. Call it off the
+    reactor thread (the client blocks) and one at a time: it swaps the
+    process's standard streams and environment while it runs. For tests
+    whose subject is what a command does, not the process that runs it."""
+    import io
+
+    from cyphr.client import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdin, sys.stdout, sys.stderr, os.environ.copy()
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
+    os.environ.update(env or {})
+    try:
+        status = cli.main(list(argv))
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved[:3]
+        os.environ.clear()
+        os.environ.update(saved[3])
+    return subprocess.CompletedProcess(["cyphr-client", *argv], status, out.getvalue(),
+                                       err.getvalue())
 
 
 # A client process as the tests run one: cyphr-client's entry point with

@@ -1,13 +1,15 @@
 """
 Writes tests/vectors/signatures-v2.json: the inputs, the exact bytes and
-the signatures of every kind of v2 labelled signature, from fixed keys.
+the signatures of every kind of v2 labelled signature, from fixed keys;
+and tests/vectors/devices-v2.json: a sealed seed (linking a device) and a
+sealed device name, from fixed keys and fixed randomness.
 
     python tools/make_vectors.py [--check]
 
 Every implementation of the v2 scheme (this repository's client and
 server, and any other client) must rebuild the same bytes and signatures
 from the inputs. Run it only when a new kind is added: the vectors of an
-existing kind never change (``--check`` says whether the file is current).
+existing kind never change (``--check`` says whether the files are current).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from stellar_sdk import Keypair
 from cyphr import signing
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "signatures-v2.json"
+DEVICES_OUT = OUT.parent / "devices-v2.json"
 
 # Fixed secrets: the vectors are public test data, never keys of anyone.
 ED25519_SEED = bytes(range(32))
@@ -138,19 +141,98 @@ def build() -> dict[str, Any]:
     }
 
 
+def build_devices() -> dict[str, Any]:
+    """The sealed seed and the sealed device name. ML-KEM encapsulation is
+    randomized, and OpenSSL takes no randomness from the caller: kyber-py's
+    ``_encaps_internal`` (FIPS 203 ML-KEM.Encaps_internal) encapsulates
+    with the fixed message ``m`` instead; OpenSSL decapsulates it when the
+    tests open the vector."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from kyber_py.ml_kem import ML_KEM_1024
+
+    from cyphr.client import devicecrypto
+
+    identity_seed = bytes(range(128, 192))
+    x25519_private = bytes(range(192, 224))
+    mlkem_seed = bytes(range(64, 128))
+    approver_private = bytes(range(224, 256))
+    m = bytes([0x5a]) * 32
+    nonce = bytes([0x6b]) * 24
+    provisioning_id = "1c9f0a52-7d1e-4b8a-9f3c-2e5d6a7b8c9d"
+    cyphr_id = "alice_01"
+    x25519 = X25519PrivateKey.from_private_bytes(x25519_private)
+    mlkem = MLKEM1024PrivateKey.from_seed_bytes(mlkem_seed)
+    ephemeral_key = (x25519.public_key().public_bytes_raw()
+                     + mlkem.public_key().public_bytes_raw())
+    kem_secret, kyber_ciphertext = ML_KEM_1024._encaps_internal(ephemeral_key[32:], m)
+    approver = X25519PrivateKey.from_private_bytes(approver_private)
+    approver_key = approver.public_key().public_bytes_raw()
+    content = devicecrypto.LinkSeed(identity_seed, 2, {
+        "0b8e4f8a-54a3-4f5e-a1f7-2f0f5e0c9a11": bytes([0x11]) * 32,
+        "7f3e2d1c-0b9a-4887-a665-544332211000": bytes([0x22]) * 32})
+    sealed = devicecrypto.seal_link_seed_with(
+        content, ephemeral_key, provisioning_id, cyphr_id, approver=approver,
+        kem_secret=kem_secret, kyber_ciphertext=kyber_ciphertext, nonce=nonce)
+    header = devicecrypto.link_seed_header(provisioning_id, cyphr_id, ephemeral_key,
+                                           approver_key, kyber_ciphertext)
+    dh_secret = approver.exchange(x25519.public_key())
+    link_seed = {
+        "label": devicecrypto.LINK_SEED_LABEL,
+        "inputs": {
+            "provisioningId": provisioning_id, "cyphrId": cyphr_id,
+            "identitySeed": _hex(identity_seed), "generation": content.generation,
+            "groupKeys": {chat: _hex(key) for chat, key in sorted(content.group_keys.items())},
+            "ephemeralX25519Private": _hex(x25519_private),
+            "ephemeralMlKemSeed": _hex(mlkem_seed),
+            "approverX25519Private": _hex(approver_private),
+            "encapsulationM": _hex(m), "nonce": _hex(nonce)},
+        "ephemeralKey": _hex(ephemeral_key),
+        "linkFingerprint": devicecrypto.link_fingerprint(ephemeral_key),
+        "approverKey": _hex(approver_key),
+        "kyberCiphertext": _hex(kyber_ciphertext),
+        "kemSecret": _hex(kem_secret),
+        "dhSecret": _hex(dh_secret),
+        "header": _hex(header),
+        "key": _hex(devicecrypto.link_seed_key(kem_secret, dh_secret, header)),
+        "plaintext": _hex(content.encode()),
+        "sealed": _hex(sealed),
+    }
+    name_nonce = bytes([0x7c]) * 24
+    name = "Alice's laptop"
+    device_name = {
+        "label": devicecrypto.DEVICE_NAME_LABEL,
+        "inputs": {"identitySeed": _hex(identity_seed), "cyphrId": cyphr_id, "deviceId": 2,
+                   "name": name, "nonce": _hex(name_nonce)},
+        "key": _hex(devicecrypto.device_name_key(identity_seed)),
+        "aad": _hex(devicecrypto.device_name_aad(cyphr_id, 2)),
+        "sealed": _hex(devicecrypto.seal_device_name_with(identity_seed, cyphr_id, 2, name,
+                                                          name_nonce)),
+    }
+    return {
+        "description": "Cyphr v2 devices: a sealed seed (linking a device) and a sealed device "
+                       "name, from the fixed keys and randomness of 'inputs'. docs/encryption.rst "
+                       "('The sealed seed', 'Device names') specifies the layouts.",
+        "linkSeed": link_seed,
+        "deviceName": device_name,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--check", action="store_true", help="only say whether the file is current")
     args = parser.parse_args()
-    text = json.dumps(build(), indent=1) + "\n"
-    if args.check:
-        current = OUT.exists() and OUT.read_text("utf-8") == text
-        print("current" if current else f"{OUT} differs from what the code makes")
-        return 0 if current else 1
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text, "utf-8")
-    print(f"wrote {OUT}")
-    return 0
+    status = 0
+    for out, made in ((OUT, build()), (DEVICES_OUT, build_devices())):
+        text = json.dumps(made, indent=1) + "\n"
+        if args.check:
+            current = out.exists() and out.read_text("utf-8") == text
+            print(f"{out.name}: current" if current else f"{out} differs from what the code makes")
+            status = status if current else 1
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, "utf-8")
+        print(f"wrote {out}")
+    return status
 
 
 if __name__ == "__main__":

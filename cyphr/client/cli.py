@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 from cyphr import __version__
 from cyphr.client.client import Client, IdentityChanged, Message, is_chat_id
 from cyphr.client.crypto import CryptoError
+from cyphr.client.devices import LinkCode, LinkRequest, parse_link_code
 from cyphr.client.http import (
     INSECURE_TLS_VARIABLE,
     ApiError,
@@ -59,6 +60,11 @@ _HINTS = {
     "INVALID_TOTP": "give the code your authenticator app shows now",
     "TOTP_CODE_USED": "each code works once: wait until your authenticator app shows a new "
                       "code, and give that",
+    "DEVICE_MISMATCH": "this device is not (or no longer) one of the account's devices: it was "
+                       "removed. Link it again in a new profile (`cyphr-client link`, approved "
+                       "from another device) or recover it with the phrase",
+    "PROVISION_NOT_FOUND": "the link code expired or was used: run `cyphr-client link` on the "
+                           "new device again",
 }
 # Where the general hint would be wrong: recover runs on a fresh profile,
 # which has no identity to log in with yet.
@@ -147,6 +153,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--phrase-file", help="read the 24 words from this file (else stdin or a prompt)")
     p.add_argument("--totp", help="the current two-factor code, for an account with two-factor "
                                   "login (else asked for, when interactive)")
+    p = command("link", "join an identity as a new device: show a link code, wait until one "
+                        "of its devices approves it (`devices approve CODE` there)")
+    p.add_argument("--name", help="a name for this device, as its devices list show it "
+                                  "(sealed: the server cannot read it)")
+    p.add_argument("--prekeys", type=int, default=100, help="one-time prekeys to publish (100)")
     command("whoami", "show this profile's identity")
     p = command("send", "send an encrypted message to a Cyphr ID, a group's name or a chat id")
     p.add_argument("to")
@@ -198,6 +209,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="the 60-digit safety number you compared with the contact's screen "
                         "(spaces optional): marks the contact verified if it is the number of "
                         "the identity key the server shows now, and fails otherwise")
+
+    devices = command("devices", "this identity's devices (and other users')").add_subparsers(
+        dest="devices_command", metavar="ACTION", required=True)
+    p = devices.add_parser("list", help="list this identity's devices, or a user's, each key "
+                                        "checked against the identity key")
+    p.add_argument("cyphr_id", nargs="?", help="another user (default: this identity)")
+    p = devices.add_parser("rename", help="name one of this identity's devices")
+    p.add_argument("device_id", type=int)
+    p.add_argument("name", help='the new name ("" clears it)')
+    p = devices.add_parser("remove", help="remove one of this identity's devices: its session "
+                                          "ends at once")
+    p.add_argument("device_id", type=int)
+    p = devices.add_parser("approve", help="let a new device join this identity: the code it "
+                                           "shows (`cyphr-client link`), once you compared "
+                                           "the fingerprint")
+    p.add_argument("code", help="cyphr-link:...")
+    p.add_argument("--yes", action="store_true",
+                   help="do not ask whether the new device shows the same fingerprint (the "
+                        "code's own fingerprint is still checked)")
 
     totp = command("totp", "two-factor authentication").add_subparsers(
         dest="totp_command", metavar="ACTION", required=True)
@@ -493,6 +523,102 @@ def _recovery_refused(server: str, cyphr_id: str, verify_tls: bool) -> ClientErr
                            f"its spelling")
     return ClientError(f"this recovery phrase is not the one of {safe(cyphr_id)} (or that "
                        f"account was deleted, and cannot be recovered): check the 24 words")
+
+
+def cmd_link(args: argparse.Namespace, out: Output) -> None:
+    directory = _profile_dir(args)
+    if Profile.exists(directory):
+        raise UsageError(f"{directory} already holds a profile (give another --profile)")
+    server = _server(args) or DEFAULT_SERVER
+    check_server(server, _verify_tls(args))
+    passphrase = _new_passphrase(args)  # asked before the wait, not after
+
+    def show(code: LinkCode) -> None:
+        out.result({"linkCode": code.code, "fingerprint": code.fingerprint,
+                    "provisioningId": code.provisioning_id, "expiresAt": code.expires_at},
+                   lambda: (f"On a device already signed in to your identity, run\n\n"
+                            f"    cyphr-client devices approve {code.code}\n\n"
+                            f"or scan this code:"))
+        if not out.as_json:
+            _show_qr(code.code)
+            print(f"Fingerprint: {_spaced(code.fingerprint)}  (the approving device must show "
+                  f"the same)\nWaiting for the approval (until {_time(code.expires_at)})...",
+                  flush=True)
+
+    client = Client.link(directory, passphrase, server, on_code=show, name=args.name,
+                         prekeys=args.prekeys, progress=out.progress("Publishing one-time prekeys"),
+                         verify_tls=_verify_tls(args))
+    device_id = client.profile.settings.get("deviceId")
+    restored = client.restored_pins or 0
+    if client.pin_backup_error:
+        out.warn(f"the pinned contacts could not be restored ({client.pin_backup_error}): every "
+                 f"contact is pinned again on first use")
+    out.result({"cyphrId": client.cyphr_id, "deviceId": device_id, "profile": str(directory),
+                "restoredPins": restored},
+               f"Linked: this is device {device_id} of {client.cyphr_id}. Check that "
+               f"{client.cyphr_id} is your identity. {restored} pinned contact(s) restored.")
+
+
+def _spaced(fingerprint: str) -> str:
+    """A link fingerprint as read aloud: groups of four hex digits."""
+    return " ".join(fingerprint[i:i + 4] for i in range(0, len(fingerprint), 4))
+
+
+def cmd_devices(args: argparse.Namespace, out: Output) -> None:
+    action = args.devices_command
+    if action == "approve":
+        parse_link_code(args.code)  # a mistyped code fails before the passphrase is asked
+    client = _open(args)
+    if action == "list":
+        own = args.cyphr_id in (None, client.cyphr_id)
+        found = client.devices() if own else client.devices_of(args.cyphr_id)
+        owner = client.cyphr_id if own else args.cyphr_id
+
+        def text() -> str:
+            lines = []
+            for d in found:
+                name = f" {safe(d.name)!r}" if d.name else ""
+                mark = " (this device)" if d.current else ""
+                seen = f", last seen {_time(d.last_seen)}" if d.last_seen else ""
+                state = "key verified" if d.verified else f"REFUSED: {safe(d.problem)}"
+                if d.verified and d.problem:
+                    state += f" ({safe(d.problem)})"
+                lines.append(f"device {d.device_id}{name}{mark}: added {_time(d.created_at or '')}"
+                             f"{seen}; {state}")
+            return "\n".join(lines) or "No devices."
+        out.result({"cyphrId": owner, "devices": [d.as_json() for d in found]}, text)
+        refused = [d for d in found if not d.verified]
+        if refused:
+            out.warn(f"{len(refused)} device(s) of {owner} are not signed by the identity key "
+                     f"and are never sealed to: " + ", ".join(str(d.device_id) for d in refused))
+    elif action == "rename":
+        client.rename_device(args.device_id, args.name or None)
+        out.result({"deviceId": args.device_id, "name": args.name or None},
+                   f"Device {args.device_id} is now called {safe(args.name)!r}." if args.name
+                   else f"Device {args.device_id} has no name now.")
+    elif action == "remove":
+        client.remove_device(args.device_id)
+        out.result({"removed": args.device_id}, f"Removed device {args.device_id}: its session "
+                                                f"has ended.")
+    else:
+        def confirm(request: LinkRequest) -> bool:
+            if args.yes:
+                return True
+            question = f"Does the new device show {_spaced(request.fingerprint)}? [y/N] "
+            if sys.stdin.isatty():
+                answer = _ask(question)
+            else:
+                # A script answers on standard input; no answer is a no.
+                print(question, file=sys.stderr, flush=True)
+                answer = sys.stdin.readline().strip()
+            if answer.lower() not in ("y", "yes"):
+                raise UsageError("not approved: the fingerprints were not confirmed to match; "
+                                 "nothing was sent")
+            return True
+
+        device_id = client.approve(args.code, confirm)
+        out.result({"approved": True, "deviceId": device_id},
+                   f"Approved: the new device becomes device {device_id} of {client.cyphr_id}.")
 
 
 def cmd_whoami(args: argparse.Namespace, out: Output) -> None:
@@ -888,7 +1014,7 @@ def cmd_delete_account(args: argparse.Namespace, out: Output) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int | None]] = {
     "init": cmd_init, "register": cmd_register, "login": cmd_login, "logout": cmd_logout,
-    "recover": cmd_recover, "whoami": cmd_whoami, "send": cmd_send, "listen": cmd_listen,
+    "recover": cmd_recover, "link": cmd_link, "devices": cmd_devices, "whoami": cmd_whoami, "send": cmd_send, "listen": cmd_listen,
     "history": cmd_history, "chats": cmd_chats, "chat": cmd_chat, "contacts": cmd_contacts, "group": cmd_group,
     "keys": cmd_keys,
     "verify": cmd_verify, "totp": cmd_totp, "wallet": cmd_wallet,

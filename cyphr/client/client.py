@@ -42,8 +42,9 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError as NaclCryptoError
 
 from cyphr import signing
-from cyphr.client import crypto
+from cyphr.client import crypto, devices
 from cyphr.client.crypto import CryptoError, Identity, KeyRefused, Prekey, PublishedKey, Recipient, b64
+from cyphr.client.devices import Device, LinkCode, LinkRequest
 from cyphr.client.http import ApiError, ClientError, Http, check_server, segment
 from cyphr.client.profile import Profile
 
@@ -494,14 +495,17 @@ class Client:
         main key with fewer than 150 days left is renewed."""
         with self.profile.lock:
             record = self.profile.vault.get("mainKey")
-        if record is None:
+        if record is None and not devices.has_device_key(self):
             self._adopt_published_key(self._directory(self.cyphr_id))
         else:
             self.renew_main_key()
 
     def renew_main_key(self, force: bool = False) -> bool:
         """Sign the main key again (same key, same id, new times) when fewer
-        than 150 days of its validity are left; answers whether it did."""
+        than 150 days of its validity are left; answers whether it did. A
+        linked device renews its own device key instead."""
+        if devices.has_device_key(self):
+            return devices.renew_device_key(self, force)
         with self.profile.lock:
             record = self.profile.vault.get("mainKey")
         if not force and record is not None and record.get("keyId") == self.identity.generation \
@@ -552,7 +556,10 @@ class Client:
         return b64(self.identity.kem_key_of(generation).public_key().public_bytes_raw())
 
     def rotate_kyber(self, to_generation: int | None = None) -> int:
-        """Publish the main key of the next generation (its key id)."""
+        """Publish the main key of the next generation (its key id); a
+        linked device publishes a new device key (answers its key id)."""
+        if devices.has_device_key(self):
+            return devices.publish_device_key(self, rotate=True)
         generation = self.identity.generation + 1 if to_generation is None else to_generation
         self._publish_main_key(Identity(self.identity.seed, generation))
         return generation
@@ -1132,6 +1139,40 @@ class Client:
 
     def wallet_unlink(self) -> None:
         self._call("DELETE", "/api/wallet/link", {})
+
+    # -- devices (cyphr.client.devices) ------------------------------------
+
+    @classmethod
+    def link(cls, directory: str | Path, passphrase: str, server: str, *,
+             on_code: Callable[[LinkCode], None], **kwargs: Any) -> Client:
+        """This identity on a new device, approved by one of its devices: a
+        new profile (see :func:`cyphr.client.devices.link`)."""
+        return devices.link(cls, directory, passphrase, server, on_code=on_code, **kwargs)
+
+    def devices(self) -> list[Device]:
+        """This identity's devices, names decrypted, keys checked."""
+        return devices.own_devices(self)
+
+    def devices_of(self, cyphr_id: str) -> list[Device]:
+        """A user's devices, each key checked against the pinned identity key."""
+        return devices.devices_of(self, cyphr_id)
+
+    def rename_device(self, device_id: int, name: str | None) -> None:
+        devices.rename_device(self, device_id, name)
+
+    def remove_device(self, device_id: int) -> None:
+        devices.remove_device(self, device_id)
+
+    def approve(self, code: str,
+                confirm: Callable[[LinkRequest], bool] | None = None) -> int:
+        """Approve the new device of link code ``code``: ``confirm`` is shown
+        the request (its ``fingerprint`` for the user to compare with the
+        new device's screen) and must answer True, or nothing is sent
+        (ClientError). Answers the new device's id."""
+        request = devices.link_request(self, code)
+        if confirm is not None and not confirm(request):
+            raise ClientError("not approved: nothing was sent")
+        return devices.approve(self, request)
 
     # -- realtime ---------------------------------------------------------
 

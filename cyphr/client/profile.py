@@ -13,8 +13,10 @@ Two files, each mode 0600 in a directory of mode 0700:
     Argon2 parameters are stored beside the ciphertext): the 64-byte
     identity seed (never the recovery phrase itself), the device
     fingerprint, the session token, unused one-time prekey seeds, the
-    identity keys pinned for contacts, group name keys, and the content keys
-    of messages whose one-time prekey has been erased.
+    identity keys pinned for contacts, group name keys, the content keys
+    of messages whose one-time prekey has been erased, and on a linked
+    device (cyphr.client.devices) the seed of its own ML-KEM-1024 device
+    key (``deviceKey``; its device id is in profile.json).
 
 ``vault.lock``
     Empty: the inter-process lock (``flock``). Several processes may use one
