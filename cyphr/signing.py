@@ -443,9 +443,64 @@ class WrappedKey:
                 + opaque(self.kyber_ciphertext) + opaque(self.nonce) + opaque(self.wrapped_key))
 
 
-def message_content(header: MessageHeader, nonce: bytes, ciphertext: bytes, tag: bytes,
-                    keys: Iterable[WrappedKey]) -> bytes:
+def message_content(header: MessageHeader | DeviceMessageHeader, nonce: bytes,
+                    ciphertext: bytes, tag: bytes,
+                    keys: Iterable[WrappedKey | DeviceWrappedKey]) -> bytes:
     """What a message's signature (label ``message``) covers: everything in
-    the payload but the signature itself."""
+    the payload but the signature itself (v2 or v3 structures alike: the
+    scheme, first in the header, tells them apart)."""
     return (opaque(header.encode()) + opaque(nonce) + opaque(ciphertext) + opaque(tag)
             + vector(k.encode() for k in keys))
+
+
+# -- messages sealed per device (v3) ----------------------------------------------
+
+def device_recipient(cyphr_id: str, device_id: int) -> bytes:
+    """One device a v3 message is sealed for: its identity's Cyphr ID, then
+    the device id (1 or more)."""
+    if device_id < 1:
+        raise EncodingError(f"device id {device_id} is not 1 or more")
+    return text(cyphr_id) + uint64(device_id)
+
+
+@dataclass(frozen=True)
+class DeviceMessageHeader:
+    """The clear header of a message sealed per device (v3): as
+    :class:`MessageHeader`, but each recipient is a device, (Cyphr ID,
+    device id), sorted by Cyphr ID then device id."""
+
+    scheme: str
+    chat_id: str | None
+    sender_id: str
+    message_type: str
+    client_message_id: str
+    recipients: tuple[tuple[str, int], ...]  # sorted (cyphrId, deviceId)
+    ephemeral_key: bytes  # X25519, 32 bytes
+
+    def encode(self) -> bytes:
+        return (text(self.scheme) + text(self.chat_id or "") + text(self.sender_id)
+                + text(self.message_type) + text(self.client_message_id)
+                + vector(device_recipient(c, d) for c, d in self.recipients)
+                + opaque(self.ephemeral_key))
+
+    def aad(self) -> bytes:
+        return text(MESSAGE_HEADER_AAD_LABEL) + opaque(self.encode())
+
+
+@dataclass(frozen=True)
+class DeviceWrappedKey:
+    """The content key wrapped for one device (v3): the device is named, and
+    signed, beside its identity's Cyphr ID."""
+
+    recipient_id: str
+    device_id: int
+    one_time: bool  # sealed to one of the device's one-time prekeys (else its own key)
+    key_id: int  # the prekey's id, or the device key's id (device 1: the main key's)
+    kyber_ciphertext: bytes
+    nonce: bytes
+    wrapped_key: bytes
+
+    def encode(self) -> bytes:
+        return (device_recipient(self.recipient_id, self.device_id)
+                + uint8(1 if self.one_time else 0) + uint64(self.key_id)
+                + opaque(self.kyber_ciphertext) + opaque(self.nonce) + opaque(self.wrapped_key))

@@ -214,6 +214,17 @@ class FakeServer:
             return self._directory(self.accounts[parts[3]])
         if path == "/api/messaging/chats":
             return {"chats": []}
+        if parts[:2] == ["api", "devices"] and len(parts) == 3 and method == "GET":
+            # One device per account here: device 1, whose key is the main key.
+            if parts[2] not in self.accounts:
+                raise ApiError(404, "USER_NOT_FOUND", "No such user")
+            account = self.accounts[parts[2]]
+            main = self._directory(account)
+            return {"cyphrId": account.cyphr_id, "publicKey": main["publicKey"], "devices": [{
+                "deviceId": 1, **{k: main[k] for k in (
+                    "kyberPublicKey", "kyberKeySignature", "kyberKeyId", "kyberKeyCreatedAt",
+                    "kyberKeyExpiresAt", "kyberKeySignatureVersion")},
+                "createdAt": iso_ms(0)}]}
         if parts[:3] == ["api", "keys", "claim"]:
             account = self.accounts[parts[3]]
             if account.prekeys:

@@ -36,6 +36,24 @@ def _device_binding(vector: dict) -> signing.DeviceKeyBinding:
         public_key=bytes.fromhex(inputs["publicKey"]))
 
 
+def _device_message(inputs: dict) -> bytes:
+    """The signed content of a message sealed per device (v3)."""
+    h = inputs["header"]
+    header = signing.DeviceMessageHeader(
+        h["scheme"], h["chatId"], h["senderId"], h["messageType"], h["clientMessageId"],
+        tuple((r["cyphrId"], r["deviceId"]) for r in h["recipients"]),
+        bytes.fromhex(h["ephemeralKey"]))
+    keys = [signing.DeviceWrappedKey(k["recipientId"], k["deviceId"], k["oneTime"], k["keyId"],
+                                     bytes.fromhex(k["kyberCiphertext"]),
+                                     bytes.fromhex(k["nonce"]), bytes.fromhex(k["wrappedKey"]))
+            for k in inputs["keys"]]
+    if header.aad().hex() != inputs["headerAad"]:
+        raise AssertionError("the v3 message header's associated data differs from the vector")
+    return signing.message_content(header, bytes.fromhex(inputs["nonce"]),
+                                   bytes.fromhex(inputs["ciphertext"]),
+                                   bytes.fromhex(inputs["tag"]), keys)
+
+
 def _rebuild(vector: dict) -> tuple[str, bytes]:
     """The label and content of a vector, made from its inputs alone."""
     inputs = vector["inputs"]
@@ -53,6 +71,8 @@ def _rebuild(vector: dict) -> tuple[str, bytes]:
         return binding.label, binding.encode()
     if vector["name"].startswith("device-key-"):
         return signing.DEVICE_KEY, _device_binding(vector).encode()
+    if vector["name"] == "message-v3":
+        return signing.MESSAGE, _device_message(inputs)
     assert vector["name"] == "message", vector["name"]
     h = inputs["header"]
     header = signing.MessageHeader(h["scheme"], h["chatId"], h["senderId"], h["messageType"],
@@ -173,6 +193,28 @@ class LayoutTests(unittest.TestCase):
                          + b"KKKKK")
         self.assertEqual(binding.label, signing.DEVICE_KEY)
         self.assertEqual(signing.PREFIX + binding.label, "cyphr-v2 device-key")
+
+    def test_device_message_layout(self) -> None:
+        """A v3 message header: scheme, chat id, sender, type, client message
+        id, the count of devices then each device as its Cyphr ID and its
+        device id (uint64), and the ephemeral key; a v3 wrapped key: Cyphr
+        ID, device id, one-time flag (one byte), key id, then the KEM
+        ciphertext, nonce and wrapped key, each length-prefixed."""
+        def v(data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + data
+
+        header = signing.DeviceMessageHeader("cyphr-hybrid-v3", None, "al", "text", "m",
+                                             (("al", 1), ("bo", 2)), b"E" * 3)
+        self.assertEqual(header.encode(),
+                         v(b"cyphr-hybrid-v3") + v(b"") + v(b"al") + v(b"text") + v(b"m")
+                         + struct.pack(">I", 2) + v(b"al") + struct.pack(">Q", 1) + v(b"bo")
+                         + struct.pack(">Q", 2) + v(b"EEE"))
+        self.assertEqual(header.aad(), v(b"cyphr-v2 message-header") + v(header.encode()))
+        key = signing.DeviceWrappedKey("bo", 2, True, 9, b"C", b"N", b"W")
+        self.assertEqual(key.encode(), v(b"bo") + struct.pack(">QBQ", 2, 1, 9) + v(b"C") + v(b"N")
+                         + v(b"W"))
+        with self.assertRaises(signing.EncodingError):
+            signing.DeviceWrappedKey("bo", 0, True, 9, b"C", b"N", b"W").encode()
 
 
 class DeviceKeyTests(unittest.TestCase):
@@ -396,6 +438,18 @@ class PropertyTests(unittest.TestCase):
         a = signing.DeviceKeyBinding(owner_a, device_a, id_a, t_a, t_a, b"k")
         b = signing.DeviceKeyBinding(owner_b, device_b, id_b, t_b, t_b, b"k")
         self.assertEqual(a.encode() == b.encode(), a == b)
+
+    @given(st.lists(st.tuples(st.text(max_size=6), st.integers(1, 2**64 - 1)), max_size=4),
+           st.lists(st.tuples(st.text(max_size=6), st.integers(1, 2**64 - 1)), max_size=4))
+    @settings(max_examples=300, deadline=None)
+    def test_device_headers_never_coincide(self, a: list[tuple[str, int]],
+                                           b: list[tuple[str, int]]) -> None:
+        """Two v3 headers encode alike only when their device lists are
+        equal: no Cyphr ID can run into a device id or the next device."""
+        def header(devices: list[tuple[str, int]]) -> signing.DeviceMessageHeader:
+            return signing.DeviceMessageHeader("cyphr-hybrid-v3", "c", "s", "text", "m",
+                                               tuple(devices), b"e")
+        self.assertEqual(header(a).encode() == header(b).encode(), a == b)
 
     @given(_labels, _bytes)
     @settings(max_examples=40, deadline=None)

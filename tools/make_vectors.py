@@ -1,8 +1,9 @@
 """
 Writes tests/vectors/signatures-v2.json: the inputs, the exact bytes and
 the signatures of every kind of v2 labelled signature, from fixed keys;
-and tests/vectors/devices-v2.json: a sealed seed (linking a device) and a
-sealed device name, from fixed keys and fixed randomness.
+tests/vectors/devices-v2.json: a sealed seed (linking a device) and a
+sealed device name, from fixed keys and fixed randomness; and
+tests/vectors/messages-v3.json: a message sealed per device (v3), likewise.
 
     python tools/make_vectors.py [--check]
 
@@ -29,6 +30,7 @@ from cyphr import signing
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "signatures-v2.json"
 DEVICES_OUT = OUT.parent / "devices-v2.json"
+MESSAGES_OUT = OUT.parent / "messages-v3.json"
 
 # Fixed secrets: the vectors are public test data, never keys of anyone.
 ED25519_SEED = bytes(range(32))
@@ -111,6 +113,37 @@ def build() -> dict[str, Any]:
             "algorithm": signing.KEY_ALGORITHM, "owner": device.owner, "deviceId": device_id,
             "keyId": key_id, "createdAt": device.created_at, "expiresAt": device.expires_at,
             "publicKey": _hex(kem_public)}, device.encode())
+
+    # A message sealed per device (v3): the header lists devices, and each
+    # wrapped key names (and the signature covers) the device it is for.
+    device_header = signing.DeviceMessageHeader(
+        scheme="cyphr-hybrid-v3", chat_id="0b8e4f8a-54a3-4f5e-a1f7-2f0f5e0c9a11",
+        sender_id="alice_01", message_type="text",
+        client_message_id="5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b",
+        recipients=(("alice_01", 1), ("alice_01", 2), ("bob_02", 1)),
+        ephemeral_key=bytes(range(132, 164)))
+    device_keys = [
+        signing.DeviceWrappedKey("alice_01", 1, False, 0, bytes([1]) * 1568, bytes([2]) * 24,
+                                 bytes([3]) * 48),
+        signing.DeviceWrappedKey("alice_01", 2, True, 5, bytes([4]) * 1568, bytes([5]) * 24,
+                                 bytes([6]) * 48),
+        signing.DeviceWrappedKey("bob_02", 1, True, 17, bytes([10]) * 1568, bytes([11]) * 24,
+                                 bytes([12]) * 48)]
+    add("message-v3", signing.MESSAGE, {
+        "header": {"scheme": device_header.scheme, "chatId": device_header.chat_id,
+                   "senderId": device_header.sender_id,
+                   "messageType": device_header.message_type,
+                   "clientMessageId": device_header.client_message_id,
+                   "recipients": [{"cyphrId": c, "deviceId": d}
+                                  for c, d in device_header.recipients],
+                   "ephemeralKey": _hex(device_header.ephemeral_key)},
+        "headerAad": _hex(device_header.aad()),
+        "nonce": _hex(nonce), "ciphertext": _hex(ciphertext), "tag": _hex(tag),
+        "keys": [{"recipientId": k.recipient_id, "deviceId": k.device_id,
+                  "oneTime": k.one_time, "keyId": k.key_id,
+                  "kyberCiphertext": _hex(k.kyber_ciphertext), "nonce": _hex(k.nonce),
+                  "wrappedKey": _hex(k.wrapped_key)} for k in device_keys]},
+        signing.message_content(device_header, nonce, ciphertext, tag, device_keys))
 
     stellar = Keypair.from_raw_ed25519_seed(STELLAR_SEED)
     text = signing.wallet_link_text("https://chat.example.org", "alice_01", stellar.public_key,
@@ -217,12 +250,93 @@ def build_devices() -> dict[str, Any]:
     }
 
 
+def build_messages() -> dict[str, Any]:
+    """A message sealed per device (v3) to three devices: the sender's own
+    device 1 (the identity's main key), its linked device 2 (a device key)
+    and bob's device 1 (a one-time prekey). Encapsulations use kyber-py's
+    ``_encaps_internal`` with fixed messages ``m``, as build_devices does."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from kyber_py.ml_kem import ML_KEM_1024
+
+    from cyphr.client import crypto
+
+    alice_seed, bob_seed = bytes(range(64)), bytes(range(64, 128))
+    device_key_seed, prekey_seed = bytes(range(128, 192)), bytes(range(192, 256))
+    ephemeral_private = bytes([0x21]) * 32
+    content_key, nonce = bytes([0x32]) * 32, bytes([0x43]) * 24
+    alice, bob = crypto.Identity(alice_seed), crypto.Identity(bob_seed)
+    device_key = MLKEM1024PrivateKey.from_seed_bytes(device_key_seed)
+    prekey = MLKEM1024PrivateKey.from_seed_bytes(prekey_seed)
+    recipients = [
+        crypto.DeviceRecipient("alice_01", 1, alice.public_key, alice.kyber_public_key, 0),
+        crypto.DeviceRecipient("alice_01", 2, alice.public_key,
+                               device_key.public_key().public_bytes_raw(), 3),
+        crypto.DeviceRecipient("bob_02", 1, bob.public_key,
+                               prekey.public_key().public_bytes_raw(), 17, True)]
+    ms = [bytes([0x50 + i]) * 32 for i in range(len(recipients))]
+    wrap_nonces = [bytes([0x60 + i]) * 24 for i in range(len(recipients))]
+    secrets: list[tuple[bytes, bytes]] = []
+
+    def encapsulate(public_key: bytes) -> tuple[bytes, bytes]:
+        secrets.append(ML_KEM_1024._encaps_internal(public_key, ms[len(secrets)]))
+        return secrets[-1]
+
+    nonces = iter(wrap_nonces)
+    plaintext = "to every device ☃".encode("utf-8")
+    payload = crypto.seal_to_devices_with(
+        alice, "alice_01", 1, recipients, plaintext,
+        chat_id="0b8e4f8a-54a3-4f5e-a1f7-2f0f5e0c9a11", message_type="text",
+        client_message_id="5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b",
+        ephemeral=X25519PrivateKey.from_private_bytes(ephemeral_private),
+        content_key=content_key, nonce=nonce, encapsulate=encapsulate,
+        wrap_nonce=lambda: next(nonces))
+    parsed = crypto._parse_v3(payload)
+    aad = parsed.header.aad()
+    ephemeral = X25519PrivateKey.from_private_bytes(ephemeral_private)
+    entries = []
+    for r, (kem_secret, kyber_ciphertext) in zip(recipients, secrets):
+        their_x25519 = crypto.identity_x25519(r.identity_key)
+        dh_secret = ephemeral.exchange(X25519PublicKey.from_public_bytes(their_x25519))
+        entries.append({
+            "cyphrId": r.cyphr_id, "deviceId": r.device_id, "recipientX25519": _hex(their_x25519),
+            "kemSecret": _hex(kem_secret), "dhSecret": _hex(dh_secret),
+            "wrapKey": _hex(crypto._device_wrap_key(
+                kem_secret, dh_secret, aad, r.cyphr_id, r.device_id, kyber_ciphertext,
+                parsed.header.ephemeral_key, their_x25519)),
+            "wrapAad": _hex(crypto._device_wrap_aad(aad, r.cyphr_id, r.device_id))})
+    return {
+        "description": "Cyphr v3 (cyphr-hybrid-v3): a message sealed per device, from the fixed "
+                       "keys and randomness of 'inputs'; docs/encryption.rst ('Sealing per "
+                       "device') specifies the steps. Rebuild 'payload' exactly, then open it "
+                       "as each device.",
+        "inputs": {
+            "senderSeed": _hex(alice_seed), "bobSeed": _hex(bob_seed),
+            "alice2DeviceKeySeed": _hex(device_key_seed), "bobPrekeySeed": _hex(prekey_seed),
+            "recipients": [{"cyphrId": r.cyphr_id, "deviceId": r.device_id, "keyId": r.key_id,
+                            "oneTime": r.one_time} for r in recipients],
+            "ephemeralX25519Private": _hex(ephemeral_private), "contentKey": _hex(content_key),
+            "nonce": _hex(nonce), "encapsulationM": [_hex(m) for m in ms],
+            "wrapNonces": [_hex(n) for n in wrap_nonces], "plaintext": _hex(plaintext),
+            "chatId": "0b8e4f8a-54a3-4f5e-a1f7-2f0f5e0c9a11", "senderId": "alice_01",
+            "senderDevice": 1, "messageType": "text",
+            "clientMessageId": "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"},
+        "headerAad": _hex(aad),
+        "paddedPlaintext": _hex(crypto.pad(plaintext)),
+        "entries": entries,
+        "payload": payload,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--check", action="store_true", help="only say whether the file is current")
     args = parser.parse_args()
     status = 0
-    for out, made in ((OUT, build()), (DEVICES_OUT, build_devices())):
+    for out, made in ((OUT, build()), (DEVICES_OUT, build_devices()),
+                      (MESSAGES_OUT, build_messages())):
         text = json.dumps(made, indent=1) + "\n"
         if args.check:
             current = out.exists() and out.read_text("utf-8") == text

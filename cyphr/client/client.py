@@ -42,8 +42,15 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError as NaclCryptoError
 
 from cyphr import signing
-from cyphr.client import crypto, devices
-from cyphr.client.crypto import CryptoError, Identity, KeyRefused, Prekey, PublishedKey, Recipient, b64
+from cyphr.client import crypto, devices, sealing
+from cyphr.client.crypto import (
+    CryptoError,
+    Identity,
+    KeyRefused,
+    Prekey,
+    PublishedKey,
+    b64,
+)
 from cyphr.client.devices import Device, LinkCode, LinkRequest
 from cyphr.client.http import ApiError, ClientError, Http, check_server, segment
 from cyphr.client.profile import Profile
@@ -57,7 +64,6 @@ _log = logging.getLogger(__name__)
 
 PREKEY_BATCH = 100  # the most the server takes in one call
 PREKEY_LOW = 20  # top up when fewer than this many are left on the server
-_CLAIM_PAUSE = 600.0  # s: after a target had no prekey left, use its main key this long
 # Signing in again on its own (a session ended) is what made the v1 client
 # a signing oracle: at most this many times per window, then the user must.
 AUTO_LOGIN_LIMIT = 3
@@ -161,6 +167,14 @@ class Message:
         return shape
 
 
+def _device_id_in(answer: dict[str, Any], default: Any) -> Any:
+    """The ``deviceId`` a register, login or recover answer names, else ``default``."""
+    device_id = answer.get("deviceId")
+    if isinstance(device_id, int) and not isinstance(device_id, bool) and device_id >= 1:
+        return device_id
+    return default
+
+
 def is_chat_id(value: str) -> bool:
     return bool(_UUID.match(value))
 
@@ -186,7 +200,11 @@ class Client:
         self.identity = Identity(base64.b64decode(profile.vault["seed"]),
                                  int(profile.vault.get("generation", 0)))
         self.http.token = profile.vault.get("token")
-        self._claim_paused: dict[str, float] = {}
+        # (Cyphr ID, device id): after that device had no prekey left, its own key this long.
+        self._claim_paused: dict[tuple[str, int], float] = {}
+        # The devices the last message sealed here left out, and why: their
+        # keys are not signed by their identity's pinned key (told to the user).
+        self.refused_devices: list[tuple[str, int, str]] = []
         self._chat_cache: dict[str, dict[str, Any]] = {}
         self._backup_lock = threading.Lock()
         self._wallet_texts: dict[str, tuple[str, str]] = {}
@@ -314,7 +332,9 @@ class Client:
         with self.profile.lock:
             # Saved under the same lock as changed: another process's save
             # in between would otherwise replace the change.
-            self.profile.settings.update(cyphrId=answer["cyphrId"], userId=answer["userId"])
+            # Registering makes device 1 (a server of before devices says nothing).
+            self.profile.settings.update(cyphrId=answer["cyphrId"], userId=answer["userId"],
+                                         deviceId=_device_id_in(answer, 1))
             self._save(mainKey=self._main_key_record(main_key))
             self._set_session(answer)
         if prekeys:
@@ -328,7 +348,11 @@ class Client:
         if totp_code:
             body["totpCode"] = totp_code
         answer = self.http.call("POST", "/api/cyphr-id/login", body, auth=False)
-        self._set_session(answer)
+        with self.profile.lock:
+            device_id = _device_id_in(answer, self.profile.settings.get("deviceId"))
+            if device_id is not None:
+                self.profile.settings["deviceId"] = device_id
+            self._set_session(answer)
         self._maintain_main_key()
         return answer
 
@@ -381,6 +405,9 @@ class Client:
             break
         with client.profile.lock:
             client.profile.settings["cyphrId"] = cyphr_id
+            device_id = _device_id_in(answer, None)
+            if device_id is not None:
+                client.profile.settings["deviceId"] = device_id
             client._set_session(answer)
         # Before anything else is pinned: the pins the old device had.
         client._restore_pins()
@@ -747,36 +774,25 @@ class Client:
             pin = self.profile.vault.get("pins", {}).get(cyphr_id)
         return bool(pin and pin.get("verified"))
 
-    def _recipient(self, cyphr_id: str) -> Recipient:
-        if cyphr_id == self.cyphr_id:
-            return Recipient(cyphr_id, self.identity.public_key, self.identity.kyber_public_key,
-                             self.identity.generation)
-        contact = self.contact(cyphr_id)
-        if self._claim_paused.get(cyphr_id, 0.0) <= time.monotonic():
-            try:
-                claim = self._call("POST", f"/api/keys/claim/{segment(cyphr_id)}", {})
-            except ApiError as e:
-                if e.code != "RATE_LIMITED":
-                    raise
-                self._claim_paused[cyphr_id] = time.monotonic() + (e.retry_after or 60.0)
-            else:
-                # The server hands the key out; only the identity key vouches
-                # for it, its kind, its owner, its id and its validity.
-                key = self._checked_key(
-                    cyphr_id, contact.identity_key, one_time=claim.get("oneTime"),
-                    key_id=claim.get("keyId"), public_key=claim.get("kyberPublicKey"),
-                    signature=claim.get("signature"), created_at=claim.get("createdAt"),
-                    expires_at=claim.get("expiresAt"),
-                    signature_version=claim.get("signatureVersion"))
-                if key.one_time:
-                    self._use_prekey(cyphr_id, key)
-                    return Recipient(cyphr_id, contact.identity_key, key.public_key, key.key_id,
-                                     True)
-                self._pinned(cyphr_id, contact.identity_key, key)
-                self._claim_paused[cyphr_id] = time.monotonic() + _CLAIM_PAUSE
-                return Recipient(cyphr_id, contact.identity_key, key.public_key, key.key_id)
-        return Recipient(cyphr_id, contact.identity_key, contact.kyber_public_key,
-                         contact.kyber_key_id)
+    # -- the devices a message is sealed for ----------------------------------
+
+    @property
+    def device_id(self) -> int:
+        """This device's id within its identity: from the register, login,
+        recover or link answer; asked of the server for an older profile."""
+        saved = self.profile.settings.get("deviceId")
+        if isinstance(saved, int) and not isinstance(saved, bool) and saved >= 1:
+            return saved
+        current = [d.device_id for d in devices.own_devices(self) if d.current]
+        if len(current) != 1:
+            raise ClientError("the server does not say which of the identity's devices this is")
+        with self.profile.lock:
+            self.profile.settings["deviceId"] = current[0]
+            self.profile.save()
+        return current[0]
+
+    def _device_keys(self) -> dict[int, bytes] | None:
+        return sealing.device_keys(self)
 
     # -- the pin backup ---------------------------------------------------
 
@@ -890,7 +906,15 @@ class Client:
         return self._send(to, text.encode("utf-8"), message_type)
 
     def _send(self, to: str, plaintext: bytes, message_type: str) -> dict[str, Any]:
-        return self._call("POST", "/api/messaging/send", self.sealed(to, plaintext, message_type))
+        return self.send_sealed(to, plaintext, message_type,
+                                lambda body: self._call("POST", "/api/messaging/send", body))
+
+    def send_sealed(self, to: str, plaintext: bytes, message_type: str,
+                    transmit: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """Seal for ``to`` and ``transmit`` the send's body (REST or
+        realtime), sealed again once when refused DEVICES_CHANGED (see
+        :func:`cyphr.client.sealing.send_sealed`)."""
+        return sealing.send_sealed(self, to, plaintext, message_type, transmit)
 
     def sealed(self, to: str, plaintext: bytes, message_type: str = "text") -> dict[str, Any]:
         """The body of a send (REST or ``send_message``): the plaintext
@@ -905,11 +929,12 @@ class Client:
             members = sorted({self.cyphr_id, to})
             target = {"chatId": chat_id} if chat_id else {"recipientId": to}
         client_message_id = str(uuid.uuid4())
-        payload = crypto.seal(self.identity, self.cyphr_id, [self._recipient(m) for m in members],
-                              plaintext, chat_id=chat_id, message_type=message_type,
-                              client_message_id=client_message_id)
+        recipients, named = sealing.seal_devices(self, members)
+        payload = crypto.seal_to_devices(self.identity, self.cyphr_id, self.device_id, recipients,
+                                         plaintext, chat_id=chat_id, message_type=message_type,
+                                         client_message_id=client_message_id)
         return {**target, "encryptedPayload": payload, "messageType": message_type,
-                "clientMessageId": client_message_id}
+                "clientMessageId": client_message_id, "devices": named}
 
     def history(self, chat_id: str, limit: int = 50, before: int | None = None,
                 after: int | None = None) -> list[Message]:
@@ -958,10 +983,14 @@ class Client:
                 chat = self._chat(message["chatId"])
                 if chat is not None and chat["chatType"] == "direct":
                     direct_members = frozenset(chat["participants"])
+            per_device = isinstance(payload, dict) \
+                and payload.get("version") == crypto.DEVICE_VERSION
             opened = crypto.open_sealed(
                 payload, reader=self.identity, reader_id=self.cyphr_id, sender_key=sender_key,
                 envelope=message, prekeys=prekeys, direct_members=direct_members,
-                content_key=base64.b64decode(content_key) if content_key else None)
+                content_key=base64.b64decode(content_key) if content_key else None,
+                reader_device=self.device_id if per_device else None,
+                device_keys=self._device_keys())
         except (CryptoError, ClientError) as e:
             return result(None, False, str(e))
         if opened.key_id is not None and content_key is None:

@@ -1,5 +1,6 @@
 """
-The end-to-end scheme of Cyphr's clients (version 2, ``cyphr-hybrid-v2``).
+The end-to-end scheme of Cyphr's clients (version 2, ``cyphr-hybrid-v2``,
+and per device, version 3).
 
 Everything here runs on the client; the server sees only what
 :func:`seal` returns, and stores it as an opaque JSON object. Every
@@ -34,6 +35,13 @@ A message, for every recipient including the sender itself
     4. The sender signs ``message_content(header, nonce, ciphertext, tag,
        wrapped keys)`` under the label ``message``.
 
+Since devices, a message is sealed per device (version 3,
+``cyphr-hybrid-v3``, :func:`seal_to_devices`): the header lists devices
+(Cyphr ID, device id), and each wrapped key is for one device, derived and
+signed with its device id; each device opens its own entry with its own
+key (docs/encryption.rst, "Sealing per device"). :func:`seal` (version 2,
+one wrapped key per user) is kept for tests of old history; both open.
+
 Opening a message checks, in order: the shape (strictly: no unknown field),
 the signature (against the sender's identity key as the reader pinned it),
 the header against what the server says of the message (sender, chat,
@@ -52,7 +60,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives import hashes
@@ -77,10 +85,20 @@ from nacl.signing import SigningKey, VerifyKey
 from cyphr import signing
 from cyphr.clock import iso, parse_iso
 from cyphr.crypto import MLKEM1024_KEY_BYTES, is_mlkem1024_key
-from cyphr.signing import DeviceKeyBinding, KeyBinding, MessageHeader, WrappedKey
+from cyphr.signing import (
+    DeviceKeyBinding,
+    DeviceMessageHeader,
+    DeviceWrappedKey,
+    KeyBinding,
+    MessageHeader,
+    WrappedKey,
+)
 
 VERSION = 2
 SCHEME = "cyphr-hybrid-v2"  # ML-KEM-1024 + X25519, HKDF-SHA256, XChaCha20-Poly1305, Ed25519
+# Sealed per device: the same primitives, each wrapped key for one device.
+DEVICE_VERSION = 3
+DEVICE_SCHEME = "cyphr-hybrid-v3"
 V1_VERSION = 1
 V1_SCHEME = "cyphr-hybrid-v1"  # read only: old history
 PHRASE_WORDS = 24
@@ -90,6 +108,7 @@ _V1_SIGNATURE_CONTEXT = b"cyphr-message-signature-v1\x00"
 # The wrapping key's derivation is unchanged from v1 (its salt is the hash
 # of the header's associated data, which is now MessageHeader.aad()).
 _WRAP_INFO = b"cyphr-message-wrap-v1\x00"
+_DEVICE_WRAP_INFO = b"cyphr-message-wrap-v3\x00"
 _ED25519_INFO = b"cyphr-identity-ed25519-v1"
 _MLKEM_INFO = b"cyphr-identity-ml-kem-1024-v1"
 _SAFETY_CONTEXT = b"cyphr-safety-number-v1\x00"
@@ -597,6 +616,135 @@ def seal(sender: Identity, sender_id: str, recipients: list[Recipient], plaintex
 
 
 @dataclass(frozen=True)
+class DeviceRecipient:
+    """One device a message is for (v3): its identity key as the sender
+    pinned it, and the ML-KEM key to encapsulate to, already checked: one of
+    the device's one-time prekeys (``one_time``), or the device's own key
+    (device 1 and recovered devices: the identity's main key)."""
+
+    cyphr_id: str
+    device_id: int
+    identity_key: bytes
+    kyber_public_key: bytes
+    key_id: int
+    one_time: bool = False
+
+
+def _device_wrap_key(kem_secret: bytes, dh_secret: bytes, aad: bytes, cyphr_id: str,
+                     device_id: int, kyber_ciphertext: bytes, ephemeral: bytes,
+                     recipient_x25519: bytes) -> bytes:
+    info = (_DEVICE_WRAP_INFO + signing.device_recipient(cyphr_id, device_id) + ephemeral
+            + recipient_x25519 + hashlib.sha256(kyber_ciphertext).digest())
+    return _hkdf(kem_secret + dh_secret, KEY_BYTES, info, salt=hashlib.sha256(aad).digest())
+
+
+def _device_wrap_aad(aad: bytes, cyphr_id: str, device_id: int) -> bytes:
+    return aad + signing.device_recipient(cyphr_id, device_id)
+
+
+def seal_to_devices(sender: Identity, sender_id: str, sender_device: int,
+                    recipients: list[DeviceRecipient], plaintext: bytes, *,
+                    chat_id: str | None, message_type: str,
+                    client_message_id: str) -> dict[str, Any]:
+    """The encryptedPayload of one message sealed per device (v3,
+    ``cyphr-hybrid-v3``): one wrapped key for each device of
+    ``recipients``, which must include the sending device itself
+    (``sender_id``, ``sender_device``: to read its own history)."""
+    return seal_to_devices_with(sender, sender_id, sender_device, recipients, plaintext,
+                                chat_id=chat_id, message_type=message_type,
+                                client_message_id=client_message_id,
+                                ephemeral=X25519PrivateKey.generate(),
+                                content_key=os.urandom(KEY_BYTES), nonce=os.urandom(NONCE_BYTES))
+
+
+Encapsulate = Callable[[bytes], tuple[bytes, bytes]]  # ML-KEM public key -> (secret, ciphertext)
+
+
+def _encapsulate(public_key: bytes) -> tuple[bytes, bytes]:
+    return MLKEM1024PublicKey.from_public_bytes(public_key).encapsulate()
+
+
+def seal_to_devices_with(sender: Identity, sender_id: str, sender_device: int,
+                         recipients: list[DeviceRecipient], plaintext: bytes, *,
+                         chat_id: str | None, message_type: str, client_message_id: str,
+                         ephemeral: X25519PrivateKey, content_key: bytes, nonce: bytes,
+                         encapsulate: Encapsulate = _encapsulate,
+                         wrap_nonce: Callable[[], bytes] = lambda: os.urandom(NONCE_BYTES)
+                         ) -> dict[str, Any]:
+    """:func:`seal_to_devices` with its randomness given: the test vectors
+    (tools/make_vectors.py) seal with fixed values."""
+    if chat_id == "":
+        raise CryptoError("a chat id is not empty (None names a first direct message)")
+    named = [(r.cyphr_id, r.device_id) for r in recipients]
+    if len(set(named)) != len(named):
+        raise CryptoError("a device is listed twice")
+    if (sender_id, sender_device) not in named:
+        raise CryptoError("the sending device must be one of the recipients (to read its own "
+                          "history)")
+    if any(not 1 <= d <= MAX_KEY_ID for _, d in named):
+        raise CryptoError("a device id is between 1 and 2^53 - 1")
+    recipients = sorted(recipients, key=lambda r: (r.cyphr_id, r.device_id))
+    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    header = DeviceMessageHeader(DEVICE_SCHEME, chat_id, sender_id, message_type,
+                                 client_message_id,
+                                 tuple((r.cyphr_id, r.device_id) for r in recipients),
+                                 ephemeral_public)
+    aad = header.aad()
+    sealed = _aead_encrypt(content_key, nonce, pad(plaintext), aad)
+    ciphertext, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:]
+    keys = []
+    for r in recipients:
+        who = f"device {r.device_id} of {r.cyphr_id}"
+        if not 0 <= r.key_id <= MAX_KEY_ID:
+            raise CryptoError(f"the key id {r.key_id} of {who} is out of range")
+        try:
+            kem_secret, kyber_ciphertext = encapsulate(r.kyber_public_key)
+        except ValueError:
+            raise CryptoError(f"the ML-KEM key of {who} is not a valid ML-KEM-1024 key") from None
+        their_x25519 = identity_x25519(r.identity_key)
+        wrap = _device_wrap_key(kem_secret, _x25519(ephemeral, their_x25519), aad, r.cyphr_id,
+                                r.device_id, kyber_ciphertext, ephemeral_public, their_x25519)
+        entry_nonce = wrap_nonce()
+        keys.append(DeviceWrappedKey(
+            r.cyphr_id, r.device_id, r.one_time, r.key_id, kyber_ciphertext, entry_nonce,
+            _aead_encrypt(wrap, entry_nonce, content_key,
+                          _device_wrap_aad(aad, r.cyphr_id, r.device_id))))
+    signature = sender.sign_with_label(
+        signing.MESSAGE, signing.message_content(header, nonce, ciphertext, tag, keys))
+    return {
+        "version": DEVICE_VERSION,
+        "scheme": DEVICE_SCHEME,
+        "header": {
+            "chatId": chat_id,
+            "senderId": sender_id,
+            "messageType": message_type,
+            "clientMessageId": client_message_id,
+            "recipients": [{"cyphrId": c, "deviceId": d} for c, d in header.recipients],
+            "ephemeralKey": b64(ephemeral_public),
+        },
+        "nonce": b64(nonce),
+        "encryptedMessage": b64(ciphertext),
+        "tag": b64(tag),
+        "keys": [{"recipientId": k.recipient_id, "deviceId": k.device_id, "keyId": k.key_id,
+                  "oneTime": k.one_time, "kyberCiphertext": b64(k.kyber_ciphertext),
+                  "nonce": b64(k.nonce), "wrappedKey": b64(k.wrapped_key)} for k in keys],
+        "signature": b64(signature),
+    }
+
+
+def payload_devices(payload: Any) -> list[tuple[str, int]] | None:
+    """The devices a v3 payload's header names (unchecked: for display and
+    tests), or None for another version."""
+    if not isinstance(payload, dict) or payload.get("scheme") != DEVICE_SCHEME:
+        return None
+    header = payload.get("header")
+    recipients = header.get("recipients") if isinstance(header, dict) else None
+    if not isinstance(recipients, list):
+        return None
+    return [(r.get("cyphrId"), r.get("deviceId")) for r in recipients if isinstance(r, dict)]
+
+
+@dataclass(frozen=True)
 class Opened:
     plaintext: bytes
     header: dict[str, Any]
@@ -637,16 +785,71 @@ _PAYLOAD_FIELDS = {"version", "scheme", "header", "nonce", "encryptedMessage", "
 _HEADER_FIELDS = {"chatId", "senderId", "messageType", "clientMessageId", "recipients",
                   "ephemeralKey"}
 _KEY_FIELDS = {"recipientId", "keyId", "oneTime", "kyberCiphertext", "nonce", "wrappedKey"}
+_DEVICE_KEY_FIELDS = _KEY_FIELDS | {"deviceId"}
+_DEVICE_FIELDS = {"cyphrId", "deviceId"}
 
 
 @dataclass(frozen=True)
 class _Parsed:
-    header: MessageHeader
+    header: MessageHeader | DeviceMessageHeader
     nonce: bytes
     ciphertext: bytes
     tag: bytes
-    keys: list[WrappedKey]
+    keys: list[Any]  # WrappedKey (v2) or DeviceWrappedKey (v3)
     signature: bytes
+
+
+def _device_id(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_KEY_ID:
+        raise MalformedPayload(f"{what} is not a device id")
+    return value
+
+
+def _parse_v3(payload: dict[str, Any]) -> _Parsed:
+    """A v3 payload (sealed per device), as strictly as :func:`_parse_v2`."""
+    _only(payload, _PAYLOAD_FIELDS, "the payload")
+    header = _field(payload, "header", dict, "")
+    _only(header, _HEADER_FIELDS, "the header")
+    chat_id = header.get("chatId")
+    if chat_id is not None and not isinstance(chat_id, str) or chat_id == "":
+        raise MalformedPayload("header.chatId is neither text nor null")
+    recipients = []
+    for entry in _field(header, "recipients", list, "header."):
+        if not isinstance(entry, dict):
+            raise MalformedPayload("a header recipient is not an object {cyphrId, deviceId}")
+        _only(entry, _DEVICE_FIELDS, "a header recipient")
+        cyphr_id = _field(entry, "cyphrId", str, "header.recipients.")
+        if not cyphr_id:
+            raise MalformedPayload("header.recipients names an empty Cyphr ID")
+        recipients.append((cyphr_id, _device_id(entry.get("deviceId"),
+                                                "header.recipients.deviceId")))
+    if not recipients or recipients != sorted(set(recipients)):
+        raise MalformedPayload("header.recipients is empty, not sorted, or names a device twice")
+    parsed_header = DeviceMessageHeader(
+        payload.get("scheme"), chat_id, _field(header, "senderId", str, "header."),
+        _field(header, "messageType", str, "header."),
+        _field(header, "clientMessageId", str, "header."), tuple(recipients),
+        unb64(header.get("ephemeralKey"), "header.ephemeralKey", 32))
+    keys = []
+    for entry in _field(payload, "keys", list, ""):
+        if not isinstance(entry, dict):
+            raise MalformedPayload("a wrapped key is not an object")
+        _only(entry, _DEVICE_KEY_FIELDS, "a wrapped key")
+        key_id = entry.get("keyId")
+        if not isinstance(key_id, int) or isinstance(key_id, bool) \
+                or not 0 <= key_id <= MAX_KEY_ID:
+            raise MalformedPayload("keys.keyId is not a key id")
+        keys.append(DeviceWrappedKey(
+            _field(entry, "recipientId", str, "keys."),
+            _device_id(entry.get("deviceId"), "keys.deviceId"),
+            _field(entry, "oneTime", bool, "keys."), key_id,
+            unb64(entry.get("kyberCiphertext"), "kyberCiphertext", MLKEM1024_CIPHERTEXT_BYTES),
+            unb64(entry.get("nonce"), "keys.nonce", NONCE_BYTES),
+            unb64(entry.get("wrappedKey"), "wrappedKey", KEY_BYTES + TAG_BYTES)))
+    return _Parsed(parsed_header, unb64(payload.get("nonce"), "nonce", NONCE_BYTES),
+                   unb64(payload.get("encryptedMessage"), "encryptedMessage"),
+                   unb64(payload.get("tag"), "tag", TAG_BYTES), keys,
+                   unb64(payload.get("signature"), "signature", signing.ED25519_SIGNATURE_BYTES))
 
 
 def _parse_v2(payload: dict[str, Any]) -> _Parsed:
@@ -689,17 +892,21 @@ def _parse_v2(payload: dict[str, Any]) -> _Parsed:
                    unb64(payload.get("signature"), "signature", signing.ED25519_SIGNATURE_BYTES))
 
 
-def _check_delivery(header: Mapping[str, Any], recipients: list[str], listed: list[Any],
-                    reader_id: str, envelope: Mapping[str, Any],
-                    direct_members: frozenset[str] | None) -> int:
+def _check_delivery(header: Mapping[str, Any], recipients: list[Any], listed: list[Any],
+                    reader_id: Any, envelope: Mapping[str, Any],
+                    direct_members: frozenset[str] | None,
+                    users: list[str] | None = None) -> int:
     """The signature is the sender's: check that the server delivered the
-    message where the sender meant it to go. Answers the reader's index."""
+    message where the sender meant it to go. Answers the reader's index.
+    ``recipients`` are Cyphr IDs (v1, v2) or (Cyphr ID, device id) pairs
+    (v3, whose ``users`` are then the Cyphr IDs among them)."""
     for name in ("senderId", "messageType", "clientMessageId"):
         if envelope.get(name) != header.get(name):
             raise TamperedHeader(f"the header's {name} ({header.get(name)!r}) is not the "
                                  f"message's ({envelope.get(name)!r})")
     if header.get("chatId") is None:
-        if direct_members is None or frozenset(recipients) != direct_members:
+        named = frozenset(recipients if users is None else users)
+        if direct_members is None or named != direct_members:
             raise TamperedHeader("a message without a chat id outside the direct chat it names")
     elif header.get("chatId") != envelope.get("chatId"):
         raise TamperedHeader(f"the message was sealed for chat {header.get('chatId')!r}, "
@@ -707,6 +914,10 @@ def _check_delivery(header: Mapping[str, Any], recipients: list[str], listed: li
     if listed != recipients:
         raise TamperedHeader("the wrapped keys do not match the header's recipients")
     if reader_id not in recipients:
+        if isinstance(reader_id, tuple):
+            raise NotARecipient(f"device {reader_id[1]} of {reader_id[0]} is not a recipient of "
+                                f"this message (sealed before the device was linked, or for "
+                                f"its other devices only)")
         raise NotARecipient(f"{reader_id} is not a recipient of this message")
     return recipients.index(reader_id)
 
@@ -714,7 +925,8 @@ def _check_delivery(header: Mapping[str, Any], recipients: list[str], listed: li
 def open_sealed(payload: Any, *, reader: Identity, reader_id: str, sender_key: bytes,
                 envelope: Mapping[str, Any], prekeys: Mapping[int, bytes] | None = None,
                 direct_members: frozenset[str] | None = None,
-                content_key: bytes | None = None) -> Opened:
+                content_key: bytes | None = None, reader_device: int | None = None,
+                device_keys: Mapping[int, bytes] | None = None) -> Opened:
     """Verify and decrypt a payload made by :func:`seal`.
 
     ``sender_key`` is the identity key the reader holds for the sender (as
@@ -724,6 +936,12 @@ def open_sealed(payload: Any, *, reader: Identity, reader_id: str, sender_key: b
     names the two members when the chat is a direct chat (a header without
     a chat id is accepted only for those). ``content_key``, kept from an
     earlier opening, opens a message whose one-time prekey is gone.
+
+    A version 3 payload (sealed per device) opens with the wrapped key of
+    the reader's device ``reader_device``: its one-time ``prekeys``, or its
+    own key, which is ``device_keys`` (key id to ML-KEM seed: a linked
+    device's keys) or, without them, the identity's main keys (device 1 and
+    recovered devices).
 
     A version 1 payload is checked as v1 did and opened, with
     ``verified`` False (see :data:`V1_UNVERIFIED`).
@@ -735,6 +953,14 @@ def open_sealed(payload: Any, *, reader: Identity, reader_id: str, sender_key: b
         return _open_v1(payload, reader=reader, reader_id=reader_id, sender_key=sender_key,
                         envelope=envelope, prekeys=prekeys or {}, direct_members=direct_members,
                         content_key=content_key)
+    if type(version) is int and version == DEVICE_VERSION and scheme == DEVICE_SCHEME:
+        if reader_device is None:
+            raise CryptoError("a message sealed per device opens only on a device that knows "
+                              "its device id")
+        return _open_v3(payload, reader=reader, reader_id=reader_id,
+                        reader_device=reader_device, sender_key=sender_key, envelope=envelope,
+                        prekeys=prekeys or {}, device_keys=device_keys,
+                        direct_members=direct_members, content_key=content_key)
     if type(version) is not int or version != VERSION or scheme != SCHEME:
         raise MalformedPayload(f"unknown payload version or scheme: {version!r} {scheme!r}")
     parsed = _parse_v2(payload)
@@ -781,6 +1007,84 @@ def _unwrap(kem_key: MLKEM1024PrivateKey, reader: Identity, reader_id: str, aad:
     if content_key is None:
         raise TamperedMessage("the wrapped content key does not open with the key it names")
     return content_key
+
+
+def _open_device_entry(entry: DeviceWrappedKey, reader: Identity, reader_id: str, aad: bytes,
+                       ephemeral: bytes, prekeys: Mapping[int, bytes],
+                       device_keys: Mapping[int, bytes] | None) -> bytes | None:
+    """The content key of one v3 wrapped key of ``reader_id``'s (None when it
+    does not open): with the prekey or key it names, of this device."""
+    if entry.one_time:
+        seed = prekeys.get(entry.key_id)
+        if seed is None:
+            raise UnknownPrekey(f"one-time prekey {entry.key_id} is not held here "
+                                f"(already used?)")
+        kem_key = MLKEM1024PrivateKey.from_seed_bytes(seed)
+    elif device_keys is not None:
+        seed = device_keys.get(entry.key_id)
+        if seed is None:
+            raise UnknownPrekey(f"sealed to this device's key {entry.key_id}, not held here")
+        kem_key = MLKEM1024PrivateKey.from_seed_bytes(seed)
+    elif entry.key_id <= reader.generation:
+        kem_key = reader.kem_key_of(entry.key_id)
+    else:
+        raise UnknownPrekey(f"sealed to main key {entry.key_id}, newer than this "
+                            f"device's ({reader.generation})")
+    try:
+        kem_secret = kem_key.decapsulate(entry.kyber_ciphertext)
+    except (ValueError, InvalidKey):
+        raise TamperedMessage("the ML-KEM ciphertext cannot be decapsulated") from None
+    wrap = _device_wrap_key(kem_secret, reader.x25519_exchange(ephemeral), aad, reader_id,
+                            entry.device_id, entry.kyber_ciphertext, ephemeral,
+                            identity_x25519(reader.public_key))
+    return _aead_decrypt(wrap, entry.nonce, entry.wrapped_key,
+                         _device_wrap_aad(aad, reader_id, entry.device_id))
+
+
+def _open_v3(payload: dict[str, Any], *, reader: Identity, reader_id: str, reader_device: int,
+             sender_key: bytes, envelope: Mapping[str, Any], prekeys: Mapping[int, bytes],
+             device_keys: Mapping[int, bytes] | None, direct_members: frozenset[str] | None,
+             content_key: bytes | None) -> Opened:
+    parsed = _parse_v3(payload)
+    content = signing.message_content(parsed.header, parsed.nonce, parsed.ciphertext, parsed.tag,
+                                      parsed.keys)
+    if not signing.verify_with_label(sender_key, signing.MESSAGE, content, parsed.signature):
+        raise BadSignature("the signature does not match the sender's identity key")
+    recipients = list(parsed.header.recipients)
+    me = (reader_id, reader_device)
+    # Not addressed to this device, an entry of its identity sealed to the
+    # identity's main key still opens here: every device holding the seed
+    # derives that key (device 1's own history, read after a recovery).
+    mine = [i for i, k in enumerate(parsed.keys) if k.recipient_id == reader_id
+            and not k.one_time and k.key_id <= reader.generation]
+    addressed = me in recipients
+    index = _check_delivery(payload["header"], recipients,
+                            [(k.recipient_id, k.device_id) for k in parsed.keys],
+                            me if addressed or not mine else recipients[mine[0]], envelope,
+                            direct_members, users=[c for c, _ in recipients])
+    candidates = [index] if addressed else mine
+    entry = parsed.keys[candidates[0]]
+    aad = parsed.header.aad()
+    if content_key is None:
+        for at in candidates:
+            entry = parsed.keys[at]
+            content_key = _open_device_entry(entry, reader, reader_id, aad,
+                                             parsed.header.ephemeral_key, prekeys,
+                                             device_keys if addressed else None)
+            if content_key is not None:
+                break
+        else:
+            if addressed:
+                raise TamperedMessage("the wrapped content key does not open with the key it "
+                                      "names")
+            raise NotARecipient(f"device {reader_device} of {reader_id} is not a recipient of "
+                                f"this message (sealed before the device was linked, or for "
+                                f"its other devices only)")
+    padded = _aead_decrypt(content_key, parsed.nonce, parsed.ciphertext + parsed.tag, aad)
+    if padded is None:
+        raise TamperedMessage("the message does not decrypt: its ciphertext or header was altered")
+    return Opened(unpad(padded), payload["header"], entry.key_id if entry.one_time else None,
+                  content_key, DEVICE_VERSION)
 
 
 # -- version 1 (read only) ----------------------------------------------------

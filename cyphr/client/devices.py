@@ -124,8 +124,9 @@ def parse_link_code(code: str) -> tuple[str, str | None]:
 
 # -- checking a device list ------------------------------------------------------
 
-def _checked_key(identity_key: bytes, owner: str, entry: dict[str, Any], now: int) -> bytes:
-    """The key of one listed device, checked against ``identity_key``; KeyRefused says why not."""
+def checked_device_key(identity_key: bytes, owner: str, entry: dict[str, Any], now: int) -> bytes:
+    """The key of one listed device (or one a claim hands out in its place),
+    checked against ``identity_key``; KeyRefused says why not."""
     device_id, version = entry.get("deviceId"), entry.get("kyberKeySignatureVersion")
     fields = dict(key_id=entry.get("kyberKeyId"), public_key=entry.get("kyberPublicKey"),
                   signature=entry.get("kyberKeySignature"),
@@ -135,6 +136,8 @@ def _checked_key(identity_key: bytes, owner: str, entry: dict[str, Any], now: in
         # The identity's main key, as a single-device client signs it.
         return crypto.check_published_key(identity_key, owner, one_time=False,
                                           signature_version=2, now=now, **fields).public_key
+    if version == 1:
+        raise KeyRefused(f"{owner} has not upgraded to v2 key signatures")
     if version != 3:
         raise KeyRefused(f"its key has no device-key signature (version {version!r})")
     key_id = fields["key_id"]
@@ -173,7 +176,7 @@ def _check_list(client: Client, owner: str, identity_key: bytes,
             raise ClientError(f"the server's device list of {owner} holds an entry without a "
                               f"device id")
         try:
-            key, problem = _checked_key(identity_key, owner, entry, now), None
+            key, problem = checked_device_key(identity_key, owner, entry, now), None
         except KeyRefused as e:
             key, problem = None, str(e)
             _log.warning("Device %s of %s is refused: %s", device_id, owner, problem)

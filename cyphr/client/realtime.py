@@ -251,16 +251,20 @@ class Listener:
              timeout: float = 30.0) -> dict[str, Any]:
         """Send over this connection (``send_message``); answers the ack
         once the server has stored the message."""
-        body = self.client.sealed(to, text.encode("utf-8"), message_type)
-        try:
-            ack = self.sio.call("send_message", body, timeout=timeout)
-        except socketio.exceptions.TimeoutError:
-            raise ClientError("the server did not acknowledge the message in time") from None
-        if not isinstance(ack, dict) or not ack.get("success"):
-            code = ack.get("code", "ERROR") if isinstance(ack, dict) else "ERROR"
-            message = ack.get("error", "refused") if isinstance(ack, dict) else "refused"
-            raise ApiError(0, code, message)
-        return ack
+        def transmit(body: dict[str, Any]) -> dict[str, Any]:
+            try:
+                ack = self.sio.call("send_message", body, timeout=timeout)
+            except socketio.exceptions.TimeoutError:
+                raise ClientError("the server did not acknowledge the message in time") from None
+            if not isinstance(ack, dict) or not ack.get("success"):
+                code = ack.get("code", "ERROR") if isinstance(ack, dict) else "ERROR"
+                message = ack.get("error", "refused") if isinstance(ack, dict) else "refused"
+                details = ack.get("details") if isinstance(ack, dict) else None
+                raise ApiError(0, code, message, details)
+            return ack
+
+        # Refused DEVICES_CHANGED, it is sealed again for the devices now.
+        return self.client.send_sealed(to, text.encode("utf-8"), message_type, transmit)
 
     def mark_read(self, chat_id: str, up_to_seq: int) -> None:
         self._receipt("message_read", {"chatId": chat_id, "upToSeq": up_to_seq})

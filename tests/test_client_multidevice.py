@@ -1,0 +1,260 @@
+"""
+The reference client seals every message to every device (issue #13, item
+7): alice and bob each on two devices (one linked) read everything any
+device sends, in a direct chat and a group; a device linked later reads
+what is sent after it joined, not before; a device linked between a
+sender's fetch of the device lists and its send (409 DEVICES_CHANGED) is
+sealed to on the retry; a device whose key the server substituted is
+never sealed to, and the sender is told; a message sealed under v2 (one
+wrapped key per user, before devices) still opens. A real server, over a
+real port, with the library.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import uuid
+from typing import Any, Callable
+
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM1024PrivateKey
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from cyphr.client import crypto
+from cyphr.client.client import Client, Message
+from cyphr.client.crypto import Recipient
+from cyphr.client.http import ClientError
+from tests.helpers import SQLiteMixin, start_server
+from tests.test_client_devices import PASSPHRASE, Linking
+
+
+class MultiDeviceTests(SQLiteMixin, TestCase):
+    async def setUp(self) -> None:
+        self.server = await start_server(self, serve=True)
+        [port] = [await d for d in self.server.listening()]
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        self.clients: list[Client] = []
+
+    def tearDown(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    async def thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await deferToThread(function, *args, **kwargs)
+
+    async def registered(self, cyphr_id: str) -> Client:
+        client, _ = await self.thread(Client.init, os.path.abspath(self.mktemp()), PASSPHRASE,
+                                      self.url)
+        self.clients.append(client)
+        await self.thread(client.register, cyphr_id, None, 2)
+        return client
+
+    async def linked(self, first: Client) -> Client:
+        """A new device of ``first``'s identity, approved by ``first``."""
+        linking = Linking(os.path.abspath(self.mktemp()), self.url)
+        code = await linking.code()
+        await self.thread(first.approve, code.code)
+        device = await linking.done
+        self.clients.append(device)
+        return device
+
+    async def texts(self, reader: Client, chat_id: str) -> dict[str, Message]:
+        return {m.id: m for m in await self.thread(reader.history, chat_id)}
+
+    async def raw(self, reader: Client, chat_id: str) -> dict[str, dict[str, Any]]:
+        """The messages of a chat as the server hands them out, by id."""
+        answer = await self.thread(reader._call, "GET", f"/api/messaging/chat/{chat_id}")
+        return {m["id"]: m for m in answer["messages"]}
+
+    # -- every device reads every message -----------------------------------------
+
+    async def test_four_devices_read_every_message(self) -> None:
+        """Alice on two devices (the second linked) and bob on two: in a
+        direct chat and in a group, each of the four devices sends, and
+        each reads every message, verified and from the right sender; every
+        payload is sealed to exactly the four devices."""
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
+        alice2 = await self.linked(alice)
+        bob2 = await self.linked(bob)
+        devices = [("alice", alice), ("alice", alice2), ("bob", bob), ("bob", bob2)]
+        self.assertEqual([c.device_id for _, c in devices], [1, 2, 1, 2])
+        everyone = [("alice", 1), ("alice", 2), ("bob", 1), ("bob", 2)]
+
+        first = await self.thread(alice.send, "bob", "hello from alice 1")
+        direct = first["chatId"]
+        group = await self.thread(alice.create_group, "four devices", ["bob"])
+        sent: dict[str, dict[str, tuple[str, str]]] = {direct: {}, group: {}}
+        for chat_id in (direct, group):
+            for index, (owner, device) in enumerate(devices):
+                text = f"{chat_id[:8]} from {owner} {device.device_id} ({index})"
+                answer = await self.thread(device.send, chat_id if chat_id == group else
+                                           ("bob" if owner == "alice" else "alice"), text)
+                self.assertEqual(answer["chatId"], chat_id)
+                sent[chat_id][answer["messageId"]] = (owner, text)
+                self.assertEqual(device.refused_devices, [])
+        for chat_id, messages in sent.items():
+            raw = await self.raw(alice, chat_id)
+            for message_id in messages:
+                payload = raw[message_id]["encryptedPayload"]
+                self.assertEqual((payload["version"], payload["scheme"]), (3, "cyphr-hybrid-v3"))
+                self.assertEqual(crypto.payload_devices(payload), everyone)
+            for owner, reader in devices:
+                got = await self.texts(reader, chat_id)
+                for message_id, (sender, text) in messages.items():
+                    message = got[message_id]
+                    self.assertEqual((message.text, message.verified, message.sender),
+                                     (text, True, sender),
+                                     f"{owner} {reader.device_id}: {message.error}")
+        # The group's name key reached the devices in a sealed system message.
+        for _, reader in devices:
+            names = {c["chatId"]: c["name"] for c in await self.thread(reader.chats)}
+            self.assertEqual(names[group], "four devices")
+
+    async def test_a_device_linked_later_reads_what_follows(self) -> None:
+        """A device linked after a message was sent cannot open that message
+        (it was sealed to the devices there were: documented), and reads
+        what is sent after it joined, from a contact and from its own
+        identity's other device."""
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
+        before = await self.thread(alice.send, "bob", "before the laptop")
+        chat_id = before["chatId"]
+        laptop = await self.linked(bob)
+        after = await self.thread(alice.send, "bob", "after the laptop")
+        own = await self.thread(bob.send, "alice", "bob's phone, after")
+        got = await self.texts(laptop, chat_id)
+        earlier = got[before["messageId"]]
+        self.assertIsNone(earlier.text)
+        self.assertIn("device 2 of bob is not a recipient of this message", earlier.error)
+        self.assertEqual(got[after["messageId"]].text, "after the laptop")
+        self.assertEqual(got[own["messageId"]].text, "bob's phone, after")
+        self.assertTrue(got[own["messageId"]].verified)
+        # The first device still reads all of it.
+        self.assertEqual([m.text for m in await self.thread(bob.history, chat_id)],
+                         ["before the laptop", "after the laptop", "bob's phone, after"])
+
+    # -- DEVICES_CHANGED ---------------------------------------------------------
+
+    async def test_a_device_linked_during_a_send_is_sealed_to_on_the_retry(self) -> None:
+        """Bob links another device after alice's client fetched his device
+        list and sealed her message, before it is sent: the server refuses
+        it (409 DEVICES_CHANGED), and alice's client fetches the lists
+        again, seals again (to the new device too) and sends; the new device
+        reads it, and the message is stored once. Over REST (``send``) and
+        over realtime (``Listener.send``)."""
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
+        bob2 = await self.linked(bob)
+        chat_id = (await self.thread(alice.send, "bob", "first"))["chatId"]
+        listener = await self.thread(lambda: alice.listener(lambda m: None, top_up=False).start())
+        self.addCleanup(listener.stop)
+        seal = alice.sealed
+        for path, new_device_id in (("rest", 3), ("realtime", 4)):
+            sealed_for: list[list[dict[str, Any]]] = []
+            sealed = threading.Event()
+            go_on = threading.Event()
+
+            def late(to: str, plaintext: bytes, message_type: str = "text") -> dict[str, Any]:
+                body = seal(to, plaintext, message_type)
+                sealed_for.append(body["devices"])
+                if len(sealed_for) == 1:
+                    sealed.set()  # the lists are fetched: the test links a device now
+                    assert go_on.wait(30)
+                return body
+
+            alice.sealed = late  # type: ignore[method-assign]
+            text = f"sent over {path} while a device was linked"
+            sender = alice.send if path == "rest" else listener.send
+            sending = deferToThread(sender, chat_id, text)
+            self.assertTrue(await self.thread(sealed.wait, 30))
+            new_device = await self.linked(bob)
+            self.assertEqual(new_device.device_id, new_device_id)
+            go_on.set()
+            await sending
+            new = {"cyphrId": "bob", "deviceId": new_device_id}
+            self.assertEqual(len(sealed_for), 2)
+            self.assertNotIn(new, sealed_for[0])
+            self.assertIn(new, sealed_for[1])
+            for reader in (bob, bob2, new_device):
+                got = [m for m in await self.thread(reader.history, chat_id) if m.text == text]
+                self.assertEqual(len(got), 1, f"device {reader.device_id}")
+            del alice.sealed
+
+    async def test_devices_changing_twice_is_a_clear_error(self) -> None:
+        """When the server refuses the message sealed again as well (its
+        device list still differs), the send stops with a ClientError that
+        says so and names the devices; nothing is stored."""
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
+        await self.linked(bob)
+        chat_id = (await self.thread(alice.send, "bob", "first"))["chatId"]
+
+        def transmit(body: dict[str, Any]) -> dict[str, Any]:
+            # Leaves out bob's second device each time, as a stale list would.
+            body = dict(body, devices=[d for d in body["devices"] if d != {"cyphrId": "bob",
+                                                                            "deviceId": 2}])
+            return alice._call("POST", "/api/messaging/send", body)
+
+        with self.assertRaises(ClientError) as caught:
+            await self.thread(alice.send_sealed, chat_id, b"never stored", "text", transmit)
+        self.assertIn("the chat's devices changed again", str(caught.exception))
+        self.assertIn("missing: bob 2", str(caught.exception))
+        self.assertEqual(len(await self.thread(bob.history, chat_id)), 1)
+
+    # -- what a malicious server might do ----------------------------------------
+
+    async def test_a_substituted_device_key_is_not_sealed_to(self) -> None:
+        """The server puts a key of its own in place of bob's second device's:
+        alice's client seals to bob's other device and to her own, never to
+        the substituted key, and says so (``refused_devices``, naming the
+        device and why); bob's first device reads the message, the
+        substituted device is not among its recipients."""
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
+        bob2 = await self.linked(bob)
+        ghost = MLKEM1024PrivateKey.generate().public_key().public_bytes_raw()
+        await self.server.database.run_operation(
+            "UPDATE devices SET kyber_public_key = ? WHERE device_id = 2 AND user_id ="
+            " (SELECT id FROM cyphr_identities WHERE cyphr_id = 'bob')", (ghost,))
+        answer = await self.thread(alice.send, "bob", "not for the ghost")
+        [(cyphr_id, device_id, problem)] = alice.refused_devices
+        self.assertEqual((cyphr_id, device_id), ("bob", 2))
+        self.assertIn("not signed by bob's identity key as the key of device 2", problem)
+        raw = await self.raw(alice, answer["chatId"])
+        payload = raw[answer["messageId"]]["encryptedPayload"]
+        self.assertEqual(crypto.payload_devices(payload), [("alice", 1), ("bob", 1)])
+        self.assertNotIn(base64.b64encode(ghost).decode(), str(payload))
+        got = await self.texts(bob, answer["chatId"])
+        self.assertEqual(got[answer["messageId"]].text, "not for the ghost")
+        missed = (await self.texts(bob2, answer["chatId"]))[answer["messageId"]]
+        self.assertIsNone(missed.text)
+        self.assertIn("not a recipient", missed.error)
+
+    # -- history from before devices -----------------------------------------------
+
+    async def test_a_v2_payload_still_opens(self) -> None:
+        """A message sealed under v2 (one wrapped key per user, as clients
+        did before devices) and sent without a device list is read by its
+        recipient's first device and by the sender, verified."""
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
+        contact = await self.thread(alice.contact, "bob")
+        client_message_id = str(uuid.uuid4())
+        payload = crypto.seal(
+            alice.identity, "alice",
+            [Recipient("alice", alice.identity.public_key, alice.identity.kyber_public_key, 0),
+             Recipient("bob", contact.identity_key, contact.kyber_public_key,
+                       contact.kyber_key_id)],
+            b"sealed the old way", chat_id=None, message_type="text",
+            client_message_id=client_message_id)
+        answer = await self.thread(alice._call, "POST", "/api/messaging/send", {
+            "recipientId": "bob", "encryptedPayload": payload, "messageType": "text",
+            "clientMessageId": client_message_id})
+        for reader in (alice, bob):
+            message = (await self.texts(reader, answer["chatId"]))[answer["messageId"]]
+            self.assertEqual((message.text, message.verified), ("sealed the old way", True),
+                             message.error)
+
