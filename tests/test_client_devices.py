@@ -9,6 +9,7 @@ seed and of device names (tests/vectors/devices-v2.json).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -212,6 +213,52 @@ class ClientDevicesTests(SQLiteMixin, TestCase):
         self.assertIn("no longer) one of the account's devices", refused.stderr)
 
     # -- what a malicious server might do ----------------------------------------------
+
+    async def test_server_keeps_no_device_secret(self) -> None:
+        """After a device is linked (held between approval and receipt, so
+        the sealed seed sits on the server a while), named, and used to
+        send, nothing the server keeps (every column of every table, every
+        file of its data directory) holds the seed, a device's private key
+        seed, a device name in the clear, or a raw device fingerprint."""
+        alice, _ = await self.registered("alice")
+        bob, _ = await self.registered("bob")
+        linking = Linking(os.path.abspath(self.mktemp()), self.url, hold=True)
+        code = await linking.code()
+        await self.thread(alice.approve, code.code)
+        sealed_rows = await self.server.database.run_query(
+            "SELECT sealed FROM device_provisionings WHERE sealed IS NOT NULL")
+        self.assertEqual(len(sealed_rows), 1)  # the scan below would see it, were it kept
+        linking.go.set()
+        laptop = await linking.done
+        self.clients.append(laptop)
+        name = "Alice's work laptop 7f3e"
+        await self.thread(laptop.rename_device, 2, name)
+        await self.thread(laptop.send, "bob", "a line from the laptop")
+        needles = {
+            "seed": base64.b64decode(alice.profile.vault["seed"]),
+            "device key seed": base64.b64decode(laptop.profile.vault["deviceKey"]["seed"]),
+            "device name": name.encode("utf-8"),
+            "fingerprint 1": alice.profile.vault["fingerprint"].encode("ascii"),
+            "fingerprint 2": laptop.profile.vault["fingerprint"].encode("ascii"),
+        }
+        database = self.server.database
+        tables = [row[0] for row in await database.run_query(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")]
+        self.assertIn("device_provisionings", tables)
+        held = []
+        for table in tables:
+            for row in await database.run_query(f'SELECT * FROM "{table}"'):
+                held += [bytes(v) if isinstance(v, (bytes, memoryview)) else str(v).encode()
+                         for v in row if v is not None]
+        for path in Path(self.server.data_dir).rglob("*"):
+            if path.is_file() and not path.name.startswith("cyphr.sqlite3"):
+                held.append(path.read_bytes())
+        everything = b"\n".join(held)
+        for label, needle in needles.items():
+            for form in (needle, base64.b64encode(needle)):
+                self.assertNotIn(form, everything, label)
+        # A control: what the server is meant to hold is there.
+        self.assertIn(alice.identity.public_key, everything)
 
     async def test_substituted_device_key_is_caught(self) -> None:
         """A server that puts a key of its own in place of device 2's (the
