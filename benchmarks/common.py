@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests import postgres  # noqa: E402
-from cyphr.signing import REGISTER  # noqa: E402
+from cyphr.signing import RECOVER, REGISTER  # noqa: E402
 from tests.users import User  # noqa: E402
 
 
@@ -117,6 +117,31 @@ async def register(port: int, user: User) -> str:
         if status != 201:
             raise RuntimeError(f"registration failed: {status} {body}")
         return body["token"]
+    finally:
+        conn.close()
+
+
+async def recover(port: int, user: User, fingerprint: str) -> tuple[str, int]:
+    """Add a device of fingerprint ``fingerprint`` to the registered
+    ``user`` by recovery, keeping its other devices (the device takes the
+    key of device 1, as a recovery without a key does); the new device's
+    token and deviceId."""
+    conn = await Connection.open(port)
+    user.origin = f"http://127.0.0.1:{port}"
+    try:
+        _, challenge = await conn.post("/api/cyphr-id/challenge", {"cyphrId": user.cyphr_id})
+        raw = base64.b64decode(challenge["challenge"])
+        statement = user.statement(RECOVER, challenge["challengeId"], raw, fingerprint=fingerprint)
+        status, body = await conn.post("/api/cyphr-id/recover", {
+            "cyphrId": user.cyphr_id,
+            "newDeviceFingerprint": fingerprint,
+            "keepOtherDevices": True,
+            "challengeId": challenge["challengeId"],
+            **user.proof(statement),
+        })
+        if status != 200:
+            raise RuntimeError(f"recovery failed: {status} {body}")
+        return body["token"], body["deviceId"]
     finally:
         conn.close()
 

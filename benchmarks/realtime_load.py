@@ -3,6 +3,7 @@ Realtime load: Socket.IO clients over WebSocket, messages and idle sockets.
 
     python benchmarks/realtime_load.py [--pairs 200] [--users 2*pairs] [--rate 2000]
         [--seconds 15] [--processes 1] [--payload-bytes 1024] [--workers 1] [--by-chat]
+        [--devices 1] [--name-devices]
         [--sqlite | --server-url URL ...]
     python benchmarks/realtime_load.py --idle 19000 [--users 1000] [--hold 30] [--workers 2]
         [--sqlite | --server-url URL]
@@ -28,6 +29,17 @@ PostgreSQL, how the messages were written (batches, transactions and chat
 row updates per message, from PostgreSQL's statistics). Messages name their
 recipient (recipientId), as a first message does; --by-chat names the chat
 instead, which spares the server two lookups a message.
+
+Devices (--devices N): each user of the pairs gets N devices (N-1
+recoveries keeping the others, each with its own fingerprint) and each
+device its own socket; the sender's device 1 sends, and each message must
+reach every other socket of the pair once (the receiver's N devices and the
+sender's N-1 others): deliveries, lost and duplicated count per socket, the
+delivery latency has one sample per socket, and "to the last socket" is when
+a message had reached all of them. --name-devices makes each send name the
+chat's devices (``devices: [{cyphrId, deviceId}]``, the sending device
+aside), so that the server checks the list against the chat's devices: with
+and without it gives that check's cost (server CPU per message).
 
 Spawned servers get send and event rate limits high enough not to refuse
 the load (--rate-limit-send, --realtime-event-rate); a running server keeps
@@ -75,6 +87,7 @@ from common import (  # noqa: E402
     cyphr_servers,
     family_cpu_seconds,
     percentile,
+    recover,
     register,
     run_loop,
 )
@@ -183,20 +196,39 @@ async def target(args: argparse.Namespace, processes: int) -> AsyncIterator[Targ
                      servers.database)
 
 
-async def register_all(port: int, count: int, concurrency: int = 32) -> list[tuple[str, str]]:
-    """``count`` new users: (cyphrId, token) each. Names carry a random run
-    prefix so that a running server can take several runs."""
+Devices = list[tuple[str, int]]  # a user's devices: (token, deviceId), device 1 first
+
+
+async def register_all(port: int, count: int, concurrency: int = 32, *, devices: int = 1,
+                       with_devices: int = 0) -> list[tuple[str, Devices]]:
+    """``count`` new users: (cyphrId, its devices) each; the first
+    ``with_devices`` users get ``devices`` devices (devices-1 recoveries
+    that keep the others, each with its own fingerprint), the rest one.
+    Names carry a random run prefix so that a running server can take
+    several runs."""
     run = secrets.token_hex(3)
     users = [User(f"rt{run}_{n}") for n in range(count)]
-    tokens: list[str] = [""] * count
+    owned: list[Devices] = [[] for _ in range(count)]
     queue = iter(range(count))
 
     async def one_by_one() -> None:
         for n in queue:
-            tokens[n] = await register(port, users[n])
+            # Registration makes device 1 (the single-device API's device).
+            owned[n].append((await register(port, users[n]), 1))
+            for _ in range(devices - 1 if n < with_devices else 0):
+                owned[n].append(await recover(port, users[n], secrets.token_hex(32)))
 
     await asyncio.gather(*(one_by_one() for _ in range(min(concurrency, count))))
-    return [(u.cyphr_id, t) for u, t in zip(users, tokens)]
+    return [(u.cyphr_id, d) for u, d in zip(users, owned)]
+
+
+def devices_field(sender: tuple[str, Devices], receiver: tuple[str, Devices]) -> str:
+    """The ``devices`` member of a send by the sender's device 1 to the
+    receiver: the chat's devices, the sending device aside, as a client that
+    sealed once per device names them (the server then checks the list)."""
+    named = [(sender[0], d) for _, d in sender[1][1:]] + [(receiver[0], d) for _, d in receiver[1]]
+    return '"devices":' + json.dumps([{"cyphrId": c, "deviceId": d} for c, d in named],
+                                     separators=(",", ":")) + ","
 
 
 def payload_json(size: int) -> str:
@@ -252,7 +284,9 @@ class Traffic:
         self.rate: float = spec["rate"]
         self.total = int(spec["rate"] * spec["seconds"])
         self.acked = [0.0] * self.total
-        self.delivered = [0.0] * self.total
+        # (receiving socket, message) -> when it arrived: with several
+        # devices a message must reach each of them once.
+        self.delivered: dict[tuple[int, int], float] = {}
         self.ack_errors: collections.Counter[str] = collections.Counter()
         self.n_acked = self.n_failed = self.n_delivered = 0
         self.duplicated = self.lower = self.gaps = 0
@@ -292,10 +326,10 @@ class Traffic:
             self.last_seq[key] = seq
             return
         m = int(client_id)
-        if self.delivered[m]:
+        if (id(client), m) in self.delivered:
             self.duplicated += 1
             return
-        self.delivered[m] = now
+        self.delivered[id(client), m] = now
         self.n_delivered += 1
         previous = self.last_seq.get(key, 0)
         if seq <= previous:
@@ -308,28 +342,33 @@ class Traffic:
 
 async def traffic_worker(conn: Any, spec: dict[str, Any]) -> None:
     state = Traffic(spec)
-    pairs = spec["pairs"]  # (pair number, sender port, token, receiver port, token, receiver id)
-    plan = [(p[1], p[2]) for p in pairs] + [(p[3], p[4]) for p in pairs] + spec["bystanders"]
+    # (pair number, sender port, token, receiver port, token, receiver id,
+    #  the other devices' (port, token), the devices field of a send or "")
+    pairs = spec["pairs"]
+    plan = [(p[1], p[2]) for p in pairs] + [(p[3], p[4]) for p in pairs] + \
+        [d for p in pairs for d in p[6]] + spec["bystanders"]
+    # Every socket of the pair but the sending one gets each message.
+    fan = 1 + len(pairs[0][6]) if pairs else 1
     started = time.monotonic()
     clients, failures = await connect_all(plan, spec["connect_concurrency"],
                                           on_event=state.on_event, on_ack=state.on_ack)
     connected = time.monotonic() - started
     senders = clients[:len(pairs)]
-    heads = [f'["send_message",{{"recipientId":"{p[5]}","encryptedPayload":{spec["payload"]},'
-             '"clientMessageId":"' for p in pairs]
+    heads = [f'["send_message",{{"recipientId":"{p[5]}",{p[7]}"encryptedPayload":'
+             f'{spec["payload"]},"clientMessageId":"' for p in pairs]
 
     # Each pair's direct chat, made by one message, which must arrive.
     for n, (pair, sender) in enumerate(zip(pairs, senders)):
         if sender is not None:
             sender.send_text(f"42{SETUP + pair[0]}{heads[n]}s{pair[0]}\"}}]")
     deadline = time.monotonic() + 60
-    while (state.setup_acked < len(pairs) or state.setup_delivered < len(pairs)) \
+    while (state.setup_acked < len(pairs) or state.setup_delivered < fan * len(pairs)) \
             and time.monotonic() < deadline and not failures:
         await asyncio.sleep(0.05)
     if spec["by_chat"]:
         # Addressed by chatId: no lookup of the recipient and its direct chat.
-        heads = [f'["send_message",{{"chatId":"{state.chat_ids.get(p[0])}","encryptedPayload":'
-                 f'{spec["payload"]},"clientMessageId":"' for p in pairs]
+        heads = [f'["send_message",{{"chatId":"{state.chat_ids.get(p[0])}",{p[7]}'
+                 f'"encryptedPayload":{spec["payload"]},"clientMessageId":"' for p in pairs]
     conn.send(("ready", len(plan) - len(failures), failures[:5], connected,
                state.setup_acked, state.setup_delivered))
 
@@ -366,22 +405,29 @@ async def traffic_worker(conn: Any, spec: dict[str, Any]) -> None:
 
     deadline = time.monotonic() + spec["drain"]
     while time.monotonic() < deadline and (
-            state.n_acked + state.n_failed < sent or state.n_delivered < state.n_acked):
+            state.n_acked + state.n_failed < sent or state.n_delivered < fan * state.n_acked):
         await asyncio.sleep(0.05)
 
-    ack_ms, delivery_ms, in_window = [], [], 0
+    # Per receiving socket: one latency per (message, socket); "all" is
+    # when the last of a message's sockets had it (all of them did).
+    ack_ms, delivery_ms, all_ms, in_window = [], [], [], 0
+    arrivals: dict[int, list[float]] = collections.defaultdict(list)
+    for (_, m), at in state.delivered.items():
+        arrivals[m].append(at)
     for m in schedule:
         due = t0 + m / rate
         if state.acked[m]:
             ack_ms.append((state.acked[m] - due) * 1000)
-        if state.delivered[m]:
-            delivery_ms.append((state.delivered[m] - due) * 1000)
-            if state.delivered[m] <= window_end:
+        for at in arrivals.get(m, ()):
+            delivery_ms.append((at - due) * 1000)
+            if at <= window_end:
                 in_window += 1
+        if len(arrivals.get(m, ())) == fan:
+            all_ms.append((max(arrivals[m]) - due) * 1000)
     dropped = sum(1 for c in clients if c is not None and c.closed.done())
     conn.send(("done", {
-        "sent": sent, "acked": state.n_acked, "failed": state.n_failed,
-        "delivered": state.n_delivered, "in_window": in_window,
+        "sent": sent, "acked": state.n_acked, "failed": state.n_failed, "fan": fan,
+        "delivered": state.n_delivered, "in_window": in_window, "all_ms": all_ms,
         "duplicated": state.duplicated, "lower": state.lower, "gaps": state.gaps,
         "ack_errors": dict(state.ack_errors), "ack_ms": ack_ms, "delivery_ms": delivery_ms,
         "lag_ms": [lag * 1000 for lag in lags], "cpu": cpu_window, "dropped": dropped,
@@ -466,13 +512,21 @@ async def traffic(args: argparse.Namespace) -> None:
     async with target(args, args.processes) as where:
         ports = where.ports
         began = time.monotonic()
-        users = await register_all(ports[0], users_count)
-        print(f"registered {users_count} users in {time.monotonic() - began:.1f} s")
+        users = await register_all(ports[0], users_count, devices=args.devices,
+                                   with_devices=2 * args.pairs)
+        print(f"registered {users_count} users ({args.devices} device(s) each in the pairs) "
+              f"in {time.monotonic() - began:.1f} s")
         k = len(ports)
-        # Pair n: users 2n -> 2n+1, the sender on one server, the receiver on the next.
-        pairs = [(n, ports[n % k], users[2 * n][1], ports[(n + 1) % k], users[2 * n + 1][1],
-                  users[2 * n + 1][0]) for n in range(args.pairs)]
-        bystanders = [(ports[n % k], users[n][1]) for n in range(2 * args.pairs, users_count)]
+        # Pair n: users 2n -> 2n+1, the sender on one server, the receiver on the next;
+        # the sender's device 1 sends, every other device of both listens.
+        pairs = [(n, ports[n % k], users[2 * n][1][0][0], ports[(n + 1) % k],
+                  users[2 * n + 1][1][0][0], users[2 * n + 1][0],
+                  [(ports[n % k], t) for t, _ in users[2 * n][1][1:]]
+                  + [(ports[(n + 1) % k], t) for t, _ in users[2 * n + 1][1][1:]],
+                  devices_field(users[2 * n], users[2 * n + 1]) if args.name_devices else "")
+                 for n in range(args.pairs)]
+        bystanders = [(ports[n % k], users[n][1][0][0])
+                      for n in range(2 * args.pairs, users_count)]
         payload = payload_json(args.payload_bytes)
         workers = Workers([{
             "mode": "traffic", "pairs": pairs[w::args.workers], "pair_count": args.pairs,
@@ -485,7 +539,8 @@ async def traffic(args: argparse.Namespace) -> None:
             began = time.monotonic()
             ready = await workers.gather()
             sockets = sum(r[1] for r in ready)
-            print(f"connected {sockets}/{users_count} sockets and made {sum(r[4] for r in ready)} "
+            print(f"connected {sockets}/{len(bystanders) + 2 * args.pairs * args.devices} "
+                  f"sockets and made {sum(r[4] for r in ready)} "
                   f"direct chats ({sum(r[5] for r in ready)} first messages delivered) "
                   f"in {time.monotonic() - began:.1f} s")
             problems = [f for r in ready for f in r[2]]
@@ -522,21 +577,29 @@ async def traffic(args: argparse.Namespace) -> None:
     for r in results:
         errors.update(r["ack_errors"])
         others.update(r["other_events"])
-    lost = total["sent"] - total["delivered"]
+    expected = sum(r["sent"] * r["fan"] for r in results)
+    lost = expected - total["delivered"]
+    fan = results[0]["fan"] if results else 1
+    complete = [x for r in results for x in r["all_ms"]]
     print(f"realtime traffic: {where.description}; {users_count} users, {args.pairs} pairs, "
+          f"{args.devices} device(s) a user ({fan} receiving socket(s) a message"
+          f"{', the devices named in each send' if args.name_devices else ''}), "
           f"{args.workers} load process(es); {args.rate:g} msg/s offered for {args.seconds:g} s, "
           f"{len(payload)}-byte encryptedPayload, by {'chatId' if args.by_chat else 'recipientId'}")
-    print(f"sent {total['sent']}  acked {total['acked']}  delivered {total['delivered']}  "
-          f"lost {lost}  duplicated {total['duplicated']}  "
+    print(f"sent {total['sent']}  acked {total['acked']}  deliveries {total['delivered']}"
+          f"/{expected} (one per receiving socket)  lost {lost}  duplicated {total['duplicated']}  "
           f"out-of-order {total['lower'] + total['gaps']} (lower seq {total['lower']}, "
           f"gaps {total['gaps']})")
     print(f"ack errors {total['failed']}" + (f" {dict(errors)}" if errors else "")
           + f"; sockets dropped {total['dropped']}"
           + (f"; other events {dict(others)}" if others else ""))
-    print(f"achieved {total['delivered'] / args.seconds:.0f} msg/s delivered "
-          f"({total['in_window'] / args.seconds:.0f} msg/s within the window)")
+    print(f"achieved {len(complete) / args.seconds:.0f} msg/s delivered to every socket, "
+          f"{total['delivered'] / args.seconds:.0f} deliveries/s "
+          f"({total['in_window'] / args.seconds:.0f} deliveries/s within the window)")
     print(ms([x for r in results for x in r["ack_ms"]], "ack latency ms"))
     print(ms([x for r in results for x in r["delivery_ms"]], "delivery latency ms"))
+    if fan > 1:
+        print(ms(complete, "to the last socket"))
     print(ms([x for r in results for x in r["lag_ms"]], "send lag ms"))
     cpu = [f"{(b - a) / window * 100:.0f}%" for a, b in zip(cpu0, cpu1)]
     print(f"CPU over the window (100% = one core): servers {', '.join(cpu) or 'unknown'}"
@@ -558,6 +621,11 @@ async def traffic(args: argparse.Namespace) -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     if rss:
         print(f"server RSS MiB: {', '.join(f'{b / 2**20:.0f}' for b in rss)}")
+    if total["sent"]:
+        print(f"server CPU per message: "
+              f"{sum(b - a for a, b in zip(cpu0, cpu1)) / total['sent'] * 1e6:.0f} µs"
+              + (f"; PostgreSQL {(pg1 - pg0) / total['sent'] * 1e6:.0f} µs"
+                 if where.postgres_pid else ""))
 
 
 async def idle(args: argparse.Namespace) -> None:
@@ -568,7 +636,7 @@ async def idle(args: argparse.Namespace) -> None:
         began = time.monotonic()
         users = await register_all(port, users_count)
         print(f"registered {users_count} users in {time.monotonic() - began:.1f} s")
-        plan = [(port, users[n % users_count][1]) for n in range(count)]
+        plan = [(port, users[n % users_count][1][0][0]) for n in range(count)]
         workers = Workers([{
             "mode": "idle", "plan": plan[w::args.workers],
             "connect_concurrency": max(1, args.connect_concurrency // args.workers),
@@ -637,6 +705,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="load generator processes (traffic: 1, idle: 2)")
     parser.add_argument("--pool", type=int, default=10, help="the servers' --db-pool-size")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="devices of each user of the pairs, each with its own socket")
+    parser.add_argument("--name-devices", action="store_true",
+                        help="sends name the chat's devices (the server checks the list)")
     parser.add_argument("--by-chat", action="store_true",
                         help="address messages by chatId rather than recipientId")
     parser.add_argument("--sqlite", action="store_true",
@@ -654,6 +726,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.sqlite and (args.processes != 1 or args.server_url):
         parser.error("--sqlite runs one spawned server process")
+    if args.devices < 1:
+        parser.error("--devices is at least 1")
     args.workers = args.workers or (2 if args.idle else 1)
     run_loop(idle(args) if args.idle else traffic(args))
 
