@@ -19,7 +19,7 @@ from cyphr.clock import now_ms
 from cyphr.config import Config, validate
 from cyphr.server import Server, build_server
 from cyphr.signing import normalize_origin
-from tests import postgres
+from tests import postgres, sqlite_template
 
 
 def make_config(testcase: Any, **overrides: Any) -> Config:
@@ -45,6 +45,13 @@ class SQLiteMixin:
 
     def database_setting(self) -> str:
         return ""
+
+    def migrated_data_dir(self) -> str:
+        """A fresh data directory of the test's own whose database is
+        already at the code's schema version (a copy of a template migrated
+        once per test process): for tests of what a started server does,
+        not of migrating."""
+        return sqlite_template.migrated_data_dir(os.path.abspath(self.mktemp()))
 
 
 class PostgresMixin:
@@ -100,13 +107,16 @@ async def start_server(testcase: Any, *, serve: bool = False, clock: Any = None,
     task.Clock), the server reads time from it, so tests can move time;
     the database still runs on the real reactor. With ``inline``, the SQLite
     engine and CPU pool run on the calling thread (``run_inline``). A
-    PostgreSQL database starts as a copy of one already migrated (the server
-    would migrate it first thing; a copy is cheaper). Everything is stopped
-    when the test ends.
+    PostgreSQL database, or a SQLite data directory, starts with a copy of a
+    database already migrated (the server would migrate it first thing; a
+    copy is cheaper). Everything is stopped when the test ends.
     """
     if inline:
         run_inline(testcase)
     if "database" not in overrides:
+        if "data_dir" not in overrides and hasattr(testcase, "migrated_data_dir"):
+            # SQLite: the database a server finds in its data directory.
+            overrides["data_dir"] = testcase.migrated_data_dir()
         setting = getattr(testcase, "migrated_database_setting", testcase.database_setting)
         overrides["database"] = setting()
     config = make_config(testcase, **overrides)
@@ -328,15 +338,20 @@ def cli_in_process(argv: list[str], *, stdin: str = "",
     from cyphr.client import cli
 
     out, err = io.StringIO(), io.StringIO()
-    saved = sys.stdin, sys.stdout, sys.stderr, os.environ.copy()
+    saved = sys.stdin, sys.stdout, sys.stderr
+    # Only the variables given change (other threads may read the rest).
+    before = {name: os.environ.get(name) for name in env or {}}
     sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
     os.environ.update(env or {})
     try:
         status = cli.main(list(argv))
     finally:
-        sys.stdin, sys.stdout, sys.stderr = saved[:3]
-        os.environ.clear()
-        os.environ.update(saved[3])
+        sys.stdin, sys.stdout, sys.stderr = saved
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return subprocess.CompletedProcess(["cyphr-client", *argv], status, out.getvalue(),
                                        err.getvalue())
 

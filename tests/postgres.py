@@ -1,10 +1,10 @@
 """
 A throwaway PostgreSQL cluster for the tests.
 
-The cluster is made with initdb in a temporary directory, listens only on a
-unix socket in that directory, runs with fsync off, and is removed when the
-test run ends. It starts once per test run (about a second); each test class
-gets a fresh database in it.
+The cluster is made with initdb (once per test process, then copied) in a
+temporary directory, listens only on a unix socket in that directory, runs
+with fsync off, and is removed when the test run ends. It starts once per
+test run (about a second); each test class gets a fresh database in it.
 
 initdb and the server refuse to run as root: as root they run as the
 ``postgres`` user through runuser. When no PostgreSQL binaries are found the
@@ -21,15 +21,17 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
+from cyphr.db import Transaction
+from cyphr.db.migrations import migrate_txn
+from cyphr.db.postgres import to_pyformat
+
 REQUIRED = os.environ.get("CYPHR_TEST_POSTGRES", "").lower() == "required"
 PORT = 5432  # the socket lives in a private directory: no port is shared
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def find_bindir() -> str | None:
@@ -65,8 +67,29 @@ class Cluster:
         self._idle: list[str] = []
         self._cleaners: dict[str, Any] = {}  # url -> the connection that empties it
         self._template_state: tuple[Any, ...] | None = None
-        self._run("initdb", "-D", self.datadir, "-U", "postgres", "-A", "trust",
-                  "--no-sync", "-E", "UTF8", "--locale=C")
+        self._init_datadir()
+
+    def _init_datadir(self) -> None:
+        """The data directory: a copy of one that initdb made once per test
+        process (initdb costs about half a second, a copy of its fresh
+        result a few hundredths; the copy is what initdb would make again,
+        as nothing has run in it)."""
+        global _initialized
+        if _initialized is None:
+            directory = tempfile.mkdtemp(prefix="cyphr-pg-initdb-")
+            atexit.register(shutil.rmtree, directory, True)
+            if self._as_postgres:
+                entry = pwd.getpwnam("postgres")
+                os.chown(directory, entry.pw_uid, entry.pw_gid)
+            datadir = os.path.join(directory, "data")
+            self._run("initdb", "-D", datadir, "-U", "postgres", "-A", "trust",
+                      "--no-sync", "-E", "UTF8", "--locale=C")
+            _initialized = datadir
+        # -a: the files keep their owner (postgres, when the tests run as root).
+        result = subprocess.run(["cp", "-a", _initialized, self.datadir],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"copying the initialised data directory failed: {result.stderr}")
 
     def _run(self, tool: str, *args: str) -> None:
         command = [os.path.join(self.bindir, tool), *args]
@@ -121,21 +144,12 @@ class Cluster:
 
     def migrated_template(self) -> str:
         """The name of a database at the code's schema version, migrated
-        once by ``cyphr-admin migrate`` (the server's own migration code)
-        and then only copied: a copy costs less than migrating anew."""
+        once by the server's own migration code (migrate_txn, as
+        ``cyphr-admin migrate`` runs it, without its secrets check) and then
+        only copied: a copy costs less than migrating anew."""
         if self._migrated is None:
             url = self.create_database()
-            data_dir = tempfile.mkdtemp(prefix="cyphr-template-")
-            try:
-                env = {k: v for k, v in os.environ.items() if not k.startswith("CYPHR_")}
-                env.update(CYPHR_DATABASE=url, CYPHR_DATA_DIR=data_dir,
-                           PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
-                result = subprocess.run([sys.executable, "-m", "cyphr.admin", "migrate"],
-                                        env=env, capture_output=True, text=True, timeout=120)
-            finally:
-                shutil.rmtree(data_dir, ignore_errors=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"migrating the template failed: {result.stdout}{result.stderr}")
+            _migrate(url)
             self._migrated = url.split("@/", 1)[1].split("?", 1)[0]
         return self._migrated
 
@@ -245,7 +259,43 @@ class Cluster:
         self._idle.append(url)
 
 
+class _CursorTransaction(Transaction):
+    """migrate_txn's transaction on a plain psycopg2 cursor: each statement
+    is done when it returns, so the migration never waits on anything."""
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    async def execute(self, sql: str, params: Any = ()) -> list[Any]:
+        self._cursor.execute(to_pyformat(sql), tuple(params))
+        return [] if self._cursor.description is None else self._cursor.fetchall()
+
+    async def execute_script(self, script: str) -> None:
+        self._cursor.execute(script)
+
+
+def _migrate(url: str) -> None:
+    """Migrate the database at ``url`` to the code's schema version in this
+    process, in one transaction (a process of cyphr-admin would cost a
+    second of imports)."""
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    try:
+        with conn, conn.cursor() as cursor:  # commits when the block ends
+            steps = migrate_txn(_CursorTransaction(cursor), "postgresql")
+            try:
+                steps.send(None)
+            except StopIteration:
+                return
+            steps.close()
+            raise RuntimeError("migrating the template waited on something")
+    finally:
+        conn.close()
+
+
 _shared: Cluster | None = None
+_initialized: str | None = None  # a data directory fresh from initdb, copied per cluster
 
 
 def new_cluster() -> Cluster:

@@ -15,7 +15,6 @@ import dataclasses
 import os
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cyphr.client.chatstate import TYPING_SHOWN, ChatEntry, ChatState, Shown
 from cyphr.client.client import Client, Message, Receipts
-from tests.helpers import CLIENT, SQLiteMixin, start_server
+from tests.helpers import CLIENT, SQLiteMixin, cli_in_process, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = "correct horse battery staple 4711"
@@ -384,11 +383,9 @@ class ChatStateTests(SynchronousTestCase):
 class NotATerminalTests(SynchronousTestCase):
     def test_refused_without_a_terminal(self) -> None:
         """Without a terminal (a script, a pipe) chat says so in one line and
-        exits 1, before it asks for the passphrase or opens a profile."""
-        result = subprocess.run(
-            [sys.executable, "-m", "cyphr.client.cli", "--profile", self.mktemp(), "chat"],
-            capture_output=True, text=True, timeout=60, cwd=str(ROOT), stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        exits 1, before it asks for the passphrase or opens a profile (run
+        as a script runs it, through cli.main in this process)."""
+        result = cli_in_process(["--profile", self.mktemp(), "chat"])
         self.assertEqual((result.returncode, result.stdout), (1, ""))
         self.assertEqual(result.stderr, "cyphr-client: chat needs a terminal (scripts use listen "
                                          "and send)\n")

@@ -34,7 +34,7 @@ from cyphr.handlers.auth import AuthUser
 from cyphr.handlers.receipts import ReceiptsHandler
 from cyphr.store.chats import ChatStore
 from cyphr.store.messages import MessageStore
-from tests.helpers import CLIENT, SQLiteMixin, run_cli_main, start_server
+from tests.helpers import CLIENT, SQLiteMixin, cli_in_process, run_cli_main, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = "correct horse battery staple 4711"
@@ -636,25 +636,27 @@ class WalletLinkTests(CliTestCase):
 # -- against a real server, as a script runs the command --------------------------
 
 class RealServerTests(SQLiteMixin, TestCase):
-    """verify --accept NUMBER and wallet link --address end to end: separate
-    processes against a server on a real port."""
+    """verify --accept NUMBER, history's receipts, login --totp and wallet
+    link --address end to end against a server on a real port, as a script
+    runs them: cli.main in this process (cli_in_process), and wallet link,
+    which a wallet answers on standard input, as a separate process."""
 
     async def setUp(self) -> None:
         self.server = await start_server(self, serve=True)
         [port] = [await d for d in self.server.listening()]
         self.url = f"http://127.0.0.1:{port.getHost().port}"
 
-    def command(self, profile: str, *args: str) -> list[str]:
+    def arguments(self, profile: str, *args: str) -> list[str]:
         passphrase = Path(f"{os.path.abspath(profile)}.passphrase")
         passphrase.write_text(f"passphrase for {passphrase}")
-        return [*CLIENT, "--server", self.url, "--profile",
+        return ["--server", self.url, "--profile",
                 os.path.abspath(profile), "--passphrase-file", str(passphrase), *args]
 
+    def command(self, profile: str, *args: str) -> list[str]:
+        return [*CLIENT, *self.arguments(profile, *args)]
+
     async def cli(self, profile: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return await deferToThread(
-            subprocess.run, self.command(profile, *args), capture_output=True, text=True,
-            timeout=60, cwd=str(ROOT), stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        return await deferToThread(cli_in_process, self.arguments(profile, *args))
 
     async def ok(self, profile: str, *args: str) -> str:
         result = await self.cli(profile, *args)

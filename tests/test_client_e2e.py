@@ -628,28 +628,29 @@ class CommandLineTests(SQLiteMixin, TestCase):
         return result.stdout
 
     async def test_init_register_send_listen(self) -> None:
-        """As separate processes: init shows the recovery phrase (in JSON
-        on request), register reports progress, a message sent by one
-        person is heard by the other's listen and is in history, verified;
-        a listen with nothing to hear exits 1 at its timeout, saying so."""
+        """As separate processes: init shows the recovery phrase, register
+        reports progress, a message sent by one person is heard by the
+        other's listen, verified; a listen with nothing to hear exits 1 at
+        its timeout, saying so. (Bob's init, in JSON on request, his
+        register and alice's history run in-process.)"""
         alice, bob = self.mktemp(), self.mktemp()
         shown = self.ok(await self.run_cli(alice, "init"))
         self.assertIn("recovery phrase", shown)
-        phrase = self.ok(await self.run_cli(bob, "--json", "init", "--show-phrase"))
+        phrase = self.ok(await self.run_main(bob, "--json", "init", "--show-phrase"))
         self.assertEqual(len(json.loads(phrase)["recoveryPhrase"].split()), 24)
         registered = await self.run_cli(alice, "register", "alice", "--prekeys", "5")
         self.assertIn("Registered alice", self.ok(registered))
         self.assertIn("5/5", registered.stderr)  # progress
-        self.ok(await self.run_cli(bob, "register", "bob", "--prekeys", "5"))
+        self.ok(await self.run_main(bob, "register", "bob", "--prekeys", "5"))
         text = marker("cli")
         self.ok(await self.run_cli(alice, "send", "bob", *text.split("-")))
         listened = self.ok(await self.run_cli(bob, "listen", "--count", "1", "--timeout", "20"))
         self.assertIn(f"alice ✓ (unverified contact): {' '.join(text.split('-'))}", listened)
-        as_json = self.ok(await self.run_cli(alice, "--json", "history", "bob"))
+        as_json = self.ok(await self.run_main(alice, "--json", "history", "bob"))
         [message] = json.loads(as_json)["messages"]
         self.assertEqual((message["sender"], message["verified"]), ("alice", True))
         # Nothing more to hear: the listener exits at its timeout, saying so.
-        quiet = await self.run_cli(bob, "listen", "--count", "1", "--timeout", "1")
+        quiet = await self.run_cli(bob, "listen", "--count", "1", "--timeout", "0.2")
         self.assertEqual(quiet.returncode, 1)
         self.assertIn("timed out after 0 of 1", quiet.stderr)
 

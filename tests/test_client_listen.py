@@ -18,7 +18,7 @@ from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
 from cyphr.client.client import Client
-from tests.helpers import CLIENT, SQLiteMixin, start_server, wait_for_sockets
+from tests.helpers import CLIENT, SQLiteMixin, cli_in_process, start_server, wait_for_sockets
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = "correct horse battery staple 4711"
@@ -47,9 +47,9 @@ class ListenTests(SQLiteMixin, TestCase):
                 "--profile", self.alice, "--passphrase-file", str(passphrase), *args]
 
     def ok(self, *args: str) -> str:
-        result = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=60,
-                                cwd=str(ROOT), stdin=subprocess.DEVNULL,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        """(Off the reactor.) A command other than the listen, through
+        cli.main in this process: the listen is the process under test."""
+        result = cli_in_process(self.command(*args)[len(CLIENT):])
         assert result.returncode == 0, result.stderr
         return result.stdout
 

@@ -150,7 +150,8 @@ class MultiDeviceTests(SQLiteMixin, TestCase):
         bob2 = await self.linked(bob)
         chat_id = (await self.thread(alice.send, "bob", "first"))["chatId"]
         listener = await self.thread(lambda: alice.listener(lambda m: None, top_up=False).start())
-        self.addCleanup(listener.stop)
+        # Off the reactor: stop() waits for the server's answer to its close.
+        self.addCleanup(deferToThread, listener.stop)
         seal = alice.sealed
         for path, new_device_id in (("rest", 3), ("realtime", 4)):
             sealed_for: list[list[dict[str, Any]]] = []

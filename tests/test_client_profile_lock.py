@@ -15,12 +15,14 @@ import threading
 import time
 from pathlib import Path
 
-from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from cyphr.client.client import Client
-from cyphr.client.profile import Profile
-from tests.helpers import CLIENT, SQLiteMixin, start_server
+from cyphr.client.profile import LOCK_FILE, Profile
+from tests.helpers import CLIENT, SQLiteMixin, cli_in_process, start_server, wait_for_sockets
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = "correct horse battery staple 4711"
@@ -72,41 +74,59 @@ class MergeTests(SynchronousTestCase):
                          ["profile.json", "vault.json", "vault.lock"])
 
 
+def lock_waiters(path: Path) -> int:
+    """How many processes wait for the flock(2) on ``path`` (Linux's
+    /proc/locks lists each waiter with "->" before it)."""
+    st = os.stat(path)
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    with open("/proc/locks") as locks:
+        return sum(1 for line in locks if "->" in line and file_id in line)
+
+
 class ProcessesTests(SQLiteMixin, TestCase):
-    """Two ``listen``, ``keys prekeys`` and twenty ``send`` on one profile,
+    """Two ``listen``, ``keys prekeys`` and three ``send`` on one profile,
     all at once, as separate processes, while a contact writes to it."""
 
+    SENDS = 3
+
     async def setUp(self) -> None:
+        if not os.path.exists("/proc/locks"):
+            raise SkipTest("needs Linux's /proc/locks to see who waits for the profile's lock")
         self.server = await start_server(self, serve=True)
         [port] = [await d for d in self.server.listening()]
         self.url = f"http://127.0.0.1:{port.getHost().port}"
 
-    def command(self, profile: str, *args: str) -> list[str]:
+    def arguments(self, profile: str, *args: str) -> list[str]:
         passphrase = Path(f"{profile}.passphrase")
         passphrase.write_text(f"passphrase for {profile}")
-        return [*CLIENT, "--server", self.url, "--profile",
-                profile, "--passphrase-file", str(passphrase), *args]
+        return ["--server", self.url, "--profile", profile, "--passphrase-file", str(passphrase),
+                *args]
 
-    def run_cli(self, profile: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(profile, *args), capture_output=True, text=True,
-                              timeout=120, cwd=str(ROOT), stdin=subprocess.DEVNULL,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    def command(self, profile: str, *args: str) -> list[str]:
+        return [*CLIENT, *self.arguments(profile, *args)]
 
     def ok(self, profile: str, *args: str) -> str:
-        result = self.run_cli(profile, *args)
+        """A command before or after the concurrent part, through cli.main
+        in this process (no other process then uses the profile)."""
+        result = cli_in_process(self.arguments(profile, *args))
         assert result.returncode == 0, result.stderr
         return result.stdout
 
     async def test_nothing_lost(self) -> None:
-        """Every message bob sends while alice's profile runs two listens,
-        a prekey top-up and twenty sends is shown exactly once by each
-        listen, opened and verified; every send succeeds; afterwards every
-        one-time prekey on the server still has its secret in the vault
-        (bob's next messages, sealed to them, open), and nothing was
-        logged as an error."""
+        """The sends and the prekey top-up, started while this process holds
+        the profile's lock, wait for it (and what this process saves under
+        it is kept); then every message bob sends while they and two
+        listens run is shown exactly once by each listen, opened and
+        verified; every send succeeds and its message opens in history;
+        afterwards every one-time prekey on the server still has its secret
+        in the vault (bob's next messages, sealed to them, open), and
+        nothing was logged as an error. With the lock broken, the writers
+        do not wait, and what they saved meanwhile is lost to this
+        process's save."""
         await deferToThread(self.scenario)
 
     def scenario(self) -> None:
+        sends = self.SENDS
         alice = os.path.abspath(self.mktemp())
         self.ok(alice, "init")
         self.ok(alice, "register", "alice", "--prekeys", "30")
@@ -118,6 +138,8 @@ class ProcessesTests(SQLiteMixin, TestCase):
         listens = [subprocess.Popen(self.command(alice, "--json", "listen"), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                     cwd=str(ROOT), env=env) for _ in range(2)]
+        for listen in listens:
+            self.addCleanup(lambda listen=listen: listen.poll() is None and listen.kill())
         seen: list[list[dict]] = [[], []]
         done = [threading.Event(), threading.Event()]
 
@@ -133,16 +155,29 @@ class ProcessesTests(SQLiteMixin, TestCase):
         readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(2)]
         for reader in readers:
             reader.start()
+        mine = Profile.open(alice, f"passphrase for {alice}")
+        self.addCleanup(mine.close)
         try:
-            time.sleep(3)  # both listening
-            others = [subprocess.Popen(self.command(alice, "send", "bob", f"alice: {n}"),
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       stdin=subprocess.DEVNULL, text=True, cwd=str(ROOT),
-                                       env=env) for n in range(20)]
-            others.append(subprocess.Popen(self.command(alice, "keys", "prekeys", "--count", "120"),
+            # Both listening: their catch-up and prekey check are done.
+            wait_for_sockets(self.server, "alice", 2)
+            with mine.lock:
+                others = [subprocess.Popen(self.command(alice, "send", "bob", f"alice: {n}"),
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            stdin=subprocess.DEVNULL, text=True, cwd=str(ROOT),
-                                           env=env))
+                                           env=env) for n in range(sends)]
+                others.append(subprocess.Popen(
+                    self.command(alice, "keys", "prekeys", "--count", "120"),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                    text=True, cwd=str(ROOT), env=env))
+                # Every writer waits for the lock (or, were it broken, has
+                # done its work and saved already).
+                deadline = time.monotonic() + 60
+                while (lock_waiters(mine.directory / LOCK_FILE) < len(others)
+                       and any(p.poll() is None for p in others)):
+                    self.assertLess(time.monotonic(), deadline, "the writers did not start")
+                    time.sleep(0.01)
+                mine.vault["savedUnderTheLock"] = True
+                mine.save()
             for n in range(20):
                 bob.send("alice", f"bob: {n}")
             for process in others:
@@ -168,7 +203,17 @@ class ProcessesTests(SQLiteMixin, TestCase):
                                     key=lambda t: (len(t), t)), errors[index])
             self.assertTrue(all(m["verified"] for m in from_bob), from_bob)
             self.assertNotIn("Traceback", errors[index])
-        # Every prekey the server holds opens: bob seals to them, alice reads.
+        with mine.lock:
+            self.assertTrue(mine.vault.get("savedUnderTheLock"))
+            secrets = set(mine.vault["prekeys"])
+        # Every one-time prekey the server holds has its secret in the vault.
+        published = blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(
+            self.server.database.run_query(
+                "SELECT key_id FROM one_time_prekeys WHERE user_id ="
+                " (SELECT id FROM cyphr_identities WHERE cyphr_id = ?)", ("alice",))))
+        self.assertGreater(len(published), 100)  # the top-up's are there
+        self.assertEqual({str(key_id) for (key_id,) in published} - secrets, set())
+        # And they open: bob seals to them, alice reads.
         remaining = json.loads(self.ok(alice, "--json", "keys", "prekeys", "--count", "1"))
         self.assertGreater(remaining["remaining"], 0)
         for n in range(5):
@@ -176,4 +221,4 @@ class ProcessesTests(SQLiteMixin, TestCase):
         history = json.loads(self.ok(alice, "--json", "history", "bob", "--limit", "100"))
         unopened = [m for m in history["messages"] if m["text"] is None]
         self.assertEqual(unopened, [])
-        self.assertEqual(len([m for m in history["messages"] if m["sender"] == "alice"]), 20)
+        self.assertEqual(len([m for m in history["messages"] if m["sender"] == "alice"]), sends)

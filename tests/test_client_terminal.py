@@ -23,9 +23,7 @@ from cyphr.client import cli, render
 from cyphr.client.client import Message
 from cyphr.client.http import ApiError
 from cyphr.client.terminal import json_line, safe
-from tests.helpers import CLIENT, SQLiteMixin, run_cli_main, start_server
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import SQLiteMixin, cli_in_process, run_cli_main, start_server
 
 # One of each kind a sender could use against the reader's terminal.
 C0 = "".join(chr(c) for c in range(0x20))
@@ -168,7 +166,9 @@ class CommandOutputTests(RawCharacters, SynchronousTestCase):
 
 class RealServerTests(RawCharacters, SQLiteMixin, TestCase):
     """The forged line of issue #23 and every class, sent through a real
-    server from one process and shown in another."""
+    server by one profile and shown by another, each command as a script
+    runs it (cli.main in this process: what reaches the terminal is what
+    the command writes, whichever process runs it)."""
 
     async def setUp(self) -> None:
         self.server = await start_server(self, serve=True)
@@ -181,10 +181,8 @@ class RealServerTests(RawCharacters, SQLiteMixin, TestCase):
         passphrase = Path(f"{profile}.passphrase")
         passphrase.write_text(f"passphrase for {profile}")
         return await deferToThread(
-            subprocess.run, [*CLIENT, "--server", self.url,
-                             "--profile", profile, "--passphrase-file", str(passphrase), *args],
-            capture_output=True, text=True, timeout=60, cwd=str(ROOT), input=stdin or "",
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            cli_in_process, ["--server", self.url, "--profile", profile,
+                             "--passphrase-file", str(passphrase), *args], stdin=stdin or "")
 
     async def ok(self, profile: str, *args: str, stdin: str | None = None) -> str:
         result = await self.cli(profile, *args, stdin=stdin)

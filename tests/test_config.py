@@ -306,12 +306,12 @@ class PublicUrlWarningTests(TestCase):
         and not otherwise."""
         from dataclasses import replace
 
+        from twisted.internet import reactor
         from twisted.logger import globalLogPublisher
 
-        from tests.helpers import SQLiteMixin, start_server
-
-        class Case(SQLiteMixin):
-            pass
+        from cyphr.server import build_server
+        from tests import sqlite_template
+        from tests.helpers import make_config
 
         messages: list[str] = []
 
@@ -322,10 +322,10 @@ class PublicUrlWarningTests(TestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         for exposed in (True, False):
-            case = Case()
-            case.mktemp = self.mktemp  # type: ignore[attr-defined]
-            case.addCleanup = self.addCleanup  # type: ignore[attr-defined]
-            server = await start_server(case)
+            # The service starts the database itself: not started before.
+            data_dir = sqlite_template.migrated_data_dir(os.path.abspath(self.mktemp()))
+            server = build_server(make_config(self, data_dir=data_dir), reactor,
+                                  on_fatal=self.fail)
             if exposed:
                 # The endpoints are built (on 127.0.0.1); the service judges
                 # what it is told it listens on.

@@ -296,9 +296,14 @@ class MaintainedConnectionTests(TestCase):
 
     timeout = 90
 
-    def maintained(self, url: str, told: Any) -> MaintainedConnection:
+    def maintained(self, url: str, told: Any, connect_timeout: float | None = None
+                   ) -> MaintainedConnection:
+        """The connection to ``url``, with its connect_timeout (or, given,
+        a deadline that libpq's whole seconds cannot express)."""
         dsn = connection_dsn(url)
-        conn = MaintainedConnection(dsn, reactor, told, connect_timeout=dsn_connect_timeout(dsn))
+        if connect_timeout is None:
+            connect_timeout = dsn_connect_timeout(dsn)
+        conn = MaintainedConnection(dsn, reactor, told, connect_timeout=connect_timeout)
         self.addCleanup(lambda: Deferred.fromCoroutine(conn.stop()))
         return conn
 
@@ -360,21 +365,24 @@ class MaintainedConnectionTests(TestCase):
 
         self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
         told = Told()
-        conn = self.maintained(
-            f"postgresql://postgres@127.0.0.1:{port.getHost().port}/x?connect_timeout=1", told)
+        # A quarter of a second: the test waits out deadlines in real time.
+        conn = self.maintained(f"postgresql://postgres@127.0.0.1:{port.getHost().port}/x",
+                               told, connect_timeout=0.25)
         conn.start()
         await wait_until(lambda: len(made) == 1, "an attempt")
         started = reactor.seconds()
         await wait_until(lambda: "died" in told.told, "the attempt given up", seconds=3)
-        self.assertLess(reactor.seconds() - started, 1.5)
-        self.assertIn("no answer from PostgreSQL within 1 s", told.reasons[0])
+        self.assertLess(reactor.seconds() - started, 0.75)
+        self.assertIn("no answer from PostgreSQL within 0.25 s", told.reasons[0])
         await wait_until(lambda: len(made) == 2, "another attempt", seconds=3)
 
         started = reactor.seconds()
         await conn.stop()
         self.assertLess(reactor.seconds() - started, 0.5)
         await made[1].closed
-        await deferLater(reactor, 1.5, lambda: None)
+        # Had stop() not ended it, this attempt would have been given up at
+        # its deadline and the next one made after at most 0.6 s (backoff).
+        await deferLater(reactor, 1.0, lambda: None)
         self.assertEqual(len(made), 2)
         self.assertEqual(told.told, ["died", "retry"])
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -29,8 +29,8 @@ from cyphr.db import open_database
 from cyphr.realtime.bus import PostgresBus
 from cyphr.server import build_server
 from cyphr.tap import Options
-from tests.helpers import SQLiteMixin, make_config
-from tests.processes import REPO, TWISTD, CyphrProcess, clean_environment, free_port
+from tests.helpers import InProcessHTTP, SQLiteMixin, make_config, start_server
+from tests.processes import REPO, TWISTD, clean_environment, free_port
 from tests.realtime import SioClient, sessions_closed
 from tests.test_realtime_events import RealtimeBase
 
@@ -113,24 +113,22 @@ class ProcessTests(TestCase):
 
     async def test_second_server_on_a_data_directory_refused(self) -> None:
         """A second server on the SQLite data directory of a running one
-        exits non-zero at once with one line saying why, naming the first's
-        pid; the first serves on."""
+        (here, a server in this process) exits non-zero at once with one
+        line saying why, naming the first's pid; the first serves on."""
         data_dir = os.path.abspath(self.mktemp())
-        first = await CyphrProcess(self, "--data-dir", data_dir).started()
-        second = self.twistd(REPO, "--data-dir", data_dir,
-                             "--listen", f"tcp:{free_port()}:interface=127.0.0.1")
+        first = await start_server(self, serve=True, data_dir=data_dir, database="")
+        second = await deferToThread(self.twistd, REPO, "--data-dir", data_dir,
+                                     "--listen", f"tcp:{free_port()}:interface=127.0.0.1")
         self.assertNotEqual(second.returncode, 0)
         output = (second.stdout + second.stderr).strip()
         self.assertNotIn("Traceback", output)
-        assert first.process is not None
         self.assertEqual(output.splitlines()[0],
                          f"cyphr: data directory {data_dir} is in use by another Cyphr server "
-                         f"(pid {first.process.pid}): two servers on one SQLite database would "
+                         f"(pid {os.getpid()}): two servers on one SQLite database would "
                          "each see only their own realtime clients; stop the other one, or give "
                          "this one its own --data-dir")
-        first._wait_ready(10)  # still serving
-        # (twistd may end by the signal itself once its service has stopped.)
-        self.assertIn(await first.terminate(), (0, -signal.SIGTERM))
+        health = await InProcessHTTP.for_server(first).get("/api/health")  # still serving
+        self.assertEqual(health.code, 200, health.body)
 
     def test_failed_first_start_leaves_no_data_directory(self) -> None:
         """A first start whose port is taken fails and leaves no data
