@@ -113,8 +113,14 @@ class Listener:
         self.cursor: str | None = None
         self.error: str | None = None
         self._authenticated = threading.Event()
+        # handle_sigint=False: the stock client's own SIGINT handler
+        # disconnects from the signal handler, which deadlocks when the main
+        # thread is inside the client's queue at that moment (a receipt
+        # being sent); Ctrl-C then reaches the caller as KeyboardInterrupt,
+        # and stop() runs in its ``finally``.
         self.sio = OrderedClient(reconnection=True, reconnection_delay=0.5,
-                                   reconnection_delay_max=5, http_session=client.http.session)
+                                 reconnection_delay_max=5, http_session=client.http.session,
+                                 handle_sigint=False)
         self.sio.on("new_message", self._new_message)
         self.sio.on("sync_complete", self._sync_complete)
         self.sio.on("authenticated", lambda data: self._authenticated.set())
@@ -172,6 +178,12 @@ class Listener:
         self._connected_once = True
 
     def _disconnected(self, reason: str = "") -> None:
+        # The answers to receipts sent on this connection went with it (the
+        # server pushes their messages again on the next one): stop() must
+        # not wait for them.
+        with self._acknowledged:
+            self._unacknowledged = 0
+            self._acknowledged.notify_all()
         eio = self.sio.eio
         if reason == socketio.Client.reason.CLIENT_DISCONNECT or self.ended is not None:
             return
@@ -233,7 +245,7 @@ class Listener:
         # thread): stop() waits for the answers.
         def answered(*_: Any) -> None:
             with self._acknowledged:
-                self._unacknowledged -= 1
+                self._unacknowledged = max(0, self._unacknowledged - 1)
                 self._acknowledged.notify_all()
 
         with self._acknowledged:
