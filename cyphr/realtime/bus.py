@@ -68,6 +68,13 @@ DRAIN_SLICE = 500
 _SEQ_DIGITS = 20
 _MALFORMED_REPORT_EVERY = 60.0
 _RETRY_LISTEN = 5.0
+# A publish the database refused as unavailable is tried again, in order,
+# this often and this many times in a row before its events are dropped: a
+# restart of PostgreSQL leaves the pool a broken connection or two that it
+# replaces within a moment, and a message announced then must not be lost to
+# the other nodes (they learn of a missed message only from a later one).
+PUBLISH_RETRY_DELAY = 0.25
+PUBLISH_RETRIES = 20
 # While PostgreSQL stays away, the bus says so this often (the pool's rule,
 # cyphr.db.postgres: one line when it goes, one every 30 s, one when back).
 AWAY_REPORT_EVERY = 30.0
@@ -180,7 +187,8 @@ class Bus(ABC):
         Send ``event`` to every other node, fire and forget: it reaches each
         other node's listener once, in publish order. Raises ValueError at
         once when it is too big (check with fits(), or send ids instead).
-        Events published while the database is down are dropped.
+        Events published while the database is down are tried again for a
+        few seconds (PostgresBus: PUBLISH_RETRIES), then dropped.
         """
 
 
@@ -253,6 +261,7 @@ class PostgresBus(Bus):
         self._scheduled: Any = None
         self._sending: Deferred[None] | None = None
         self._dropped = 0
+        self._publish_failures = 0  # publishes refused in a row (PUBLISH_RETRIES)
         # receiving
         self._inbox: deque[str] = deque()
         self._draining: Any = None
@@ -430,7 +439,8 @@ class PostgresBus(Bus):
             _log.failure("Publishing failed", result)
         self._sending = None
         if self._pending and self._scheduled is None:
-            self._scheduled = self._reactor.callLater(0, self._send)
+            delay = PUBLISH_RETRY_DELAY if self._publish_failures else 0
+            self._scheduled = self._reactor.callLater(delay, self._send)
 
     async def _send_batch(self, batch: list[str]) -> None:
         # One statement at a time, in order: PostgreSQL delivers in commit
@@ -444,6 +454,11 @@ class PostgresBus(Bus):
             try:
                 await self._database.run_query(sql, params)
             except DatabaseUnavailable as e:
+                if self._publish_failures < PUBLISH_RETRIES:
+                    # Back at the front, in order, tried again shortly.
+                    self._publish_failures += 1
+                    self._pending[:0] = batch[start:]
+                    return
                 cause = e.__cause__ or e
                 self._drop(len(chunk), " ".join(str(cause).split()) or type(cause).__name__)
             except Exception:  # noqa: BLE001 - nobody waits for the answer
@@ -452,6 +467,7 @@ class PostgresBus(Bus):
                 _log.failure("Publishing {count} event(s) failed", count=len(chunk))
             else:
                 self.sent += len(chunk)
+                self._publish_failures = 0
                 if self._dropped:
                     _log.warn("Event bus: {count} event(s) were dropped while PostgreSQL"
                               " was unavailable", count=self._dropped)
