@@ -835,21 +835,26 @@ def _parse_v3(payload: dict[str, Any]) -> _Parsed:
         if not isinstance(entry, dict):
             raise MalformedPayload("a wrapped key is not an object")
         _only(entry, _DEVICE_KEY_FIELDS, "a wrapped key")
-        key_id = entry.get("keyId")
-        if not isinstance(key_id, int) or isinstance(key_id, bool) \
-                or not 0 <= key_id <= MAX_KEY_ID:
-            raise MalformedPayload("keys.keyId is not a key id")
         keys.append(DeviceWrappedKey(
             _field(entry, "recipientId", str, "keys."),
             _device_id(entry.get("deviceId"), "keys.deviceId"),
-            _field(entry, "oneTime", bool, "keys."), key_id,
-            unb64(entry.get("kyberCiphertext"), "kyberCiphertext", MLKEM1024_CIPHERTEXT_BYTES),
-            unb64(entry.get("nonce"), "keys.nonce", NONCE_BYTES),
-            unb64(entry.get("wrappedKey"), "wrappedKey", KEY_BYTES + TAG_BYTES)))
+            _field(entry, "oneTime", bool, "keys."), *_wrapped_parts(entry)))
     return _Parsed(parsed_header, unb64(payload.get("nonce"), "nonce", NONCE_BYTES),
                    unb64(payload.get("encryptedMessage"), "encryptedMessage"),
                    unb64(payload.get("tag"), "tag", TAG_BYTES), keys,
                    unb64(payload.get("signature"), "signature", signing.ED25519_SIGNATURE_BYTES))
+
+
+def _wrapped_parts(entry: Mapping[str, Any]) -> tuple[int, bytes, bytes, bytes]:
+    """A wrapped key's key id, ML-KEM ciphertext, nonce and wrapped key (v2
+    and v3 alike), each checked for its type and size."""
+    key_id = entry.get("keyId")
+    if not isinstance(key_id, int) or isinstance(key_id, bool) or not 0 <= key_id <= MAX_KEY_ID:
+        raise MalformedPayload("keys.keyId is not a key id")
+    return (key_id,
+            unb64(entry.get("kyberCiphertext"), "kyberCiphertext", MLKEM1024_CIPHERTEXT_BYTES),
+            unb64(entry.get("nonce"), "keys.nonce", NONCE_BYTES),
+            unb64(entry.get("wrappedKey"), "wrappedKey", KEY_BYTES + TAG_BYTES))
 
 
 def _parse_v2(payload: dict[str, Any]) -> _Parsed:
@@ -876,16 +881,9 @@ def _parse_v2(payload: dict[str, Any]) -> _Parsed:
         if not isinstance(entry, dict):
             raise MalformedPayload("a wrapped key is not an object")
         _only(entry, _KEY_FIELDS, "a wrapped key")
-        key_id = entry.get("keyId")
-        if not isinstance(key_id, int) or isinstance(key_id, bool) \
-                or not 0 <= key_id <= MAX_KEY_ID:
-            raise MalformedPayload("keys.keyId is not a key id")
         keys.append(WrappedKey(
             _field(entry, "recipientId", str, "keys."), _field(entry, "oneTime", bool, "keys."),
-            key_id, unb64(entry.get("kyberCiphertext"), "kyberCiphertext",
-                          MLKEM1024_CIPHERTEXT_BYTES),
-            unb64(entry.get("nonce"), "keys.nonce", NONCE_BYTES),
-            unb64(entry.get("wrappedKey"), "wrappedKey", KEY_BYTES + TAG_BYTES)))
+            *_wrapped_parts(entry)))
     return _Parsed(parsed_header, unb64(payload.get("nonce"), "nonce", NONCE_BYTES),
                    unb64(payload.get("encryptedMessage"), "encryptedMessage"),
                    unb64(payload.get("tag"), "tag", TAG_BYTES), keys,

@@ -166,24 +166,21 @@ def send_sealed(client: Client, to: str, plaintext: bytes, message_type: str,
     was added or removed since the lists were fetched), the message is
     sealed again from lists fetched and checked again, and sent once more;
     refused so again, it is a ClientError naming the devices."""
-    body = client.sealed(to, plaintext, message_type)
-    try:
-        return transmit(body)
-    except ApiError as e:
-        if e.code != "DEVICES_CHANGED":
-            raise
-        # No list is kept between messages: sealing again fetches them all.
-        _log.info("The devices of the chat changed (%s): sealing the message again",
-                  changed_text(e.details))
-    body = client.sealed(to, plaintext, message_type)
-    try:
-        return transmit(body)
-    except ApiError as e:
-        if e.code != "DEVICES_CHANGED":
-            raise
-        raise ClientError(f"the chat's devices changed again while the message was sealed "
-                          f"again for them ({changed_text(e.details)}): not sent; try "
-                          f"again") from None
+    for attempt in (1, 2):
+        # No list is kept between messages: sealing fetches them all.
+        body = client.sealed(to, plaintext, message_type)
+        try:
+            return transmit(body)
+        except ApiError as e:
+            if e.code != "DEVICES_CHANGED":
+                raise
+            if attempt == 2:
+                raise ClientError(f"the chat's devices changed again while the message was "
+                                  f"sealed again for them ({changed_text(e.details)}): not "
+                                  f"sent; try again") from None
+            _log.info("The devices of the chat changed (%s): sealing the message again",
+                      changed_text(e.details))
+    raise AssertionError("unreachable")
 
 
 def changed_text(details: Any) -> str:
