@@ -435,6 +435,11 @@ class PostgresDatabase(Database):
         return self._migrated and bool(self._up) and not self._closing
 
     @property
+    def closing(self) -> bool:
+        """close() was called: nothing will be answered again."""
+        return self._closing
+
+    @property
     def stats(self) -> dict[str, int]:
         """For health and metrics."""
         return {

@@ -454,7 +454,8 @@ class PostgresBus(Bus):
             try:
                 await self._database.run_query(sql, params)
             except DatabaseUnavailable as e:
-                if self._publish_failures < PUBLISH_RETRIES:
+                if (self._publish_failures < PUBLISH_RETRIES and not self._stopping
+                        and not self._database.closing):
                     # Back at the front, in order, tried again shortly.
                     self._publish_failures += 1
                     self._pending[:0] = batch[start:]
