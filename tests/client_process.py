@@ -3,12 +3,19 @@
 tests' client processes do: the same entry point (cyphr.client.cli.main),
 with the cheap vault key derivation that tests/__init__.py sets for new
 profiles.
+
+SIGUSR1 writes every thread's stack to stderr (``faulthandler``), so a
+test that finds a client process hung can say where it hangs
+(``tests.helpers.stop_process``).
 """
 
+import faulthandler
+import signal
 import sys
 
 import tests  # noqa: F401  (the cheap Argon2 parameters for new profiles)
 from cyphr.client.cli import main
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     sys.exit(main())

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -360,3 +362,20 @@ def cli_in_process(argv: list[str], *, stdin: str = "",
 # the tests' cheap vault key derivation (tests/client_process.py). Run it
 # from the repository's root (cwd) or with it on PYTHONPATH.
 CLIENT = (sys.executable, "-m", "tests.client_process")
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``process.communicate(timeout)`` for a client process (CLIENT); one
+    that has not ended by then is made to write every thread's stack to
+    stderr (tests/client_process.py) and killed, and the test fails with
+    that stack, so a hang in CI says where it is."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        process.kill()
+        out, err = process.communicate()
+        raise AssertionError(f"{' '.join(map(str, process.args))} did not end within "
+                             f"{timeout} s; its stderr, with its threads' stacks:\n{err}"
+                             ) from None

@@ -22,7 +22,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from cyphr.client.client import Client
 from cyphr.client.profile import LOCK_FILE, Profile
-from tests.helpers import CLIENT, SQLiteMixin, cli_in_process, start_server, wait_for_sockets
+from tests.helpers import (CLIENT, SQLiteMixin, cli_in_process, finish, start_server,
+                           wait_for_sockets)
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = "correct horse battery staple 4711"
@@ -181,7 +182,7 @@ class ProcessesTests(SQLiteMixin, TestCase):
             for n in range(20):
                 bob.send("alice", f"bob: {n}")
             for process in others:
-                out, err = process.communicate(timeout=120)
+                out, err = finish(process, 120)
                 self.assertEqual(process.returncode, 0, err)
                 self.assertNotIn("Traceback", err)
             bob.send("alice", "bob: done")
@@ -192,7 +193,7 @@ class ProcessesTests(SQLiteMixin, TestCase):
                 listen.send_signal(signal.SIGINT)
             # A listen stops once its receipts are acknowledged and its prekey
             # top-up (if one runs) is saved: on a loaded machine, a while.
-            errors = [listen.communicate(timeout=90)[1] for listen in listens]
+            errors = [finish(listen, 90)[1] for listen in listens]
         for index in range(2):
             # "hello" came before: the catch-up of the first listen to take
             # it marks it delivered, so the other may not be shown it.

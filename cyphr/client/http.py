@@ -7,8 +7,20 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from cyphr.signing import is_loopback_origin, normalize_origin
+
+# A request that fails before it reaches the server (no connection) is
+# tried again, whatever its method: the server saw nothing. One that fails
+# on the way back (a kept-alive connection dropped under it: a restarted
+# proxy, a network change) is tried again only if repeating it changes
+# nothing more than doing it once. POST is not: a message send carries its
+# clientMessageId, and the caller resends it knowingly.
+_RETRY = Retry(total=2, connect=2, read=1, status=0, other=0, redirect=0,
+               allowed_methods=frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}),
+               raise_on_status=False)
 
 # The environment variable that confirms turning TLS checks off: a flag
 # alone is too easy to leave in a script or an alias (crypto review F9).
@@ -65,6 +77,8 @@ class Http:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.verify = verify
+        for scheme in ("https://", "http://"):
+            self.session.mount(scheme, HTTPAdapter(max_retries=_RETRY))
         self.token: str | None = None
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 LOST, RECONNECTED, ENDED = "lost", "reconnected", "ended"
+CLOSE_TIMEOUT = 10.0  # seconds stop() waits for the stock client to close
 _SESSION_CODES = {"INVALID_TOKEN", "TOKEN_EXPIRED", "TOKEN_REVOKED", "UNAUTHORIZED"}
 
 
@@ -161,7 +162,16 @@ class Listener:
                 if not self._acknowledged.wait(max(0.0, deadline - time.monotonic())):
                     break
         # shutdown, not disconnect: it also ends a reconnection under way.
-        self.sio.shutdown()
+        # The stock client then waits for its reading thread with no bound;
+        # the wait is bounded here, so that stop() (and Ctrl-C on a listen)
+        # always returns: its threads are daemons, and go with the process.
+        closing = threading.Thread(target=self.sio.shutdown, daemon=True,
+                                   name="cyphr-realtime-close")
+        closing.start()
+        closing.join(CLOSE_TIMEOUT)
+        if closing.is_alive():
+            _log.warning("the realtime connection did not close within %.0f s; leaving it",
+                         CLOSE_TIMEOUT)
         eio = self.sio.eio
         if isinstance(eio, _InOrderEngineIO):
             eio.stop_handling()
