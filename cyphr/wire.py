@@ -30,6 +30,7 @@ def message_json(message: Message, receipts: MessageReceipts | None = None) -> d
         "chatId": message.chat_id,
         "seq": message.seq,
         "senderId": message.sender_id,
+        "senderDeviceId": message.sender_device,
         # Stored as the JSON the sender sent; never looked into.
         "encryptedPayload": json.loads(message.payload) if message.payload is not None else None,
         "messageType": message.message_type,
@@ -50,7 +51,7 @@ def message_text(message: Message) -> str:
     shape = message_json(Message(
         message.id, message.chat_id, message.seq, message.sender_id, None, message.message_type,
         message.client_message_id, message.created_at, message.edited_at, message.deleted_at,
-        message.stream_position))
+        message.stream_position, message.sender_device))
     if message.payload is None:
         return json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
     shape["encryptedPayload"] = _PAYLOAD_MARK

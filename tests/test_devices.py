@@ -619,6 +619,103 @@ class DeviceSocketTests(SQLiteMixin, MemoryRealtimeBase, TestCase):
         self.assertEqual(message["encryptedPayload"], {"ct": "Y"})
 
 
+class OwnDevicesMixin:
+    """What a user's devices send reaches its other devices, and the
+    delivered marks move over each device's own messages: on both
+    engines (the marks are SQL)."""
+
+    async def send(self, user: User, token: str, chat_id: str, text: str) -> dict[str, Any]:
+        response = await self.http.post("/api/messaging/send", {
+            "chatId": chat_id, "encryptedPayload": {"ct": text}}, headers=user.auth(token))
+        self.assertEqual(response.code, 201, response.body)
+        return response.json()
+
+    async def marks(self, chat_id: str) -> tuple[list[tuple[int, int]], int, int]:
+        """Alice's devices' (device id, delivered mark) in the chat, how
+        many receipts past a mark they hold, and her member mark."""
+        rows = await self.server.database.run_query(
+            "SELECT d.device_id, d.delivered_up_to_seq FROM device_deliveries d"
+            " JOIN cyphr_identities i ON i.id = d.user_id"
+            " WHERE i.cyphr_id = 'alice' AND d.chat_id = ? ORDER BY d.device_id", (chat_id,))
+        [(receipts,)] = await self.server.database.run_query(
+            "SELECT COUNT(*) FROM device_receipts WHERE chat_id = ?", (chat_id,))
+        [(member,)] = await self.server.database.run_query(
+            "SELECT delivered_up_to_seq FROM chat_participants WHERE chat_id = ? AND user_id = ?",
+            (chat_id, "alice"))
+        return [tuple(row) for row in rows], receipts, member
+
+    async def test_own_messages_reach_the_other_devices(self) -> None:
+        """Alice's two devices and bob take turns: each of alice's devices
+        catches up on bob's messages and on those her other device sent,
+        never on its own; each message names the device that sent it.
+        Acknowledged (the later ones first), each device's mark reaches its
+        last message over its own (device 2 sent the newest), no receipt is
+        left over, the member's mark is at bob's last message, and a
+        reconnection brings nothing again."""
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        chat_id = await self.direct_chat(bob, alice)  # seq 1, "hello" from bob
+        response = await alice.recover(self.http, new_fingerprint(), keepOtherDevices=True)
+        assert response.code == 200, response.body
+        tokens = {1: alice.token, 2: response.json()["token"]}
+        for round_ in range(2):
+            await self.send(alice, tokens[1], chat_id, f"alice 1 ({round_})")
+            await self.send(bob, bob.token, chat_id, f"bob ({round_})")
+            await self.send(alice, tokens[2], chat_id, f"alice 2 ({round_})")
+        expected = {1: ["hello", "bob (0)", "alice 2 (0)", "bob (1)", "alice 2 (1)"],
+                    2: ["alice 1 (0)", "bob (0)", "alice 1 (1)", "bob (1)"]}
+        for device_id, token in tokens.items():
+            client = self.new_client()
+            await client.connect({"token": token})
+            await client.wait_for("sync_complete")
+            messages = [e["message"] for e in client.events("new_message")]
+            texts = [m["encryptedPayload"].get("ct", "hello") for m in messages]
+            # Device 2 was added after bob's "hello": it gets what followed.
+            self.assertEqual(texts, expected[device_id])
+            for message, text in zip(messages, texts):
+                self.assertEqual(message["senderDeviceId"], 2 if "alice 2" in text else 1)
+            for message in reversed(messages):
+                ack = await client.call("message_delivered", {"messageId": message["id"],
+                                                              "chatId": chat_id})
+                self.assertTrue(ack["success"], ack)
+            await client.disconnect()
+        self.assertEqual(await self.marks(chat_id), ([(1, 7), (2, 6)], 0, 6))
+        for token in tokens.values():
+            again = self.new_client()
+            await again.connect({"token": token})
+            await again.wait_for("sync_complete")
+            self.assertEqual(again.events("new_message"), [])
+
+    async def test_a_mark_waits_for_what_is_owed(self) -> None:
+        """A device that acknowledges a later message of bob's before an
+        earlier one keeps its mark before the earlier one (a receipt holds
+        the later); acknowledging the earlier one moves the mark over both
+        (and alice's own message between) and drops the receipt. The
+        member's mark moves over a gap at the next acknowledgement only."""
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        chat_id = await self.direct_chat(bob, alice)
+        client = await self.connect(alice)
+        await client.call("message_delivered", {"messageId": client.events("new_message")[0]
+                                                ["message"]["id"], "chatId": chat_id})
+        first = await self.send(bob, bob.token, chat_id, "one")
+        await self.send(alice, alice.token, chat_id, "mine")
+        second = await self.send(bob, bob.token, chat_id, "two")
+        for message, expected in ((second, ([(1, 1)], 1, 1)), (first, ([(1, 4)], 0, 2))):
+            ack = await client.call("message_delivered", {"messageId": message["messageId"],
+                                                          "chatId": chat_id})
+            self.assertTrue(ack["success"], ack)
+            self.assertEqual(await self.marks(chat_id), expected)
+
+
+class SQLiteOwnDevicesTests(SQLiteMixin, OwnDevicesMixin, MemoryRealtimeBase, TestCase):
+    pass
+
+
+class PostgresOwnDevicesTests(PostgresMixin, OwnDevicesMixin, MemoryRealtimeBase, TestCase):
+    pass
+
+
 class DevicesAcrossNodesTests(PostgresMixin, ClusterMixin, TestCase):
     """Devices of one user on two nodes of one database."""
 

@@ -91,8 +91,10 @@ class MessagingTestsMixin:
         self.assertEqual(message["encryptedPayload"], PAYLOAD)
         self.assertEqual((message["id"], message["senderId"], message["messageType"], message["chatId"]),
                          (first["messageId"], "alice", "text", first["chatId"]))
-        self.assertEqual(set(message), {"id", "chatId", "seq", "senderId", "encryptedPayload", "messageType",
-                                        "clientMessageId", "timestamp", "editedAt", "deletedAt"})
+        self.assertEqual(set(message), {"id", "chatId", "seq", "senderId", "senderDeviceId",
+                                        "encryptedPayload", "messageType", "clientMessageId",
+                                        "timestamp", "editedAt", "deletedAt"})
+        self.assertEqual(message["senderDeviceId"], 1)
         self.assertEqual(history["messages"][1]["messageType"], "image")
 
         for user, unread in ((self.alice, 1), (self.bob, 2)):

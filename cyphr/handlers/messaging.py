@@ -246,7 +246,8 @@ class MessagingHandler:
             await self._recipients.check(user, devices, chat_id=chat_id)
         result = await self._batcher.submit(Outgoing(
             id=str(uuid.uuid4()), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
-            message_type=message_type, client_message_id=client_message_id, created_at=now))
+            message_type=message_type, client_message_id=client_message_id, created_at=now,
+            sender_device=user.device_id))
         if isinstance(result, NotAMember):
             raise _no_chat()
         self._changes.publish(MessageStored(result, origin))

@@ -59,7 +59,9 @@ class ReceiptsHandler:
         client that repeats itself) acknowledges one message many times, and
         the sender hears of it once. The device's delivered mark moves on
         with it, so that device's catch-up does not send the message again
-        (the others' still do, until they acknowledge it too)."""
+        (the others' still do, until they acknowledge it too). The user's
+        own message, sent from another of its devices, moves that mark
+        only."""
         message = await self._visible(user, message_id, chat_id)
         now = now_ms(self._clock)
         tell: tuple[str, ...] = ()
@@ -70,6 +72,10 @@ class ReceiptsHandler:
             if first:
                 self.delivered_count += 1
                 tell = (message.sender_id,)
+        elif message.sender_device is not None and message.sender_device != user.device_id:
+            # The user's own message, from another of its devices.
+            await self._chats.mark_device_delivered(message.chat_id, message.id, user.cyphr_id,
+                                                    message.seq, (user.user_id, user.device_id))
         return Receipt(chat_id=message.chat_id, reader=user.cyphr_id, at=now, message_id=message.id,
                        up_to_seq=None, tell=tell)
 

@@ -196,6 +196,15 @@ class ChatStore:
         return await self._db.run_interaction(
             "mark_delivered", _delivered_txn, chat_id, message_id, cyphr_id, now, seq, device)
 
+    async def mark_device_delivered(self, chat_id: str, message_id: str, cyphr_id: str, seq: int,
+                                    device: tuple[str, int]) -> None:
+        """The device (user id, device id) of the member acknowledged one of
+        the member's own messages, sent from another of its devices: only
+        that device's delivery is recorded (no receipt: a sender is not
+        told of reaching itself)."""
+        await self._db.run_interaction("mark_device_delivered", device_delivered, chat_id,
+                                       message_id, cyphr_id, seq, device)
+
     async def chat_positions(self, cyphr_id: str, device: tuple[str, int]
                              ) -> list[tuple[str, int, int]]:
         """The member's chats, each with the seq of its newest message and
@@ -321,35 +330,91 @@ async def _delivered_txn(txn: Transaction, chat_id: str, message_id: str, cyphr_
             "UPDATE chat_participants SET delivered_up_to_seq = ?"
             " WHERE chat_id = ? AND user_id = ? AND delivered_up_to_seq = ?",
             (seq, chat_id, cyphr_id, seq - 1))
+        if not txn.rowcount:
+            await txn.execute(_MEMBER_MARK_OVER_GAP, (seq, chat_id, cyphr_id, seq, chat_id, seq))
     if device is not None and seq is not None:
-        await _device_delivered(txn, chat_id, message_id, cyphr_id, seq, device)
+        await device_delivered(txn, chat_id, message_id, cyphr_id, seq, device)
     return first
 
 
-async def _device_delivered(txn: Transaction, chat_id: str, message_id: str, cyphr_id: str,
-                            seq: int, device: tuple[str, int]) -> None:
-    """The device's mark moves on when the message is the next one (from
-    its mark, or from the member's joined_seq when it has none); else a
-    receipt records it past the mark."""
+# A delivered mark is the highest seq up to which everything that its
+# owner is to receive was acknowledged. It moves to an acknowledged seq
+# over the messages in between that the owner does not receive (its own,
+# deleted ones, those from before it joined) or acknowledged out of order
+# (a receipt): else it would stop for good at the member's first own
+# message, and every later acknowledgement would be a receipt row.
+
+# The member's mark: what the member receives is the others' messages.
+_MEMBER_MARK_OVER_GAP = (
+    "UPDATE chat_participants SET delivered_up_to_seq = ?"
+    " WHERE chat_id = ? AND user_id = ? AND delivered_up_to_seq < ?"
+    " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = ?"
+    "  AND m.seq > chat_participants.delivered_up_to_seq AND m.seq < ?"
+    "  AND m.seq > chat_participants.joined_seq AND m.sender_id <> chat_participants.user_id"
+    "  AND m.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM message_receipts r"
+    "   WHERE r.chat_id = m.chat_id AND r.message_id = m.id"
+    "   AND r.user_id = chat_participants.user_id))")
+
+# A device's mark: what a device receives is what its catch-up sends
+# (store.messages.MessageStore.undelivered).
+_DEVICE_MARK_OVER_GAP = (
+    "UPDATE device_deliveries SET delivered_up_to_seq = ?"
+    " WHERE user_id = ? AND device_id = ? AND chat_id = ? AND delivered_up_to_seq < ?"
+    " AND NOT EXISTS (SELECT 1 FROM messages m JOIN chat_participants p"
+    "  ON p.chat_id = m.chat_id AND p.user_id = ? WHERE m.chat_id = ?"
+    "  AND m.seq > device_deliveries.delivered_up_to_seq AND m.seq < ? AND m.seq > p.joined_seq"
+    "  AND (m.sender_id <> p.user_id OR m.sender_device <> device_deliveries.device_id)"
+    "  AND m.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM device_receipts r"
+    "   WHERE r.user_id = device_deliveries.user_id AND r.device_id = device_deliveries.device_id"
+    "   AND r.chat_id = m.chat_id AND r.message_id = m.id))")
+
+
+async def device_delivered(txn: Transaction, chat_id: str, message_id: str, cyphr_id: str,
+                           seq: int, device: tuple[str, int]) -> None:
+    """The device (user id, device id) acknowledged the message with
+    ``seq``: its mark moves there when the message is the next one, or
+    when nothing it is to receive lies between; else a receipt records
+    the message past the mark. A mark that moved goes on over the receipts
+    it reaches, which are then dropped. A device with no mark in the chat
+    counts from the member's joined_seq."""
     user_id, device_id = device
     await txn.execute(
         "UPDATE device_deliveries SET delivered_up_to_seq = ?"
         " WHERE user_id = ? AND device_id = ? AND chat_id = ? AND delivered_up_to_seq = ?",
         (seq, user_id, device_id, chat_id, seq - 1))
-    if txn.rowcount:
+    if not txn.rowcount:
+        await txn.execute(
+            "INSERT INTO device_deliveries (user_id, device_id, chat_id, delivered_up_to_seq)"
+            " SELECT ?, ?, ?, p.joined_seq FROM chat_participants p"
+            " WHERE p.chat_id = ? AND p.user_id = ?"
+            " ON CONFLICT (user_id, device_id, chat_id) DO NOTHING",
+            (user_id, device_id, chat_id, chat_id, cyphr_id))
+        await txn.execute(_DEVICE_MARK_OVER_GAP,
+                          (seq, user_id, device_id, chat_id, seq, cyphr_id, chat_id, seq))
+        if not txn.rowcount:
+            await txn.execute(
+                "INSERT INTO device_receipts (user_id, device_id, chat_id, message_id)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, device_id, chat_id, message_id) DO NOTHING",
+                (user_id, device_id, chat_id, message_id))
+            return
+    [(top,)] = await txn.execute(
+        "SELECT MAX(m.seq) FROM device_receipts r JOIN messages m"
+        " ON m.chat_id = ? AND m.id = r.message_id"
+        " WHERE r.user_id = ? AND r.device_id = ? AND r.chat_id = ?",
+        (chat_id, user_id, device_id, chat_id))
+    if top is None:
         return
+    mark = seq
+    if top > seq:
+        await txn.execute(_DEVICE_MARK_OVER_GAP,
+                          (top, user_id, device_id, chat_id, top, cyphr_id, chat_id, top))
+        if txn.rowcount:
+            mark = top
     await txn.execute(
-        "INSERT INTO device_deliveries (user_id, device_id, chat_id, delivered_up_to_seq)"
-        " SELECT ?, ?, ?, ? FROM chat_participants p WHERE p.chat_id = ? AND p.user_id = ?"
-        " AND p.joined_seq = ? AND NOT EXISTS (SELECT 1 FROM device_deliveries"
-        "  WHERE user_id = ? AND device_id = ? AND chat_id = ?)",
-        (user_id, device_id, chat_id, seq, chat_id, cyphr_id, seq - 1, user_id, device_id, chat_id))
-    if txn.rowcount:
-        return
-    await txn.execute(
-        "INSERT INTO device_receipts (user_id, device_id, chat_id, message_id) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (user_id, device_id, chat_id, message_id) DO NOTHING",
-        (user_id, device_id, chat_id, message_id))
+        "DELETE FROM device_receipts WHERE user_id = ? AND device_id = ? AND chat_id = ?"
+        " AND EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = ?"
+        "  AND m.id = device_receipts.message_id AND m.seq <= ?)",
+        (user_id, device_id, chat_id, chat_id, mark))
 
 
 async def _direct_txn(txn: Transaction, a: str, b: str, key: str, now: int) -> tuple[str, bool]:

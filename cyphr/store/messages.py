@@ -9,7 +9,8 @@ from cyphr.db import Database, Transaction
 
 _COLUMNS = (
     "m.id, m.chat_id, m.seq, m.sender_id, m.encrypted_content, m.message_type,"
-    " m.client_message_id, m.created_at, m.edited_at, m.deleted_at, m.stream_position"
+    " m.client_message_id, m.created_at, m.edited_at, m.deleted_at, m.stream_position,"
+    " m.sender_device"
 )
 # The same columns for RETURNING, where SQLite takes no table alias.
 _RETURNED = _COLUMNS.replace("m.", "")
@@ -28,6 +29,7 @@ class Message:
     edited_at: int | None
     deleted_at: int | None
     stream_position: int
+    sender_device: int | None = None  # the sender's device; None if stored before schema 013
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,13 @@ class Outgoing:
     message_type: str
     client_message_id: str | None
     created_at: int
+    sender_device: int | None = None
 
     def stored(self, seq: int, stream_position: int) -> Message:
         """The message as stored with its seq and stream position."""
         return Message(self.id, self.chat_id, seq, self.sender_id, self.payload, self.message_type,
-                       self.client_message_id, self.created_at, None, None, stream_position)
+                       self.client_message_id, self.created_at, None, None, stream_position,
+                       self.sender_device)
 
 
 class NotAMember(Exception):
@@ -65,12 +69,12 @@ class MessageStore:
         caller then decides what to retry.
         """
         if self._db.engine == "postgresql":
-            # One statement, one round trip: schema 005's store_messages.
+            # One statement, one round trip: schema 005's store_messages (013's arguments).
             rows = await self._db.run_query(_STORE_MESSAGES, (
                 [item.chat_id for item in items], [item.sender_id for item in items],
                 [item.id for item in items], [item.payload for item in items],
                 [item.message_type for item in items], [item.client_message_id for item in items],
-                [item.created_at for item in items]))
+                [item.created_at for item in items], [item.sender_device for item in items]))
             answers: list[Message | NotAMember | None] = [None] * len(items)
             for n, *columns in rows:
                 item = items[n - 1]
@@ -119,15 +123,17 @@ class MessageStore:
 
     async def undelivered(self, cyphr_id: str, device: tuple[str, int], after: tuple[str, int],
                           limit: int, chats: list[str] | None = None) -> list[Message]:
-        """Messages of others in the member's chats (or in ``chats`` of them)
-        that its device (user id, device id) has not acknowledged as
-        delivered, by chat and seq, past ``after`` (chat id, seq): the
-        catch-up of a socket of that device. A device counts from its mark
+        """Messages in the member's chats (or in ``chats`` of them) that its
+        device (user id, device id) has not acknowledged as delivered, by
+        chat and seq, past ``after`` (chat id, seq): the catch-up of a socket
+        of that device. Those are the messages of others and those the
+        member's other devices sent; not those this device sent, nor the
+        member's own from before schema 013 (no sending device known). A device counts from its mark
         in each chat, or from the member's joined_seq where it has none
         (store.chats.ChatStore.mark_delivered). Naming the chats lets
         PostgreSQL look into their partitions only."""
         only = ""
-        params: list[Any] = [*device, cyphr_id, *device, after[0], after[0], after[1]]
+        params: list[Any] = [*device, cyphr_id, device[1], *device, after[0], after[0], after[1]]
         if chats:
             only = " AND m.chat_id IN (" + ", ".join("?" for _ in chats) + ")"
             params += chats
@@ -137,7 +143,7 @@ class MessageStore:
             "  AND dd.chat_id = p.chat_id"
             " WHERE p.user_id = ? AND m.seq > p.joined_seq"
             " AND (dd.delivered_up_to_seq IS NULL OR m.seq > dd.delivered_up_to_seq)"
-            " AND m.sender_id <> p.user_id AND m.deleted_at IS NULL"
+            " AND (m.sender_id <> p.user_id OR m.sender_device <> ?) AND m.deleted_at IS NULL"
             " AND NOT EXISTS (SELECT 1 FROM device_receipts r WHERE r.user_id = ?"
             "  AND r.device_id = ? AND r.chat_id = m.chat_id AND r.message_id = m.id)"
             " AND (m.chat_id > ? OR (m.chat_id = ? AND m.seq > ?))" + only +
@@ -200,8 +206,8 @@ def _values(rows: int, columns: int = 2) -> str:
 
 _STORE_MESSAGES = (
     "SELECT n, id, chat_id, seq, sender_id, encrypted_content, message_type, client_message_id,"
-    " created_at, edited_at, deleted_at, stream_position FROM store_messages("
-    "?::uuid[], ?::text[], ?::uuid[], ?::text[], ?::text[], ?::text[], ?::bigint[])")
+    " created_at, edited_at, deleted_at, stream_position, sender_device FROM store_messages("
+    "?::uuid[], ?::text[], ?::uuid[], ?::text[], ?::text[], ?::text[], ?::bigint[], ?::integer[])")
 
 
 def _answer_repeats(items: list[Outgoing],
@@ -285,13 +291,13 @@ async def _store_batch_txn(txn: Transaction, items: list[Outgoing]) -> list[Mess
                 i, item = new[n]
                 seq, position = first_seq + offset, positions[n]
                 values += [item.chat_id, seq, item.id, item.sender_id, item.payload, item.message_type,
-                           item.client_message_id, item.created_at, position]
+                           item.client_message_id, item.created_at, position, item.sender_device]
                 answers[i] = item.stored(seq, position)
         # One multi-row statement for the whole batch.
         await txn.execute(
             "INSERT INTO messages (chat_id, seq, id, sender_id, encrypted_content, message_type,"
-            " client_message_id, created_at, stream_position) VALUES "
-            + ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in new), values)
+            " client_message_id, created_at, stream_position, sender_device) VALUES "
+            + ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in new), values)
 
     return _answer_repeats(items, answers)
 
