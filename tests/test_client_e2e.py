@@ -19,6 +19,7 @@ import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -459,6 +460,43 @@ class ClientScenarios:
         self.secrets.texts += [wallet.secret, other.secret]
         self.secrets.raw += [wallet.raw_secret_key(), other.raw_secret_key()]
 
+    def linked_devices(self) -> None:
+        alice, bob = self.new_client(f"alice{self.tag}"), self.new_client(f"bob{self.tag}")
+        passphrase = f"passphrase of a laptop {uuid.uuid4().hex}"
+        codes: queue.Queue[Any] = queue.Queue()
+        linked: list[Any] = []
+
+        def link() -> None:
+            try:
+                linked.append(Client.link(self.mktemp(), passphrase, self.url, on_code=codes.put,
+                                          poll=0.05, timeout=30, prekeys=5))
+            except BaseException as e:  # noqa: BLE001 - failed below
+                linked.append(e)
+
+        linking = threading.Thread(target=link, daemon=True)
+        linking.start()
+        alice.approve(codes.get(timeout=30).code)
+        linking.join(30)
+        [laptop] = linked
+        self.assertIsInstance(laptop, Client)
+        self.clients.append(laptop)
+        self.secrets.texts += [passphrase, laptop.profile.vault["fingerprint"]]
+        names = {1: marker("phone"), laptop.device_id: marker("laptop")}
+        for device_id, name in names.items():
+            alice.rename_device(device_id, name)
+        self.assertEqual({d.device_id: d.name for d in laptop.devices()}, names)
+        _, inbox = self.listen(alice)
+        mine, reply = marker("from the laptop"), marker("reply")
+        laptop.send(bob.cyphr_id, mine)
+        bob.send(alice.cyphr_id, reply)
+        # The phone shows what the laptop sent, and bob's answer.
+        got = self.take(inbox, 2)
+        self.assertEqual([(m.text, m.sender, m.verified) for m in got],
+                         [(mine, alice.cyphr_id, True), (reply, bob.cyphr_id, True)])
+        self.secrets.texts += [mine, reply, *names.values()]
+        for client in (alice, laptop, bob):
+            self.secrets.vault(client)
+
     # -- tests --------------------------------------------------------------
     # Each scenario is followed by the zero-knowledge scan of everything the
     # server then keeps (so each scenario runs once, and a leak is named by
@@ -514,6 +552,14 @@ class ClientScenarios:
         signature in the user's own wallet (any other signature refused);
         the server keeps none of the secrets, the wallet's included."""
         await in_thread(self.totp_and_wallet)
+        await self.assert_zero_knowledge()
+
+    async def test_linked_devices(self) -> None:
+        """A device linked by the approval of another: both read what the
+        other sends and bob's answers, and each other's sealed names; the
+        server keeps none of their secrets (the sealed seed, the names, the
+        new device's passphrase and keys)."""
+        await in_thread(self.linked_devices)
         await self.assert_zero_knowledge()
 
     async def assert_zero_knowledge(self) -> None:
