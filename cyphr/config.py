@@ -169,6 +169,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Device provisionings (POST /api/devices/provision: a new device "
             "asking to be linked) per client address, as COUNT/PERIOD, on "
             "top of --rate-limit-auth.", metavar="RATE"),
+    Setting("rate_limit_link_poll", "rate",
+            "Polls of a new device waiting for its approval (POST "
+            "/api/devices/provision/:id/receive) per client address, as "
+            "COUNT/PERIOD; they do not count against --rate-limit-auth.",
+            metavar="RATE"),
     Setting("rate_limit_link", "rate",
             "Device links approved per user (the approving account), as "
             "COUNT/PERIOD.", metavar="RATE"),
@@ -270,6 +275,9 @@ class Config:
     rate_limit_group_create: tuple[int, int] = (20, 3600)
     rate_limit_member_add: tuple[int, int] = (100, 3600)
     rate_limit_provision: tuple[int, int] = (10, 600)
+    # A new device polls every two seconds for up to ten minutes: three at
+    # once behind one address.
+    rate_limit_link_poll: tuple[int, int] = (900, 600)
     rate_limit_link: tuple[int, int] = (10, 3600)
     ping_interval: int = 25
     ping_timeout: int = 20

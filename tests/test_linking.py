@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.handlers import linking
 from cyphr.handlers.linking import ephemeral_fingerprint
+from cyphr.handlers.ratelimit import RateLimit
 from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, fixed_clock, start_server
 from tests.test_devices import device_key_fields, new_fingerprint, verifies
 from tests.test_realtime_events import MemoryRealtimeBase
@@ -417,6 +418,25 @@ class LinkingMixin:
         await self.assertError(response, 429, "RATE_LIMITED")
         self.assertTrue(response.header("Retry-After"))
         self.assertEqual(len(await self.rows()), 10)
+
+    async def test_polls_have_their_own_limit(self) -> None:
+        """A new device's polls for its approval count against their own
+        limit per address (rate_limit_link_poll), not the sign-ins': with
+        sign-ins at 4 per address, 20 polls are answered (202), the next
+        past a poll limit of 20 is 429 RATE_LIMITED with Retry-After, and
+        a sign-in from that address still works."""
+        limits = self.server.limits
+        self.patch(limits, "auth_ip", RateLimit(self.clock, 4, 900, name="auth"))
+        self.patch(limits, "link_poll", RateLimit(self.clock, 20, 600, name="link_poll"))
+        provisioning = await self.provision()
+        for _ in range(20):
+            polled = await self.receive(provisioning["provisioningId"], provisioning["secret"])
+            self.assertEqual((polled.code, polled.json()), (202, {"success": True, "pending": True}))
+        refused = await self.receive(provisioning["provisioningId"], provisioning["secret"])
+        await self.assertError(refused, 429, "RATE_LIMITED")
+        self.assertTrue(refused.header("Retry-After"))
+        response = await self.alice.login(self.http)
+        self.assertEqual(response.code, 200, response.body)
 
     async def test_approvals_limited_per_user(self) -> None:
         """A user's approvals are limited (10 an hour, refused ones

@@ -80,8 +80,11 @@ class LinkingAPI:
         }, 201)
 
     @app.route("/api/devices/provision/<provisioning_id>/receive", methods=["POST"])
-    @public(ip_limited=True)
+    @public()
     async def receive(self, request: Any, provisioning_id: str) -> bytes:
+        # Its own limit: a device polls for minutes, and would use up the
+        # sign-ins of everyone behind its address (rate_limit_auth).
+        self.limits.link_poll.hit(request.client_ip)
         fields = Fields(read_json(request), {"secret"})
         secret = token_field(fields, "secret")
         received = await self._linking.receive(parse_provisioning_id(provisioning_id), secret)

@@ -109,7 +109,8 @@ class RateLimits:
         self.member_add = limit("member_add", config.rate_limit_member_add)
         self.provision = limit("provision", config.rate_limit_provision)
         self.link = limit("link", config.rate_limit_link)
+        self.link_poll = limit("link_poll", config.rate_limit_link_poll)
 
     def all(self) -> list[RateLimit]:
         return [self.auth_ip, self.search, self.claim, self.password, self.send, self.group_create,
-                self.member_add, self.provision, self.link]
+                self.member_add, self.provision, self.link, self.link_poll]
