@@ -30,7 +30,6 @@ from cyphr.config import (
     load_config,
 )
 from cyphr.db import UnusableDatabase, preflight
-from cyphr.server import build_server
 
 _log = Logger()
 
@@ -217,6 +216,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # Before build_server: the cap on connections (max_connections) is read
     # from the limit now in force.
     raise_open_file_limit()
+    # Imported here, not above: the server's modules take longer to import
+    # than the rest of twistd's start, and `twistd cyphr --help` or a
+    # refused option needs none of them.
+    from cyphr.server import build_server
+
     try:
         preflight(config)
         server = build_server(config, reactor, on_fatal=stop_and_fail(reactor))

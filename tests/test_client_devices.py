@@ -337,7 +337,7 @@ class RateLimitedLinkTests(SQLiteMixin, TestCase):
         """When its polls reach the per-address limit, a new device waits
         the Retry-After seconds of the 429, not its usual poll interval;
         nothing is made on disk while it waits."""
-        server = await start_server(self, serve=True, rate_limit_auth=(3, 600))
+        server = await start_server(self, serve=True, rate_limit_link_poll=(2, 600))
         [port] = [await d for d in server.listening()]
         waits: list[float] = []
 
@@ -351,7 +351,7 @@ class RateLimitedLinkTests(SQLiteMixin, TestCase):
             await deferToThread(Client.link, directory, PASSPHRASE,
                                 f"http://127.0.0.1:{port.getHost().port}", on_code=lambda c: None,
                                 poll=FAST_POLL, sleep=sleep, timeout=3600)
-        # provision and two polls are allowed; the third poll is 429.
+        # Two polls are allowed; the third is 429.
         self.assertEqual(waits[:2], [FAST_POLL, FAST_POLL])
         self.assertGreater(waits[2], 2)
         self.assertLessEqual(waits[2], 600)

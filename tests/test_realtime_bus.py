@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.db import DatabaseUnavailable
 from cyphr.db.postgres import PostgresDatabase
+from cyphr.realtime import bus as bus_module
 from cyphr.realtime.bus import CHANNEL, MAX_PAYLOAD, Bus, LocalBus, PostgresBus
 from tests import postgres
 
@@ -486,6 +487,9 @@ class OutageTests(BusTestsMixin, TestCase):
         raises nor leaves errors (the events are dropped and counted); once
         it is back, each node LISTENs again, bus_restored fires once, and
         events flow again."""
+        # The outage's publishes are dropped after their retries: made short.
+        self.patch(bus_module, "PUBLISH_RETRY_DELAY", 0.02)
+        self.patch(bus_module, "PUBLISH_RETRIES", 3)
         logs = capture_logs(self)
         db_a, db_b = self.database(self.url), self.database(self.url)
         await db_a.when_ready()
