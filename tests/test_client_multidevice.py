@@ -1,13 +1,13 @@
 """
 The reference client seals every message to every device (issue #13, item
-7): alice and bob each on two devices (one linked) read everything any
-device sends, in a direct chat and a group; a device linked later reads
+7): alice on three devices and bob on two (the others linked) read
+everything any device sends, in a direct chat and a group; a device linked later reads
 what is sent after it joined, not before; a device linked between a
 sender's fetch of the device lists and its send (409 DEVICES_CHANGED) is
 sealed to on the retry; a device whose key the server substituted is
 never sealed to, and the sender is told; a message sealed under v2 (one
 wrapped key per user, before devices) still opens. A real server, over a
-real port, with the library.
+real port, with the library, on both engines.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from cyphr.client import crypto
 from cyphr.client.client import Client, Message
 from cyphr.client.crypto import Recipient
 from cyphr.client.http import ClientError
-from tests.helpers import SQLiteMixin, start_server
+from tests.helpers import PostgresMixin, SQLiteMixin, start_server
 from tests.test_client_devices import PASSPHRASE, Linking
 
 
-class MultiDeviceTests(SQLiteMixin, TestCase):
+class MultiDeviceMixin:
     async def setUp(self) -> None:
         self.server = await start_server(self, serve=True)
         [port] = [await d for d in self.server.listening()]
@@ -70,22 +70,25 @@ class MultiDeviceTests(SQLiteMixin, TestCase):
 
     # -- every device reads every message -----------------------------------------
 
-    async def test_four_devices_read_every_message(self) -> None:
-        """Alice on two devices (the second linked) and bob on two: in a
-        direct chat and in a group, each of the four devices sends, and
-        each reads every message, verified and from the right sender; every
-        payload is sealed to exactly the four devices."""
+    async def test_five_devices_read_every_message(self) -> None:
+        """Alice on three devices (the others linked, the third by the
+        second) and bob on two: in a direct chat and in a group, each of the
+        five devices sends, and each reads every message, verified and from
+        the right sender; every payload is sealed to exactly the five
+        devices."""
         alice = await self.registered("alice")
         bob = await self.registered("bob")
         alice2 = await self.linked(alice)
+        alice3 = await self.linked(alice2)
         bob2 = await self.linked(bob)
-        devices = [("alice", alice), ("alice", alice2), ("bob", bob), ("bob", bob2)]
-        self.assertEqual([c.device_id for _, c in devices], [1, 2, 1, 2])
-        everyone = [("alice", 1), ("alice", 2), ("bob", 1), ("bob", 2)]
+        devices = [("alice", alice), ("alice", alice2), ("alice", alice3), ("bob", bob),
+                   ("bob", bob2)]
+        self.assertEqual([c.device_id for _, c in devices], [1, 2, 3, 1, 2])
+        everyone = [("alice", 1), ("alice", 2), ("alice", 3), ("bob", 1), ("bob", 2)]
 
         first = await self.thread(alice.send, "bob", "hello from alice 1")
         direct = first["chatId"]
-        group = await self.thread(alice.create_group, "four devices", ["bob"])
+        group = await self.thread(alice.create_group, "five devices", ["bob"])
         sent: dict[str, dict[str, tuple[str, str]]] = {direct: {}, group: {}}
         for chat_id in (direct, group):
             for index, (owner, device) in enumerate(devices):
@@ -111,7 +114,7 @@ class MultiDeviceTests(SQLiteMixin, TestCase):
         # The group's name key reached the devices in a sealed system message.
         for _, reader in devices:
             names = {c["chatId"]: c["name"] for c in await self.thread(reader.chats)}
-            self.assertEqual(names[group], "four devices")
+            self.assertEqual(names[group], "five devices")
 
     async def test_a_device_linked_later_reads_what_follows(self) -> None:
         """A device linked after a message was sent cannot open that message
@@ -259,3 +262,10 @@ class MultiDeviceTests(SQLiteMixin, TestCase):
             self.assertEqual((message.text, message.verified), ("sealed the old way", True),
                              message.error)
 
+
+class SQLiteMultiDeviceTests(SQLiteMixin, MultiDeviceMixin, TestCase):
+    pass
+
+
+class PostgresMultiDeviceTests(PostgresMixin, MultiDeviceMixin, TestCase):
+    pass
