@@ -6,7 +6,13 @@ profiles.
 
 SIGUSR1 writes every thread's stack to stderr (``faulthandler``), so a
 test that finds a client process hung can say where it hangs
-(``tests.helpers.stop_process``).
+(``tests.helpers.finish``).
+
+SIGINT is Ctrl-C, as at a terminal: a test stands for a person there. A
+test run started in the background (as CI may start it) has SIGINT
+ignored, and hands that on to its children (POSIX: a non-interactive
+shell's asynchronous commands ignore SIGINT); Python then keeps ignoring
+it, and a listen would never hear its Ctrl-C.
 """
 
 import faulthandler
@@ -18,4 +24,5 @@ from cyphr.client.cli import main
 
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

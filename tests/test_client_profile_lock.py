@@ -136,7 +136,12 @@ class ProcessesTests(SQLiteMixin, TestCase):
         bob.register("bob", prekeys=5)
         bob.send("alice", "hello")  # the direct chat
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        listens = [subprocess.Popen(self.command(alice, "--json", "listen"), stdout=subprocess.PIPE,
+        # Started with SIGINT ignored, as a test run in the background
+        # starts its children: the client process must hear Ctrl-C anyway
+        # (tests/client_process.py).
+        ignoring_sigint = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"]
+        listens = [subprocess.Popen([*ignoring_sigint, *self.command(alice, "--json", "listen")],
+                                    stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                     cwd=str(ROOT), env=env) for _ in range(2)]
         for listen in listens:
