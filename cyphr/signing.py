@@ -28,6 +28,11 @@ label                         what is signed
                               owner and to the device's id
 ``cyphr-v2 message``          a sealed message (header, ciphertext, keys)
 ``cyphr-v2 wallet-link``      a Stellar account link (SEP-53 text, below)
+``cyphr-v2 identity-dh``      the identity's X25519 key for sessions, bound
+                              to its owner (cyphr.client.sessions)
+``cyphr-v2 dh-prekey``        a device's signed or one-time X25519 prekey
+``cyphr-v2 kem-prekey``       a device's last-resort or one-time
+                              ML-KEM-1024 prekey for sessions
 ============================  ===========================================
 
 Reserved for a later kind: ``cyphr-v2 group-roster``.
@@ -58,7 +63,11 @@ ONE_TIME_PREKEY = "one-time-prekey"
 MESSAGE = "message"
 WALLET_LINK = "wallet-link"
 DEVICE_KEY = "device-key"
-LABELS = (AUTH, MLKEM_KEY, ONE_TIME_PREKEY, MESSAGE, WALLET_LINK, DEVICE_KEY)
+IDENTITY_DH = "identity-dh"
+DH_PREKEY = "dh-prekey"
+KEM_PREKEY = "kem-prekey"
+LABELS = (AUTH, MLKEM_KEY, ONE_TIME_PREKEY, MESSAGE, WALLET_LINK, DEVICE_KEY, IDENTITY_DH,
+          DH_PREKEY, KEM_PREKEY)
 
 # Purposes of a login statement.
 REGISTER = "register"
@@ -137,6 +146,9 @@ class Reader:
 
     def uint64(self) -> int:
         return int.from_bytes(self._take(8), "big")
+
+    def uint8(self) -> int:
+        return self._take(1)[0]
 
     def end(self) -> None:
         if self._at != len(self._data):
@@ -318,6 +330,51 @@ class DeviceKeyBinding:
         except EncodingError:
             return False
         return verify_with_label(identity_key, DEVICE_KEY, content, signature)
+
+
+# -- session keys (cyphr.client.sessions) ---------------------------------------
+
+# The kinds of a device's session prekey: the kind byte is signed, and the
+# X25519 and ML-KEM kinds are signed under different labels.
+DH_SIGNED_PREKEY, DH_ONE_TIME_PREKEY, KEM_LAST_RESORT_PREKEY, KEM_ONE_TIME_PREKEY = 1, 2, 3, 4
+PREKEY_KINDS = {DH_SIGNED_PREKEY: (DH_PREKEY, 32), DH_ONE_TIME_PREKEY: (DH_PREKEY, 32),
+                KEM_LAST_RESORT_PREKEY: (KEM_PREKEY, 1568), KEM_ONE_TIME_PREKEY: (KEM_PREKEY, 1568)}
+
+
+def identity_dh_content(owner: str, public_key: bytes) -> bytes:
+    """What the identity key signs (label ``identity-dh``) to certify the
+    identity's X25519 key for sessions: ``text(owner) || opaque(key)``."""
+    return text(owner) + opaque(public_key)
+
+
+@dataclass(frozen=True)
+class SessionPrekeyBinding:
+    """What a session prekey's signature binds the key to: its owner, the
+    device, its kind (signed or one-time X25519, last-resort or one-time
+    ML-KEM-1024), its id and its validity."""
+
+    kind: int
+    owner: str
+    device_id: int
+    key_id: int
+    created_at: int  # ms
+    expires_at: int  # ms
+    public_key: bytes
+
+    @property
+    def label(self) -> str:
+        return PREKEY_KINDS[self.kind][0]
+
+    def encode(self) -> bytes:
+        """``text(owner) || uint64(device_id) || uint8(kind) || uint64(key_id)
+        || uint64(created_at) || uint64(expires_at) || opaque(public_key)``."""
+        if self.kind not in PREKEY_KINDS:
+            raise EncodingError(f"no prekey kind {self.kind}")
+        if self.device_id < 1:
+            raise EncodingError(f"device id {self.device_id} is not 1 or more")
+        return (text(self.owner) + uint64(self.device_id) + uint8(self.kind)
+                + uint64(self.key_id) + uint64(self.created_at) + uint64(self.expires_at)
+                + opaque(self.public_key))
 
 
 # -- wallet links (SEP-53) ----------------------------------------------------

@@ -71,6 +71,14 @@ def _rebuild(vector: dict) -> tuple[str, bytes]:
         return binding.label, binding.encode()
     if vector["name"].startswith("device-key-"):
         return signing.DEVICE_KEY, _device_binding(vector).encode()
+    if vector["name"] == "identity-dh":
+        return signing.IDENTITY_DH, signing.identity_dh_content(
+            inputs["owner"], bytes.fromhex(inputs["publicKey"]))
+    if vector["name"] in ("dh-prekey", "kem-prekey"):
+        prekey = signing.SessionPrekeyBinding(
+            inputs["kind"], inputs["owner"], inputs["deviceId"], inputs["keyId"],
+            inputs["createdAt"], inputs["expiresAt"], bytes.fromhex(inputs["publicKey"]))
+        return prekey.label, prekey.encode()
     if vector["name"] == "message-v3":
         return signing.MESSAGE, _device_message(inputs)
     assert vector["name"] == "message", vector["name"]

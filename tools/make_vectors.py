@@ -31,6 +31,7 @@ from cyphr import signing
 OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "signatures-v2.json"
 DEVICES_OUT = OUT.parent / "devices-v2.json"
 MESSAGES_OUT = OUT.parent / "messages-v3.json"
+SESSIONS_OUT = OUT.parent / "sessions-v1.json"
 
 # Fixed secrets: the vectors are public test data, never keys of anyone.
 ED25519_SEED = bytes(range(32))
@@ -144,6 +145,20 @@ def build() -> dict[str, Any]:
                   "kyberCiphertext": _hex(k.kyber_ciphertext), "nonce": _hex(k.nonce),
                   "wrappedKey": _hex(k.wrapped_key)} for k in device_keys]},
         signing.message_content(device_header, nonce, ciphertext, tag, device_keys))
+
+    # Session keys (cyphr.client.sessions): the identity's X25519 key, and
+    # a device's signed X25519 prekey and last-resort ML-KEM prekey.
+    dh_public = bytes(range(164, 196))
+    add("identity-dh", signing.IDENTITY_DH, {"owner": "alice_01", "publicKey": _hex(dh_public)},
+        signing.identity_dh_content("alice_01", dh_public))
+    for name, kind, public in (("dh-prekey", signing.DH_SIGNED_PREKEY, dh_public),
+                               ("kem-prekey", signing.KEM_LAST_RESORT_PREKEY, kem_public)):
+        prekey = signing.SessionPrekeyBinding(kind, "alice_01", 2, 9, 1_790_000_000_000,
+                                              1_792_592_000_000, public)
+        add(name, prekey.label, {
+            "kind": kind, "owner": prekey.owner, "deviceId": prekey.device_id,
+            "keyId": prekey.key_id, "createdAt": prekey.created_at,
+            "expiresAt": prekey.expires_at, "publicKey": _hex(public)}, prekey.encode())
 
     stellar = Keypair.from_raw_ed25519_seed(STELLAR_SEED)
     text = signing.wallet_link_text("https://chat.example.org", "alice_01", stellar.public_key,
@@ -330,13 +345,124 @@ def build_messages() -> dict[str, Any]:
     }
 
 
+def build_sessions() -> dict[str, Any]:
+    """A session (cyphr-s1) from fixed keys and randomness: alice's device 1
+    starts one with bob's device 2 from his bundle (PQXDH), then four
+    messages go back and forth, with an ML-KEM re-keying on each new
+    sending chain of a side that sent since its last. Every random draw is listed, in the order the code
+    makes it; encapsulations use kyber-py's ``_encaps_internal`` with the
+    fixed messages ``m``, in order."""
+    from kyber_py.ml_kem import ML_KEM_1024
+
+    from cyphr.client import crypto, sessions
+
+    now = 1_790_000_000_000
+    alice, bob = crypto.Identity(bytes(range(64))), crypto.Identity(bytes(range(64, 128)))
+    parties = {}
+    for name, identity, device in (("alice_01", alice, 1), ("bob_02", bob, 2)):
+        private = sessions.identity_dh_private(identity.seed)
+        public = sessions._public(private)
+        parties[name] = sessions.Me(
+            sessions.Party(name, device, identity.public_key, public), private,
+            sessions.sign_identity_dh(identity.signing_key, name, public))
+    spk, opk = bytes([0x71]) * 32, bytes([0x72]) * 32
+    pqspk_seed = bytes([0x73]) * 64
+
+    def prekey(kind: int, key_id: int, public: bytes) -> sessions.Prekey:
+        return sessions.Prekey(kind, "bob_02", 2, key_id, now - 86_400_000,
+                               now + 30 * 86_400_000, public).signed(bob.signing_key)
+
+    bundle = sessions.Bundle(
+        "bob_02", 2, parties["bob_02"].party.identity_dh,
+        parties["bob_02"].identity_dh_signature,
+        prekey(sessions.DH_SIGNED, 1, sessions._public(spk)),
+        prekey(sessions.KEM_LAST_RESORT, 2, sessions._kem_public(pqspk_seed)),
+        prekey(sessions.DH_ONE_TIME, 3, sessions._public(opk)))
+    draws: list[dict[str, str]] = []
+    counter = iter(range(1, 1000))
+
+    def random(n: int) -> bytes:
+        value = hashlib.sha256(b"cyphr-s1 vectors %d" % next(counter)).digest() * 2
+        draws.append({"bytes": _hex(value[:n])})
+        return value[:n]
+
+    ms = [bytes([0x80 + i]) * 32 for i in range(8)]
+    encapsulations: list[dict[str, str]] = []
+
+    def encapsulate(public_key: bytes) -> tuple[bytes, bytes]:
+        m = ms[len(encapsulations)]
+        secret, ciphertext = ML_KEM_1024._encaps_internal(public_key, m)
+        encapsulations.append({"m": _hex(m), "publicKeySha256": _hex(
+            hashlib.sha256(public_key).digest()), "sharedSecret": _hex(secret)})
+        return secret, ciphertext
+
+    ephemeral = bytes([0x74]) * 32
+    policy = sessions.Policy(rekey_messages=1)
+    mine, handshake = sessions.initiate(parties["alice_01"], bundle, bob.public_key, now,
+                                        ephemeral=ephemeral, encapsulate_with=encapsulate,
+                                        random=random, policy=policy)
+    ek = sessions._x25519(ephemeral)
+    ik = sessions._x25519(parties["alice_01"].identity_dh_private)
+    spk_public = bundle.signed_prekey.public_key
+    dh = [sessions._dh(ik, spk_public), sessions._dh(ek, bundle.identity_dh),
+          sessions._dh(ek, spk_public), sessions._dh(ek, sessions._public(opk))]
+    shared_key = sessions._shared_key(dh, bytes.fromhex(encapsulations[0]["sharedSecret"]))
+    messages = [{"from": "alice_01", "plaintext": _hex(b"hello bob"),
+                 "message": _hex(mine.encrypt(b"hello bob", now))}]
+    theirs = sessions.respond(parties["bob_02"], handshake, alice.public_key,
+                              sessions.PrekeySecrets(spk, pqspk_seed, opk), now,
+                              encapsulate_with=encapsulate, random=random, policy=policy)
+    assert theirs.decrypt(bytes.fromhex(messages[0]["message"]), now) == b"hello bob"
+    for sender, receiver, name, text in ((theirs, mine, "bob_02", "hello alice"),
+                                         (mine, theirs, "alice_01", "how are you?"),
+                                         (theirs, mine, "bob_02", "fine ☃")):
+        message = sender.encrypt(text.encode("utf-8"), now)
+        assert receiver.decrypt(message, now) == text.encode("utf-8")
+        messages.append({"from": name, "plaintext": _hex(text.encode("utf-8")),
+                         "message": _hex(message)})
+    return {
+        "description": "Cyphr sessions (cyphr-s1): the PQXDH handshake from alice_01's device "
+                       "1 to bob_02's device 2 and four Double Ratchet messages, re-keyed with "
+                       "ML-KEM on each new sending chain of a side that sent a message since "
+                       "its last re-keying (rekeyMessages 1). Identities come "
+                       "from their seeds as crypto.Identity derives them; 'randomDraws' are "
+                       "every random value the code takes, in order; 'encapsulations' every "
+                       "ML-KEM encapsulation, in order (FIPS 203 ML-KEM.Encaps_internal with "
+                       "'m'). docs/encryption.rst ('Sessions') specifies the steps. Rebuild "
+                       "'bundle', 'handshake', 'sharedKey' and each message exactly; then "
+                       "open each message as its receiver.",
+        "inputs": {
+            "now": now, "aliceSeed": _hex(alice.seed), "bobSeed": _hex(bob.seed),
+            "bobSignedPrekeyPrivate": _hex(spk), "bobLastResortKemSeed": _hex(pqspk_seed),
+            "bobOneTimePrekeyPrivate": _hex(opk), "aliceEphemeralPrivate": _hex(ephemeral),
+            "rekeyMessages": 1,
+        },
+        "aliceIdentityDh": _hex(parties["alice_01"].party.identity_dh),
+        "bobIdentityDh": _hex(parties["bob_02"].party.identity_dh),
+        "bundle": {
+            "identityDhSignature": _hex(bundle.identity_dh_signature),
+            "prekeys": [{"kind": p.kind, "keyId": p.key_id, "createdAt": p.created_at,
+                         "expiresAt": p.expires_at, "publicKey": _hex(p.public_key),
+                         "signature": _hex(p.signature)}
+                        for p in (bundle.signed_prekey, bundle.kem_prekey,
+                                  bundle.one_time_prekey)]},
+        "dhOutputs": [_hex(d) for d in dh],
+        "sharedKey": _hex(shared_key),
+        "associatedData": _hex(mine.ad),
+        "handshake": _hex(handshake.encode()),
+        "randomDraws": draws,
+        "encapsulations": encapsulations,
+        "messages": messages,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--check", action="store_true", help="only say whether the file is current")
     args = parser.parse_args()
     status = 0
     for out, made in ((OUT, build()), (DEVICES_OUT, build_devices()),
-                      (MESSAGES_OUT, build_messages())):
+                      (MESSAGES_OUT, build_messages()), (SESSIONS_OUT, build_sessions())):
         text = json.dumps(made, indent=1) + "\n"
         if args.check:
             current = out.exists() and out.read_text("utf-8") == text

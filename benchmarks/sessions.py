@@ -1,0 +1,143 @@
+"""
+The cost of sessions (cyphr.client.sessions) in the reference client's
+Python: a handshake, a message on an open chain, a ratchet step, an ML-KEM
+re-keying; the bytes each adds; and the time to send one message to a
+group of 100 members on 3 devices each (300 sessions, each carrying the
+message's 32-byte content key: issue #22's target is under 50 ms).
+
+    python benchmarks/sessions.py [--repeat 200]
+
+Single-threaded, in this process; each figure is the median of --repeat
+runs (the group send: of --repeat // 20 runs). No server is involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM1024PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
+from nacl.signing import SigningKey  # noqa: E402
+
+from cyphr.client import sessions  # noqa: E402
+from cyphr.client.sessions import Bundle, Me, Party, Policy, Prekey, PrekeySecrets  # noqa: E402
+
+NOW = 1_790_000_000_000
+DAY = 86_400_000
+
+
+class Device:
+    def __init__(self, owner: str, device_id: int) -> None:
+        seed = os.urandom(64)
+        self.signing_key = SigningKey(seed[:32])
+        self.identity_key = bytes(self.signing_key.verify_key)
+        private = sessions.identity_dh_private(seed)
+        public = X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+        self.me = Me(Party(owner, device_id, self.identity_key, public), private,
+                     sessions.sign_identity_dh(self.signing_key, owner, public))
+        self.spk = os.urandom(32)
+        self.kem_seed = os.urandom(64)
+        self.opk = os.urandom(32)
+
+    def bundle(self) -> Bundle:
+        party = self.me.party
+
+        def prekey(kind: int, key_id: int, public: bytes) -> Prekey:
+            return Prekey(kind, party.owner, party.device_id, key_id, NOW - DAY, NOW + DAY,
+                          public).signed(self.signing_key)
+
+        x = X25519PrivateKey.from_private_bytes
+        kem = MLKEM1024PrivateKey.from_seed_bytes(self.kem_seed).public_key().public_bytes_raw()
+        return Bundle(party.owner, party.device_id, party.identity_dh,
+                      self.me.identity_dh_signature,
+                      prekey(sessions.DH_SIGNED, 1, x(self.spk).public_key().public_bytes_raw()),
+                      prekey(sessions.KEM_ONE_TIME, 2, kem),
+                      prekey(sessions.DH_ONE_TIME, 3, x(self.opk).public_key().public_bytes_raw()))
+
+
+def handshake(alice: Device, bob: Device, policy: Policy = Policy()
+              ) -> tuple[sessions.Session, sessions.Session, bytes, bytes]:
+    mine, hello = sessions.initiate(alice.me, bob.bundle(), bob.identity_key, NOW, policy=policy)
+    first = mine.encrypt(b"hello", NOW)
+    theirs = sessions.respond(bob.me, hello, alice.identity_key,
+                              PrekeySecrets(bob.spk, bob.kem_seed, bob.opk), NOW, policy=policy)
+    theirs.decrypt(first, NOW)
+    return mine, theirs, hello.encode(), first
+
+
+def median_ms(repeat: int, run: Callable[[], object]) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("--repeat", type=int, default=200)
+    args = parser.parse_args()
+    alice, bob = Device("alice", 1), Device("bob", 2)
+    rows: list[tuple[str, str]] = []
+
+    rows.append(("handshake (initiate, first message, respond, open)",
+                 f"{median_ms(args.repeat, lambda: handshake(alice, bob)):.3f} ms"))
+
+    mine, theirs, hello, first = handshake(alice, bob)
+    payload = os.urandom(32)  # a content key
+    rows.append(("message on an open chain (encrypt + decrypt, 32 B)",
+                 f"{median_ms(args.repeat, lambda: theirs.decrypt(mine.encrypt(payload, NOW), NOW)):.3f} ms"))
+
+    never = Policy(rekey_messages=10**9, rekey_ms=10**15)
+    a, b, _, _ = handshake(alice, bob, never)
+
+    def round_trip() -> None:
+        b.decrypt(a.encrypt(payload, NOW), NOW)
+        a.decrypt(b.encrypt(payload, NOW), NOW)
+
+    rows.append(("round trip with two X25519 ratchet steps",
+                 f"{median_ms(args.repeat, round_trip):.3f} ms"))
+    always = Policy(rekey_messages=1)
+    a, b, _, _ = handshake(alice, bob, always)
+
+    def rekeyed_round_trip() -> None:
+        b.decrypt(a.encrypt(payload, NOW), NOW)
+        a.decrypt(b.encrypt(payload, NOW), NOW)
+
+    rows.append(("round trip with two ratchet steps, each re-keyed with ML-KEM",
+                 f"{median_ms(args.repeat, rekeyed_round_trip):.3f} ms"))
+
+    header, _, _ = sessions.decode_message(a.encrypt(payload, NOW))
+    rows.append(("bytes: handshake", f"{len(hello)} B"))
+    sealed = b"x" * 48  # 32 B and the Poly1305 tag
+    for what, kem in (("plain header", ()), ("advertising an ML-KEM key", (b"k" * 1568,)),
+                      ("re-keyed (and advertising)", (b"k" * 1568, b"c" * 1568, b"h" * 8))):
+        message = sessions.encode_message(sessions.Header(header.dh, 0, 0, *kem), sealed)
+        rows.append((f"bytes: message of 32 B, {what}", f"{len(message)} B"))
+
+    # A group of 100 members on 3 devices each: 300 open sessions, each
+    # carrying the message's content key on its current chain.
+    group = [handshake(alice, Device(f"m{n}", 1 + n % 3))[0] for n in range(300)]
+
+    def group_send() -> None:
+        for session in group:
+            session.encrypt(payload, NOW)
+
+    rows.append(("send to 100 members x 3 devices (300 sessions, 32 B each)",
+                 f"{median_ms(max(1, args.repeat // 20), group_send):.1f} ms"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
