@@ -157,6 +157,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate_limit_claim", "rate",
             "One-time prekey claims per caller and target device, as "
             "COUNT/PERIOD.", metavar="RATE"),
+    Setting("rate_limit_bundle_claim", "rate",
+            "Session bundles claimed per caller and target device (POST "
+            "/api/sessions/bundles), as COUNT/PERIOD.", metavar="RATE"),
+    Setting("rate_limit_bundle_drain", "rate",
+            "One-time session prekeys handed out per target device, all callers "
+            "together, as COUNT/PERIOD; past it a bundle carries the device's "
+            "last-resort keys only.", metavar="RATE"),
     Setting("rate_limit_password", "rate",
             "Argon2 password hashes (POST /api/auth/hash-password) per user, "
             "as COUNT/PERIOD.", metavar="RATE"),
@@ -271,6 +278,10 @@ class Config:
     rate_limit_auth: tuple[int, int] = (100, 15 * 60)
     rate_limit_search: tuple[int, int] = (30, 60)
     rate_limit_claim: tuple[int, int] = (20, 3600)
+    rate_limit_bundle_claim: tuple[int, int] = (20, 3600)
+    # Many people may start sessions with one popular device; past this its
+    # one-time prekeys are kept for later, and bundles carry last-resort keys.
+    rate_limit_bundle_drain: tuple[int, int] = (200, 3600)
     rate_limit_password: tuple[int, int] = (10, 60)
     rate_limit_group_create: tuple[int, int] = (20, 3600)
     rate_limit_member_add: tuple[int, int] = (100, 3600)

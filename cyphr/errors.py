@@ -72,6 +72,7 @@ DEVICES_CHANGED = "DEVICES_CHANGED"    # 409: a message sealed for other devices
 PROVISION_NOT_FOUND = "PROVISION_NOT_FOUND"  # 404: unknown, expired or used provisioning, or a wrong secret
 INVALID_LINK_TOKEN = "INVALID_LINK_TOKEN"    # 401: no unexpired, unused link of that account has this token
 DEVICE_EXISTS = "DEVICE_EXISTS"              # 409: the fingerprint is already a device of the identity
+IDENTITY_DH_MISMATCH = "IDENTITY_DH_MISMATCH"  # 409: the identity has another X25519 key for sessions
 
 CHAT_NOT_FOUND = "CHAT_NOT_FOUND"
 MESSAGE_NOT_FOUND = "MESSAGE_NOT_FOUND"

@@ -34,6 +34,7 @@ from cyphr.api.messaging import ChatsAPI, MessagingAPI
 from cyphr.api.metrics import MetricsResource, MetricsRoot
 from cyphr.api.operations import OperationsAPI
 from cyphr.api.security import SecurityAPI
+from cyphr.api.sessionkeys import SessionKeysAPI
 from cyphr.api.wallet import WalletAPI
 from cyphr.changes import ChangeFeed, IdentityDeleted, MemberLeft
 from cyphr.clock import now_ms
@@ -53,6 +54,7 @@ from cyphr.handlers.health import HealthHandler, RealtimeStats
 from cyphr.handlers.ice import IceServers
 from cyphr.handlers.identity import IdentityHandler
 from cyphr.handlers.keys import KeysHandler
+from cyphr.handlers.sessionkeys import SessionKeysHandler
 from cyphr.handlers.linking import LinkingHandler
 from cyphr.handlers.maintenance import Maintenance
 from cyphr.handlers.origins import AcceptedOrigins
@@ -78,6 +80,7 @@ from cyphr.store.chats import ChatStore
 from cyphr.store.devices import DeviceStore
 from cyphr.store.identities import IdentityStore
 from cyphr.store.keys import PrekeyStore
+from cyphr.store.sessionkeys import SessionKeyStore
 from cyphr.store.links import LinkStore
 from cyphr.store.messages import MessageStore
 from cyphr.store.pins import PinBackupStore
@@ -473,6 +476,8 @@ def build_server(
         SecurityAPI(totp, PasswordHashing(cpu), authenticator, limits,
                     hash_password_endpoint=config.hash_password_endpoint),
         WalletAPI(wallet, authenticator, limits),
+        SessionKeysAPI(SessionKeysHandler(identities, devices, SessionKeyStore(database), cpu,
+                                          limits, config.max_prekeys, clock), authenticator),
         MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
         ChatsAPI(messaging, authenticator, limits),
         OperationsAPI(

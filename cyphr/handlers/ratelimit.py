@@ -110,7 +110,10 @@ class RateLimits:
         self.provision = limit("provision", config.rate_limit_provision)
         self.link = limit("link", config.rate_limit_link)
         self.link_poll = limit("link_poll", config.rate_limit_link_poll)
+        self.bundle_claim = limit("bundle_claim", config.rate_limit_bundle_claim)
+        self.bundle_drain = limit("bundle_drain", config.rate_limit_bundle_drain)
 
     def all(self) -> list[RateLimit]:
         return [self.auth_ip, self.search, self.claim, self.password, self.send, self.group_create,
-                self.member_add, self.provision, self.link, self.link_poll]
+                self.member_add, self.provision, self.link, self.link_poll, self.bundle_claim,
+                self.bundle_drain]
