@@ -88,6 +88,18 @@ class DevicesChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionPrekeysLow:
+    """A claim left device ``device_id`` of ``cyphr_id`` with fewer than
+    cyphr.handlers.sessionkeys.LOW_STOCK unexpired one-time session
+    prekeys of a kind: that device publishes more."""
+
+    cyphr_id: str
+    device_id: int
+    one_time: int
+    kem_one_time: int
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityDeleted:
     """The identity ``cyphr_id`` is gone, with its keys and memberships
     (its sessions ended first: SessionsEnded comes before this)."""
@@ -96,7 +108,7 @@ class IdentityDeleted:
 
 
 Change = (MessageStored | MemberJoined | MemberLeft | RoleChanged | SessionsEnded | DevicesChanged
-          | IdentityDeleted)
+          | SessionPrekeysLow | IdentityDeleted)
 C = TypeVar("C")
 
 

@@ -477,7 +477,8 @@ def build_server(
                     hash_password_endpoint=config.hash_password_endpoint),
         WalletAPI(wallet, authenticator, limits),
         SessionKeysAPI(SessionKeysHandler(identities, devices, SessionKeyStore(database), cpu,
-                                          limits, config.max_prekeys, clock), authenticator),
+                                          limits, changes, config.max_prekeys, clock),
+                       authenticator),
         MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
         ChatsAPI(messaging, authenticator, limits),
         OperationsAPI(

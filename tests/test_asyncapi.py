@@ -180,7 +180,7 @@ class AsyncAPIDocumentTests(SynchronousTestCase):
     def test_sent_events_documented(self) -> None:
         """The events the server sends (client_events.Sent) are exactly the send
         operations of the document."""
-        self.assertEqual(len(SENT_EVENTS), 13)
+        self.assertEqual(len(SENT_EVENTS), 14)
         self.assertEqual(documented(self.doc, "send"), set(SENT_EVENTS))
 
     def test_events_named_only_through_the_registry(self) -> None:
@@ -284,10 +284,22 @@ class AsyncAPIServerTests(SQLiteMixin, TestCase):
 class AsyncAPIWireTests(RealtimeBase, SQLiteMixin, TestCase):
     """What the stock client sees, checked against the document."""
 
+    async def low_session_prekeys(self, owner: Any, claimer: Any) -> None:
+        """``owner`` publishes session keys with one one-time prekey of each
+        kind, and ``claimer`` takes it: the device is left with none."""
+        from tests.test_session_keys import Keys
+
+        response = await self.http.put("/api/sessions/keys", Keys(owner).full(1, 1),
+                                       headers=owner.auth())
+        assert response.code == 200, response.body
+        claimed = await self.http.post(f"/api/sessions/bundles/{owner.cyphr_id}",
+                                       headers=claimer.auth())
+        assert claimed.code == 200, claimed.body
+
     async def test_traffic_fits_the_document(self) -> None:
         """Every event a client emits here and the server accepts fits its
         documented payload; every ack (successes and refusals) fits its documented ack, with a
-        documented error code; every event the server sends (all thirteen are
+        documented error code; every event the server sends (all fourteen are
         seen) fits its documented payload."""
         doc = document()
         check = PayloadChecker(doc)
@@ -332,6 +344,9 @@ class AsyncAPIWireTests(RealtimeBase, SQLiteMixin, TestCase):
         recovered = await alice.recover(self.http, "ab" * 32, keepOtherDevices=True)
         self.assertEqual(recovered.code, 200, recovered.body)
         await b.wait_for("devices_changed")
+        # Bob's device runs out of one-time session prekeys: his socket hears.
+        await self.low_session_prekeys(bob, alice)
+        await b.wait_for("session_prekeys_low")
         # Refusals: each answered with a documented code.
         for event, data in [
             ("send_message", {"recipientId": "nobody_here", "encryptedPayload": {}}),

@@ -24,6 +24,7 @@ from cyphr.client.sessions import Bundle, Me, Party, Prekey, PrekeySecrets
 from cyphr.clock import iso, parse_iso
 from cyphr.handlers.ratelimit import RateLimit
 from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, fixed_clock, start_server
+from tests.test_realtime_events import MemoryRealtimeBase
 from tests.users import User
 
 DAY = 86_400_000
@@ -349,3 +350,25 @@ class SQLiteSessionKeysTests(SQLiteMixin, SessionKeysMixin, TestCase):
 
 class PostgresSessionKeysTests(PostgresMixin, SessionKeysMixin, TestCase):
     pass
+
+
+class LowStockTests(SQLiteMixin, MemoryRealtimeBase, TestCase):
+    async def test_a_device_hears_its_stock_runs_low(self) -> None:
+        """A claim that leaves a device with fewer than 10 one-time prekeys
+        of a kind tells the owner's sockets (session_prekeys_low, naming the
+        device and what is left); the claimer's socket hears nothing, nor
+        does the owner while its stock is not low."""
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        owner, claimer = await self.connect(alice), await self.connect(bob)
+        keys = Keys(alice)
+        response = await self.http.put("/api/sessions/keys", keys.full(11, 12),
+                                       headers=alice.auth())
+        self.assertEqual(response.code, 200, response.body)
+        for _ in range(2):
+            claimed = await self.http.post("/api/sessions/bundles/alice", headers=bob.auth())
+            self.assertEqual(claimed.code, 200, claimed.body)
+        [told] = await owner.wait_for("session_prekeys_low")
+        self.assertEqual(told, {"deviceId": 1, "oneTimePrekeys": 9, "kemOneTimePrekeys": 10})
+        await claimer.barrier()
+        self.assertEqual(claimer.events("session_prekeys_low"), [])

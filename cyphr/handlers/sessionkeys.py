@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cyphr.changes import ChangeFeed, SessionPrekeysLow
 from cyphr.clock import now_ms
 from cyphr.cpu import CpuPool
 from cyphr.crypto import is_mlkem1024_key
@@ -61,7 +62,7 @@ from cyphr.store.sessionkeys import (
 )
 
 MAX_ONE_TIME_PER_CALL = 100  # of each kind
-LOW_STOCK = 10  # a device is told to publish more below this many of a kind
+LOW_STOCK = 10  # a claim that leaves fewer of a kind tells the device (session_prekeys_low)
 # The field each kind travels in, for the errors' details.
 KIND_FIELDS = {1: "signedPrekey", 2: "oneTimePrekeys", 3: "lastResortPrekey",
                4: "kemOneTimePrekeys"}
@@ -75,7 +76,9 @@ def _x25519_key_ok(key: bytes) -> bool:
 
 class SessionKeysHandler:
     def __init__(self, identities: IdentityStore, devices: DeviceStore, keys: SessionKeyStore,
-                 cpu: CpuPool, limits: RateLimits, max_one_time: int, clock: Any) -> None:
+                 cpu: CpuPool, limits: RateLimits, changes: ChangeFeed, max_one_time: int,
+                 clock: Any) -> None:
+        self._changes = changes
         self._identities = identities
         self._devices = devices
         self._keys = keys
@@ -169,8 +172,11 @@ class SessionKeysHandler:
             except RateLimited:
                 continue  # its last-resort keys only
             one_time.add(device)
-        bundles = await self._keys.claim(target.id, devices, now_ms(self._clock),
-                                         one_time=one_time)
+        bundles, left = await self._keys.claim(target.id, devices, now_ms(self._clock),
+                                               one_time=one_time)
+        for device, (dh, kem) in sorted(left.items()):
+            if dh < LOW_STOCK or kem < LOW_STOCK:
+                self._changes.publish(SessionPrekeysLow(target.cyphr_id, device, dh, kem))
         return target, identity_dh, bundles
 
 
@@ -192,8 +198,3 @@ def _check_prekey(prekey: SessionPrekey, identity: Identity, device_id: int, now
         raise BadRequest("The prekey's signature does not verify with the identity key for "
                          "this key, its owner, device, kind, id and validity",
                          code=INVALID_KEY_SIGNATURE, details={"field": field})
-
-
-def needs_more(stock: Stock) -> bool:
-    """Whether the device should publish more one-time prekeys."""
-    return stock.one_time < LOW_STOCK or stock.kem_one_time < LOW_STOCK

@@ -56,6 +56,7 @@ class Sent:
     CALL_ICE_CANDIDATE = "call_ice_candidate"
     CALL_END = "call_end"
     DEVICES_CHANGED = "devices_changed"
+    SESSION_PREKEYS_LOW = "session_prekeys_low"
 
 
 SENT_EVENTS = frozenset(value for name, value in vars(Sent).items() if name.isupper())

@@ -34,6 +34,7 @@ from cyphr.changes import (
     MemberJoined,
     MemberLeft,
     MessageStored,
+    SessionPrekeysLow,
     SessionsEnded,
 )
 from cyphr.clock import iso, now_ms
@@ -143,6 +144,7 @@ class Realtime:
         changes.subscribe(MemberJoined, lambda c: self.fanout.join(c.chat_id, c.cyphr_id, c.last_seq))
         changes.subscribe(MemberLeft, lambda c: self.fanout.leave(c.chat_id, c.cyphr_id))
         changes.subscribe(DevicesChanged, self._devices_changed)
+        changes.subscribe(SessionPrekeysLow, self._session_prekeys_low)
         changes.subscribe(SessionsEnded,
                           lambda c: self.fanout.end_sessions(c.cyphr_id, c.jti, c.device))
 
@@ -427,6 +429,13 @@ class Realtime:
             change.cyphr_id, Sent.DEVICES_CHANGED,
             {"userId": change.cyphr_id, "deviceId": change.device_id, "change": change.change},
             including_me=True))
+
+    def _session_prekeys_low(self, change: SessionPrekeysLow) -> None:
+        # To the account's own sockets, on every node: the device named
+        # publishes more one-time prekeys (the others ignore it).
+        self.fanout.to_users([change.cyphr_id], Sent.SESSION_PREKEYS_LOW, {
+            "deviceId": change.device_id, "oneTimePrekeys": change.one_time,
+            "kemOneTimePrekeys": change.kem_one_time})
 
     def _message_stored(self, change: MessageStored) -> None:
         message = change.message

@@ -109,13 +109,15 @@ class SessionKeyStore:
         return IdentityDh(bytes(rows[0][0]), bytes(rows[0][1])) if rows else None
 
     async def claim(self, user_id: str, device_ids: list[int], now: int, *,
-                    one_time: set[int]) -> list[DeviceBundle]:
+                    one_time: set[int]) -> tuple[list[DeviceBundle], dict[int, tuple[int, int]]]:
         """A bundle of each of ``device_ids`` that has an unexpired signed
         prekey and last-resort prekey (the others have none to give). The
         bundle of a device in ``one_time`` takes one unexpired one-time
         prekey of each kind where the device has one, and deletes it:
         concurrent claims never get the same one. The others carry the
-        last-resort key and no one-time prekey."""
+        last-resort key and no one-time prekey. Also answers, for each
+        device that gave one-time prekeys, how many unexpired ones of each
+        kind (X25519, ML-KEM) it has left."""
         return await self._db.run_interaction("claim_session_bundles", _claim_txn, user_id,
                                               device_ids, now, one_time, self._db.engine)
 
@@ -197,9 +199,10 @@ async def _stock_txn(txn: Transaction, user_id: str, device_id: int, now: int) -
 
 
 async def _claim_txn(txn: Transaction, user_id: str, device_ids: list[int], now: int,
-                     one_time: set[int], engine: str) -> list[DeviceBundle]:
+                     one_time: set[int], engine: str
+                     ) -> tuple[list[DeviceBundle], dict[int, tuple[int, int]]]:
     if not device_ids:
-        return []
+        return [], {}
     marks = ", ".join("?" for _ in device_ids)
     rows = await txn.execute(
         "SELECT device_id, " + _COLUMNS + " FROM session_prekeys WHERE user_id = ?"
@@ -213,6 +216,7 @@ async def _claim_txn(txn: Transaction, user_id: str, device_ids: list[int], now:
     # one writer at a time.
     skip = " FOR UPDATE SKIP LOCKED" if engine == "postgresql" else ""
     bundles = []
+    left: dict[int, tuple[int, int]] = {}
     for device_id in sorted(single):
         keys = single[device_id]
         if DH_SIGNED_PREKEY not in keys or KEM_LAST_RESORT_PREKEY not in keys:
@@ -228,7 +232,13 @@ async def _claim_txn(txn: Transaction, user_id: str, device_ids: list[int], now:
                     (user_id, device_id, kind, user_id, device_id, kind, now))
                 if found:
                     taken[kind] = _prekey(found[0])
+            counts = dict(await txn.execute(
+                "SELECT kind, COUNT(*) FROM session_prekeys WHERE user_id = ? AND device_id = ?"
+                " AND kind IN (?, ?) AND key_expires_at > ? GROUP BY kind",
+                (user_id, device_id, *ONE_TIME_KINDS, now)))
+            left[device_id] = (counts.get(DH_ONE_TIME_PREKEY, 0),
+                               counts.get(KEM_ONE_TIME_PREKEY, 0))
         bundles.append(DeviceBundle(device_id, keys[DH_SIGNED_PREKEY],
                                     taken.get(KEM_ONE_TIME_PREKEY, keys[KEM_LAST_RESORT_PREKEY]),
                                     taken.get(DH_ONE_TIME_PREKEY)))
-    return bundles
+    return bundles, left
