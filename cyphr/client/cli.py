@@ -203,6 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_parser("rotate", help="replace the main ML-KEM key (older messages still open)")
     p = keys.add_parser("prekeys", help="show the one-time prekeys left and top them up")
     p.add_argument("--count", type=int, default=100, help="how many to hold (100)")
+    keys.add_parser("sessions", help="publish what is due of this device's session keys "
+                                     "(prekeys for sessions) and show them")
     p = command("verify", "show a contact's safety number; --accept it once compared")
     p.add_argument("cyphr_id")
     p.add_argument("--accept", metavar="NUMBER",
@@ -860,6 +862,14 @@ def cmd_keys(args: argparse.Namespace, out: Output) -> None:
         generation = client.rotate_kyber()
         out.result({"generation": generation}, f"Published a new ML-KEM-1024 key "
                                                f"(generation {generation}).")
+    elif args.keys_command == "sessions":
+        stock = client.publish_session_keys()
+        stock.pop("success", None)
+        out.result(stock, f"Session keys of device {stock['deviceId']}: signed prekey "
+                          f"{(stock['signedPrekey'] or {}).get('keyId')}, last-resort prekey "
+                          f"{(stock['lastResortPrekey'] or {}).get('keyId')}, "
+                          f"{stock['oneTimePrekeys']} one-time X25519 and "
+                          f"{stock['kemOneTimePrekeys']} one-time ML-KEM prekeys.")
     else:
         added = client.top_up_prekeys(low=args.count, target=args.count,
                                       progress=out.progress("Publishing one-time prekeys"))

@@ -42,7 +42,7 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError as NaclCryptoError
 
 from cyphr import signing
-from cyphr.client import crypto, devices, sealing
+from cyphr.client import crypto, devices, sealing, sessionkeys
 from cyphr.client.crypto import (
     CryptoError,
     Identity,
@@ -54,6 +54,7 @@ from cyphr.client.crypto import (
 from cyphr.client.devices import Device, LinkCode, LinkRequest
 from cyphr.client.http import ApiError, ClientError, Http, check_server, segment
 from cyphr.client.profile import Profile
+from cyphr.client.sessions import Bundle, Handshake, Me, PrekeySecrets
 
 if TYPE_CHECKING:
     from cyphr.client.realtime import Listener
@@ -1202,6 +1203,28 @@ class Client:
         if confirm is not None and not confirm(request):
             raise ClientError("not approved: nothing was sent")
         return devices.approve(self, request)
+
+    # -- session keys (cyphr.client.sessionkeys) -----------------------------
+
+    def publish_session_keys(self, *, force_one_time: bool = False) -> dict[str, Any]:
+        """Publish what is due of this device's session keys; the server's
+        stock (``GET /api/sessions/keys``'s answer)."""
+        return sessionkeys.publish(self, force_one_time=force_one_time)
+
+    def session_bundles(self, cyphr_id: str, device_id: int | None = None
+                        ) -> tuple[list[Bundle], list[tuple[int, str]]]:
+        """``cyphr_id``'s devices' bundles, checked against the pinned
+        identity key: (good ones, [(device id, why)] refused)."""
+        return sessionkeys.bundles(self, cyphr_id, device_id)
+
+    def session_me(self) -> Me:
+        return sessionkeys.me(self)
+
+    def session_secrets(self, handshake: Handshake) -> PrekeySecrets:
+        return sessionkeys.secrets(self, handshake)
+
+    def erase_one_time_session_prekeys(self, handshake: Handshake) -> None:
+        sessionkeys.erase_one_time(self, handshake)
 
     # -- realtime ---------------------------------------------------------
 

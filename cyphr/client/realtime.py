@@ -108,6 +108,7 @@ class Listener:
         self.acknowledge = acknowledge
         self.top_up = top_up
         self._topping_up: threading.Thread | None = None
+        self._topping_up_sessions: threading.Thread | None = None
         self._unacknowledged = 0  # receipts sent that the server has not acknowledged
         self._acknowledged = threading.Condition()
         self.synced = threading.Event()
@@ -128,9 +129,10 @@ class Listener:
         self.sio.on("connect_error", self._connect_error)
         self.sio.on("connect", self._connected)
         self.sio.on("disconnect", self._disconnected)
+        self.sio.on("session_prekeys_low", self._session_prekeys_low)
         for event in ("message_delivered", "message_read", "user_typing", "user_online",
                       "user_offline", "incoming_call", "call_answer", "call_ice_candidate",
-                      "call_end"):
+                      "call_end", "devices_changed"):
             self.sio.on(event, lambda data, event=event: self._event(event, data))
 
     def start(self, timeout: float = 15.0) -> Listener:
@@ -175,8 +177,9 @@ class Listener:
         eio = self.sio.eio
         if isinstance(eio, _InOrderEngineIO):
             eio.stop_handling()
-        if self._topping_up is not None:
-            self._topping_up.join(30)
+        for topping_up in (self._topping_up, self._topping_up_sessions):
+            if topping_up is not None:
+                topping_up.join(30)
 
     def _status(self, status: str, detail: str) -> None:
         if self.on_status is not None:
@@ -235,6 +238,23 @@ class Listener:
             self.client.top_up_prekeys()
         except ClientError:
             pass  # tried again after the next catch-up
+
+    def _session_prekeys_low(self, data: Any) -> None:
+        self._event("session_prekeys_low", data)
+        if not (self.top_up and isinstance(data, dict)
+                and data.get("deviceId") == self.client.device_id):
+            return  # another device of the account: it tops up its own
+        # A top-up under way brings the stock back to the target already.
+        if self._topping_up_sessions is None or not self._topping_up_sessions.is_alive():
+            self._topping_up_sessions = threading.Thread(target=self._top_up_session_keys,
+                                                         daemon=True)
+            self._topping_up_sessions.start()
+
+    def _top_up_session_keys(self) -> None:
+        try:
+            self.client.publish_session_keys(force_one_time=True)
+        except ClientError:
+            pass  # a device that comes back reads its stock (publish_session_keys)
 
     def _event(self, name: str, data: Any) -> None:
         if self.on_event is not None:
