@@ -69,6 +69,9 @@ class Secrets:
             self.raw += [base64.b64decode(v) for v in vault.get("prekeys", {}).values()]
             self.raw += [base64.b64decode(v) for v in vault.get("contentKeys", {}).values()]
             self.raw += [base64.b64decode(v) for v in vault.get("groupKeys", {}).values()]
+            session_keys = vault.get("sessionKeys", {})
+            for slot in ("signed", "lastResort", "oneTime", "kemOneTime"):
+                self.raw += [base64.b64decode(v) for v in session_keys.get(slot, {}).values()]
             if vault.get("token"):
                 self.texts.append(vault["token"])
         self.raw += [client.identity.kem_key.private_bytes_raw()]
@@ -493,6 +496,11 @@ class ClientScenarios:
         got = self.take(inbox, 2)
         self.assertEqual([(m.text, m.sender, m.verified) for m in got],
                          [(mine, alice.cyphr_id, True), (reply, bob.cyphr_id, True)])
+        # Both of alice's devices publish session keys; bob claims them.
+        for device in (alice, laptop):
+            device.publish_session_keys()
+        good, refused = bob.session_bundles(alice.cyphr_id)
+        self.assertEqual(([b.device_id for b in good], refused), ([1, laptop.device_id], []))
         self.secrets.texts += [mine, reply, *names.values()]
         for client in (alice, laptop, bob):
             self.secrets.vault(client)
