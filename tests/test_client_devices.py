@@ -32,9 +32,9 @@ from cyphr.client.devicecrypto import LinkSeed, LinkSeedError
 from cyphr.client.devices import LinkCode, parse_link_code
 from cyphr.client.http import ApiError, ClientError
 from cyphr.client.profile import Profile
+from tests.clients import PASSPHRASE
 from tests.helpers import SQLiteMixin, cli_in_process, start_server
 
-PASSPHRASE = "seventeen purple lanterns juggle over quiet harbours"
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "devices-v2.json").read_text("utf-8"))
 FAST_POLL = 0.05
 

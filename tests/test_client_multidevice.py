@@ -16,7 +16,7 @@ import base64
 import os
 import threading
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM1024PrivateKey
 from twisted.internet.threads import deferToThread
@@ -26,31 +26,12 @@ from cyphr.client import crypto
 from cyphr.client.client import Client, Message
 from cyphr.client.crypto import Recipient
 from cyphr.client.http import ClientError
-from tests.helpers import PostgresMixin, SQLiteMixin, start_server
-from tests.test_client_devices import PASSPHRASE, Linking
+from tests.clients import ServedClients
+from tests.helpers import PostgresMixin, SQLiteMixin
+from tests.test_client_devices import Linking
 
 
-class MultiDeviceMixin:
-    async def setUp(self) -> None:
-        self.server = await start_server(self, serve=True)
-        [port] = [await d for d in self.server.listening()]
-        self.url = f"http://127.0.0.1:{port.getHost().port}"
-        self.clients: list[Client] = []
-
-    def tearDown(self) -> None:
-        for client in self.clients:
-            client.close()
-
-    async def thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await deferToThread(function, *args, **kwargs)
-
-    async def registered(self, cyphr_id: str) -> Client:
-        client, _ = await self.thread(Client.init, os.path.abspath(self.mktemp()), PASSPHRASE,
-                                      self.url)
-        self.clients.append(client)
-        await self.thread(client.register, cyphr_id, None, 2)
-        return client
-
+class MultiDeviceMixin(ServedClients):
     async def linked(self, first: Client) -> Client:
         """A new device of ``first``'s identity, approved by ``first``."""
         linking = Linking(os.path.abspath(self.mktemp()), self.url)

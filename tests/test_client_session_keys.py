@@ -10,52 +10,28 @@ real server over a real port, on both engines.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cyphr.client import sessionkeys, sessions
-from cyphr.client.client import Client
 from cyphr.client.http import ClientError
-from tests.helpers import PostgresMixin, SQLiteMixin, cli_in_process, start_server
+from tests.clients import PASSPHRASE, ServedClients
+from tests.helpers import PostgresMixin, SQLiteMixin, cli_in_process
 
-PASSPHRASE = "seventeen purple lanterns juggle over quiet harbours"
-
-
-class ClientSessionKeysMixin:
-    async def setUp(self) -> None:
-        self.server = await start_server(self, serve=True)
-        [port] = [await d for d in self.server.listening()]
-        self.url = f"http://127.0.0.1:{port.getHost().port}"
-        self.clients: list[Client] = []
-
-    def tearDown(self) -> None:
-        for client in self.clients:
-            client.close()
-
-    async def thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await deferToThread(function, *args, **kwargs)
-
-    async def registered(self, cyphr_id: str) -> tuple[Client, str]:
-        directory = os.path.abspath(self.mktemp())
-        client, _ = await self.thread(Client.init, directory, PASSPHRASE, self.url)
-        self.clients.append(client)
-        await self.thread(client.register, cyphr_id, None, 2)
-        return client, directory
-
+class ClientSessionKeysMixin(ServedClients):
     async def test_publish_claim_and_open(self) -> None:
         """Alice publishes; the stock is full and every private key is in
         her vault. Bob claims her bundle (checked against her pinned key),
         starts a session and sends; alice's client finds the handshake's
         keys in her vault, opens the message, and erases the one-time
         prekeys it used: the same handshake again finds none."""
-        alice, _ = await self.registered("alice")
-        bob, _ = await self.registered("bob")
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
         stock = await self.thread(alice.publish_session_keys)
         self.assertEqual((stock["identityDh"], stock["oneTimePrekeys"],
                           stock["kemOneTimePrekeys"]), (True, 100, 100))
@@ -87,8 +63,8 @@ class ClientSessionKeysMixin:
         """A signed prekey older than 7 days is replaced (the one before it
         kept for handshakes on their way, none older); one-time prekeys
         below 20 are topped back up to 100, or at once when asked."""
-        alice, _ = await self.registered("alice")
-        bob, _ = await self.registered("bob")
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
         first = await self.thread(alice.publish_session_keys)
 
         async def age_signed_prekey() -> None:
@@ -115,8 +91,8 @@ class ClientSessionKeysMixin:
         one-time prekeys: the server tells her sockets, and her listener
         publishes more, back to the target, by itself."""
         self.patch(sessionkeys, "ONE_TIME_TARGET", 12)
-        alice, _ = await self.registered("alice")
-        bob, _ = await self.registered("bob")
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
         await self.thread(alice.publish_session_keys)
         heard: list[Any] = []
         listener = await self.thread(lambda: alice.listener(
@@ -140,8 +116,8 @@ class ClientSessionKeysMixin:
         """The server puts a signed prekey of its own in alice's place: bob's
         client refuses that device's bundle and says why; it never starts a
         session with it."""
-        alice, _ = await self.registered("alice")
-        bob, _ = await self.registered("bob")
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
         await self.thread(alice.publish_session_keys)
         ghost = X25519PrivateKey.generate().public_key().public_bytes_raw()
         await self.server.database.run_operation(
@@ -155,8 +131,8 @@ class ClientSessionKeysMixin:
     async def test_another_identity_key_is_refused(self) -> None:
         """A bundle answered under another identity key than the one bob
         pinned for alice is refused whole."""
-        alice, _ = await self.registered("alice")
-        bob, _ = await self.registered("bob")
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
         await self.thread(alice.publish_session_keys)
         await self.thread(bob.contact, "alice")  # pinned
         real = bob._call
@@ -174,7 +150,7 @@ class ClientSessionKeysMixin:
 
     async def test_the_command(self) -> None:
         """`cyphr-client keys sessions` publishes and shows the stock."""
-        _, directory = await self.registered("alice")
+        directory = str((await self.registered("alice")).profile.directory)
         passphrase = Path(self.mktemp())
         passphrase.write_text(PASSPHRASE)
         result = await deferToThread(cli_in_process, [

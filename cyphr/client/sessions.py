@@ -176,28 +176,15 @@ def sign_identity_dh(signing_key: SigningKey, owner: str, public_key: bytes) -> 
 # -- prekeys -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Prekey:
-    """A published prekey of a device, as its identity key signs it."""
+class Prekey(signing.SessionPrekeyBinding):
+    """A published prekey of a device (its kind, owner, device, id,
+    validity and key: cyphr.signing.SessionPrekeyBinding) with the identity
+    key's signature."""
 
-    kind: int
-    owner: str
-    device_id: int
-    key_id: int
-    created_at: int  # ms
-    expires_at: int  # ms
-    public_key: bytes
     signature: bytes = b""
 
-    def binding(self) -> signing.SessionPrekeyBinding:
-        return signing.SessionPrekeyBinding(self.kind, self.owner, self.device_id, self.key_id,
-                                            self.created_at, self.expires_at, self.public_key)
-
     def content(self) -> bytes:
-        return self.binding().encode()
-
-    @property
-    def label(self) -> str:
-        return self.binding().label
+        return self.encode()
 
     def signed(self, signing_key: SigningKey) -> Prekey:
         return replace(self, signature=signing.sign_with_label(signing_key, self.label,
