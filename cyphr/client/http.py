@@ -15,11 +15,12 @@ from cyphr.signing import is_loopback_origin, normalize_origin
 # A request that fails before it reaches the server (no connection) is
 # tried again, whatever its method: the server saw nothing. One that fails
 # on the way back (a kept-alive connection dropped under it: a restarted
-# proxy, a network change) is tried again only if repeating it changes
-# nothing more than doing it once. POST is not: a message send carries its
-# clientMessageId, and the caller resends it knowingly.
+# proxy, a network change) is tried again only if it changes nothing: the
+# server may have done it, and a second answer would say otherwise (a
+# removed device "not found", a stored prekey "duplicate"). A message send
+# carries its clientMessageId, and its caller resends it knowingly.
 _RETRY = Retry(total=2, connect=2, read=1, status=0, other=0, redirect=0,
-               allowed_methods=frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}),
+               allowed_methods=frozenset({"GET", "HEAD", "OPTIONS"}),
                raise_on_status=False)
 
 # The environment variable that confirms turning TLS checks off: a flag

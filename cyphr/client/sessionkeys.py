@@ -132,11 +132,13 @@ def bundles(client: Client, cyphr_id: str, device_id: int | None = None
     against the identity key pinned for that user (pinned now on first
     use): (the good ones, [(device id, why refused)] for the others). A
     bundle any part of which the pinned key did not sign is never used."""
+    # Checked and pinned first: a contact whose identity key changed costs
+    # none of its one-time prekeys.
+    identity_key = client.contact(cyphr_id).identity_key
     path = f"/api/sessions/bundles/{segment(cyphr_id)}"
     if device_id is not None:
         path += f"/{device_id}"
     answer = client._call("POST", path, {})
-    identity_key = client.contact(cyphr_id).identity_key  # checks and pins
     if answer.get("identityKey") != b64(identity_key):
         raise ClientError(f"the server answered another identity key for {cyphr_id} than the "
                           f"one pinned")
