@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -84,6 +85,15 @@ def lock_waiters(path: Path) -> int:
         return sum(1 for line in locks if "->" in line and file_id in line)
 
 
+# Runs a command with SIGINT ignored and blocked, as a test run in the
+# background may start its children (tests/client_process.py): the client
+# process must hear Ctrl-C all the same.
+DEAF_TO_SIGINT = [sys.executable, "-c",
+                  "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                  "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}); "
+                  "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 class ProcessesTests(SQLiteMixin, TestCase):
     """Two ``listen``, ``keys prekeys`` and three ``send`` on one profile,
     all at once, as separate processes, while a contact writes to it."""
@@ -136,11 +146,7 @@ class ProcessesTests(SQLiteMixin, TestCase):
         bob.register("bob", prekeys=5)
         bob.send("alice", "hello")  # the direct chat
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        # Started with SIGINT ignored, as a test run in the background
-        # starts its children: the client process must hear Ctrl-C anyway
-        # (tests/client_process.py).
-        ignoring_sigint = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"]
-        listens = [subprocess.Popen([*ignoring_sigint, *self.command(alice, "--json", "listen")],
+        listens = [subprocess.Popen([*DEAF_TO_SIGINT, *self.command(alice, "--json", "listen")],
                                     stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                     cwd=str(ROOT), env=env) for _ in range(2)]
