@@ -40,9 +40,9 @@ FAST_POLL = 0.05
 
 
 class Linking:
-    """A new device linking in a thread: ``code`` once it is shown; the
-    first poll's wait holds until ``go`` is set (so a test can act between
-    the approval and the receive)."""
+    """A new device linking in a thread: ``code`` once it is shown; with
+    ``hold``, its first poll waits until ``go`` is set (so a test can act
+    between the approval and the receive, however the threads run)."""
 
     def __init__(self, directory: str, url: str, *, hold: bool = False, **kwargs: Any) -> None:
         self.directory = directory
@@ -64,6 +64,9 @@ class Linking:
     def _shown(self, code: LinkCode) -> None:
         self.codes.append(code)
         self.shown.set()
+        # The first poll follows at once: with hold, not before go.
+        if not self.go.wait(30):
+            raise ClientError("the test never let the link go on")
 
     async def code(self) -> LinkCode:
         shown = await deferToThread(self.shown.wait, 30)

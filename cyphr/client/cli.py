@@ -663,6 +663,9 @@ def cmd_send(args: argparse.Namespace, out: Output) -> None:
     out.result(answer, f"Sent (chat {answer['chatId']}, #{answer['seq']}).")
 
 
+WAKE_SECONDS = 0.5  # how long listen's main thread waits at most before looking again
+
+
 def cmd_listen(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
     client.top_up_prekeys(progress=out.progress("Publishing one-time prekeys"))
@@ -680,9 +683,14 @@ def cmd_listen(args: argparse.Namespace, out: Output) -> None:
             if wait is not None and wait <= 0:
                 break
             try:
-                message = arrived.get(timeout=wait)
+                # Never asleep for long: the kernel may hand Ctrl-C to another
+                # thread, and Python runs the handler (KeyboardInterrupt) only
+                # when this, the main thread, next runs; blocked on the queue
+                # with no timeout it would not until a message came.
+                message = arrived.get(timeout=WAKE_SECONDS if wait is None
+                                      else min(wait, WAKE_SECONDS))
             except queue.Empty:
-                break
+                continue  # the deadline is checked again
             if isinstance(message, tuple):
                 _connection_status(client, *message)
                 continue
