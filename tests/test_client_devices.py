@@ -16,7 +16,7 @@ import sys
 import threading
 import unittest
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM1024PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -32,7 +32,7 @@ from cyphr.client.devicecrypto import LinkSeed, LinkSeedError
 from cyphr.client.devices import LinkCode, parse_link_code
 from cyphr.client.http import ApiError, ClientError
 from cyphr.client.profile import Profile
-from tests.clients import PASSPHRASE
+from tests.clients import PASSPHRASE, ServedClients
 from tests.helpers import SQLiteMixin, cli_in_process, start_server
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "devices-v2.json").read_text("utf-8"))
@@ -74,28 +74,11 @@ class Linking:
         return self.codes[0]
 
 
-class ClientDevicesTests(SQLiteMixin, TestCase):
+class ClientDevicesTests(SQLiteMixin, ServedClients, TestCase):
     async def setUp(self) -> None:
-        self.server = await start_server(self, serve=True)
-        [port] = [await d for d in self.server.listening()]
-        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        await super().setUp()
         self.passphrase_file = Path(self.mktemp())
         self.passphrase_file.write_text(PASSPHRASE)
-        self.clients: list[Client] = []
-
-    def tearDown(self) -> None:
-        for client in self.clients:
-            client.close()
-
-    async def thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await deferToThread(function, *args, **kwargs)
-
-    async def registered(self, cyphr_id: str) -> tuple[Client, str]:
-        directory = os.path.abspath(self.mktemp())
-        client, _ = await self.thread(Client.init, directory, PASSPHRASE, self.url)
-        self.clients.append(client)
-        await self.thread(client.register, cyphr_id, None, 2)
-        return client, directory
 
     def cli(self, profile: str, *args: str, stdin: str = "") -> Any:
         return deferToThread(cli_in_process, ["--server", self.url, "--profile", profile,
@@ -126,8 +109,9 @@ class ClientDevicesTests(SQLiteMixin, TestCase):
         list the two devices with verified keys and the new one's name, and
         a message the new device sends is read, verified, by the first
         device and by the contact; the new device's own key rotates."""
-        alice, alice_dir = await self.registered("alice")
-        bob, _ = await self.registered("bob")
+        alice = await self.registered("alice")
+        alice_dir = str(alice.profile.directory)
+        bob = await self.registered("bob")
         linking = Linking(os.path.abspath(self.mktemp()), self.url, name="laptop")
         code = await linking.code()
         self.assertEqual(code.code, f"cyphr-link:{code.provisioning_id}:{code.fingerprint}")
@@ -164,7 +148,7 @@ class ClientDevicesTests(SQLiteMixin, TestCase):
         fingerprint of the key the server holds for it), a QR code and the
         fingerprint, waits for the approval and says which identity and
         device it joined; the new profile then works as any (whoami)."""
-        alice, _ = await self.registered("alice")
+        alice = await self.registered("alice")
         new_dir = os.path.abspath(self.mktemp())
         linking = self.cli(new_dir, "link", "--name", "phone", "--prekeys", "2")
         rows: list[Any] = []
@@ -193,7 +177,8 @@ class ClientDevicesTests(SQLiteMixin, TestCase):
         """A device renamed from the other shows the new name there, and a
         name cleared is gone; once removed, its list is one device, and the removed profile's next
         call fails saying the device is no longer the account's."""
-        alice, alice_dir = await self.registered("alice")
+        alice = await self.registered("alice")
+        alice_dir = str(alice.profile.directory)
         laptop, laptop_dir = await self.linked(alice)
         renamed = await self.cli(alice_dir, "devices", "rename", "2", "Work laptop")
         self.assertEqual(renamed.returncode, 0, renamed.stderr)
@@ -223,8 +208,8 @@ class ClientDevicesTests(SQLiteMixin, TestCase):
         send, nothing the server keeps (every column of every table, every
         file of its data directory) holds the seed, a device's private key
         seed, a device name in the clear, or a raw device fingerprint."""
-        alice, _ = await self.registered("alice")
-        bob, _ = await self.registered("bob")
+        alice = await self.registered("alice")
+        await self.registered("bob")
         linking = Linking(os.path.abspath(self.mktemp()), self.url, hold=True)
         code = await linking.code()
         await self.thread(alice.approve, code.code)
@@ -268,8 +253,9 @@ class ClientDevicesTests(SQLiteMixin, TestCase):
         signature no longer covers it) has that device reported refused,
         never verified, to a contact and to the identity's own devices; the
         other device stays verified."""
-        alice, _ = await self.registered("alice")
-        bob, bob_dir = await self.registered("bob")
+        alice = await self.registered("alice")
+        bob = await self.registered("bob")
+        bob_dir = str(bob.profile.directory)
         await self.linked(alice)
         self.assertTrue(all(d.verified for d in await self.thread(bob.devices_of, "alice")))
         ghost = MLKEM1024PrivateKey.generate().public_key().public_bytes_raw()
@@ -291,7 +277,7 @@ class ClientDevicesTests(SQLiteMixin, TestCase):
         """A sealed seed altered on the server (one byte flipped before the
         new device receives it) does not open: linking fails with a clear
         error and leaves no profile behind."""
-        alice, _ = await self.registered("alice")
+        alice = await self.registered("alice")
         linking = Linking(os.path.abspath(self.mktemp()), self.url, hold=True)
         code = await linking.code()
         await self.thread(alice.approve, code.code)
@@ -312,7 +298,8 @@ class ClientDevicesTests(SQLiteMixin, TestCase):
         given a code whose fingerprint is not that of the key the server
         holds, sends nothing: the provisioning stays unapproved, and a
         later confirmed approval still links the device."""
-        alice, alice_dir = await self.registered("alice")
+        alice = await self.registered("alice")
+        alice_dir = str(alice.profile.directory)
         linking = Linking(os.path.abspath(self.mktemp()), self.url, hold=True)
         code = await linking.code()
         declined = await self.cli(alice_dir, "devices", "approve", code.code, stdin="n\n")
