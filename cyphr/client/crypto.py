@@ -825,21 +825,37 @@ def _parse_v3(payload: dict[str, Any]) -> _Parsed:
                                                 "header.recipients.deviceId")))
     if not recipients or recipients != sorted(set(recipients)):
         raise MalformedPayload("header.recipients is empty, not sorted, or names a device twice")
+    sender, message_type, client_message_id = _header_texts(header)
     parsed_header = DeviceMessageHeader(
-        payload.get("scheme"), chat_id, _field(header, "senderId", str, "header."),
-        _field(header, "messageType", str, "header."),
-        _field(header, "clientMessageId", str, "header."), tuple(recipients),
-        unb64(header.get("ephemeralKey"), "header.ephemeralKey", 32))
-    keys = []
-    for entry in _field(payload, "keys", list, ""):
+        payload.get("scheme"), chat_id, sender, message_type, client_message_id,
+        tuple(recipients), unb64(header.get("ephemeralKey"), "header.ephemeralKey", 32))
+    keys = [DeviceWrappedKey(_field(entry, "recipientId", str, "keys."),
+                             _device_id(entry.get("deviceId"), "keys.deviceId"),
+                             _field(entry, "oneTime", bool, "keys."), *_wrapped_parts(entry))
+            for entry in _key_entries(payload, _DEVICE_KEY_FIELDS)]
+    return _parsed(payload, parsed_header, keys)
+
+
+def _header_texts(header: Mapping[str, Any]) -> tuple[str, str, str]:
+    """A header's senderId, messageType and clientMessageId (v2 and v3)."""
+    return (_field(header, "senderId", str, "header."),
+            _field(header, "messageType", str, "header."),
+            _field(header, "clientMessageId", str, "header."))
+
+
+def _key_entries(payload: Mapping[str, Any], allowed: set[str]) -> list[Mapping[str, Any]]:
+    """The payload's wrapped keys, each an object of ``allowed`` fields."""
+    entries = _field(payload, "keys", list, "")
+    for entry in entries:
         if not isinstance(entry, dict):
             raise MalformedPayload("a wrapped key is not an object")
-        _only(entry, _DEVICE_KEY_FIELDS, "a wrapped key")
-        keys.append(DeviceWrappedKey(
-            _field(entry, "recipientId", str, "keys."),
-            _device_id(entry.get("deviceId"), "keys.deviceId"),
-            _field(entry, "oneTime", bool, "keys."), *_wrapped_parts(entry)))
-    return _Parsed(parsed_header, unb64(payload.get("nonce"), "nonce", NONCE_BYTES),
+        _only(entry, allowed, "a wrapped key")
+    return entries
+
+
+def _parsed(payload: Mapping[str, Any], header: Any, keys: list[Any]) -> _Parsed:
+    """The parsed payload around its header and keys (v2 and v3)."""
+    return _Parsed(header, unb64(payload.get("nonce"), "nonce", NONCE_BYTES),
                    unb64(payload.get("encryptedMessage"), "encryptedMessage"),
                    unb64(payload.get("tag"), "tag", TAG_BYTES), keys,
                    unb64(payload.get("signature"), "signature", signing.ED25519_SIGNATURE_BYTES))
@@ -871,23 +887,14 @@ def _parse_v2(payload: dict[str, Any]) -> _Parsed:
         raise MalformedPayload("header.recipients is not a list of Cyphr IDs")
     if recipients != sorted(set(recipients)):
         raise MalformedPayload("header.recipients is not sorted, or names someone twice")
+    sender, message_type, client_message_id = _header_texts(header)
     parsed_header = MessageHeader(
-        payload.get("scheme"), chat_id, _field(header, "senderId", str, "header."),
-        _field(header, "messageType", str, "header."),
-        _field(header, "clientMessageId", str, "header."), tuple(recipients),
-        unb64(header.get("ephemeralKey"), "header.ephemeralKey", 32))
-    keys = []
-    for entry in _field(payload, "keys", list, ""):
-        if not isinstance(entry, dict):
-            raise MalformedPayload("a wrapped key is not an object")
-        _only(entry, _KEY_FIELDS, "a wrapped key")
-        keys.append(WrappedKey(
-            _field(entry, "recipientId", str, "keys."), _field(entry, "oneTime", bool, "keys."),
-            *_wrapped_parts(entry)))
-    return _Parsed(parsed_header, unb64(payload.get("nonce"), "nonce", NONCE_BYTES),
-                   unb64(payload.get("encryptedMessage"), "encryptedMessage"),
-                   unb64(payload.get("tag"), "tag", TAG_BYTES), keys,
-                   unb64(payload.get("signature"), "signature", signing.ED25519_SIGNATURE_BYTES))
+        payload.get("scheme"), chat_id, sender, message_type, client_message_id,
+        tuple(recipients), unb64(header.get("ephemeralKey"), "header.ephemeralKey", 32))
+    keys = [WrappedKey(_field(entry, "recipientId", str, "keys."),
+                       _field(entry, "oneTime", bool, "keys."), *_wrapped_parts(entry))
+            for entry in _key_entries(payload, _KEY_FIELDS)]
+    return _parsed(payload, parsed_header, keys)
 
 
 def _check_delivery(header: Mapping[str, Any], recipients: list[Any], listed: list[Any],
