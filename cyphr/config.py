@@ -145,6 +145,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retention_days", "int",
             "Delete messages older than this many days (0: keep them).",
             metavar="DAYS"),
+    Setting("envelope_retention_days", "int",
+            "Delete envelopes of messages sent over sessions that their device "
+            "has not acknowledged after this many days, and bodies left with "
+            "none (0: keep them).",
+            metavar="DAYS"),
     Setting("rate_limit_send", "rate",
             "Messages sent per user (REST and realtime together), as "
             "COUNT/PERIOD: COUNT is the burst, COUNT/PERIOD the sustained rate.",
@@ -274,6 +279,9 @@ class Config:
     rate_limit_keys: int = 200_000
     max_payload: int = 1 * MiB
     retention_days: int = 0
+    # As Signal keeps undelivered messages: a device away for longer has
+    # to be re-linked anyway.
+    envelope_retention_days: int = 30
     rate_limit_send: tuple[int, int] = (300, 10)
     rate_limit_auth: tuple[int, int] = (100, 15 * 60)
     rate_limit_search: tuple[int, int] = (30, 60)
@@ -696,6 +704,8 @@ def validate(config: Config) -> None:
         raise ConfigError("--max-payload must be between 1KiB and 1GiB")
     if not 0 <= config.retention_days <= 100_000:
         raise ConfigError("--retention-days must be 0 (keep) or a number of days")
+    if not 0 <= config.envelope_retention_days <= 100_000:
+        raise ConfigError("--envelope-retention-days must be 0 (keep) or a number of days")
     if not 0 <= config.max_connections <= 10_000_000:
         raise ConfigError("--max-connections must be 0 (from the open-file limit) or a number of connections")
     if not 0 <= config.max_connections_per_address <= 10_000_000:

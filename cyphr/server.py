@@ -463,7 +463,7 @@ def build_server(
                            realtime_stats=lambda: RealtimeStats(**realtime.stats()))
     links = LinkStore(database)
     maintenance = Maintenance(challenges, revocations, messages, config.retention_days, clock,
-                              links=links)
+                              links=links, envelope_retention_days=config.envelope_retention_days)
 
     router = ApiRouter([
         HealthAPI(health),

@@ -7,11 +7,14 @@ the same in history, in sync and in ``new_message``.
 
 from __future__ import annotations
 
+import base64
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cyphr.clock import iso
 from cyphr.store.chats import MessageReceipts
+from cyphr.store.envelopes import SealedFor
 from cyphr.store.messages import Message
 
 if TYPE_CHECKING:
@@ -21,10 +24,13 @@ _PAYLOAD_MARK = "\x00payload"
 _PAYLOAD_MARK_JSON = json.dumps(_PAYLOAD_MARK)
 
 
-def message_json(message: Message, receipts: MessageReceipts | None = None) -> dict[str, Any]:
+def message_json(message: Message, receipts: MessageReceipts | None = None,
+                 device: tuple[str, int] | None = None) -> dict[str, Any]:
     """A message as history, sync and ``new_message`` show it; with
     ``receipts`` (history and sync, on the reader's own messages) who of the
-    other members it reached and who read it."""
+    other members it reached and who read it; with the reader's ``device``
+    (Cyphr ID, device id), that device's envelope of a message sent over
+    sessions, while the server holds it."""
     shape = {
         "id": message.id,
         "chatId": message.chat_id,
@@ -41,13 +47,63 @@ def message_json(message: Message, receipts: MessageReceipts | None = None) -> d
     }
     if receipts is not None:
         shape["receipts"] = {"delivered": list(receipts.delivered), "read": list(receipts.read)}
+    sealed = _envelope_of(message, device)
+    if sealed is not None:
+        shape["envelope"] = envelope_json(sealed)
     return shape
 
 
-def message_text(message: Message) -> str:
-    """``message_json(message)`` as compact JSON text. The stored payload
-    text goes in as it is: a message on its way out is never parsed and
-    encoded again (nothing else in it can hold a NUL)."""
+def envelope_json(sealed: SealedFor) -> dict[str, Any]:
+    return {"kind": sealed.kind, "envelope": base64.b64encode(sealed.envelope).decode("ascii")}
+
+
+def _envelope_of(message: Message, device: tuple[str, int] | None) -> SealedFor | None:
+    if device is None:
+        return None
+    for sealed in message.envelopes:
+        if (sealed.cyphr_id, sealed.device_id) == device:
+            return sealed
+    return None
+
+
+def _with_envelope(text: str, envelope: str) -> str:
+    """A message's JSON text (an object) with ``envelope`` (JSON text) added."""
+    return text[:-1] + ',"envelope":' + envelope + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """A committed message on its way to a chat's sockets: its JSON text,
+    and for a message sent over sessions each device's envelope (JSON
+    text), which only that device's sockets are given. The text is made
+    once per message, whatever the number of sockets."""
+
+    text: str
+    envelopes: dict[tuple[str, int], str] | None = None  # (Cyphr ID, device id) -> envelope
+
+    @classmethod
+    def of(cls, message: Message) -> Outbound:
+        text = message_text(message)
+        if not message.envelopes:
+            return cls(text)
+        return cls(text, {(sealed.cyphr_id, sealed.device_id):
+                          json.dumps(envelope_json(sealed), separators=(",", ":"))
+                          for sealed in message.envelopes})
+
+    def for_device(self, device: tuple[str, int]) -> str:
+        """The text one device's sockets are given."""
+        envelope = self.envelopes.get(device) if self.envelopes else None
+        return self.text if envelope is None else _with_envelope(self.text, envelope)
+
+
+def message_text(message: Message, device: tuple[str, int] | None = None) -> str:
+    """``message_json(message, device=device)`` as compact JSON text. The
+    stored payload text goes in as it is: a message on its way out is never
+    parsed and encoded again (nothing else in it can hold a NUL)."""
+    sealed = _envelope_of(message, device)
+    if sealed is not None:
+        return _with_envelope(message_text(message),
+                              json.dumps(envelope_json(sealed), separators=(",", ":")))
     shape = message_json(Message(
         message.id, message.chat_id, message.seq, message.sender_id, None, message.message_type,
         message.client_message_id, message.created_at, message.edited_at, message.deleted_at,

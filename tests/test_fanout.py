@@ -28,6 +28,7 @@ from cyphr.realtime.envelopes import (
     encode,
 )
 from cyphr.realtime.fanout import FanOut
+from cyphr.wire import Outbound
 
 EVERY_KIND = [
     (MessageAnnounced("c1", 7, '{"id":"m"}'), {"t": "m", "c": "c1", "s": 7, "m": '{"id":"m"}'}),
@@ -116,8 +117,8 @@ class RecordingHere:
     def end_here(self, cyphr_id: str, jti: str | None, device: str | None) -> None:
         self.calls.append(("end", cyphr_id, jti, device))
 
-    def message_here(self, chat_id: str, seq: int, text: str | None, origin: Any) -> None:
-        self.calls.append(("message", chat_id, seq, text, origin))
+    def message_here(self, chat_id: str, seq: int, message: Outbound | None, origin: Any) -> None:
+        self.calls.append(("message", chat_id, seq, message, origin))
 
     def node_event(self, envelope: Any) -> None:
         self.calls.append(("node", envelope))
@@ -143,13 +144,13 @@ class FanOutTests(SynchronousTestCase):
         self.fanout.join("c1", "bob", 4)
         self.fanout.leave("c1", "bob")
         self.fanout.end_sessions("bob", None)
-        self.fanout.message("c1", 5, '{"id":"m"}', origin)
+        self.fanout.message("c1", 5, Outbound('{"id":"m"}'), origin)
         self.assertEqual(self.here.calls, [
             ("emit", ("user:alice",), "call_end", {"callId": "c"}, None),
             ("join", "c1", "bob", 4),
             ("leave", "c1", "bob"),
             ("end", "bob", None, None),
-            ("message", "c1", 5, '{"id":"m"}', origin),
+            ("message", "c1", 5, Outbound('{"id":"m"}'), origin),
         ])
         self.assertEqual([decode(e) for e in self.bus.sent], [
             Emitted(("user:alice",), "call_end", {"callId": "c"}),
@@ -173,8 +174,17 @@ class FanOutTests(SynchronousTestCase):
         self.assertFalse(self.fanout.to_users(["alice"], "incoming_call", {"offer": big}))
         self.assertEqual(self.here.calls[0][2], "incoming_call")
         self.assertEqual(self.bus.sent, [])
-        self.fanout.message("c1", 9, '{"p":"%s"}' % big, None)
+        self.fanout.message("c1", 9, Outbound('{"p":"%s"}' % big), None)
         self.assertEqual([decode(e) for e in self.bus.sent], [MessageAnnounced("c1", 9)])
+
+    def test_envelopes_are_fetched(self) -> None:
+        """A message sent over sessions reaches this node's sockets with its
+        envelopes, and is announced without its text, however small: the
+        other nodes fetch it with the envelopes of their devices."""
+        message = Outbound('{"id":"m"}', {("bob", 2): '{"kind":"message","envelope":"AA=="}'})
+        self.fanout.message("c1", 3, message, None)
+        self.assertEqual(self.here.calls, [("message", "c1", 3, message, None)])
+        self.assertEqual([decode(e) for e in self.bus.sent], [MessageAnnounced("c1", 3)])
 
     def test_bus_events_done_here(self) -> None:
         """An envelope from another node does this node's part, with no
@@ -199,7 +209,7 @@ class FanOutTests(SynchronousTestCase):
         here = RecordingHere()
         fanout = FanOut(bus, here)
         self.assertTrue(fanout.to_users(["a"], "x", {"big": "y" * 20_000}))
-        fanout.message("c1", 1, "{}", None)
+        fanout.message("c1", 1, Outbound("{}"), None)
         self.assertEqual(bus.published, 0)
         self.assertEqual([c[0] for c in here.calls], ["emit", "message"])
 

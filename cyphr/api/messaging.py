@@ -106,7 +106,8 @@ class MessagingAPI:
         messages, has_more = await self._messaging.history(user, chat_id, before=before, after=after,
                                                            limit=limit)
         receipts = await self._messaging.own_receipts(user, messages)
-        return answer(request, {"success": True, "messages": [message_json(m, receipts.get(m.id))
+        device = (user.cyphr_id, user.device_id)
+        return answer(request, {"success": True, "messages": [message_json(m, receipts.get(m.id), device)
                                                               for m in messages], "hasMore": has_more})
 
     @app.route("/api/messaging/chats", methods=["GET"])
@@ -137,7 +138,8 @@ class MessagingAPI:
         messages, has_more = await self._messaging.sync(user, since, limit)
         receipts = await self._messaging.own_receipts(user, messages)
         cursor = messages[-1].stream_position if messages else since
-        return answer(request, {"success": True, "messages": [message_json(m, receipts.get(m.id))
+        device = (user.cyphr_id, user.device_id)
+        return answer(request, {"success": True, "messages": [message_json(m, receipts.get(m.id), device)
                                                               for m in messages],
                                 "cursor": cursor, "hasMore": has_more})
 

@@ -63,7 +63,8 @@ class DeliveryHandler:
         """One page (CATCH_UP_PAGE) of the messages of others, not deleted,
         that ``cyphr_id``'s ``device`` has not acknowledged as delivered in the chats
         ``behind``, in (chat_id, seq) order, past ``after`` (the last one of
-        the previous page; None: from the start). A short page is the last.
+        the previous page; None: from the start), each with the device's
+        envelope if it has one. A short page is the last.
         With no chat behind there is nothing to send, and nothing is asked.
         Up to MAX_NAMED_CHATS chats are named in the query, sorted
         (PostgreSQL then reads their partitions only); past that the list
@@ -71,9 +72,10 @@ class DeliveryHandler:
         if not behind:
             return []
         chats = sorted(behind) if len(behind) <= MAX_NAMED_CHATS else None
-        return await self._messages.undelivered(cyphr_id, device,
+        page = await self._messages.undelivered(cyphr_id, device,
                                                 after if after is not None else _FIRST,
                                                 CATCH_UP_PAGE, chats)
+        return await self._messages.for_reader(page, cyphr_id, device)
 
     async def went_offline(self, cyphr_id: str) -> int:
         """``cyphr_id``'s last socket went (or its node went silent): its
@@ -96,10 +98,15 @@ class DeliveryHandler:
     # the feed only exists for chats with member sockets, so no member check.
 
     async def message_at(self, chat_id: str, seq: int) -> Message | None:
-        """The message of ``chat_id`` with ``seq``, if it still exists."""
-        return await self._messages.by_seq(chat_id, seq)
+        """The message of ``chat_id`` with ``seq``, if it still exists, with
+        every envelope still held of it (each socket is given its device's)."""
+        message = await self._messages.by_seq(chat_id, seq)
+        if message is None:
+            return None
+        return (await self._messages.with_all_envelopes(chat_id, [message]))[0]
 
     async def messages_after(self, chat_id: str, seq: int, limit: int) -> tuple[list[Message], bool]:
         """Up to ``limit`` messages of ``chat_id`` after ``seq``, in order,
-        and whether more follow."""
-        return await self._messages.history(chat_id, before=None, after=seq, limit=limit)
+        with their envelopes, and whether more follow."""
+        page, more = await self._messages.history(chat_id, before=None, after=seq, limit=limit)
+        return await self._messages.with_all_envelopes(chat_id, page), more

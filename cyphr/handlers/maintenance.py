@@ -1,6 +1,8 @@
 """Periodic clean-up: expired challenges, revocations of expired tokens,
-expired device provisionings and links, and messages past the retention
-period (when the operator set one)."""
+expired device provisionings and links, envelopes that their devices did
+not acknowledge within the envelope retention (with the bodies they leave
+bare), and messages past the retention period (when the operator set
+one)."""
 
 from __future__ import annotations
 
@@ -22,18 +24,25 @@ MAX_BATCHES = 20  # per run: the rest waits for the next run
 
 class Maintenance:
     def __init__(self, challenges: ChallengeStore, revocations: TokenStore, messages: MessageStore,
-                 retention_days: int, clock: Any, *, links: LinkStore | None = None) -> None:
+                 retention_days: int, clock: Any, *, links: LinkStore | None = None,
+                 envelope_retention_days: int = 0) -> None:
         self._challenges = challenges
         self._links = links
         self._revocations = revocations
         self._messages = messages
         self._retention_ms = retention_days * 86_400_000
+        self._envelope_retention_ms = envelope_retention_days * 86_400_000
         self._clock = clock
 
     async def _expired_messages(self, now: int, batch: int) -> int:
         if not self._retention_ms:
             return 0
         return await self._messages.purge_older_than(now - self._retention_ms, batch)
+
+    async def _expired_envelopes(self, now: int, batch: int) -> int:
+        if not self._envelope_retention_ms:
+            return 0
+        return await self._messages.envelopes.purge_older_than(now - self._envelope_retention_ms, batch)
 
     async def _expired_links(self, now: int, batch: int) -> int:
         if self._links is None:
@@ -48,6 +57,7 @@ class Maintenance:
         for name, purge in (("challenges", self._challenges.purge),
                             ("revoked tokens", self._revocations.purge),
                             ("device provisionings", self._expired_links),
+                            ("envelopes", self._expired_envelopes),
                             ("messages", self._expired_messages)):
             try:
                 for _ in range(MAX_BATCHES):

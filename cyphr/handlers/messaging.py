@@ -56,6 +56,8 @@ from cyphr.store.chats import (
     Membership,
     MessageReceipts,
 )
+from cyphr.store.envelopes import KINDS as ENVELOPE_KINDS
+from cyphr.store.envelopes import SealedFor
 from cyphr.store.identities import IdentityStore
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
 
@@ -64,13 +66,17 @@ DIRECT_CHAT_CACHE_SIZE = 100_000
 MESSAGE_TYPES = ("text", "image", "file", "audio", "video", "call", "payment", "system")
 # The most devices one message may name as sealed for (cyphr.handlers.recipients).
 MAX_SEALED_DEVICES = 10_000
+# The largest envelope: a session message carrying a 32-byte content key,
+# the handshake (about 1.8 KB) and an ML-KEM re-keying (about 3.3 KB) fits
+# with room to spare.
+MAX_ENVELOPE = 16 * 1024
 
 
 def parse_send(body: dict[str, Any], max_payload: int) -> dict[str, Any]:
     """The arguments of MessagingHandler.send from a send request's JSON
     object (REST body or realtime event), checked; ApiError otherwise."""
     fields = Fields(body, {"recipientId", "chatId", "encryptedPayload", "messageType", "clientMessageId",
-                           "devices"})
+                           "devices", "envelopes"})
     recipient = fields.cyphr_id("recipientId", required=False)
     chat_id = fields.uuid("chatId") if fields.present("chatId") else None
     if (recipient is None) == (chat_id is None):
@@ -84,8 +90,39 @@ def parse_send(body: dict[str, Any], max_payload: int) -> dict[str, Any]:
         raise invalid("clientMessageId", "clientMessageId must not be empty")
     payload = check_payload(fields.value("encryptedPayload"), max_payload)
     devices = _sealed_for(fields) if fields.present("devices") else None
+    envelopes = _envelopes(fields) if fields.present("envelopes") else None
+    if devices is not None and envelopes is not None:
+        raise invalid("envelopes", "Give either devices (a message sealed per device) or envelopes"
+                                   " (a message over sessions), not both")
     return {"payload": payload, "message_type": message_type, "client_message_id": client_message_id,
-            "chat_id": chat_id, "recipient_id": recipient, "devices": devices}
+            "chat_id": chat_id, "recipient_id": recipient, "devices": devices, "envelopes": envelopes}
+
+
+def _envelopes(fields: Fields) -> tuple[SealedFor, ...]:
+    """``envelopes: [{cyphrId, deviceId, kind, envelope}]``, one per device
+    (empty: a chat with no device but the sender's)."""
+    envelopes: list[SealedFor] = []
+    named: set[tuple[str, int]] = set()
+    for index, item in enumerate(fields.list("envelopes", max_items=MAX_SEALED_DEVICES,
+                                             allow_empty=True)):
+        where = f"envelopes[{index}]"
+        if not isinstance(item, dict):
+            raise invalid(where, f"{where} must be an object {{cyphrId, deviceId, kind, envelope}}")
+        entry = Fields(item, {"cyphrId", "deviceId", "kind", "envelope"})
+        cyphr_id = entry.cyphr_id("cyphrId")
+        device_id = entry.integer("deviceId", minimum=1, maximum=2**31 - 1)
+        kind = entry.text("kind", max_length=16)
+        if kind not in ENVELOPE_KINDS:
+            raise invalid("kind", f"{where}.kind must be one of {', '.join(ENVELOPE_KINDS)}")
+        data = entry.base64("envelope", max_length=MAX_ENVELOPE)
+        assert cyphr_id is not None and device_id is not None and data is not None
+        if not data:
+            raise invalid("envelope", f"{where}.envelope must not be empty")
+        if (cyphr_id, device_id) in named:
+            raise invalid(where, f"{where} names a device already named")
+        named.add((cyphr_id, device_id))
+        envelopes.append(SealedFor(cyphr_id, device_id, kind, data))
+    return tuple(envelopes)
 
 
 def _sealed_for(fields: Fields) -> Sealed:
@@ -217,14 +254,22 @@ class MessagingHandler:
     async def send(self, user: AuthUser, *, payload: str, message_type: str,
                    client_message_id: str | None, chat_id: str | None = None,
                    recipient_id: str | None = None, devices: Sealed | None = None,
-                   origin: Any = None) -> Message:
+                   envelopes: tuple[SealedFor, ...] | None = None, origin: Any = None) -> Message:
         """Store one message, in a chat the sender belongs to or in the
         direct chat with ``recipient_id`` (created on first use). The REST
         route and the realtime event both come here; MessageStored goes on
         the change feed once the message is committed (``origin``: the
         socket that sent it, which is not told). ``devices``, when given,
         must be the chat's devices (cyphr.handlers.recipients), checked
-        before anything is stored or created."""
+        before anything is stored or created; so must the devices of
+        ``envelopes`` (a message over sessions), one for each device but the
+        sending one."""
+        if envelopes is not None:
+            for index, sealed in enumerate(envelopes):
+                if (sealed.cyphr_id, sealed.device_id) == (user.cyphr_id, user.device_id):
+                    raise invalid(f"envelopes[{index}]", f"envelopes[{index}] is for the sending device,"
+                                  " which keeps what it sent itself")
+            devices = frozenset((sealed.cyphr_id, sealed.device_id) for sealed in envelopes)
         self._send_limit.hit(user.user_id)
         now = now_ms(self._clock)
         if recipient_id is not None:
@@ -247,7 +292,7 @@ class MessagingHandler:
         result = await self._batcher.submit(Outgoing(
             id=str(uuid.uuid4()), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
             message_type=message_type, client_message_id=client_message_id, created_at=now,
-            sender_device=user.device_id))
+            sender_device=user.device_id, envelopes=envelopes or ()))
         if isinstance(result, NotAMember):
             raise _no_chat()
         self._changes.publish(MessageStored(result, origin))
@@ -255,15 +300,21 @@ class MessagingHandler:
 
     async def history(self, user: AuthUser, chat_id: str, *, before: int | None, after: int | None,
                       limit: int) -> tuple[list[Message], bool]:
-        """A page of the chat's history, from after the member joined only."""
+        """A page of the chat's history, from after the member joined only,
+        each message with the user's device's envelope if it has one."""
         membership = await self.membership(user, chat_id)
-        return await self._messages.history(chat_id, before=before, after=after, limit=limit,
-                                            from_seq=membership.joined_seq)
+        page, more = await self._messages.history(chat_id, before=before, after=after, limit=limit,
+                                                  from_seq=membership.joined_seq)
+        return await self._for_device(user, page), more
 
     async def sync(self, user: AuthUser, since: int, limit: int) -> tuple[list[Message], bool]:
         """Messages of the user's chats past ``since``, each chat's from
-        after the user joined it."""
-        return await self._messages.sync(user.cyphr_id, since, limit)
+        after the user joined it, with the device's envelopes."""
+        page, more = await self._messages.sync(user.cyphr_id, since, limit)
+        return await self._for_device(user, page), more
+
+    async def _for_device(self, user: AuthUser, page: list[Message]) -> list[Message]:
+        return await self._messages.for_reader(page, user.cyphr_id, (user.user_id, user.device_id))
 
     async def own_receipts(self, user: AuthUser,
                            messages: list[Message]) -> dict[str, MessageReceipts]:

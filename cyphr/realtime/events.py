@@ -67,7 +67,7 @@ from cyphr.realtime.socketio import (
     Socket,
     SocketServer,
 )
-from cyphr.wire import message_text
+from cyphr.wire import Outbound, message_text
 
 _log = Logger()
 
@@ -354,7 +354,8 @@ class Realtime:
             if not socket.connected:
                 return
             for message in page:
-                socket.send_frames(_new_message_frames(message_text(message)))
+                socket.send_frames(_new_message_frames(
+                    message_text(message, (user.cyphr_id, user.device_id))))
                 seen[message.chat_id] = message.seq
             if len(page) < CATCH_UP_PAGE:
                 break
@@ -439,7 +440,7 @@ class Realtime:
 
     def _message_stored(self, change: MessageStored) -> None:
         message = change.message
-        self.fanout.message(message.chat_id, message.seq, message_text(message), change.origin)
+        self.fanout.message(message.chat_id, message.seq, Outbound.of(message), change.origin)
 
     # -- this node's part of each fan-out (cyphr.realtime.fanout.Here) -------------
 
@@ -482,11 +483,11 @@ class Realtime:
                     device is None or user.device_hash == device):
                 _end_socket(socket, "session ended")
 
-    def message_here(self, chat_id: str, seq: int, text: str | None, origin: Any) -> None:
-        if text is None:
+    def message_here(self, chat_id: str, seq: int, message: Outbound | None, origin: Any) -> None:
+        if message is None:
             self.feeds.fetch(chat_id, seq)
         else:
-            self.feeds.arrive(chat_id, seq, text, origin)
+            self.feeds.arrive(chat_id, seq, message, origin)
 
     def node_event(self, envelope: Envelope) -> None:
         presence = self.presence
@@ -531,17 +532,22 @@ class Realtime:
         if room in socket.rooms:
             self.feeds.open(chat_id, last_seq)
 
-    def _deliver(self, chat_id: str, seq: int, message: str, origin: Socket | None) -> None:
-        """What a feed hands on, to the chat's sockets here."""
+    def _deliver(self, chat_id: str, seq: int, message: Outbound, origin: Socket | None) -> None:
+        """What a feed hands on, to the chat's sockets here: one encoding
+        for all, or, for a message sent over sessions, one per device that
+        has an envelope of it."""
         members = self.ns.rooms.get("chat:" + chat_id)
         if not members:
             return
-        frames = _new_message_frames(message)
+        frames = _new_message_frames(message.text)
         # A copy: a socket closed on the way (slow consumer) leaves the room.
         for socket in list(members):
             if socket is origin:
                 continue
             client: Client = socket.state
+            if message.envelopes and client.user is not None:
+                frames = _new_message_frames(
+                    message.for_device((client.user.cyphr_id, client.user.device_id)))
             if client.catching_up is not None:
                 client.catching_up.append((chat_id, seq, frames))
                 continue

@@ -31,6 +31,7 @@ from cyphr.realtime.envelopes import (
     decode,
     encode,
 )
+from cyphr.wire import Outbound
 
 _log = Logger()
 
@@ -52,9 +53,8 @@ class Here(Protocol):
         """Close the user's sockets here (of token ``jti``, or of the device
         of keyed fingerprint hash ``device``, or all)."""
 
-    def message_here(self, chat_id: str, seq: int, text: str | None, origin: Any) -> None:
-        """A committed message for the chat's sockets here (``text`` None:
-        fetch it)."""
+    def message_here(self, chat_id: str, seq: int, message: Outbound | None, origin: Any) -> None:
+        """A committed message for the chat's sockets here (None: fetch it)."""
 
     def node_event(self, envelope: Envelope) -> None:
         """An envelope about the nodes themselves (presence, hello,
@@ -105,12 +105,15 @@ class FanOut:
         self._here.end_here(cyphr_id, jti, device)
         self.publish(EndSessions(cyphr_id, jti, device))
 
-    def message(self, chat_id: str, seq: int, text: str, origin: Any) -> None:
+    def message(self, chat_id: str, seq: int, message: Outbound, origin: Any) -> None:
         """A committed message: to its chat's sockets here, and announced
-        with its text (or, too large for the bus, without: the other nodes
-        fetch it)."""
-        self._here.message_here(chat_id, seq, text, origin)
-        if self._shared and not self.publish(MessageAnnounced(chat_id, seq, text)):
+        with its text (or without, and the other nodes fetch it: when too
+        large for the bus, and when sent over sessions, whose envelopes
+        rarely fit)."""
+        self._here.message_here(chat_id, seq, message, origin)
+        if not self._shared:
+            return
+        if message.envelopes or not self.publish(MessageAnnounced(chat_id, seq, message.text)):
             self.publish(MessageAnnounced(chat_id, seq))
 
     def publish(self, envelope: Envelope) -> bool:
@@ -142,7 +145,7 @@ class FanOut:
             case None:
                 return  # a kind from a newer version
             case MessageAnnounced(chat_id, seq, text):
-                here.message_here(chat_id, seq, text, None)
+                here.message_here(chat_id, seq, Outbound(text) if text is not None else None, None)
             case Emitted(rooms, event_name, data, skip_user):
                 here.emit_here(rooms, event_name, data, skip_user)
             case Joined(chat_id, cyphr_id, last_seq):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cyphr.store.messages import Message
-from cyphr.wire import message_text
+from cyphr.wire import Outbound
 
 GAP_WAIT = 0.25   # seconds a feed waits for a missing seq before fetching it
 FILL_PAGE = 200   # messages fetched per query
@@ -34,14 +34,14 @@ class MessageSource(Protocol):
     async def messages_after(self, chat_id: str, seq: int, limit: int) -> tuple[list[Message], bool]: ...
 
 
-# Called with (chat id, seq, message JSON text, the socket that sent it or None).
-Deliver = Callable[[str, int, str, Any], None]
+# Called with (chat id, seq, the message, the socket that sent it or None).
+Deliver = Callable[[str, int, Outbound, Any], None]
 
 
 @dataclass
 class Feed:
     next_seq: int
-    pending: dict[int, tuple[str, Any]]  # seq -> (message JSON text, origin)
+    pending: dict[int, tuple[Outbound, Any]]  # seq -> (message, origin)
     timer: Any = None
     filling: bool = False
 
@@ -76,7 +76,7 @@ class ChatFeeds:
         for chat_id in list(self._feeds):
             self.close(chat_id)
 
-    def arrive(self, chat_id: str, seq: int, message: str, origin: Any = None) -> None:
+    def arrive(self, chat_id: str, seq: int, message: Outbound, origin: Any = None) -> None:
         feed = self._feeds.get(chat_id)
         if feed is None or seq < feed.next_seq:
             return
@@ -97,14 +97,15 @@ class ChatFeeds:
             feed.timer = None
 
     def fetch(self, chat_id: str, seq: int) -> None:
-        """A message announced by id only (too large for the bus)."""
+        """A message announced by id only (too large for the bus, or sent
+        over sessions: its envelopes are fetched with it)."""
         if chat_id in self._feeds:
             self._spawn(self._fetch(chat_id, seq))
 
     async def _fetch(self, chat_id: str, seq: int) -> None:
         message = await self._source.message_at(chat_id, seq)
         if message is not None:
-            self.arrive(chat_id, seq, message_text(message))
+            self.arrive(chat_id, seq, Outbound.of(message))
 
     def resync(self) -> None:
         """Messages may have been missed (the bus was down): every feed
@@ -132,7 +133,7 @@ class ChatFeeds:
                     return
                 for message in page:
                     if message.seq >= feed.next_seq and message.seq not in feed.pending:
-                        feed.pending[message.seq] = (message_text(message), None)
+                        feed.pending[message.seq] = (Outbound.of(message), None)
                 if feed.pending and feed.next_seq not in feed.pending:
                     feed.next_seq = min(feed.pending)
                 if feed.pending:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cyphr.db import Database, IntegrityError, Transaction
+from cyphr.store.envelopes import drop_envelope
 
 _CHAT_COLUMNS = (
     "c.id, c.chat_type, c.encrypted_name, c.encrypted_settings, c.created_by, c.created_at,"
@@ -376,8 +377,10 @@ async def device_delivered(txn: Transaction, chat_id: str, message_id: str, cyph
     when nothing it is to receive lies between; else a receipt records
     the message past the mark. A mark that moved goes on over the receipts
     it reaches, which are then dropped. A device with no mark in the chat
-    counts from the member's joined_seq."""
+    counts from the member's joined_seq. Its envelope of the message, if
+    any, goes (and the body with the last one)."""
     user_id, device_id = device
+    await drop_envelope(txn, device, chat_id, seq)
     await txn.execute(
         "UPDATE device_deliveries SET delivered_up_to_seq = ?"
         " WHERE user_id = ? AND device_id = ? AND chat_id = ? AND delivered_up_to_seq = ?",

@@ -7,6 +7,7 @@ from typing import Any
 
 from cyphr.db import Database, Transaction
 from cyphr.store.identities import MainKey, key_from_row, key_values
+from cyphr.store.envelopes import drop_device_envelopes
 
 _COLUMNS = (
     "d.user_id, d.device_id, d.fingerprint_hash, d.encrypted_name, d.tokens_valid_after,"
@@ -158,6 +159,10 @@ async def _add_txn(txn: Transaction, user_id: str, fingerprint_hash: str, key: M
         raise LookupError(user_id)
     removed: tuple[int, ...] = ()
     if replace_others:
+        others = [row[0] for row in await txn.execute(
+            "SELECT device_id FROM devices WHERE user_id = ? AND fingerprint_hash <> ?",
+            (user_id, fingerprint_hash))]
+        await drop_device_envelopes(txn, user_id, others)
         removed = tuple(sorted(row[0] for row in await txn.execute(
             "DELETE FROM devices WHERE user_id = ? AND fingerprint_hash <> ? RETURNING device_id",
             (user_id, fingerprint_hash))))
@@ -211,6 +216,7 @@ async def _remove_txn(txn: Transaction, user_id: str, device_id: int) -> Device 
     count = (await txn.execute("SELECT COUNT(*) FROM devices WHERE user_id = ?", (user_id,)))[0][0]
     if count <= 1:
         raise LastDevice()
+    await drop_device_envelopes(txn, user_id, [device_id])
     await txn.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id))
     return _device(rows[0])
 

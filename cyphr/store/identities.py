@@ -7,6 +7,7 @@ from typing import Any
 
 from cyphr.db import Database, IntegrityError, Transaction
 from cyphr.store.challenges import CONSUME
+from cyphr.store.envelopes import drop_device_envelopes
 
 _COLUMNS = (
     "i.id, i.cyphr_id, i.public_key, d.kyber_public_key, d.kyber_key_signature,"
@@ -273,6 +274,7 @@ async def _delete_txn(txn: Transaction, identity: Identity, now: int) -> None:
             " (SELECT user_id FROM chat_participants WHERE chat_id = ? AND user_id <> ?"
             "  ORDER BY joined_at, user_id LIMIT 1)", (chat_id, chat_id, name))
     await txn.execute("DELETE FROM auth_challenges WHERE cyphr_id = ?", (name,))
+    await drop_device_envelopes(txn, user)
     # Cascades to revoked tokens, prekeys, TOTP, wallet link, pin backup,
     # memberships and receipts.
     await txn.execute("DELETE FROM cyphr_identities WHERE id = ?", (user,))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cyphr.db import Database, Transaction
+from cyphr.store.envelopes import EnvelopeStore, SealedFor, insert_envelopes
 
 _COLUMNS = (
     "m.id, m.chat_id, m.seq, m.sender_id, m.encrypted_content, m.message_type,"
@@ -30,6 +31,9 @@ class Message:
     deleted_at: int | None
     stream_position: int
     sender_device: int | None = None  # the sender's device; None if stored before schema 013
+    # Envelopes (sent over sessions): all of them on its way out of a send,
+    # or the reading device's own when read for it (MessageStore.for_reader).
+    envelopes: tuple[SealedFor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,12 +48,13 @@ class Outgoing:
     client_message_id: str | None
     created_at: int
     sender_device: int | None = None
+    envelopes: tuple[SealedFor, ...] = ()  # one per recipient device, when sent over sessions
 
     def stored(self, seq: int, stream_position: int) -> Message:
         """The message as stored with its seq and stream position."""
         return Message(self.id, self.chat_id, seq, self.sender_id, self.payload, self.message_type,
                        self.client_message_id, self.created_at, None, None, stream_position,
-                       self.sender_device)
+                       self.sender_device, self.envelopes)
 
 
 class NotAMember(Exception):
@@ -59,6 +64,7 @@ class NotAMember(Exception):
 class MessageStore:
     def __init__(self, database: Database) -> None:
         self._db = database
+        self.envelopes = EnvelopeStore(database)
 
     async def store_batch(self, items: list[Outgoing]) -> list[Message | NotAMember]:
         """
@@ -69,23 +75,35 @@ class MessageStore:
         caller then decides what to retry.
         """
         if self._db.engine == "postgresql":
+            if any(item.envelopes for item in items):
+                return await self._db.run_interaction("store_messages", _store_batch_pg_txn, items)
             # One statement, one round trip: schema 005's store_messages (013's arguments).
-            rows = await self._db.run_query(_STORE_MESSAGES, (
-                [item.chat_id for item in items], [item.sender_id for item in items],
-                [item.id for item in items], [item.payload for item in items],
-                [item.message_type for item in items], [item.client_message_id for item in items],
-                [item.created_at for item in items], [item.sender_device for item in items]))
-            answers: list[Message | NotAMember | None] = [None] * len(items)
-            for n, *columns in rows:
-                item = items[n - 1]
-                if columns[0] is None:
-                    answers[n - 1] = NotAMember()
-                elif columns[0] == item.id:  # stored now: the row holds its seq and position
-                    answers[n - 1] = item.stored(columns[2], columns[10])
-                else:  # a resend: the message stored before
-                    answers[n - 1] = Message(*columns)
-            return _answer_repeats(items, answers)
+            return _pg_answers(items, await self._db.run_query(_STORE_MESSAGES, _pg_arguments(items)))
         return await self._db.run_interaction("store_messages", _store_batch_txn, items)
+
+    async def for_reader(self, messages: list[Message], cyphr_id: str,
+                         device: tuple[str, int]) -> list[Message]:
+        """``messages`` each with the reading device's (user id, device id)
+        envelope, if the server still holds one for it (one query; none when
+        no message of the page can have one)."""
+        keys = [(m.chat_id, m.seq) for m in messages
+                if m.payload is not None and (m.sender_id != cyphr_id or m.sender_device != device[1])]
+        if not keys:
+            return messages
+        found = await self.envelopes.for_device(cyphr_id, device, keys)
+        if not found:
+            return messages
+        return [replace(m, envelopes=(found[(m.chat_id, m.seq)],)) if (m.chat_id, m.seq) in found
+                else m for m in messages]
+
+    async def with_all_envelopes(self, chat_id: str, messages: list[Message]) -> list[Message]:
+        """``messages`` of one chat each with every envelope still held of it
+        (a node fetching what to push to its sockets)."""
+        seqs = [m.seq for m in messages if m.payload is not None]
+        found = await self.envelopes.of_messages(chat_id, seqs) if seqs else {}
+        if not found:
+            return messages
+        return [replace(m, envelopes=found[m.seq]) if m.seq in found else m for m in messages]
 
     async def history(self, chat_id: str, *, before: int | None, after: int | None,
                       limit: int, from_seq: int = 0) -> tuple[list[Message], bool]:
@@ -186,11 +204,7 @@ class MessageStore:
     async def delete(self, message: Message, now: int) -> Message | None:
         """Erase the blob, keep a tombstone (id, seq, sender, times); None if
         it was deleted already."""
-        rows = await self._db.run_query(
-            "UPDATE messages SET encrypted_content = NULL, deleted_at = ?"
-            " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL RETURNING " + _RETURNED,
-            (now, message.chat_id, message.seq))
-        return Message(*rows[0]) if rows else None
+        return await self._db.run_interaction("delete_message", _delete_txn, message, now)
 
     async def purge_older_than(self, cutoff: int, batch: int) -> int:
         """Delete up to ``batch`` messages created before ``cutoff``, with
@@ -202,6 +216,45 @@ def _values(rows: int, columns: int = 2) -> str:
     """``(VALUES (?, ?), ...)``: ``rows`` rows of ``columns`` placeholders."""
     row = "(" + ", ".join(["?"] * columns) + ")"
     return "(VALUES " + ", ".join([row] * rows) + ")"
+
+
+def _pg_arguments(items: list[Outgoing]) -> tuple[list[Any], ...]:
+    return ([item.chat_id for item in items], [item.sender_id for item in items],
+            [item.id for item in items], [item.payload for item in items],
+            [item.message_type for item in items], [item.client_message_id for item in items],
+            [item.created_at for item in items], [item.sender_device for item in items])
+
+
+def _pg_answers(items: list[Outgoing], rows: list[Any]) -> list[Message | NotAMember]:
+    answers: list[Message | NotAMember | None] = [None] * len(items)
+    for n, *columns in rows:
+        item = items[n - 1]
+        if columns[0] is None:
+            answers[n - 1] = NotAMember()
+        elif columns[0] == item.id:  # stored now: the row holds its seq and position
+            answers[n - 1] = item.stored(columns[2], columns[10])
+        else:  # a resend: the message stored before
+            answers[n - 1] = Message(*columns)
+    return _answer_repeats(items, answers)
+
+
+async def _store_batch_pg_txn(txn: Transaction, items: list[Outgoing]) -> list[Message | NotAMember]:
+    """A batch with envelopes: the messages as always, then the envelopes of
+    those stored now (not a resend's: the first send's stand), in one
+    transaction."""
+    answers = _pg_answers(items, await txn.execute(_STORE_MESSAGES, _pg_arguments(items)))
+    await _store_envelopes(txn, "postgresql", items, answers)
+    return answers
+
+
+async def _store_envelopes(txn: Transaction, engine: str, items: list[Outgoing],
+                           answers: list[Message | NotAMember]) -> None:
+    rows = [(answer.chat_id, answer.seq, sealed, answer.created_at)
+            for item, answer in zip(items, answers)
+            if isinstance(answer, Message) and answer.id == item.id
+            for sealed in item.envelopes]
+    if rows:
+        await insert_envelopes(txn, engine, rows)
 
 
 _STORE_MESSAGES = (
@@ -299,14 +352,31 @@ async def _store_batch_txn(txn: Transaction, items: list[Outgoing]) -> list[Mess
             " client_message_id, created_at, stream_position, sender_device) VALUES "
             + ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in new), values)
 
-    return _answer_repeats(items, answers)
+    answered = _answer_repeats(items, answers)
+    await _store_envelopes(txn, "sqlite", items, answered)
+    return answered
+
+
+async def _delete_txn(txn: Transaction, message: Message, now: int) -> Message | None:
+    rows = await txn.execute(
+        "UPDATE messages SET encrypted_content = NULL, deleted_at = ?"
+        " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL RETURNING " + _RETURNED,
+        (now, message.chat_id, message.seq))
+    # Nobody is to open it now.
+    await txn.execute("DELETE FROM message_envelopes WHERE chat_id = ? AND seq = ?",
+                      (message.chat_id, message.seq))
+    return Message(*rows[0]) if rows else None
 
 
 async def _purge_txn(txn: Transaction, cutoff: int, batch: int) -> int:
-    rows = await txn.execute("SELECT id FROM messages WHERE created_at < ? LIMIT ?", (cutoff, batch))
+    rows = await txn.execute("SELECT id, chat_id, seq FROM messages WHERE created_at < ? LIMIT ?",
+                             (cutoff, batch))
     if rows:
         ids = [row[0] for row in rows]
         marks = ", ".join("?" for _ in ids)
         await txn.execute("DELETE FROM message_receipts WHERE message_id IN (" + marks + ")", ids)
         await txn.execute("DELETE FROM messages WHERE id IN (" + marks + ")", ids)
+        for _, chat_id, seq in rows:
+            await txn.execute("DELETE FROM message_envelopes WHERE chat_id = ? AND seq = ?",
+                              (chat_id, seq))
     return len(rows)
