@@ -3,7 +3,9 @@ Writes tests/vectors/signatures-v2.json: the inputs, the exact bytes and
 the signatures of every kind of v2 labelled signature, from fixed keys;
 tests/vectors/devices-v2.json: a sealed seed (linking a device) and a
 sealed device name, from fixed keys and fixed randomness; and
-tests/vectors/messages-v3.json: a message sealed per device (v3), likewise.
+tests/vectors/messages-v3.json: a message sealed per device (v3), likewise;
+tests/vectors/sessions-v1.json: a session (cyphr-s1); and
+tests/vectors/messages-v4.json: a message over sessions (cyphr-s1-message).
 
     python tools/make_vectors.py [--check]
 
@@ -16,6 +18,7 @@ existing kind never change (``--check`` says whether the files are current).
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import sys
@@ -32,6 +35,7 @@ OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "signatures
 DEVICES_OUT = OUT.parent / "devices-v2.json"
 MESSAGES_OUT = OUT.parent / "messages-v3.json"
 SESSIONS_OUT = OUT.parent / "sessions-v1.json"
+SESSION_MESSAGES_OUT = OUT.parent / "messages-v4.json"
 
 # Fixed secrets: the vectors are public test data, never keys of anyone.
 ED25519_SEED = bytes(range(32))
@@ -456,13 +460,161 @@ def build_sessions() -> dict[str, Any]:
     }
 
 
+def build_session_messages() -> dict[str, Any]:
+    """A message over sessions (cyphr-s1-message, version 4) from alice_01's
+    device 1 to two devices: her device 2, over a session already answered
+    (kind "message"), and bob_02's device 2, over a session started for it
+    (kind "prekey": the envelope carries the handshake). Both open it.
+    Every random draw is listed in the order the code makes it (the
+    sessions', then the content key, then the readers'); encapsulations
+    use kyber-py's ``_encaps_internal`` with the fixed messages ``m``."""
+    from kyber_py.ml_kem import ML_KEM_1024
+
+    from cyphr.client import crypto, sessionmessages, sessions
+
+    now = 1_790_000_000_000
+    alice, bob = crypto.Identity(bytes(range(64))), crypto.Identity(bytes(range(64, 128)))
+    me = {}
+    for name, identity, device in (("alice_01", alice, 1), ("alice_01", alice, 2),
+                                   ("bob_02", bob, 2)):
+        private = sessions.identity_dh_private(identity.seed)
+        public = sessions._public(private)
+        me[(name, device)] = sessions.Me(
+            sessions.Party(name, device, identity.public_key, public), private,
+            sessions.sign_identity_dh(identity.signing_key, name, public))
+    # Each receiving device's signed, last-resort ML-KEM and one-time prekeys.
+    secrets = {("alice_01", 2): (bytes([0x91]) * 32, bytes([0x92]) * 64, bytes([0x93]) * 32),
+               ("bob_02", 2): (bytes([0xa1]) * 32, bytes([0xa2]) * 64, bytes([0xa3]) * 32)}
+    ephemerals = {("alice_01", 2): bytes([0x94]) * 32, ("bob_02", 2): bytes([0xa4]) * 32}
+
+    def bundle(owner: str, device: int, identity: crypto.Identity) -> sessions.Bundle:
+        spk, pqspk_seed, opk = secrets[(owner, device)]
+
+        def prekey(kind: int, key_id: int, public: bytes) -> sessions.Prekey:
+            return sessions.Prekey(kind, owner, device, key_id, now - 86_400_000,
+                                   now + 30 * 86_400_000, public).signed(identity.signing_key)
+
+        party = me[(owner, device)]
+        return sessions.Bundle(owner, device, party.party.identity_dh,
+                               party.identity_dh_signature,
+                               prekey(sessions.DH_SIGNED, 1, sessions._public(spk)),
+                               prekey(sessions.KEM_LAST_RESORT, 2,
+                                      sessions._kem_public(pqspk_seed)),
+                               prekey(sessions.DH_ONE_TIME, 3, sessions._public(opk)))
+
+    draws: list[dict[str, str]] = []
+    counter = iter(range(1, 1000))
+
+    def random(n: int) -> bytes:
+        value = hashlib.sha256(b"cyphr-s1-message vectors %d" % next(counter)).digest() * 2
+        draws.append({"bytes": _hex(value[:n])})
+        return value[:n]
+
+    ms = [bytes([0xb0 + i]) * 32 for i in range(8)]
+    encapsulations: list[dict[str, str]] = []
+
+    def encapsulate(public_key: bytes) -> tuple[bytes, bytes]:
+        m = ms[len(encapsulations)]
+        secret, ciphertext = ML_KEM_1024._encaps_internal(public_key, m)
+        encapsulations.append({"m": _hex(m), "publicKeySha256": _hex(
+            hashlib.sha256(public_key).digest()), "sharedSecret": _hex(secret)})
+        return secret, ciphertext
+
+    options: dict[str, Any] = {"random": random, "encapsulate_with": encapsulate}
+    # alice's devices 1 and 2 have a session already: 1 started it, 2 answered.
+    to_alice2, handshake = sessions.initiate(
+        me[("alice_01", 1)], bundle("alice_01", 2, alice), alice.public_key, now,
+        ephemeral=ephemerals[("alice_01", 2)], **options)
+    setup = [("alice_01/1", b"hello, my other device", to_alice2.encrypt(
+        b"hello, my other device", now))]
+    alice2 = sessions.respond(me[("alice_01", 2)], handshake, alice.public_key,
+                              sessions.PrekeySecrets(*secrets[("alice_01", 2)]), now, **options)
+    assert alice2.decrypt(setup[0][2], now) == setup[0][1]
+    setup.append(("alice_01/2", b"hello back", alice2.encrypt(b"hello back", now)))
+    assert to_alice2.decrypt(setup[1][2], now) == setup[1][1]
+    # bob's device 2 has none: alice's device 1 starts one from his bundle.
+    to_bob2, to_bob_handshake = sessions.initiate(
+        me[("alice_01", 1)], bundle("bob_02", 2, bob), bob.public_key, now,
+        ephemeral=ephemerals[("bob_02", 2)], **options)
+    header = sessionmessages.BodyHeader(
+        chat_id="0b8e4f8a-54a3-4f5e-a1f7-2f0f5e0c9a11", sender_id="alice_01",
+        sender_device_id=1, message_type="text",
+        client_message_id="7a8b9c0d-1e2f-4a3b-8c4d-5e6f7a8b9c0d", counter=7, sent_at=now)
+    plaintext = "to every device, once ☃".encode("utf-8")
+    sealed = sessionmessages.seal(plaintext, header, [
+        sessionmessages.Recipient(to_alice2, handshake),
+        sessionmessages.Recipient(to_bob2, to_bob_handshake)], random=random)
+    content_key, digest = sessionmessages.read_envelope_plaintext(sealed.reopen_key)
+    encoded = sealed.header.encode()
+    body_key, body_nonce = sessionmessages.body_key(content_key)
+    bob2 = sessions.respond(me[("bob_02", 2)], to_bob_handshake, alice.public_key,
+                            sessions.PrekeySecrets(*secrets[("bob_02", 2)]), now, **options)
+    envelopes = []
+    for entry in sealed.envelopes:
+        reader = alice2 if entry["cyphrId"] == "alice_01" else bob2
+        message = {"encryptedPayload": sealed.payload, "senderId": "alice_01",
+                   "senderDeviceId": 1, "chatId": header.chat_id, "messageType": "text",
+                   "clientMessageId": header.client_message_id,
+                   "envelope": {"kind": entry["kind"], "envelope": entry["envelope"]}}
+        assert sessionmessages.open_message(message, reader, now).plaintext == plaintext
+        data = base64.b64decode(entry["envelope"])
+        envelopes.append({"cyphrId": entry["cyphrId"], "deviceId": entry["deviceId"],
+                          "kind": entry["kind"],
+                          "sessionMessage": _hex(sessionmessages.decode_envelope(data)[2]),
+                          "envelope": _hex(data)})
+    return {
+        "description": "Cyphr messages over sessions (cyphr-s1-message, version 4): alice_01's "
+                       "device 1 sends one message to her device 2, over a session it started "
+                       "and device 2 answered ('setup'), and to bob_02's device 2, over a "
+                       "session it starts for it (kind 'prekey': the envelope carries the "
+                       "handshake). Identities come from their seeds as crypto.Identity derives "
+                       "them; bundles are signed as in sessions-v1.json; 'randomDraws' are "
+                       "every random value the code takes, in order (the content key is the "
+                       "one after bob's session starts); 'encapsulations' every ML-KEM "
+                       "encapsulation (FIPS 203 ML-KEM.Encaps_internal with 'm'). "
+                       "docs/encryption.rst ('Messages over sessions') specifies the steps. "
+                       "Rebuild 'headerBytes', 'keyCommitment', 'bodyKey', 'bodyNonce', "
+                       "'ciphertext', 'digest', 'envelopePlaintext', 'payload' and each "
+                       "envelope exactly; then open the payload as each device.",
+        "inputs": {
+            "now": now, "aliceSeed": _hex(alice.seed), "bobSeed": _hex(bob.seed),
+            "prekeys": [{"cyphrId": owner, "deviceId": device,
+                         "signedPrekeyPrivate": _hex(spk), "lastResortKemSeed": _hex(kem),
+                         "oneTimePrekeyPrivate": _hex(opk),
+                         "senderEphemeralPrivate": _hex(ephemerals[(owner, device)])}
+                        for (owner, device), (spk, kem, opk) in secrets.items()],
+            "plaintext": _hex(plaintext), "header": {
+                k: v for k, v in header.to_json().items() if k != "keyCommitment"},
+        },
+        "randomDraws": draws,
+        "encapsulations": encapsulations,
+        "setup": {"handshake": _hex(handshake.encode()),
+                  "messages": [{"from": who, "plaintext": _hex(text), "message": _hex(made)}
+                               for who, text, made in setup]},
+        "handshakeToBob": _hex(to_bob_handshake.encode()),
+        "contentKey": _hex(content_key),
+        "keyCommitment": _hex(sealed.header.key_commitment),
+        "headerBytes": _hex(encoded),
+        "bodyKey": _hex(body_key),
+        "bodyNonce": _hex(body_nonce),
+        "paddedPlaintext": _hex(crypto.pad(plaintext)),
+        "ciphertext": _hex(base64.b64decode(sealed.payload["ciphertext"])),
+        "digest": _hex(digest),
+        "envelopePlaintext": _hex(sealed.reopen_key),
+        "payload": sealed.payload,
+        "envelopes": envelopes,
+        "sendEnvelopes": sealed.envelopes,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--check", action="store_true", help="only say whether the file is current")
     args = parser.parse_args()
     status = 0
     for out, made in ((OUT, build()), (DEVICES_OUT, build_devices()),
-                      (MESSAGES_OUT, build_messages()), (SESSIONS_OUT, build_sessions())):
+                      (MESSAGES_OUT, build_messages()), (SESSIONS_OUT, build_sessions()),
+                      (SESSION_MESSAGES_OUT, build_session_messages())):
         text = json.dumps(made, indent=1) + "\n"
         if args.check:
             current = out.exists() and out.read_text("utf-8") == text
