@@ -490,8 +490,25 @@ class RemovalRaceTests(PostgresMixin, TestCase):
         cursor = remover.cursor()
         cursor.execute("SELECT id FROM chats WHERE id = %s FOR UPDATE", (chat,))
         sending = server.batcher.submit(Outgoing(str(uuid.uuid4()), chat, "dave", "{}", "text", None, 0))
-        await deferLater(reactor, 0.3, lambda: None)
+        # Wait until PostgreSQL shows the send blocked on the remover's lock,
+        # or the send is answered (it did not wait). In autocommit: within
+        # one transaction pg_stat_activity would not change.
+        watcher = psycopg2.connect(server.config.database)
+        self.addCleanup(watcher.close)
+        watcher.autocommit = True
+
+        def blocked() -> bool:
+            with watcher.cursor() as look:
+                look.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                             (remover.get_backend_pid(),))
+                return look.fetchone()[0] > 0
+
+        for _ in range(500):
+            if sending.called or blocked():
+                break
+            await deferLater(reactor, 0.01, lambda: None)
         self.assertFalse(sending.called)  # waiting for the removal
+        self.assertTrue(blocked())
         cursor.execute("DELETE FROM chat_participants WHERE chat_id = %s AND user_id = 'dave'", (chat,))
         remover.commit()
         self.assertIsInstance(await sending, NotAMember)

@@ -15,6 +15,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cyphr.clock import iso, now_ms
+from cyphr.realtime.client_events import Sent
+from cyphr.realtime.envelopes import MessageAnnounced, decode
 from cyphr.realtime.events import HEARTBEAT, NODE_SILENCE
 from tests import postgres
 from cyphr.store.chats import ChatStore
@@ -24,6 +26,10 @@ from tests.users import User
 
 SHARED = {"jwt_secret": "j" * 40, "fingerprint_key": "f" * 40, "totp_key": "t" * 40,
           "rate_limit_send": (100_000, 1), "realtime_event_rate": (100_000, 1)}
+
+# The event of the markers settled() sends: one the stock client records (a
+# name the server sends) and the tests here never cause otherwise.
+MARKER = Sent.SESSION_PREKEYS_LOW
 
 
 class Node:
@@ -49,6 +55,7 @@ class ClusterMixin:
         """``count`` nodes; ``first`` overrides the first one's settings."""
         self.nodes: list[Node] = []
         self.clients: list[SioClient] = []
+        self.owners: dict[SioClient, str] = {}  # client -> its user's Cyphr ID
         self.addCleanup(self._close_clients)
         return [await self.node(database, **(first if n == 0 else {})) for n in range(count)]
 
@@ -67,9 +74,36 @@ class ClusterMixin:
     async def connect(self, node: Node, user: User, transports: list[str] | None = None) -> SioClient:
         client = SioClient(node.url, transports=transports or ["websocket"])
         self.clients.append(client)
+        self.owners[client] = user.cyphr_id
         await client.connect({"token": user.token})
         await client.wait_for("sync_complete")
         return client
+
+    async def settled(self, clients: list[SioClient]) -> None:
+        """Whatever any node sent these clients before now has reached them,
+        and whatever a node sent in answer to what it heard from another
+        before now: a test asserting that nothing more came waits for this,
+        not for a sleep.
+
+        When no node has a background task left (an announcement waits on
+        the database before it goes out), each node sends every user a
+        marker, in the same turn: to its own sockets, after all it queued
+        for them, and on the bus, after all it published (a node hears
+        another's events in publish order). A client holding every node's
+        marker holds all that came before them. A second round follows what
+        a node did in answer to what it heard in the first."""
+        await until(lambda: all(node.server.bus.listening for node in self.nodes), "LISTEN")
+        users = sorted(set(self.owners.values()))
+        for _ in range(2):
+            while any(node.server.realtime.memory_tables()["realtime_tasks"] for node in self.nodes):
+                for node in self.nodes:
+                    await node.server.realtime.tasks_done()
+            expected = [len(client.events(MARKER)) + len(self.nodes) for client in clients]
+            for node in self.nodes:
+                fanout = node.server.realtime.fanout
+                fanout.to_users(users, MARKER, {"marker": fanout.node_id})
+            for client, count in zip(clients, expected):
+                await client.wait_for(MARKER, count)
 
 
 class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
@@ -118,7 +152,7 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         await b.wait_for("call_answer")
         await b2.wait_for("call_answer")
 
-        await sleep(0.5)  # anything duplicated would have come by now
+        await self.settled([a, b, b2])  # anything duplicated has come by now
         self.assertEqual(len(b.events("new_message")), 2)
         self.assertEqual(len(b2.events("new_message")), 3)  # also bob's own reply from node B
         self.assertEqual(len(a.events("new_message")), 1)
@@ -131,7 +165,10 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
 
         # Bob leaves node B but stays on node A: still online.
         await b.disconnect()
-        await sleep(0.3)
+        # Node B has handled the disconnect (presence, the bus), and what
+        # either node did about it has reached alice.
+        await until(lambda: not b_node.server.realtime.presence.sockets("bob"), "bob's socket to go")
+        await self.settled([a])
         self.assertEqual(a.events("user_offline"), [])
         await b2.disconnect()
         [offline] = await a.wait_for("user_offline")
@@ -173,7 +210,12 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         [offline] = await a.wait_for("user_offline")
         last_seen = iso(now_ms(clock))
         self.assertEqual(offline, {"userId": "bob", "lastSeen": last_seen})
-        await sleep(0.3)
+        # Only node A speaks now (node B's bus is stopped), and its clock no
+        # longer moves: a user_offline for carol would come from the tasks
+        # of the sweep that took bob offline, which have ended; what they
+        # sent alice has arrived by the barrier's answer.
+        await a_node.server.realtime.tasks_done()
+        await a.barrier()
         self.assertEqual(len(a.events("user_offline")), 1)  # not carol
         profile = await a_node.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
         self.assertEqual((profile.json()["user"]["lastSeen"], profile.json()["user"]["isOnline"]),
@@ -268,7 +310,7 @@ class RestartTests(ClusterMixin, TestCase):
         # No later message comes to reveal a gap: what node B missed while it
         # was not listening comes from its resync when LISTEN is back.
         await b.wait_for("new_message", len(acked), timeout=20)
-        await sleep(0.3)
+        await self.settled([b])
         got = b.events("new_message")
         self.assertEqual([m["message"]["id"] for m in got], [m["messageId"] for m in acked])
 
@@ -283,15 +325,20 @@ class RestartTests(ClusterMixin, TestCase):
         acked = [await a.call("send_message", {"recipientId": "bob", "encryptedPayload": {"n": 0}})]
         await b.wait_for("new_message")
         fanout = b_node.server.realtime.fanout
-        self.patch(fanout, "bus_event", lambda event: None)  # deaf, as while reconnecting
+        heard: list[dict[str, Any]] = []
+        self.patch(fanout, "bus_event", heard.append)  # deaf, as while reconnecting
         for n in range(1, 4):
             acked.append(await a.call("send_message", {"chatId": acked[0]["chatId"],
                                                        "encryptedPayload": {"n": n}}))
-        await sleep(0.3)
+        # The three announcements have reached node B, which did nothing
+        # with them; what it sent bob before now has arrived.
+        await until(lambda: sum(isinstance(decode(e), MessageAnnounced) for e in heard) == 3,
+                    "the announcements to reach node B")
+        await b.barrier()
         self.assertEqual(len(b.events("new_message")), 1)
         del fanout.bus_event  # hears again
         fanout.bus_restored()
         await b.wait_for("new_message", 4)
-        await sleep(0.3)
+        await self.settled([b])
         self.assertEqual([m["message"]["id"] for m in b.events("new_message")],
                          [m["messageId"] for m in acked])

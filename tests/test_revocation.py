@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import PostgresMixin, SQLiteMixin, fixed_clock
-from tests.realtime import SioClient, sleep, until
+from tests.realtime import SioClient, until
 from tests.test_realtime_cluster import ClusterMixin
 from tests.test_realtime_events import MemoryRealtimeBase, RawSocket, RealtimeBase
 from tests.users import User
@@ -23,6 +23,23 @@ from tests.users import User
 def _send_frame(chat_id: str, ack_id: int = 1) -> str:
     return "42%d%s" % (ack_id, json.dumps(
         ["send_message", {"chatId": chat_id, "encryptedPayload": {"ct": "EVIL"}}]))
+
+
+def answered_or_closed(raw: RawSocket, ack_id: int) -> None:
+    """In a thread: read ``raw`` until the server answers the event of
+    ``ack_id`` or the connection closes. Either way the server is done with
+    that event: answered after its handler ended, or never to be handled
+    (a closed session hands nothing on)."""
+    import websocket
+
+    try:
+        while True:
+            frame = raw.ws.recv()
+            raw.frames.append(frame)
+            if frame == "" or frame.startswith(f"43{ack_id}"):  # "": the close frame
+                return
+    except (websocket.WebSocketConnectionClosedException, OSError):
+        return
 
 
 def hold_welcomes(testcase: TestCase, realtime: Any) -> tuple[list[Deferred[Any]], Any]:
@@ -73,9 +90,13 @@ class RawWelcomeRevocation(RealtimeBase):
             await deferToThread(raw.ws.send, _send_frame(chat_id))
         except Exception:
             pass  # already closed: refused too
-        await sleep(0.3)
+        await deferToThread(answered_or_closed, raw, 1)
         held[0].callback(await real_positions("alice", (alice.user_id, 1)))
-        await sleep(0.3)
+        # The welcome went on from its lookup within callback(); what it
+        # spawned (an announcement) has ended, and what reached bob's
+        # socket before then has arrived by the barrier's answer.
+        await realtime.tasks_done()
+        await b.barrier()
         self.assertNotIn("user:alice", realtime.ns.rooms)
         self.assertEqual({s.state.user.cyphr_id for s in realtime.ns.rooms.get("chat:" + chat_id, ())},
                          {"bob"})
@@ -105,7 +126,9 @@ class RevocationMixin(RealtimeBase):
         self.assertEqual(response.code, 200, response.body)
         held[0].callback(await real_positions("alice", (alice.user_id, 1)))
         await client.wait_disconnected(timeout=3)
-        await sleep(0.2)
+        # The welcome went on from its lookup within callback() (rooms and
+        # presence are decided there); what it spawned has ended.
+        await realtime.tasks_done()
         self.assertEqual(client.events("authenticated"), [])
         self.assertNotIn("user:alice", realtime.ns.rooms)
         self.assertFalse(realtime.presence.is_online("alice"))
@@ -123,6 +146,17 @@ class RevocationMixin(RealtimeBase):
         await self.serve()
         alice = await self.user("alice")
         realtime = self.server.realtime
+        # Every welcome's lookup, to wait for: a welcome that resumes once
+        # its socket has gone must not put it in a room or online.
+        lookups: list[Deferred[Any]] = []
+        positions = realtime._delivery.positions
+
+        def looked_up(*args: Any, **kwargs: Any) -> Deferred[Any]:
+            lookup = ensureDeferred(positions(*args, **kwargs))
+            lookups.append(lookup)
+            return lookup
+
+        self.patch(realtime._delivery, "positions", looked_up)
         for _ in range(5):
             token = alice.token
             clients = [self.new_client() for _ in range(10)]
@@ -136,7 +170,11 @@ class RevocationMixin(RealtimeBase):
             self.assertEqual(response.code, 200, response.body)
             await settled
             await until(lambda: not realtime.ns.sockets, "every socket of the token to end", timeout=5)
-            await sleep(0.2)
+            # No welcome starts now (every connect was answered). Each
+            # welcome awaits its lookup first, so it resumes before this
+            # does; then what it spawned ends.
+            await DeferredList(lookups, consumeErrors=True)
+            await realtime.tasks_done()
             self.assertEqual(realtime.ns.sockets, {})
             self.assertNotIn("user:alice", realtime.ns.rooms)
             self.assertFalse(realtime.presence.is_online("alice"))
@@ -220,7 +258,9 @@ class ClusterRevocationTests(PostgresMixin, ClusterMixin, TestCase):
         self.assertEqual(response.code, 200, response.body)
         await client.wait_disconnected(timeout=5)
         held[0].callback(await real_positions("alice", (alice.user_id, 1)))
-        await sleep(0.2)
+        # The welcome went on from its lookup within callback(); what it
+        # spawned has ended.
+        await realtime.tasks_done()
         self.assertEqual(client.events("authenticated"), [])
         self.assertNotIn("user:alice", realtime.ns.rooms)
         self.assertEqual(realtime.ns.sockets, {})
