@@ -43,6 +43,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl import pwhash
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt,
@@ -284,6 +286,16 @@ class Profile:
         self.vault = self._unseal(self.directory, sealed, self._key)
         self.settings = settings
         self._revision = sealed.get("nonce")
+
+    def subkey(self, label: bytes) -> bytes:
+        """A 32-byte key for one purpose, derived from the vault key by
+        HKDF-SHA-256 under ``label`` (each purpose its own label), so a
+        local file can be sealed under the profile's passphrase without
+        the vault key itself leaving this object. It stays the same as long
+        as the passphrase and the vault's salt do."""
+        if not label:
+            raise ValueError("a subkey needs a label of its own")
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(self._key)
 
     def close(self) -> None:
         """Let go of the lock file (the profile stays usable: it is opened
