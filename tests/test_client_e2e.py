@@ -75,6 +75,13 @@ class Secrets:
             if vault.get("token"):
                 self.texts.append(vault["token"])
         self.raw += [client.identity.kem_key.private_bytes_raw()]
+        # The sessions' secrets, from the local store.
+        for record in client.store.items("sessions").values():
+            for state in (record["state"], (record.get("previous") or {}).get("state")):
+                if state is not None:
+                    self.raw += [bytes.fromhex(state[name]) for name in
+                                 ("rootKey", "dhPrivate", "sendChain", "receiveChain", "kemSeed")
+                                 if state.get(name)]
 
     def needles(self) -> list[tuple[str, bytes]]:
         found = []
@@ -305,9 +312,16 @@ class ClientScenarios:
         # The pins came back from the backup: bob is still verified.
         self.assertEqual((moved.restored_pins, moved.pin_backup_error), (1, None))
         self.assertTrue(moved.contact(bob.cyphr_id).verified)
-        history = {m.text: m for m in moved.history(chat_id)}
-        # What it sent is sealed to its own main key: it opens there.
-        self.assertTrue(history[before].verified)
+        # The sender's phrase alone opens nothing sent over sessions before
+        # (forward secrecy): neither what alice sent nor what she was sent,
+        # though the server still holds both.
+        earlier = moved.history(chat_id)
+        self.assertEqual([m.text for m in earlier], [None, None])
+        # Alice's own: no envelope for the new device. Bob's to her: its
+        # body went with the envelope of her old device, removed by the
+        # recovery.
+        self.assertIn("not a recipient", earlier[0].error)
+        self.assertIn("the server no longer holds it", earlier[1].error)
         # The old device is signed out and cannot sign in again.
         with self.assertRaises(Exception) as raised:
             alice.whoami()
@@ -536,8 +550,10 @@ class ClientScenarios:
 
     async def test_recovery(self) -> None:
         """A new device recovered from the phrase alone has the same
-        identity, its pins back from the encrypted backup and the history;
-        the old device is signed out; the server keeps none of the secrets."""
+        identity and its pins back from the encrypted backup, but opens
+        nothing sent over sessions before (the phrase is no key to past
+        messages); the old device is signed out; new messages open; the
+        server keeps none of the secrets."""
         await in_thread(self.recovery)
         await self.assert_zero_knowledge()
 
@@ -574,7 +590,10 @@ class ClientScenarios:
         """Nothing the server keeps (every column of every table, its log
         output, every file in its data directory) holds a plaintext, a
         private key or seed, a phrase, a passphrase or a raw device
-        fingerprint of what the scenario did."""
+        fingerprint of what the scenario did; and no file of the clients'
+        profiles (the vault, the local store) holds any of it in clear."""
+        for client in self.clients:  # the keys of the sessions made meanwhile
+            await in_thread(self.secrets.vault, client)
         await self._close()  # every log line written
         sources = await self.server_holdings()
         needles = self.secrets.needles()
@@ -588,6 +607,19 @@ class ClientScenarios:
         everything = decoded(b"\n".join(sources.values()))
         for public in self.secrets.public:
             self.assertIn(public, everything)
+        # The clients' own files hold all of it, but sealed: the vault and
+        # the local store (its database, write-ahead log and shared memory).
+        stored = 0
+        for client in self.clients:
+            for path in client.profile.directory.rglob("*"):
+                if not path.is_file():
+                    continue
+                stored += path.name.startswith("local.sqlite")
+                haystack = decoded(path.read_bytes())
+                for label, needle in needles:
+                    if needle in haystack:
+                        self.fail(f"{label} found in the client's {path.name}")
+        self.assertGreater(stored, 0)
 
     async def server_holdings(self) -> dict[str, bytes]:
         database = self.server.database
@@ -800,7 +832,10 @@ class CommandLineTests(SQLiteMixin, TestCase):
         phrase_file.write_text(phrases["alice"])
         moved = self.mktemp()
         await j(moved, "recover", "alice", "--phrase-file", str(phrase_file))
-        self.assertIn("alice ✓: welcome", self.ok(await self.run_main(moved, "history", chat)))
+        # Sent over sessions before the recovery: not for the new device.
+        shown = self.ok(await self.run_main(moved, "history", chat))
+        self.assertNotIn("welcome", shown)
+        self.assertIn("not a recipient", shown)
         stale = await self.run_main(alice, "whoami")
         self.assertIn("DEVICE_MISMATCH", stale.stderr)
 

@@ -238,6 +238,9 @@ class FakeServer:
                     "signature": main["kyberKeySignature"], "oneTime": False,
                     "createdAt": main["kyberKeyCreatedAt"], "expiresAt": main["kyberKeyExpiresAt"],
                     "signatureVersion": account.main_version}
+        if parts[:2] == ["api", "sessions"]:
+            # A server from before sessions: messages go as version 3.
+            raise ApiError(404, "NOT_FOUND", "No such endpoint")
         raise AssertionError(f"the fake server has no {method} {path}")
 
 

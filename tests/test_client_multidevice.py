@@ -1,13 +1,14 @@
 """
-The reference client seals every message to every device (issue #13, item
-7): alice on three devices and bob on two (the others linked) read
-everything any device sends, in a direct chat and a group; a device linked later reads
-what is sent after it joined, not before; a device linked between a
-sender's fetch of the device lists and its send (409 DEVICES_CHANGED) is
-sealed to on the retry; a device whose key the server substituted is
-never sealed to, and the sender is told; a message sealed under v2 (one
-wrapped key per user, before devices) still opens. A real server, over a
-real port, with the library, on both engines.
+The reference client sends every message to every device over sessions
+(issues #13 and #22): alice on three devices and bob on two (the others
+linked) read everything any device sends, in a direct chat and a group,
+each device given its own envelope; a device linked later reads what is
+sent after it joined, not before; a device linked between a sender's fetch
+of the device lists and its send (409 DEVICES_CHANGED) gets an envelope on
+the retry; a device whose key the server substituted gets no envelope it
+can open, and the sender is told; a message sealed under v2 (one wrapped
+key per user, before devices) still opens. A real server, over a real
+port, with the library, on both engines.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM1024PrivateKey
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from cyphr.client import crypto
+from cyphr.client import crypto, sessionbook
 from cyphr.client.client import Client, Message
 from cyphr.client.crypto import Recipient
 from cyphr.client.http import ClientError
@@ -44,6 +45,14 @@ class MultiDeviceMixin(ServedClients):
     async def texts(self, reader: Client, chat_id: str) -> dict[str, Message]:
         return {m.id: m for m in await self.thread(reader.history, chat_id)}
 
+    async def envelopes(self, chat_id: str, seq: int) -> list[tuple[str, int]]:
+        """The devices the server holds an envelope of the message for."""
+        rows = await self.server.database.run_query(
+            "SELECT i.cyphr_id, e.device_id FROM message_envelopes e"
+            " JOIN cyphr_identities i ON i.id = e.user_id WHERE e.chat_id = ? AND e.seq = ?"
+            " ORDER BY 1, 2", (chat_id, seq))
+        return [tuple(row) for row in rows]
+
     async def raw(self, reader: Client, chat_id: str) -> dict[str, dict[str, Any]]:
         """The messages of a chat as the server hands them out, by id."""
         answer = await self.thread(reader._call, "GET", f"/api/messaging/chat/{chat_id}")
@@ -55,8 +64,8 @@ class MultiDeviceMixin(ServedClients):
         """Alice on three devices (the others linked, the third by the
         second) and bob on two: in a direct chat and in a group, each of the
         five devices sends, and each reads every message, verified and from
-        the right sender; every payload is sealed to exactly the five
-        devices."""
+        the right sender; every message went over sessions, with an
+        envelope for each of the four other devices."""
         alice = await self.registered("alice")
         bob = await self.registered("bob")
         alice2 = await self.linked(alice)
@@ -82,9 +91,12 @@ class MultiDeviceMixin(ServedClients):
         for chat_id, messages in sent.items():
             raw = await self.raw(alice, chat_id)
             for message_id in messages:
-                payload = raw[message_id]["encryptedPayload"]
-                self.assertEqual((payload["version"], payload["scheme"]), (3, "cyphr-hybrid-v3"))
-                self.assertEqual(crypto.payload_devices(payload), everyone)
+                message = raw[message_id]
+                payload = message["encryptedPayload"]
+                self.assertEqual((payload["version"], payload["scheme"]), (4, "cyphr-s1-message"))
+                sender = (message["senderId"], message["senderDeviceId"])
+                self.assertEqual(await self.envelopes(chat_id, message["seq"]),
+                                 [d for d in everyone if d != sender])
             for owner, reader in devices:
                 got = await self.texts(reader, chat_id)
                 for message_id, (sender, text) in messages.items():
@@ -136,21 +148,22 @@ class MultiDeviceMixin(ServedClients):
         listener = await self.thread(lambda: alice.listener(lambda m: None, top_up=False).start())
         # Off the reactor: stop() waits for the server's answer to its close.
         self.addCleanup(deferToThread, listener.stop)
-        seal = alice.sealed
+        seal = sessionbook.sealed
         for path, new_device_id in (("rest", 3), ("realtime", 4)):
             sealed_for: list[list[dict[str, Any]]] = []
             sealed = threading.Event()
             go_on = threading.Event()
 
-            def late(to: str, plaintext: bytes, message_type: str = "text") -> dict[str, Any]:
-                body = seal(to, plaintext, message_type)
-                sealed_for.append(body["devices"])
+            def late(*args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+                body, own = seal(*args)
+                sealed_for.append([{"cyphrId": e["cyphrId"], "deviceId": e["deviceId"]}
+                                   for e in body["envelopes"]])
                 if len(sealed_for) == 1:
                     sealed.set()  # the lists are fetched: the test links a device now
                     assert go_on.wait(30)
-                return body
+                return body, own
 
-            alice.sealed = late  # type: ignore[method-assign]
+            self.patch(sessionbook, "sealed", late)
             text = f"sent over {path} while a device was linked"
             sender = alice.send if path == "rest" else listener.send
             sending = deferToThread(sender, chat_id, text)
@@ -166,7 +179,7 @@ class MultiDeviceMixin(ServedClients):
             for reader in (bob, bob2, new_device):
                 got = [m for m in await self.thread(reader.history, chat_id) if m.text == text]
                 self.assertEqual(len(got), 1, f"device {reader.device_id}")
-            del alice.sealed
+            self.patch(sessionbook, "sealed", seal)
 
     async def test_devices_changing_twice_is_a_clear_error(self) -> None:
         """When the server refuses the message sealed again as well (its
@@ -179,8 +192,8 @@ class MultiDeviceMixin(ServedClients):
 
         def transmit(body: dict[str, Any]) -> dict[str, Any]:
             # Leaves out bob's second device each time, as a stale list would.
-            body = dict(body, devices=[d for d in body["devices"] if d != {"cyphrId": "bob",
-                                                                            "deviceId": 2}])
+            body = dict(body, envelopes=[e for e in body["envelopes"]
+                                         if (e["cyphrId"], e["deviceId"]) != ("bob", 2)])
             return alice._call("POST", "/api/messaging/send", body)
 
         with self.assertRaises(ClientError) as caught:
@@ -193,10 +206,11 @@ class MultiDeviceMixin(ServedClients):
 
     async def test_a_substituted_device_key_is_not_sealed_to(self) -> None:
         """The server puts a key of its own in place of bob's second device's:
-        alice's client seals to bob's other device and to her own, never to
-        the substituted key, and says so (``refused_devices``, naming the
-        device and why); bob's first device reads the message, the
-        substituted device is not among its recipients."""
+        alice's client still sends over sessions (refusing the key must not
+        take forward secrecy from everyone), starts no session with the
+        substituted device (its envelope is random bytes) and says so
+        (``refused_devices``, naming the device and why); bob's first
+        device reads the message, the substituted device cannot."""
         alice = await self.registered("alice")
         bob = await self.registered("bob")
         bob2 = await self.linked(bob)
@@ -210,13 +224,14 @@ class MultiDeviceMixin(ServedClients):
         self.assertIn("not signed by bob's identity key as the key of device 2", problem)
         raw = await self.raw(alice, answer["chatId"])
         payload = raw[answer["messageId"]]["encryptedPayload"]
-        self.assertEqual(crypto.payload_devices(payload), [("alice", 1), ("bob", 1)])
+        self.assertEqual(payload["version"], 4)
         self.assertNotIn(base64.b64encode(ghost).decode(), str(payload))
+        self.assertIsNone(await self.thread(alice.store.get, "sessions", "bob/2"))
         got = await self.texts(bob, answer["chatId"])
         self.assertEqual(got[answer["messageId"]].text, "not for the ghost")
         missed = (await self.texts(bob2, answer["chatId"]))[answer["messageId"]]
         self.assertIsNone(missed.text)
-        self.assertIn("not a recipient", missed.error)
+        self.assertIn("no session with the sender's device", missed.error)
 
     # -- history from before devices -----------------------------------------------
 

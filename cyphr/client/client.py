@@ -42,7 +42,7 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError as NaclCryptoError
 
 from cyphr import signing
-from cyphr.client import crypto, devices, sealing, sessionkeys
+from cyphr.client import crypto, devices, sealing, sessionbook, sessionkeys, sessionmessages
 from cyphr.client.crypto import (
     CryptoError,
     Identity,
@@ -53,6 +53,7 @@ from cyphr.client.crypto import (
 )
 from cyphr.client.devices import Device, LinkCode, LinkRequest
 from cyphr.client.http import ApiError, ClientError, Http, check_server, segment
+from cyphr.client.localstore import LocalStore
 from cyphr.client.profile import Profile
 from cyphr.client.sessions import Bundle, Handshake, Me, PrekeySecrets
 
@@ -137,7 +138,9 @@ class Receipts:
 class Message:
     """A message as its reader sees it. ``text`` is None when it could not
     be opened (``error`` says why) or was deleted; ``verified`` is True
-    only when the sender's v2 signature checked against the pinned key. A
+    only when the sender's v2 signature checked against the pinned key, or
+    the message came over a session with a device of the pinned identity
+    (then ``timestamp`` is the sender's clock, not the server's). A
     v1 message has its text, ``verified`` False and an ``error`` saying
     that its signature proves nothing. ``contact_verified`` says the user
     compared the sender's safety number (always True for one's own).
@@ -156,6 +159,9 @@ class Message:
     client_message_id: str | None = None
     contact_verified: bool = False
     receipts: Receipts | None = None
+    # Over sessions: how many messages the sender's device sent to the chat
+    # just before this one that this device has not seen (a gap to show).
+    missing: int = 0
 
     def as_json(self) -> dict[str, Any]:
         shape = {"id": self.id, "chatId": self.chat_id, "seq": self.seq, "sender": self.sender,
@@ -165,6 +171,8 @@ class Message:
                  "contactVerified": self.contact_verified}
         if self.receipts is not None:
             shape["receipts"] = self.receipts.as_json()
+        if self.missing:
+            shape["missing"] = self.missing
         return shape
 
 
@@ -213,6 +221,11 @@ class Client:
         # Set by recover(): how many pins the backup restored, or why not.
         self.restored_pins: int | None = None
         self.pin_backup_error: str | None = None
+        # Why the last message was sealed as version 3 rather than over
+        # sessions (a device of the chat cannot be reached so), or None.
+        self.no_session: str | None = None
+        self._store: LocalStore | None = None
+        self._store_lock = threading.Lock()
 
     # -- profiles ---------------------------------------------------------
 
@@ -248,7 +261,18 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+        if self._store is not None:
+            self._store.close()
         self.profile.close()
+
+    @property
+    def store(self) -> LocalStore:
+        """The profile's local store (cyphr.client.localstore): sessions,
+        counters and the messages this device read or sent."""
+        with self._store_lock:
+            if self._store is None:
+                self._store = LocalStore.open(self.profile)
+            return self._store
 
     @property
     def cyphr_id(self) -> str:
@@ -340,6 +364,7 @@ class Client:
             self._set_session(answer)
         if prekeys:
             self.upload_prekeys(prekeys, progress)
+        self._start_sessions()
         return answer
 
     def login(self, totp_code: str | None = None) -> dict[str, Any]:
@@ -417,6 +442,7 @@ class Client:
         client._adopt_published_key(client._directory(cyphr_id), top_up=False)
         if prekeys:
             client.upload_prekeys(prekeys, progress)
+        client._start_sessions()
         return client
 
     def _call(self, method: str, path: str, body: Any = None,
@@ -913,22 +939,36 @@ class Client:
     def send_sealed(self, to: str, plaintext: bytes, message_type: str,
                     transmit: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         """Seal for ``to`` and ``transmit`` the send's body (REST or
-        realtime), sealed again once when refused DEVICES_CHANGED (see
-        :func:`cyphr.client.sealing.send_sealed`)."""
-        return sealing.send_sealed(self, to, plaintext, message_type, transmit)
+        realtime), sealed again once when refused DEVICES_CHANGED: over
+        sessions (:func:`cyphr.client.sessionbook.send`) when every device
+        of the chat can be reached so, else as version 3
+        (:func:`cyphr.client.sealing.send_sealed`; ``no_session`` says why)."""
+        target, chat_id, members = self._target(to)
+        try:
+            answer = sessionbook.send(self, target, chat_id, members, plaintext, message_type,
+                                      transmit)
+        except sessionbook.NoSession as e:
+            self.no_session = str(e)
+            _log.info("Sealing as version 3: %s", e)
+            return sealing.send_sealed(self, to, plaintext, message_type, transmit)
+        self.no_session = None
+        return answer
+
+    def _target(self, to: str) -> tuple[dict[str, str], str | None, list[str]]:
+        """Whom a send to ``to`` (a chat id, or a Cyphr ID for the direct
+        chat with it) goes to: the send's target field, the chat id (None
+        before a first direct message), and the chat's members."""
+        if is_chat_id(to):
+            return {"chatId": to}, to, [m["cyphrId"] for m in self.members(to)]
+        chat_id = self._direct_chat_with(to)
+        return ({"chatId": chat_id} if chat_id else {"recipientId": to}, chat_id,
+                sorted({self.cyphr_id, to}))
 
     def sealed(self, to: str, plaintext: bytes, message_type: str = "text") -> dict[str, Any]:
-        """The body of a send (REST or ``send_message``): the plaintext
-        sealed for every member of the chat ``to`` (a chat id), or of the
-        direct chat with ``to`` (a Cyphr ID)."""
-        if is_chat_id(to):
-            chat_id: str | None = to
-            members = [m["cyphrId"] for m in self.members(to)]
-            target = {"chatId": to}
-        else:
-            chat_id = self._direct_chat_with(to)
-            members = sorted({self.cyphr_id, to})
-            target = {"chatId": chat_id} if chat_id else {"recipientId": to}
+        """The body of a send (REST or ``send_message``) as version 3: the
+        plaintext sealed for every member of the chat ``to`` (a chat id),
+        or of the direct chat with ``to`` (a Cyphr ID)."""
+        target, chat_id, members = self._target(to)
         client_message_id = str(uuid.uuid4())
         recipients, named = sealing.seal_devices(self, members)
         payload = crypto.seal_to_devices(self.identity, self.cyphr_id, self.device_id, recipients,
@@ -955,35 +995,59 @@ class Client:
         return [self.open_message(m) for m in answer["messages"]], answer["cursor"], answer["hasMore"]
 
     def open_message(self, message: dict[str, Any]) -> Message:
-        """Verify and decrypt one message as the server gave it. Never
-        raises for a bad message: the answer's ``error`` says what is wrong."""
-        def result(text: str | None, verified: bool, error: str | None = None) -> Message:
+        """Verify and decrypt one message as the server gave it, or read it
+        from the local store when this device opened (or sent) it before.
+        Never raises for a bad message: the answer's ``error`` says what is
+        wrong."""
+        def result(text: str | None, verified: bool, error: str | None = None,
+                   timestamp: str | None = None, missing: int = 0) -> Message:
             sender = message.get("senderId", "")
             # Receipts only on one's own: no server can make a client say
             # who read another's message.
             receipts = Receipts.parse(message.get("receipts")) if sender == self.cyphr_id else None
             return Message(message.get("id", ""), message.get("chatId", ""), message.get("seq", 0),
-                           sender, message.get("timestamp", ""),
+                           sender, timestamp or message.get("timestamp", ""),
                            message.get("messageType", ""), text, verified, error,
                            message.get("clientMessageId"),
                            verified and isinstance(sender, str) and self._contact_verified(sender),
-                           receipts)
+                           receipts, missing)
+
+        def kept_result(kept: dict[str, Any]) -> Message:
+            shown = sessionbook.shown_time(kept) if "sentAt" in kept else None
+            verified = kept.get("verified", True)
+            return result(kept["text"], verified, None if verified else crypto.V1_UNVERIFIED,
+                          timestamp=shown, missing=int(kept.get("missing", 0)))
 
         payload = message.get("encryptedPayload")
-        if message.get("deletedAt") or payload is None:
+        if message.get("deletedAt"):
             return result(None, False, "deleted by its sender")
+        kept = self.store.message(message["id"]) if isinstance(message.get("id"), str) else None
+        if kept is not None and kept.get("senderId") == message.get("senderId") \
+                and kept.get("chatId") == message.get("chatId"):
+            return kept_result(kept)
+        if payload is None:
+            return result(None, False, "the server no longer holds it (every device it was "
+                                       "sealed for received it), and this device did not keep it")
+        direct_members = None
+        if isinstance(payload, dict) and isinstance(payload.get("header"), dict) \
+                and payload["header"].get("chatId") is None:
+            chat = self._chat(message["chatId"])
+            if chat is not None and chat["chatType"] == "direct":
+                direct_members = frozenset(chat["participants"])
+        if isinstance(payload, dict) and payload.get("version") == sessionmessages.VERSION:
+            try:
+                kept = sessionbook.open_message(self, message, direct_members)
+            except (CryptoError, ClientError) as e:
+                return result(None, False, str(e))
+            if message.get("messageType") == "system":
+                self._system_message(message["chatId"], kept["text"])
+            return kept_result(kept)
         try:
             sender_key = self._sender_key(message["senderId"])
             with self.profile.lock:
                 vault = self.profile.vault
                 content_key = vault.get("contentKeys", {}).get(message["id"])
                 prekeys = {int(k): base64.b64decode(v) for k, v in vault.get("prekeys", {}).items()}
-            direct_members = None
-            if isinstance(payload, dict) and isinstance(payload.get("header"), dict) \
-                    and payload["header"].get("chatId") is None:
-                chat = self._chat(message["chatId"])
-                if chat is not None and chat["chatType"] == "direct":
-                    direct_members = frozenset(chat["participants"])
             per_device = isinstance(payload, dict) \
                 and payload.get("version") == crypto.DEVICE_VERSION
             opened = crypto.open_sealed(
@@ -994,14 +1058,18 @@ class Client:
                 device_keys=self._device_keys())
         except (CryptoError, ClientError) as e:
             return result(None, False, str(e))
+        text = opened.plaintext.decode("utf-8", errors="replace")
         if opened.key_id is not None and content_key is None:
             # The one-time prekey has done its work: erase its secret, and
-            # keep this message's content key so that it still opens.
+            # keep the message in the local store so that it still reads
+            # (once, the vault kept its content key instead).
+            self.store.add_message({"id": message["id"], "chatId": message["chatId"],
+                                    "seq": message.get("seq", 0),
+                                    "senderId": message["senderId"], "text": text,
+                                    "verified": opened.verified})
             with self.profile.lock:
                 self.profile.vault["prekeys"].pop(str(opened.key_id), None)
-                self.profile.vault.setdefault("contentKeys", {})[message["id"]] = b64(opened.content_key)
                 self.profile.save()
-        text = opened.plaintext.decode("utf-8", errors="replace")
         if not opened.verified:
             # Old history: readable, but a v1 signature proves nothing, so
             # it neither counts as the sender's word nor changes any key.
@@ -1177,7 +1245,9 @@ class Client:
              on_code: Callable[[LinkCode], None], **kwargs: Any) -> Client:
         """This identity on a new device, approved by one of its devices: a
         new profile (see :func:`cyphr.client.devices.link`)."""
-        return devices.link(cls, directory, passphrase, server, on_code=on_code, **kwargs)
+        client = devices.link(cls, directory, passphrase, server, on_code=on_code, **kwargs)
+        client._start_sessions()
+        return client
 
     def devices(self) -> list[Device]:
         """This identity's devices, names decrypted, keys checked."""
@@ -1210,6 +1280,17 @@ class Client:
         """Publish what is due of this device's session keys; the server's
         stock (``GET /api/sessions/keys``'s answer)."""
         return sessionkeys.publish(self, force_one_time=force_one_time)
+
+    def _start_sessions(self) -> None:
+        """Publish this device's session keys, so that others can start
+        sessions with it. A server that has no sessions (404) leaves its
+        messages to version 3."""
+        try:
+            self.publish_session_keys()
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            _log.info("The server has no sessions: messages go as version 3")
 
     def session_bundles(self, cyphr_id: str, device_id: int | None = None
                         ) -> tuple[list[Bundle], list[tuple[int, str]]]:
