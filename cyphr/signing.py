@@ -33,9 +33,9 @@ label                         what is signed
 ``cyphr-v2 dh-prekey``        a device's signed or one-time X25519 prekey
 ``cyphr-v2 kem-prekey``       a device's last-resort or one-time
                               ML-KEM-1024 prekey for sessions
+``cyphr-v2 roster-change``    a change of a group's roster, signed by an
+                              admin of the state it changes (cyphr.rosters)
 ============================  ===========================================
-
-Reserved for a later kind: ``cyphr-v2 group-roster``.
 
 The Stellar key cannot use this framing (wallets sign SEP-53 messages
 only), so a wallet link is a SEP-53 signed message: Ed25519 over
@@ -66,8 +66,9 @@ DEVICE_KEY = "device-key"
 IDENTITY_DH = "identity-dh"
 DH_PREKEY = "dh-prekey"
 KEM_PREKEY = "kem-prekey"
+ROSTER = "roster-change"
 LABELS = (AUTH, MLKEM_KEY, ONE_TIME_PREKEY, MESSAGE, WALLET_LINK, DEVICE_KEY, IDENTITY_DH,
-          DH_PREKEY, KEM_PREKEY)
+          DH_PREKEY, KEM_PREKEY, ROSTER)
 
 # Purposes of a login statement.
 REGISTER = "register"

@@ -98,9 +98,14 @@ def _rebuild(vector: dict) -> tuple[str, bytes]:
 
 class VectorTests(unittest.TestCase):
     def test_the_vectors_cover_every_kind(self) -> None:
-        """There is a vector for every label, and for every login purpose."""
+        """There is a vector for every label (a roster change's in
+        rosters-v1.json, with the states it chains), and for every login
+        purpose."""
         labels = {v["label"] for v in VECTORS["vectors"]} | {VECTORS["walletLink"]["label"]}
-        self.assertEqual(labels, {signing.PREFIX + label for label in ALL_LABELS})
+        rosters = json.loads((Path(__file__).parent / "vectors" / "rosters-v1.json").read_text())
+        self.assertIn(signing.PREFIX + signing.ROSTER, json.dumps(rosters))
+        self.assertEqual(labels | {signing.PREFIX + signing.ROSTER},
+                         {signing.PREFIX + label for label in ALL_LABELS})
         purposes = {v["inputs"]["purpose"] for v in VECTORS["vectors"] if v["name"].startswith("auth-")}
         self.assertEqual(purposes, set(signing.PURPOSES))
         self.assertEqual(bytes.fromhex(VECTORS["ed25519PublicKey"]), PUBLIC)

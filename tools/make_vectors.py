@@ -4,8 +4,9 @@ the signatures of every kind of v2 labelled signature, from fixed keys;
 tests/vectors/devices-v2.json: a sealed seed (linking a device) and a
 sealed device name, from fixed keys and fixed randomness; and
 tests/vectors/messages-v3.json: a message sealed per device (v3), likewise;
-tests/vectors/sessions-v1.json: a session (cyphr-s1); and
-tests/vectors/messages-v4.json: a message over sessions (cyphr-s1-message).
+tests/vectors/sessions-v1.json: a session (cyphr-s1);
+tests/vectors/messages-v4.json: a message over sessions (cyphr-s1-message); and
+tests/vectors/rosters-v1.json: a group roster's chain (cyphr-v2 roster-change).
 
     python tools/make_vectors.py [--check]
 
@@ -36,6 +37,7 @@ DEVICES_OUT = OUT.parent / "devices-v2.json"
 MESSAGES_OUT = OUT.parent / "messages-v3.json"
 SESSIONS_OUT = OUT.parent / "sessions-v1.json"
 SESSION_MESSAGES_OUT = OUT.parent / "messages-v4.json"
+ROSTERS_OUT = OUT.parent / "rosters-v1.json"
 
 # Fixed secrets: the vectors are public test data, never keys of anyone.
 ED25519_SEED = bytes(range(32))
@@ -607,6 +609,73 @@ def build_session_messages() -> dict[str, Any]:
     }
 
 
+def build_rosters() -> dict[str, Any]:
+    """A group roster's chain (cyphr.rosters): alice_01's genesis with
+    bob_02 and carol_03, alice making bob an admin and adding dave_04, then
+    bob removing carol with a new name key. Each identity signs with the
+    Ed25519 key of its seed (alice's is ed25519Seed, 00 01 .. 1f)."""
+    from cyphr import rosters
+
+    chat = "0b8e4f8a-54a3-4f5e-a1f7-2f0f5e0c9a11"
+    seeds = {"alice_01": ED25519_SEED, "bob_02": bytes(range(128, 160))}
+    keys = {name: SigningKey(seed) for name, seed in seeds.items()}
+    name_keys = {1: bytes([0x4b]) * 32, 3: bytes([0x4c]) * 32}
+    now = 1_790_000_000_000
+    first = rosters.genesis(chat, "alice_01", {"bob_02": rosters.MEMBER,
+                                               "carol_03": rosters.MEMBER},
+                            rosters.name_key_commitment(chat, 1, name_keys[1]), now)
+    entries = []
+    state = None
+    for make in (
+            lambda state: first,
+            lambda state: rosters.next_change(
+                state, "alice_01", [rosters.set_role("bob_02", rosters.ADMIN),
+                                    rosters.add("dave_04")], None, now + 60_000),
+            lambda state: rosters.next_change(
+                state, "bob_02", [rosters.remove("carol_03")],
+                rosters.name_key_commitment(chat, 3, name_keys[3]), now + 120_000)):
+        change = make(state)
+        signature = change.sign(keys[change.author])
+        state = rosters.apply(state, change, signature,
+                              lambda who: bytes(keys[who].verify_key) if who in keys else None)
+        commitment = change.name_key_commitment
+        entries.append({
+            "inputs": {
+                "chatId": change.chat_id, "epoch": change.epoch,
+                "previousHash": _hex(change.previous_hash), "author": change.author,
+                "createdAt": change.created_at,
+                "operations": [{"op": {rosters.ADD: "add", rosters.REMOVE: "remove",
+                                       rosters.SET_ROLE: "setRole"}[op.kind],
+                                "cyphrId": op.cyphr_id, "role": op.role}
+                               for op in change.operations],
+                "nameKeyCommitment": None if commitment is None else _hex(commitment)},
+            "content": _hex(change.content()),
+            "signContent": _hex(signing.sign_content(signing.ROSTER, change.content())),
+            "signature": _hex(signature),
+            "signedChange": _hex(rosters.SignedChange(change, signature).encode()),
+            "state": {"members": dict(state.members), "nameKeyEpoch": state.name_key_epoch,
+                      "encoding": _hex(state.encode()), "hash": _hex(state.state_hash()),
+                      "nameAad": _hex(rosters.name_aad(state))},
+        })
+    return {
+        "description": "Cyphr group rosters (cyphr-v2 roster-change): a chain of a genesis and "
+                       "two changes of one chat. Rebuild each change's 'content' from "
+                       "'inputs', its 'signContent' and 'signedChange', and check 'signature' "
+                       "(Ed25519, deterministic) by its author's key; apply the chain and "
+                       "rebuild each state's 'encoding', 'hash' (the rosterHash of a message "
+                       "header at that epoch) and 'nameAad'; rebuild each name key's "
+                       "commitment. docs/encryption.rst ('Group rosters') specifies the "
+                       "layouts and the rules.",
+        "identities": [{"cyphrId": name, "ed25519Seed": _hex(seed),
+                        "ed25519PublicKey": _hex(bytes(keys[name].verify_key))}
+                       for name, seed in seeds.items()],
+        "nameKeys": [{"chatId": chat, "epoch": epoch, "key": _hex(key),
+                      "commitment": _hex(rosters.name_key_commitment(chat, epoch, key))}
+                     for epoch, key in name_keys.items()],
+        "changes": entries,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--check", action="store_true", help="only say whether the file is current")
@@ -614,7 +683,8 @@ def main() -> int:
     status = 0
     for out, made in ((OUT, build()), (DEVICES_OUT, build_devices()),
                       (MESSAGES_OUT, build_messages()), (SESSIONS_OUT, build_sessions()),
-                      (SESSION_MESSAGES_OUT, build_session_messages())):
+                      (SESSION_MESSAGES_OUT, build_session_messages()),
+                      (ROSTERS_OUT, build_rosters())):
         text = json.dumps(made, indent=1) + "\n"
         if args.check:
             current = out.exists() and out.read_text("utf-8") == text
