@@ -364,7 +364,7 @@ class Client:
             self._set_session(answer)
         if prekeys:
             self.upload_prekeys(prekeys, progress)
-        self._start_sessions()
+        self._start_sessions(prekeys)
         return answer
 
     def login(self, totp_code: str | None = None) -> dict[str, Any]:
@@ -442,7 +442,7 @@ class Client:
         client._adopt_published_key(client._directory(cyphr_id), top_up=False)
         if prekeys:
             client.upload_prekeys(prekeys, progress)
-        client._start_sessions()
+        client._start_sessions(prekeys)
         return client
 
     def _call(self, method: str, path: str, body: Any = None,
@@ -1281,12 +1281,14 @@ class Client:
         stock (``GET /api/sessions/keys``'s answer)."""
         return sessionkeys.publish(self, force_one_time=force_one_time)
 
-    def _start_sessions(self) -> None:
-        """Publish this device's session keys, so that others can start
-        sessions with it. A server that has no sessions (404) leaves its
-        messages to version 3."""
+    def _start_sessions(self, one_time: int | None = None) -> None:
+        """Publish this device's session keys (with ``one_time`` one-time
+        prekeys of each kind, as many as the ML-KEM prekeys asked for), so
+        that others can start sessions with it. A server that has no
+        sessions (404) leaves its messages to version 3."""
         try:
-            self.publish_session_keys()
+            sessionkeys.publish(self, one_time=None if one_time is None
+                                else min(one_time, sessionkeys.ONE_TIME_TARGET))
         except ApiError as e:
             if e.status != 404:
                 raise

@@ -73,13 +73,15 @@ def _new_prekey(client: Client, kind: int, key_id: int, now: int,
              "createdAt": iso_ms(created), "expiresAt": iso_ms(created + lifetime)}, private)
 
 
-def publish(client: Client, *, force_one_time: bool = False) -> dict[str, Any]:
+def publish(client: Client, *, force_one_time: bool = False,
+            one_time: int | None = None) -> dict[str, Any]:
     """Bring this device's published session keys up to date: the
     identity's X25519 key once, a new signed prekey every 7 days and a new
     last-resort ML-KEM key every 30, and one-time prekeys of each kind back
-    to 100 when fewer than 20 are left (or ``force_one_time``, after a
+    to 100 (or ``one_time``) when fewer than 20 are left (or ``force_one_time``, after a
     session_prekeys_low). Answers the server's stock; uploads nothing when
     nothing is due."""
+    one_time = ONE_TIME_TARGET if one_time is None else one_time
     stock = client._call("GET", "/api/sessions/keys")
     now = client._now()
     body: dict[str, Any] = {}
@@ -98,8 +100,8 @@ def publish(client: Client, *, force_one_time: bool = False) -> dict[str, Any]:
         wanted.append(("lastResortPrekey", sessions.KEM_LAST_RESORT, 1, LAST_RESORT_LIFETIME_MS))
     for field, kind in (("oneTimePrekeys", sessions.DH_ONE_TIME),
                         ("kemOneTimePrekeys", sessions.KEM_ONE_TIME)):
-        if stock[field] < ONE_TIME_LOW or (force_one_time and stock[field] < ONE_TIME_TARGET):
-            wanted.append((field, kind, ONE_TIME_TARGET - stock[field], ONE_TIME_LIFETIME_MS))
+        if (stock[field] < ONE_TIME_LOW or force_one_time) and stock[field] < one_time:
+            wanted.append((field, kind, one_time - stock[field], ONE_TIME_LIFETIME_MS))
     if not body and not wanted:
         return stock
     with client.profile.lock:
