@@ -73,6 +73,10 @@ PROVISION_NOT_FOUND = "PROVISION_NOT_FOUND"  # 404: unknown, expired or used pro
 INVALID_LINK_TOKEN = "INVALID_LINK_TOKEN"    # 401: no unexpired, unused link of that account has this token
 DEVICE_EXISTS = "DEVICE_EXISTS"              # 409: the fingerprint is already a device of the identity
 IDENTITY_DH_MISMATCH = "IDENTITY_DH_MISMATCH"  # 409: the identity has another X25519 key for sessions
+# Group rosters (docs/encryption.rst, "Group rosters").
+ROSTER_CONFLICT = "ROSTER_CONFLICT"  # 409: the change is not for the roster's next epoch
+ROSTER_REFUSED = "ROSTER_REFUSED"    # 409: the change does not apply to the roster (details.reason)
+ROSTER_IN_USE = "ROSTER_IN_USE"      # 409: the group's members change by signed roster changes only
 
 CHAT_NOT_FOUND = "CHAT_NOT_FOUND"
 MESSAGE_NOT_FOUND = "MESSAGE_NOT_FOUND"

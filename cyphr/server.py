@@ -34,6 +34,7 @@ from cyphr.api.messaging import ChatsAPI, MessagingAPI
 from cyphr.api.metrics import MetricsResource, MetricsRoot
 from cyphr.api.operations import OperationsAPI
 from cyphr.api.security import SecurityAPI
+from cyphr.api.rosters import RostersAPI
 from cyphr.api.sessionkeys import SessionKeysAPI
 from cyphr.api.wallet import WalletAPI
 from cyphr.changes import ChangeFeed, IdentityDeleted, MemberLeft
@@ -54,6 +55,7 @@ from cyphr.handlers.health import HealthHandler, RealtimeStats
 from cyphr.handlers.ice import IceServers
 from cyphr.handlers.identity import IdentityHandler
 from cyphr.handlers.keys import KeysHandler
+from cyphr.handlers.rosters import RostersHandler
 from cyphr.handlers.sessionkeys import SessionKeysHandler
 from cyphr.handlers.linking import LinkingHandler
 from cyphr.handlers.maintenance import Maintenance
@@ -80,6 +82,7 @@ from cyphr.store.chats import ChatStore
 from cyphr.store.devices import DeviceStore
 from cyphr.store.identities import IdentityStore
 from cyphr.store.keys import PrekeyStore
+from cyphr.store.rosters import RosterStore
 from cyphr.store.sessionkeys import SessionKeyStore
 from cyphr.store.links import LinkStore
 from cyphr.store.messages import MessageStore
@@ -417,9 +420,10 @@ def build_server(
     wallet = WalletHandler(WalletStore(database), identity, clock, origins)
     messages = MessageStore(database)
     batcher = SendBatcher(messages, reactor)
+    rosters = RosterStore(database)
     messaging = MessagingHandler(chats, messages, identities, batcher, limits.send, changes, clock,
                                  group_limit=limits.group_create, member_limit=limits.member_add,
-                                 recipients=RecipientDevices(devices),
+                                 recipients=RecipientDevices(devices), rosters=rosters,
                                  cache_size=config.cache_entries)
     receipts = ReceiptsHandler(chats, messages, clock)
     calls = CallsHandler(chats, clock, cache_size=config.cache_entries)
@@ -481,6 +485,8 @@ def build_server(
                        authenticator),
         MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
         ChatsAPI(messaging, authenticator, limits),
+        RostersAPI(RostersHandler(rosters, chats, identities, cpu, changes, clock,
+                                  change_limit=limits.member_add), authenticator),
         OperationsAPI(
             IceServers(config.stun_urls, config.turn_urls, config.turn_secret, config.turn_ttl, clock),
             StorageStatus(status), authenticator, limits, config.admin_token),

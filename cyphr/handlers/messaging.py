@@ -35,6 +35,7 @@ from cyphr.errors import (
     NOT_A_MEMBER,
     NOT_ADMIN,
     NOT_SENDER,
+    ROSTER_IN_USE,
     USER_NOT_FOUND,
     BadRequest,
     Conflict,
@@ -60,6 +61,7 @@ from cyphr.store.envelopes import KINDS as ENVELOPE_KINDS
 from cyphr.store.envelopes import SealedFor
 from cyphr.store.identities import IdentityStore
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
+from cyphr.store.rosters import RosterStore
 
 DIRECT_CHAT_CACHE = 60.0        # seconds
 DIRECT_CHAT_CACHE_SIZE = 100_000
@@ -171,8 +173,10 @@ class MessagingHandler:
     def __init__(self, chats: ChatStore, messages: MessageStore, identities: IdentityStore,
                  batcher: SendBatcher, send_limit: RateLimit, changes: ChangeFeed, clock: Any, *,
                  group_limit: RateLimit, member_limit: RateLimit, recipients: RecipientDevices,
+                 rosters: RosterStore | None = None,
                  cache_size: int = DIRECT_CHAT_CACHE_SIZE) -> None:
         self._chats = chats
+        self._rosters = rosters
         self._recipients = recipients
         self._messages = messages
         self._identities = identities
@@ -389,6 +393,9 @@ class MessagingHandler:
             raise BadRequest("Members of a direct chat cannot change", code=NOT_A_GROUP)
         if membership.role != "admin":
             raise Forbidden("Only an admin of the group may do this", code=NOT_ADMIN)
+        if self._rosters is not None and await self._rosters.has_roster(chat_id):
+            raise Conflict("This group's members change by signed roster changes only "
+                           "(POST /api/chats/{chatId}/roster)", code=ROSTER_IN_USE)
         return membership
 
     async def members(self, user: AuthUser, chat_id: str) -> list[Member]:
