@@ -42,7 +42,8 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError as NaclCryptoError
 
 from cyphr import signing
-from cyphr.client import crypto, devices, sealing, sessionbook, sessionkeys, sessionmessages
+from cyphr import rosters
+from cyphr.client import crypto, devices, groups, sealing, sessionbook, sessionkeys, sessionmessages
 from cyphr.client.crypto import (
     CryptoError,
     Identity,
@@ -56,6 +57,7 @@ from cyphr.client.http import ApiError, ClientError, Http, check_server, segment
 from cyphr.client.localstore import LocalStore
 from cyphr.client.profile import Profile
 from cyphr.client.sessions import Bundle, Handshake, Me, PrekeySecrets
+from cyphr.rosters import RosterState
 
 if TYPE_CHECKING:
     from cyphr.client.realtime import Listener
@@ -226,6 +228,13 @@ class Client:
         self.no_session: str | None = None
         self._store: LocalStore | None = None
         self._store_lock = threading.Lock()
+        # Groups' roster states checked in this process (cyphr.client.groups),
+        # and chats known to be direct (they have none).
+        self._rosters: dict[str, list[RosterState]] = {}
+        self._not_groups: set[str] = set()
+        # The members the server listed for the last group message sent
+        # here that the group's roster does not have: not sealed to.
+        self.ghost_members: list[str] = []
 
     # -- profiles ---------------------------------------------------------
 
@@ -944,9 +953,14 @@ class Client:
         of the chat can be reached so, else as version 3
         (:func:`cyphr.client.sealing.send_sealed`; ``no_session`` says why)."""
         target, chat_id, members = self._target(to)
+        ghosts: list[str] = []
+        roster = None
+        if chat_id is not None and is_chat_id(to):
+            members, ghosts, roster = groups.recipients(self, chat_id, members)
+        self.ghost_members = ghosts
         try:
             answer = sessionbook.send(self, target, chat_id, members, plaintext, message_type,
-                                      transmit)
+                                      transmit, ghosts=ghosts, roster=roster)
         except sessionbook.NoSession as e:
             self.no_session = str(e)
             _log.info("Sealing as version 3: %s", e)
@@ -969,8 +983,16 @@ class Client:
         plaintext sealed for every member of the chat ``to`` (a chat id),
         or of the direct chat with ``to`` (a Cyphr ID)."""
         target, chat_id, members = self._target(to)
+        ghosts: list[str] = []
+        if chat_id is not None and is_chat_id(to):
+            members, ghosts, _ = groups.recipients(self, chat_id, members)
         client_message_id = str(uuid.uuid4())
         recipients, named = sealing.seal_devices(self, members)
+        # A ghost's devices are named (the server lists them), sealed to never.
+        for ghost in ghosts:
+            named += [{"cyphrId": ghost, "deviceId": d.device_id}
+                      for d in devices.devices_of(self, ghost)]
+        named.sort(key=lambda d: (d["cyphrId"], d["deviceId"]))
         payload = crypto.seal_to_devices(self.identity, self.cyphr_id, self.device_id, recipients,
                                          plaintext, chat_id=chat_id, message_type=message_type,
                                          client_message_id=client_message_id)
@@ -1040,7 +1062,7 @@ class Client:
             except (CryptoError, ClientError) as e:
                 return result(None, False, str(e))
             if message.get("messageType") == "system":
-                self._system_message(message["chatId"], kept["text"])
+                self._system_message(message["chatId"], kept["text"], message.get("senderId"))
             return kept_result(kept)
         try:
             sender_key = self._sender_key(message["senderId"])
@@ -1075,40 +1097,58 @@ class Client:
             # it neither counts as the sender's word nor changes any key.
             return result(text, False, crypto.V1_UNVERIFIED)
         if message.get("messageType") == "system":
-            self._system_message(message["chatId"], text)
+            self._system_message(message["chatId"], text, message.get("senderId"))
         return result(text, True)
 
     # -- groups -----------------------------------------------------------
 
     def create_group(self, name: str, members: list[str]) -> str:
-        """A group chat; its name is encrypted with a fresh name key, which
-        goes to the members in a sealed system message."""
-        name_key = os.urandom(32)
-        answer = self._call("POST", "/api/messaging/create-group", {
-            "encryptedName": _seal_name(name_key, name), "members": members})
-        chat_id = answer["chatId"]
+        """A group chat with a signed roster (cyphr.client.groups); its name
+        is encrypted with a fresh name key, which the roster commits to and
+        which goes to the members in a sealed system message."""
+        name_key = groups.new_name_key()
+        chat_id = groups.create(self, _seal_name(name_key, name), name_key, members)
         with self.profile.lock:
             self.profile.vault.setdefault("groupKeys", {})[chat_id] = b64(name_key)
+            self.profile.vault.setdefault("groupNames", {})[chat_id] = name
             self.profile.save()
         self._share_group_key(chat_id)
         return chat_id
 
-    def _share_group_key(self, chat_id: str) -> None:
+    def _share_group_key(self, chat_id: str, name: str | None = None) -> None:
+        """Send the group's name key, and its name (known to this device:
+        after a new key, the name the server keeps is sealed under the one
+        before), in a sealed system message."""
         with self.profile.lock:
             key = self.profile.vault.get("groupKeys", {}).get(chat_id)
+            name = name or self.profile.vault.get("groupNames", {}).get(chat_id)
         if key is not None:
-            self._send(chat_id, json.dumps({"groupKey": key}).encode("utf-8"), "system")
+            content = {"groupKey": key, **({"groupName": name} if name else {})}
+            self._send(chat_id, json.dumps(content).encode("utf-8"), "system")
 
-    def _system_message(self, chat_id: str, text: str) -> None:
+    def _system_message(self, chat_id: str, text: str, sender: Any = None) -> None:
         try:
             content = json.loads(text)
         except ValueError:
             return
         if isinstance(content, dict) and isinstance(content.get("groupKey"), str):
+            try:
+                key = base64.b64decode(content["groupKey"], validate=True)
+                if not groups.name_key_counts(self, chat_id, key):
+                    return
+                # A name only from an admin (the key the roster vouches for).
+                name = content.get("groupName") if groups.may_name(self, chat_id, sender) else None
+            except (ValueError, ClientError) as e:
+                _log.warning("Ignored a name key for group %s: %s", chat_id, e)
+                return
             with self.profile.lock:
-                keys = self.profile.vault.setdefault("groupKeys", {})
-                if keys.get(chat_id) != content["groupKey"]:
+                vault = self.profile.vault
+                keys, names = vault.setdefault("groupKeys", {}), vault.setdefault("groupNames", {})
+                if keys.get(chat_id) != content["groupKey"] or (
+                        isinstance(name, str) and names.get(chat_id) != name):
                     keys[chat_id] = content["groupKey"]
+                    if isinstance(name, str):
+                        names[chat_id] = name
                     self.profile.save()
 
     def _group_name(self, chat: dict[str, Any]) -> str | None:
@@ -1120,6 +1160,10 @@ class Client:
             # user: the chat is still the one with the contact, whose id
             # the messages in it carry.
             return self._other_sender(chat["chatId"]) or "(a deleted account)"
+        with self.profile.lock:
+            known = self.profile.vault.get("groupNames", {}).get(chat["chatId"])
+        if known is not None:
+            return known
         if not chat.get("encryptedName"):
             return None
         with self.profile.lock:
@@ -1148,13 +1192,36 @@ class Client:
                      if isinstance(m, dict) and m.get("senderId") not in (None, me)), None)
 
     def add_member(self, chat_id: str, cyphr_id: str) -> None:
-        self._call("POST", f"/api/chats/{segment(chat_id)}/members/{segment(cyphr_id)}", {})
+        """Add a member: a signed roster change (a group from before rosters:
+        the unsigned route); the new member gets the name key."""
+        if groups.current(self, chat_id) is not None:
+            groups.change(self, chat_id, [rosters.add(cyphr_id)])
+        else:
+            self._call("POST", f"/api/chats/{segment(chat_id)}/members/{segment(cyphr_id)}", {})
         self._share_group_key(chat_id)
 
     def remove_member(self, chat_id: str, cyphr_id: str) -> None:
+        """Remove a member (or leave, for oneself). In a group with a
+        roster, a removal is a signed change with a new name key, sent to
+        those who stay."""
+        if cyphr_id != self.cyphr_id and groups.current(self, chat_id) is not None:
+            chat = self._chat(chat_id)
+            name = self._group_name(chat) if chat is not None else None
+            key = groups.new_name_key()
+            groups.change(self, chat_id, [rosters.remove(cyphr_id)], new_name_key=key)
+            with self.profile.lock:
+                self.profile.vault.setdefault("groupKeys", {})[chat_id] = b64(key)
+                if name is not None:
+                    self.profile.vault.setdefault("groupNames", {})[chat_id] = name
+                self.profile.save()
+            self._share_group_key(chat_id, name)
+            return
         self._call("DELETE", f"/api/chats/{segment(chat_id)}/members/{segment(cyphr_id)}", {})
 
     def set_role(self, chat_id: str, cyphr_id: str, role: str) -> None:
+        if groups.current(self, chat_id) is not None:
+            groups.change(self, chat_id, [rosters.set_role(cyphr_id, role)])
+            return
         self._call("PUT", f"/api/chats/{segment(chat_id)}/members/{segment(cyphr_id)}/role",
                    {"role": role})
 

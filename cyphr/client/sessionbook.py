@@ -35,12 +35,13 @@ import os
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
-from cyphr.client import devices, sessionmessages, sessions
+from cyphr.client import devices, groups, sessionmessages, sessions
 from cyphr.client.counters import Counters
 from cyphr.client.crypto import b64, iso_ms, unb64
 from cyphr.client.http import ApiError, ClientError
 from cyphr.client.sessionmessages import BodyHeader, MessageRefused, Recipient
 from cyphr.client.sessions import Handshake, Session, SessionError
+from cyphr.rosters import RosterRefused, RosterState
 
 if TYPE_CHECKING:
     from cyphr.client.client import Client
@@ -142,11 +143,18 @@ def _new_sessions(client: Client, targets: list[tuple[str, int]]
 
 
 def sealed(client: Client, target: dict[str, str], chat_id: str | None, members: list[str],
-           plaintext: bytes, message_type: str) -> tuple[dict[str, Any], dict[str, Any]]:
+           plaintext: bytes, message_type: str, ghosts: list[str] = (),
+           roster: RosterState | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The body of a send over sessions to ``members``' devices, and this
     device's own record of it (kept once the server has stored it:
-    :func:`keep_sent`). NoSession if a device cannot be reached so."""
+    :func:`keep_sent`); ``roster`` is the group's (its epoch and hash go in
+    the header), and ``ghosts`` are members the server lists that it does
+    not: their devices get envelopes of random bytes. NoSession if a device
+    cannot be reached so."""
     targets, refused = _devices(client, members)
+    for ghost in ghosts:
+        refused += [(ghost, d.device_id, "not a member of the group's roster")
+                    for d in devices.devices_of(client, ghost)]
     store = client.store
     known = {t for t in targets if store.get(SESSIONS, _key(*t)) is not None}
     started, bad_bundles = _new_sessions(client, [t for t in targets if t not in known])
@@ -177,7 +185,9 @@ def sealed(client: Client, target: dict[str, str], chat_id: str | None, members:
             records[t] = (session, handshake, ephemeral, previous)
         counter = int(txn.get(COUNTERS, counter_key) or 1)
         header = BodyHeader(chat_id, client.cyphr_id, client.device_id, message_type,
-                            str(uuid.uuid4()), counter, now, direct_with=direct_with)
+                            str(uuid.uuid4()), counter, now, direct_with=direct_with,
+                            roster_epoch=roster.epoch if roster else None,
+                            roster_hash=roster.state_hash() if roster else None)
         result = sessionmessages.seal(plaintext, header, recipients)
         # Saved before the send: a counter or message key is never used twice.
         txn.put(COUNTERS, counter_key, counter + 1)
@@ -221,14 +231,16 @@ def keep_sent(client: Client, own: dict[str, Any], answer: dict[str, Any]) -> No
 
 def send(client: Client, target: dict[str, str], chat_id: str | None, members: list[str],
          plaintext: bytes, message_type: str,
-         transmit: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+         transmit: Callable[[dict[str, Any]], dict[str, Any]], *, ghosts: list[str] = (),
+         roster: RosterState | None = None) -> dict[str, Any]:
     """Seal over sessions and ``transmit``; refused DEVICES_CHANGED, sealed
     again for the devices now, once. NoSession before anything is sent if
     a device cannot be reached so."""
     from cyphr.client.sealing import changed_text
 
     for attempt in (1, 2):
-        body, own = sealed(client, target, chat_id, members, plaintext, message_type)
+        body, own = sealed(client, target, chat_id, members, plaintext, message_type, ghosts,
+                           roster)
         try:
             answer = transmit(body)
         except ApiError as e:
@@ -299,6 +311,7 @@ def open_message(client: Client, message: dict[str, Any],
     handshake = None if mine else sessionmessages.handshake_of(message)
     key = _key(sender, device_id)
     chat_id = message.get("chatId")
+    _check_roster(client, message)
     with client.store.transaction() as txn:
         kept = txn.message(message.get("id"))
         if kept is not None:
@@ -368,6 +381,23 @@ def open_message(client: Client, message: dict[str, Any],
     if started:
         client.erase_one_time_session_prekeys(handshake)
     return kept
+
+
+def _check_roster(client: Client, message: dict[str, Any]) -> None:
+    """Before anything is opened: a message naming a roster is refused
+    unless that epoch's state of the group's roster has that hash, with the
+    sender a member then (the header is authenticated by the opening that
+    follows: one altered does not open)."""
+    payload = message.get("encryptedPayload")
+    header = payload.get("header") if isinstance(payload, dict) else None
+    if not isinstance(header, dict) or header.get("rosterEpoch") is None:
+        return
+    claimed = BodyHeader.from_json(header)
+    try:
+        groups.check_message(client, str(message.get("chatId")), str(message.get("senderId")),
+                             claimed.roster_epoch, claimed.roster_hash)
+    except RosterRefused as e:
+        raise MessageRefused(f"the message's roster is not the group's: {e.reason}") from None
 
 
 def _own_copy(txn: Any, message: dict[str, Any]) -> dict[str, Any]:
