@@ -40,11 +40,15 @@ class Connection:
         return cls(*await asyncio.open_connection("127.0.0.1", port))
 
     async def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+        return await self.request("POST", path, body, token=token)
+
+    async def request(self, method: str, path: str, body: dict,
+                      token: str | None = None) -> tuple[int, dict]:
         data = json.dumps(body).encode()
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self.writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n{auth}"
-            f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"{auth}Content-Length: {len(data)}\r\n\r\n".encode() + data)
         status_line = await self.reader.readline()
         status = int(status_line.split()[1])
         length, chunked = 0, False
