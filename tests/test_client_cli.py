@@ -687,6 +687,24 @@ class RealServerTests(SQLiteMixin, TestCase):
         [message] = json.loads(await self.ok(alice, "--json", "history", "bob"))["messages"]
         self.assertTrue(message["contactVerified"])
 
+    async def test_send_says_when_not_over_sessions(self) -> None:
+        """send tells whether the message went over sessions: yes between
+        two current clients; to a contact whose device published no
+        session keys, no, and why, in its JSON and its text."""
+        alice, bob = self.mktemp(), self.mktemp()
+        for profile, name in ((alice, "alice"), (bob, "bob")):
+            await self.ok(profile, "init")
+            await self.ok(profile, "register", name, "--prekeys", "2")
+        sent = json.loads(await self.ok(alice, "--json", "send", "bob", "over sessions"))
+        self.assertIs(sent["sessions"], True)
+        await self.server.database.run_operation(
+            "DELETE FROM session_prekeys WHERE user_id ="
+            " (SELECT id FROM cyphr_identities WHERE cyphr_id = 'alice')")
+        told = await self.ok(bob, "send", "alice", "the old way")
+        self.assertIn("Sealed as version 3, without forward secrecy: device 1 of alice published"
+                      " no session keys", told)
+        self.assertIn("bob ✓ (unverified contact): the old way", await self.ok(alice, "history", "bob"))
+
     async def test_history_shows_receipts(self) -> None:
         """history marks one's own messages with what the server recorded
         before the command ran (read by a read-up-to mark or by id,

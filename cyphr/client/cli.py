@@ -660,7 +660,11 @@ def cmd_send(args: argparse.Namespace, out: Output) -> None:
     client = _open(args)
     answer = client.send(_target(client, args.to), text, args.message_type)
     answer.pop("success", None)
-    out.result(answer, f"Sent (chat {answer['chatId']}, #{answer['seq']}).")
+    # Told, not hidden: without sessions a message has no forward secrecy.
+    answer["sessions"] = client.no_session is None
+    note = "" if client.no_session is None else (
+        f" Sealed as version 3, without forward secrecy: {client.no_session}.")
+    out.result(answer, f"Sent (chat {answer['chatId']}, #{answer['seq']}).{note}")
 
 
 WAKE_SECONDS = 0.5  # how long listen's main thread waits at most before looking again
