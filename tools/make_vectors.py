@@ -24,7 +24,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM1024PrivateKey
 from nacl.signing import SigningKey
@@ -351,6 +351,37 @@ def build_messages() -> dict[str, Any]:
     }
 
 
+def _fixed_draws(label: bytes, first_m: int) -> tuple[Callable[[int], bytes],
+                                                     Callable[[bytes], tuple[bytes, bytes]],
+                                                     list[dict[str, str]], list[dict[str, str]]]:
+    """Randomness and ML-KEM encapsulations fixed for vectors: ``random(n)``
+    gives SHA-256(label || " " || counter) doubled, cut to n; the k-th
+    encapsulation uses m = byte (first_m + k) repeated 32 times (kyber-py's
+    ``_encaps_internal``). Each draw and encapsulation is recorded for the
+    vector file."""
+    from kyber_py.ml_kem import ML_KEM_1024
+
+    draws: list[dict[str, str]] = []
+    counter = iter(range(1, 1000))
+
+    def random(n: int) -> bytes:
+        value = hashlib.sha256(label + b" %d" % next(counter)).digest() * 2
+        draws.append({"bytes": _hex(value[:n])})
+        return value[:n]
+
+    ms = [bytes([first_m + i]) * 32 for i in range(8)]
+    encapsulations: list[dict[str, str]] = []
+
+    def encapsulate(public_key: bytes) -> tuple[bytes, bytes]:
+        m = ms[len(encapsulations)]
+        secret, ciphertext = ML_KEM_1024._encaps_internal(public_key, m)
+        encapsulations.append({"m": _hex(m), "publicKeySha256": _hex(
+            hashlib.sha256(public_key).digest()), "sharedSecret": _hex(secret)})
+        return secret, ciphertext
+
+    return random, encapsulate, draws, encapsulations
+
+
 def build_sessions() -> dict[str, Any]:
     """A session (cyphr-s1) from fixed keys and randomness: alice's device 1
     starts one with bob's device 2 from his bundle (PQXDH), then four
@@ -358,8 +389,6 @@ def build_sessions() -> dict[str, Any]:
     sending chain of a side that sent since its last. Every random draw is listed, in the order the code
     makes it; encapsulations use kyber-py's ``_encaps_internal`` with the
     fixed messages ``m``, in order."""
-    from kyber_py.ml_kem import ML_KEM_1024
-
     from cyphr.client import crypto, sessions
 
     now = 1_790_000_000_000
@@ -384,23 +413,7 @@ def build_sessions() -> dict[str, Any]:
         prekey(sessions.DH_SIGNED, 1, sessions._public(spk)),
         prekey(sessions.KEM_LAST_RESORT, 2, sessions._kem_public(pqspk_seed)),
         prekey(sessions.DH_ONE_TIME, 3, sessions._public(opk)))
-    draws: list[dict[str, str]] = []
-    counter = iter(range(1, 1000))
-
-    def random(n: int) -> bytes:
-        value = hashlib.sha256(b"cyphr-s1 vectors %d" % next(counter)).digest() * 2
-        draws.append({"bytes": _hex(value[:n])})
-        return value[:n]
-
-    ms = [bytes([0x80 + i]) * 32 for i in range(8)]
-    encapsulations: list[dict[str, str]] = []
-
-    def encapsulate(public_key: bytes) -> tuple[bytes, bytes]:
-        m = ms[len(encapsulations)]
-        secret, ciphertext = ML_KEM_1024._encaps_internal(public_key, m)
-        encapsulations.append({"m": _hex(m), "publicKeySha256": _hex(
-            hashlib.sha256(public_key).digest()), "sharedSecret": _hex(secret)})
-        return secret, ciphertext
+    random, encapsulate, draws, encapsulations = _fixed_draws(b"cyphr-s1 vectors", 0x80)
 
     ephemeral = bytes([0x74]) * 32
     policy = sessions.Policy(rekey_messages=1)
@@ -470,8 +483,6 @@ def build_session_messages() -> dict[str, Any]:
     Every random draw is listed in the order the code makes it (the
     sessions', then the content key, then the readers'); encapsulations
     use kyber-py's ``_encaps_internal`` with the fixed messages ``m``."""
-    from kyber_py.ml_kem import ML_KEM_1024
-
     from cyphr.client import crypto, sessionmessages, sessions
 
     now = 1_790_000_000_000
@@ -504,23 +515,7 @@ def build_session_messages() -> dict[str, Any]:
                                       sessions._kem_public(pqspk_seed)),
                                prekey(sessions.DH_ONE_TIME, 3, sessions._public(opk)))
 
-    draws: list[dict[str, str]] = []
-    counter = iter(range(1, 1000))
-
-    def random(n: int) -> bytes:
-        value = hashlib.sha256(b"cyphr-s1-message vectors %d" % next(counter)).digest() * 2
-        draws.append({"bytes": _hex(value[:n])})
-        return value[:n]
-
-    ms = [bytes([0xb0 + i]) * 32 for i in range(8)]
-    encapsulations: list[dict[str, str]] = []
-
-    def encapsulate(public_key: bytes) -> tuple[bytes, bytes]:
-        m = ms[len(encapsulations)]
-        secret, ciphertext = ML_KEM_1024._encaps_internal(public_key, m)
-        encapsulations.append({"m": _hex(m), "publicKeySha256": _hex(
-            hashlib.sha256(public_key).digest()), "sharedSecret": _hex(secret)})
-        return secret, ciphertext
+    random, encapsulate, draws, encapsulations = _fixed_draws(b"cyphr-s1-message vectors", 0xb0)
 
     options: dict[str, Any] = {"random": random, "encapsulate_with": encapsulate}
     # alice's devices 1 and 2 have a session already: 1 started it, 2 answered.

@@ -166,11 +166,17 @@ def send_sealed(client: Client, to: str, plaintext: bytes, message_type: str,
     was added or removed since the lists were fetched), the message is
     sealed again from lists fetched and checked again, and sent once more;
     refused so again, it is a ClientError naming the devices."""
+    # No list is kept between messages: sealing fetches them all.
+    return sealed_again_once(lambda: transmit(client.sealed(to, plaintext, message_type)))
+
+
+def sealed_again_once(seal_and_send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``seal_and_send()`` (seal from device lists fetched now, and send);
+    refused DEVICES_CHANGED, once more; refused so again, a ClientError
+    naming the devices."""
     for attempt in (1, 2):
-        # No list is kept between messages: sealing fetches them all.
-        body = client.sealed(to, plaintext, message_type)
         try:
-            return transmit(body)
+            return seal_and_send()
         except ApiError as e:
             if e.code != "DEVICES_CHANGED":
                 raise

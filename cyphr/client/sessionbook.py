@@ -39,6 +39,7 @@ from cyphr.client import devices, groups, sessionmessages, sessions
 from cyphr.client.counters import Counters
 from cyphr.client.crypto import b64, iso_ms, unb64
 from cyphr.client.http import ApiError, ClientError
+from cyphr.client.sealing import sealed_again_once
 from cyphr.client.sessionmessages import BodyHeader, MessageRefused, Recipient
 from cyphr.client.sessions import Handshake, Session, SessionError
 from cyphr.rosters import RosterRefused, RosterState
@@ -236,27 +237,18 @@ def send(client: Client, target: dict[str, str], chat_id: str | None, members: l
     """Seal over sessions and ``transmit``; refused DEVICES_CHANGED, sealed
     again for the devices now, once. NoSession before anything is sent if
     a device cannot be reached so."""
-    from cyphr.client.sealing import changed_text
-
-    for attempt in (1, 2):
+    def seal_and_send() -> dict[str, Any]:
         body, own = sealed(client, target, chat_id, members, plaintext, message_type, ghosts,
                            roster)
         try:
             answer = transmit(body)
-        except ApiError as e:
+        except ApiError:
             client.store.delete(PENDING, body["clientMessageId"])
-            if e.code != "DEVICES_CHANGED":
-                raise
-            if attempt == 2:
-                raise ClientError(f"the chat's devices changed again while the message was "
-                                  f"sealed again for them ({changed_text(e.details)}): not "
-                                  f"sent; try again") from None
-            _log.info("The devices of the chat changed (%s): sealing the message again",
-                      changed_text(e.details))
-            continue
+            raise
         keep_sent(client, own, answer)
         return answer
-    raise AssertionError("unreachable")
+
+    return sealed_again_once(seal_and_send)
 
 
 # -- opening ---------------------------------------------------------------------------
