@@ -6,7 +6,7 @@ while each device keeps what it read; a replayed or re-dated message
 refused, a gap shown, the sender's clock shown; two devices that start
 sessions with each other at once; a handshake naming an erased prekey; a
 contact whose client has no sessions (version 3). A real server over a
-real port, on both engines.
+real port, on both engines, and two nodes of one PostgreSQL database.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import queue
 import random
 from typing import Any
 
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cyphr.client.client import Client, Message
-from tests.clients import ServedClients
+from tests.clients import PASSPHRASE, ServedClients
 from tests.helpers import PostgresMixin, SQLiteMixin
 from tests.test_client_devices import Linking
+from tests.test_realtime_cluster import ClusterMixin
 
 # In the many-devices test: 150 in the suite (the protocol's own test takes
 # 1,000: tests/test_sessions.py); CYPHR_SESSION_TEST_MESSAGES=1000 runs the
@@ -258,3 +260,39 @@ class PostgresClientSessionsTests(PostgresMixin, ClientSessionsMixin, TestCase):
                 self.assertEqual(got.text, sent[message["id"]],
                                  f"device {reader.cyphr_id} {reader.device_id}: {got.error}")
 
+
+
+class ClientSessionsAcrossNodesTests(PostgresMixin, ClusterMixin, TestCase):
+    """The reference clients over sessions, on two nodes of one database."""
+
+    async def test_across_nodes(self) -> None:
+        """Alice (two devices) on node A and bob on node B: bob's listener
+        on node B gets alice's message live (node B fetched it with its
+        envelopes), both of alice's devices read bob's answer, and every
+        message reads the same on each device."""
+        a_node, b_node = await self.cluster(self.database_setting())
+        directory = os.path.abspath(self.mktemp())
+
+        def registered(url: str, name: str) -> Client:
+            client, _ = Client.init(os.path.join(directory, name), PASSPHRASE, url)
+            self.addCleanup(client.close)
+            client.register(name, prekeys=2)
+            return client
+
+        alice = await deferToThread(registered, a_node.url, "alice")
+        bob = await deferToThread(registered, b_node.url, "bob")
+        linking = Linking(os.path.join(directory, "alice2"), a_node.url)
+        code = await linking.code()
+        await deferToThread(alice.approve, code.code)
+        alice2 = await linking.done
+        self.addCleanup(alice2.close)
+        got: queue.Queue[Message] = queue.Queue()
+        listener = await deferToThread(lambda: bob.listener(got.put, top_up=False).start())
+        self.addCleanup(deferToThread, listener.stop)
+        sent = await deferToThread(alice.send, "bob", "from node A")
+        live = await deferToThread(got.get, True, 15)
+        self.assertEqual((live.id, live.text, live.verified), (sent["messageId"], "from node A", True))
+        await deferToThread(bob.send, "alice", "from node B")
+        for device in (alice, alice2):
+            texts = [m.text for m in await deferToThread(device.history, sent["chatId"])]
+            self.assertEqual(texts, ["from node A", "from node B"])
