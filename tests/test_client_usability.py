@@ -41,6 +41,7 @@ def main(*argv: str, stdin: io.StringIO | None = None) -> tuple[int, str, str]:
 
 class Sent:
     cyphr_id = "alice"
+    no_session = None  # sent over sessions
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, str]] = []
