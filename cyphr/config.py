@@ -24,6 +24,18 @@ from cyphr.signing import normalize_origin
 MiB = 1024 * 1024
 DEFAULT_CORS_ORIGINS = ("http://localhost:5173", "https://app.cyphrmessenger.app")
 ENV_PREFIX = "CYPHR_"
+# A history backup travels as base64 (4 bytes for every 3) in a JSON body
+# of at most max_body: {"blob": "..."} and room to spare. The default fits
+# the default max_body: 7 MiB is 9.33 MiB of base64 (8 MiB would be 10.67,
+# over 10 MiB).
+HISTORY_BACKUP_DEFAULT = 7 * MiB
+HISTORY_BACKUP_FRAMING = 1024
+
+
+def history_backup_room(max_body: int) -> int:
+    """The largest blob whose base64, with HISTORY_BACKUP_FRAMING bytes of
+    JSON around it, fits in a body of ``max_body`` bytes."""
+    return max(0, (max_body - HISTORY_BACKUP_FRAMING) // 4 * 3)
 
 
 class ConfigError(UsageError):
@@ -141,6 +153,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_payload", "size",
             "Largest encryptedPayload of one message, in bytes of JSON (the "
             "request body limit applies too).",
+            metavar="BYTES"),
+    Setting("max_history_backup", "size",
+            "Largest history backup (a client's sealed messages, one per "
+            "identity), in bytes before base64. Its base64 (4/3 of it) and "
+            "1 KiB of JSON must fit in max_body. Default 7MiB, or the most "
+            "that fits when max_body leaves less room.",
             metavar="BYTES"),
     Setting("retention_days", "int",
             "Delete messages older than this many days (0: keep them).",
@@ -278,6 +296,9 @@ class Config:
     cache_entries: int = 100_000
     rate_limit_keys: int = 200_000
     max_payload: int = 1 * MiB
+    # 0: HISTORY_BACKUP_DEFAULT, or less when max_body leaves less room
+    # (history_backup_limit); a value set is checked against max_body.
+    max_history_backup: int = 0
     retention_days: int = 0
     # As Signal keeps undelivered messages: a device away for longer has
     # to be re-linked anyway.
@@ -333,6 +354,12 @@ class Config:
             if origin not in origins:
                 origins.append(origin)
         object.__setattr__(self, "public_url", tuple(origins))
+
+    @property
+    def history_backup_limit(self) -> int:
+        """The largest history backup the server takes, in bytes."""
+        return self.max_history_backup or min(HISTORY_BACKUP_DEFAULT,
+                                               history_backup_room(self.max_body))
 
     @property
     def database_engine(self) -> str:
@@ -702,6 +729,13 @@ def validate(config: Config) -> None:
         raise ConfigError("--token-lifetime must be between 1m and 365d")
     if not 1024 <= config.max_payload <= 1024 * MiB:
         raise ConfigError("--max-payload must be between 1KiB and 1GiB")
+    if config.max_history_backup:
+        room = history_backup_room(config.max_body)
+        if not 1024 <= config.max_history_backup <= room:
+            raise ConfigError(
+                f"--max-history-backup must be between 1KiB and {room} bytes: its base64 (4/3 "
+                f"of it) and {HISTORY_BACKUP_FRAMING} bytes of JSON must fit in --max-body "
+                f"({config.max_body} bytes)")
     if not 0 <= config.retention_days <= 100_000:
         raise ConfigError("--retention-days must be 0 (keep) or a number of days")
     if not 0 <= config.envelope_retention_days <= 100_000:
@@ -765,6 +799,8 @@ def describe_default(setting: Setting) -> str:
         return ", ".join(value) if value else "none"
     if setting.kind == "bool":
         return "on" if value else "off"
+    if setting.name == "max_history_backup":
+        value = HISTORY_BACKUP_DEFAULT
     if setting.kind == "size":
         return f"{value // MiB}MiB" if value % MiB == 0 else str(value)
     if setting.kind == "duration":

@@ -63,6 +63,7 @@ UNSUPPORTED_SIGNATURE_VERSION = "UNSUPPORTED_SIGNATURE_VERSION"
 KEY_EXPIRED = "KEY_EXPIRED"
 STALE_KEY = "STALE_KEY"
 PIN_BACKUP_NOT_FOUND = "PIN_BACKUP_NOT_FOUND"
+HISTORY_BACKUP_NOT_FOUND = "HISTORY_BACKUP_NOT_FOUND"  # 404: the identity keeps no history backup
 # Devices (docs/encryption.rst, "Devices").
 DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"  # 404: the caller's identity has no such device
 DEVICE_LIMIT = "DEVICE_LIMIT"          # 409: the identity has as many devices as it may

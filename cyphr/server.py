@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 import cyphr
 from cyphr._compat import port_deferred
+from cyphr.api.backups import HistoryBackupAPI
 from cyphr.api.devices import DevicesAPI
 from cyphr.api.health import HealthAPI
 from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root, connection_release
@@ -48,6 +49,7 @@ from cyphr.db import Database, Transaction, open_database
 from cyphr.db.fingerprints import check_fingerprints_txn
 from cyphr.db.postgres import PostgresDatabase
 from cyphr.handlers.auth import Authenticator
+from cyphr.handlers.backups import HistoryBackupHandler
 from cyphr.handlers.calls import CallsHandler
 from cyphr.handlers.delivery import DeliveryHandler
 from cyphr.handlers.devices import DevicesHandler
@@ -77,6 +79,7 @@ from cyphr.realtime.engine import EngineServer
 from cyphr.realtime.events import Realtime
 from cyphr.realtime.presence import Presence
 from cyphr.realtime.socketio import SocketServer
+from cyphr.store.backups import HistoryBackupStore
 from cyphr.store.challenges import ChallengeStore
 from cyphr.store.chats import ChatStore
 from cyphr.store.devices import DeviceStore
@@ -472,6 +475,9 @@ def build_server(
     router = ApiRouter([
         HealthAPI(health),
         IdentityAPI(identity, authenticator, limits, PinBackupHandler(PinBackupStore(database), clock)),
+        HistoryBackupAPI(HistoryBackupHandler(HistoryBackupStore(database), clock,
+                                              config.history_backup_limit),
+                         authenticator, limits, config.max_body),
         KeysAPI(keys, authenticator, limits),
         DevicesAPI(DevicesHandler(identities, devices, changes, clock), authenticator, limits),
         LinkingAPI(LinkingHandler(links, identities, identity, tokens, changes, cpu,

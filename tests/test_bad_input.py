@@ -55,6 +55,8 @@ class BadInputTestsMixin:
                 "challengeId": challenge_id, "statement": statement, "signature": signature,
                 "deviceFingerprint": self.alice.fingerprint}),
             ("PUT", "/api/cyphr-id/pin-backup", {"blob": b64(b"sealed")}),
+            ("PUT", "/api/cyphr-id/history-backup", {"blob": b64(b"sealed")}),
+            ("DELETE", "/api/cyphr-id/history-backup", {}),
             ("POST", "/api/messaging/store-public-key", {
                 "kyberPublicKey": b64(key), "kyberKeySignature": signature, "userId": "alice",
                 "publicKey": b64(self.alice.public_key), **times}),

@@ -193,6 +193,10 @@ class FakeServer:
             if caller.cyphr_id not in self.pin_backups:
                 raise ApiError(404, "PIN_BACKUP_NOT_FOUND", "No pin backup")
             return {"blob": self.pin_backups[caller.cyphr_id], "updatedAt": iso_ms(0)}
+        if path == "/api/cyphr-id/history-backup":
+            # A server that never kept one (tests/test_client_backup.py
+            # runs the history backup against a real one).
+            raise ApiError(404, "HISTORY_BACKUP_NOT_FOUND", "No history backup")
         if path == "/api/messaging/store-public-key":
             assert caller is not None
             caller.main = dict(body)

@@ -185,6 +185,26 @@ class NonsenseTests(TestCase):
         self.assertIn("--cache-entries", self.refused({"cache_entries": "0"}))
         self.assertIn("--rate-limit-keys", self.refused({"rate_limit_keys": "10"}))
 
+    def test_history_backup_fits_the_body(self) -> None:
+        """max_history_backup: 7 MiB by default (its base64, 9.33 MiB, and
+        the JSON around it fit in the default 10 MiB max_body; 8 MiB would
+        not), the most that fits when only max_body is made smaller, and a
+        value set whose base64 does not fit in max_body is refused."""
+        MiB = 1024 * 1024
+        self.assertEqual(load_config({}, {}).history_backup_limit, 7 * MiB)
+        self.assertEqual(load_config({"max_history_backup": "7MiB"}, {}).history_backup_limit,
+                         7 * MiB)
+        self.assertLessEqual(4 * -(-7 * MiB // 3) + len('{"blob":""}'), 10 * MiB)
+        self.assertIn("--max-history-backup must be between 1KiB and 7863552 bytes",
+                      self.refused({"max_history_backup": "8MiB"}))
+        small = load_config({"max_body": "1MiB"}, {})
+        self.assertEqual(small.history_backup_limit, (MiB - 1024) // 4 * 3)
+        self.assertIn("--max-history-backup", self.refused({"max_body": "1MiB",
+                                                            "max_history_backup": "1MiB"}))
+        self.assertIn("--max-history-backup", self.refused({"max_history_backup": "100"}))
+        self.assertEqual(load_config({"max_history_backup": "64KiB"}, {}).history_backup_limit,
+                         65536)
+
     def test_sizes(self) -> None:
         """Sizes take plain bytes or KiB/MiB/GiB suffixes."""
         self.assertEqual(parse_size("512"), 512)

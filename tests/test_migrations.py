@@ -243,6 +243,30 @@ class DeviceDeliveryMigrationMixin:
             "SELECT user_id, device_id, message_id FROM device_receipts")], [(alice, 1, ids[3])])
 
 
+class HistoryBackupsMigrationMixin:
+    """Schema 017 (history backups) on a database holding an identity."""
+
+    async def test_upgrade_adds_history_backups(self) -> None:
+        """Upgrading from schema 16, the history backup table exists (empty),
+        holds one blob per identity and goes with the identity."""
+        location = self.new_location()
+        old = await self.started(location, target=16)
+        alice = "00000000-0000-4000-8000-000000000001"
+        await old.run_operation(
+            "INSERT INTO cyphr_identities (id, cyphr_id, public_key, created_at, updated_at)"
+            " VALUES (?, 'alice', ?, 0, 0)", (alice, b"k" * 32))
+        await old.close()
+        new = await self.started(location, target=17)
+        self.assertEqual(await new.run_query("SELECT COUNT(*) FROM history_backups"), [(0,)])
+        await new.run_operation("INSERT INTO history_backups (user_id, blob, updated_at)"
+                                " VALUES (?, ?, 1)", (alice, b"sealed"))
+        with self.assertRaises(Exception):
+            await new.run_operation("INSERT INTO history_backups (user_id, blob, updated_at)"
+                                    " VALUES (?, ?, 2)", (alice, b"again"))
+        await new.run_operation("DELETE FROM cyphr_identities WHERE id = ?", (alice,))
+        self.assertEqual(await new.run_query("SELECT COUNT(*) FROM history_backups"), [(0,)])
+
+
 async def deferLater(seconds: float) -> None:
     from twisted.internet.task import deferLater as later
 
@@ -250,7 +274,8 @@ async def deferLater(seconds: float) -> None:
 
 
 class SQLiteMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin,
-                           DeviceDeliveryMigrationMixin, MigrationTestsMixin, TestCase):
+                           DeviceDeliveryMigrationMixin, HistoryBackupsMigrationMixin,
+                           MigrationTestsMixin, TestCase):
     def new_location(self) -> str:
         directory = self.mktemp()
         os.makedirs(directory)
@@ -268,7 +293,8 @@ class SQLiteMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin,
 
 
 class PostgresMigrationTests(V2SignaturesMigrationMixin, DevicesMigrationMixin,
-                             DeviceDeliveryMigrationMixin, MigrationTestsMixin, TestCase):
+                             DeviceDeliveryMigrationMixin, HistoryBackupsMigrationMixin,
+                             MigrationTestsMixin, TestCase):
     def new_location(self) -> str:
         return postgres.database_url()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cyphr import __version__
+from cyphr.client.backup import Written
 from cyphr.client.client import Client, IdentityChanged, Message, is_chat_id
 from cyphr.client.crypto import CryptoError
 from cyphr.client.devices import LinkCode, LinkRequest, parse_link_code
@@ -205,6 +206,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=100, help="how many to hold (100)")
     keys.add_parser("sessions", help="publish what is due of this device's session keys "
                                      "(prekeys for sessions) and show them")
+    p = command("backup", "the encrypted history backup (opt-in): the messages this device "
+                          "kept, sealed under a key from the recovery phrase, for a recovered "
+                          "or newly linked device to read")
+    p.add_argument("action", choices=["on", "off", "now", "status"],
+                   help="on: write it now and rewrite it daily; off: stop, and delete the "
+                        "server's copy; now: write it now; status: whether it is on, and the "
+                        "last one written")
     p = command("verify", "show a contact's safety number; --accept it once compared")
     p.add_argument("cyphr_id")
     p.add_argument("--accept", metavar="NUMBER",
@@ -501,9 +509,26 @@ def cmd_recover(args: argparse.Namespace, out: Output) -> None:
     if problem:
         out.warn(f"the pinned contacts could not be restored ({problem}): every contact is "
                  f"pinned again on first use; compare safety numbers with `cyphr-client verify`")
-    out.result({"cyphrId": client.cyphr_id, "profile": str(directory), "restoredPins": restored},
+    messages = _restored_messages(client, out)
+    out.result({"cyphrId": client.cyphr_id, "profile": str(directory), "restoredPins": restored,
+                "restoredMessages": messages},
                f"Recovered {client.cyphr_id} on this device; its other devices are signed out. "
-               f"{restored} pinned contact(s) restored from the encrypted backup.")
+               f"{restored} pinned contact(s) restored from the encrypted backup. "
+               f"{_restored_text(messages)}")
+
+
+def _restored_messages(client: Client, out: Output) -> int:
+    """How many messages the history backup restored; a warning when it
+    could not be read."""
+    problem = getattr(client, "history_backup_error", None)
+    if problem:
+        out.warn(f"the history backup could not be restored ({safe(problem)}): nothing of it "
+                 f"was added")
+    return getattr(client, "restored_messages", None) or 0
+
+
+def _restored_text(count: int) -> str:
+    return f"{count} message(s) restored from the history backup."
 
 
 def _recovery_refused(server: str, cyphr_id: str, verify_tls: bool) -> ClientError:
@@ -555,10 +580,12 @@ def cmd_link(args: argparse.Namespace, out: Output) -> None:
     if client.pin_backup_error:
         out.warn(f"the pinned contacts could not be restored ({client.pin_backup_error}): every "
                  f"contact is pinned again on first use")
+    messages = _restored_messages(client, out)
     out.result({"cyphrId": client.cyphr_id, "deviceId": device_id, "profile": str(directory),
-                "restoredPins": restored},
+                "restoredPins": restored, "restoredMessages": messages},
                f"Linked: this is device {device_id} of {client.cyphr_id}. Check that "
-               f"{client.cyphr_id} is your identity. {restored} pinned contact(s) restored.")
+               f"{client.cyphr_id} is your identity. {restored} pinned contact(s) restored. "
+               f"{_restored_text(messages)}")
 
 
 def _spaced(fingerprint: str) -> str:
@@ -890,6 +917,52 @@ def cmd_keys(args: argparse.Namespace, out: Output) -> None:
                    f"{remaining} one-time prekeys on the server ({added} published now).")
 
 
+def _size_text(size: Any) -> str:
+    if not isinstance(size, int):
+        return "?"
+    return f"{size} bytes" if size < 1024 else (
+        f"{size / 1024:.1f} KiB" if size < 1024 * 1024 else f"{size / 1024 / 1024:.2f} MiB")
+
+
+def _written_text(written: Written) -> str:
+    left_out = written.kept - written.messages
+    return (f"{_size_text(written.size)}, {written.messages} message(s)"
+            + (f"; the {left_out} oldest left out, over the server's limit" if left_out else ""))
+
+
+def cmd_backup(args: argparse.Namespace, out: Output) -> None:
+    client = _open(args)
+    if args.action == "on":
+        written = client.history_backup_on()
+        out.result({"on": True, **written.as_json()},
+                   f"The history backup is on: written now ({_written_text(written)}), then "
+                   f"rewritten once a day. Whoever has your recovery phrase can read it.")
+    elif args.action == "off":
+        deleted = client.history_backup_off()
+        out.result({"on": False, "deleted": deleted},
+                   "The history backup is off" + (", and the server's copy deleted." if deleted
+                                                  else "; the server held none."))
+    elif args.action == "now":
+        written = client.backup_history()
+        out.result({"on": True, **written.as_json()},
+                   f"The history backup is written ({_written_text(written)}).")
+    else:
+        status = client.history_backup_status()
+
+        def text() -> str:
+            if not status["on"]:
+                return "The history backup is off."
+            lines = ["The history backup is on."]
+            if status["lastAt"]:
+                lines.append(f"Last written {_time(status['lastAt'])}: "
+                             f"{_size_text(status['lastSize'])}, {status['lastMessages']} "
+                             f"message(s); next from {_time(status['nextAt'])}.")
+            if status["lastError"]:
+                lines.append(f"The last rewrite failed: {safe(status['lastError'])}")
+            return "\n".join(lines)
+        out.result(status, text)
+
+
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     if args.accept is not None:
         number = safety_number(args.accept)  # a typo fails before the passphrase is asked
@@ -1038,7 +1111,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int | None]] = {
     "init": cmd_init, "register": cmd_register, "login": cmd_login, "logout": cmd_logout,
     "recover": cmd_recover, "link": cmd_link, "devices": cmd_devices, "whoami": cmd_whoami, "send": cmd_send, "listen": cmd_listen,
     "history": cmd_history, "chats": cmd_chats, "chat": cmd_chat, "contacts": cmd_contacts, "group": cmd_group,
-    "keys": cmd_keys,
+    "keys": cmd_keys, "backup": cmd_backup,
     "verify": cmd_verify, "totp": cmd_totp, "wallet": cmd_wallet,
     "delete-account": cmd_delete_account,
 }

@@ -43,7 +43,16 @@ from nacl.exceptions import CryptoError as NaclCryptoError
 
 from cyphr import signing
 from cyphr import rosters
-from cyphr.client import crypto, devices, groups, sealing, sessionbook, sessionkeys, sessionmessages
+from cyphr.client import (
+    backup,
+    crypto,
+    devices,
+    groups,
+    sealing,
+    sessionbook,
+    sessionkeys,
+    sessionmessages,
+)
 from cyphr.client.crypto import (
     CryptoError,
     Identity,
@@ -147,7 +156,8 @@ class Message:
     that its signature proves nothing. ``contact_verified`` says the user
     compared the sender's safety number (always True for one's own).
     ``receipts``: on one's own messages from history and sync, who got and
-    who read it when they were fetched (None elsewhere)."""
+    who read it when they were fetched (None elsewhere). ``restored``: read
+    from the history backup (cyphr.client.backup), not opened here."""
 
     id: str
     chat_id: str
@@ -164,6 +174,7 @@ class Message:
     # Over sessions: how many messages the sender's device sent to the chat
     # just before this one that this device has not seen (a gap to show).
     missing: int = 0
+    restored: bool = False
 
     def as_json(self) -> dict[str, Any]:
         shape = {"id": self.id, "chatId": self.chat_id, "seq": self.seq, "sender": self.sender,
@@ -175,6 +186,8 @@ class Message:
             shape["receipts"] = self.receipts.as_json()
         if self.missing:
             shape["missing"] = self.missing
+        if self.restored:
+            shape["restored"] = True
         return shape
 
 
@@ -223,6 +236,11 @@ class Client:
         # Set by recover(): how many pins the backup restored, or why not.
         self.restored_pins: int | None = None
         self.pin_backup_error: str | None = None
+        # Set by recover() and link(): how many messages the history backup
+        # restored (cyphr.client.backup), or why none.
+        self.restored_messages: int | None = None
+        self.history_backup_error: str | None = None
+        self._history_backup_lock = threading.RLock()
         # Why the last message was sealed as version 3 rather than over
         # sessions (a device of the chat cannot be reached so), or None.
         self.no_session: str | None = None
@@ -418,7 +436,9 @@ class Client:
         """This identity on a new device: a new profile from the phrase. The
         server makes this device the identity's only one, removing the
         others and ending their sessions. The pins of the old device come back from the encrypted
-        pin backup (``restored_pins``; ``pin_backup_error`` says why not).
+        pin backup (``restored_pins``; ``pin_backup_error`` says why not), and its messages
+        from the history backup when it kept one (``restored_messages``;
+        ``history_backup_error`` says why not).
         An account with two-factor login needs ``totp_code``; without one,
         ``ask_totp`` is asked for it when the server says it is needed."""
         client, _ = cls.init(directory, passphrase, server, phrase, **kwargs)
@@ -452,6 +472,9 @@ class Client:
         if prekeys:
             client.upload_prekeys(prekeys, progress)
         client._start_sessions(prekeys)
+        # The past, from the history backup when the account keeps one:
+        # this device takes over writing it.
+        client._restore_history(keep_on=True)
         return client
 
     def _call(self, method: str, path: str, body: Any = None,
@@ -900,6 +923,39 @@ class Client:
         self.restored_pins = len(restored)
         return len(restored)
 
+    # -- the history backup (cyphr.client.backup) --------------------------------
+
+    def backup_history(self) -> backup.Written:
+        """Write the history backup now (backups must be on); answers its
+        size and how many messages it holds."""
+        if not backup.state(self).get("on"):
+            raise ClientError("the history backup is off: turn it on first (`cyphr-client "
+                              "backup on`)")
+        return backup.write(self)
+
+    def history_backup_on(self) -> backup.Written:
+        """Turn the history backup on: written at once, then rewritten on
+        schedule. Whoever has the recovery phrase can read it."""
+        return backup.turn_on(self)
+
+    def history_backup_off(self) -> bool:
+        """Turn the history backup off and delete the server's copy;
+        answers whether there was one."""
+        return backup.turn_off(self)
+
+    def history_backup_status(self) -> dict[str, Any]:
+        return backup.status(self)
+
+    def backup_history_if_due(self) -> bool:
+        """Rewrite the history backup when it is on and a day old (best
+        effort: a failure is logged); answers whether it did."""
+        return backup.write_if_due(self)
+
+    def _restore_history(self, *, keep_on: bool) -> None:
+        def report(added: int | None, problem: str | None) -> None:
+            self.restored_messages, self.history_backup_error = added, problem
+        backup.restore_quietly(self, keep_on=keep_on, report=report)
+
     # -- chats ------------------------------------------------------------
 
     def chats(self) -> list[dict[str, Any]]:
@@ -1007,14 +1063,18 @@ class Client:
         if after is not None:
             params["after"] = after
         answer = self._call("GET", f"/api/messaging/chat/{segment(chat_id)}", params=params)
-        return [self.open_message(m) for m in answer["messages"]]
+        messages = [self.open_message(m) for m in answer["messages"]]
+        self.backup_history_if_due()
+        return messages
 
     def sync(self, since: str | None = None, limit: int = 200) -> tuple[list[Message], str, bool]:
         params: dict[str, Any] = {"limit": limit}
         if since:
             params["since"] = since
         answer = self._call("GET", "/api/messaging/sync", params=params)
-        return [self.open_message(m) for m in answer["messages"]], answer["cursor"], answer["hasMore"]
+        messages = [self.open_message(m) for m in answer["messages"]]
+        self.backup_history_if_due()
+        return messages, answer["cursor"], answer["hasMore"]
 
     def open_message(self, message: dict[str, Any]) -> Message:
         """Verify and decrypt one message as the server gave it, or read it
@@ -1022,7 +1082,8 @@ class Client:
         Never raises for a bad message: the answer's ``error`` says what is
         wrong."""
         def result(text: str | None, verified: bool, error: str | None = None,
-                   timestamp: str | None = None, missing: int = 0) -> Message:
+                   timestamp: str | None = None, missing: int = 0,
+                   restored: bool = False) -> Message:
             sender = message.get("senderId", "")
             # Receipts only on one's own: no server can make a client say
             # who read another's message.
@@ -1032,13 +1093,14 @@ class Client:
                            message.get("messageType", ""), text, verified, error,
                            message.get("clientMessageId"),
                            verified and isinstance(sender, str) and self._contact_verified(sender),
-                           receipts, missing)
+                           receipts, missing, restored)
 
         def kept_result(kept: dict[str, Any]) -> Message:
             shown = sessionbook.shown_time(kept) if "sentAt" in kept else None
             verified = kept.get("verified", True)
             return result(kept["text"], verified, None if verified else crypto.V1_UNVERIFIED,
-                          timestamp=shown, missing=int(kept.get("missing", 0)))
+                          timestamp=shown, missing=int(kept.get("missing", 0)),
+                          restored=kept.get("restored") is True)
 
         payload = message.get("encryptedPayload")
         if message.get("deletedAt"):
@@ -1311,9 +1373,14 @@ class Client:
     def link(cls, directory: str | Path, passphrase: str, server: str, *,
              on_code: Callable[[LinkCode], None], **kwargs: Any) -> Client:
         """This identity on a new device, approved by one of its devices: a
-        new profile (see :func:`cyphr.client.devices.link`)."""
+        new profile (see :func:`cyphr.client.devices.link`), with the
+        messages of the history backup when the account keeps one
+        (``restored_messages``; ``history_backup_error`` says why not)."""
         client = devices.link(cls, directory, passphrase, server, on_code=on_code, **kwargs)
         client._start_sessions()
+        # The transfer of history: the approving device wrote the backup
+        # just before it approved (when backups are on there).
+        client._restore_history(keep_on=False)
         return client
 
     def devices(self) -> list[Device]:
@@ -1339,6 +1406,9 @@ class Client:
         request = devices.link_request(self, code)
         if confirm is not None and not confirm(request):
             raise ClientError("not approved: nothing was sent")
+        # The new device restores the history backup: a fresh one first,
+        # when backups are on (best effort).
+        backup.before_link(self)
         return devices.approve(self, request)
 
     # -- session keys (cyphr.client.sessionkeys) -----------------------------

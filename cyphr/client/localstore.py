@@ -316,6 +316,12 @@ class LocalStore:
             rows.reverse()
         return [self._open_message(*row) for row in rows]
 
+    def all_messages(self) -> list[dict[str, Any]]:
+        """Every kept message of every chat, in the order they were kept
+        (for the history backup, cyphr.client.backup)."""
+        rows = self._read("SELECT ref, chat, seq, box FROM messages ORDER BY rowid", ())
+        return [self._open_message(*row) for row in rows]
+
     def update_message(self, message_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
         """Merge ``changes`` into a kept message (receipts, a deletion, its
         seq once the server gave it); answers the new record, or None if

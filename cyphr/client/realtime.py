@@ -13,6 +13,10 @@ dropped (the stock client then reconnects, with a growing delay),
 ``"reconnected"`` when it is back, ``"ended"`` when the server ended the
 session (a logout elsewhere, a revoked token, a recovery on another
 device): then nothing more comes, and the listener does not reconnect.
+
+With the history backup on (cyphr.client.backup), a listener rewrites it
+when it is due, after the catch-up and as messages come, in a thread of
+its own (at most once a day; a failure is logged).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import engineio
 import socketio
 
+from cyphr.client import backup
 from cyphr.client.http import ApiError, ClientError
 
 if TYPE_CHECKING:
@@ -109,6 +114,7 @@ class Listener:
         self.top_up = top_up
         self._topping_up: threading.Thread | None = None
         self._topping_up_sessions: threading.Thread | None = None
+        self._backing_up: threading.Thread | None = None
         self._unacknowledged = 0  # receipts sent that the server has not acknowledged
         self._acknowledged = threading.Condition()
         self.synced = threading.Event()
@@ -177,7 +183,7 @@ class Listener:
         eio = self.sio.eio
         if isinstance(eio, _InOrderEngineIO):
             eio.stop_handling()
-        for topping_up in (self._topping_up, self._topping_up_sessions):
+        for topping_up in (self._topping_up, self._topping_up_sessions, self._backing_up):
             if topping_up is not None:
                 topping_up.join(30)
 
@@ -232,6 +238,22 @@ class Listener:
             # Catching up may have used many one-time prekeys.
             self._topping_up = threading.Thread(target=self._top_up, daemon=True)
             self._topping_up.start()
+        self._back_up_if_due()
+
+    def _back_up_if_due(self) -> None:
+        """The history backup's schedule: rewritten in a thread of its own
+        when due (the check is a read of the vault)."""
+        if self._backing_up is not None and self._backing_up.is_alive():
+            return
+        try:
+            if not backup.due(self.client):
+                return
+        except Exception as e:  # noqa: BLE001 - best effort, never the listener's failure
+            _log.warning("Could not tell whether the history backup is due: %s", e)
+            return
+        self._backing_up = threading.Thread(target=self.client.backup_history_if_due,
+                                            daemon=True, name="cyphr-history-backup")
+        self._backing_up.start()
 
     def _top_up(self) -> None:
         try:
@@ -269,6 +291,8 @@ class Listener:
         if self.acknowledge:
             self._receipt("message_delivered", {"messageId": message.get("id"),
                                                 "chatId": message.get("chatId")})
+        if self.synced.is_set():
+            self._back_up_if_due()
 
     def _receipt(self, event: str, data: dict[str, Any]) -> None:
         # Sent with an ack id, not waited for here (this may be the reading

@@ -54,6 +54,8 @@ def line(message: Message, me: str | None = None,
     if not message.verified and message.error:
         # Opened but not proven (a v1 message): say why.
         mark += f" ({safe(message.error)})"
+    if message.restored:
+        mark += " (from the history backup)"
     # Every line of the text under its sender, indented: a line of the
     # text can never pass for a message of its own.
     return f"[{when}] {where}{sender} {mark}: {safe(message.text, indent=MESSAGE_INDENT)}"

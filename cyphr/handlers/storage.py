@@ -16,6 +16,8 @@ STORES: tuple[str, ...] = (
     "public Ed25519 identity keys",
     "ML-KEM-1024 public keys, their Ed25519 signatures, ids and validity, and one-time prekeys (public)",
     "encrypted backups of the contact keys users pinned, opaque to the server",
+    "encrypted backups of the messages users' devices kept (opt-in), opaque to the server, "
+    "with their size and time",
     "encrypted message payloads, opaque to the server, with their chat, sender, type and times",
     "chat memberships (which Cyphr IDs share a chat) and their roles",
     "delivery and read receipts (times, per message and recipient)",
