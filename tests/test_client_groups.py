@@ -18,7 +18,7 @@ import os
 
 from twisted.trial.unittest import TestCase
 
-from cyphr.client import groups, sessionbook
+from cyphr.client import groups, render, sessionbook
 from cyphr.client.client import Client
 from cyphr.client.http import ClientError
 from cyphr.store.chats import ChatStore
@@ -75,6 +75,34 @@ class ClientGroupsMixin(ServedClients):
                          [("alice", "admin"), ("bob", "admin")])
         await self.thread(bob.send, chat_id, "four")
         self.assertEqual((await self.texts(alice, chat_id))[-1], "four")
+
+    async def test_changes_are_shown_and_checked(self) -> None:
+        """Every change of a roster is announced in the group, and shown to
+        its members as what it did; a member whose server hides the change
+        that added it sees what was sealed for that epoch refused, saying
+        so."""
+        alice, bob, carol, dave = await self.friends("alice", "bob", "carol", "dave")
+        chat_id = await self.thread(alice.create_group, "watched", ["bob", "carol"])
+        await self.thread(alice.add_member, chat_id, "dave")
+        await self.thread(alice.set_role, chat_id, "bob", "admin")
+        await self.thread(alice.remove_member, chat_id, "carol")
+        shown = [render.line(m, "bob") for m in await self.thread(bob.history, chat_id)
+                 if render.visible(m)]
+        self.assertEqual([line.split("] ", 1)[1] for line in shown], [
+            "— alice made the group with bob, carol —", "— alice added dave —",
+            "— alice made bob an admin —", "— alice removed carol (a new name key) —"])
+        # The server drops the last change: erin, added next, is told of a
+        # roster its admin never made.
+        erin = await self.registered("erin")
+        await ChatStore(self.server.database).direct_chat("alice", "erin", 0)
+        await self.thread(alice.add_member, chat_id, "erin")
+        await self.server.database.run_operation(
+            "DELETE FROM group_rosters WHERE chat_id = ? AND epoch = 5", (chat_id,))
+        refused = [m for m in await self.thread(erin.history, chat_id)
+                   if m.message_type == "system" and m.text is None]
+        # Sealed for the epoch that added her, which the server no longer shows.
+        self.assertTrue(refused)
+        self.assertIn("roster epoch 5 is unknown", refused[0].error)
 
     async def test_the_ghost_member(self) -> None:
         """The server puts mallory in alice's group without any signed

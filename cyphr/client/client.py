@@ -1096,6 +1096,8 @@ class Client:
                            receipts, missing, restored)
 
         def kept_result(kept: dict[str, Any]) -> Message:
+            if kept.get("problem"):  # a system message found wrong when it was opened
+                return result(None, False, kept["problem"])
             shown = sessionbook.shown_time(kept) if "sentAt" in kept else None
             verified = kept.get("verified", True)
             return result(kept["text"], verified, None if verified else crypto.V1_UNVERIFIED,
@@ -1124,7 +1126,12 @@ class Client:
             except (CryptoError, ClientError) as e:
                 return result(None, False, str(e))
             if message.get("messageType") == "system":
-                self._system_message(message["chatId"], kept["text"], message.get("senderId"))
+                problem = self._system_message(message["chatId"], kept["text"],
+                                               message.get("senderId"))
+                if problem is not None:
+                    # Kept with it: read again, it shows the same.
+                    self.store.update_message(message["id"], {"problem": problem})
+                    return result(None, False, problem)
             return kept_result(kept)
         try:
             sender_key = self._sender_key(message["senderId"])
@@ -1159,7 +1166,9 @@ class Client:
             # it neither counts as the sender's word nor changes any key.
             return result(text, False, crypto.V1_UNVERIFIED)
         if message.get("messageType") == "system":
-            self._system_message(message["chatId"], text, message.get("senderId"))
+            problem = self._system_message(message["chatId"], text, message.get("senderId"))
+            if problem is not None:
+                return result(None, False, problem)
         return result(text, True)
 
     # -- groups -----------------------------------------------------------
@@ -1174,6 +1183,8 @@ class Client:
             self.profile.vault.setdefault("groupKeys", {})[chat_id] = b64(name_key)
             self.profile.vault.setdefault("groupNames", {})[chat_id] = name
             self.profile.save()
+        groups.states(self, chat_id)  # the first change, checked and kept
+        groups.announce(self, chat_id, 1)
         self._share_group_key(chat_id)
         return chat_id
 
@@ -1188,21 +1199,30 @@ class Client:
             content = {"groupKey": key, **({"groupName": name} if name else {})}
             self._send(chat_id, json.dumps(content).encode("utf-8"), "system")
 
-    def _system_message(self, chat_id: str, text: str, sender: Any = None) -> None:
+    def _system_message(self, chat_id: str, text: str, sender: Any = None) -> str | None:
+        """Take what a system message carries (a group's name key and name,
+        an announced roster change); answers why it is refused, if it is."""
         try:
             content = json.loads(text)
         except ValueError:
-            return
+            return None
+        if isinstance(content, dict) and groups.ANNOUNCED in content:
+            try:
+                groups.check_announced(self, chat_id, sender, content[groups.ANNOUNCED])
+            except (ClientError, ValueError) as e:
+                _log.warning("Group %s: %s", chat_id, e)
+                return str(e)
+            return None
         if isinstance(content, dict) and isinstance(content.get("groupKey"), str):
             try:
                 key = base64.b64decode(content["groupKey"], validate=True)
                 if not groups.name_key_counts(self, chat_id, key):
-                    return
+                    return None
                 # A name only from an admin (the key the roster vouches for).
                 name = content.get("groupName") if groups.may_name(self, chat_id, sender) else None
             except (ValueError, ClientError) as e:
                 _log.warning("Ignored a name key for group %s: %s", chat_id, e)
-                return
+                return None
             with self.profile.lock:
                 vault = self.profile.vault
                 keys, names = vault.setdefault("groupKeys", {}), vault.setdefault("groupNames", {})
@@ -1257,7 +1277,8 @@ class Client:
         """Add a member: a signed roster change (a group from before rosters:
         the unsigned route); the new member gets the name key."""
         if groups.current(self, chat_id) is not None:
-            groups.change(self, chat_id, [rosters.add(cyphr_id)])
+            state = groups.change(self, chat_id, [rosters.add(cyphr_id)])
+            groups.announce(self, chat_id, state.epoch)
         else:
             self._call("POST", f"/api/chats/{segment(chat_id)}/members/{segment(cyphr_id)}", {})
         self._share_group_key(chat_id)
@@ -1270,7 +1291,8 @@ class Client:
             chat = self._chat(chat_id)
             name = self._group_name(chat) if chat is not None else None
             key = groups.new_name_key()
-            groups.change(self, chat_id, [rosters.remove(cyphr_id)], new_name_key=key)
+            state = groups.change(self, chat_id, [rosters.remove(cyphr_id)], new_name_key=key)
+            groups.announce(self, chat_id, state.epoch)
             with self.profile.lock:
                 self.profile.vault.setdefault("groupKeys", {})[chat_id] = b64(key)
                 if name is not None:
@@ -1282,7 +1304,8 @@ class Client:
 
     def set_role(self, chat_id: str, cyphr_id: str, role: str) -> None:
         if groups.current(self, chat_id) is not None:
-            groups.change(self, chat_id, [rosters.set_role(cyphr_id, role)])
+            state = groups.change(self, chat_id, [rosters.set_role(cyphr_id, role)])
+            groups.announce(self, chat_id, state.epoch)
             return
         self._call("PUT", f"/api/chats/{segment(chat_id)}/members/{segment(cyphr_id)}/role",
                    {"role": role})

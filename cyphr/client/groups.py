@@ -31,6 +31,7 @@ member routes, and its messages carry no roster.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -89,6 +90,64 @@ def _post(client: Client, chat_id: str, change: rosters.RosterChange) -> None:
     signed = SignedChange(change, change.sign(client.identity.signing_key))
     client._call("POST", f"/api/chats/{segment(chat_id)}/roster",
                  {"change": base64.b64encode(signed.encode()).decode("ascii")})
+
+
+ANNOUNCED = "roster"  # a system message's field: {"epoch", "change"} of a change its author made
+
+
+def announce(client: Client, chat_id: str, epoch: int) -> None:
+    """Tell the group, in a sealed system message, of the change of ``epoch``
+    this device made: members see it, and each checks that the server's
+    chain holds the same change (a new member: that the state that added it
+    is the one its adder signed). Best effort: the chain is on the server
+    anyway."""
+    kept = (client.store.get(ROSTERS, chat_id) or {}).get("changes", [])
+    if len(kept) < epoch:
+        return
+    content = {ANNOUNCED: {"epoch": epoch, "change": kept[epoch - 1]}}
+    try:
+        client._send(chat_id, json.dumps(content).encode("utf-8"), "system")
+    except ClientError as e:
+        _log.warning("Could not tell group %s of its roster change: %s", chat_id, e)
+
+
+def check_announced(client: Client, chat_id: str, sender: object, content: object) -> str:
+    """What an announced change did, as a person reads it, once checked:
+    the server's chain holds the same change at that epoch, signed by the
+    sender. ClientError otherwise."""
+    if not isinstance(content, dict) or type(content.get("epoch")) is not int \
+            or not isinstance(content.get("change"), str):
+        raise ClientError("a malformed roster announcement")
+    epoch, announced = content["epoch"], content["change"]
+    found = states(client, chat_id, fresh=False)
+    if len(found) < epoch:
+        found = states(client, chat_id)
+    kept = (client.store.get(ROSTERS, chat_id) or {}).get("changes", [])
+    if epoch < 1 or len(kept) < epoch or kept[epoch - 1] != announced:
+        raise ClientError(f"{sender} announced a roster change for epoch {epoch} that is not the "
+                          f"server's: the server shows this group another roster than its admins "
+                          f"made")
+    change = SignedChange.decode(base64.b64decode(announced)).change
+    if change.author != sender:
+        raise ClientError(f"{sender} announced a roster change {change.author} made")
+    return describe(change)
+
+
+def describe(change: rosters.RosterChange) -> str:
+    """A change as a person reads it."""
+    if change.epoch == 1:
+        others = [op.cyphr_id for op in change.operations if op.cyphr_id != change.author]
+        return f"{change.author} made the group with {', '.join(others) or 'nobody else'}"
+    done = []
+    for op in change.operations:
+        if op.kind == rosters.ADD:
+            done.append(f"added {op.cyphr_id}" + (" as an admin" if op.role == rosters.ADMIN else ""))
+        elif op.kind == rosters.REMOVE:
+            done.append(f"removed {op.cyphr_id}")
+        else:
+            done.append(f"made {op.cyphr_id} {'an admin' if op.role == rosters.ADMIN else 'a member'}")
+    key = " (a new name key)" if change.name_key_commitment is not None else ""
+    return f"{change.author} {', '.join(done)}{key}"
 
 
 def create(client: Client, encrypted_name: str, name_key: bytes, members: list[str]) -> str:

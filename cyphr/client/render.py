@@ -6,10 +6,15 @@ one rendering for every command that shows them (``listen``, ``history``,
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import datetime
 from typing import Callable
 
+from cyphr.client import groups
 from cyphr.client.client import Message
+from cyphr.rosters import RosterRefused, SignedChange
+from cyphr.signing import EncodingError
 from cyphr.client.terminal import safe
 
 MESSAGE_INDENT = "    "
@@ -48,6 +53,9 @@ def line(message: Message, me: str | None = None,
     when = time_text(message.timestamp, short_time)
     if message.text is None:
         return f"[{when}] {where}{sender} ✗ ({safe(message.error)})"
+    change = roster_change(message)
+    if change is not None:
+        return f"[{when}] {where}— {safe(change)} —"
     mark = "✓" if message.verified else "?"
     if message.sender != me and not message.contact_verified:
         mark += " (unverified contact)"
@@ -78,5 +86,21 @@ def receipt_mark(delivered: set[str], read: set[str], others: int | None, sent: 
 
 def visible(message: Message) -> bool:
     """Whether a person sees ``message``: system messages carry keys
-    between clients, and only one that failed to open is shown."""
-    return message.message_type != "system" or message.text is None
+    between clients, and only one that failed to open, or that announces a
+    change of a group's roster, is shown."""
+    return message.message_type != "system" or message.text is None \
+        or roster_change(message) is not None
+
+
+def roster_change(message: Message) -> str | None:
+    """What a group roster change announced by ``message`` did (checked
+    against the group's chain when it was opened), or None."""
+    if message.message_type != "system" or message.text is None:
+        return None
+    try:
+        content = json.loads(message.text)
+        announced = content[groups.ANNOUNCED]
+        change = SignedChange.decode(base64.b64decode(announced["change"], validate=True)).change
+    except (ValueError, KeyError, TypeError, EncodingError, RosterRefused):
+        return None
+    return groups.describe(change)
