@@ -32,6 +32,17 @@ class ServedClients:
     async def thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await deferToThread(function, *args, **kwargs)
 
+    async def linked(self, first: Client) -> Client:
+        """A new device of ``first``'s identity, approved by ``first``."""
+        from tests.test_client_devices import Linking
+
+        linking = Linking(os.path.abspath(self.mktemp()), self.url)
+        code = await linking.code()
+        await self.thread(first.approve, code.code)
+        device = await linking.done
+        self.clients.append(device)
+        return device
+
     async def registered(self, cyphr_id: str, prekeys: int = 2) -> Client:
         """A new profile (its directory: ``client.profile.directory``),
         registered as ``cyphr_id`` with ``prekeys`` one-time prekeys."""

@@ -14,7 +14,6 @@ port, with the library, on both engines.
 from __future__ import annotations
 
 import base64
-import os
 import threading
 import uuid
 from typing import Any
@@ -29,19 +28,9 @@ from cyphr.client.crypto import Recipient
 from cyphr.client.http import ClientError
 from tests.clients import ServedClients
 from tests.helpers import PostgresMixin, SQLiteMixin
-from tests.test_client_devices import Linking
 
 
 class MultiDeviceMixin(ServedClients):
-    async def linked(self, first: Client) -> Client:
-        """A new device of ``first``'s identity, approved by ``first``."""
-        linking = Linking(os.path.abspath(self.mktemp()), self.url)
-        code = await linking.code()
-        await self.thread(first.approve, code.code)
-        device = await linking.done
-        self.clients.append(device)
-        return device
-
     async def texts(self, reader: Client, chat_id: str) -> dict[str, Message]:
         return {m.id: m for m in await self.thread(reader.history, chat_id)}
 

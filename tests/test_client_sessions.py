@@ -32,14 +32,6 @@ MESSAGES = int(os.environ.get("CYPHR_SESSION_TEST_MESSAGES", "150"))
 
 
 class ClientSessionsMixin(ServedClients):
-    async def linked(self, first: Client) -> Client:
-        linking = Linking(os.path.abspath(self.mktemp()), self.url)
-        code = await linking.code()
-        await self.thread(first.approve, code.code)
-        device = await linking.done
-        self.clients.append(device)
-        return device
-
     async def raw(self, reader: Client, chat_id: str) -> list[dict[str, Any]]:
         """The chat as the server hands it to ``reader``'s device, oldest first."""
         messages: list[dict[str, Any]] = []
