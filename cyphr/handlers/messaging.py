@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from cyphr.changes import ChangeFeed, MemberJoined, MemberLeft, MessageStored, RoleChanged
@@ -100,48 +101,45 @@ def parse_send(body: dict[str, Any], max_payload: int) -> dict[str, Any]:
             "chat_id": chat_id, "recipient_id": recipient, "devices": devices, "envelopes": envelopes}
 
 
-def _envelopes(fields: Fields) -> tuple[SealedFor, ...]:
-    """``envelopes: [{cyphrId, deviceId, kind, envelope}]``, one per device
-    (empty: a chat with no device but the sender's)."""
-    envelopes: list[SealedFor] = []
+def _listed_devices(fields: Fields, name: str, shape: tuple[str, ...]
+                    ) -> Iterator[tuple[str, Fields, tuple[str, int]]]:
+    """The entries of the list ``name`` (at most MAX_SEALED_DEVICES; empty:
+    a chat with no device but the sender's), objects of the fields
+    ``shape`` that name a device by cyphrId and deviceId, each device at
+    most once: (where, its fields, the device)."""
     named: set[tuple[str, int]] = set()
-    for index, item in enumerate(fields.list("envelopes", max_items=MAX_SEALED_DEVICES,
+    for index, item in enumerate(fields.list(name, max_items=MAX_SEALED_DEVICES,
                                              allow_empty=True)):
-        where = f"envelopes[{index}]"
+        where = f"{name}[{index}]"
         if not isinstance(item, dict):
-            raise invalid(where, f"{where} must be an object {{cyphrId, deviceId, kind, envelope}}")
-        entry = Fields(item, {"cyphrId", "deviceId", "kind", "envelope"})
-        cyphr_id = entry.cyphr_id("cyphrId")
-        device_id = entry.integer("deviceId", minimum=1, maximum=2**31 - 1)
+            raise invalid(where, f"{where} must be an object {{{', '.join(shape)}}}")
+        entry = Fields(item, set(shape))
+        device = (entry.cyphr_id("cyphrId"), entry.integer("deviceId", minimum=1, maximum=2**31 - 1))
+        if device in named:
+            raise invalid(where, f"{where} names a device already named")
+        named.add(device)  # type: ignore[arg-type]
+        yield where, entry, device  # type: ignore[misc]
+
+
+def _envelopes(fields: Fields) -> tuple[SealedFor, ...]:
+    """``envelopes: [{cyphrId, deviceId, kind, envelope}]``, one per device."""
+    envelopes: list[SealedFor] = []
+    for where, entry, (cyphr_id, device_id) in _listed_devices(
+            fields, "envelopes", ("cyphrId", "deviceId", "kind", "envelope")):
         kind = entry.text("kind", max_length=16)
         if kind not in ENVELOPE_KINDS:
             raise invalid("kind", f"{where}.kind must be one of {', '.join(ENVELOPE_KINDS)}")
         data = entry.base64("envelope", max_length=MAX_ENVELOPE)
-        assert cyphr_id is not None and device_id is not None and data is not None
         if not data:
             raise invalid("envelope", f"{where}.envelope must not be empty")
-        if (cyphr_id, device_id) in named:
-            raise invalid(where, f"{where} names a device already named")
-        named.add((cyphr_id, device_id))
         envelopes.append(SealedFor(cyphr_id, device_id, kind, data))
     return tuple(envelopes)
 
 
 def _sealed_for(fields: Fields) -> Sealed:
-    """``devices: [{cyphrId, deviceId}]``, each at most once (empty: a chat
-    with no device but the sender's)."""
-    sealed: set[tuple[str, int]] = set()
-    for index, item in enumerate(fields.list("devices", max_items=MAX_SEALED_DEVICES,
-                                             allow_empty=True)):
-        where = f"devices[{index}]"
-        if not isinstance(item, dict):
-            raise invalid(where, f"{where} must be an object {{cyphrId, deviceId}}")
-        entry = Fields(item, {"cyphrId", "deviceId"})
-        device = (entry.cyphr_id("cyphrId"), entry.integer("deviceId", minimum=1, maximum=2**31 - 1))
-        if device in sealed:
-            raise invalid(where, f"{where} names a device already named")
-        sealed.add(device)  # type: ignore[arg-type]
-    return frozenset(sealed)
+    """``devices: [{cyphrId, deviceId}]``, each at most once."""
+    return frozenset(device for _, _, device in _listed_devices(
+        fields, "devices", ("cyphrId", "deviceId")))
 
 
 def check_payload(value: Any, max_payload: int) -> str:
