@@ -3,7 +3,7 @@ Session bundle claims a second (POST /api/sessions/bundles/:cyphrId),
 through the real HTTP stack, on PostgreSQL.
 
     python benchmarks/bundle_claims.py [--seconds 15] [--concurrency 32]
-                                       [--targets 100] [--one-time 100]
+                                       [--targets 100] [--one-time 100] [--profile PATH]
 
 Starts a throwaway PostgreSQL cluster (fsync off) and ``twistd -n cyphr``
 with the claim limits lifted, registers --targets users that each publish
@@ -110,7 +110,7 @@ async def run(args: argparse.Namespace) -> None:
     lifted = ["--rate-limit-bundle-claim", "100000000/1s",
               "--rate-limit-bundle-drain", "100000000/1s", "--rate-limit-keys", "10000000",
               "--max-prekeys", str(max(1000, args.one_time))]
-    async with cyphr_servers(1, args.pool, lifted) as ports:
+    async with cyphr_servers(1, args.pool, lifted, args.profile) as ports:
         port = ports[0]
         targets = [User(f"target_{n:05d}") for n in range(args.targets)]
         claimers = [User(f"claimer_{n:05d}") for n in range(args.concurrency)]
@@ -156,4 +156,6 @@ if __name__ == "__main__":
     parser.add_argument("--targets", type=int, default=100)
     parser.add_argument("--one-time", type=int, default=100)
     parser.add_argument("--pool", type=int, default=10)
+    parser.add_argument("--profile", metavar="PATH",
+                        help="profile the server process with cProfile into PATH.0")
     run_loop(run(parser.parse_args()))
