@@ -241,6 +241,32 @@ class EnvelopesMixin:
                           envelope_retention_days=0).run()
         self.assertEqual(len(await self.rows()), 2)
 
+    async def test_not_edited(self) -> None:
+        """A message sent over sessions is not edited (its envelopes name the
+        body they were made for), nor one whose body is gone: 409
+        NOT_EDITABLE, and the body stays; a message sent without envelopes
+        still is."""
+        sent = await self.sent(("bob", 1), "as sent")
+        path = f"/api/messaging/message/{sent['messageId']}"
+        refused = await self.http.put(path, {"encryptedPayload": {"body": "changed"}},
+                                      headers=self.auth(("bob", 1)))
+        self.assertEqual((refused.code, refused.json()["code"]), (409, "NOT_EDITABLE"))
+        [message] = [m for m in await self.history(("bob", 1)) if m["id"] == sent["messageId"]]
+        self.assertEqual(message["encryptedPayload"], {"body": "as sent"})
+        await self.server.database.run_operation(
+            "DELETE FROM message_envelopes WHERE seq = ?", (sent["seq"],))
+        await self.server.database.run_operation(
+            "UPDATE messages SET encrypted_content = NULL WHERE seq = ? AND chat_id = ?",
+            (sent["seq"], self.chat_id))
+        gone = await self.http.put(path, {"encryptedPayload": {"body": "back"}},
+                                   headers=self.auth(("bob", 1)))
+        self.assertEqual((gone.code, gone.json()["code"]), (409, "NOT_EDITABLE"))
+        plain = await self.http.post("/api/messaging/send", {
+            "chatId": self.chat_id, "encryptedPayload": {"v": 1}}, headers=self.auth(("bob", 1)))
+        edited = await self.http.put(f"/api/messaging/message/{plain.json()['messageId']}",
+                                     {"encryptedPayload": {"v": 2}}, headers=self.auth(("bob", 1)))
+        self.assertEqual(edited.code, 200, edited.body)
+
     async def test_removed_devices_and_deleted_messages(self) -> None:
         """Removing a device deletes its envelopes, and the bodies whose
         last envelope it held; a message its sender deletes loses its

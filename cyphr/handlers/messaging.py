@@ -35,6 +35,7 @@ from cyphr.errors import (
     NOT_A_GROUP,
     NOT_A_MEMBER,
     NOT_ADMIN,
+    NOT_EDITABLE,
     NOT_SENDER,
     ROSTER_IN_USE,
     USER_NOT_FOUND,
@@ -348,7 +349,11 @@ class MessagingHandler:
         message = await self._own_message(user, message_id)
         edited = await self._messages.edit(message, payload, now_ms(self._clock))
         if edited is None:
-            raise Conflict("The message was deleted", code=MESSAGE_DELETED)
+            now = await self._messages.by_id(message_id)
+            if now is None or now.deleted_at is not None:
+                raise Conflict("The message was deleted", code=MESSAGE_DELETED)
+            raise Conflict("A message sent over sessions, or whose body the server no longer "
+                           "holds, is not edited: send a new one", code=NOT_EDITABLE)
         return edited
 
     async def delete(self, user: AuthUser, message_id: str) -> Message:

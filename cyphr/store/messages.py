@@ -194,10 +194,14 @@ class MessageStore:
         return Message(*rows[0]) if rows else None
 
     async def edit(self, message: Message, payload: str, now: int) -> Message | None:
-        """The edited message; None if it was deleted meanwhile."""
+        """The edited message; None if it was deleted meanwhile, or it is
+        not one to edit: sent over sessions (its envelopes name its body's
+        digest, which a new body would not match), or its body is gone."""
         rows = await self._db.run_query(
             "UPDATE messages SET encrypted_content = ?, edited_at = ?"
-            " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL RETURNING " + _RETURNED,
+            " WHERE chat_id = ? AND seq = ? AND deleted_at IS NULL AND encrypted_content IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM message_envelopes e"
+            "  WHERE e.chat_id = messages.chat_id AND e.seq = messages.seq) RETURNING " + _RETURNED,
             (payload, now, message.chat_id, message.seq))
         return Message(*rows[0]) if rows else None
 
