@@ -22,7 +22,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from kyber_py.ml_kem import ML_KEM_1024
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt,
     crypto_aead_xchacha20poly1305_ietf_encrypt,
@@ -54,7 +53,7 @@ from cyphr.client.sessionmessages import (
     seal,
 )
 from cyphr.client.sessions import Handshake, Session, initiate, respond
-from tests.test_sessions import Device
+from tests.test_sessions import Device, ReplayedVectors
 
 NOW = 1_790_000_000_000
 CHAT = "0b8e4f8a-54a3-4f5e-a1f7-2f0f5e0c9a11"
@@ -579,24 +578,10 @@ class CounterTests(SynchronousTestCase):
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "messages-v4.json").read_text("utf-8"))
 
 
-class VectorTests(SynchronousTestCase):
+class VectorTests(ReplayedVectors):
     """tests/vectors/messages-v4.json, rebuilt from its inputs alone."""
 
-    def setUp(self) -> None:
-        v = VECTORS
-        self.now = v["inputs"]["now"]
-        self.draws = iter(bytes.fromhex(d["bytes"]) for d in v["randomDraws"])
-        self.ms = iter(bytes.fromhex(e["m"]) for e in v["encapsulations"])
-        self.identities = {name: crypto.Identity(bytes.fromhex(v["inputs"][seed]))
-                           for name, seed in (("alice_01", "aliceSeed"), ("bob_02", "bobSeed"))}
-
-    def random(self, n: int) -> bytes:
-        value = next(self.draws)
-        assert len(value) == n, (len(value), n)
-        return value
-
-    def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
-        return ML_KEM_1024._encaps_internal(public_key, next(self.ms))
+    vectors = VECTORS
 
     def me(self, owner: str, device: int) -> sessions.Me:
         identity = self.identities[owner]

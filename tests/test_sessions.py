@@ -404,24 +404,20 @@ class StolenStateTests(SynchronousTestCase):
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "sessions-v1.json").read_text("utf-8"))
 
 
-class VectorTests(SynchronousTestCase):
-    """tests/vectors/sessions-v1.json, rebuilt from its inputs alone with
-    its listed randomness and encapsulation messages (kyber-py's
-    ML-KEM.Encaps_internal); OpenSSL decapsulates when each receiver opens."""
+class ReplayedVectors(SynchronousTestCase):
+    """A session vector file (``vectors``) replayed: its time, its two
+    identities, and its listed randomness and encapsulation messages
+    (kyber-py's ML-KEM.Encaps_internal), handed out in order."""
+
+    vectors: dict[str, Any]
 
     def setUp(self) -> None:
-        v = VECTORS
+        v = self.vectors
         self.now = v["inputs"]["now"]
         self.draws = iter(bytes.fromhex(d["bytes"]) for d in v["randomDraws"])
         self.ms = iter(bytes.fromhex(e["m"]) for e in v["encapsulations"])
         self.identities = {name: crypto.Identity(bytes.fromhex(v["inputs"][seed]))
                            for name, seed in (("alice_01", "aliceSeed"), ("bob_02", "bobSeed"))}
-        self.me = {}
-        for (name, identity), device in zip(self.identities.items(), (1, 2)):
-            private = sessions.identity_dh_private(identity.seed)
-            public = x25519_public(private)
-            self.me[name] = Me(Party(name, device, identity.public_key, public), private,
-                               sessions.sign_identity_dh(identity.signing_key, name, public))
 
     def random(self, n: int) -> bytes:
         value = next(self.draws)
@@ -430,6 +426,23 @@ class VectorTests(SynchronousTestCase):
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
         return ML_KEM_1024._encaps_internal(public_key, next(self.ms))
+
+
+class VectorTests(ReplayedVectors):
+    """tests/vectors/sessions-v1.json, rebuilt from its inputs alone with
+    its listed randomness and encapsulation messages; OpenSSL decapsulates
+    when each receiver opens."""
+
+    vectors = VECTORS
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.me = {}
+        for (name, identity), device in zip(self.identities.items(), (1, 2)):
+            private = sessions.identity_dh_private(identity.seed)
+            public = x25519_public(private)
+            self.me[name] = Me(Party(name, device, identity.public_key, public), private,
+                               sessions.sign_identity_dh(identity.signing_key, name, public))
 
     def test_the_session_rebuilds_byte_for_byte(self) -> None:
         v, inputs = VECTORS, VECTORS["inputs"]
