@@ -5,8 +5,9 @@ tests/vectors/devices-v2.json: a sealed seed (linking a device) and a
 sealed device name, from fixed keys and fixed randomness; and
 tests/vectors/messages-v3.json: a message sealed per device (v3), likewise;
 tests/vectors/sessions-v1.json: a session (cyphr-s1);
-tests/vectors/messages-v4.json: a message over sessions (cyphr-s1-message); and
-tests/vectors/rosters-v1.json: a group roster's chain (cyphr-v2 roster-change).
+tests/vectors/messages-v4.json: a message over sessions (cyphr-s1-message);
+tests/vectors/rosters-v1.json: a group roster's chain (cyphr-v2 roster-change); and
+tests/vectors/attachments-v1.json: encrypted attachments (cyphr-a1).
 
     python tools/make_vectors.py [--check]
 
@@ -38,6 +39,7 @@ MESSAGES_OUT = OUT.parent / "messages-v3.json"
 SESSIONS_OUT = OUT.parent / "sessions-v1.json"
 SESSION_MESSAGES_OUT = OUT.parent / "messages-v4.json"
 ROSTERS_OUT = OUT.parent / "rosters-v1.json"
+ATTACHMENTS_OUT = OUT.parent / "attachments-v1.json"
 
 # Fixed secrets: the vectors are public test data, never keys of anyone.
 ED25519_SEED = bytes(range(32))
@@ -671,6 +673,55 @@ def build_rosters() -> dict[str, Any]:
     }
 
 
+def build_attachments() -> dict[str, Any]:
+    """Attachments (cyphr-a1, cyphr.client.attachcrypto) under one fixed
+    key and nonce prefix: an empty file, a short text, one just over the
+    smallest bucket and one just over a chunk (two chunks), with every
+    chunk's nonce, and a pointer to the short text."""
+    from cyphr.client import attachcrypto
+
+    key = bytes(range(0x40, 0x60))
+    prefix = bytes(range(0x60, 0x70))
+    files = [("empty", b""), ("short text", b"a photo, in spirit"),
+             ("over the smallest bucket", bytes(i % 251 for i in range(1025))),
+             ("over one chunk", bytes(i % 251 for i in range(attachcrypto.CHUNK_BYTES + 1)))]
+    vectors = []
+    for name, plaintext in files:
+        size = len(plaintext)
+        encryptor = attachcrypto.Encryptor(key, size, nonce_prefix=prefix)
+        blob = encryptor.update(plaintext) + encryptor.finish()
+        padded = attachcrypto.padded_size(size)
+        count = attachcrypto.chunk_count(padded)
+        vectors.append({
+            "name": name, "size": size, "plaintext": _hex(plaintext), "paddedSize": padded,
+            "associatedData": _hex(attachcrypto.associated_data(size)),
+            "chunks": [{"nonce": _hex(attachcrypto.chunk_nonce(prefix, i, i == count - 1)),
+                        "plaintextBytes": min(attachcrypto.CHUNK_BYTES,
+                                              padded - i * attachcrypto.CHUNK_BYTES)}
+                       for i in range(count)],
+            "blobSize": len(blob), "blob": _hex(blob), "digest": _hex(encryptor.digest)})
+    short = vectors[1]
+    pointer = attachcrypto.Pointer(
+        "att_0b8e4f8a54a3", key, bytes.fromhex(short["digest"]), short["size"], "text/plain",
+        "spirit.txt")
+    return {
+        "description": "Cyphr attachments (cyphr-a1, format 1): each file encrypted under "
+                       "'key' with the nonce prefix 'noncePrefix' (random in use), padded with "
+                       "zeros to 'paddedSize', in chunks of 'chunkBytes' of plaintext, each "
+                       "XChaCha20-Poly1305 under its nonce and the file's 'associatedData'; "
+                       "'blob' is the version byte, the prefix and the chunks, 'digest' its "
+                       "SHA-256. docs/encryption.rst ('Attachments') specifies the layout. "
+                       "Rebuild each 'blob' and 'digest' from 'plaintext', and decrypt each "
+                       "'blob' back to it; 'pointer' is the short text's pointer JSON.",
+        "label": attachcrypto.LABEL,
+        "chunkBytes": attachcrypto.CHUNK_BYTES,
+        "key": _hex(key),
+        "noncePrefix": _hex(prefix),
+        "files": vectors,
+        "pointer": pointer.to_json(),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--check", action="store_true", help="only say whether the file is current")
@@ -679,7 +730,8 @@ def main() -> int:
     for out, made in ((OUT, build()), (DEVICES_OUT, build_devices()),
                       (MESSAGES_OUT, build_messages()), (SESSIONS_OUT, build_sessions()),
                       (SESSION_MESSAGES_OUT, build_session_messages()),
-                      (ROSTERS_OUT, build_rosters())):
+                      (ROSTERS_OUT, build_rosters()),
+                      (ATTACHMENTS_OUT, build_attachments())):
         text = json.dumps(made, indent=1) + "\n"
         if args.check:
             current = out.exists() and out.read_text("utf-8") == text
