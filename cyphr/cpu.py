@@ -2,7 +2,8 @@
 A thread pool for CPU-heavy work (Argon2, batches of key checks), so that it
 never runs on the reactor thread. Started on first use and stopped with the
 service (or, at the latest, when the reactor shuts down); as many threads as
-cores, so that the work cannot take more than the machine has.
+cores, so that the work cannot take more than the machine has. The blob
+stores (cyphr.blobs) keep a pool of their own for disk and network work.
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ def run_inline_for_tests(inline: bool) -> bool:
 
 
 class CpuPool:
-    def __init__(self, reactor: Any, threads: int | None = None) -> None:
+    def __init__(self, reactor: Any, threads: int | None = None, name: str = "cyphr-cpu") -> None:
         self._reactor = reactor
         self._threads = threads or max(1, os.cpu_count() or 1)
+        self._name = name
         self._pool: ThreadPool | None = None
 
     def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         if _inline_for_tests:
             return maybeDeferred(f, *args, **kwargs)
         if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name="cyphr-cpu")
+            self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name=self._name)
             self._pool.start()
             self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
