@@ -132,6 +132,12 @@ def _refuse(check: CodeCheck, error: type[ApiError], invalid_message: str) -> No
         raise error(USED_MESSAGE, code=TOTP_CODE_USED)
 
 
+# argon2-cffi's defaults, RFC 9106's second recommendation: 3 passes over
+# 64 MiB, 4 lanes. (The tests lower them: tests/__init__.py.)
+ARGON2_TIME_COST = 3
+ARGON2_MEMORY_KIB = 64 * 1024
+
+
 class PasswordHashing:
     """Argon2id for clients that have no Argon2 of their own. Each hash costs
     about 100 ms of CPU and 64 MiB: it runs in the CPU pool, never on the
@@ -139,7 +145,7 @@ class PasswordHashing:
 
     def __init__(self, cpu: CpuPool) -> None:
         self._cpu = cpu
-        self._hasher = PasswordHasher()
+        self._hasher = PasswordHasher(time_cost=ARGON2_TIME_COST, memory_cost=ARGON2_MEMORY_KIB)
 
     async def hash(self, password: str) -> str:
         return await self._cpu.run(self._hasher.hash, password)
