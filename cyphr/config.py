@@ -168,6 +168,45 @@ SETTINGS: tuple[Setting, ...] = (
             "has not acknowledged after this many days, and bodies left with "
             "none (0: keep them).",
             metavar="DAYS"),
+    Setting("attachment_store", "choice",
+            "Where attachment blobs are kept: local (files under "
+            "DATA_DIR/attachments) or s3 (an S3-compatible bucket: s3_bucket, "
+            "s3_endpoint, s3_region, s3_prefix, and the credentials "
+            "s3_access_key_id and s3_secret_access_key).",
+            choices=("local", "s3"), metavar="STORE"),
+    Setting("s3_endpoint", "str",
+            "URL of an S3-compatible service (https://minio.internal:9000). "
+            "Default: AWS S3 in s3_region.", metavar="URL"),
+    Setting("s3_bucket", "str", "The bucket attachment blobs go to (attachment_store = s3).",
+            metavar="NAME"),
+    Setting("s3_region", "str", "The bucket's region.", metavar="REGION"),
+    Setting("s3_prefix", "str", "What the names of the blobs' objects start with.",
+            metavar="PREFIX"),
+    Setting("s3_access_key_id", "str",
+            "Access key id for the bucket (attachment_store = s3).", cli=False),
+    Setting("s3_secret_access_key", "str",
+            "Secret access key for the bucket (attachment_store = s3).", cli=False),
+    Setting("max_attachment", "size",
+            "Largest attachment (an encrypted file's blob, Upload-Length), in bytes.",
+            metavar="BYTES"),
+    Setting("attachment_quota", "size",
+            "Bytes of attachments one user may hold at once (finished or "
+            "not, until they expire or go).", metavar="BYTES"),
+    Setting("max_pending_uploads", "int",
+            "Unfinished attachment uploads one user may hold at once.",
+            metavar="N"),
+    Setting("upload_expiry", "duration",
+            "How long an unfinished upload is kept before it is removed.",
+            metavar="DURATION"),
+    Setting("attachment_retention_days", "int",
+            "Delete attachments this many days after their upload finished "
+            "(0: keep them until no message names them).",
+            metavar="DAYS"),
+    Setting("rate_limit_attachments", "rate",
+            "Attachment uploads begun per user, as COUNT/PERIOD.", metavar="RATE"),
+    Setting("rate_limit_attachment_bytes", "rate",
+            "Attachment bytes uploaded per user, in MiB, as COUNT/PERIOD (an "
+            "upload counts its whole length when it begins).", metavar="RATE"),
     Setting("rate_limit_send", "rate",
             "Messages sent per user (REST and realtime together), as "
             "COUNT/PERIOD: COUNT is the burst, COUNT/PERIOD the sustained rate.",
@@ -303,6 +342,23 @@ class Config:
     # As Signal keeps undelivered messages: a device away for longer has
     # to be re-linked anyway.
     envelope_retention_days: int = 30
+    # As Signal: 100 MiB files, unfinished uploads kept a day (Matrix),
+    # attachments 30 days; 50 uploads begun, one more every 1.2 s; 1 GiB
+    # of bytes an hour.
+    attachment_store: str = "local"
+    s3_endpoint: str = ""
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_prefix: str = "attachments/"
+    s3_access_key_id: str = field(default="", repr=False)
+    s3_secret_access_key: str = field(default="", repr=False)
+    max_attachment: int = 100 * MiB
+    attachment_quota: int = 4096 * MiB
+    max_pending_uploads: int = 5
+    upload_expiry: int = 24 * 3600
+    attachment_retention_days: int = 30
+    rate_limit_attachments: tuple[int, int] = (50, 60)
+    rate_limit_attachment_bytes: tuple[int, int] = (1024, 3600)
     rate_limit_send: tuple[int, int] = (300, 10)
     rate_limit_auth: tuple[int, int] = (100, 15 * 60)
     rate_limit_search: tuple[int, int] = (30, 60)
@@ -738,6 +794,30 @@ def validate(config: Config) -> None:
                 f"({config.max_body} bytes)")
     if not 0 <= config.retention_days <= 100_000:
         raise ConfigError("--retention-days must be 0 (keep) or a number of days")
+    if not 1024 <= config.max_attachment <= 64 * 1024 * MiB:
+        raise ConfigError("--max-attachment must be between 1KiB and 64GiB")
+    if not config.max_attachment <= config.attachment_quota <= 2**62:
+        raise ConfigError("--attachment-quota must be at least --max-attachment")
+    if config.attachment_store == "s3":
+        if not config.s3_bucket:
+            raise ConfigError("attachment_store = s3 needs s3_bucket")
+        if not (config.s3_access_key_id and config.s3_secret_access_key):
+            raise ConfigError("attachment_store = s3 needs s3_access_key_id and s3_secret_access_key "
+                              "(in the configuration file or the environment, never the command line)")
+    if config.s3_endpoint:
+        endpoint = urlsplit(config.s3_endpoint)
+        if endpoint.scheme not in ("http", "https") or not endpoint.hostname or endpoint.path not in ("", "/"):
+            raise ConfigError(f"--s3-endpoint {config.s3_endpoint!r} is not a URL such as "
+                              "https://minio.internal:9000")
+    if config.rate_limit_attachment_bytes[0] * MiB < config.max_attachment:
+        raise ConfigError("--rate-limit-attachment-bytes must allow at least one upload of "
+                          "--max-attachment (its COUNT is in MiB)")
+    if not 1 <= config.max_pending_uploads <= 10_000:
+        raise ConfigError("--max-pending-uploads must be between 1 and 10000")
+    if not 60 <= config.upload_expiry <= 30 * 86400:
+        raise ConfigError("--upload-expiry must be between 1m and 30d")
+    if not 0 <= config.attachment_retention_days <= 100_000:
+        raise ConfigError("--attachment-retention-days must be 0 (keep) or a number of days")
     if not 0 <= config.envelope_retention_days <= 100_000:
         raise ConfigError("--envelope-retention-days must be 0 (keep) or a number of days")
     if not 0 <= config.max_connections <= 10_000_000:
@@ -807,7 +887,10 @@ def describe_default(setting: Setting) -> str:
         return format_duration(value)
     if setting.kind == "rate":
         return f"{value[0]}/{format_duration(value[1])}"
-    if setting.name in ("turn_secret", "admin_token"):
+    if setting.name in ("turn_secret", "admin_token", "s3_access_key_id", "s3_secret_access_key",
+                        "s3_bucket"):
         return "none"
+    if setting.name == "s3_endpoint":
+        return "AWS"
     return str(value) if value != "" else "generated"
 

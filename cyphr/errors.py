@@ -90,6 +90,16 @@ LAST_ADMIN = "LAST_ADMIN"
 MESSAGE_DELETED = "MESSAGE_DELETED"
 NOT_EDITABLE = "NOT_EDITABLE"  # 409: sent over sessions, or its body gone: send a new message
 WALLET_NOT_LINKED = "WALLET_NOT_LINKED"
+# Attachments (TUS uploads under /api/attachments/)
+ATTACHMENT_NOT_FOUND = "ATTACHMENT_NOT_FOUND"  # 404: unknown, unfinished, expired or deleted: one answer for each
+ATTACHMENT_TOO_LARGE = "ATTACHMENT_TOO_LARGE"  # 413: Upload-Length over max_attachment, or a PATCH past it
+ATTACHMENT_QUOTA = "ATTACHMENT_QUOTA"          # 413: the user's attachments would exceed attachment_quota
+TOO_MANY_UPLOADS = "TOO_MANY_UPLOADS"          # 409: max_pending_uploads unfinished uploads already
+UPLOAD_CONFLICT = "UPLOAD_CONFLICT"            # 409: Upload-Offset is not the upload's, or another PATCH holds it
+UNSUPPORTED_TUS_VERSION = "UNSUPPORTED_TUS_VERSION"  # 412: Tus-Resumable is not 1.0.0
+RANGE_NOT_SATISFIABLE = "RANGE_NOT_SATISFIABLE"  # 416: a Range outside the blob
+INVALID_ATTACHMENT = "INVALID_ATTACHMENT"      # 400: a message names an attachment that is not the sender's, finished and live
+STORE_UNAVAILABLE = "STORE_UNAVAILABLE"        # 503: the blob store failed; the upload resumes from its offset
 
 
 class ApiError(Exception):

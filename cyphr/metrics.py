@@ -111,8 +111,10 @@ class CyphrCollector:
 
     def __init__(self, *, http: HttpStats, engine: Any, presence: Any, receipts: Any,
                  batcher: Any, database: Any, bus: Any, limits: Any, sockets: Any,
-                 connections: Any, tables: Sequence[MemoryTables] = ()) -> None:
+                 connections: Any, attachments: Any = None,
+                 tables: Sequence[MemoryTables] = ()) -> None:
         self._tables = tuple(tables)
+        self._attachments = attachments
         self._http = http
         self._engine = engine
         self._presence = presence
@@ -141,7 +143,41 @@ class CyphrCollector:
         yield from self._collect_bus()
         yield from self._collect_limits()
         yield from self._collect_connections()
+        yield from self._collect_attachments()
         yield from self._collect_memory()
+
+    def _collect_attachments(self) -> Iterator[Metric]:
+        if self._attachments is None:
+            return
+        stats = self._attachments.stats
+        store = self._attachments.blobs.kind
+        for name, help_text, value in (
+                ("cyphr_attachment_uploads_begun", "Attachment uploads created (TUS POST).",
+                 stats.uploads_begun),
+                ("cyphr_attachment_uploads_completed", "Attachment uploads that reached their length.",
+                 stats.uploads_completed),
+                ("cyphr_attachment_upload_bytes", "Attachment bytes made durable by appends.",
+                 stats.upload_bytes),
+                ("cyphr_attachment_download_bytes", "Attachment bytes sent to downloaders.",
+                 stats.download_bytes),
+                ("cyphr_attachments_removed", "Attachments whose blobs the clean-up removed.",
+                 stats.removed)):
+            counter = CounterMetricFamily(name, help_text, labels=["store"])
+            counter.add_metric([store], value)
+            yield counter
+        for name, help_text, value in (
+                ("cyphr_attachment_appends_in_progress",
+                 "Upload appends (PATCH bodies) this process is receiving now.",
+                 stats.uploads_in_progress),
+                ("cyphr_attachments_stored",
+                 "Finished attachments kept, as of the last clean-up run (all processes).",
+                 stats.stored_count),
+                ("cyphr_attachment_stored_bytes",
+                 "Bytes of finished attachments kept, as of the last clean-up run (all processes).",
+                 stats.stored_bytes)):
+            gauge = GaugeMetricFamily(name, help_text, labels=["store"])
+            gauge.add_metric([store], value)
+            yield gauge
 
     def _collect_http(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

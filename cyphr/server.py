@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 import cyphr
 from cyphr._compat import port_deferred
+from cyphr.api.attachments import AttachmentsAPI, UploadReceiver
 from cyphr.api.backups import HistoryBackupAPI
 from cyphr.api.devices import DevicesAPI
 from cyphr.api.health import HealthAPI
@@ -48,6 +49,9 @@ from cyphr.datadir import DataDirectory, ServerSecrets, load_secrets, open_data_
 from cyphr.db import Database, Transaction, open_database
 from cyphr.db.fingerprints import check_fingerprints_txn
 from cyphr.db.postgres import PostgresDatabase
+from cyphr.blobs import BlobStore
+from cyphr.blobs.local import LocalBlobStore
+from cyphr.handlers.attachments import AttachmentLimits, AttachmentsHandler
 from cyphr.handlers.auth import Authenticator
 from cyphr.handlers.backups import HistoryBackupHandler
 from cyphr.handlers.calls import CallsHandler
@@ -79,6 +83,7 @@ from cyphr.realtime.engine import EngineServer
 from cyphr.realtime.events import Realtime
 from cyphr.realtime.presence import Presence
 from cyphr.realtime.socketio import SocketServer
+from cyphr.store.attachments import AttachmentStore
 from cyphr.store.backups import HistoryBackupStore
 from cyphr.store.challenges import ChallengeStore
 from cyphr.store.chats import ChatStore
@@ -110,9 +115,10 @@ class DatabaseService(Service):
     released (cyphr.datadir.DataDirectory.close)."""
 
     def __init__(self, database: Database, batcher: SendBatcher, bus: Bus, realtime: Realtime,
-                 engine: EngineServer, data_dir: DataDirectory,
+                 engine: EngineServer, data_dir: DataDirectory, blobs: Any,
                  on_ready: Callable[[], None] = lambda: None) -> None:
         self.data_dir = data_dir
+        self.blobs = blobs
         self.database = database
         self.batcher = batcher
         self.bus = bus
@@ -152,6 +158,7 @@ class DatabaseService(Service):
         self.realtime.stop()
         await self.bus.stop()
         await self.database.close()
+        self.blobs.stop()
         self.data_dir.close()
 
 
@@ -338,6 +345,7 @@ class Server:
     engine: EngineServer
     realtime: Realtime
     bus: Bus
+    attachments: AttachmentsHandler
 
     def listening(self) -> list[Deferred[Any]]:
         """The listening ports, once the service has started and the
@@ -347,6 +355,18 @@ class Server:
     def metrics_listening(self) -> list[Deferred[Any]]:
         """The ports of ``--metrics-listen``, once the service has started."""
         return [port_deferred(svc) for svc in self.metrics_services]
+
+
+def blob_store(config: Config, data_dir: str, reactor: Any) -> BlobStore:
+    """Where attachment blobs are kept: the data directory, or a bucket."""
+    if config.attachment_store == "s3":
+        from cyphr.blobs.s3 import S3BlobStore  # botocore loads only when used
+
+        return S3BlobStore(reactor, endpoint=config.s3_endpoint or None, bucket=config.s3_bucket,
+                           region=config.s3_region, prefix=config.s3_prefix,
+                           access_key=config.s3_access_key_id,
+                           secret_key=config.s3_secret_access_key)
+    return LocalBlobStore(os.path.join(data_dir, "attachments"), reactor)
 
 
 def default_node_id() -> str:
@@ -423,11 +443,17 @@ def build_server(
     wallet = WalletHandler(WalletStore(database), identity, clock, origins)
     messages = MessageStore(database)
     batcher = SendBatcher(messages, reactor)
+    attachments = AttachmentsHandler(
+        AttachmentStore(database), blob_store(config, data_dir, reactor), clock, AttachmentLimits(max_size=config.max_attachment, quota=config.attachment_quota,
+                                max_pending=config.max_pending_uploads,
+                                upload_expiry=config.upload_expiry,
+                                retention_days=config.attachment_retention_days),
+        limits.attachments, limits.attachment_bytes)
     rosters = RosterStore(database)
     messaging = MessagingHandler(chats, messages, identities, batcher, limits.send, changes, clock,
                                  group_limit=limits.group_create, member_limit=limits.member_add,
                                  recipients=RecipientDevices(devices), rosters=rosters,
-                                 cache_size=config.cache_entries)
+                                 attachments=attachments, cache_size=config.cache_entries)
     receipts = ReceiptsHandler(chats, messages, clock)
     calls = CallsHandler(chats, clock, cache_size=config.cache_entries)
     # A call may be signalled only while the two share a chat: a leave ends
@@ -470,11 +496,13 @@ def build_server(
                            realtime_stats=lambda: RealtimeStats(**realtime.stats()))
     links = LinkStore(database)
     maintenance = Maintenance(challenges, revocations, messages, config.retention_days, clock,
-                              links=links, envelope_retention_days=config.envelope_retention_days)
+                              links=links, envelope_retention_days=config.envelope_retention_days,
+                              attachments=attachments)
 
     router = ApiRouter([
         HealthAPI(health),
-        IdentityAPI(identity, authenticator, limits, PinBackupHandler(PinBackupStore(database), clock)),
+        IdentityAPI(identity, authenticator, limits, PinBackupHandler(PinBackupStore(database), clock),
+                    attachments),
         HistoryBackupAPI(HistoryBackupHandler(HistoryBackupStore(database), clock,
                                               config.history_backup_limit),
                          authenticator, limits, config.max_body),
@@ -490,6 +518,7 @@ def build_server(
                                           limits, changes, config.max_prekeys, clock),
                        authenticator),
         MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
+        AttachmentsAPI(attachments, authenticator, limits),
         ChatsAPI(messaging, authenticator, limits),
         RostersAPI(RostersHandler(rosters, chats, identities, cpu, changes, clock,
                                   change_limit=limits.member_add), authenticator),
@@ -501,13 +530,14 @@ def build_server(
     metrics.registry.register(CyphrCollector(
         http=metrics.http, engine=engine, presence=presence, receipts=receipts, batcher=batcher,
         database=database, bus=bus, limits=limits, sockets=sockets, connections=connections,
-        tables=(realtime, messaging, calls, tokens)))
+        attachments=attachments, tables=(realtime, messaging, calls, tokens)))
     metrics_resource = MetricsResource(metrics)
     # With --metrics-listen, /metrics is served only there: the public
     # endpoints answer 404 for it, as for any unknown path.
     root = Root(router, engine.resource, None if config.metrics_listen else metrics_resource)
     site = CyphrSite(root, http_policy, reactor, metrics=metrics.http,
-                     on_body_refused=engine.resource.body_refused, connections=connections)
+                     on_body_refused=engine.resource.body_refused, connections=connections,
+                     uploads=UploadReceiver(attachments, authenticator))
 
     service = CyphrService(config, cpu, engine, clock, on_fatal=database_fatal)
     def ready() -> None:
@@ -515,7 +545,7 @@ def build_server(
         if not fatal_messages:
             directory.served()
 
-    DatabaseService(database, batcher, bus, realtime, engine, directory,
+    DatabaseService(database, batcher, bus, realtime, engine, directory, attachments.blobs,
                     on_ready=ready).setServiceParent(service)
     def purge_now() -> Deferred[None] | None:
         # Not before the database is up (the pool says so when it is down).
@@ -579,4 +609,5 @@ def build_server(
         engine=engine,
         realtime=realtime,
         bus=bus,
+        attachments=attachments,
     )

@@ -117,6 +117,23 @@ def as_bytes(value: Any) -> bytes:
     return str(value).encode("utf-8", "surrogatepass")
 
 
+async def serve_with_logs(testcase: Any) -> None:
+    """A served server whose every log line (text and JSON) is kept in
+    ``testcase.log_lines``, for the zero-knowledge scan; its URL as
+    ``testcase.url``."""
+    testcase.log_lines = []
+
+    def capture(event: dict[str, Any]) -> None:
+        testcase.log_lines.append(formatEvent(event) or "")
+        testcase.log_lines.append(event_as_json(event))
+
+    globalLogPublisher.addObserver(capture)
+    testcase.addCleanup(globalLogPublisher.removeObserver, capture)
+    testcase.server = await start_server(testcase, serve=True, access_log=True)
+    [port] = [await d for d in testcase.server.listening()]
+    testcase.url = f"http://127.0.0.1:{port.getHost().port}"
+
+
 async def in_thread(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await deferToThread(f, *args, **kwargs)
 
@@ -126,17 +143,7 @@ class ClientScenarios:
     the zero-knowledge scan."""
 
     async def setUp(self) -> None:
-        self.log_lines: list[str] = []
-
-        def capture(event: dict[str, Any]) -> None:
-            self.log_lines.append(formatEvent(event) or "")
-            self.log_lines.append(event_as_json(event))
-
-        globalLogPublisher.addObserver(capture)
-        self.addCleanup(globalLogPublisher.removeObserver, capture)
-        self.server = await start_server(self, serve=True, access_log=True)
-        [port] = [await d for d in self.server.listening()]
-        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        await serve_with_logs(self)
         self.secrets = Secrets()
         self.clients: list[Client] = []
         self.listeners: list[Any] = []

@@ -310,8 +310,10 @@ class CorsTests(TestCase):
             b"Access-Control-Request-Headers": [b"content-type, authorization"]})
         self.assertEqual(response.code, 204)
         self.assertEqual(response.header("Access-Control-Allow-Origin"), "http://localhost:5173")
-        self.assertEqual(response.header("Access-Control-Allow-Methods"), "GET, POST, PUT, DELETE")
-        self.assertEqual(response.header("Access-Control-Allow-Headers"), "Content-Type, Authorization")
+        self.assertEqual(response.header("Access-Control-Allow-Methods"),
+                         "GET, POST, PUT, PATCH, DELETE, HEAD")
+        self.assertEqual(response.header("Access-Control-Allow-Headers"), "Content-Type, Authorization, Range, If-Range, Tus-Resumable,"
+                         " Upload-Length, Upload-Offset")
         self.assertEqual(self.api.bodies, [])
 
     async def test_preflight_refused(self) -> None:

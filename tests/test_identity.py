@@ -570,5 +570,6 @@ class RouteAccessTests(SQLiteMixin, TestCase):
             "/health", "/api/health", "/api/cyphr-id/check", "/api/cyphr-id/challenge",
             "/api/cyphr-id/register", "/api/cyphr-id/login", "/api/cyphr-id/recover",
             "/api/devices/provision", "/api/devices/provision/<provisioning_id>/receive",
-            "/api/devices/link", "/api/openapi.json", "/api/asyncapi.json"})
+            "/api/devices/link", "/api/openapi.json", "/api/asyncapi.json",
+            "/api/attachments/"})  # OPTIONS: TUS discovery
         self.assertEqual(operator, {"/api/admin/zero-storage-status"})

@@ -67,10 +67,11 @@ CHECKS = os.environ.get("CYPHR_FUZZ_CHECKS") or ",".join((
     "response_headers_conformance",
     "response_schema_conformance",
 ))
-# Operations that name a user, chat or message in their path.
+# Operations that name a user, chat, message or attachment in their path.
 WITH_RESOURCES = (
     "getUser", "getPublicKey", "claimPrekey", "getWallet", "chatHistory", "listMembers", "addMember",
-    "removeMember", "setMemberRole", "editMessage", "deleteMessage",
+    "removeMember", "setMemberRole", "editMessage", "deleteMessage", "downloadAttachment",
+    "appendAttachment", "deleteAttachment",
 )
 GENEROUS = "1000000/1m"
 
@@ -141,6 +142,10 @@ class Server:
             "CYPHR_RATE_LIMIT_SEARCH": GENEROUS,
             "CYPHR_RATE_LIMIT_CLAIM": GENEROUS,
             "CYPHR_RATE_LIMIT_PASSWORD": GENEROUS,
+            "CYPHR_RATE_LIMIT_ATTACHMENTS": GENEROUS,
+            "CYPHR_RATE_LIMIT_ATTACHMENT_BYTES": GENEROUS,  # MiB
+            "CYPHR_MAX_PENDING_UPLOADS": "10000",
+            "CYPHR_ATTACHMENT_QUOTA": "1000000MiB",
         })
         command = [sys.executable, "-m", "twisted", "cyphr", "--listen",
                    f"tcp:{self.port}:interface=127.0.0.1",
@@ -198,7 +203,11 @@ def schemathesis(workdir: str, name: str, base: str, config: dict[str, Any], arg
                "--phases", "examples,coverage,fuzzing", *arguments]
     if seed is not None:
         command += ["--seed", str(seed)]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    # tools/fuzz_hooks.py: a serializer for TUS PATCH bodies.
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks",
+           "PYTHONPATH": os.pathsep.join(filter(None, (os.path.dirname(os.path.abspath(__file__)),
+                                                       os.environ.get("PYTHONPATH"))))}
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env)
     cases, failures = read_report(report)
     if result.returncode != 0:
         print(result.stdout[-20000:])
@@ -242,8 +251,22 @@ def to_toml(value: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare(base: str) -> tuple[Account, Account, str, str]:
-    """Two users, a group of both, a message in it: real resources."""
+def upload(base: str, auth: dict[str, str], data: bytes) -> str:
+    """A finished attachment of ``data``; its id."""
+    tus = {**auth, "Tus-Resumable": "1.0.0"}
+    created = requests.post(f"{base}/api/attachments/", timeout=30,
+                            headers={**tus, "Upload-Length": str(len(data))})
+    created.raise_for_status()
+    attachment_id = created.json()["id"]
+    requests.patch(f"{base}/api/attachments/{attachment_id}", data=data, timeout=30, headers={
+        **tus, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+    }).raise_for_status()
+    return attachment_id
+
+
+def prepare(base: str) -> tuple[Account, Account, str, str, str]:
+    """Two users, a group of both, a message in it, a finished attachment:
+    real resources."""
     fuzzer = register(base, "fuzzer")
     peer = register(base, "peer")
     auth = {"Authorization": f"Bearer {fuzzer.token}"}
@@ -258,7 +281,7 @@ def prepare(base: str) -> tuple[Account, Account, str, str]:
     sent = requests.post(f"{base}/api/messaging/send", headers=auth, timeout=30,
                          json={"chatId": chat_id, "encryptedPayload": {"ciphertext": "AAAA"}})
     sent.raise_for_status()
-    return fuzzer, peer, chat_id, sent.json()["messageId"]
+    return fuzzer, peer, chat_id, sent.json()["messageId"], upload(base, auth, os.urandom(3000))
 
 
 def fuzz_engine(engine: str, args: argparse.Namespace) -> tuple[int, int, bool, float]:
@@ -274,7 +297,7 @@ def fuzz_engine(engine: str, args: argparse.Namespace) -> tuple[int, int, bool, 
         server = Server(workdir, database, admin_token)
         try:
             server.wait_ready()
-            fuzzer, peer, chat_id, message_id = prepare(server.base)
+            fuzzer, peer, chat_id, message_id, attachment_id = prepare(server.base)
             user = {"Authorization": f"Bearer {fuzzer.token}"}
             admin = [{"include-operation-id": "zeroStorageStatus",
                       "headers": {"Authorization": f"Bearer {admin_token}"}}]
@@ -282,7 +305,8 @@ def fuzz_engine(engine: str, args: argparse.Namespace) -> tuple[int, int, bool, 
                 ("generated", {"headers": user, "operations": admin},
                  ["--exclude-operation-id", "logout"], args.max_examples),
                 ("resources", {"headers": user, "parameters": {
-                    "path.cyphrId": peer.cyphr_id, "path.chatId": chat_id, "path.messageId": message_id}},
+                    "path.cyphrId": peer.cyphr_id, "path.chatId": chat_id, "path.messageId": message_id,
+                    "path.attachmentId": attachment_id}},
                  [arg for op in WITH_RESOURCES for arg in ("--include-operation-id", op)],
                  args.max_examples),
                 ("logout", {"headers": user}, ["--include-operation-id", "logout"], args.max_examples),

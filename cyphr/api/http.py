@@ -65,8 +65,13 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"Cache-Control", b"no-store"),
 )
 HSTS = b"max-age=31536000; includeSubDomains"
-CORS_METHODS = b"GET, POST, PUT, DELETE"
-CORS_HEADERS = b"Content-Type, Authorization"
+CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD"
+CORS_HEADERS = (b"Content-Type, Authorization, Range, If-Range, Tus-Resumable, Upload-Length,"
+                b" Upload-Offset")
+# What a browser's script may read of an answer besides the basic headers:
+# the upload protocol's (cyphr.api.attachments) and a range's.
+CORS_EXPOSED = (b"Location, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Upload-Offset,"
+                b" Upload-Length, Upload-Expires, Content-Range, Accept-Ranges, ETag, Retry-After")
 CORS_MAX_AGE = b"600"
 # A request's deadline grows by one second for each this many bytes of it
 # received: a large body on a slow link gets the time it needs, a client
@@ -155,6 +160,16 @@ def read_json(request: Any, *, required: bool = True) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object", code=INVALID_BODY)
     return body
+
+
+class Streamed:
+    """A route's answer whose body a producer writes, rather than bytes:
+    ``send(request)`` is called once the route has set the status and
+    headers, and writes the body and finishes the request (a download,
+    cyphr.api.attachments)."""
+
+    def __init__(self, send: Callable[[Any], None]) -> None:
+        self.send = send
 
 
 # -- routing ------------------------------------------------------------------
@@ -249,8 +264,8 @@ class ApiRouter(resource.Resource):
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-        def check(body: Any) -> bytes:
-            if not isinstance(body, bytes):
+        def check(body: Any) -> bytes | Streamed:
+            if not isinstance(body, (bytes, Streamed)):
                 raise TypeError(f"route {request.route} answered {type(body).__name__}, not bytes")
             return body
 
@@ -261,10 +276,14 @@ class ApiRouter(resource.Resource):
                          method=request.method.decode("ascii", "replace"), route=request.route)
             return error_answer(request, InternalError())
 
-        def send(body: bytes) -> None:
-            if not gone:
-                request.write(body)
-                request.finish()
+        def send(body: bytes | Streamed) -> None:
+            if gone:
+                return
+            if isinstance(body, Streamed):
+                body.send(request)
+                return
+            request.write(body)
+            request.finish()
 
         outcome.addCallback(check).addErrback(failed).addCallback(send)
         outcome.addErrback(lambda failure: _log.failure("Could not send an answer", failure))
@@ -388,6 +407,9 @@ class CyphrRequest(server.Request):
     route = ""
     _body_refused = False
     _body_received = 0
+    # The body of an upload (PATCH /api/attachments/:id), taken as it comes
+    # by cyphr.api.attachments.UploadReceiver instead of being buffered.
+    upload: Any = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -402,12 +424,22 @@ class CyphrRequest(server.Request):
     # -- the body limit: checked as it arrives, never buffered past it --
 
     def gotLength(self, length: int | None) -> None:
+        uploads = self.channel.site.uploads
+        if uploads is not None:
+            method, uri = request_line(self.channel)
+            self.upload = uploads.receive(self, method, uri, length)
+            if self.upload is not None:
+                self.content = io.BytesIO()  # stays empty
+                return
         if length is not None and length > self.policy.max_body:
             self._refuse_body()
             return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self.upload is not None:
+            self.upload.data(data)
+            return
         if self._body_refused:
             return
         self._body_received += len(data)
@@ -444,7 +476,16 @@ class CyphrRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._body_refused:
             return  # already answered
+        if self.upload is not None:
+            if self.upload.answered:
+                return  # refused before its body ended, and answered
+            self.upload.body_done()
         super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.upload is not None:
+            self.upload.lost()
+        super().connectionLost(reason)
 
     # -- every answer ---------------------------------------------------
 
@@ -455,6 +496,7 @@ class CyphrRequest(server.Request):
         return [
             (b"Access-Control-Allow-Origin", origin),
             (b"Access-Control-Allow-Credentials", b"true"),
+            (b"Access-Control-Expose-Headers", CORS_EXPOSED),
             (b"Vary", b"Origin"),
         ]
 
@@ -710,7 +752,7 @@ class CyphrSite(server.Site):
     def __init__(self, root: resource.Resource, policy: HttpPolicy, reactor: Any,
                  timeout: float = 75, *, metrics: HttpStats | None = None,
                  on_body_refused: Callable[[bytes], None] | None = None,
-                 connections: ConnectionLimits | None = None) -> None:
+                 connections: ConnectionLimits | None = None, uploads: Any = None) -> None:
         # The idle timeout must outlast a long-polling GET (pingInterval +
         # pingTimeout) and stay short enough to shed idle sockets.
         # No parsing of form bodies into request.args: the API takes JSON only.
@@ -727,6 +769,9 @@ class CyphrSite(server.Site):
         # scrapes while the API's connections are at their cap).
         self.connections = connections or ConnectionLimits(
             policy.max_connections, policy.max_connections_per_address)
+        # What takes upload bodies as they arrive
+        # (cyphr.api.attachments.UploadReceiver), if anything.
+        self.uploads = uploads
 
     def log(self, request: Any) -> None:
         # Called once for each request that is answered.

@@ -7,11 +7,13 @@ from urllib.parse import urlsplit
 
 from klein import Klein
 
+from cyphr.blobs import BLOB_ID
 from cyphr.api.guard import authenticated, public
 from cyphr.api.http import answer, read_json
 from cyphr.clock import iso
 from cyphr.crypto import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, MLKEM1024_KEY_BYTES
 from cyphr.errors import INVALID_QUERY, MISSING_FIELD, BadRequest
+from cyphr.handlers.attachments import AttachmentsHandler
 from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.identity import IdentityHandler, Proof, Session
 from cyphr.handlers.pins import MAX_PIN_BACKUP_BYTES, PinBackupHandler
@@ -126,8 +128,9 @@ class IdentityAPI:
     app = Klein()
 
     def __init__(self, identity: IdentityHandler, authenticator: Authenticator, limits: RateLimits,
-                 pins: PinBackupHandler) -> None:
+                 pins: PinBackupHandler, attachments: AttachmentsHandler | None = None) -> None:
         self._identity = identity
+        self._attachments = attachments
         self._pins = pins
         self.authenticator = authenticator
         self.limits = limits
@@ -260,13 +263,21 @@ class IdentityAPI:
             changes["display_name"] = fields.text("displayName", required=False, max_length=100)
         if fields.present("avatarUrl"):
             url = fields.text("avatarUrl", required=False, max_length=2048)
-            if url is not None and (urlsplit(url).scheme != "https" or not urlsplit(url).hostname):
-                raise invalid("avatarUrl", "avatarUrl must be an https:// URL")
+            if url is not None and BLOB_ID.fullmatch(url) and self._attachments is not None:
+                # An encrypted avatar: a finished attachment of the user's,
+                # kept while it is the avatar; its key goes to contacts in a
+                # sealed message.
+                await self._attachments.check_named(user, [url], field="avatarUrl")
+            elif url is not None and (urlsplit(url).scheme != "https" or not urlsplit(url).hostname):
+                raise invalid("avatarUrl", "avatarUrl must be an attachment id or an https:// URL")
             changes["avatar_url"] = url
         if fields.present("encryptedSettings"):
             changes["encrypted_settings"] = fields.text("encryptedSettings", required=False,
                                                         max_length=65536)
+        before = await self._identity.user(user.cyphr_id) if "avatar_url" in changes else None
         identity = await self._identity.update_profile(user, changes)
+        if before is not None and self._attachments is not None:
+            await self._attachments.avatar_changed(user, before.avatar_url, identity.avatar_url)
         return answer(request, {
             "success": True, "user": own_profile(identity, self._identity.is_online(user.cyphr_id))})
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cyphr import __version__
+from cyphr.client.attachments import public_json
 from cyphr.client.backup import Written
 from cyphr.client.client import Client, IdentityChanged, Message, is_chat_id
 from cyphr.client.crypto import CryptoError
@@ -35,7 +36,7 @@ from cyphr.client.http import (
     check_server,
 )
 from cyphr.client.profile import Profile, ProfileError, check_passphrase
-from cyphr.client.render import line
+from cyphr.client.render import human_size, line
 from cyphr.client.render import person as _person
 from cyphr.client.render import receipt_mark as _receipt_mark
 from cyphr.client.render import time_text as _time
@@ -44,6 +45,7 @@ from cyphr.client.terminal import json_line, safe, safe_lines
 
 DEFAULT_SERVER = "http://localhost:3001"
 DEFAULT_PROFILE = "~/.cyphr"
+TRANSFER_BAR = 30  # characters of a transfer's progress bar
 
 # Secrets the client once read from the environment: named when set, so
 # that a script relying on them learns why it now stops at a prompt.
@@ -110,6 +112,33 @@ class Output:
             started = True
         return report
 
+    def transfer(self, what: str) -> Callable[[int, int], None]:
+        """Progress of a transfer on stderr: a bar redrawn in place on a
+        terminal, else a line when it starts and one when it ends."""
+        tty = sys.stderr.isatty()
+        shown: tuple[int, int] | None = None
+        ended = False
+
+        def report(done: int, total: int) -> None:
+            nonlocal shown, ended
+            if ended:
+                return
+            ended = done >= total
+            if tty:
+                percent = 100 * done // total if total else 100
+                filled = TRANSFER_BAR * done // total if total else TRANSFER_BAR
+                if (percent, filled) == shown and not ended:
+                    return  # redrawn only when it changes
+                shown = (percent, filled)
+                bar = "#" * filled + "-" * (TRANSFER_BAR - filled)
+                print(f"\r{what} [{bar}] {percent:3d}% of {human_size(total)}\x1b[K",
+                      end="\n" if ended else "", file=sys.stderr, flush=True)
+            elif shown is None or ended:
+                state = "done" if ended else "started"
+                print(f"{what}: {state}, {human_size(total)}", file=sys.stderr, flush=True)
+                shown = (0, 0)
+        return report
+
 
 # -- options ------------------------------------------------------------------
 
@@ -160,11 +189,22 @@ def _parser() -> argparse.ArgumentParser:
                                   "(sealed: the server cannot read it)")
     p.add_argument("--prekeys", type=int, default=100, help="one-time prekeys to publish (100)")
     command("whoami", "show this profile's identity")
-    p = command("send", "send an encrypted message to a Cyphr ID, a group's name or a chat id")
+    p = command("send", "send an encrypted message, or a file (--file), to a Cyphr ID, a "
+                        "group's name or a chat id")
     p.add_argument("to")
-    p.add_argument("text", nargs="+", help="the message; - alone reads it from standard input")
-    p.add_argument("--type", default="text", dest="message_type",
-                   choices=["text", "image", "file", "audio", "video", "call", "payment"])
+    p.add_argument("text", nargs="*", help="the message (with --file, the file's caption, "
+                                           "optional); - alone reads it from standard input")
+    p.add_argument("--file", metavar="PATH",
+                   help="send this file, encrypted here (its message type, image, audio, "
+                        "video or file, comes from its name)")
+    p.add_argument("--type", dest="message_type", choices=["text", "call", "payment"],
+                   help="the message type of a text (default: text; a file goes with --file)")
+    p = command("download", "download a file sent in a chat and decrypt it, checking it")
+    p.add_argument("message_id", help="the file message's id (listen and history --json show it)")
+    p.add_argument("--out", metavar="PATH",
+                   help="a directory to write the file in under its own name, made safe, never "
+                        "replacing a file there (default: the current directory); or the file "
+                        "to write")
     p = command("listen", "print messages as they arrive (first those received while away)")
     p.add_argument("--count", type=int, help="exit after this many messages")
     p.add_argument("--timeout", type=float, help="exit after this many seconds")
@@ -683,15 +723,58 @@ def _message_text(args: argparse.Namespace) -> str:
 
 
 def cmd_send(args: argparse.Namespace, out: Output) -> None:
+    if args.file is not None:
+        _send_file(args, out)
+        return
     text = _message_text(args)  # before the passphrase is asked for
     client = _open(args)
-    answer = client.send(_target(client, args.to), text, args.message_type)
+    answer = client.send(_target(client, args.to), text, args.message_type or "text")
+    _sent(client, answer, out, "Sent")
+
+
+def _sent(client: Client, answer: dict[str, Any], out: Output, what: str) -> None:
     answer.pop("success", None)
     # Told, not hidden: without sessions a message has no forward secrecy.
     answer["sessions"] = client.no_session is None
     note = "" if client.no_session is None else (
         f" Sealed as version 3, without forward secrecy: {client.no_session}.")
-    out.result(answer, f"Sent (chat {answer['chatId']}, #{answer['seq']}).{note}")
+    out.result(answer, f"{what} (chat {answer['chatId']}, #{answer['seq']}).{note}")
+
+
+def _send_file(args: argparse.Namespace, out: Output) -> None:
+    """send --file PATH [CAPTION]: the file encrypted, uploaded (a progress
+    bar on a terminal) and sent in a file message."""
+    if args.message_type is not None:
+        raise UsageError("--type does not go with --file: a file's message type (image, audio, "
+                         "video or file) comes from its name")
+    path = Path(args.file).expanduser()
+    if not path.is_file():  # before the passphrase is asked for
+        raise UsageError(f"{args.file} is not a file")
+    caption = _message_text(args) if args.text else None
+    client = _open(args)
+    answer = client.send_file(_target(client, args.to), path, caption,
+                              progress=out.transfer(f"Uploading {safe(path.name)}"))
+    size = answer.get("attachment", {}).get("size", path.stat().st_size)
+    _sent(client, answer, out, f"Sent {safe(path.name)} ({human_size(size)})")
+
+
+def cmd_download(args: argparse.Namespace, out: Output) -> None:
+    client = _open(args)
+    message = client.find_message(args.message_id)
+    if message is None:
+        raise UsageError(f"no message {safe(args.message_id)} here: neither this device's store "
+                         f"nor the recent history of its chats has it")
+    pointer = message.attachment
+    if pointer is None:
+        raise UsageError(f"message {safe(args.message_id)} carries no file"
+                         + (f" ({safe(message.error)})" if message.error else ""))
+    name = safe(pointer.file_name)
+    written = client.download(message, Path(args.out).expanduser() if args.out else Path.cwd(),
+                              progress=out.transfer(f"Downloading {name}"))
+    out.result({"messageId": message.id, "path": str(written),
+                "attachment": public_json(pointer), "checked": True},
+               lambda: f"Wrote {name} ({human_size(pointer.size)}) to {safe(str(written))}: its "
+                       f"digest and every chunk checked.")
 
 
 WAKE_SECONDS = 0.5  # how long listen's main thread waits at most before looking again
@@ -1109,7 +1192,7 @@ def cmd_delete_account(args: argparse.Namespace, out: Output) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int | None]] = {
     "init": cmd_init, "register": cmd_register, "login": cmd_login, "logout": cmd_logout,
-    "recover": cmd_recover, "link": cmd_link, "devices": cmd_devices, "whoami": cmd_whoami, "send": cmd_send, "listen": cmd_listen,
+    "recover": cmd_recover, "link": cmd_link, "devices": cmd_devices, "whoami": cmd_whoami, "send": cmd_send, "download": cmd_download, "listen": cmd_listen,
     "history": cmd_history, "chats": cmd_chats, "chat": cmd_chat, "contacts": cmd_contacts, "group": cmd_group,
     "keys": cmd_keys, "backup": cmd_backup,
     "verify": cmd_verify, "totp": cmd_totp, "wallet": cmd_wallet,
@@ -1117,8 +1200,21 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int | None]] = {
 }
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a "*" positional its share, none, before an option:
+    # the caption of `send CHAT --file PATH CAPTION` comes back unknown.
+    if extra and args.command == "send" \
+            and not any(word.startswith("-") and word != "-" for word in extra):
+        args.text = [*args.text, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     out = Output(args.json)
     warn_ignored_variables()
     try:

@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -44,6 +44,7 @@ from nacl.exceptions import CryptoError as NaclCryptoError
 from cyphr import signing
 from cyphr import rosters
 from cyphr.client import (
+    attachments,
     backup,
     crypto,
     devices,
@@ -53,6 +54,7 @@ from cyphr.client import (
     sessionkeys,
     sessionmessages,
 )
+from cyphr.client.attachcrypto import AttachmentError, Pointer
 from cyphr.client.crypto import (
     CryptoError,
     Identity,
@@ -157,7 +159,14 @@ class Message:
     compared the sender's safety number (always True for one's own).
     ``receipts``: on one's own messages from history and sync, who got and
     who read it when they were fetched (None elsewhere). ``restored``: read
-    from the history backup (cyphr.client.backup), not opened here."""
+    from the history backup (cyphr.client.backup), not opened here.
+
+    A file message (``message_type`` file, image, audio or video:
+    cyphr.client.attachments) has its ``attachment``, the pointer to the
+    encrypted file, key included, and its caption, or "", as ``text``. A
+    pointer that is refused makes ``text`` None and ``error`` say why.
+    Neither the repr nor :meth:`as_json` shows the pointer's key or
+    digest."""
 
     id: str
     chat_id: str
@@ -175,6 +184,7 @@ class Message:
     # just before this one that this device has not seen (a gap to show).
     missing: int = 0
     restored: bool = False
+    attachment: Pointer | None = field(default=None, repr=False)
 
     def as_json(self) -> dict[str, Any]:
         shape = {"id": self.id, "chatId": self.chat_id, "seq": self.seq, "sender": self.sender,
@@ -188,6 +198,8 @@ class Message:
             shape["missing"] = self.missing
         if self.restored:
             shape["restored"] = True
+        if self.attachment is not None:
+            shape["attachment"] = attachments.public_json(self.attachment)
         return shape
 
 
@@ -994,7 +1006,11 @@ class Client:
 
     def send(self, to: str, text: str, message_type: str = "text") -> dict[str, Any]:
         """Seal ``text`` for every member of the chat (``to`` is a chat id) or
-        of the direct chat with ``to`` (a Cyphr ID), and send it."""
+        of the direct chat with ``to`` (a Cyphr ID), and send it. (A file
+        goes with :meth:`send_file`: readers take a message of a file's
+        type for a pointer.)"""
+        if message_type in attachments.FILE_TYPES:
+            raise ClientError(f"a {message_type} message carries a file: send it with send_file")
         return self._send(to, text.encode("utf-8"), message_type)
 
     def _send(self, to: str, plaintext: bytes, message_type: str) -> dict[str, Any]:
@@ -1083,17 +1099,27 @@ class Client:
         wrong."""
         def result(text: str | None, verified: bool, error: str | None = None,
                    timestamp: str | None = None, missing: int = 0,
-                   restored: bool = False) -> Message:
+                   restored: bool = False, message_type: str | None = None) -> Message:
             sender = message.get("senderId", "")
             # Receipts only on one's own: no server can make a client say
             # who read another's message.
             receipts = Receipts.parse(message.get("receipts")) if sender == self.cyphr_id else None
+            # The type the message was opened with (kept with it): what the
+            # server says now could turn a file message's pointer into text.
+            if not isinstance(message_type, str):
+                message_type = message.get("messageType", "")
+            attachment = None
+            if text is not None and message_type in attachments.FILE_TYPES:
+                try:
+                    attachment, text = attachments.parse_file_message(text)
+                except AttachmentError as e:
+                    text, error = None, f"the file message's attachment is refused: {e}"
             return Message(message.get("id", ""), message.get("chatId", ""), message.get("seq", 0),
                            sender, timestamp or message.get("timestamp", ""),
-                           message.get("messageType", ""), text, verified, error,
+                           message_type, text, verified, error,
                            message.get("clientMessageId"),
                            verified and isinstance(sender, str) and self._contact_verified(sender),
-                           receipts, missing, restored)
+                           receipts, missing, restored, attachment)
 
         def kept_result(kept: dict[str, Any]) -> Message:
             if kept.get("problem"):  # a system message found wrong when it was opened
@@ -1102,7 +1128,8 @@ class Client:
             verified = kept.get("verified", True)
             return result(kept["text"], verified, None if verified else crypto.V1_UNVERIFIED,
                           timestamp=shown, missing=int(kept.get("missing", 0)),
-                          restored=kept.get("restored") is True)
+                          restored=kept.get("restored") is True,
+                          message_type=kept.get("messageType"))
 
         payload = message.get("encryptedPayload")
         if message.get("deletedAt"):
@@ -1157,6 +1184,7 @@ class Client:
             self.store.add_message({"id": message["id"], "chatId": message["chatId"],
                                     "seq": message.get("seq", 0),
                                     "senderId": message["senderId"], "text": text,
+                                    "messageType": message.get("messageType"),
                                     "verified": opened.verified})
             with self.profile.lock:
                 self.profile.vault["prekeys"].pop(str(opened.key_id), None)
@@ -1170,6 +1198,39 @@ class Client:
             if problem is not None:
                 return result(None, False, problem)
         return result(text, True)
+
+    # -- attachments (cyphr.client.attachments) ----------------------------
+
+    def upload_file(self, path: str | os.PathLike[str], *,
+                    progress: Progress | None = None) -> Pointer:
+        """Encrypt the file at ``path`` and upload it (resumably); answers
+        its pointer, for a file message."""
+        return attachments.upload_file(self, path, progress=progress)
+
+    def send_file(self, to: str, path: str | os.PathLike[str], caption: str | None = None, *,
+                  progress: Progress | None = None) -> dict[str, Any]:
+        """Upload the file at ``path`` and send it to ``to`` (as :meth:`send`)
+        in a file message, with ``caption``; answers as :meth:`send`."""
+        return attachments.send_file(self, to, path, caption, progress=progress)
+
+    def download(self, message_or_pointer: Message | Pointer, dest: str | os.PathLike[str], *,
+                 progress: Progress | None = None) -> Path:
+        """Download and decrypt a file message's attachment into ``dest`` (a
+        file, or a directory to make a new file in); answers the path
+        written. AttachmentError, and nothing written, for a blob that is
+        not the pointer's."""
+        return attachments.download(self, message_or_pointer, dest, progress=progress)
+
+    def forward(self, to: str, message: Message, *,
+                progress: Progress | None = None) -> dict[str, Any]:
+        """Send a file message's attachment on to ``to`` (the same blob when
+        this identity uploaded it, else uploaded again); answers as
+        :meth:`send`."""
+        return attachments.forward(self, to, message, progress=progress)
+
+    def find_message(self, message_id: str) -> Message | None:
+        """A message by its id: kept here, or in a chat's recent history."""
+        return attachments.find_message(self, message_id)
 
     # -- groups -----------------------------------------------------------
 

@@ -66,7 +66,31 @@ def line(message: Message, me: str | None = None,
         mark += " (from the history backup)"
     # Every line of the text under its sender, indented: a line of the
     # text can never pass for a message of its own.
-    return f"[{when}] {where}{sender} {mark}: {safe(message.text, indent=MESSAGE_INDENT)}"
+    return f"[{when}] {where}{sender} {mark}: {body(message)}"
+
+
+def body(message: Message) -> str:
+    """What a message says, made safe: its text; for a file message, the
+    file's type, name and size, and its caption in quotes
+    (``[file] report.pdf (1.2 MiB) "the figures"``)."""
+    attachment = message.attachment
+    if attachment is None:
+        return safe(message.text, indent=MESSAGE_INDENT)
+    shown = f"[{safe(message.message_type)}] {safe(attachment.file_name)} " \
+            f"({human_size(attachment.size)})"
+    if message.text:
+        shown += f' "{safe(message.text, indent=MESSAGE_INDENT)}"'
+    return shown
+
+
+def human_size(size: int) -> str:
+    """A size as a person reads it: 740 bytes, 12.5 KiB, 1.2 MiB, 3.0 GiB."""
+    if size < 1024:
+        return f"{size} byte{'' if size == 1 else 's'}"
+    value, units = size / 1024, ["KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
+        value, units = value / 1024, units[1:]
+    return f"{value:.1f} {units[0]}"
 
 
 def receipt_mark(delivered: set[str], read: set[str], others: int | None, sent: bool) -> str:

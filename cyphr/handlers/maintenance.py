@@ -1,8 +1,9 @@
 """Periodic clean-up: expired challenges, revocations of expired tokens,
 expired device provisionings and links, envelopes that their devices did
 not acknowledge within the envelope retention (with the bodies they leave
-bare), and messages past the retention period (when the operator set
-one)."""
+bare), messages past the retention period (when the operator set one), and
+attachments that are due (expired, deleted, or named by no message now),
+from the database and from the blob store."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ MAX_BATCHES = 20  # per run: the rest waits for the next run
 class Maintenance:
     def __init__(self, challenges: ChallengeStore, revocations: TokenStore, messages: MessageStore,
                  retention_days: int, clock: Any, *, links: LinkStore | None = None,
-                 envelope_retention_days: int = 0) -> None:
+                 envelope_retention_days: int = 0, attachments: Any = None) -> None:
+        # cyphr.handlers.attachments.AttachmentsHandler: its clean-up.
+        self._attachments = attachments
         self._challenges = challenges
         self._links = links
         self._revocations = revocations
@@ -49,6 +52,11 @@ class Maintenance:
             return 0
         return await self._links.purge(now, batch)
 
+    async def _attachments_due(self, now: int, batch: int) -> int:
+        if self._attachments is None:
+            return 0
+        return await self._attachments.clean(now, batch)
+
     async def run(self) -> None:
         """One round, in batches of BATCH rows (each its own short transaction,
         so neither the reactor nor other writers wait long). Each step is
@@ -58,7 +66,9 @@ class Maintenance:
                             ("revoked tokens", self._revocations.purge),
                             ("device provisionings", self._expired_links),
                             ("envelopes", self._expired_envelopes),
-                            ("messages", self._expired_messages)):
+                            ("messages", self._expired_messages),
+                            # After messages: those purged free attachments.
+                            ("attachments", self._attachments_due)):
             try:
                 for _ in range(MAX_BATCHES):
                     if await purge(now_ms(self._clock), BATCH) < BATCH:

@@ -59,6 +59,8 @@ from cyphr.store.chats import (
     Membership,
     MessageReceipts,
 )
+from cyphr.blobs import BLOB_ID
+from cyphr.handlers.attachments import MAX_ATTACHMENTS_PER_MESSAGE
 from cyphr.store.envelopes import KINDS as ENVELOPE_KINDS
 from cyphr.store.envelopes import SealedFor
 from cyphr.store.identities import IdentityStore
@@ -80,7 +82,7 @@ def parse_send(body: dict[str, Any], max_payload: int) -> dict[str, Any]:
     """The arguments of MessagingHandler.send from a send request's JSON
     object (REST body or realtime event), checked; ApiError otherwise."""
     fields = Fields(body, {"recipientId", "chatId", "encryptedPayload", "messageType", "clientMessageId",
-                           "devices", "envelopes"})
+                           "devices", "envelopes", "attachments"})
     recipient = fields.cyphr_id("recipientId", required=False)
     chat_id = fields.uuid("chatId") if fields.present("chatId") else None
     if (recipient is None) == (chat_id is None):
@@ -98,8 +100,26 @@ def parse_send(body: dict[str, Any], max_payload: int) -> dict[str, Any]:
     if devices is not None and envelopes is not None:
         raise invalid("envelopes", "Give either devices (a message sealed per device) or envelopes"
                                    " (a message over sessions), not both")
+    attachments = _attachment_ids(fields) if fields.present("attachments") else None
     return {"payload": payload, "message_type": message_type, "client_message_id": client_message_id,
-            "chat_id": chat_id, "recipient_id": recipient, "devices": devices, "envelopes": envelopes}
+            "chat_id": chat_id, "recipient_id": recipient, "devices": devices, "envelopes": envelopes,
+            "attachments": attachments}
+
+
+def _attachment_ids(fields: Fields) -> tuple[str, ...]:
+    """``attachments: [id]``: the attachments whose pointers the encrypted
+    payload carries, each once, so that the server can tell when no
+    message names one any more (it never reads the payload)."""
+    ids: list[str] = []
+    for index, value in enumerate(fields.list("attachments", max_items=MAX_ATTACHMENTS_PER_MESSAGE,
+                                              allow_empty=True)):
+        where = f"attachments[{index}]"
+        if not isinstance(value, str) or not BLOB_ID.fullmatch(value):
+            raise invalid(where, f"{where} must be an attachment id (32 hexadecimal digits)")
+        if value in ids:
+            raise invalid(where, f"{where} names an attachment already named")
+        ids.append(value)
+    return tuple(ids)
 
 
 def _listed_devices(fields: Fields, name: str, shape: tuple[str, ...]
@@ -172,9 +192,11 @@ class MessagingHandler:
     def __init__(self, chats: ChatStore, messages: MessageStore, identities: IdentityStore,
                  batcher: SendBatcher, send_limit: RateLimit, changes: ChangeFeed, clock: Any, *,
                  group_limit: RateLimit, member_limit: RateLimit, recipients: RecipientDevices,
-                 rosters: RosterStore | None = None,
+                 rosters: RosterStore | None = None, attachments: Any = None,
                  cache_size: int = DIRECT_CHAT_CACHE_SIZE) -> None:
         self._chats = chats
+        # cyphr.handlers.attachments.AttachmentsHandler: what a message may name.
+        self._attachments = attachments
         self._rosters = rosters
         self._recipients = recipients
         self._messages = messages
@@ -257,7 +279,8 @@ class MessagingHandler:
     async def send(self, user: AuthUser, *, payload: str, message_type: str,
                    client_message_id: str | None, chat_id: str | None = None,
                    recipient_id: str | None = None, devices: Sealed | None = None,
-                   envelopes: tuple[SealedFor, ...] | None = None, origin: Any = None) -> Message:
+                   envelopes: tuple[SealedFor, ...] | None = None,
+                   attachments: tuple[str, ...] | None = None, origin: Any = None) -> Message:
         """Store one message, in a chat the sender belongs to or in the
         direct chat with ``recipient_id`` (created on first use). The REST
         route and the realtime event both come here; MessageStored goes on
@@ -266,7 +289,8 @@ class MessagingHandler:
         must be the chat's devices (cyphr.handlers.recipients), checked
         before anything is stored or created; so must the devices of
         ``envelopes`` (a message over sessions), one for each device but the
-        sending one."""
+        sending one. ``attachments`` must be finished uploads of the
+        sender's that are still served."""
         if envelopes is not None:
             for index, sealed in enumerate(envelopes):
                 if (sealed.cyphr_id, sealed.device_id) == (user.cyphr_id, user.device_id):
@@ -274,6 +298,10 @@ class MessagingHandler:
                                   " which keeps what it sent itself")
             devices = frozenset((sealed.cyphr_id, sealed.device_id) for sealed in envelopes)
         self._send_limit.hit(user.user_id)
+        if attachments:  # before anything is created
+            if self._attachments is None:
+                raise invalid("attachments", "This server keeps no attachments")
+            await self._attachments.check_named(user, list(attachments))
         now = now_ms(self._clock)
         if recipient_id is not None:
             chat_id = self._known_direct_chat(user.cyphr_id, recipient_id)
@@ -292,10 +320,11 @@ class MessagingHandler:
         assert chat_id is not None
         if devices is not None and recipient_id is None:
             await self._recipients.check(user, devices, chat_id=chat_id)
+
         result = await self._batcher.submit(Outgoing(
             id=str(uuid.uuid4()), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
             message_type=message_type, client_message_id=client_message_id, created_at=now,
-            sender_device=user.device_id, envelopes=envelopes or ()))
+            sender_device=user.device_id, envelopes=envelopes or (), attachments=attachments or ()))
         if isinstance(result, NotAMember):
             raise _no_chat()
         self._changes.publish(MessageStored(result, origin))

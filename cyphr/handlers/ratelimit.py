@@ -37,17 +37,18 @@ class RateLimit:
         # In order of last use, so the oldest go first when it is full.
         self._arrivals: OrderedDict[Hashable, float] = OrderedDict()
 
-    def hit(self, key: Hashable) -> None:
-        """Count one event for ``key``, or raise RateLimited with the seconds
-        to wait. A refused event is not counted."""
+    def hit(self, key: Hashable, cost: int = 1) -> None:
+        """Count ``cost`` events (at most the burst) for ``key``, or raise
+        RateLimited with the seconds to wait. A refused event is not counted."""
         now = self._clock.seconds()
         theoretical = max(self._arrivals.get(key, now), now)
-        ahead = theoretical - now
+        # Room for ``cost`` events: the last of them must fit in the burst.
+        ahead = theoretical - now + (cost - 1) * self._interval
         if ahead > self._burst:
             self.refused += 1
             raise RateLimited(max(1, math.ceil(ahead - self._burst)))
         arrivals = self._arrivals
-        arrivals[key] = theoretical + self._interval
+        arrivals[key] = theoretical + self._interval * cost
         arrivals.move_to_end(key)  # the table stays in order of last use
         # Idle keys at the old end go as the table is used, so that keys
         # seen once (a user who came and left) do not stay until the cap.
@@ -112,8 +113,11 @@ class RateLimits:
         self.link_poll = limit("link_poll", config.rate_limit_link_poll)
         self.bundle_claim = limit("bundle_claim", config.rate_limit_bundle_claim)
         self.bundle_drain = limit("bundle_drain", config.rate_limit_bundle_drain)
+        self.attachments = limit("attachments", config.rate_limit_attachments)
+        # Counted in MiB (cyphr.handlers.attachments).
+        self.attachment_bytes = limit("attachment_bytes", config.rate_limit_attachment_bytes)
 
     def all(self) -> list[RateLimit]:
         return [self.auth_ip, self.search, self.claim, self.password, self.send, self.group_create,
                 self.member_add, self.provision, self.link, self.link_poll, self.bundle_claim,
-                self.bundle_drain]
+                self.bundle_drain, self.attachments, self.attachment_bytes]

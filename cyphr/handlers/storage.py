@@ -19,6 +19,8 @@ STORES: tuple[str, ...] = (
     "encrypted backups of the messages users' devices kept (opt-in), opaque to the server, "
     "with their size and time",
     "encrypted message payloads, opaque to the server, with their chat, sender, type and times",
+    "encrypted attachments (files), opaque to the server, in the blob store: their lengths "
+    "(padded by the clients), uploaders, upload times and which messages name them",
     "chat memberships (which Cyphr IDs share a chat) and their roles",
     "delivery and read receipts (times, per message and recipient)",
     "encrypted group names and settings, opaque to the server",
@@ -36,6 +38,7 @@ NEVER_STORES: tuple[str, ...] = (
     "private keys of any kind (identity, ML-KEM, Stellar)",
     "recovery phrases",
     "message plaintext",
+    "attachment keys, file names, types or contents (they travel inside the encrypted messages)",
     "passwords (hash-password answers are computed and forgotten)",
     "raw device fingerprints",
     "contact lists or address books",

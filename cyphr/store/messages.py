@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cyphr.db import Database, Transaction
+from cyphr.store.attachments import attach_txn, unattach_txn
 from cyphr.store.envelopes import EnvelopeStore, SealedFor, insert_envelopes
 
 _COLUMNS = (
@@ -49,6 +50,8 @@ class Outgoing:
     created_at: int
     sender_device: int | None = None
     envelopes: tuple[SealedFor, ...] = ()  # one per recipient device, when sent over sessions
+    # The attachments it names (checked as the sender's, finished and live).
+    attachments: tuple[str, ...] = ()
 
     def stored(self, seq: int, stream_position: int) -> Message:
         """The message as stored with its seq and stream position."""
@@ -75,7 +78,7 @@ class MessageStore:
         caller then decides what to retry.
         """
         if self._db.engine == "postgresql":
-            if any(item.envelopes for item in items):
+            if any(item.envelopes or item.attachments for item in items):
                 return await self._db.run_interaction("store_messages", _store_batch_pg_txn, items)
             # One statement, one round trip: schema 005's store_messages (013's arguments).
             return _pg_answers(items, await self._db.run_query(_STORE_MESSAGES, _pg_arguments(items)))
@@ -248,6 +251,7 @@ async def _store_batch_pg_txn(txn: Transaction, items: list[Outgoing]) -> list[M
     transaction."""
     answers = _pg_answers(items, await txn.execute(_STORE_MESSAGES, _pg_arguments(items)))
     await _store_envelopes(txn, "postgresql", items, answers)
+    await _store_attachments(txn, items, answers)
     return answers
 
 
@@ -259,6 +263,16 @@ async def _store_envelopes(txn: Transaction, engine: str, items: list[Outgoing],
             for sealed in item.envelopes]
     if rows:
         await insert_envelopes(txn, engine, rows)
+
+
+async def _store_attachments(txn: Transaction, items: list[Outgoing],
+                             answers: list[Message | NotAMember]) -> None:
+    """What the messages stored now name (not a resend's: the first send's
+    stand). The handler checked each attachment before the send; one gone
+    since (its owner deleted it) is not named."""
+    for item, answer in zip(items, answers):
+        if isinstance(answer, Message) and answer.id == item.id and item.attachments:
+            await attach_txn(txn, answer.chat_id, answer.seq, list(item.attachments))
 
 
 _STORE_MESSAGES = (
@@ -358,6 +372,7 @@ async def _store_batch_txn(txn: Transaction, items: list[Outgoing]) -> list[Mess
 
     answered = _answer_repeats(items, answers)
     await _store_envelopes(txn, "sqlite", items, answered)
+    await _store_attachments(txn, items, answered)
     return answered
 
 
@@ -369,6 +384,7 @@ async def _delete_txn(txn: Transaction, message: Message, now: int) -> Message |
     # Nobody is to open it now.
     await txn.execute("DELETE FROM message_envelopes WHERE chat_id = ? AND seq = ?",
                       (message.chat_id, message.seq))
+    await unattach_txn(txn, [(message.chat_id, message.seq)])
     return Message(*rows[0]) if rows else None
 
 
@@ -383,4 +399,5 @@ async def _purge_txn(txn: Transaction, cutoff: int, batch: int) -> int:
         for _, chat_id, seq in rows:
             await txn.execute("DELETE FROM message_envelopes WHERE chat_id = ? AND seq = ?",
                               (chat_id, seq))
+        await unattach_txn(txn, [(chat_id, seq) for _, chat_id, seq in rows])
     return len(rows)
