@@ -109,7 +109,7 @@ class FileMessageTests(SynchronousTestCase):
         self.assertEqual(shown["attachment"], {"id": "0" * 32, "size": 1258291,
                                                "mimeType": "application/pdf",
                                                "fileName": "report.pdf", "width": 640,
-                                               "height": 480})
+                                               "height": 480, "hasThumbnail": True})
         self.assertEqual(shown["text"], "caption")
         for secret in (pointer.key, pointer.digest):
             for form in (b64(secret), secret.hex(), repr(secret)):

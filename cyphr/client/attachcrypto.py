@@ -64,6 +64,10 @@ MIN_PADDED = 1024  # every file pads to at least this much
 MAX_SIZE = 2**53 - 1  # what JSON carries exactly; far fewer than MAX_CHUNKS chunks
 MAX_FILE_NAME_BYTES = 255  # UTF-8, one path component on common file systems
 MAX_THUMBNAIL_BYTES = 32 * 1024
+# A ThumbHash (cyphr.client.thumbhash) is 13 to 25 bytes: 5 or 6 of header,
+# then the terms. Room around that for later versions of it.
+MIN_THUMBHASH_BYTES = 5
+MAX_THUMBHASH_BYTES = 32
 MAX_DIMENSION = 2**31 - 1  # PNG's limit
 _READ_BYTES = 16 * CHUNK_BYTES  # how much encrypt_file and decrypt_file read at once
 _ZEROS = bytes(CHUNK_BYTES)
@@ -73,7 +77,7 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
                         r"/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 _REQUIRED = {"id", "key", "digest", "size", "mimeType", "fileName"}
-_OPTIONAL = {"width", "height", "thumbnail"}
+_OPTIONAL = {"width", "height", "thumbnail", "thumbhash"}
 # Characters that make a name read as another ("invoice\u202efdp.exe" shows
 # as "invoiceexe.pdf"): the bidirectional controls.
 _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
@@ -477,11 +481,12 @@ class Pointer:
     """What a message carries for an attachment: the server's ``id`` for
     the blob, the ``key`` and the blob's ``digest``, the file's true
     ``size``, ``mime_type`` and ``file_name``, and for an image its
-    ``width`` and ``height`` and a small ``thumbnail``. A Pointer that
-    exists is valid (AttachmentError otherwise). Its JSON::
+    ``width`` and ``height``, a small ``thumbnail`` (an image file) and a
+    ``thumbhash`` (a placeholder of about 25 bytes: cyphr.client.thumbhash).
+    A Pointer that exists is valid (AttachmentError otherwise). Its JSON::
 
         {"id", "key", "digest", "size", "mimeType", "fileName",
-         "width"?, "height"?, "thumbnail"?}
+         "width"?, "height"?, "thumbnail"?, "thumbhash"?}
 
     binary fields in standard base64, absent ones left out (never null),
     no other field."""
@@ -495,6 +500,7 @@ class Pointer:
     width: int | None = None
     height: int | None = None
     thumbnail: bytes | None = None
+    thumbhash: bytes | None = None
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -527,6 +533,10 @@ class Pointer:
                                            or not 1 <= len(self.thumbnail)
                                            <= MAX_THUMBNAIL_BYTES):
             return f"thumbnail is 1 to {MAX_THUMBNAIL_BYTES} bytes"
+        if self.thumbhash is not None and (not isinstance(self.thumbhash, bytes)
+                                           or not MIN_THUMBHASH_BYTES <= len(self.thumbhash)
+                                           <= MAX_THUMBHASH_BYTES):
+            return f"thumbhash is {MIN_THUMBHASH_BYTES} to {MAX_THUMBHASH_BYTES} bytes"
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -537,6 +547,8 @@ class Pointer:
             obj["width"], obj["height"] = self.width, self.height
         if self.thumbnail is not None:
             obj["thumbnail"] = b64(self.thumbnail)
+        if self.thumbhash is not None:
+            obj["thumbhash"] = b64(self.thumbhash)
         return obj
 
     @classmethod
@@ -553,4 +565,5 @@ class Pointer:
         return cls(obj["id"], _b64_field(obj, "key", KEY_BYTES),
                    _b64_field(obj, "digest", DIGEST_BYTES), obj["size"], obj["mimeType"],
                    obj["fileName"], obj.get("width"), obj.get("height"),
-                   _b64_field(obj, "thumbnail") if "thumbnail" in obj else None)
+                   _b64_field(obj, "thumbnail") if "thumbnail" in obj else None,
+                   _b64_field(obj, "thumbhash") if "thumbhash" in obj else None)

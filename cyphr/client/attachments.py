@@ -17,6 +17,20 @@ names it (30 days at most, by default). The pointer, key included, travels
 in the sealed plaintext only; :func:`public_json` is what may be shown of
 it.
 
+An image that Pillow reads gets its upright dimensions, a thumbnail (a
+JPEG of at most 256 pixels a side, no metadata) and a ThumbHash
+(cyphr.client.thumbhash) in its pointer: :func:`image_fields`. Anything
+else, a damaged image or a decompression bomb among it, goes as a plain
+file.
+
+A profile avatar is an attachment too (:func:`set_avatar`): a square JPEG
+of at most 512 pixels, uploaded, named by ``avatarUrl`` (which the server
+then keeps), and its pointer sent to each contact in a sealed ``system``
+message ``{"avatar": <pointer>}``; a contact takes it only from its owner,
+in their direct chat, and only while the server's profile names it
+(:func:`take_avatar`), and :func:`avatar` downloads it into the profile's
+cache.
+
 Functions of a :class:`~cyphr.client.client.Client`, whose thin methods
 (``upload_file``, ``send_file``, ``download``, ``forward``,
 ``find_message``) call them. They block, as the rest of the client, and
@@ -26,6 +40,8 @@ at a time, and resumes after a dropped connection.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import mimetypes
@@ -39,6 +55,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import requests
 
+from cyphr.client import thumbhash
 from cyphr.client.attachcrypto import (
     MAX_DIMENSION,
     MAX_FILE_NAME_BYTES,
@@ -50,9 +67,12 @@ from cyphr.client.attachcrypto import (
     file_name_problem,
     safe_file_name,
 )
+from cyphr.client.crypto import CryptoError, b64
 from cyphr.client.http import ApiError, ClientError, segment
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from cyphr.client.client import Client, Message
 
 _log = logging.getLogger(__name__)
@@ -79,6 +99,26 @@ _COMPRESSED = {"gzip": "application/gzip", "bzip2": "application/x-bzip2",
                "compress": "application/x-compress"}
 _SESSION_CODES = {"INVALID_TOKEN", "TOKEN_EXPIRED", "TOKEN_REVOKED", "UNAUTHORIZED"}
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
+# Images. A file of more pixels than this is not decoded (a decompression
+# bomb: a few KiB that decode to gigabytes) and goes as a plain file; it is
+# 64 megapixels, a large phone camera's photo. Pillow's own limit
+# (Image.MAX_IMAGE_PIXELS) applies too, when lower.
+IMAGE_MAX_PIXELS = 64 * 1024 * 1024
+# The formats decoded (those of photos and pictures in chats; HEIF and AVIF
+# where the installed Pillow reads them): no other of Pillow's decoders is
+# given a file someone chose.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "AVIF", "HEIF")
+THUMBNAIL_SIDE = 256  # the thumbnail's long side at most, in pixels
+THUMBNAIL_TARGET_BYTES = 24 * 1024  # well under the pointer's 32 KiB
+THUMBNAIL_QUALITIES = (75, 60, 45, 30)  # JPEG qualities tried, best first
+THUMBNAIL_MIN_SIDE = 64  # smaller than this, no thumbnail at all
+AVATAR_SIDE = 512  # an avatar is a square of at most this many pixels a side
+AVATAR_QUALITY = 85
+AVATAR_FILE_NAME = "avatar.jpg"
+AVATAR = "avatar"  # a system message's field: the pointer to its sender's avatar
+MAX_AVATAR_BYTES = 5 * 1024 * 1024  # an avatar's pointer naming a larger file is refused
+AVATAR_CACHE = ("cache", "avatars")  # under the profile's directory
+_WHITE = (255, 255, 255)  # what a transparent image is flattened on, in a JPEG
 
 
 class _Again(Exception):
@@ -89,11 +129,15 @@ class _Again(Exception):
 
 def public_json(pointer: Pointer) -> dict[str, Any]:
     """What may be shown of a pointer (``--json`` output, logs): its id,
-    size, type, name and dimensions; never its key, digest or thumbnail."""
+    size, type, name and dimensions, and ``hasThumbnail`` when it carries
+    one; never its key, digest, thumbnail or thumbhash (previews of the
+    picture: Client.thumbnail gives the thumbnail)."""
     shown: dict[str, Any] = {"id": pointer.id, "size": pointer.size,
                              "mimeType": pointer.mime_type, "fileName": pointer.file_name}
     if pointer.width is not None:
         shown["width"], shown["height"] = pointer.width, pointer.height
+    if pointer.thumbnail is not None:
+        shown["hasThumbnail"] = True
     return shown
 
 
@@ -146,21 +190,139 @@ def guess_mime_type(path: str | os.PathLike[str]) -> str:
     return mime_type
 
 
-def image_dimensions(path: str | os.PathLike[str]) -> tuple[int, int] | None:
-    """An image's width and height, when Pillow is installed (it is not a
-    dependency) and reads the file; else None."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except Exception:  # noqa: BLE001 - Pillow's many errors: a file it cannot read has no size
-        return None
-    if all(isinstance(n, int) and 1 <= n <= MAX_DIMENSION for n in (width, height)):
-        return width, height
+# -- images ----------------------------------------------------------------------------
+
+class _NotAnImage(Exception):
+    """A file that is not decoded as an image (the text says why)."""
+
+
+def _decoded(path: str | os.PathLike[str], side: int) -> tuple[Image.Image, int, int]:
+    """The image at ``path`` decoded and turned upright (its EXIF
+    orientation applied), at least ``side`` pixels a side where the file
+    holds that many (a JPEG decodes at 1/2 to 1/8 of its size when that
+    is enough); and its full width and height, upright. Checked first:
+    its header (the pixel count, before anything is decoded) and, where
+    the format allows, its integrity (Image.verify). Pillow's errors pass
+    through."""
+    from PIL import Image, ImageOps
+
+    limit = IMAGE_MAX_PIXELS
+    if Image.MAX_IMAGE_PIXELS:
+        limit = min(limit, int(Image.MAX_IMAGE_PIXELS))
+    Image.init()
+    formats = [name for name in IMAGE_FORMATS if name in Image.OPEN]
+    # Image.open reads the header only (and refuses a size over twice
+    # Pillow's limit: DecompressionBombError).
+    with Image.open(path, formats=formats) as probe:
+        width, height = probe.size
+        if width * height > limit:
+            raise _NotAnImage(f"{width} x {height} pixels, over the {limit} decoded at most")
+        probe.verify()
+    # verify() leaves an image unusable: open it again to decode it.
+    with Image.open(path, formats=formats) as image:
+        if image.size != (width, height):
+            raise _NotAnImage("the file changed while it was read")
+        image.draft(None, (side, side))
+        image.load()
+        try:
+            orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+            upright = ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels as stored
+            orientation, upright = 1, image.copy()
+    if orientation in (5, 6, 7, 8):  # turned a quarter: the sides trade places
+        width, height = height, width
+    if not all(1 <= n <= MAX_DIMENSION for n in (width, height)):
+        raise _NotAnImage(f"{width} x {height} pixels")
+    return upright, width, height
+
+
+def _flat_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as a new RGB image of its pixels only: transparency
+    flattened on white, and nothing of the file's metadata (EXIF, GPS,
+    XMP, ICC profile, comments), which a new image made from bytes has no
+    way to carry."""
+    from PIL import Image
+
+    rgba = image.convert("RGBA")
+    flat = Image.new("RGB", rgba.size, _WHITE)
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    return Image.frombytes("RGB", flat.size, flat.tobytes())
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    out = io.BytesIO()
+    _flat_rgb(image).save(out, format="JPEG", quality=quality, optimize=True)
+    return out.getvalue()
+
+
+def _thumbnail(image: Image.Image) -> bytes | None:
+    """A JPEG of ``image`` of at most THUMBNAIL_SIDE pixels a side, under
+    THUMBNAIL_TARGET_BYTES: the best quality that fits, and half the size
+    when none does (a noisy picture); None when even THUMBNAIL_MIN_SIDE
+    does not fit."""
+    from PIL import Image
+
+    side = THUMBNAIL_SIDE
+    while side >= THUMBNAIL_MIN_SIDE:
+        small = image.copy()
+        small.thumbnail((side, side), Image.Resampling.LANCZOS)
+        for quality in THUMBNAIL_QUALITIES:
+            data = _jpeg(small, quality)
+            if len(data) <= THUMBNAIL_TARGET_BYTES:
+                return data
+        side //= 2
     return None
+
+
+def _thumbhash(image: Image.Image) -> bytes:
+    """The ThumbHash of ``image``, scaled to fit 100 x 100 first."""
+    from PIL import Image
+
+    small = image.convert("RGBA")
+    small.thumbnail((thumbhash.MAX_SIDE, thumbhash.MAX_SIDE), Image.Resampling.BOX)
+    return thumbhash.rgba_to_thumbhash(small.width, small.height, small.tobytes())
+
+
+def image_fields(path: str | os.PathLike[str], *, thumbnail: bool = True) -> dict[str, Any]:
+    """For an image that Pillow reads, the pointer's fields it gives, as
+    in the pointer's JSON: ``width`` and ``height`` upright, ``thumbnail``
+    (unless not asked for) and ``thumbhash``. For anything else (not an
+    image, damaged, too many pixels, a format Pillow lacks): nothing, and
+    the file goes as a plain one; never an exception for what a file
+    holds."""
+    try:
+        image, width, height = _decoded(path, THUMBNAIL_SIDE)
+        fields: dict[str, Any] = {"width": width, "height": height,
+                                  "thumbhash": b64(_thumbhash(image))}
+        if thumbnail:
+            small = _thumbnail(image)
+            if small is not None:
+                fields["thumbnail"] = b64(small)
+    except Exception as e:  # noqa: BLE001 - Pillow's many errors, and a bomb's: a plain file
+        _log.info("%s goes as a plain file: no image read in it (%s: %s)",
+                  os.fspath(path), type(e).__name__, e)
+        return {}
+    return fields
+
+
+def avatar_image(path: str | os.PathLike[str]) -> bytes:
+    """The avatar made of the image at ``path``: its centre, square, at
+    most AVATAR_SIDE pixels a side, as a JPEG without metadata.
+    ClientError for a file that is not an image Pillow reads."""
+    from PIL import Image, ImageOps
+
+    try:
+        image, _, _ = _decoded(path, AVATAR_SIDE)
+        side = min(AVATAR_SIDE, image.width, image.height)
+        square = ImageOps.fit(image.convert("RGBA"), (side, side), Image.Resampling.LANCZOS)
+        return _jpeg(square, AVATAR_QUALITY)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise ClientError(f"cannot read {os.fspath(path)}: {e.strerror}") from None
+        problem = str(e)
+    except Exception as e:  # noqa: BLE001 - Pillow's many errors, as in image_fields
+        problem = str(e) or type(e).__name__
+    raise ClientError(f"{os.fspath(path)} is not an image this client reads ({problem})")
 
 
 # -- requests to /api/attachments/ ------------------------------------------------------
@@ -354,13 +516,13 @@ def upload_file(client: Client, path: str | os.PathLike[str], *,
     upload with its exact length and send it in pieces of PIECE_BYTES,
     resuming after a dropped connection; ``progress(sent, total)`` as it
     goes, in the blob's bytes. Answers the pointer: the MIME type guessed
-    from the name, the name the path's last component, an image's
-    dimensions when Pillow is installed."""
+    from the name, the name the path's last component, and for an image
+    that Pillow reads its dimensions, thumbnail and thumbhash
+    (:func:`image_fields`)."""
     source = Path(path).expanduser()
     mime_type = guess_mime_type(source)
-    size = image_dimensions(source) if mime_type.startswith("image/") else None
-    return _upload(client, source, _checked_name(source.name), mime_type,
-                   {"width": size[0], "height": size[1]} if size else {}, progress)
+    extra = image_fields(source) if mime_type.startswith("image/") else {}
+    return _upload(client, source, _checked_name(source.name), mime_type, extra, progress)
 
 
 def _upload(client: Client, source: Path, file_name: str, mime_type: str,
@@ -636,7 +798,7 @@ def forward(client: Client, to: str, message: Message | Pointer, *,
     again: no transfer, and the new readers get the same key to the same
     blob. Otherwise the file is downloaded (checked), encrypted under a
     new key and uploaded again as this identity's, keeping its name, type,
-    dimensions and thumbnail."""
+    dimensions, thumbnail and thumbhash."""
     pointer = _pointer_of(message)
     caption = None if isinstance(message, Pointer) else (message.text or None)
     kind = None if isinstance(message, Pointer) else message.message_type
@@ -655,11 +817,173 @@ def _upload_again(client: Client, pointer: Pointer, progress: Progress | None) -
         uploaded = _upload(client, plain, pointer.file_name, pointer.mime_type, extra, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if pointer.thumbnail is not None:
-        fields = uploaded.to_json()
-        fields["thumbnail"] = pointer.to_json()["thumbnail"]
-        uploaded = Pointer.from_json(fields)
+    kept = {name: value for name, value in pointer.to_json().items()
+            if name in ("thumbnail", "thumbhash")}
+    if kept:
+        uploaded = Pointer.from_json({**uploaded.to_json(), **kept})
     return uploaded
+
+
+def thumbnail(source: Message | Pointer) -> bytes | None:
+    """The thumbnail a file message's (or a pointer's) pointer carries,
+    an image file (the reference client's are JPEGs), or None. It came
+    inside the sealed message: nothing is downloaded."""
+    return _pointer_of(source).thumbnail
+
+
+# -- avatars -----------------------------------------------------------------------------
+
+def _kept_avatar(client: Client, cyphr_id: str) -> dict[str, Any] | None:
+    with client.profile.lock:
+        return client.profile.vault.get("avatars", {}).get(cyphr_id)
+
+
+def _keep_avatar(client: Client, cyphr_id: str, pointer: Pointer) -> None:
+    """Keep ``pointer`` as ``cyphr_id``'s avatar, in the vault (it holds a key)."""
+    with client.profile.lock:
+        client.profile.vault.setdefault("avatars", {})[cyphr_id] = pointer.to_json()
+        client.profile.save()
+
+
+def _cache_path(client: Client, cyphr_id: str, pointer: Pointer) -> Path:
+    """Where ``cyphr_id``'s avatar of ``pointer`` is kept, decrypted: named
+    by a digest of the Cyphr ID (so that one person's older avatars can be
+    found and removed) and the attachment's id."""
+    extension = mimetypes.guess_extension(pointer.mime_type, strict=False) or ""
+    if not re.fullmatch(r"\.[A-Za-z0-9]{1,8}", extension):
+        extension = ""
+    return client.profile.directory.joinpath(*AVATAR_CACHE) / \
+        f"{_cache_prefix(cyphr_id)}-{pointer.id}{extension}"
+
+
+def _cache_prefix(cyphr_id: str) -> str:
+    return hashlib.sha256(cyphr_id.encode("utf-8")).hexdigest()[:16]
+
+
+def _cache_directory(client: Client) -> Path:
+    directory = client.profile.directory.joinpath(*AVATAR_CACHE)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return directory
+
+
+def _direct_contacts(client: Client) -> list[str]:
+    """Those this identity has a direct chat with."""
+    me = client.cyphr_id
+    return sorted({p for chat in client.chats() if chat.get("chatType") == "direct"
+                   for p in chat.get("participants", []) if p != me})
+
+
+def set_avatar(client: Client, path: str | os.PathLike[str], *,
+               to: list[str] | None = None) -> dict[str, Any]:
+    """Make the image at ``path`` this identity's avatar: its centre,
+    square, at most AVATAR_SIDE pixels, a JPEG without metadata
+    (:func:`avatar_image`), encrypted and uploaded as any attachment;
+    ``avatarUrl`` then names it (the server keeps it while it does), and
+    its pointer goes in a sealed system message to ``to``, by default
+    everyone this identity has a direct chat with (not to every pinned
+    key: a message to someone new would open a chat with them). Answers
+    ``attachment`` (:func:`public_json`), ``sentTo`` and ``notSent`` (a
+    Cyphr ID: why)."""
+    source = Path(path).expanduser()
+    data = avatar_image(source)
+    work = Path(tempfile.mkdtemp(dir=client.profile.directory, prefix=".avatar-"))
+    try:
+        square = work / AVATAR_FILE_NAME
+        square.write_bytes(data)
+        # No thumbnail: the avatar is small itself; dimensions and thumbhash.
+        pointer = _upload(client, square, AVATAR_FILE_NAME, "image/jpeg",
+                          image_fields(square, thumbnail=False), None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        client._call("POST", "/api/cyphr-id/update-profile", {"avatarUrl": pointer.id})
+    except ApiError:
+        _delete_quietly(client, pointer.id)
+        raise
+    me = client.cyphr_id
+    _keep_avatar(client, me, pointer)
+    cached = _cache_path(client, me, pointer)
+    fd, part = tempfile.mkstemp(dir=_cache_directory(client), prefix=".", suffix=".part")
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(part, cached)
+    _forget_cached(cached)
+    content = json.dumps({AVATAR: pointer.to_json()}, separators=(",", ":")).encode("utf-8")
+    sent: list[str] = []
+    not_sent: dict[str, str] = {}
+    for cyphr_id in _direct_contacts(client) if to is None else to:
+        try:
+            client._send(cyphr_id, content, "system")
+        except (ClientError, CryptoError) as e:
+            _log.warning("The new avatar was not sent to %s: %s", cyphr_id, e)
+            not_sent[cyphr_id] = str(e)
+        else:
+            sent.append(cyphr_id)
+    return {"attachment": public_json(pointer), "sentTo": sent, "notSent": not_sent}
+
+
+def take_avatar(client: Client, chat_id: str, sender: Any, value: Any) -> None:
+    """Take the avatar pointer ``value`` that a system message of
+    ``sender``'s in ``chat_id`` carries, as ``sender``'s avatar, or refuse
+    it (ClientError or AttachmentError saying why): it must be a pointer
+    to an image of at most MAX_AVATAR_BYTES, come in the direct chat of
+    this identity and ``sender``, and name the attachment that the
+    server's profile of ``sender`` names as ``avatarUrl`` now (the
+    server's word alone cannot make a pointer: it can only say which one
+    of those its owner sent is current). One's own, from another device,
+    is taken when current and otherwise left, never refused."""
+    pointer = Pointer.from_json(value)
+    if not pointer.mime_type.startswith("image/"):
+        raise AttachmentError(f"an avatar is an image, not {pointer.mime_type}")
+    if pointer.size > MAX_AVATAR_BYTES:
+        raise AttachmentError(f"an avatar is at most {MAX_AVATAR_BYTES} bytes, not "
+                              f"{pointer.size}")
+    me = client.cyphr_id
+    if not isinstance(sender, str) or not sender:
+        raise ClientError("an avatar comes from its owner: this message names no sender")
+    chat = client._chat(chat_id)
+    participants = set(chat.get("participants", [])) if chat is not None else set()
+    if chat is None or chat.get("chatType") != "direct" or me not in participants \
+            or (sender != me and participants != {me, sender}):
+        raise ClientError(f"{sender}'s avatar comes in the direct chat with {sender} only")
+    if _kept_avatar(client, sender) == pointer.to_json():
+        return  # taken before (a message opened again)
+    current = client.user(sender).get("avatarUrl")
+    if current != pointer.id:
+        if sender == me:
+            return  # one's own, since replaced
+        raise ClientError(f"this is not {sender}'s avatar: the server's profile of {sender} "
+                          f"names {'another' if current else 'none'} (an older one of theirs, "
+                          f"or one that never was)")
+    _keep_avatar(client, sender, pointer)
+
+
+def _forget_cached(keep: Path) -> None:
+    """Remove the cached avatars of the same person as ``keep``, but it."""
+    prefix = keep.name.split("-", 1)[0] + "-"
+    for old in keep.parent.glob(prefix + "*"):
+        if old != keep and old.is_file():
+            old.unlink(missing_ok=True)
+
+
+def avatar(client: Client, cyphr_id: str, *, progress: Progress | None = None) -> Path | None:
+    """``cyphr_id``'s avatar, decrypted, in the profile's cache directory
+    (downloaded the first time, checked as any attachment): the one whose
+    pointer came from them (:func:`take_avatar`), while the server's
+    profile still names it. None when none came, or the profile names
+    another since (removed, or a new one whose pointer has not come)."""
+    kept = _kept_avatar(client, cyphr_id)
+    if kept is None:
+        return None
+    pointer = Pointer.from_json(kept)
+    if client.user(cyphr_id).get("avatarUrl") != pointer.id:
+        return None
+    path = _cache_path(client, cyphr_id, pointer)
+    if not path.is_file():
+        _cache_directory(client)
+        download(client, pointer, path, progress=progress)
+        _forget_cached(path)
+    return path
 
 
 # -- finding a message ----------------------------------------------------------------------

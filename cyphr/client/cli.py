@@ -17,12 +17,14 @@ import binascii
 import getpass
 import os
 import queue
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cyphr import __version__
+from cyphr.client.attachcrypto import safe_file_name
 from cyphr.client.attachments import public_json
 from cyphr.client.backup import Written
 from cyphr.client.client import Client, IdentityChanged, Message, is_chat_id
@@ -205,6 +207,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="a directory to write the file in under its own name, made safe, never "
                         "replacing a file there (default: the current directory); or the file "
                         "to write")
+    avatar = command("avatar", "your profile picture, end-to-end encrypted, and your "
+                               "contacts'").add_subparsers(dest="avatar_command",
+                                                           metavar="ACTION", required=True)
+    p = avatar.add_parser("set", help="make an image your avatar: cropped square, at most 512 "
+                                      "pixels, its metadata (EXIF, GPS) dropped, encrypted; its "
+                                      "key goes to those you have a direct chat with")
+    p.add_argument("path", help="the image (any format Pillow reads)")
+    p = avatar.add_parser("get", help="a contact's avatar, the one they sent you, downloaded "
+                                      "and decrypted into the profile's cache")
+    p.add_argument("cyphr_id")
+    p.add_argument("--out", metavar="PATH",
+                   help="copy it to this file, or into this directory as CYPHR_ID.jpg (default: "
+                        "show where the cache keeps it)")
     p = command("listen", "print messages as they arrive (first those received while away)")
     p.add_argument("--count", type=int, help="exit after this many messages")
     p.add_argument("--timeout", type=float, help="exit after this many seconds")
@@ -777,6 +792,45 @@ def cmd_download(args: argparse.Namespace, out: Output) -> None:
                        f"digest and every chunk checked.")
 
 
+def cmd_avatar(args: argparse.Namespace, out: Output) -> None:
+    if args.avatar_command == "set":
+        path = Path(args.path).expanduser()
+        if not path.is_file():  # before the passphrase is asked for
+            raise UsageError(f"{args.path} is not a file")
+        client = _open(args)
+        answer = client.set_avatar(path)
+
+        def text() -> str:
+            shown = answer["attachment"]
+            said = [f"Avatar set: {shown.get('width')} x {shown.get('height')} pixels, "
+                    f"{human_size(shown['size'])}, encrypted."]
+            if answer["sentTo"]:
+                said.append(f"Its key went to {', '.join(map(safe, answer['sentTo']))}.")
+            else:
+                said.append("No direct chat yet: its key went to no one.")
+            said += [f"Not sent to {safe(who)}: {safe(why)}"
+                     for who, why in answer["notSent"].items()]
+            return "\n".join(said)
+        out.result(answer, text)
+        return
+    client = _open(args)
+    kept = client.avatar(args.cyphr_id)
+    if kept is None:
+        raise UsageError(f"no avatar of {safe(args.cyphr_id)} here: they have none, or theirs "
+                         f"has not reached this device yet (it comes in a message from them)")
+    written = kept
+    if args.out:
+        written = Path(args.out).expanduser()
+        if written.is_dir():
+            written = written / safe_file_name(f"{args.cyphr_id}{kept.suffix}")
+        try:
+            shutil.copyfile(kept, written)
+        except OSError as e:
+            raise UsageError(f"cannot write {args.out}: {e.strerror}") from None
+    out.result({"cyphrId": args.cyphr_id, "path": str(written)},
+               f"{safe(args.cyphr_id)}'s avatar: {safe(str(written))}")
+
+
 WAKE_SECONDS = 0.5  # how long listen's main thread waits at most before looking again
 
 
@@ -1192,7 +1246,8 @@ def cmd_delete_account(args: argparse.Namespace, out: Output) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int | None]] = {
     "init": cmd_init, "register": cmd_register, "login": cmd_login, "logout": cmd_logout,
-    "recover": cmd_recover, "link": cmd_link, "devices": cmd_devices, "whoami": cmd_whoami, "send": cmd_send, "download": cmd_download, "listen": cmd_listen,
+    "recover": cmd_recover, "link": cmd_link, "devices": cmd_devices, "whoami": cmd_whoami, "send": cmd_send, "download": cmd_download,
+    "avatar": cmd_avatar, "listen": cmd_listen,
     "history": cmd_history, "chats": cmd_chats, "chat": cmd_chat, "contacts": cmd_contacts, "group": cmd_group,
     "keys": cmd_keys, "backup": cmd_backup,
     "verify": cmd_verify, "totp": cmd_totp, "wallet": cmd_wallet,

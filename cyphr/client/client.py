@@ -1232,6 +1232,29 @@ class Client:
         """A message by its id: kept here, or in a chat's recent history."""
         return attachments.find_message(self, message_id)
 
+    def thumbnail(self, message: Message | Pointer) -> bytes | None:
+        """The thumbnail of a file message's image (a small JPEG from the
+        reference client), or None: it came in the sealed message, so
+        nothing is downloaded."""
+        return attachments.thumbnail(message)
+
+    # -- the avatar (cyphr.client.attachments) --------------------------------
+
+    def set_avatar(self, path: str | os.PathLike[str], *,
+                   to: list[str] | None = None) -> dict[str, Any]:
+        """Make the image at ``path`` (cropped square, at most 512 pixels,
+        its metadata dropped) this identity's avatar, encrypted; its key
+        goes in a sealed system message to ``to``, by default everyone
+        with a direct chat with this identity. Answers ``attachment``,
+        ``sentTo`` and ``notSent``."""
+        return attachments.set_avatar(self, path, to=to)
+
+    def avatar(self, cyphr_id: str, *, progress: Progress | None = None) -> Path | None:
+        """``cyphr_id``'s avatar, decrypted into the profile's cache
+        directory, or None when none reached this device (or the server
+        names another now)."""
+        return attachments.avatar(self, cyphr_id, progress=progress)
+
     # -- groups -----------------------------------------------------------
 
     def create_group(self, name: str, members: list[str]) -> str:
@@ -1262,10 +1285,18 @@ class Client:
 
     def _system_message(self, chat_id: str, text: str, sender: Any = None) -> str | None:
         """Take what a system message carries (a group's name key and name,
-        an announced roster change); answers why it is refused, if it is."""
+        an announced roster change, a contact's avatar); answers why it is
+        refused, if it is."""
         try:
             content = json.loads(text)
         except ValueError:
+            return None
+        if isinstance(content, dict) and attachments.AVATAR in content:
+            try:
+                attachments.take_avatar(self, chat_id, sender, content[attachments.AVATAR])
+            except (ClientError, CryptoError) as e:
+                _log.warning("Refused an avatar in chat %s: %s", chat_id, e)
+                return f"an avatar refused: {e}"
             return None
         if isinstance(content, dict) and groups.ANNOUNCED in content:
             try:
