@@ -186,6 +186,20 @@ SETTINGS: tuple[Setting, ...] = (
             "Access key id for the bucket (attachment_store = s3).", cli=False),
     Setting("s3_secret_access_key", "str",
             "Secret access key for the bucket (attachment_store = s3).", cli=False),
+    Setting("push_allow_endpoint", "list",
+            "A URL prefix of Web Push and UnifiedPush endpoints allowed though "
+            "they are not https or reach a private or loopback address "
+            "(http://127.0.0.1:8088 for a local distributor). Repeatable.",
+            metavar="URL"),
+    Setting("push_contact", "str",
+            "Who push services may contact about this server's Web Push "
+            "traffic, a mailto: or https: URL (the VAPID subject). Default: "
+            "the first public_url.", metavar="URL"),
+    Setting("push_vapid_key", "str",
+            "Secret the server's Web Push (VAPID) key is derived from (at "
+            "least 32 characters). Default: generated into the data "
+            "directory. Every node of a cluster needs the same one: clients "
+            "subscribe with its public key.", cli=False),
     Setting("max_attachment", "size",
             "Largest attachment (an encrypted file's blob, Upload-Length), in bytes.",
             metavar="BYTES"),
@@ -345,6 +359,9 @@ class Config:
     # As Signal: 100 MiB files, unfinished uploads kept a day (Matrix),
     # attachments 30 days; 50 uploads begun, one more every 1.2 s; 1 GiB
     # of bytes an hour.
+    push_allow_endpoint: tuple[str, ...] = ()
+    push_contact: str = ""
+    push_vapid_key: str = field(default="", repr=False)
     attachment_store: str = "local"
     s3_endpoint: str = ""
     s3_bucket: str = ""
@@ -798,6 +815,14 @@ def validate(config: Config) -> None:
         raise ConfigError("--max-attachment must be between 1KiB and 64GiB")
     if not config.max_attachment <= config.attachment_quota <= 2**62:
         raise ConfigError("--attachment-quota must be at least --max-attachment")
+    for prefix in config.push_allow_endpoint:
+        parts = urlsplit(prefix)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--push-allow-endpoint {prefix!r} is not a URL prefix such as "
+                              "http://127.0.0.1:8088")
+    if config.push_contact and not re.match(r"^(mailto:[^\s@]+@[^\s@]+|https://\S+)$",
+                                            config.push_contact):
+        raise ConfigError(f"--push-contact {config.push_contact!r} is not a mailto: or https: URL")
     if config.attachment_store == "s3":
         if not config.s3_bucket:
             raise ConfigError("attachment_store = s3 needs s3_bucket")
@@ -855,7 +880,8 @@ def validate(config: Config) -> None:
         raise ConfigError("turn_urls needs turn_secret (the TURN server's static-auth-secret)")
     if not 60 <= config.turn_ttl <= 30 * 86400:
         raise ConfigError("--turn-ttl must be between 1m and 30d")
-    for name in ("jwt_secret", "fingerprint_key", "totp_key", "turn_secret", "admin_token"):
+    for name in ("jwt_secret", "fingerprint_key", "totp_key", "turn_secret", "admin_token",
+                 "push_vapid_key"):
         value = getattr(config, name)
         if value and len(value) < 32:
             raise ConfigError(f"{name} must be at least 32 characters long")
@@ -892,5 +918,7 @@ def describe_default(setting: Setting) -> str:
         return "none"
     if setting.name == "s3_endpoint":
         return "AWS"
+    if setting.name == "push_contact":
+        return "the first public_url"
     return str(value) if value != "" else "generated"
 

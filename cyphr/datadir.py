@@ -35,6 +35,8 @@ class ServerSecrets:
     jwt_key: bytes = field(repr=False)
     fingerprint_key: bytes = field(repr=False)
     totp_key: bytes = field(repr=False)  # 32 bytes, a SecretBox key
+    # What the Web Push (VAPID) key is derived from (cyphr.push.webpush).
+    vapid_seed: bytes = field(repr=False, default=b"")
     # The names of those taken from the data directory rather than the
     # configuration: a cluster's nodes would each have their own.
     generated: tuple[str, ...] = ()
@@ -118,6 +120,7 @@ def load_secrets(config: Config, data_dir: str) -> ServerSecrets:
         fingerprint_key=text("fingerprint_key").encode("utf-8"),
         # SecretBox wants exactly 32 bytes, whatever the operator chose.
         totp_key=hashlib.sha256(text("totp_key").encode("utf-8")).digest(),
+        vapid_seed=text("push_vapid_key").encode("utf-8"),
         generated=generated,
     )
 

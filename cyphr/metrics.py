@@ -111,10 +111,11 @@ class CyphrCollector:
 
     def __init__(self, *, http: HttpStats, engine: Any, presence: Any, receipts: Any,
                  batcher: Any, database: Any, bus: Any, limits: Any, sockets: Any,
-                 connections: Any, attachments: Any = None,
+                 connections: Any, attachments: Any = None, push: Any = None,
                  tables: Sequence[MemoryTables] = ()) -> None:
         self._tables = tuple(tables)
         self._attachments = attachments
+        self._push = push
         self._http = http
         self._engine = engine
         self._presence = presence
@@ -144,7 +145,30 @@ class CyphrCollector:
         yield from self._collect_limits()
         yield from self._collect_connections()
         yield from self._collect_attachments()
+        yield from self._collect_push()
         yield from self._collect_memory()
+
+    def _collect_push(self) -> Iterator[Metric]:
+        if self._push is None:
+            return
+        stats = self._push.stats
+        sent = CounterMetricFamily("cyphr_push_sent", "Wake-ups a push service took, by kind.",
+                                   labels=["kind"])
+        for kind, count in sorted(stats.sent.items()):
+            sent.add_metric([kind], count)
+        yield sent
+        failed = CounterMetricFamily(
+            "cyphr_push_failed", "Wake-ups a push service did not take, by kind and outcome: gone "
+            "(the registration was dropped), retry (tried again later), refused (given up).",
+            labels=["kind", "outcome"])
+        for (kind, outcome), count in sorted(stats.failed.items()):
+            failed.add_metric([kind, outcome], count)
+        yield failed
+        yield CounterMetricFamily("cyphr_push_queued", "Wake-ups this process queued.",
+                                  value=stats.queued)
+        yield GaugeMetricFamily("cyphr_push_outbox_depth",
+                                "Wake-ups waiting to be sent (all processes), as of the last heartbeat.",
+                                value=stats.depth)
 
     def _collect_attachments(self) -> Iterator[Metric]:
         if self._attachments is None:

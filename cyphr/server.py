@@ -7,16 +7,18 @@ what runs.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -26,6 +28,7 @@ import cyphr
 from cyphr._compat import port_deferred
 from cyphr.api.attachments import AttachmentsAPI, UploadReceiver
 from cyphr.api.backups import HistoryBackupAPI
+from cyphr.api.push import PushAPI
 from cyphr.api.devices import DevicesAPI
 from cyphr.api.health import HealthAPI
 from cyphr.api.http import ApiRouter, CyphrSite, HttpPolicy, Root, connection_release
@@ -39,7 +42,7 @@ from cyphr.api.security import SecurityAPI
 from cyphr.api.rosters import RostersAPI
 from cyphr.api.sessionkeys import SessionKeysAPI
 from cyphr.api.wallet import WalletAPI
-from cyphr.changes import ChangeFeed, IdentityDeleted, MemberLeft
+from cyphr.changes import ChangeFeed, IdentityDeleted, MemberLeft, MessageStored
 from cyphr.clock import now_ms
 from cyphr.config import Config
 from cyphr.connections import ConnectionLimits
@@ -67,6 +70,8 @@ from cyphr.handlers.linking import LinkingHandler
 from cyphr.handlers.maintenance import Maintenance
 from cyphr.handlers.origins import AcceptedOrigins
 from cyphr.handlers.pins import PinBackupHandler
+from cyphr.handlers.push import PushHandler
+from cyphr.push import webpush
 from cyphr.handlers.messaging import MessagingHandler
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.recipients import RecipientDevices
@@ -95,6 +100,7 @@ from cyphr.store.sessionkeys import SessionKeyStore
 from cyphr.store.links import LinkStore
 from cyphr.store.messages import MessageStore
 from cyphr.store.pins import PinBackupStore
+from cyphr.store.push import PushStore
 from cyphr.store.status import StatusStore
 from cyphr.store.tokens import TokenStore
 from cyphr.store.totp import TotpStore
@@ -115,10 +121,11 @@ class DatabaseService(Service):
     released (cyphr.datadir.DataDirectory.close)."""
 
     def __init__(self, database: Database, batcher: SendBatcher, bus: Bus, realtime: Realtime,
-                 engine: EngineServer, data_dir: DataDirectory, blobs: Any,
+                 engine: EngineServer, data_dir: DataDirectory, blobs: Any, push: PushHandler,
                  on_ready: Callable[[], None] = lambda: None) -> None:
         self.data_dir = data_dir
         self.blobs = blobs
+        self.push = push
         self.database = database
         self.batcher = batcher
         self.bus = bus
@@ -138,6 +145,7 @@ class DatabaseService(Service):
     def _database_ready(self, _: Any) -> None:
         if self.running:
             self.realtime.start()
+            self.push.start().addErrback(lambda f: _log.failure("Starting push failed", f))
             self.on_ready()
 
     def stopService(self) -> Deferred[None]:
@@ -156,6 +164,7 @@ class DatabaseService(Service):
         # with "the database is unavailable".
         await self.realtime.tasks_done()
         self.realtime.stop()
+        await self.push.stop()
         await self.bus.stop()
         await self.database.close()
         self.blobs.stop()
@@ -346,6 +355,7 @@ class Server:
     realtime: Realtime
     bus: Bus
     attachments: AttachmentsHandler
+    push: PushHandler
 
     def listening(self) -> list[Deferred[Any]]:
         """The listening ports, once the service has started and the
@@ -367,6 +377,40 @@ def blob_store(config: Config, data_dir: str, reactor: Any) -> BlobStore:
                            access_key=config.s3_access_key_id,
                            secret_key=config.s3_secret_access_key)
     return LocalBlobStore(os.path.join(data_dir, "attachments"), reactor)
+
+
+def push_handler(config: Config, secrets: ServerSecrets, store: PushStore, clock: Any, reactor: Any,
+                 node_id: str, cpu: CpuPool) -> PushHandler:
+    """Push wake-ups, with a sender for each push service this server can
+    reach (cyphr.push): Web Push and UnifiedPush always (the VAPID key is
+    derived from push_vapid_key)."""
+    allowed = config.push_allow_endpoint
+    vapid = webpush.VapidKey.from_scalar(vapid_scalar(secrets.vapid_seed))
+    contact = config.push_contact or next(
+        (url for url in config.public_url if url.startswith("https://")), "mailto:postmaster@localhost")
+    web = webpush.WebPushSender(reactor, vapid, contact,
+                                allow_endpoint=lambda url: webpush.matches_prefix(url, allowed))
+    senders: dict[str, Any] = {"webpush": web, "unifiedpush": web}
+
+    def check_endpoint(url: str) -> Deferred[str | None]:
+        problem = webpush.check_endpoint(url, allowed)
+        if problem is not None or webpush.matches_prefix(url, allowed):
+            return succeed(problem)
+        # A name must resolve to public addresses only (resolving blocks).
+        host = urlsplit(url).hostname or ""
+        return cpu.run(webpush.resolves_to_public, host).addCallback(
+            lambda public: None if public else "it resolves to a private or local address")
+
+    return PushHandler(store, senders, clock, reactor, node_id, check_endpoint=check_endpoint,
+                       public_config={"vapidPublicKey": vapid.public_key_b64url()})
+
+
+def vapid_scalar(seed: bytes) -> bytes:
+    """The VAPID private key, a P-256 scalar in [1, n - 1], from the
+    push_vapid_key secret: the same on every node that shares it."""
+    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+    digest = hashlib.sha512(b"cyphr-v1 vapid key\0" + seed).digest()
+    return (int.from_bytes(digest, "big") % (order - 1) + 1).to_bytes(32, "big")
 
 
 def default_node_id() -> str:
@@ -468,6 +512,9 @@ def build_server(
 
     changes.subscribe(IdentityDeleted, identity_deleted)
     node_id = config.node_id or default_node_id()
+    push = push_handler(config, secrets, PushStore(database), clock, reactor, node_id, cpu)
+    # Wake-ups for the devices with no socket: queued once a message is stored.
+    changes.subscribe(MessageStored, push.message_stored)
 
     bus: Bus
     if isinstance(database, PostgresDatabase):
@@ -481,7 +528,7 @@ def build_server(
     realtime = Realtime(sockets=sockets, authenticator=authenticator, messaging=messaging,
                         receipts=receipts, calls=calls, delivery=delivery, presence=presence,
                         bus=bus, changes=changes, clock=clock, reactor=reactor,
-                        max_payload=min(config.max_payload, config.max_body))
+                        max_payload=min(config.max_payload, config.max_body), push=push)
     http_policy = HttpPolicy.from_config(config)
     # The API site's open connections, within the policy's caps.
     connections = ConnectionLimits(http_policy.max_connections, http_policy.max_connections_per_address)
@@ -519,6 +566,7 @@ def build_server(
                        authenticator),
         MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
         AttachmentsAPI(attachments, authenticator, limits),
+        PushAPI(push, authenticator, limits),
         ChatsAPI(messaging, authenticator, limits),
         RostersAPI(RostersHandler(rosters, chats, identities, cpu, changes, clock,
                                   change_limit=limits.member_add), authenticator),
@@ -530,7 +578,7 @@ def build_server(
     metrics.registry.register(CyphrCollector(
         http=metrics.http, engine=engine, presence=presence, receipts=receipts, batcher=batcher,
         database=database, bus=bus, limits=limits, sockets=sockets, connections=connections,
-        attachments=attachments, tables=(realtime, messaging, calls, tokens)))
+        attachments=attachments, push=push, tables=(realtime, messaging, calls, tokens)))
     metrics_resource = MetricsResource(metrics)
     # With --metrics-listen, /metrics is served only there: the public
     # endpoints answer 404 for it, as for any unknown path.
@@ -545,7 +593,7 @@ def build_server(
         if not fatal_messages:
             directory.served()
 
-    DatabaseService(database, batcher, bus, realtime, engine, directory, attachments.blobs,
+    DatabaseService(database, batcher, bus, realtime, engine, directory, attachments.blobs, push,
                     on_ready=ready).setServiceParent(service)
     def purge_now() -> Deferred[None] | None:
         # Not before the database is up (the pool says so when it is down).
@@ -610,4 +658,5 @@ def build_server(
         realtime=realtime,
         bus=bus,
         attachments=attachments,
+        push=push,
     )

@@ -90,6 +90,7 @@ class Options(usage.Options):
     opt_trusted_proxy = _repeatable(SETTINGS_BY_NAME["trusted_proxy"])
     opt_stun_urls = _repeatable(SETTINGS_BY_NAME["stun_urls"])
     opt_turn_urls = _repeatable(SETTINGS_BY_NAME["turn_urls"])
+    opt_push_allow_endpoint = _repeatable(SETTINGS_BY_NAME["push_allow_endpoint"])
 
     def __init__(self) -> None:
         super().__init__()

@@ -47,6 +47,7 @@ from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.calls import CallsHandler
 from cyphr.handlers.delivery import CATCH_UP_PAGE, DeliveryHandler
 from cyphr.handlers.messaging import MessagingHandler
+from cyphr.handlers.push import PushHandler
 from cyphr.handlers.receipts import ReceiptsHandler
 from cyphr.realtime.bus import Bus
 from cyphr.realtime.client_events import ClientEvents, Sent, event_body, ok
@@ -106,8 +107,11 @@ class Realtime:
     def __init__(self, *, sockets: SocketServer, authenticator: Authenticator,
                  messaging: MessagingHandler, receipts: ReceiptsHandler, calls: CallsHandler,
                  delivery: DeliveryHandler, presence: Presence, bus: Bus, changes: ChangeFeed,
-                 clock: Any, reactor: Any, max_payload: int) -> None:
+                 clock: Any, reactor: Any, max_payload: int, push: PushHandler) -> None:
         self.sockets = sockets
+        # Told of each device's sockets as they come and go (push wakes only
+        # devices with none, on any node).
+        self._push = push
         self._authenticator = authenticator
         self._delivery = delivery
         self.presence = presence
@@ -327,6 +331,7 @@ class Realtime:
         socket.join("user:" + me)
         for chat_id, last_seq in positions.chats:
             self._join(socket, chat_id, last_seq)
+        self._push.connected(user.user_id, user.device_id)
         if self.presence.add(me, socket):
             self.fanout.publish(PresenceChanged(self.fanout.node_id, me, True))
             if not self.presence.elsewhere(me):
@@ -393,6 +398,7 @@ class Realtime:
         if user is None or not client.welcomed:
             return
         self._spawn(self._delivery.device_left(user.user_id, user.device_id))
+        self._push.disconnected(user.user_id, user.device_id)
         me = user.cyphr_id
         if self.presence.remove(me, socket):
             self.fanout.publish(PresenceChanged(self.fanout.node_id, me, False))

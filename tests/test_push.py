@@ -1,0 +1,246 @@
+"""
+Push wake-ups end to end: registrations, the outbox and its drain, against
+the strict RFC 8030 stand-in of tests/pushservice.py (it decrypts every
+body with the subscription's key and checks VAPID), with real sockets for
+devices that are online, on one node and across two.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.helpers import PostgresMixin, RealHTTP, SQLiteMixin
+from tests.test_metrics import scrape, value
+from tests.pushservice import PushService, StandInSubscription
+from tests.realtime import sessions_closed
+from tests.test_realtime_cluster import ClusterMixin, Node
+from tests.users import User
+
+
+async def until(condition: Any, what: str, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class PushMixin(ClusterMixin):
+    """A stand-in push service and servers allowed to reach it."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:
+        self.service = PushService(reactor)
+        self.service.start()
+        self.addCleanup(self.service.stop)
+
+    async def serve(self, count: int = 1, **overrides: Any) -> list[Node]:
+        """``count`` nodes, each allowed to reach the stand-in."""
+        overrides["push_allow_endpoint"] = (self.service.origin,)
+        database = self.database_setting()
+        nodes = await self.cluster(database, 1, **overrides)
+        for _ in range(count - 1):
+            nodes.append(await self.node(database, **overrides))
+        return nodes
+
+    async def registered(self, node: Node, user: User) -> StandInSubscription:
+        subscription = self.service.subscribe()
+        response = await node.http.put("/api/devices/me/push", {
+            "kind": "webpush", "subscription": subscription.to_json()}, headers=user.auth())
+        self.assertEqual(response.code, 200, response.body)
+        return subscription
+
+    async def send(self, node: Node, sender: User, recipient: User, text: str = "hello") -> None:
+        response = await node.http.post("/api/messaging/send", {
+            "recipientId": recipient.cyphr_id, "encryptedPayload": {"sealed": text}},
+            headers=sender.auth())
+        self.assertEqual(response.code, 201, response.body)
+
+    async def drained(self, *nodes: Node) -> None:
+        """Every wake-up queued so far has been sent (or given up)."""
+        for node in nodes or self.nodes:
+            push = node.server.push
+            while push._flush is not None or push._tasks or push._draining is not None:
+                await deferLater(reactor, 0.01, lambda: None)
+            push.kick()
+            while push._draining is not None:
+                await push._draining
+
+    def wake_ups(self, subscription: StandInSubscription) -> list[Any]:
+        return self.service.received_for(subscription.id)
+
+
+class PushTests(PushMixin):
+    async def test_registration_and_bad_input(self) -> None:
+        """A device registers a Web Push subscription and removes it; each bad
+        registration is a clear 400 and stores nothing: an unknown kind, a
+        subscription without keys, keys of the wrong size, an endpoint that
+        is not https and not allowed, a kind this server cannot send (APNs
+        without credentials); removing none is 404. The config tells the
+        kinds and the VAPID key."""
+        [node] = await self.serve()
+        alice = await self.user(node, "alice")
+        response = await node.http.get("/api/push/config", headers=alice.auth())
+        self.assertEqual(response.json()["kinds"], ["unifiedpush", "webpush"])
+        self.assertEqual(len(response.json()["vapidPublicKey"]), 87)
+        good = self.service.subscribe().to_json()
+        bad = [
+            ({"kind": "carrier-pigeon", "subscription": good}, "INVALID_FIELD"),
+            ({"kind": "webpush", "subscription": {"endpoint": good["endpoint"]}}, "INVALID_FIELD"),
+            ({"kind": "webpush", "subscription": {**good, "keys": {"p256dh": "AAAA", "auth": "AAAA"}}},
+             "INVALID_FIELD"),
+            ({"kind": "webpush", "subscription": {**good, "endpoint": "http://10.0.0.1/push"}},
+             "INVALID_PUSH_ENDPOINT"),
+            ({"kind": "webpush", "subscription": {**good, "endpoint": "https://127.0.0.1/push"}},
+             "INVALID_PUSH_ENDPOINT"),
+            ({"kind": "apns", "token": "ab" * 32}, "PUSH_NOT_AVAILABLE"),
+            ({"kind": "apns", "subscription": good}, "INVALID_FIELD"),
+            ({"kind": "webpush", "subscription": good, "extra": 1}, "UNKNOWN_FIELD"),
+        ]
+        for body, code in bad:
+            response = await node.http.put("/api/devices/me/push", body, headers=alice.auth())
+            self.assertEqual((response.code, response.json()["code"]), (400, code), body)
+        response = await node.http.delete("/api/devices/me/push", headers=alice.auth())
+        self.assertEqual((response.code, response.json()["code"]), (404, "PUSH_NOT_REGISTERED"))
+        response = await node.http.put("/api/devices/me/push", {"kind": "webpush", "subscription": good},
+                                       headers=alice.auth())
+        self.assertEqual(response.code, 200, response.body)
+        response = await node.http.delete("/api/devices/me/push", headers=alice.auth())
+        self.assertEqual(response.code, 200)
+        rows = await node.server.database.run_query("SELECT COUNT(*) FROM push_registrations")
+        self.assertEqual(rows, [(0,)])
+
+    async def test_one_wake_up_until_the_device_connects(self) -> None:
+        """A message to a device with no socket sends it exactly one wake-up,
+        however many messages follow, until it connects; a connected device
+        gets none; after it goes, the next message wakes it again. The
+        wake-up names nothing: its body is an opaque counter, its headers
+        carry no Cyphr ID, chat or content."""
+        [node] = await self.serve()
+        alice, bob = await self.user(node, "alice"), await self.user(node, "bob")
+        subscription = await self.registered(node, bob)
+        for n in range(3):
+            await self.send(node, alice, bob, f"secret text {n}")
+        await self.drained()
+        [wake] = self.wake_ups(subscription)
+        self.assertEqual(json.loads(wake.plaintext), {"n": 1})
+        self.assertEqual(wake.headers["topic"], "cyphr-wake")
+        self.assertEqual(wake.headers["urgency"], "high")
+        seen = json.dumps(wake.headers).encode() + wake.plaintext
+        for needle in (bob.cyphr_id, alice.cyphr_id, "secret text", bob.user_id):
+            self.assertNotIn(needle.encode(), seen)
+
+        client = await self.connect(node, bob)
+        await self._no_outbox(node)
+        await self.send(node, alice, bob, "while online")
+        await self.drained()
+        self.assertEqual(len(self.wake_ups(subscription)), 1)
+        await client.disconnect()
+        await sessions_closed(node.server)
+        await self._no_connections(node)
+        await self.send(node, alice, bob, "after")
+        await self.drained()
+        wakes = self.wake_ups(subscription)
+        self.assertEqual(len(wakes), 2)
+        self.assertEqual(json.loads(wakes[1].plaintext), {"n": 2})
+        self.assertEqual(self.service.errors, [])
+
+    async def _no_outbox(self, node: Node) -> None:
+        for _ in range(500):
+            rows = await node.server.database.run_query("SELECT COUNT(*) FROM push_outbox")
+            if rows == [(0,)]:
+                return
+            await deferLater(reactor, 0.02, lambda: None)
+        self.fail("the outbox kept a wake-up for a connected device")
+
+    async def _no_connections(self, node: Node) -> None:
+        for _ in range(500):
+            rows = await node.server.database.run_query("SELECT COUNT(*) FROM device_connections")
+            if rows == [(0,)]:
+                return
+            await deferLater(reactor, 0.02, lambda: None)
+        self.fail("a device connection outlived its socket")
+
+    async def test_failures(self) -> None:
+        """A subscription the service calls gone (410) is dropped; 500 is tried
+        again, and sent once the service answers; a refusal of the request
+        (400) gives the wake-up up but keeps the registration."""
+        [node] = await self.serve()
+        alice = await self.user(node, "alice")
+        bob, carol, dave = [await self.user(node, n) for n in ("bob", "carol", "dave")]
+        gone, flaky, refusing = [await self.registered(node, u) for u in (bob, carol, dave)]
+        self.service.answer(gone.id, 410)
+        self.service.answer(flaky.id, 500)
+        self.service.answer(refusing.id, 400)
+        for user in (bob, carol, dave):
+            await self.send(node, alice, user)
+        await self.drained()
+        rows = await node.server.database.run_query(
+            "SELECT i.cyphr_id FROM push_registrations r JOIN cyphr_identities i ON i.id = r.user_id")
+        self.assertEqual(sorted(row[0] for row in rows), [carol.cyphr_id, dave.cyphr_id])
+        self.service.answer(flaky.id, 201)
+        await node.server.database.run_operation("UPDATE push_outbox SET due_at = 0")
+        await self.drained()
+        self.assertEqual([len(self.wake_ups(s)) for s in (gone, flaky, refusing)], [1, 2, 1])
+        rows = await node.server.database.run_query(
+            "SELECT sent_at IS NOT NULL FROM push_outbox")
+        self.assertEqual(rows, [(True,)])
+        http = RealHTTP(node.url)
+        self.addCleanup(http.close)
+        samples = await scrape(http)
+        self.assertEqual(value(samples, "cyphr_push_sent_total", kind="webpush"), 1)
+        for outcome in ("gone", "retry", "refused"):
+            self.assertEqual(value(samples, "cyphr_push_failed_total", kind="webpush",
+                                   outcome=outcome), 1, outcome)
+        self.assertEqual(value(samples, "cyphr_push_queued_total"), 3)
+
+
+class SQLitePushTests(SQLiteMixin, PushTests, TestCase):
+    pass
+
+
+class PostgresPushTests(PostgresMixin, PushTests, TestCase):
+    async def test_a_device_online_on_another_node_gets_none(self) -> None:
+        """Bob's device holds a socket on node B: a message sent through node
+        A wakes nothing; once the socket goes, one does."""
+        a_node, b_node = await self.serve(count=2)
+        alice, bob = await self.user(a_node, "alice"), await self.user(a_node, "bob")
+        subscription = await self.registered(a_node, bob)
+        client = await self.connect(b_node, bob)
+        await self.send(a_node, alice, bob)
+        await self.drained()
+        self.assertEqual(self.wake_ups(subscription), [])
+        await client.disconnect()
+        await sessions_closed(b_node.server)
+        await self._no_connections(b_node)
+        await self.send(a_node, alice, bob)
+        await self.drained()
+        self.assertEqual(len(self.wake_ups(subscription)), 1)
+
+    async def test_a_wake_up_claimed_by_a_node_that_died_is_sent_by_another(self) -> None:
+        """Node A claims a wake-up and dies before the service answers (it
+        hangs); once the claim runs out, node B sends it: nothing queued is
+        lost."""
+        a_node, b_node = await self.serve(count=2)
+        alice, bob = await self.user(a_node, "alice"), await self.user(a_node, "bob")
+        subscription = await self.registered(a_node, bob)
+        self.service.hang(subscription.id)
+        await self.send(a_node, alice, bob)
+        await until(lambda: len(self.wake_ups(subscription)) == 1, "node A's attempt")
+        rows = await a_node.server.database.run_query("SELECT attempts FROM push_outbox")
+        self.assertEqual(rows, [(1,)])
+        await a_node.server.service.stopService()
+        self.service.answer(subscription.id, 201)
+        # The claim ran out (as 30 s later).
+        await b_node.server.database.run_operation("UPDATE push_outbox SET due_at = 0")
+        await self.drained(b_node)
+        self.assertEqual(len(self.wake_ups(subscription)), 2)
+        rows = await b_node.server.database.run_query(
+            "SELECT sent_at IS NOT NULL, attempts FROM push_outbox")
+        self.assertEqual(rows, [(True, 2)])
