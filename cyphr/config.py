@@ -200,6 +200,38 @@ SETTINGS: tuple[Setting, ...] = (
             "least 32 characters). Default: generated into the data "
             "directory. Every node of a cluster needs the same one: clients "
             "subscribe with its public key.", cli=False),
+    Setting("push_gateway_url", "str",
+            "Base URL of a push gateway (a Cyphr server holding the app's "
+            "APNs and FCM credentials) that APNs and FCM wake-ups go through "
+            "when this server has no credentials of its own; with "
+            "push_gateway_secret.", metavar="URL"),
+    Setting("push_gateway_secret", "str",
+            "The secret this server shows the push gateway (at least 32 "
+            "characters).", cli=False),
+    Setting("push_gateway_accept", "list",
+            "Secrets of the servers this server takes wake-ups from as a push "
+            "gateway (POST /api/push/gateway); none: it is no gateway.", cli=False),
+    Setting("apns_key_file", "str",
+            "Path of the app's APNs token signing key (the .p8 file from "
+            "Apple): with it and apns_key_id, apns_team_id, APNs wake-ups "
+            "(iOS) are sent.", metavar="PATH"),
+    Setting("apns_key_id", "str", "The APNs signing key's id (10 characters).", metavar="ID"),
+    Setting("apns_team_id", "str", "The Apple developer team id (10 characters).", metavar="ID"),
+    Setting("apns_topic", "str",
+            "The app's bundle id, for registrations that name no appId.", metavar="BUNDLE"),
+    Setting("apns_endpoint", "str",
+            "APNs' production URL (a proxy, or a test stand-in).", metavar="URL"),
+    Setting("apns_sandbox_endpoint", "str",
+            "APNs' development URL, for registrations with sandbox set.", metavar="URL"),
+    Setting("apns_ca_file", "str",
+            "CA certificates to verify APNs with instead of the system's (a "
+            "proxy's, or a test's).", metavar="PATH"),
+    Setting("fcm_credentials", "str",
+            "Path of the Firebase service account JSON file of the app's "
+            "project: with it, FCM wake-ups (Android) are sent.", metavar="PATH"),
+    Setting("fcm_endpoint", "str",
+            "Base URL of FCM's HTTP v1 API (a proxy, or a test stand-in).",
+            metavar="URL"),
     Setting("max_attachment", "size",
             "Largest attachment (an encrypted file's blob, Upload-Length), in bytes.",
             metavar="BYTES"),
@@ -362,6 +394,18 @@ class Config:
     push_allow_endpoint: tuple[str, ...] = ()
     push_contact: str = ""
     push_vapid_key: str = field(default="", repr=False)
+    push_gateway_url: str = ""
+    push_gateway_secret: str = field(default="", repr=False)
+    push_gateway_accept: tuple[str, ...] = field(default=(), repr=False)
+    apns_key_file: str = ""
+    apns_key_id: str = ""
+    apns_team_id: str = ""
+    apns_topic: str = ""
+    apns_endpoint: str = ""
+    apns_sandbox_endpoint: str = ""
+    apns_ca_file: str = ""
+    fcm_credentials: str = ""
+    fcm_endpoint: str = ""
     attachment_store: str = "local"
     s3_endpoint: str = ""
     s3_bucket: str = ""
@@ -823,6 +867,26 @@ def validate(config: Config) -> None:
     if config.push_contact and not re.match(r"^(mailto:[^\s@]+@[^\s@]+|https://\S+)$",
                                             config.push_contact):
         raise ConfigError(f"--push-contact {config.push_contact!r} is not a mailto: or https: URL")
+    if config.push_gateway_url:
+        parts = urlsplit(config.push_gateway_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--push-gateway-url {config.push_gateway_url!r} is not a URL such as "
+                              "https://push.example.org")
+        if not config.push_gateway_secret:
+            raise ConfigError("push_gateway_url needs push_gateway_secret")
+    for secret in config.push_gateway_accept:
+        if len(secret) < 32:
+            raise ConfigError("each of push_gateway_accept must be at least 32 characters long")
+    if config.apns_key_file and not (config.apns_key_id and config.apns_team_id):
+        raise ConfigError("apns_key_file needs apns_key_id and apns_team_id")
+    for name in ("apns_endpoint", "apns_sandbox_endpoint"):
+        value = getattr(config, name)
+        if value and (urlsplit(value).scheme != "https" or not urlsplit(value).hostname):
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not an https URL")
+    if config.fcm_endpoint:
+        parts = urlsplit(config.fcm_endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--fcm-endpoint {config.fcm_endpoint!r} is not a URL")
     if config.attachment_store == "s3":
         if not config.s3_bucket:
             raise ConfigError("attachment_store = s3 needs s3_bucket")
@@ -881,7 +945,7 @@ def validate(config: Config) -> None:
     if not 60 <= config.turn_ttl <= 30 * 86400:
         raise ConfigError("--turn-ttl must be between 1m and 30d")
     for name in ("jwt_secret", "fingerprint_key", "totp_key", "turn_secret", "admin_token",
-                 "push_vapid_key"):
+                 "push_vapid_key", "push_gateway_secret"):
         value = getattr(config, name)
         if value and len(value) < 32:
             raise ConfigError(f"{name} must be at least 32 characters long")
@@ -920,5 +984,17 @@ def describe_default(setting: Setting) -> str:
         return "AWS"
     if setting.name == "push_contact":
         return "the first public_url"
+    if setting.name in ("fcm_credentials", "push_gateway_url", "push_gateway_secret",
+                        "push_gateway_accept", "apns_key_file", "apns_key_id", "apns_team_id",
+                        "apns_topic"):
+        return "none"
+    if setting.name == "apns_endpoint":
+        return "https://api.push.apple.com"
+    if setting.name == "apns_sandbox_endpoint":
+        return "https://api.sandbox.push.apple.com"
+    if setting.name == "apns_ca_file":
+        return "the system's"
+    if setting.name == "fcm_endpoint":
+        return "https://fcm.googleapis.com"
     return str(value) if value != "" else "generated"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from cyphr.api.sessionkeys import SessionKeysAPI
 from cyphr.api.wallet import WalletAPI
 from cyphr.changes import ChangeFeed, IdentityDeleted, MemberLeft, MessageStored
 from cyphr.clock import now_ms
-from cyphr.config import Config
+from cyphr.config import Config, ConfigError
 from cyphr.connections import ConnectionLimits
 from cyphr import heap
 from cyphr.cpu import CpuPool
@@ -72,6 +73,7 @@ from cyphr.handlers.origins import AcceptedOrigins
 from cyphr.handlers.pins import PinBackupHandler
 from cyphr.handlers.push import PushHandler
 from cyphr.push import webpush
+from cyphr.push.gateway import FORWARDED_KINDS, Gateway, GatewaySender
 from cyphr.handlers.messaging import MessagingHandler
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.recipients import RecipientDevices
@@ -380,7 +382,7 @@ def blob_store(config: Config, data_dir: str, reactor: Any) -> BlobStore:
 
 
 def push_handler(config: Config, secrets: ServerSecrets, store: PushStore, clock: Any, reactor: Any,
-                 node_id: str, cpu: CpuPool) -> PushHandler:
+                 node_id: str, cpu: CpuPool) -> tuple[PushHandler, Gateway]:
     """Push wake-ups, with a sender for each push service this server can
     reach (cyphr.push): Web Push and UnifiedPush always (the VAPID key is
     derived from push_vapid_key)."""
@@ -391,6 +393,33 @@ def push_handler(config: Config, secrets: ServerSecrets, store: PushStore, clock
     web = webpush.WebPushSender(reactor, vapid, contact,
                                 allow_endpoint=lambda url: webpush.matches_prefix(url, allowed))
     senders: dict[str, Any] = {"webpush": web, "unifiedpush": web}
+    if config.fcm_credentials:
+        from cyphr.push.fcm import FCM_BASE_URL, FcmSender  # google-auth loads only when used
+
+        try:
+            senders["fcm"] = FcmSender(reactor, read_service_account(config.fcm_credentials),
+                                       base_url=config.fcm_endpoint or FCM_BASE_URL)
+        except ValueError as e:
+            raise ConfigError(f"fcm_credentials: {e}") from None
+    if config.apns_key_file:
+        from cyphr.push.apns import PRODUCTION, SANDBOX, ApnsSender  # httpx loads only when used
+
+        try:
+            with open(config.apns_key_file, "rb") as f:
+                key = f.read()
+            senders["apns"] = ApnsSender(
+                reactor, key, config.apns_key_id, config.apns_team_id,
+                topic=config.apns_topic or None, endpoint=config.apns_endpoint or PRODUCTION,
+                sandbox_endpoint=config.apns_sandbox_endpoint or SANDBOX,
+                verify=config.apns_ca_file or True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"apns_key_file: {getattr(e, 'strerror', None) or e}") from None
+    # What this server may send itself, it may send for others (a gateway).
+    gateway = Gateway(senders, config.push_gateway_accept)
+    if config.push_gateway_url:
+        forwarded = GatewaySender(reactor, config.push_gateway_url, config.push_gateway_secret)
+        for kind in FORWARDED_KINDS:
+            senders.setdefault(kind, forwarded)
 
     def check_endpoint(url: str) -> Deferred[str | None]:
         problem = webpush.check_endpoint(url, allowed)
@@ -402,7 +431,20 @@ def push_handler(config: Config, secrets: ServerSecrets, store: PushStore, clock
             lambda public: None if public else "it resolves to a private or local address")
 
     return PushHandler(store, senders, clock, reactor, node_id, check_endpoint=check_endpoint,
-                       public_config={"vapidPublicKey": vapid.public_key_b64url()})
+                       public_config={"vapidPublicKey": vapid.public_key_b64url()}), gateway
+
+
+def read_service_account(path: str) -> dict[str, Any]:
+    """The FCM service account JSON file (its private key never logged)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"fcm_credentials {path!r} cannot be read as a service account JSON "
+                          f"file: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"fcm_credentials {path!r} is not a service account JSON object")
+    return info
 
 
 def vapid_scalar(seed: bytes) -> bytes:
@@ -512,7 +554,7 @@ def build_server(
 
     changes.subscribe(IdentityDeleted, identity_deleted)
     node_id = config.node_id or default_node_id()
-    push = push_handler(config, secrets, PushStore(database), clock, reactor, node_id, cpu)
+    push, gateway = push_handler(config, secrets, PushStore(database), clock, reactor, node_id, cpu)
     # Wake-ups for the devices with no socket: queued once a message is stored.
     changes.subscribe(MessageStored, push.message_stored)
 
@@ -566,7 +608,7 @@ def build_server(
                        authenticator),
         MessagingAPI(messaging, authenticator, limits, min(config.max_payload, config.max_body)),
         AttachmentsAPI(attachments, authenticator, limits),
-        PushAPI(push, authenticator, limits),
+        PushAPI(push, authenticator, limits, gateway),
         ChatsAPI(messaging, authenticator, limits),
         RostersAPI(RostersHandler(rosters, chats, identities, cpu, changes, clock,
                                   change_limit=limits.member_add), authenticator),

@@ -205,24 +205,17 @@ class _Tracking(WrappingFactory):
         return d
 
 
-class PushService(resource.Resource):
-    """The stand-in: a twisted.web resource answering ``POST /push/<id>``."""
+class StandInSite(resource.Resource):
+    """A stand-in served on 127.0.0.1: ``start()`` listens on a port of the
+    system's choice (``origin`` then names it), ``stop()`` stops and closes
+    every connection, hanging ones too. Subclasses set ``_reactor``,
+    ``_port = None`` and ``_factory = None`` in their constructor."""
 
     isLeaf = True
-
-    def __init__(self, reactor: Any) -> None:
-        super().__init__()
-        self._reactor = reactor
-        self.origin = ""
-        self.received: list[Received] = []
-        self.errors: list[str] = []
-        self.subscriptions: dict[str, StandInSubscription] = {}
-        self._answers: dict[str, _Answer] = {}
-        self._hanging: list[Any] = []  # requests left unanswered
-        self._port: Any = None
-        self._factory: _Tracking | None = None
-
-    # -- the test's side --------------------------------------------------------
+    origin = ""
+    _reactor: Any
+    _port: Any = None
+    _factory: Any = None
 
     def start(self) -> None:
         """Listen on 127.0.0.1, on a port of the system's choice."""
@@ -245,6 +238,24 @@ class PushService(resource.Resource):
             await self._factory.close_all()
         # An aborted client connection learns of it on the next turn.
         await deferLater(self._reactor, 0, lambda: None)
+
+
+class PushService(StandInSite):
+    """The stand-in: a twisted.web resource answering ``POST /push/<id>``."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self.origin = ""
+        self.received: list[Received] = []
+        self.errors: list[str] = []
+        self.subscriptions: dict[str, StandInSubscription] = {}
+        self._answers: dict[str, _Answer] = {}
+        self._hanging: list[Any] = []  # requests left unanswered
+        self._port: Any = None
+        self._factory: _Tracking | None = None
+
+    # -- the test's side --------------------------------------------------------
 
     def subscribe(self, *, keys: bool = True,
                   application_server_key: str | None = None) -> StandInSubscription:

@@ -571,5 +571,6 @@ class RouteAccessTests(SQLiteMixin, TestCase):
             "/api/cyphr-id/register", "/api/cyphr-id/login", "/api/cyphr-id/recover",
             "/api/devices/provision", "/api/devices/provision/<provisioning_id>/receive",
             "/api/devices/link", "/api/openapi.json", "/api/asyncapi.json",
-            "/api/attachments/"})  # OPTIONS: TUS discovery
+            "/api/attachments/",  # OPTIONS: TUS discovery
+            "/api/push/gateway"})  # servers, with a gateway secret
         self.assertEqual(operator, {"/api/admin/zero-storage-status"})

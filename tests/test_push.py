@@ -8,13 +8,19 @@ devices that are online, on one node and across two.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import PostgresMixin, RealHTTP, SQLiteMixin
+from cyphr.client.client import Client
+from tests.clients import PASSPHRASE
+from tests.fcmservice import UNREGISTERED, FcmService
+from tests.helpers import PostgresMixin, RealHTTP, SQLiteMixin, cli_in_process, start_server
 from tests.test_metrics import scrape, value
 from tests.pushservice import PushService, StandInSubscription
 from tests.realtime import sessions_closed
@@ -244,3 +250,180 @@ class PostgresPushTests(PostgresMixin, PushTests, TestCase):
         rows = await b_node.server.database.run_query(
             "SELECT sent_at IS NOT NULL, attempts FROM push_outbox")
         self.assertEqual(rows, [(True, 2)])
+
+
+class ClientPushTests(SQLiteMixin, TestCase):
+    """The reference client registers a UnifiedPush endpoint with
+    cyphr-client push register; a message to it while it has no socket
+    wakes it with an empty POST (no keys: nothing to seal)."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:
+        self.service = PushService(reactor)
+        self.service.start()
+        self.addCleanup(self.service.stop)
+        self.server = await start_server(self, serve=True,
+                                         push_allow_endpoint=(self.service.origin,))
+        [port] = [await d for d in self.server.listening()]
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        self.clients: list[Client] = []
+        self.addCleanup(lambda: [client.close() for client in self.clients])
+
+    async def registered(self, cyphr_id: str) -> Client:
+        client, _ = await deferToThread(Client.init, os.path.abspath(self.mktemp()), PASSPHRASE,
+                                        self.url)
+        self.clients.append(client)
+        await deferToThread(client.register, cyphr_id, None, 2)
+        return client
+
+    async def test_push_register_command(self) -> None:
+        """push register, status and unregister through the command line; a
+        wake-up reaches the registered endpoint, with no body."""
+        alice, bob = await self.registered("alice"), await self.registered("bob")
+        passphrase = Path(f"{bob.profile.directory}.passphrase")
+        passphrase.write_text(PASSPHRASE)
+
+        async def cli(*args: str) -> Any:
+            result = await deferToThread(cli_in_process, [
+                "--server", self.url, "--profile", str(bob.profile.directory),
+                "--passphrase-file", str(passphrase), *args])
+            self.assertEqual(result.returncode, 0, result.stderr)
+            return result
+
+        subscription = self.service.subscribe(keys=False)
+        await cli("push", "register", "--endpoint", subscription.endpoint)
+        status = json.loads((await cli("--json", "push", "status")).stdout)
+        self.assertEqual(status["kinds"], ["unifiedpush", "webpush"])
+        await deferToThread(alice.send, "bob", "wake up")
+        await until(lambda: self.wake_ups(subscription), "the wake-up")
+        [wake] = self.wake_ups(subscription)
+        self.assertEqual(wake.plaintext, b"")
+        await cli("push", "unregister")
+        rows = await self.server.database.run_query("SELECT COUNT(*) FROM push_registrations")
+        self.assertEqual(rows, [(0,)])
+        self.assertEqual(self.service.errors, [])
+
+    def wake_ups(self, subscription: StandInSubscription) -> list[Any]:
+        return self.service.received_for(subscription.id)
+
+
+class FcmPushTests(SQLiteMixin, PushMixin, TestCase):
+    """FCM through the whole server, against the strict FCM and OAuth
+    stand-ins of tests/fcmservice.py."""
+
+    def fcm(self) -> tuple[Any, Path]:
+        """The FCM stand-ins, and a service account file for them."""
+        fcm = FcmService(reactor)
+        fcm.start()
+        self.addCleanup(fcm.stop)
+        credentials = Path(self.mktemp())
+        credentials.write_text(json.dumps(fcm.service_account()))
+        return fcm, credentials
+
+    async def test_fcm_wake_up(self) -> None:
+        """A device registered with an FCM token is woken once, data-only,
+        naming nothing; a token FCM calls unregistered is dropped."""
+        fcm, credentials = self.fcm()
+        [node] = await self.serve(fcm_credentials=str(credentials), fcm_endpoint=fcm.base_url)
+        alice, bob, carol = [await self.user(node, n) for n in ("alice", "bob", "carol")]
+        tokens = {}
+        for user in (bob, carol):
+            tokens[user.cyphr_id] = fcm.device()
+            response = await node.http.put("/api/devices/me/push", {
+                "kind": "fcm", "token": tokens[user.cyphr_id]}, headers=user.auth())
+            self.assertEqual(response.code, 200, response.body)
+        fcm.answer(tokens[carol.cyphr_id], UNREGISTERED)
+        for user in (bob, carol, bob):
+            await self.send(node, alice, user, "secret text")
+        await self.drained()
+        [wake] = fcm.received_for(tokens[bob.cyphr_id])
+        self.assertEqual(wake.message["data"], {"n": "1"})
+        self.assertNotIn("notification", wake.message)
+        for needle in (bob.cyphr_id, alice.cyphr_id, "secret text"):
+            self.assertNotIn(needle, json.dumps(wake.message))
+        rows = await node.server.database.run_query("SELECT kind FROM push_registrations")
+        self.assertEqual(rows, [("fcm",)])
+        self.assertEqual(fcm.errors, [])
+
+    async def test_gateway_mode(self) -> None:
+        """A server without FCM credentials hands its FCM wake-ups to a
+        gateway server that has them: the wake-up arrives; a token the
+        service calls dead comes back rejected and is dropped; a wrong
+        secret is 401, and a server that is no gateway answers 404."""
+        fcm, credentials = self.fcm()
+        secret = "g" * 40
+        gateway = await start_server(self, serve=True, fcm_credentials=str(credentials),
+                                     fcm_endpoint=fcm.base_url, push_gateway_accept=(secret,))
+        [port] = [await d for d in gateway.listening()]
+        gateway_url = f"http://127.0.0.1:{port.getHost().port}"
+        [node] = await self.serve(push_gateway_url=gateway_url, push_gateway_secret=secret)
+        response = await node.http.get("/api/push/config", headers=(await self.user(node, "zed")).auth())
+        self.assertEqual(response.json()["kinds"], ["apns", "fcm", "unifiedpush", "webpush"])
+        alice, bob, carol = [await self.user(node, n) for n in ("alice", "bob", "carol")]
+        tokens = {}
+        for user in (bob, carol):
+            tokens[user.cyphr_id] = fcm.device()
+            response = await node.http.put("/api/devices/me/push", {
+                "kind": "fcm", "token": tokens[user.cyphr_id]}, headers=user.auth())
+            self.assertEqual(response.code, 200, response.body)
+        fcm.answer(tokens[carol.cyphr_id], UNREGISTERED)
+        for user in (bob, carol):
+            await self.send(node, alice, user, "secret text")
+        await self.drained()
+        [wake] = fcm.received_for(tokens[bob.cyphr_id])
+        self.assertEqual(wake.message["data"], {"n": "1"})
+        rows = await node.server.database.run_query("SELECT kind FROM push_registrations")
+        self.assertEqual(rows, [("fcm",)])
+        http = RealHTTP(gateway_url)
+        self.addCleanup(http.close)
+        body = {"notification": {"kind": "fcm", "token": tokens[bob.cyphr_id], "counter": 2}}
+        response = await http.post("/api/push/gateway", body,
+                                   headers={b"Authorization": [b"Bearer " + b"x" * 40]})
+        self.assertEqual((response.code, response.json()["code"]), (401, "INVALID_GATEWAY_SECRET"))
+        response = await node.http.post("/api/push/gateway", body,
+                                        headers={b"Authorization": [secret.encode()]})
+        self.assertEqual(response.code, 404)
+        self.assertEqual(fcm.errors, [])
+
+
+class ApnsPushTests(SQLiteMixin, PushMixin, TestCase):
+    """APNs through the whole server, against the strict HTTP/2 stand-in of
+    tests/apnsservice.py (TLS from a test CA, the provider token checked)."""
+
+    async def test_apns_wake_up(self) -> None:
+        """A device registered with an APNs token is woken once with an alert
+        that names nothing (a localization key, mutable-content, the
+        counter); a token Apple calls unregistered is dropped."""
+        from tests.apnsservice import ApnsService
+
+        apns = ApnsService()
+        apns.start()
+        self.addCleanup(apns.stop)
+        key = Path(self.mktemp())
+        key.write_bytes(apns.key_pem)
+        [node] = await self.serve(apns_key_file=str(key), apns_key_id=apns.key_id,
+                                  apns_team_id=apns.team_id, apns_topic="org.cyphr.app",
+                                  apns_endpoint=apns.endpoint, apns_sandbox_endpoint=apns.endpoint,
+                                  apns_ca_file=apns.ca_path)
+        alice, bob, carol = [await self.user(node, n) for n in ("alice", "bob", "carol")]
+        tokens = {bob.cyphr_id: os.urandom(32).hex(), carol.cyphr_id: os.urandom(32).hex()}
+        for user in (bob, carol):
+            response = await node.http.put("/api/devices/me/push", {
+                "kind": "apns", "token": tokens[user.cyphr_id]}, headers=user.auth())
+            self.assertEqual(response.code, 200, response.body)
+        apns.answer(tokens[carol.cyphr_id], 410, "Unregistered")
+        for user in (bob, carol, bob):
+            await self.send(node, alice, user, "secret text")
+        await self.drained()
+        [wake] = apns.received_for(tokens[bob.cyphr_id])
+        body = json.loads(wake.body)
+        self.assertEqual(body["aps"]["mutable-content"], 1)
+        self.assertEqual(body["n"], 1)
+        self.assertEqual(wake.headers["apns-topic"], "org.cyphr.app")
+        self.assertEqual(wake.headers["apns-collapse-id"], "cyphr-wake")
+        for needle in (bob.cyphr_id, alice.cyphr_id, "secret text"):
+            self.assertNotIn(needle, wake.body.decode())
+        rows = await node.server.database.run_query("SELECT kind FROM push_registrations")
+        self.assertEqual(rows, [("apns",)])
+        self.assertEqual(apns.errors, [])

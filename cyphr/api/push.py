@@ -8,10 +8,13 @@ from typing import Any
 
 from klein import Klein
 
-from cyphr.api.guard import authenticated
+from cyphr.api.guard import authenticated, public
+from cyphr.errors import ApiError, BadRequest, NotFound, Unauthorized
 from cyphr.api.http import answer, read_json
 from cyphr.handlers.auth import Authenticator, AuthUser
 from cyphr.handlers.push import KINDS, PushHandler
+from cyphr.push.gateway import FORWARDED_KINDS, Gateway
+from cyphr.push.gateway import PATH as GATEWAY_PATH
 from cyphr.handlers.ratelimit import RateLimits
 from cyphr.handlers.validation import Fields, invalid
 from cyphr.store.push import Registration
@@ -19,6 +22,9 @@ from cyphr.store.push import Registration
 MAX_TOKEN = 4096
 MAX_ENDPOINT = 2048
 MAX_APP_ID = 255
+INVALID_GATEWAY_SECRET = "INVALID_GATEWAY_SECRET"  # 401: not a secret this gateway accepts
+PUSH_SERVICE_UNAVAILABLE = "PUSH_SERVICE_UNAVAILABLE"  # 503: APNs or FCM did not take it; retry
+PUSH_REFUSED = "PUSH_REFUSED"  # 400: APNs or FCM refused the request
 
 
 def _b64url(value: Any, where: str, size: int) -> bytes:
@@ -77,10 +83,47 @@ def parse_registration(body: dict[str, Any], user: AuthUser) -> Registration:
 class PushAPI:
     app = Klein()
 
-    def __init__(self, push: PushHandler, authenticator: Authenticator, limits: RateLimits) -> None:
+    def __init__(self, push: PushHandler, authenticator: Authenticator, limits: RateLimits,
+                 gateway: Gateway) -> None:
         self._push = push
+        self._gateway = gateway
         self.authenticator = authenticator
         self.limits = limits
+
+    @app.route("/api/push/gateway", methods=["POST"])
+    @public()  # servers, with a secret this gateway accepts (checked below)
+    async def gateway(self, request: Any) -> bytes:
+        """A server without APNs or FCM credentials hands a wake-up over
+        (cyphr.push.gateway). 404 unless this server is a gateway."""
+        if not self._gateway.serving:
+            raise NotFound(f"No route for POST {GATEWAY_PATH}")
+        if not self._gateway.allows(request.getHeader(b"authorization")):
+            raise Unauthorized("A push gateway secret is required", code=INVALID_GATEWAY_SECRET)
+        fields = Fields(read_json(request), {"notification"})
+        notification = fields.value("notification")
+        if not isinstance(notification, dict):
+            raise invalid("notification", "notification must be an object")
+        inner = Fields(notification, {"kind", "token", "appId", "sandbox", "counter"})
+        kind = inner.text("kind", max_length=16)
+        if kind not in FORWARDED_KINDS:
+            raise invalid("kind", f"kind must be one of {', '.join(FORWARDED_KINDS)}")
+        token = inner.text("token", max_length=MAX_TOKEN)
+        if not token:
+            raise invalid("token", "token must not be empty")
+        counter = inner.integer("counter", minimum=0, maximum=2**53 - 1)
+        registration = Registration("", 0, kind, token, None, None, None,
+                                    inner.text("appId", required=False, max_length=MAX_APP_ID),
+                                    inner.boolean("sandbox", default=False), 0)
+        result = await self._gateway.forward(registration, counter or 0)
+        if result.outcome == "retry":
+            raise ApiError("The push service did not take the wake-up; try again",
+                           code=PUSH_SERVICE_UNAVAILABLE, status=503,
+                           headers={"Retry-After": str(int(result.retry_after or 5))})
+        if result.outcome == "refused":
+            raise BadRequest(f"The push service refused the wake-up ({result.reason})",
+                             code=PUSH_REFUSED)
+        rejected = [token] if result.outcome == "gone" else []
+        return answer(request, {"success": True, "rejected": rejected})
 
     @app.route("/api/push/config", methods=["GET"])
     @authenticated()

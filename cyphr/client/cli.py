@@ -268,6 +268,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="on: write it now and rewrite it daily; off: stop, and delete the "
                         "server's copy; now: write it now; status: whether it is on, and the "
                         "last one written")
+    p = command("push", "wake-ups for this device when it has no connection: a UnifiedPush "
+                        "distributor's endpoint (or a Web Push subscription's), told to the "
+                        "server; a wake-up names nothing, and the app then syncs")
+    push = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = push.add_parser("register", help="have this device woken at an endpoint")
+    p.add_argument("--endpoint", required=True, help="the push endpoint (https, or a prefix the "
+                                                    "server allows)")
+    p.add_argument("--p256dh", help="Web Push: the subscription's public key (base64url)")
+    p.add_argument("--auth", help="Web Push: the subscription's auth secret (base64url)")
+    push.add_parser("unregister", help="stop this device's wake-ups")
+    push.add_parser("status", help="the kinds of push the server sends, and its VAPID key")
     p = command("verify", "show a contact's safety number; --accept it once compared")
     p.add_argument("cyphr_id")
     p.add_argument("--accept", metavar="NUMBER",
@@ -1100,6 +1111,26 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> None:
         out.result(status, text)
 
 
+def cmd_push(args: argparse.Namespace, out: Output) -> None:
+    client = _open(args)
+    if args.action == "register":
+        if (args.p256dh is None) != (args.auth is None):
+            raise UsageError("--p256dh and --auth go together (a Web Push subscription's keys)")
+        keys = {"p256dh": args.p256dh, "auth": args.auth} if args.p256dh is not None else None
+        kind = "webpush" if keys is not None else "unifiedpush"
+        client.register_push(args.endpoint, kind=kind, keys=keys)
+        out.result({"registered": kind},
+                   f"This device is woken through {kind} when a message waits for it and it "
+                   "has no connection (the wake-up names nothing; the app then syncs).")
+    elif args.action == "unregister":
+        client.unregister_push()
+        out.result({"registered": None}, "This device is no longer woken.")
+    else:
+        config = client.push_config()
+        out.result(config, f"The server sends {', '.join(config['kinds']) or 'no pushes'}; "
+                           f"its VAPID key (applicationServerKey): {config.get('vapidPublicKey')}")
+
+
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     if args.accept is not None:
         number = safety_number(args.accept)  # a typo fails before the passphrase is asked
@@ -1249,7 +1280,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int | None]] = {
     "recover": cmd_recover, "link": cmd_link, "devices": cmd_devices, "whoami": cmd_whoami, "send": cmd_send, "download": cmd_download,
     "avatar": cmd_avatar, "listen": cmd_listen,
     "history": cmd_history, "chats": cmd_chats, "chat": cmd_chat, "contacts": cmd_contacts, "group": cmd_group,
-    "keys": cmd_keys, "backup": cmd_backup,
+    "keys": cmd_keys, "backup": cmd_backup, "push": cmd_push,
     "verify": cmd_verify, "totp": cmd_totp, "wallet": cmd_wallet,
     "delete-account": cmd_delete_account,
 }

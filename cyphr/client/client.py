@@ -958,6 +958,27 @@ class Client:
     def history_backup_status(self) -> dict[str, Any]:
         return backup.status(self)
 
+    # -- push wake-ups ------------------------------------------------------
+
+    def register_push(self, endpoint: str, *, kind: str = "unifiedpush",
+                      keys: dict[str, str] | None = None) -> dict[str, Any]:
+        """Have this device woken at ``endpoint`` (a UnifiedPush
+        distributor's, or a Web Push subscription's with its ``keys``
+        {p256dh, auth}) when a message waits for it and it has no socket.
+        A wake-up names nothing: on one, the app connects (or syncs) and
+        reads what waits, as ``listen`` does."""
+        subscription: dict[str, Any] = {"endpoint": endpoint}
+        if keys is not None:
+            subscription["keys"] = keys
+        return self._call("PUT", "/api/devices/me/push", {"kind": kind, "subscription": subscription})
+
+    def unregister_push(self) -> None:
+        self._call("DELETE", "/api/devices/me/push")
+
+    def push_config(self) -> dict[str, Any]:
+        """The kinds of push the server sends and its VAPID public key."""
+        return self._call("GET", "/api/push/config")
+
     def backup_history_if_due(self) -> bool:
         """Rewrite the history backup when it is on and a day old (best
         effort: a failure is logged); answers whether it did."""

@@ -10,7 +10,8 @@ carries the same Topic, so a push service keeps only the newest.
   unless it starts with one of the operator's ``push_allow_endpoint``
   prefixes (local distributors, tests).
 - **The outbox** (cyphr.store.push): after a message is committed, one
-  statement per chat queues a wake-up for each registered device of its
+  statement per reactor turn (for every chat that got messages in it)
+  queues a wake-up for each registered device of its
   members that has no live socket and none queued or sent already (a
   device is woken once, however many messages wait for it, until it
   connects again). The queue is in the database: a process that stops
@@ -98,7 +99,8 @@ class PushHandler:
         self._check_endpoint = check_endpoint
         self._public_config = dict(public_config or {})
         self.stats = PushStats(Counter(), Counter())
-        self._pending: dict[str, tuple[str, int | None]] = {}  # chat id -> (sender, device)
+        # (chat id, sender, sending device) of the messages stored this turn
+        self._pending: set[tuple[str, str, int | None]] = set()
         self._flush: Any = None
         self._draining: Deferred[None] | None = None
         self._again = False
@@ -135,26 +137,25 @@ class PushHandler:
 
     def message_stored(self, change: MessageStored) -> None:
         """Subscribed to the change feed: the chats that got messages in this
-        turn are queued for together, once, on the next turn."""
+        turn are queued for together, in one statement, on the next turn (a
+        batch of sends costs one statement, not one each)."""
         message = change.message
-        self._pending[message.chat_id] = (message.sender_id, message.sender_device)
+        self._pending.add((message.chat_id, message.sender_id, message.sender_device))
         if self._flush is None:
             self._flush = self._reactor.callLater(0, self._enqueue_pending)
 
     def _enqueue_pending(self) -> None:
         self._flush = None
-        pending, self._pending = self._pending, {}
-        self._spawn(self._enqueue(pending))
+        pending, self._pending = self._pending, set()
+        self._spawn(self._enqueue(sorted(pending, key=lambda send: (send[0], send[1], send[2] or 0))))
 
-    async def _enqueue(self, pending: dict[str, tuple[str, int | None]]) -> None:
+    async def _enqueue(self, sends: list[tuple[str, str, int | None]]) -> None:
         now = now_ms(self._clock)
-        queued = 0
-        for chat_id, (sender, device) in pending.items():
-            try:
-                queued += await self._store.enqueue(chat_id, sender, device, now, now - NODE_SILENCE)
-            except DatabaseUnavailable:
-                _log.info("Could not queue wake-ups: the database is unavailable")
-                return
+        try:
+            queued = await self._store.enqueue(sends, now, now - NODE_SILENCE)
+        except DatabaseUnavailable:
+            _log.info("Could not queue wake-ups: the database is unavailable")
+            return
         if queued:
             self.stats.queued += queued
             self.kick()
@@ -245,16 +246,25 @@ class PushHandler:
             if not claimed:
                 return
             # Each send on its own: one slow service does not hold the others.
-            sends = [self._send(registration, attempts) for registration, attempts in claimed]
+            sent: list[Registration] = []
+            sends = [self._send(registration, attempts, sent) for registration, attempts in claimed]
             for d in sends:
                 await d
+            try:
+                await self._store.sent(sent, now_ms(self._clock))
+            except DatabaseUnavailable:
+                pass  # the claims run out, and the wake-ups go again
             if len(claimed) < DRAIN_BATCH:
                 return
 
-    def _send(self, registration: Registration, attempts: int) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._send_one(registration, attempts))
+    def _send(self, registration: Registration, attempts: int,
+              sent: list[Registration]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._send_one(registration, attempts, sent))
 
-    async def _send_one(self, registration: Registration, attempts: int) -> None:
+    async def _send_one(self, registration: Registration, attempts: int,
+                        sent: list[Registration]) -> None:
+        """Send one wake-up; a success joins ``sent`` (recorded for the
+        whole batch at once), a failure is recorded here."""
         kind = registration.kind
         sender = self._senders.get(kind)
         payload = json.dumps({"n": registration.counter + 1}, separators=(",", ":")).encode()
@@ -270,7 +280,7 @@ class PushHandler:
         try:
             if result.outcome == "sent":
                 self.stats.sent[kind] += 1
-                await self._store.sent(registration, now)
+                sent.append(registration)
                 return
             # By outcome, not reason: a metric's labels must stay few.
             self.stats.failed[(kind, result.outcome)] += 1

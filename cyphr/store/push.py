@@ -10,6 +10,8 @@ from cyphr.db import Database, Transaction
 # How long a node claims the wake-ups it is sending: past it (the node died
 # mid-send) another node takes them.
 CLAIM_MS = 30_000
+# Sends whose wake-ups one statement queues.
+ENQUEUE_ROWS = 200
 
 
 @dataclass(frozen=True)
@@ -91,21 +93,31 @@ class PushStore:
 
     # -- the outbox -----------------------------------------------------------
 
-    async def enqueue(self, chat_id: str, sender_id: str, sender_device: int | None, now: int,
+    async def enqueue(self, sends: list[tuple[str, str, int | None]], now: int,
                       live_since: int) -> int:
-        """A wake-up for every registered device of the chat's members but
-        the sending one, that has no live socket and none queued or sent
-        already. Answers how many were queued."""
-        rows = await self._db.run_query(
-            "INSERT INTO push_outbox (user_id, device_id, created_at, due_at)"
-            " SELECT r.user_id, r.device_id, ?, ? FROM chat_participants p"
-            " JOIN cyphr_identities i ON i.cyphr_id = p.user_id"
-            " JOIN push_registrations r ON r.user_id = i.id"
-            " WHERE p.chat_id = ? AND NOT (i.cyphr_id = ? AND r.device_id = ?)"
-            " AND NOT " + _live("r") +
-            " ON CONFLICT DO NOTHING RETURNING device_id",
-            (now, now, chat_id, sender_id, sender_device or 0, live_since))
-        return len(rows)
+        """For each (chat id, sender's Cyphr ID, sending device): a wake-up
+        for every registered device of the chat's members but the sending
+        one, that has no live socket and none queued or sent already; one
+        statement for ENQUEUE_ROWS sends. Answers how many were queued."""
+        queued = 0
+        postgres = self.engine == "postgresql"
+        for start in range(0, len(sends), ENQUEUE_ROWS):
+            chunk = sends[start:start + ENQUEUE_ROWS]
+            row = "(?::uuid, ?, ?::integer)" if postgres else "(?, ?, ?)"
+            rows = await self._db.run_query(
+                "WITH s (chat_id, sender, device) AS (VALUES " + ", ".join(row for _ in chunk) + ")"
+                " INSERT INTO push_outbox (user_id, device_id, created_at, due_at)"
+                " SELECT DISTINCT r.user_id, r.device_id, ?, ? FROM s"
+                " JOIN chat_participants p ON p.chat_id = s.chat_id"
+                " JOIN cyphr_identities i ON i.cyphr_id = p.user_id"
+                " JOIN push_registrations r ON r.user_id = i.id"
+                " WHERE NOT (i.cyphr_id = s.sender AND r.device_id = s.device)"
+                " AND NOT " + _live("r") +
+                " ON CONFLICT DO NOTHING RETURNING device_id",
+                (*(value for chat_id, sender, device in chunk
+                   for value in (chat_id, sender, device or 0)), now, now, live_since))
+            queued += len(rows)
+        return queued
 
     async def claim(self, now: int, live_since: int, batch: int) -> list[tuple[Registration, int]]:
         """Take up to ``batch`` due wake-ups to send, each with its
@@ -116,31 +128,39 @@ class PushStore:
             await txn.execute(
                 "DELETE FROM push_outbox WHERE sent_at IS NULL AND due_at <= ? AND " + _live("push_outbox"),
                 (now, live_since))
-            lock = " FOR UPDATE OF o SKIP LOCKED" if self.engine == "postgresql" else ""
+            # The due rows (locked, skipping those another node holds),
+            # pushed past the claim; then their registrations.
+            lock = " FOR UPDATE SKIP LOCKED" if self.engine == "postgresql" else ""
+            claimed = await txn.execute(
+                "UPDATE push_outbox SET due_at = ?, attempts = attempts + 1"
+                " WHERE (user_id, device_id) IN (SELECT user_id, device_id FROM push_outbox"
+                "  WHERE sent_at IS NULL AND due_at <= ? ORDER BY due_at LIMIT ?" + lock + ")"
+                " RETURNING user_id, device_id, attempts - 1", (now + CLAIM_MS, now, batch))
+            if not claimed:
+                return []
+            attempts = {(str(user_id), device_id): tried for user_id, device_id, tried in claimed}
             rows = await txn.execute(
-                "SELECT " + _COLUMNS + ", o.attempts FROM push_outbox o"
-                " JOIN push_registrations r ON r.user_id = o.user_id AND r.device_id = o.device_id"
-                " WHERE o.sent_at IS NULL AND o.due_at <= ? ORDER BY o.due_at LIMIT ?" + lock,
-                (now, batch))
-            claimed = [(_registration(row[:10]), row[10]) for row in rows]
-            for registration, _ in claimed:
-                await txn.execute(
-                    "UPDATE push_outbox SET due_at = ?, attempts = attempts + 1"
-                    " WHERE user_id = ? AND device_id = ?",
-                    (now + CLAIM_MS, registration.user_id, registration.device_id))
-            return claimed
+                "SELECT " + _COLUMNS + " FROM push_registrations r WHERE (r.user_id, r.device_id) IN ("
+                + ", ".join("(?, ?)" for _ in claimed) + ")",
+                [value for user_id, device_id, _ in claimed for value in (user_id, device_id)])
+            registrations = sorted((_registration(row) for row in rows), key=lambda r: r.key)
+            return [(r, attempts[r.key]) for r in registrations]
         return await self._db.run_interaction("push_claim", claim)
 
-    async def sent(self, registration: Registration, now: int) -> None:
-        """The wake-up went: kept, as sent, until the device connects; the
-        registration's counter moves on."""
-        r = registration
-        await self._db.run_operation(
-            "UPDATE push_outbox SET sent_at = ? WHERE user_id = ? AND device_id = ?",
-            (now, r.user_id, r.device_id))
-        await self._db.run_operation(
-            "UPDATE push_registrations SET counter = counter + 1 WHERE user_id = ? AND device_id = ?",
-            (r.user_id, r.device_id))
+    async def sent(self, registrations: list[Registration], now: int) -> None:
+        """These wake-ups went: kept, as sent, until their devices connect;
+        the registrations' counters move on. Two statements for them all."""
+        if not registrations:
+            return
+        keys = [value for r in registrations for value in r.key]
+        marks = ", ".join("(?, ?)" for _ in registrations)
+
+        async def sent(txn: Transaction) -> None:
+            await txn.execute("UPDATE push_outbox SET sent_at = ? WHERE (user_id, device_id) IN ("
+                              + marks + ")", (now, *keys))
+            await txn.execute("UPDATE push_registrations SET counter = counter + 1"
+                              " WHERE (user_id, device_id) IN (" + marks + ")", keys)
+        await self._db.run_interaction("push_sent", sent)
 
     async def retry_at(self, registration: Registration, due_at: int) -> None:
         await self._db.run_operation(
