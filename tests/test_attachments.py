@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.blobs import BlobStoreError
 from tests.helpers import PostgresMixin, RealHTTP, SQLiteMixin, start_server
+from tests.realtime import SioClient
 from tests.test_blobs import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, moto
 from tests.test_metrics import scrape, value
 from tests.users import User
@@ -510,6 +511,34 @@ class AttachmentsMixin(AttachmentsHelpers):
         await self.server.maintenance.run()
         self.assertEqual(self.blob_files(), [])
 
+    async def test_a_socket_send_names_attachments_too(self) -> None:
+        """send_message over Socket.IO takes attachments as the REST send does:
+        another's is refused with INVALID_ATTACHMENT in the ack and nothing
+        is stored; the sender's own is named, and deleting the message
+        takes the attachment along."""
+        await self.serve()
+        alice, bob = await self.user("alice"), await self.user("bob")
+        mine = await self.upload(alice, b"photo")
+        bobs = await self.upload(bob, b"bob's")
+        client = SioClient(self.base, transports=["websocket"])
+        self.addCleanup(client.disconnect)
+        await client.connect({"token": alice.token})
+        await client.wait_for("sync_complete")
+        refused = await client.call("send_message", {
+            "recipientId": bob.cyphr_id, "encryptedPayload": {"sealed": "x"}, "attachments": [bobs]})
+        self.assertEqual((refused["success"], refused["code"]), (False, "INVALID_ATTACHMENT"))
+        ack = await client.call("send_message", {
+            "recipientId": bob.cyphr_id, "encryptedPayload": {"sealed": "x"}, "attachments": [mine]})
+        self.assertTrue(ack["success"], ack)
+        rows = await self.server.database.run_query("SELECT attachment_id FROM message_attachments")
+        self.assertEqual(rows, [(mine,)])
+        response = await self.http.delete(f"/api/messaging/message/{ack['messageId']}",
+                                          headers=alice.auth())
+        self.assertEqual(response.code, 200)
+        await self.server.maintenance.run()
+        response = await self.http.get(f"/api/attachments/{mine}", headers=bob.auth())
+        self.assertEqual(response.code, 404)
+
     async def test_expired_uploads_count_no_more(self) -> None:
         """An unfinished upload past its expiry no longer counts against the
         unfinished uploads or the quota, even before the clean-up ran."""
@@ -589,7 +618,7 @@ class PostgresAttachmentsTests(PostgresMixin, AttachmentsMixin, TestCase):
     pass
 
 
-class S3AttachmentsTests(PostgresMixin, AttachmentsHelpers, TestCase):
+class S3AttachmentsMixin(AttachmentsHelpers):
     """Attachments in an S3 bucket (moto's S3 server on 127.0.0.1, real
     SigV4 over HTTP), through the whole server: the store's own contract is
     tests.test_blobs."""
@@ -655,3 +684,11 @@ class S3AttachmentsTests(PostgresMixin, AttachmentsHelpers, TestCase):
         self.assertEqual(self.objects(), [])
         uploads = self.admin.list_multipart_uploads(Bucket=BUCKET, Prefix=self.prefix)
         self.assertEqual(uploads.get("Uploads", []), [])
+
+
+class PostgresS3AttachmentsTests(PostgresMixin, S3AttachmentsMixin, TestCase):
+    pass
+
+
+class SQLiteS3AttachmentsTests(SQLiteMixin, S3AttachmentsMixin, TestCase):
+    pass
