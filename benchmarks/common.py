@@ -187,6 +187,7 @@ async def cyphr_servers(processes: int, pool: int, extra: list[str],
                "CYPHR_JWT_SECRET": hashlib.sha256(b"bench-jwt").hexdigest(),
                "CYPHR_FINGERPRINT_KEY": hashlib.sha256(b"bench-fp").hexdigest(),
                "CYPHR_TOTP_KEY": hashlib.sha256(b"bench-totp").hexdigest(),
+               "CYPHR_PUSH_VAPID_KEY": hashlib.sha256(b"bench-vapid").hexdigest(),
                **(env or {})}
         for number, port in enumerate(ports):
             output = open(f"{log}.{number}", "wb") if log else subprocess.DEVNULL

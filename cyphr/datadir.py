@@ -50,6 +50,8 @@ class ServerSecrets:
             "jwt_secret": secret_fingerprint("jwt_secret", self.jwt_key),
             "fingerprint_key": secret_fingerprint("fingerprint_key", self.fingerprint_key),
             "totp_key": secret_fingerprint("totp_key", self.totp_key),
+            # Web Push subscriptions are bound to the VAPID key it derives.
+            "push_vapid_key": secret_fingerprint("push_vapid_key", self.vapid_seed),
         }
 
 
@@ -109,7 +111,7 @@ def read_secret_file(path: str) -> str:
 
 
 def load_secrets(config: Config, data_dir: str) -> ServerSecrets:
-    generated = tuple(name for name in ("jwt_secret", "fingerprint_key", "totp_key")
+    generated = tuple(name for name in ("jwt_secret", "fingerprint_key", "totp_key", "push_vapid_key")
                       if not getattr(config, name))
 
     def text(name: str) -> str:

@@ -42,7 +42,7 @@ def _secrets_help() -> str:
     """Where the secrets come from, for --help: they are no options, so
     that they stay out of the process list and the shell's history."""
     names = [s for s in SETTINGS if not s.cli]
-    generated = ("jwt_secret", "fingerprint_key", "totp_key")
+    generated = ("jwt_secret", "fingerprint_key", "totp_key", "push_vapid_key")
     return (
         "Secrets are not command-line options, so that they stay out of the process list "
         "and shell history: set " + ", ".join(s.name for s in names) + " in the --config "

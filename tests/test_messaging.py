@@ -432,7 +432,7 @@ class TwoNodeSyncTests(PostgresMixin, TestCase):
         transactions commit concurrently."""
         # A cluster: the nodes share the database and the secrets.
         shared = {"rate_limit_send": (100_000, 1), "jwt_secret": "j" * 40, "fingerprint_key": "f" * 40,
-                  "totp_key": "t" * 40}
+                  "totp_key": "t" * 40, "push_vapid_key": "v" * 40}
         first = await start_server(self, **shared)
         second = await start_server(self, database=first.config.database, **shared)
         node_a, node_b = InProcessHTTP.for_server(first), InProcessHTTP.for_server(second)

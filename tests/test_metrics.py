@@ -227,7 +227,8 @@ class PostgresMetricsTests(PostgresMixin, MetricsMixin, TestCase):
     async def test_bus_events_between_processes(self) -> None:
         """Two processes on one database: what one sends with NOTIFY the other counts as received."""
         database = self.database_setting()
-        shared = {"jwt_secret": "j" * 40, "fingerprint_key": "f" * 40, "totp_key": "t" * 40}
+        shared = {"jwt_secret": "j" * 40, "fingerprint_key": "f" * 40, "totp_key": "t" * 40,
+                  "push_vapid_key": "v" * 40}
         a, a_port, a_http = await self.serve(database=database, node_id="metrics-a", **shared)
         await until(lambda: a.bus.listening, "LISTEN on a")
         b, b_port, b_http = await self.serve(database=database, node_id="metrics-b", **shared)

@@ -25,6 +25,7 @@ from tests.realtime import SioClient, sessions_closed, sleep, until
 from tests.users import User
 
 SHARED = {"jwt_secret": "j" * 40, "fingerprint_key": "f" * 40, "totp_key": "t" * 40,
+          "push_vapid_key": "v" * 40,
           "rate_limit_send": (100_000, 1), "realtime_event_rate": (100_000, 1)}
 
 # The event of the markers settled() sends: one the stock client records (a

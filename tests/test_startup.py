@@ -31,7 +31,7 @@ from tests.helpers import InProcessHTTP, PostgresMixin, SQLiteMixin, make_config
 from tests.processes import CyphrProcess, clean_environment
 
 SECRETS = {"CYPHR_JWT_SECRET": "j" * 40, "CYPHR_FINGERPRINT_KEY": "f" * 40,
-           "CYPHR_TOTP_KEY": "t" * 40}
+           "CYPHR_TOTP_KEY": "t" * 40, "CYPHR_PUSH_VAPID_KEY": "v" * 40}
 
 
 def get(url: str, timeout: float = 2) -> int:
@@ -203,6 +203,16 @@ class SecretsAgreeTests(TestCase):
         self.assertNotIn("totp_key differs", line)
         self.assertNotIn("x" * 40, output)
 
+    async def test_different_vapid_key_is_refused(self) -> None:
+        """A node whose push_vapid_key differs (its Web Push key: the
+        subscriptions made with the others' would fail at the push
+        services) refuses to start, naming it and its variable."""
+        await self.first_node()
+        output = await self.refused(self.node({**SECRETS, "CYPHR_PUSH_VAPID_KEY": "w" * 40}))
+        [line] = [line for line in output.splitlines() if "differs" in line]
+        self.assertIn("push_vapid_key differs from the one the database was first started with", line)
+        self.assertNotIn("w" * 40, output)
+
     async def test_same_secrets_start(self) -> None:
         """Nodes with the same configured secrets, each with a data
         directory of its own, all start and serve."""
@@ -229,7 +239,8 @@ class SecretsAgreeTests(TestCase):
                 conn.close()
 
         table = await deferToThread(rows)
-        self.assertEqual([row[0] for row in table], ["fingerprint_key", "jwt_secret", "totp_key"])
+        self.assertEqual([row[0] for row in table],
+                         ["fingerprint_key", "jwt_secret", "push_vapid_key", "totp_key"])
         text = " ".join(" ".join(row) for row in table)
         for secret in SECRETS.values():
             for form in (secret, secret.encode().hex(), hashlib.sha256(secret.encode()).hexdigest(),
@@ -252,7 +263,8 @@ class SecretsAgreeTests(TestCase):
         secrets in the configuration for a cluster."""
         await self.first_node({})
         output = await self.refused(self.node({}))
-        self.assertIn("jwt_secret and fingerprint_key and totp_key differ", output)
+        self.assertIn("jwt_secret and fingerprint_key and totp_key and push_vapid_key differ", output)
+        self.assertIn("CYPHR_PUSH_VAPID_KEY", output)
         self.assertIn("generated in its own data directory", output)
         self.assertIn("set the secrets in the configuration", output)
 

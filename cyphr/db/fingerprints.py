@@ -2,7 +2,9 @@
 The secrets every node on one database must share, checked at start.
 
 The first server to start on a database records a fingerprint of each of
-its jwt_secret, fingerprint_key and totp_key (table secret_fingerprints);
+its jwt_secret, fingerprint_key, totp_key and push_vapid_key (table
+secret_fingerprints; a secret added later is recorded by the first start
+that knows it);
 each later start compares its own, in the transaction that migrates the
 schema, and a node whose secrets differ is refused before it serves.
 """
@@ -16,7 +18,9 @@ from typing import Mapping
 from cyphr.db import Transaction, UnusableDatabase
 
 # The order in which a refusal names them.
-FINGERPRINTED = ("jwt_secret", "fingerprint_key", "totp_key")
+FINGERPRINTED = ("jwt_secret", "fingerprint_key", "totp_key", "push_vapid_key")
+# Their environment variables, for the refusal's advice.
+_VARIABLES = {name: "CYPHR_" + name.upper() for name in FINGERPRINTED}
 
 
 class SecretsDiffer(UnusableDatabase):
@@ -40,15 +44,15 @@ def refusal(names: tuple[str, ...], generated: tuple[str, ...]) -> str:
     differ = " and ".join(names)
     line = (f"{differ} {'differs' if len(names) == 1 else 'differ'} from the one the database "
             "was first started with (its fingerprint in secret_fingerprints does not match): "
-            "every node on one database must have the same jwt_secret, fingerprint_key and "
-            "totp_key. Refusing to start.")
+            "every node on one database must have the same jwt_secret, fingerprint_key, "
+            "totp_key and push_vapid_key. Refusing to start.")
     from_data_dir = [name for name in names if name in generated]
     if from_data_dir:
         line += (f" This node's {' and '.join(from_data_dir)} "
                  f"{'was' if len(from_data_dir) == 1 else 'were'} generated in its own data "
                  "directory: for a cluster, set the secrets in the configuration "
-                 "(CYPHR_JWT_SECRET, CYPHR_FINGERPRINT_KEY, CYPHR_TOTP_KEY or the config file), "
-                 "the same on every node.")
+                 f"({', '.join(_VARIABLES[name] for name in from_data_dir)} or the config "
+                 "file), the same on every node.")
     else:
         line += (" To rotate a secret on purpose, stop every node and delete its row from "
                  "secret_fingerprints first.")
