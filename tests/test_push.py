@@ -173,6 +173,28 @@ class PushTests(PushMixin):
             await deferLater(reactor, 0.02, lambda: None)
         self.fail("a device connection outlived its socket")
 
+    async def test_socket_counts_keep_their_order(self) -> None:
+        """Sockets of one device that come and go at once are counted in the
+        order they came, on a database whose connections may run them in
+        any order: none is left counted, so the device is woken again."""
+        [node] = await self.serve()
+        bob = await self.user(node, "bob")
+        push = node.server.push
+        for _ in range(20):
+            push.connected(bob.user_id, 1)
+            push.disconnected(bob.user_id, 1)
+        push.connected(bob.user_id, 1)
+        push.connected(bob.user_id, 1)
+        push.disconnected(bob.user_id, 1)
+        while push._tasks:
+            await next(iter(push._tasks))
+        rows = await node.server.database.run_query("SELECT sockets FROM device_connections")
+        self.assertEqual(rows, [(1,)])
+        push.disconnected(bob.user_id, 1)
+        while push._tasks:
+            await next(iter(push._tasks))
+        await self._no_connections(node)
+
     async def test_failures(self) -> None:
         """A subscription the service calls gone (410) is dropped; 500 is tried
         again, and sent once the service answers; a refusal of the request

@@ -105,6 +105,7 @@ class PushHandler:
         self._draining: Deferred[None] | None = None
         self._again = False
         self._tasks: set[Deferred[Any]] = set()
+        self._device_chains: dict[tuple[str, int], Deferred[None]] = {}
         self._stopped = False
         self._drain_loop = LoopingCall(self._drain_now)
         self._drain_loop.clock = clock
@@ -164,10 +165,36 @@ class PushHandler:
 
     def connected(self, user_id: str, device_id: int) -> None:
         """A socket of the device came (the realtime layer tells)."""
-        self._spawn(self._store.connected(user_id, device_id, self._node_id))
+        self._in_order((user_id, device_id), lambda: self._store.connected(
+            user_id, device_id, self._node_id))
 
     def disconnected(self, user_id: str, device_id: int) -> None:
-        self._spawn(self._store.disconnected(user_id, device_id, self._node_id))
+        self._in_order((user_id, device_id), lambda: self._store.disconnected(
+            user_id, device_id, self._node_id))
+
+    def _in_order(self, device: tuple[str, int], work: Callable[[], Any]) -> None:
+        """Run a device's socket counts in the order they came: a socket
+        that comes and goes at once must not be counted after it went (the
+        device would look connected for ever, and never be woken)."""
+        before = self._device_chains.get(device)
+
+        async def after() -> None:
+            if before is not None:
+                try:
+                    await before
+                except Exception:
+                    pass  # logged where it failed
+            await work()
+
+        d = Deferred.fromCoroutine(after())
+        self._device_chains[device] = d
+
+        def done(result: Any) -> Any:
+            if self._device_chains.get(device) is d:
+                del self._device_chains[device]
+            return result
+        d.addBoth(done)
+        self._spawn(d)
 
     # -- the node's life ---------------------------------------------------------
 
