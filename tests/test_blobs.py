@@ -405,6 +405,23 @@ class S3BlobStoreTests(BlobStoreContract, TestCase):
                            region=REGION, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
                            prefix=self.prefix, **options)
 
+    async def test_appends_at_once_are_capped(self) -> None:
+        """Past max_appends, an append waits for a running one to finish
+        (each holds parts in memory), then goes on as usual."""
+        store = self.make_store(max_appends=1)
+        self.addCleanup(store.stop)
+        first_id, second_id = new_id(), new_id()
+        first_state = await store.begin(first_id, 10)
+        second_state = await store.begin(second_id, 10)
+        first = await store.append(first_id, first_state, 0, RecordingFlow())
+        waiting = store.append(second_id, second_state, 0, RecordingFlow())
+        self.assertNoResult(waiting)
+        first.write(b"a" * 10)
+        await first.finish()
+        second = await waiting
+        second.write(b"b" * 10)
+        self.assertEqual((await second.finish()).offset, 10)
+
     async def stored(self) -> list[str]:
         objects = self.admin.list_objects_v2(Bucket=BUCKET, Prefix=self.prefix)
         uploads = self.admin.list_multipart_uploads(Bucket=BUCKET, Prefix=self.prefix)

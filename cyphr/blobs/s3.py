@@ -49,7 +49,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     ReadTimeoutError,
 )
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
 from twisted.logger import Logger
 
 from cyphr.blobs import BLOB_ID, BlobStoreError, BufferedWriter, Durable, Flow
@@ -68,6 +68,8 @@ MAX_PARTS = 10_000
 # (20 parallel uploads grew the server's RSS by 189 MiB with 5 MiB parts,
 # 256 MiB with 8 MiB: benchmarks/attachments.py --s3).
 PART_SIZE = MIN_PART_SIZE
+# Appends one process runs at once (see S3BlobStore): 8 of about 15 MiB each.
+MAX_APPENDS = 8
 # Requests wait on the network, not on a CPU: more threads than cores.
 IO_THREADS = 16
 
@@ -150,13 +152,19 @@ class S3BlobStore:
                  part_size: int = PART_SIZE, pool: CpuPool | None = None,
                  threads: int = IO_THREADS, connect_timeout: float = 5,
                  read_timeout: float = 30, max_attempts: int = 3,
-                 session: botocore.session.Session | None = None) -> None:
+                 session: botocore.session.Session | None = None,
+                 max_appends: int = MAX_APPENDS) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"S3 parts hold at least {MIN_PART_SIZE} bytes, not {part_size}")
         self.bucket = bucket
         self.prefix = prefix
         self.part_size = part_size
         self._pool = pool or CpuPool(reactor, threads, name="cyphr-s3")
+        # Appends running at once: each holds up to about three parts in
+        # memory, so the process's share of uploads is capped; the others
+        # wait, their connections paused (a client that waits past the
+        # request timeout is answered 408 and resumes later).
+        self._appends = DeferredSemaphore(max_appends)
         config = Config(
             signature_version="s3v4",
             connect_timeout=connect_timeout,
@@ -272,9 +280,17 @@ class S3BlobStore:
         if start + tail != offset:
             return fail(BlobStoreError(f"the upload holds {start + tail} bytes, not its"
                                        f" recorded offset {offset}"))
-        read = self._pool.run(self._read_tail, blob_id, start, tail) if tail else succeed(b"")
-        return read.addCallback(
-            lambda data: _Writer(self, blob_id, key, upload_id, parts, data, flow))
+        release = self._appends.release
+
+        def opened(_: Any) -> Deferred[_Writer]:
+            read = self._pool.run(self._read_tail, blob_id, start, tail) if tail else succeed(b"")
+            return read.addCallback(
+                lambda data: _Writer(self, blob_id, key, upload_id, parts, data, flow, release))
+
+        def failed(failure: Any) -> Any:
+            release()  # no writer took the place
+            return failure
+        return self._appends.acquire().addCallback(opened).addErrback(failed)
 
     def complete(self, blob_id: str, state: dict[str, Any], length: int) -> Deferred[None]:
         key = self._key(blob_id)
@@ -353,7 +369,9 @@ class S3BlobStore:
 
 class _Writer:
     def __init__(self, store: S3BlobStore, blob_id: str, key: str, upload_id: str,
-                 parts: list[dict[str, Any]], tail: bytes, flow: Flow) -> None:
+                 parts: list[dict[str, Any]], tail: bytes, flow: Flow,
+                 release: Callable[[], Any]) -> None:
+        self._release = release  # the store's place for one append, given back by finish()
         self._store = store
         self._blob_id = blob_id
         self._key = key
@@ -400,7 +418,11 @@ class _Writer:
     def finish(self) -> Deferred[Durable]:
         assert not self._finished, "finish() is called once"
         self._finished = True
-        return Deferred.fromCoroutine(self._finish())
+        return Deferred.fromCoroutine(self._finish()).addBoth(self._released)
+
+    def _released(self, result: Any) -> Any:
+        self._release()
+        return result
 
 
 class _Reader:
