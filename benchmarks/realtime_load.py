@@ -3,7 +3,7 @@ Realtime load: Socket.IO clients over WebSocket, messages and idle sockets.
 
     python benchmarks/realtime_load.py [--pairs 200] [--users 2*pairs] [--rate 2000]
         [--seconds 15] [--processes 1] [--payload-bytes 1024] [--workers 1] [--by-chat]
-        [--devices 1] [--name-devices]
+        [--devices 1] [--name-devices] [--client python|js]
         [--sqlite | --server-url URL ...]
     python benchmarks/realtime_load.py --idle 19000 [--users 1000] [--hold 30] [--workers 2]
         [--sqlite | --server-url URL]
@@ -26,9 +26,13 @@ out of order), delivered messages a second, latency percentiles, the CPU
 and memory of the servers, of PostgreSQL, of itself and of the rest of the
 machine (the machine is shared: a busy neighbour shows there), and, on
 PostgreSQL, how the messages were written (batches, transactions and chat
-row updates per message, from PostgreSQL's statistics). Messages name their
+row updates per message, from PostgreSQL's statistics), the server's CPU
+per message, and the sizes of the server's group-commit batches over the
+window's messages (its ``cyphr_send_batch_size`` histogram, read from
+``/metrics`` before the window and after the stragglers). Messages name their
 recipient (recipientId), as a first message does; --by-chat names the chat
-instead, which spares the server two lookups a message.
+instead, which spares the server two lookups a message. --payload-bytes is
+the size of each message's encryptedPayload JSON.
 
 Devices (--devices N): each user of the pairs gets N devices (N-1
 recoveries keeping the others, each with its own fingerprint) and each
@@ -55,7 +59,12 @@ concurrency at a time: Twisted's listen backlog is 50, and a SYN beyond it
 costs the client a second.
 
 The clients are benchmarks/sioclient.py on uvloop when installed, in
---workers processes.
+--workers processes. With --client js (traffic only) they are the stock
+JavaScript socket.io-client under Node instead, benchmarks/js/load.mjs in
+--workers processes (``npm ci --prefix benchmarks/js`` first, which this
+script runs when node_modules is missing), so that the figures do not depend
+on our own client; the pairs' direct chats are then made over REST before
+the sockets connect. The same table comes out either way.
 """
 
 from __future__ import annotations
@@ -71,17 +80,21 @@ import multiprocessing
 import os
 import resource
 import secrets
+import shutil
+import subprocess
 import sys
 import time
 import traceback
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
+from urllib.request import urlopen
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     CLOCK_TICK,
+    Connection,
     User,
     cpu_seconds,
     cyphr_servers,
@@ -95,6 +108,7 @@ from sioclient import Client, ConnectFailed, connect  # noqa: E402
 
 HOST = "127.0.0.1"
 SETUP = 1_000_000_000      # ack ids from here on belong to the chat-making messages
+JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
 HIGH_LIMITS = ["--rate-limit-send", "100000000/1s", "--realtime-event-rate", "100000000/1s"]
 
 
@@ -222,21 +236,109 @@ async def register_all(port: int, count: int, concurrency: int = 32, *, devices:
     return [(u.cyphr_id, d) for u, d in zip(users, owned)]
 
 
-def devices_field(sender: tuple[str, Devices], receiver: tuple[str, Devices]) -> str:
-    """The ``devices`` member of a send by the sender's device 1 to the
-    receiver: the chat's devices, the sending device aside, as a client that
-    sealed once per device names them (the server then checks the list)."""
+def devices_list(sender: tuple[str, Devices], receiver: tuple[str, Devices]) -> list[dict]:
+    """The ``devices`` of a send by the sender's device 1 to the receiver:
+    the chat's devices, the sending device aside, as a client that sealed
+    once per device names them (the server then checks the list)."""
     named = [(sender[0], d) for _, d in sender[1][1:]] + [(receiver[0], d) for _, d in receiver[1]]
-    return '"devices":' + json.dumps([{"cyphrId": c, "deviceId": d} for c, d in named],
-                                     separators=(",", ":")) + ","
+    return [{"cyphrId": c, "deviceId": d} for c, d in named]
+
+
+def devices_field(sender: tuple[str, Devices], receiver: tuple[str, Devices]) -> str:
+    """devices_list as a member of the send's JSON, comma included."""
+    return '"devices":' + json.dumps(devices_list(sender, receiver), separators=(",", ":")) + ","
 
 
 def payload_json(size: int) -> str:
-    """An encryptedPayload of about ``size`` bytes of JSON, base64 inside."""
-    raw = max(16, (size - 80) * 3 // 4)
-    return json.dumps({"v": 2, "nonce": base64.b64encode(os.urandom(24)).decode(),
-                       "encryptedMessage": base64.b64encode(os.urandom(raw)).decode()},
+    """An encryptedPayload of ``size`` bytes of JSON (at least 88), base64 inside."""
+    nonce = base64.b64encode(os.urandom(24)).decode()
+    empty = json.dumps({"v": 2, "nonce": nonce, "encryptedMessage": ""}, separators=(",", ":"))
+    room = max(16, size - len(empty))
+    return json.dumps({"v": 2, "nonce": nonce,
+                       "encryptedMessage": base64.b64encode(os.urandom(room)).decode()[:room]},
                       separators=(",", ":"))
+
+
+async def make_chats(pairs: list[tuple], concurrency: int = 32) -> dict[int, tuple[str, int]]:
+    """Each pair's direct chat, made over REST by one message of the
+    sender's device 1 (--client js: before the sockets connect, so the
+    receivers find it in their catch-up); pair number -> (chatId, its seq)."""
+    chats: dict[int, tuple[str, int]] = {}
+    queue = iter(pairs)
+
+    async def one_by_one() -> None:
+        for pair in queue:
+            conn = await Connection.open(pair[1])
+            try:
+                status, body = await conn.post("/api/messaging/send", {
+                    "recipientId": pair[5], "encryptedPayload": {"v": 2, "setup": True},
+                    "clientMessageId": f"s{pair[0]}"}, token=pair[2])
+            finally:
+                conn.close()
+            if status != 201:
+                raise SystemExit(f"setup failed: making a direct chat: {status} {body}")
+            chats[pair[0]] = (body["chatId"], body["seq"])
+
+    await asyncio.gather(*(one_by_one() for _ in range(min(concurrency, len(pairs)))))
+    return chats
+
+
+# -- the servers' batch sizes, from /metrics ---------------------------------------
+
+BATCH_METRIC = "cyphr_send_batch_size"  # cyphr/metrics.py: messages per group-commit transaction
+
+
+def batch_histogram(ports: list[int]) -> dict[str, float] | str:
+    """The servers' cyphr_send_batch_size, summed over them: cumulative
+    bucket counts by upper bound ("le"), plus "sum" and "count"; or why it
+    could not be read (a running server with --metrics-listen serves
+    /metrics elsewhere). Blocking: run it off the event loop."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total: dict[str, float] = collections.defaultdict(float)
+    for port in ports:
+        try:
+            with urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as answer:
+                text = answer.read().decode()
+        except OSError as e:
+            return f"/metrics of port {port} not readable ({e})"
+        for family in text_string_to_metric_families(text):
+            if family.name != BATCH_METRIC:
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    total[sample.labels["le"]] += sample.value
+                elif sample.name.endswith("_sum"):
+                    total["sum"] += sample.value
+                elif sample.name.endswith("_count"):
+                    total["count"] += sample.value
+    return dict(total) if total else f"no {BATCH_METRIC} in /metrics"
+
+
+def batch_sizes(before: dict[str, float] | str, after: dict[str, float] | str) -> str:
+    """The window's batches by size, from two readings of batch_histogram."""
+    if isinstance(before, str) or isinstance(after, str):
+        return f"server batch sizes: unknown, {before if isinstance(before, str) else after}"
+    batches = after["count"] - before["count"]
+    messages = after["sum"] - before["sum"]
+    if not batches:
+        return "server batch sizes: no batches in the window"
+    bounds = sorted((k for k in after if k not in ("sum", "count")), key=float)
+    parts, below, previous = [], 0.0, 0
+    for le in bounds:
+        cumulative = after[le] - before.get(le, 0.0)
+        count, below = cumulative - below, cumulative
+        if le == "+Inf":
+            label = f">{previous}"
+        else:
+            bound = int(float(le))
+            label = str(bound) if bound == previous + 1 else f"{previous + 1}-{bound}"
+            previous = bound
+        if count:
+            parts.append(f"{label}: {count:.0f} ({count / batches * 100:.0f}%)")
+    return (f"server batch sizes ({BATCH_METRIC}, the window's messages): {batches:.0f} batches "
+            f"of {messages:.0f} messages, {messages / batches:.1f} a batch; batches by size "
+            "(empty buckets left out) " + "  ".join(parts))
 
 
 # -- the worker processes ---------------------------------------------------------
@@ -494,6 +596,101 @@ class Workers:
                 process.join()
 
 
+class NodeWorkers:
+    """--client js: the load processes are benchmarks/js/load.mjs under Node,
+    the stock socket.io-client, each given its spec on stdin and answering
+    in JSON lines on stdout (the protocol is in load.mjs's header). It
+    answers as Workers does, so that the coordinator does not tell them
+    apart."""
+
+    def __init__(self, processes: list[asyncio.subprocess.Process]) -> None:
+        self.processes = processes
+        self.payload_bytes = 0
+
+    @classmethod
+    async def start(cls, specs: list[dict[str, Any]]) -> NodeWorkers:
+        node = node_ready()
+        processes = []
+        for spec in specs:
+            # Its results come as one line of a few MB: raise the line limit.
+            process = await asyncio.create_subprocess_exec(
+                node, os.path.join(JS_DIR, "load.mjs"), cwd=JS_DIR, limit=2**30,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            process.stdin.write(json.dumps(spec).encode() + b"\n")  # type: ignore[union-attr]
+            processes.append(process)
+        return cls(processes)
+
+    async def gather(self, timeout: float = 600) -> list[Any]:
+        """One answer from each, in Workers' shapes."""
+        async def one(process: asyncio.subprocess.Process) -> dict[str, Any]:
+            line = await process.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError(f"a Node load process failed (status {await process.wait()}; "
+                                   "its stderr is above)")
+            return json.loads(line)
+
+        answers = []
+        for answer in await asyncio.wait_for(asyncio.gather(*map(one, self.processes)), timeout):
+            if "ready" in answer:
+                r = answer["ready"]
+                self.payload_bytes = r["payloadBytes"]
+                # The chats were made over REST: first messages "acked" by
+                # it; seen by the receivers in their catch-up.
+                answers.append(("ready", r["sockets"], r["failures"], r["connectSeconds"],
+                                None, r["setupSeen"]))
+            else:
+                answers.append(("done", answer["done"]))
+        return answers
+
+    def tell(self, message: Any) -> None:
+        if message[0] == "go":
+            # A common instant on the one clock Node and we share: the wall clock.
+            word = {"start": (time.time() + message[1] - time.monotonic()) * 1000}
+        else:
+            word = {"close": True}
+        for process in self.processes:
+            process.stdin.write(json.dumps(word).encode() + b"\n")  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        """Told to close, they end by themselves; otherwise (a failure) they are killed."""
+        for process in self.processes:
+            try:
+                await asyncio.wait_for(process.wait(), 5)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def url(port: int) -> str:
+    return f"http://{HOST}:{port}"
+
+
+def node_ready() -> str:
+    """The node executable, with benchmarks/js's packages installed."""
+    node = shutil.which("node")
+    if node is None:
+        raise SystemExit("--client js needs Node.js (node on PATH)")
+    if not os.path.exists(os.path.join(JS_DIR, "node_modules", "socket.io-client", "package.json")):
+        print("benchmarks/js/node_modules is missing: running npm ci --prefix benchmarks/js",
+              flush=True)
+        subprocess.run(["npm", "ci", "--prefix", JS_DIR], check=True)
+    return node
+
+
+def client_description(client: str) -> str:
+    """Which client drives the load, and its version or event loop."""
+    if client == "js":
+        with open(os.path.join(JS_DIR, "node_modules", "socket.io-client", "package.json")) as f:
+            version = json.load(f)["version"]
+        node = subprocess.run([node_ready(), "--version"], capture_output=True, text=True).stdout
+        return f"stock socket.io-client {version} on Node {node.strip()}"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "benchmarks/sioclient.py on asyncio (uvloop is not installed)"
+    return "benchmarks/sioclient.py on uvloop"
+
+
 # -- the modes --------------------------------------------------------------------
 
 
@@ -528,27 +725,54 @@ async def traffic(args: argparse.Namespace) -> None:
         bystanders = [(ports[n % k], users[n][1][0][0])
                       for n in range(2 * args.pairs, users_count)]
         payload = payload_json(args.payload_bytes)
-        workers = Workers([{
-            "mode": "traffic", "pairs": pairs[w::args.workers], "pair_count": args.pairs,
-            "bystanders": bystanders[w::args.workers], "rate": args.rate, "seconds": args.seconds,
-            "payload": payload, "drain": args.drain,
-            "connect_concurrency": max(1, args.connect_concurrency // args.workers),
-            "by_chat": args.by_chat,
-        } for w in range(args.workers)])
+        payload_bytes = len(payload)
+        workers: Workers | NodeWorkers
+        if args.client == "js":
+            began = time.monotonic()
+            chats = await make_chats(pairs)
+            print(f"made {len(chats)} direct chats over REST in {time.monotonic() - began:.1f} s")
+            workers = await NodeWorkers.start([{
+                "pairs": [{"n": p[0], "sender": [url(p[1]), p[2]],
+                           # The receiver's device 1 first, then every other device of both.
+                           "listeners": [[url(p[3]), p[4]]] + [[url(q), t] for q, t in p[6]],
+                           "recipientId": p[5], "chatId": chats[p[0]][0], "setupSeq": chats[p[0]][1],
+                           "devices": devices_list(users[2 * p[0]], users[2 * p[0] + 1])
+                           if args.name_devices else None}
+                          for p in pairs[w::args.workers]],
+                "bystanders": [[url(q), t] for q, t in bystanders[w::args.workers]],
+                "pairCount": args.pairs, "rate": args.rate, "seconds": args.seconds,
+                "drain": args.drain, "payloadBytes": args.payload_bytes, "byChat": args.by_chat,
+                "connectConcurrency": max(1, args.connect_concurrency // args.workers),
+                "connectTimeout": 60,
+            } for w in range(args.workers)])
+        else:
+            workers = Workers([{
+                "mode": "traffic", "pairs": pairs[w::args.workers], "pair_count": args.pairs,
+                "bystanders": bystanders[w::args.workers], "rate": args.rate,
+                "seconds": args.seconds, "payload": payload, "drain": args.drain,
+                "connect_concurrency": max(1, args.connect_concurrency // args.workers),
+                "by_chat": args.by_chat,
+            } for w in range(args.workers)])
         try:
             began = time.monotonic()
             ready = await workers.gather()
             sockets = sum(r[1] for r in ready)
+            if isinstance(workers, NodeWorkers):
+                payload_bytes = workers.payload_bytes
+                made = (f"({sum(r[5] for r in ready)} first messages seen in the receivers' "
+                        "catch-up)")
+            else:
+                made = (f"and made {sum(r[4] for r in ready)} direct chats "
+                        f"({sum(r[5] for r in ready)} first messages delivered)")
             print(f"connected {sockets}/{len(bystanders) + 2 * args.pairs * args.devices} "
-                  f"sockets and made {sum(r[4] for r in ready)} "
-                  f"direct chats ({sum(r[5] for r in ready)} first messages delivered) "
-                  f"in {time.monotonic() - began:.1f} s")
+                  f"sockets {made} in {time.monotonic() - began:.1f} s")
             problems = [f for r in ready for f in r[2]]
             if problems or sum(r[5] for r in ready) < args.pairs:
                 raise SystemExit(f"setup failed: {problems or 'first messages missing'}")
 
             await asyncio.sleep(1.5)  # PostgreSQL's statistics catch up with the setup
             counters0 = pg_counters(where.database) if where.database else {}
+            batches0 = await asyncio.to_thread(batch_histogram, ports)
             t0 = time.monotonic() + 1.0
             workers.tell(("go", t0))
             await asyncio.sleep(max(0.0, t0 - time.monotonic()))
@@ -563,11 +787,16 @@ async def traffic(args: argparse.Namespace) -> None:
             pg1 = family_cpu_seconds(where.postgres_pid) if where.postgres_pid else 0.0
             rss = [rss_bytes(p) for p in watched]
             results = [r[1] for r in await workers.gather(args.seconds + args.drain + 120)]
+            # After the stragglers: the histogram then holds the window's messages.
+            batches1 = await asyncio.to_thread(batch_histogram, ports)
             workers.tell(("close",))
             await asyncio.sleep(1.5)
             counters1 = pg_counters(where.database) if where.database else {}
         finally:
-            workers.stop()
+            if isinstance(workers, NodeWorkers):
+                await workers.stop()
+            else:
+                workers.stop()
 
     total = {key: sum(r[key] for r in results)
              for key in ("sent", "acked", "failed", "delivered", "in_window", "duplicated",
@@ -584,8 +813,9 @@ async def traffic(args: argparse.Namespace) -> None:
     print(f"realtime traffic: {where.description}; {users_count} users, {args.pairs} pairs, "
           f"{args.devices} device(s) a user ({fan} receiving socket(s) a message"
           f"{', the devices named in each send' if args.name_devices else ''}), "
-          f"{args.workers} load process(es); {args.rate:g} msg/s offered for {args.seconds:g} s, "
-          f"{len(payload)}-byte encryptedPayload, by {'chatId' if args.by_chat else 'recipientId'}")
+          f"{args.workers} load process(es) of {client_description(args.client)}; "
+          f"{args.rate:g} msg/s offered for {args.seconds:g} s, "
+          f"{payload_bytes}-byte encryptedPayload, by {'chatId' if args.by_chat else 'recipientId'}")
     print(f"sent {total['sent']}  acked {total['acked']}  deliveries {total['delivered']}"
           f"/{expected} (one per receiving socket)  lost {lost}  duplicated {total['duplicated']}  "
           f"out-of-order {total['lower'] + total['gaps']} (lower seq {total['lower']}, "
@@ -626,6 +856,7 @@ async def traffic(args: argparse.Namespace) -> None:
               f"{sum(b - a for a, b in zip(cpu0, cpu1)) / total['sent'] * 1e6:.0f} µs"
               + (f"; PostgreSQL {(pg1 - pg0) / total['sent'] * 1e6:.0f} µs"
                  if where.postgres_pid else ""))
+    print(batch_sizes(batches0, batches1))
 
 
 async def idle(args: argparse.Namespace) -> None:
@@ -701,7 +932,11 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=10,
                         help="seconds to wait for stragglers after the send window")
     parser.add_argument("--processes", type=int, default=1, help="server processes (traffic)")
-    parser.add_argument("--payload-bytes", type=int, default=1024)
+    parser.add_argument("--payload-bytes", type=int, default=1024,
+                        help="size of each message's encryptedPayload JSON (at least about 100)")
+    parser.add_argument("--client", choices=("python", "js"), default="python",
+                        help="the load's clients: our own (benchmarks/sioclient.py) or the stock "
+                             "JavaScript socket.io-client under Node (benchmarks/js)")
     parser.add_argument("--workers", type=int, default=0,
                         help="load generator processes (traffic: 1, idle: 2)")
     parser.add_argument("--pool", type=int, default=10, help="the servers' --db-pool-size")
@@ -728,7 +963,11 @@ def main() -> None:
         parser.error("--sqlite runs one spawned server process")
     if args.devices < 1:
         parser.error("--devices is at least 1")
+    if args.idle and args.client == "js":
+        parser.error("--client js drives traffic only, not --idle")
     args.workers = args.workers or (2 if args.idle else 1)
+    if args.client == "js":
+        node_ready()  # before the servers start: npm ci when node_modules is missing
     run_loop(idle(args) if args.idle else traffic(args))
 
 
