@@ -39,7 +39,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -106,6 +106,7 @@ class PushHandler:
         self._again = False
         self._tasks: set[Deferred[Any]] = set()
         self._device_chains: dict[tuple[str, int], Deferred[None]] = {}
+        self._sending: set[Deferred[PushResult]] = set()  # pushes awaiting their service
         self._stopped = False
         self._drain_loop = LoopingCall(self._drain_now)
         self._drain_loop.clock = clock
@@ -212,8 +213,13 @@ class PushHandler:
         return Deferred.fromCoroutine(start())
 
     async def stop(self) -> None:
-        """Stop draining; wait for sends under way; the node's sockets count no more."""
+        """Stop draining: sends under way are abandoned (their claims run
+        out and another node, or this one restarted, sends them: a push
+        service that hangs must not hold up a shutdown); the node's sockets
+        count no more."""
         self._stopped = True
+        for sending in list(self._sending):
+            sending.cancel()
         for loop in (self._heartbeat, self._drain_loop):
             if loop.running:
                 loop.stop()
@@ -276,12 +282,15 @@ class PushHandler:
             sent: list[Registration] = []
             sends = [self._send(registration, attempts, sent) for registration, attempts in claimed]
             for d in sends:
-                await d
+                try:
+                    await d
+                except CancelledError:
+                    pass  # the node stops: the claim runs out, and it goes again
             try:
                 await self._store.sent(sent, now_ms(self._clock))
             except DatabaseUnavailable:
                 pass  # the claims run out, and the wake-ups go again
-            if len(claimed) < DRAIN_BATCH:
+            if len(claimed) < DRAIN_BATCH or self._stopped:
                 return
 
     def _send(self, registration: Registration, attempts: int,
@@ -298,11 +307,17 @@ class PushHandler:
         if sender is None:  # registered when this server sent them; no more
             result = PushResult("refused", reason="no sender for this kind")
         else:
+            sending = sender.send(registration, payload, ttl=TTL, topic=TOPIC)
+            self._sending.add(sending)
             try:
-                result = await sender.send(registration, payload, ttl=TTL, topic=TOPIC)
+                result = await sending
+            except CancelledError:
+                raise  # the node stops (see stop()): nothing is recorded
             except Exception as e:  # a sender's bug must not stop the drain
                 _log.failure("A push sender failed", None)
                 result = PushResult("retry", reason=type(e).__name__)
+            finally:
+                self._sending.discard(sending)
         now = now_ms(self._clock)
         try:
             if result.outcome == "sent":
