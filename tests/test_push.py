@@ -334,6 +334,16 @@ class FcmPushTests(SQLiteMixin, PushMixin, TestCase):
     """FCM through the whole server, against the strict FCM and OAuth
     stand-ins of tests/fcmservice.py."""
 
+    async def register_fcm(self, node: Node, fcm: Any, users: list[User]) -> dict[str, str]:
+        """Each user's device registered with a token of the FCM stand-in."""
+        tokens = {}
+        for user in users:
+            tokens[user.cyphr_id] = fcm.device()
+            response = await node.http.put("/api/devices/me/push", {
+                "kind": "fcm", "token": tokens[user.cyphr_id]}, headers=user.auth())
+            self.assertEqual(response.code, 200, response.body)
+        return tokens
+
     def fcm(self) -> tuple[Any, Path]:
         """The FCM stand-ins, and a service account file for them."""
         fcm = FcmService(reactor)
@@ -349,12 +359,7 @@ class FcmPushTests(SQLiteMixin, PushMixin, TestCase):
         fcm, credentials = self.fcm()
         [node] = await self.serve(fcm_credentials=str(credentials), fcm_endpoint=fcm.base_url)
         alice, bob, carol = [await self.user(node, n) for n in ("alice", "bob", "carol")]
-        tokens = {}
-        for user in (bob, carol):
-            tokens[user.cyphr_id] = fcm.device()
-            response = await node.http.put("/api/devices/me/push", {
-                "kind": "fcm", "token": tokens[user.cyphr_id]}, headers=user.auth())
-            self.assertEqual(response.code, 200, response.body)
+        tokens = await self.register_fcm(node, fcm, [bob, carol])
         fcm.answer(tokens[carol.cyphr_id], UNREGISTERED)
         for user in (bob, carol, bob):
             await self.send(node, alice, user, "secret text")
@@ -383,12 +388,7 @@ class FcmPushTests(SQLiteMixin, PushMixin, TestCase):
         response = await node.http.get("/api/push/config", headers=(await self.user(node, "zed")).auth())
         self.assertEqual(response.json()["kinds"], ["apns", "fcm", "unifiedpush", "webpush"])
         alice, bob, carol = [await self.user(node, n) for n in ("alice", "bob", "carol")]
-        tokens = {}
-        for user in (bob, carol):
-            tokens[user.cyphr_id] = fcm.device()
-            response = await node.http.put("/api/devices/me/push", {
-                "kind": "fcm", "token": tokens[user.cyphr_id]}, headers=user.auth())
-            self.assertEqual(response.code, 200, response.body)
+        tokens = await self.register_fcm(node, fcm, [bob, carol])
         fcm.answer(tokens[carol.cyphr_id], UNREGISTERED)
         for user in (bob, carol):
             await self.send(node, alice, user, "secret text")

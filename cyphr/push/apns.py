@@ -53,8 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cyphr.cpu import CpuPool
-# _retry_after: Retry-After is read alike for every push service.
-from cyphr.push.webpush import MAX_TTL, PushResult, _retry_after, b64url_encode
+from cyphr.push.webpush import MAX_TTL, PushResult, retry_after_seconds, b64url_encode
 from cyphr.store.push import Registration
 
 _log = Logger()
@@ -312,7 +311,7 @@ class ApnsSender:
             authorization = self._token.authorization(self._clock.seconds())
             answer = await self._request(url, {**headers, "authorization": authorization}, body)
         return result_for(answer.status, answer.reason,
-                          _retry_after(None if answer.retry_after is None
+                          retry_after_seconds(None if answer.retry_after is None
                                        else answer.retry_after.encode("latin-1", "replace"),
                                        self._clock.seconds()))
 

@@ -54,14 +54,14 @@ from twisted.web.iweb import IResponse
 
 from cyphr.cpu import CpuPool
 from cyphr.push.webpush import (
-    _NETWORK_ERRORS,
+    NETWORK_ERRORS,
     IDLE_CONNECTION_TIMEOUT,
     MAX_ANSWER_SIZE,
     PERSISTENT_PER_HOST,
     PushResult,
-    _Body,
-    _failure_reason,
-    _retry_after,
+    BytesBody,
+    failure_reason,
+    retry_after_seconds,
     result_for,
 )
 
@@ -422,8 +422,8 @@ class FcmSender:
             b"Authorization": [b"Bearer " + access.encode("ascii")],
             b"Content-Type": [b"application/json; charset=UTF-8"],
         })
-        response: IResponse = await self._agent.request(b"POST", url, headers, _Body(body))
-        retry_after = _retry_after(
+        response: IResponse = await self._agent.request(b"POST", url, headers, BytesBody(body))
+        retry_after = retry_after_seconds(
             (response.headers.getRawHeaders(b"Retry-After") or [None])[0],
             self._reactor.seconds())
         # Read to its end (the error, or the message's name), so that the
@@ -438,9 +438,9 @@ class FcmSender:
 
     @staticmethod
     def _failed(failure: Failure) -> PushResult:
-        if not failure.check(*_NETWORK_ERRORS):
+        if not failure.check(*NETWORK_ERRORS):
             _log.failure("An FCM push failed unexpectedly", failure)
-        return PushResult("retry", None, _failure_reason(failure))
+        return PushResult("retry", None, failure_reason(failure))
 
     def close(self) -> Deferred[None]:
         """Close the idle connections of the sender's own pool (not of an

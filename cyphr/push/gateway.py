@@ -27,10 +27,11 @@ from typing import Any, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from cyphr.push.webpush import PushResult, _Body, _retry_after
+from cyphr.handlers.push import TOPIC, TTL
+from cyphr.push.webpush import BytesBody, PushResult, retry_after_seconds
 from cyphr.store.push import Registration
 
 _log = Logger()
@@ -73,11 +74,11 @@ class GatewaySender:
             b"POST", self._url.encode("ascii"),
             Headers({b"Content-Type": [b"application/json"],
                      b"Authorization": [b"Bearer " + self._secret.encode("utf-8")]}),
-            _Body(body))
+            BytesBody(body))
         timer = self._reactor.callLater(self._timeout, request.cancel)
         try:
             response = await request
-            raw = await _read(response)
+            raw = await readBody(response)
         except Exception as e:  # refused, reset, cancelled: the gateway is away
             return PushResult("retry", reason=f"the gateway could not be reached ({type(e).__name__})")
         finally:
@@ -95,17 +96,11 @@ class GatewaySender:
         if status == 429 or status >= 500:
             retry_after = (response.headers.getRawHeaders(b"retry-after") or [None])[0]
             return PushResult("retry", status, f"the gateway answered {status}",
-                              _retry_after(retry_after, self._reactor.seconds()))
+                              retry_after_seconds(retry_after, self._reactor.seconds()))
         return PushResult("refused", status, f"the gateway answered {status}")
 
     def close(self) -> Deferred[None]:
         return self._pool.closeCachedConnections()
-
-
-async def _read(response: Any) -> bytes:
-    from twisted.web.client import readBody
-
-    return await readBody(response)
 
 
 class Gateway:
@@ -139,6 +134,4 @@ class Gateway:
         if sender is None:
             return PushResult("refused", reason=f"this gateway sends no {registration.kind} pushes")
         payload = json.dumps({"n": counter}, separators=(",", ":")).encode()
-        from cyphr.handlers.push import TOPIC, TTL
-
         return await sender.send(registration, payload, ttl=TTL, topic=TOPIC)

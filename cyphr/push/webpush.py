@@ -586,7 +586,7 @@ class PushResult:
 
 
 @implementer(IBodyProducer)
-class _Body:
+class BytesBody:
     """A body held in memory, written at once."""
 
     def __init__(self, data: bytes) -> None:
@@ -633,12 +633,12 @@ class _Discard(Protocol):
 
 # What the network does to a request; anything else is a bug of ours, logged.
 # CancelledError: the caller cancelled the push (the server is stopping).
-_NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, DNSLookupError, ResponseFailed,
+NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, DNSLookupError, ResponseFailed,
                    ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent, OSError,
                    CancelledError)
 
 
-def _failure_reason(failure: Failure) -> str:
+def failure_reason(failure: Failure) -> str:
     """A few words on a request that got no answer: class names only (an
     error's text may hold an address)."""
     error = failure.value
@@ -649,7 +649,7 @@ def _failure_reason(failure: Failure) -> str:
     return f"the request failed ({type(error).__name__}{inner})"
 
 
-def _retry_after(value: bytes | None, now: float) -> float | None:
+def retry_after_seconds(value: bytes | None, now: float) -> float | None:
     """Retry-After in seconds from now: delay-seconds or an HTTP-date."""
     if value is None:
         return None
@@ -768,8 +768,8 @@ class WebPushSender:
 
     async def _post(self, agent: Any, url: str, headers: Headers, body: bytes) -> PushResult:
         response: IResponse = await agent.request(
-            b"POST", url.encode("ascii"), headers, _Body(body) if body else None)
-        retry_after = _retry_after(
+            b"POST", url.encode("ascii"), headers, BytesBody(body) if body else None)
+        retry_after = retry_after_seconds(
             (response.headers.getRawHeaders(b"Retry-After") or [None])[0],
             self._reactor.seconds())
         # Read to its end (a few bytes at most, as a rule), so that the
@@ -785,9 +785,9 @@ class WebPushSender:
 
     @staticmethod
     def _failed(failure: Failure) -> PushResult:
-        if not failure.check(*_NETWORK_ERRORS):
+        if not failure.check(*NETWORK_ERRORS):
             _log.failure("A push failed unexpectedly", failure)
-        return PushResult("retry", None, _failure_reason(failure))
+        return PushResult("retry", None, failure_reason(failure))
 
     def close(self) -> Deferred[None]:
         """Close the idle connections of the sender's own pools (not of an
