@@ -129,7 +129,9 @@ class PushTests(PushMixin):
         wake-up names nothing: its body is an opaque counter, its headers
         carry no Cyphr ID, chat or content."""
         [node] = await self.serve()
-        alice, bob = await self.user(node, "alice"), await self.user(node, "bob")
+        # Names too long to turn up by chance in the headers' random base64.
+        alice = await self.user(node, "alice_wakes_bob")
+        bob = await self.user(node, "bob_the_sleeper")
         subscription = await self.registered(node, bob)
         for n in range(3):
             await self.send(node, alice, bob, f"secret text {n}")

@@ -16,7 +16,8 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.clock import iso, now_ms
 from cyphr.realtime.client_events import Sent
-from cyphr.realtime.envelopes import MessageAnnounced, decode
+from cyphr.realtime.envelopes import Emitted, MessageAnnounced, Watching, decode
+from cyphr.realtime.fanout import FanOut
 from cyphr.realtime.events import HEARTBEAT, NODE_SILENCE
 from tests import postgres
 from cyphr.store.chats import ChatStore
@@ -102,7 +103,8 @@ class ClusterMixin:
             expected = [len(client.events(MARKER)) + len(self.nodes) for client in clients]
             for node in self.nodes:
                 fanout = node.server.realtime.fanout
-                fanout.to_users(users, MARKER, {"marker": fanout.node_id})
+                fanout.to_rooms(["user:" + user for user in users], MARKER,
+                                {"marker": fanout.node_id}, everywhere=True)
             for client, count in zip(clients, expected):
                 await client.wait_for(MARKER, count)
 
@@ -174,6 +176,76 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         await b2.disconnect()
         [offline] = await a.wait_for("user_offline")
         self.assertEqual(offline["userId"], "bob")
+
+    async def test_a_commit_before_the_watch_is_heard_still_arrives(self) -> None:
+        """The window routing opens (cyphr.realtime.fanout, "The window"):
+        node B opens a chat's feed for bob and says so, and node A commits a
+        message of the chat before it has taken that in, so sends it to no
+        node. Bob still gets it live, once, when A's answer makes B look in
+        the database; and what A commits after, A sends to B."""
+        a_node, b_node = await self.cluster(self.database_setting())
+        alice = await self.user(a_node, "alice")
+        bob = await self.user(b_node, "bob")
+        first = await a_node.http.post("/api/messaging/send", {
+            "recipientId": "bob", "encryptedPayload": {"n": 0}}, headers=alice.auth())
+        chat_id = first.json()["chatId"]
+        fanout = a_node.server.realtime.fanout
+        held: list[dict[str, Any]] = []
+        self.patch(fanout, "bus_event", held.append)  # node A hears nothing for now
+        b = await self.connect(b_node, bob)  # seq 1 comes in its catch-up
+
+        def watch_held() -> bool:
+            return any(isinstance(envelope, Watching) and chat_id in envelope.chats
+                       for envelope in map(decode, held))
+        await until(watch_held, "node B's Watching to reach node A")
+        second = await a_node.http.post("/api/messaging/send", {
+            "chatId": chat_id, "encryptedPayload": {"n": 1}}, headers=alice.auth())
+        self.assertEqual(second.code, 201)
+        await b.barrier()
+        self.assertEqual(len(b.events("new_message")), 1)  # node A sent it nowhere
+        del fanout.bus_event
+        for event in held:  # node A takes in what it missed, in order
+            fanout.bus_event(event)
+        await b.wait_for("new_message", 2)
+        third = await a_node.http.post("/api/messaging/send", {
+            "chatId": chat_id, "encryptedPayload": {"n": 2}}, headers=alice.auth())
+        await b.wait_for("new_message", 3)
+        await self.settled([b])
+        self.assertEqual([m["message"]["id"] for m in b.events("new_message")],
+                         [first.json()["messageId"], second.json()["messageId"],
+                          third.json()["messageId"]])
+
+    async def test_nothing_crosses_that_no_node_needs(self) -> None:
+        """Two nodes, both users on node A: their messages, typing and
+        receipts reach them and go to no other node; node B hears only
+        what concerns the nodes (presence, watching) and the test's
+        markers."""
+        a_node, b_node = await self.cluster(self.database_setting())
+        alice = await self.user(a_node, "alice")
+        bob = await self.user(a_node, "bob")
+        a = await self.connect(a_node, alice)
+        b = await self.connect(a_node, bob)
+        fanout = b_node.server.realtime.fanout
+        heard: list[Any] = []
+
+        def hear(event: dict[str, Any]) -> None:
+            heard.append(decode(event))
+            FanOut.bus_event(fanout, event)
+        self.patch(fanout, "bus_event", hear)
+        acks = [await a.call("send_message", {"recipientId": "bob", "encryptedPayload": {"n": n}})
+                for n in range(10)]
+        self.assertTrue(all(ack["success"] for ack in acks), acks)
+        await b.wait_for("new_message", 10)
+        chat_id = acks[0]["chatId"]
+        await b.call("typing", {"chatId": chat_id, "isTyping": True})
+        await a.wait_for("user_typing")
+        await b.call("message_read", {"chatId": chat_id, "upToSeq": acks[-1]["seq"]})
+        await a.wait_for("message_read")
+        await self.settled([a, b])
+        crossed = [envelope for envelope in heard if isinstance(envelope, MessageAnnounced)
+                   or isinstance(envelope, Emitted) and envelope.event != MARKER]
+        self.assertEqual(crossed, [])
+        self.assertTrue(any(isinstance(envelope, Watching) for envelope in heard))
 
     async def test_silent_node_users_go_offline(self) -> None:
         """A node that stops speaking on the bus without a goodbye (its bus

@@ -105,6 +105,10 @@ class DeliveryHandler:
             return None
         return (await self._messages.with_all_envelopes(chat_id, [message]))[0]
 
+    async def last_seqs(self, chat_ids: list[str]) -> dict[str, int]:
+        """Each chat's last seq (a node checking what its feeds missed)."""
+        return await self._chats.last_seqs(chat_ids)
+
     async def messages_after(self, chat_id: str, seq: int, limit: int) -> tuple[list[Message], bool]:
         """Up to ``limit`` messages of ``chat_id`` after ``seq``, in order,
         with their envelopes, and whether more follow."""

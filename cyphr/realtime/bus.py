@@ -21,6 +21,12 @@ Listening runs on a connection of its own (the pool's connections run
 queries and transactions): a MaintainedConnection, as each of the pool's,
 which reconnects by itself; the bus then says LISTEN again.
 
+An event goes to every other node on the shared channel, or to some nodes
+only (``publish(event, to=nodes)``): one notification on each one's channel
+of its own (``node_channel``), which only that node listens to. A node
+hears both channels in one stream, so what it is sent arrives in publish
+order whichever channel carried it.
+
 A payload is ``{"n":<node id>,"s":<sequence>,"e":<event>}``. The sequence
 number is there because PostgreSQL folds identical notifications sent in one
 transaction into one, and two identical events in one batch must both
@@ -30,9 +36,12 @@ node id lets it skip them without decoding.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -48,7 +57,7 @@ from cyphr.db.postgres import (
 )
 from cyphr.errors import DatabaseUnavailable
 
-__all__ = ["CHANNEL", "MAX_PAYLOAD", "Bus", "BusListener", "LocalBus", "PostgresBus"]
+__all__ = ["CHANNEL", "MAX_PAYLOAD", "Bus", "BusListener", "LocalBus", "PostgresBus", "node_channel"]
 
 _log = Logger()
 
@@ -81,6 +90,13 @@ AWAY_REPORT_EVERY = 30.0
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
+
+
+@functools.lru_cache(maxsize=1024)
+def node_channel(node_id: str) -> str:
+    """The channel only ``node_id`` listens to: a plain identifier whatever
+    the node id holds (a digest of it), well under PostgreSQL's 63 bytes."""
+    return "cyphr_node_" + hashlib.sha256(node_id.encode("utf-8")).hexdigest()[:40]
 
 
 def _statement(count: int) -> str:
@@ -182,10 +198,11 @@ class Bus(ABC):
         """Stop listening; send what was published before."""
 
     @abstractmethod
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: dict[str, Any], to: Iterable[str] | None = None) -> None:
         """
-        Send ``event`` to every other node, fire and forget: it reaches each
-        other node's listener once, in publish order. Raises ValueError at
+        Send ``event`` to every other node (or to the nodes ``to`` names),
+        fire and forget: it reaches each one's listener once, in publish
+        order. Raises ValueError at
         once when it is too big (check with fits(), or send ids instead).
         Events published while the database is down are tried again for a
         few seconds (PostgresBus: PUBLISH_RETRIES), then dropped.
@@ -227,7 +244,7 @@ class LocalBus(Bus):
     async def stop(self) -> None:
         self._stopped = True
 
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: dict[str, Any], to: Iterable[str] | None = None) -> None:
         self._body(event)
         self.published += 1
 
@@ -244,6 +261,7 @@ class PostgresBus(Bus):
         self._connect_timeout = dsn_connect_timeout(self._dsn)
         self._reactor = reactor
         self._seq = 0
+        self.channel = node_channel(node_id)
         # listening
         self._conn: MaintainedConnection | None = None
         self._listening = False
@@ -256,8 +274,8 @@ class PostgresBus(Bus):
         self._said_stopped = False
         # Callers of stop() waiting for the first one to finish.
         self._stop_waiters: list[Deferred[None]] | None = None
-        # publishing
-        self._pending: list[str] = []
+        # publishing: (channel, payload), in publish order
+        self._pending: list[tuple[str, str]] = []
         self._scheduled: Any = None
         self._sending: Deferred[None] | None = None
         self._dropped = 0
@@ -287,7 +305,7 @@ class PostgresBus(Bus):
         self._retry = None
         if self._stopping or self._conn is None:
             return
-        d = self._conn.execute(f"LISTEN {CHANNEL}")
+        d = self._conn.execute(f"LISTEN {CHANNEL}; LISTEN {self.channel}")
         d.addCallbacks(self._now_listening, self._listen_failed)
 
     def _now_listening(self, _: Any) -> None:
@@ -361,7 +379,7 @@ class PostgresBus(Bus):
 
     def _notified(self, notify: Any) -> None:
         payload = notify.payload
-        if notify.channel != CHANNEL or payload.startswith(self._own):
+        if notify.channel not in (CHANNEL, self.channel) or payload.startswith(self._own):
             return
         self._inbox.append(payload)
         if self._draining is None:
@@ -409,7 +427,7 @@ class PostgresBus(Bus):
 
     # -- publishing -----------------------------------------------------
 
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: dict[str, Any], to: Iterable[str] | None = None) -> None:
         body = self._body(event)
         self.published += 1
         if self._stopping:
@@ -424,7 +442,11 @@ class PostgresBus(Bus):
             self._drop(1, "too many events waiting to be sent")
             return
         self._seq += 1
-        self._pending.append(f"{self._head}{self._seq},\"e\":{body}}}")
+        payload = f"{self._head}{self._seq},\"e\":{body}}}"
+        if to is None:
+            self._pending.append((CHANNEL, payload))
+        else:
+            self._pending.extend((node_channel(node), payload) for node in to)
         if self._scheduled is None and self._sending is None:
             self._scheduled = self._reactor.callLater(0, self._send)
 
@@ -442,14 +464,14 @@ class PostgresBus(Bus):
             delay = PUBLISH_RETRY_DELAY if self._publish_failures else 0
             self._scheduled = self._reactor.callLater(delay, self._send)
 
-    async def _send_batch(self, batch: list[str]) -> None:
+    async def _send_batch(self, batch: list[tuple[str, str]]) -> None:
         # One statement at a time, in order: PostgreSQL delivers in commit
         # order, and two statements on two connections may commit either way.
         for start in range(0, len(batch), CHUNK):
             chunk = batch[start:start + CHUNK]
             params: list[str] = []
-            for payload in chunk:
-                params += (CHANNEL, payload)
+            for channel, payload in chunk:
+                params += (channel, payload)
             sql = _FULL_STATEMENT if len(chunk) == CHUNK else _statement(len(chunk))
             try:
                 await self._database.run_query(sql, params)

@@ -19,7 +19,10 @@ Kinds (``t``):
 - ``k`` EndSessions: close a user's sockets (of one token, one device, or all);
 - ``p`` PresenceChanged, ``P`` PresenceList: who is online on a node;
 - ``hello``: a node started and asks the others who is online there;
-- ``h`` Heartbeat: a node is alive (a silent one has its users forgotten).
+- ``h`` Heartbeat: a node is alive (a silent one has its users forgotten);
+- ``w`` / ``u`` Watching / Unwatching: a node has (or no longer has) a feed
+  for some chats, so wants (or no longer wants) their messages;
+- ``wn`` WatchNoted: a node has taken in a Watching (see cyphr.realtime.fanout).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 ROOMS_PER_EMIT = 100     # rooms named in one Emitted, to keep it under the bus limit
+CHATS_PER_WATCH = 100    # chats named in one Watching or Unwatching (36-character ids)
 USERS_PER_LIST = 200     # users named in one PresenceList
 
 
@@ -86,15 +90,41 @@ class PresenceList:
 @dataclass(frozen=True, slots=True)
 class Hello:
     node: str
+    # The node sends Watching and routes messages by it (a node of an older
+    # version, heard without this, is sent every message, as it expects).
+    routed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     node: str
+    routed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Watching:
+    node: str
+    chats: tuple[str, ...]
+    token: int   # echoed by each node's WatchNoted
+    # The first of a node's whole list: forget what it watched before (it
+    # says its list again after its bus was away, and may have missed some).
+    reset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unwatching:
+    node: str
+    chats: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchNoted:
+    node: str    # the node that took the Watching in
+    token: int
 
 
 Envelope = Union[MessageAnnounced, Emitted, Joined, Left, EndSessions, PresenceChanged,
-                 PresenceList, Hello, Heartbeat]
+                 PresenceList, Hello, Heartbeat, Watching, Unwatching, WatchNoted]
 
 
 def encode(envelope: Envelope) -> dict[str, Any]:
@@ -123,10 +153,19 @@ def encode(envelope: Envelope) -> dict[str, Any]:
             return {"t": "p", "n": node, "u": cyphr_id, "o": 1 if online else 0}
         case PresenceList(node, users):
             return {"t": "P", "n": node, "us": list(users)}
-        case Hello(node):
-            return {"t": "hello", "n": node}
-        case Heartbeat(node):
-            return {"t": "h", "n": node}
+        case Hello(node, routed):
+            return {"t": "hello", "n": node, "r": 1} if routed else {"t": "hello", "n": node}
+        case Heartbeat(node, routed):
+            return {"t": "h", "n": node, "r": 1} if routed else {"t": "h", "n": node}
+        case Watching(node, chats, token, reset):
+            out = {"t": "w", "n": node, "cs": list(chats), "k": token}
+            if reset:
+                out["x"] = 1
+            return out
+        case Unwatching(node, chats):
+            return {"t": "u", "n": node, "cs": list(chats)}
+        case WatchNoted(node, token):
+            return {"t": "wn", "n": node, "k": token}
     raise TypeError(f"not an envelope: {envelope!r}")
 
 
@@ -176,9 +215,15 @@ def decode(event: Any) -> Envelope | None:
     if kind == "P":
         return PresenceList(_text(event, "n"), _texts(event, "us"))
     if kind == "hello":
-        return Hello(_text(event, "n"))
+        return Hello(_text(event, "n"), event.get("r") == 1)
     if kind == "h":
-        return Heartbeat(_text(event, "n"))
+        return Heartbeat(_text(event, "n"), event.get("r") == 1)
+    if kind == "w":
+        return Watching(_text(event, "n"), _texts(event, "cs"), _integer(event, "k"), event.get("x") == 1)
+    if kind == "u":
+        return Unwatching(_text(event, "n"), _texts(event, "cs"))
+    if kind == "wn":
+        return WatchNoted(_text(event, "n"), _integer(event, "k"))
     if type(kind) is not str:
         raise MalformedEnvelope("an envelope names its kind in 't'")
     return None

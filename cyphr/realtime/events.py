@@ -22,6 +22,7 @@ held and sent after it, without duplicates.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -123,7 +124,9 @@ class Realtime:
         # What _spawn began and has not finished (last_seen writes,
         # announcements, feed fills): the stop waits for them (tasks_done).
         self._tasks: set[Deferred[Any]] = set()
-        self.feeds = ChatFeeds(delivery, reactor, self._deliver, self._spawn)
+        self.fanout = FanOut(bus, self, reactor)
+        self.feeds = ChatFeeds(delivery, reactor, self._deliver, self._spawn,
+                               opened=self.fanout.watch, closed=self.fanout.unwatch)
         # Every socket whose token was accepted, from that moment (before its
         # welcome), by user and by token: ending sessions finds them here,
         # including those not yet in their ``user:`` room.
@@ -139,7 +142,6 @@ class Realtime:
         self.ns = sockets.namespace("/", connect=self._connect, connected=self._connected,
                                     disconnected=self._disconnected, error_ack=ClientEvents.error_ack)
         self.ns.on("authenticate", self._authenticate)
-        self.fanout = FanOut(bus, self)
         self.events = ClientEvents(messaging=messaging, receipts=receipts, calls=calls,
                                    fanout=self.fanout, clock=clock, max_payload=max_payload,
                                    join=self._join)
@@ -185,6 +187,7 @@ class Realtime:
             _log.failure("The heartbeat could not be published")
         for node in self.presence.silent_nodes(NODE_SILENCE):
             _log.info("Node {node} went silent; forgetting its users", node=node)
+            self.fanout.forget_node(node)
             try:
                 self._gone_silent(self.presence.forget_node(node))
             except Exception:
@@ -209,7 +212,8 @@ class Realtime:
         here, a task leaves _tasks when it ends."""
         return {"realtime_sockets_by_user": len(self._by_user),
                 "realtime_sockets_by_token": len(self._by_jti),
-                "realtime_chat_feeds": len(self.feeds), "realtime_tasks": len(self._tasks)}
+                "realtime_chat_feeds": len(self.feeds), "realtime_tasks": len(self._tasks),
+                **self.fanout.memory_tables()}
 
     # -- authentication -------------------------------------------------------
 
@@ -522,6 +526,15 @@ class Realtime:
         feeds may have missed messages. Catch up on both."""
         self._announce_users()
         self.feeds.resync()
+
+    def nodes_of(self, cyphr_id: str) -> Iterable[str]:
+        return self.presence.nodes_of(cyphr_id)
+
+    def watched_here(self) -> list[str]:
+        return self.feeds.chats()
+
+    def recheck(self, chat_ids: tuple[str, ...]) -> None:
+        self.feeds.recheck(chat_ids)
 
     def _announce_users(self) -> None:
         users = list(self.presence.local)

@@ -33,6 +33,8 @@ class MessageSource(Protocol):
 
     async def messages_after(self, chat_id: str, seq: int, limit: int) -> tuple[list[Message], bool]: ...
 
+    async def last_seqs(self, chat_ids: list[str]) -> dict[str, int]: ...
+
 
 # Called with (chat id, seq, the message, the socket that sent it or None).
 Deliver = Callable[[str, int, Outbound, Any], None]
@@ -44,15 +46,21 @@ class Feed:
     pending: dict[int, tuple[Outbound, Any]]  # seq -> (message, origin)
     timer: Any = None
     filling: bool = False
+    again: bool = False  # a recheck came while filling: look once more
 
 
 class ChatFeeds:
     def __init__(self, source: MessageSource, reactor: Any, deliver: Deliver,
-                 spawn: Callable[[Any], None]) -> None:
+                 spawn: Callable[[Any], None], *, opened: Callable[[str], None],
+                 closed: Callable[[str], None]) -> None:
         self._source = source
         self._reactor = reactor
         self._deliver = deliver
         self._spawn = spawn
+        # Told when a chat's feed opens and closes (the fan-out adapter: the
+        # other nodes send this one the chats it has feeds for).
+        self._opened = opened
+        self._closed = closed
         self._feeds: dict[str, Feed] = {}
 
     def __contains__(self, chat_id: str) -> bool:
@@ -62,15 +70,23 @@ class ChatFeeds:
         """Open feeds (for the memory metrics)."""
         return len(self._feeds)
 
+    def chats(self) -> list[str]:
+        """The chats with a feed."""
+        return list(self._feeds)
+
     def open(self, chat_id: str, last_seq: int) -> None:
         """Start a chat's feed (if it has none) after ``last_seq``."""
         if chat_id not in self._feeds:
             self._feeds[chat_id] = Feed(next_seq=last_seq + 1, pending={})
+            self._opened(chat_id)
 
     def close(self, chat_id: str) -> None:
         feed = self._feeds.pop(chat_id, None)
-        if feed is not None and feed.timer is not None and feed.timer.active():
+        if feed is None:
+            return
+        if feed.timer is not None and feed.timer.active():
             feed.timer.cancel()
+        self._closed(chat_id)
 
     def stop(self) -> None:
         for chat_id in list(self._feeds):
@@ -114,6 +130,26 @@ class ChatFeeds:
             if feed.timer is None and not feed.filling:
                 self._spawn(self._fill(chat_id, feed))
 
+    def recheck(self, chat_ids: tuple[str, ...] | list[str]) -> None:
+        """Look in the database for messages of these chats past what their
+        feeds have (another node may have committed some without sending
+        them here: cyphr.realtime.fanout, "The window"); one query for all."""
+        chats = [chat_id for chat_id in chat_ids if chat_id in self._feeds]
+        if chats:
+            self._spawn(self._recheck(chats))
+
+    async def _recheck(self, chats: list[str]) -> None:
+        last_seqs = await self._source.last_seqs(chats)
+        for chat_id, last_seq in last_seqs.items():
+            feed = self._feeds.get(chat_id)
+            if feed is None or last_seq < feed.next_seq:
+                continue
+            if feed.filling:
+                feed.again = True
+            elif feed.timer is None:
+                self._spawn(self._fill(chat_id, feed))
+            # else: a gap's timer is set, and fills when it runs
+
     def _gap(self, chat_id: str) -> None:
         feed = self._feeds.get(chat_id)
         if feed is None:
@@ -141,6 +177,8 @@ class ChatFeeds:
                     message, origin = feed.pending.pop(first)
                     self.arrive(chat_id, first, message, origin)
                 if not more:
-                    return
+                    if not feed.again:
+                        return
+                    feed.again = False
         finally:
             feed.filling = False

@@ -15,6 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 class Presence:
     def __init__(self, clock: Any) -> None:
         self._clock = clock
@@ -88,6 +91,10 @@ class Presence:
         return [node for node, at in self._node_heard.items() if now - at > max_age]
 
     # -- questions --------------------------------------------------------
+
+    def nodes_of(self, user: str) -> set[str] | frozenset[str]:
+        """The other nodes that report the user online."""
+        return self._remote.get(user, _NONE)
 
     def elsewhere(self, user: str) -> bool:
         return user in self._remote

@@ -206,6 +206,17 @@ class ChatStore:
         await self._db.run_interaction("mark_device_delivered", device_delivered, chat_id,
                                        message_id, cyphr_id, seq, device)
 
+    async def last_seqs(self, chat_ids: list[str]) -> dict[str, int]:
+        """Each existing chat's last seq, by id (up to 100 ids a query)."""
+        found: dict[str, int] = {}
+        for start in range(0, len(chat_ids), 100):
+            chunk = chat_ids[start:start + 100]
+            rows = await self._db.run_query(
+                "SELECT id, last_seq FROM chats WHERE id IN (" + ", ".join("?" * len(chunk)) + ")",
+                chunk)
+            found.update((str(chat_id), last_seq) for chat_id, last_seq in rows)
+        return found
+
     async def chat_positions(self, cyphr_id: str, device: tuple[str, int]
                              ) -> list[tuple[str, int, int]]:
         """The member's chats, each with the seq of its newest message and
