@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from cyphr.clock import iso
 from cyphr.store.chats import MessageReceipts
 from cyphr.store.envelopes import SealedFor
@@ -108,10 +110,14 @@ def message_text(message: Message, device: tuple[str, int] | None = None) -> str
         message.id, message.chat_id, message.seq, message.sender_id, None, message.message_type,
         message.client_message_id, message.created_at, message.edited_at, message.deleted_at,
         message.stream_position, message.sender_device))
+    if message.payload is not None:
+        shape["encryptedPayload"] = _PAYLOAD_MARK
+    # Every message sent is encoded here once. orjson writes this shape
+    # (strings, integers, None) as json.dumps does, compact and in UTF-8, in
+    # 0.25 µs rather than 3.9 µs (docs/scaling.rst, "Per-message costs").
+    text = orjson.dumps(shape).decode("utf-8")
     if message.payload is None:
-        return json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
-    shape["encryptedPayload"] = _PAYLOAD_MARK
-    text = json.dumps(shape, separators=(",", ":"), ensure_ascii=False)
+        return text
     return text.replace(_PAYLOAD_MARK_JSON, message.payload, 1)
 
 

@@ -470,10 +470,15 @@ class MessageTextTests(SynchronousTestCase):
         from cyphr.store.messages import Message
         from cyphr.wire import message_json, message_text
 
-        for value in [{"ct": "AAAA", "nested": {"x": [1, 2, "\x00"]}}, {"é": "\u2028 é"}, None]:
+        # The text's own fields are encoded by orjson, the codec's by json:
+        # a client's id with quotes, escapes, controls and astral characters
+        # comes out byte for byte the same.
+        client_ids = ["c-1", 'q"\\/\b\f\n\r\t\x01\x1f\x7f \u2028\u2029 é 😀 </script>', None]
+        for value, client_id in zip(
+                [{"ct": "AAAA", "nested": {"x": [1, 2, "\x00"]}}, {"é": "\u2028 é"}, None], client_ids):
             payload = check_payload(value, 10_000) if value is not None else None  # as stored
             message = Message(str(uuid.uuid4()), str(uuid.uuid4()), 7, "alice", payload, "text",
-                              "c-1", 1_790_000_000_000, None, None, 3)
+                              client_id, 1_790_000_000_000, None, None, 3)
             text = message_text(message)
             self.assertEqual(json.loads(text), message_json(message))
             self.assertEqual(encode_event_json("new_message", '{"message":' + text + "}"),
