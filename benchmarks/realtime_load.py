@@ -158,8 +158,8 @@ def listening_pid(port: int) -> int | None:
 
 def pg_counters(url: str) -> dict[str, int]:
     """PostgreSQL's activity counters for the database: transactions (an
-    autocommit query is one), messages inserted, chat rows updated, and
-    stream position updates (one per batch of messages). The statistics
+    autocommit query is one), messages inserted, chat rows updated, stream
+    position updates (one per batch of messages), and WAL bytes written. The statistics
     reach these views within a second or so: the figures are approximate."""
     import psycopg2
 
@@ -169,6 +169,9 @@ def pg_counters(url: str) -> dict[str, int]:
             cursor.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database"
                            " WHERE datname = current_database()")
             counters = {"transactions": cursor.fetchone()[0]}
+            # WAL written, for the whole cluster (the benchmark's own).
+            cursor.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+            counters["wal bytes"] = cursor.fetchone()[0]
             # messages is split into partitions messages_0 .. messages_99.
             cursor.execute("SELECT regexp_replace(relname, '_[0-9]+$', ''), sum(n_tup_ins),"
                            " sum(n_tup_upd) FROM pg_stat_user_tables"
@@ -842,7 +845,8 @@ async def traffic(args: argparse.Namespace) -> None:
         print(f"PostgreSQL (approximate): {stored} messages stored in {batches} batches"
               + (f" ({stored / max(1, batches):.1f} a batch); "
                  f"{change['transactions'] / stored:.2f} transactions and "
-                 f"{change.get('chats updated', 0) / stored:.2f} chat row updates per message"
+                 f"{change.get('chats updated', 0) / stored:.2f} chat row updates and "
+                 f"{change.get('wal bytes', 0) / stored:.0f} bytes of WAL per message"
                  if stored else f"; {change['transactions']} transactions"))
     ours = sum(b - a for a, b in zip(cpu0, cpu1)) + pg1 - pg0 + sum(r["cpu"] for r in results)
     busy = machine1[0] - machine0[0]
