@@ -18,7 +18,6 @@ after leaving.
 from __future__ import annotations
 
 import json
-import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -50,6 +49,7 @@ from cyphr.handlers.ratelimit import RateLimit
 from cyphr.handlers.recipients import RecipientDevices, Sealed
 from cyphr.handlers.sending import SendBatcher
 from cyphr.handlers.validation import Fields, invalid
+from cyphr.ids import new_uuid
 from cyphr.store.chats import (
     AlreadyMember,
     ChatPage,
@@ -322,7 +322,7 @@ class MessagingHandler:
             await self._recipients.check(user, devices, chat_id=chat_id)
 
         result = await self._batcher.submit(Outgoing(
-            id=str(uuid.uuid4()), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
+            id=new_uuid(), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
             message_type=message_type, client_message_id=client_message_id, created_at=now,
             sender_device=user.device_id, envelopes=envelopes or (), attachments=attachments or ()))
         if isinstance(result, NotAMember):
