@@ -213,14 +213,15 @@ def sleep(seconds: float) -> Deferred[None]:
 
 
 async def until(predicate: Any, what: str = "the condition", timeout: float = 10.0,
-                step: float = 0.02) -> None:
-    """Wait, on the real reactor, until ``predicate()`` holds."""
-    waited = 0.0
+                step: float = 0.005) -> None:
+    """Wait, on the real reactor, until ``predicate()`` holds (looked at
+    every ``step``: a test waits half a step on average past the moment it
+    holds)."""
+    deadline = time.monotonic() + timeout
     while not predicate():
-        if waited > timeout:
+        if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await sleep(step)
-        waited += step
 
 
 async def sessions_closed(server: Any, timeout: float = 30) -> None:
@@ -233,7 +234,7 @@ async def sessions_closed(server: Any, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(server.engine.sessions)} sessions still open")
         d: Deferred[None] = Deferred()
-        reactor.callLater(0.02, d.callback, None)
+        reactor.callLater(0.005, d.callback, None)
         await d
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -378,12 +379,17 @@ class AttachmentsMixin(AttachmentsHelpers):
         """A PATCH that stops sending is closed after the idle timeout, and
         keeps what arrived."""
         await self.serve(request_timeout=1)
-        self.server.site.timeOut = 1  # the idle timeout, for this test
+        # The idle timeout, for this test: a quarter of a second (it is the
+        # one that closes: the request's deadline is a second).
+        self.server.site.timeOut = 0.25
         alice = await self.user("alice")
         attachment_id = await self.create(alice, 1000)
         head = patch_head(alice, attachment_id, 1000)
+        started = time.monotonic()
         answer = await deferToThread(raw_request, self.port, head, b"a" * 10, close_after=False,
                                      timeout=15)
+        # Closed by the server, not ended by this client's own timeout.
+        self.assertLess(time.monotonic() - started, 5)
         self.assertTrue(answer == b"" or b" 408 " in answer.split(b"\r\n", 1)[0], answer[:200])
         self.assertEqual(await self._settled_offset(alice, attachment_id, 10), 10)
 
