@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from cyphr.db import DatabaseUnavailable
 from cyphr.db.postgres import PostgresDatabase
 from cyphr.realtime import bus as bus_module
-from cyphr.realtime.bus import CHANNEL, MAX_PAYLOAD, Bus, LocalBus, PostgresBus
+from cyphr.realtime.bus import CHANNEL, MAX_PAYLOAD, Bus, LocalBus, PostgresBus, node_channel
 from tests import postgres
 
 
@@ -226,7 +226,9 @@ class PostgresBusTests(BusTestsMixin, TestCase):
         ignored with a warning that does not repeat what they said."""
         logs = capture_logs(self)
         for payload in ("garbage-payload", '{"x":1}', "[1,2]", '{"n":"z","e":5}',
-                        '{"n":7,"e":{}}', '{"n":"node-z","s":1,"e":{}', "[" * 100_000):
+                        '{"n":7,"e":{}}', '{"n":"node-z","s":1,"e":{}', "[" * 100_000,
+                        '{"n":"node-z","s":1,"es":[]}', '{"n":"node-z","s":1,"es":[{},5]}',
+                        '{"n":"node-z","s":1,"es":{}}'):
             await self.db_a.run_query("SELECT pg_notify(?, ?)", (CHANNEL, payload[:7999]))
         self.a.bus.publish({"fine": True})
         await wait_until(lambda: self.b.received, "the good event")
@@ -236,6 +238,23 @@ class PostgresBusTests(BusTestsMixin, TestCase):
         warnings = [m for m in messages(logs, "warn") if "malformed" in m]
         self.assertEqual(len(warnings), 2, warnings)
         self.assertNotIn("garbage", " ".join(messages(logs)))
+
+    async def test_sent_to_some_nodes(self) -> None:
+        """An event sent to some nodes reaches them alone (on each one's
+        channel), in order with what was sent to all."""
+        db_c = self.database(self.url)
+        await db_c.when_ready()
+        c = self.node(db_c, self.url, "node-c")
+        await wait_until(lambda: c.bus.listening, "c's LISTEN")
+        self.a.bus.publish({"to": "b"}, to=["node-b"])
+        self.a.bus.publish({"to": "all"})
+        self.a.bus.publish({"to": "b and c"}, to=["node-b", "node-c"])
+        await wait_until(lambda: len(c.received) >= 2, "c's two")
+        await self.sync()
+        self.assertEqual(self.b.received, [{"to": "b"}, {"to": "all"}, {"to": "b and c"}])
+        self.assertEqual([e for e in c.received if "to" in e], [{"to": "all"}, {"to": "b and c"}])
+        self.assertNotEqual(node_channel("node-b"), node_channel("node-c"))
+        self.assertLessEqual(len(node_channel("n" * 1000)), 63)
 
     async def test_failing_listener(self) -> None:
         """A listener whose bus_event raises is logged and does not stop the
