@@ -110,15 +110,21 @@ class ClusterMixin:
 
 
 class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
-    async def test_events_cross_nodes_once(self) -> None:
-        """Two nodes on one database: presence, messages (to every socket of
-        the recipient, on either node, once each), replies and receipts
-        cross between nodes."""
+    async def two_nodes_and_a_chat(self) -> tuple[Node, Node, User, User, Any]:
+        """Nodes A and B, alice on A and bob on B, and alice's first message
+        to bob (sent over REST before anyone connects: it makes their chat)."""
         a_node, b_node = await self.cluster(self.database_setting())
         alice = await self.user(a_node, "alice")
         bob = await self.user(b_node, "bob")
         first = await a_node.http.post("/api/messaging/send", {
             "recipientId": "bob", "encryptedPayload": {"n": 0}}, headers=alice.auth())
+        return a_node, b_node, alice, bob, first
+
+    async def test_events_cross_nodes_once(self) -> None:
+        """Two nodes on one database: presence, messages (to every socket of
+        the recipient, on either node, once each), replies and receipts
+        cross between nodes."""
+        a_node, b_node, alice, bob, first = await self.two_nodes_and_a_chat()
         chat_id = first.json()["chatId"]
         a = await self.connect(a_node, alice)
         b = await self.connect(b_node, bob, transports=["polling", "websocket"])
@@ -183,11 +189,7 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         message of the chat before it has taken that in, so sends it to no
         node. Bob still gets it live, once, when A's answer makes B look in
         the database; and what A commits after, A sends to B."""
-        a_node, b_node = await self.cluster(self.database_setting())
-        alice = await self.user(a_node, "alice")
-        bob = await self.user(b_node, "bob")
-        first = await a_node.http.post("/api/messaging/send", {
-            "recipientId": "bob", "encryptedPayload": {"n": 0}}, headers=alice.auth())
+        a_node, b_node, alice, bob, first = await self.two_nodes_and_a_chat()
         chat_id = first.json()["chatId"]
         fanout = a_node.server.realtime.fanout
         held: list[dict[str, Any]] = []
