@@ -365,6 +365,17 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(len(self.here.rechecked), 2)
         self.assertEqual(self.fanout.memory_tables()["fanout_watch_tokens"], 1)
 
+    def test_flushed_at_a_stop(self) -> None:
+        """At a stop the feeds' closing is published at once (before the
+        bus stops), with nothing left for a later turn."""
+        self.fanout.watch("c1")
+        self.clock.advance(0)
+        self.bus.envelopes()
+        self.fanout.unwatch("c1")
+        self.fanout.flush()
+        self.assertEqual(self.bus.envelopes(), [(Unwatching("here", ("c1",)), None)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_many_chats_in_chunks(self) -> None:
         """250 chats opened at once go in Watching of at most 100 chats,
         each with its own token."""

@@ -175,6 +175,7 @@ class Realtime:
             self._heartbeat.cancel()
         self._heartbeat = None
         self.feeds.stop()
+        self.fanout.flush()
 
     def _beat(self) -> None:
         # The next beat is set first and each step is guarded: a heartbeat

@@ -239,10 +239,16 @@ class FanOut:
 
     def _flush_soon(self) -> None:
         if self._flush_call is None:
-            self._flush_call = self._reactor.callLater(0, self._flush)
+            self._flush_call = self._reactor.callLater(0, self.flush)
 
-    def _flush(self) -> None:
-        self._flush_call = None
+    def flush(self) -> None:
+        """Publish now this turn's watch changes (at the end of the turn
+        otherwise; at a stop, before the bus stops, so that the others stop
+        sending this node what it no longer has feeds for)."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
         gone, self._unwatch = sorted(self._unwatch), set()
         for start in range(0, len(gone), CHATS_PER_WATCH):
             self.publish(Unwatching(self.node_id, tuple(gone[start:start + CHATS_PER_WATCH])))
