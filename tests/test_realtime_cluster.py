@@ -54,7 +54,9 @@ class ClusterMixin:
         return node
 
     async def cluster(self, database: str, count: int = 2, **first: Any) -> list[Node]:
-        """``count`` nodes; ``first`` overrides the first one's settings."""
+        """``count`` nodes; ``first`` overrides the first one's settings.
+        More may join later: ``self.node(self.database)``."""
+        self.database = database
         self.nodes: list[Node] = []
         self.clients: list[SioClient] = []
         self.owners: dict[SioClient, str] = {}  # client -> its user's Cyphr ID
@@ -297,6 +299,25 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
                          (last_seen, False))
         profile = await a_node.http.get("/api/cyphr-id/user/carol", headers=alice.auth())
         self.assertTrue(profile.json()["user"]["isOnline"])
+
+    async def test_a_node_started_later_sends_to_the_watching_nodes(self) -> None:
+        """A node that starts after bob's socket opened its chat's feed on
+        node B learns that B watches the chat (B answers its hello with its
+        list): what alice sends through it reaches bob live, once, in
+        order."""
+        a_node, b_node, alice, bob, first = await self.two_nodes_and_a_chat()
+        b = await self.connect(b_node, bob)  # seq 1 in its catch-up
+        c_node = await self.node(self.database)
+        chat_id = first.json()["chatId"]
+        fanout = c_node.server.realtime.fanout
+        await until(lambda: fanout.memory_tables()["fanout_watched_chats"] == 1,
+                    "node C to learn what node B watches")
+        sent = [await c_node.http.post("/api/messaging/send", {
+            "chatId": chat_id, "encryptedPayload": {"n": n}}, headers=alice.auth()) for n in (1, 2)]
+        await b.wait_for("new_message", 3)
+        await self.settled([b])
+        self.assertEqual([m["message"]["id"] for m in b.events("new_message")],
+                         [first.json()["messageId"], *(r.json()["messageId"] for r in sent)])
 
     async def test_large_message_is_fetched(self) -> None:
         """A message too large for a notification crosses as ids; the other
