@@ -38,8 +38,11 @@ def new_uuid() -> str:
 
 
 def _forget() -> None:
-    global _random, _used
+    # In a forked child: a new lock too (another thread may have held the
+    # parent's at the fork).
+    global _random, _used, _lock
     _random, _used = b"", 0
+    _lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget)
