@@ -48,7 +48,7 @@ from cyphr.errors import (
     RateLimited,
     UnsupportedMediaType,
 )
-from cyphr.handlers.validation import MAX_JSON_DEPTH, json_too_deep
+from cyphr.handlers.validation import MAX_JSON_DEPTH, json_too_deep, refuse_json_constant
 from cyphr.metrics import HttpStats
 
 _log = Logger()
@@ -99,10 +99,6 @@ def error_answer(request: Any, error: ApiError) -> bytes:
     return answer(request, error.to_json(), error.status)
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _is_json_type(content_type: bytes | None) -> bool:
     if not content_type:
         return False
@@ -119,7 +115,7 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidJson("The request body is not valid UTF-8",
                           details={"position": e.start}) from None
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=refuse_json_constant)
     except json.JSONDecodeError as e:
         raise InvalidJson(
             f"The request body is not valid JSON: {e.msg}",

@@ -39,6 +39,12 @@ _CONTAINERS = (dict, list, tuple)
 _BYTES = (bytes, bytearray, memoryview)
 
 
+def refuse_json_constant(name: str) -> Any:
+    """For ``json.loads(..., parse_constant=)``: NaN, Infinity and -Infinity
+    are not JSON, whatever Python's decoder accepts by default."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """
     True if arrays and objects in ``value`` nest more than ``limit`` deep (a

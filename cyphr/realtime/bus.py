@@ -57,6 +57,7 @@ from cyphr.db.postgres import (
     is_connection_error,
 )
 from cyphr.errors import DatabaseUnavailable
+from cyphr.handlers.validation import refuse_json_constant
 
 __all__ = ["CHANNEL", "MAX_PAYLOAD", "Bus", "BusListener", "LocalBus", "PostgresBus", "node_channel"]
 
@@ -92,11 +93,7 @@ AWAY_REPORT_EVERY = 30.0
 _json_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-_json_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
+_json_decode = json.JSONDecoder(parse_constant=refuse_json_constant).decode
 
 
 def _encode(value: Any) -> bytes:

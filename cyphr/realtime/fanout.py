@@ -339,10 +339,9 @@ class FanOut:
             case Watching(node, chats, token, reset):
                 if node == self.node_id:
                     return
-                self._heard(node, True)
                 if reset:
                     self.forget_node(node)
-                    self._routed.add(node)
+                self._heard(node, True)
                 self._watched(node, chats)
                 self.publish(WatchNoted(self.node_id, token), (node,))
             case Unwatching(node, chats):
