@@ -187,6 +187,21 @@ def transport_idle(transport: Any) -> bool:
 # as a protocol's ``dataReceived``: it takes (self, data).
 websocket_data_received: Callable[[Any, bytes], None] = WebSocketProtocol._dataReceived
 
+
+def websocket_between_messages(protocol: Any) -> bool:
+    """Whether an open Autobahn WebSocket holds no incoming bytes and is in
+    no frame or fragmented message, so that the next bytes read begin a
+    frame and may be parsed by someone else (cyphr.realtime.frames) until
+    the first frame that one leaves to Autobahn.
+
+    Autobahn 26.11.1: ``data`` (bytes read and not yet processed),
+    ``current_frame`` (the frame being read) and ``inside_message`` (a
+    fragmented message is being read), the state of ``processData`` (see
+    COPIED); none is public."""
+    return (protocol.state == WebSocketProtocol.STATE_OPEN and not protocol.data
+            and protocol.current_frame is None and not protocol.inside_message)
+
+
 # What Autobahn keeps of the opening handshake on each connection and never
 # reads once the connection is open. Autobahn 26.11.1 (``_wskey`` is private).
 HANDSHAKE_RECORDS: tuple[str, ...] = (
@@ -271,6 +286,15 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("autobahn.websocket.protocol.WebSocketProtocol", "_dataReceived",
                 "cyphr.realtime.engine (websocket_data_received)",
                 "the public dataReceived formats a debug line per read"),
+    PrivateName("autobahn.twisted.websocket.WebSocketServerProtocol", "data",
+                "cyphr.realtime.engine (websocket_between_messages)",
+                "no public state of the frame parser", on_instance=True),
+    PrivateName("autobahn.twisted.websocket.WebSocketServerProtocol", "current_frame",
+                "cyphr.realtime.engine (websocket_between_messages)",
+                "no public state of the frame parser", on_instance=True),
+    PrivateName("autobahn.twisted.websocket.WebSocketServerProtocol", "inside_message",
+                "cyphr.realtime.engine (websocket_between_messages)",
+                "no public state of the frame parser", on_instance=True),
     PrivateName("autobahn.twisted.websocket.WebSocketServerProtocol", "_wskey",
                 "cyphr.realtime.engine (slim_websocket)", "no public way to release it",
                 on_instance=True),
@@ -327,6 +351,23 @@ COPIED: tuple[Copied, ...] = (
     Copied("autobahn.websocket.protocol.WebSocketProtocol.sendData", "88f768f8c9b62cf0",
            "cyphr.realtime.engine.EngineWebSocket.sendData",
            "copied without its debug line, writing to the socket at once"),
+    Copied("autobahn.websocket.protocol.WebSocketProtocol.processData", "3ac2ab517b34f9a9",
+           "cyphr.realtime.frames.next_message",
+           "its checks of a frame, done again for the single-frame messages taken directly"),
+    Copied("autobahn.websocket.protocol.WebSocketProtocol.onFrameBegin", "161ff150172669a1",
+           "cyphr.realtime.engine.EngineWebSocket.dataReceived",
+           "the frame size limit, applied again to the messages taken directly"),
+    Copied("autobahn.websocket.protocol.WebSocketProtocol.onFrameEnd", "f57900e043ef1c92",
+           "cyphr.realtime.engine.EngineWebSocket.dataReceived",
+           "what a data frame's end does besides delivering the message (counters, logs)"),
+    Copied("autobahn.websocket.protocol.WebSocketProtocol.onMessageEnd", "dd5576273c0ab839",
+           "cyphr.realtime.engine.EngineWebSocket.dataReceived",
+           "what a message's end does besides onMessage (observers, which Cyphr has none of)"),
+    Copied("autobahn.websocket.protocol.WebSocketProtocol.sendMessage", "5e4d3a7310f344af",
+           "cyphr.realtime.engine.EngineWebSocket.send_packet (cyphr.realtime.frames.frame)",
+           "the checks and framing of an unfragmented, uncompressed message, done directly"),
+    Copied("autobahn.websocket.protocol.WebSocketProtocol.sendFrame", "45ce8bfe17782817",
+           "cyphr.realtime.frames.frame", "a server frame's header, written directly"),
     Copied("autobahn.twisted.websocket.WebSocketAdapterProtocol.dataReceived", "cae10a3e11a44d02",
            "cyphr.realtime.engine.EngineWebSocket.dataReceived (websocket_data_received)",
            "replaced by what it calls, without its debug line"),

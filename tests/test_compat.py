@@ -87,7 +87,7 @@ HANDSHAKE = (b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: local
              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 
-def _open_websocket(test: TestCase) -> tuple[_Recorder, StringTransport]:
+def open_websocket(test: TestCase) -> tuple[_Recorder, StringTransport]:
     """A server WebSocket whose opening handshake has completed, over an
     in-memory transport, configured as cyphr.realtime.engine configures its
     own (no timers: nothing is left on the reactor)."""
@@ -107,7 +107,7 @@ INSTANCES: dict[str, Callable[[TestCase], Any]] = {
     "twisted.application.internet.StreamServerEndpointService": _listening_service,
     "twisted.web.http.HTTPChannel": _channel_after_request_line,
     "twisted.internet.abstract.FileDescriptor": _file_descriptor,
-    "autobahn.twisted.websocket.WebSocketServerProtocol": lambda test: _open_websocket(test)[0],
+    "autobahn.twisted.websocket.WebSocketServerProtocol": lambda test: open_websocket(test)[0],
     "treq.testing.StubTreq": lambda test: StubTreq(resource.Resource()),
     "treq.testing.RequestTraversalAgent": lambda test: RequestTraversalAgent(resource.Resource()),
 }
@@ -367,7 +367,7 @@ class AutobahnTests(TestCase):
         """After the opening handshake (fed through websocket_data_received)
         each handshake record is an attribute of the connection; once
         slimmed, none is, and messages are still received."""
-        protocol, transport = _open_websocket(self)
+        protocol, transport = open_websocket(self)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "), transport.value())
         attributes = vars(protocol)
         self.assertEqual([name for name in _compat.HANDSHAKE_RECORDS if name not in attributes], [])

@@ -9,12 +9,14 @@ run on a task.Clock; its database runs on the real reactor.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -39,6 +41,29 @@ UPGRADE_HEADERS = (
     b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
 )
+
+
+def client_frame(payload: bytes, *, opcode: int = 1, fin: bool = True, rsv: int = 0,
+                 masked: bool = True, wide: bool = False) -> bytes:
+    """One client-to-server WebSocket frame, as given, valid or not
+    (``wide``: the length in 16 bits even when it fits in 7)."""
+    first = (0x80 if fin else 0) | rsv << 4 | opcode
+    mask_bit = 0x80 if masked else 0
+    size = len(payload)
+    if size < 126 and not wide:
+        header = bytes((first, mask_bit | size))
+    elif size < 0x10000:
+        header = bytes((first, mask_bit | 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((first, mask_bit | 127)) + size.to_bytes(8, "big")
+    if not masked:
+        return header + payload
+    mask = os.urandom(4)
+    return header + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
+def unknown_event(ack_id: int, argument: str = "") -> bytes:
+    return f'42{ack_id}["no_such_event"{"," + json.dumps(argument) if argument else ""}]'.encode()
 
 
 def compact(value: Any) -> str:
@@ -880,6 +905,70 @@ class TransportTests(SQLiteMixin, TestCase):
             await d.addTimeout(5, reactor)
         with self.assertRaises(Disconnected):
             await socket.emit_with_ack("late")
+
+    # -- 7b. WebSocket framing -------------------------------------------------------
+    # The server reads a whole message in one masked frame itself and leaves
+    # everything else to Autobahn from that frame on (cyphr.realtime.frames):
+    # these write frames as raw bytes, so that several arrive in one read, one
+    # is split across reads, and control frames and fragments come between.
+
+    async def test_frames_in_one_read_split_across_reads_and_between_others(self) -> None:
+        """Messages that arrive together, one cut across two reads, one
+        behind a ping, one in fragments and one with a 16-bit length are
+        each read once, in order, and the ping is answered."""
+        await self.serve()
+        ws, _, _ = await self.websocket()
+        pongs: list[bytes] = []
+        ws.onPong = pongs.append  # type: ignore[method-assign]
+        third = client_frame(unknown_event(3))
+        ws.transport.write(client_frame(unknown_event(1)) + client_frame(unknown_event(2))
+                           + third[:5])
+        self.assertEqual([await ws.recv(), await ws.recv()],
+                         [f"431[{UNKNOWN_EVENT}]", f"432[{UNKNOWN_EVENT}]"])
+        await self.no_frame(ws)  # the third is not whole: nothing is read of it yet
+        fragmented = unknown_event(5)
+        ws.transport.write(
+            third[5:] + client_frame(unknown_event(4)) + client_frame(b"ping!", opcode=9)
+            + client_frame(fragmented[:6], fin=False) + client_frame(fragmented[6:], opcode=0)
+            + client_frame(unknown_event(6, "x" * 300)) + client_frame(unknown_event(7)))
+        for ack_id in range(3, 8):
+            self.assertEqual(await ws.recv(), f"43{ack_id}[{UNKNOWN_EVENT}]")
+        self.assertEqual(pongs, [b"ping!"])
+
+    async def test_no_compression_is_negotiated(self) -> None:
+        """A client that offers permessage-deflate is given no extension:
+        frames go uncompressed both ways, as the server frames them itself."""
+        await self.serve()
+        factory = _RecordingFactory(f"ws://127.0.0.1:{self.port}/socket.io/?{WEBSOCKET}")
+        factory.setProtocolOptions(
+            perMessageCompressionOffers=[PerMessageDeflateOffer()],
+            perMessageCompressionAccept=PerMessageDeflateResponseAccept)
+        ws: WireSocket = await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(factory)
+        self.websockets.append(ws)
+        await ws.opened.addTimeout(5, reactor)
+        self.assertEqual(ws.websocket_extensions_in_use, [])
+        await self._open(ws, connect=True)
+        await self.assert_alive(ws)
+
+    async def test_a_bad_frame_behind_good_ones_in_one_read(self) -> None:
+        """A frame that breaks RFC 6455 (unmasked, reserved bits, a reserved
+        opcode, a 16-bit length that fits in 7) or is over the session's
+        limit closes the connection (1002, 1009), after the messages that
+        came before it in the same read are answered."""
+        await self.serve()
+        bad = {
+            "unmasked": (client_frame(unknown_event(2), masked=False), 1002),
+            "reserved bits": (client_frame(unknown_event(2), rsv=4), 1002),
+            "reserved opcode": (client_frame(unknown_event(2), opcode=3), 1002),
+            "longer length": (client_frame(unknown_event(2), wide=True), 1002),
+            "over the limit": (client_frame(unknown_event(2, "x" * 5000)), 1009),
+        }
+        for what, (frame, code) in bad.items():
+            ws, sid, _ = await self.websocket()
+            ws.transport.write(client_frame(unknown_event(1)) + frame)
+            self.assertEqual(await ws.recv(), f"431[{UNKNOWN_EVENT}]", what)
+            self.assertEqual((await ws.wait_closed())[0], code, what)
+            await until(lambda: self.gone(sid), "the session to end")
 
     # -- 8. limits ------------------------------------------------------------------
 

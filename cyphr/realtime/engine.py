@@ -49,11 +49,13 @@ from cyphr._compat import (
     request_gone,
     slim_websocket,
     transport_idle,
+    websocket_between_messages,
     websocket_data_received,
 )
 from cyphr.connections import address_key
 from cyphr.errors import RateLimited
 from cyphr.handlers.ratelimit import RateLimit
+from cyphr.realtime import frames
 from cyphr.realtime.codec import (
     CLOSE,
     MESSAGE,
@@ -178,6 +180,13 @@ class Session:
     def send_many(self, messages: list[str | bytes]) -> None:
         """Send Engine.IO messages (text or binary), in order."""
         for data in messages:
+            ws = self._ws
+            if ws is not None and not self._paused and not self._queue and not self.closed:
+                # The common case, without a packet object (what _send_packet does).
+                ws.send_message(data)
+                if ws.unsent > self.server.buffer_limit:
+                    self._slow_consumer()
+                continue
             self._send_packet(EnginePacket(MESSAGE, data))
 
     def _send_packet(self, packet: EnginePacket) -> None:
@@ -865,10 +874,34 @@ class EngineWebSocket(WebSocketServerProtocol):
 
     # Autobahn formats a debug line, with colours, for every read and every
     # write, even when debug logging is off: about 5% of the reactor's time
-    # under load. These two do what Autobahn does, without that line (both
-    # are listed in cyphr._compat.COPIED, checked at each upgrade).
+    # under load. dataReceived and sendData do what Autobahn does without
+    # that line, and the common case of framing is done directly
+    # (cyphr.realtime.frames; all listed in cyphr._compat.COPIED, checked at
+    # each upgrade).
 
-    dataReceived = websocket_data_received
+    def dataReceived(self, data: bytes) -> None:
+        # Whole single-frame messages are taken here while Autobahn holds
+        # nothing of the stream; Autobahn gets the rest from the first frame
+        # they leave to it (a control frame, a fragment, a frame not whole
+        # yet, one over the limit, a violation) and so refuses or buffers it.
+        if websocket_between_messages(self) and not self.logFrames and not self.logOctets:
+            start = 0
+            # The largest message taken here: the session's frame limit
+            # (which changes as the session goes) within Autobahn's own
+            # bound; onMessageFrameBegin and Autobahn refuse a larger one.
+            bound = self.factory.engine.max_payload
+            while (session := self.session) is not None and self.state == self.STATE_OPEN:
+                limit = session.frame_limit
+                taken = frames.next_message(data, start, limit if limit < bound else bound)
+                if taken is None:
+                    break
+                payload, binary, start = taken
+                self.onMessage(payload, binary)
+            if start == len(data):
+                return
+            if start:
+                data = data[start:]
+        websocket_data_received(self, data)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.logOctets:
@@ -909,11 +942,29 @@ class EngineWebSocket(WebSocketServerProtocol):
     def send_packet(self, packet: EnginePacket) -> None:
         if self.state != self.STATE_OPEN:
             return  # closing: onClose tells the session
-        frame = encode_frame(packet)
-        if isinstance(frame, bytes):
-            self.sendMessage(frame, isBinary=True)
+        encoded = encode_frame(packet)
+        if isinstance(encoded, bytes):
+            self._send_frame(encoded, True)
         else:
-            self.sendMessage(frame.encode("utf-8"), isBinary=False)
+            self._send_frame(encoded.encode("utf-8"), False)
+
+    def send_message(self, data: str | bytes) -> None:
+        """``send_packet(EnginePacket(MESSAGE, data))``, without the packet."""
+        if self.state != self.STATE_OPEN:
+            return  # closing: onClose tells the session
+        if type(data) is str:
+            self._send_frame(("4" + data).encode("utf-8"), False)
+        else:
+            self._send_frame(encode_frame(EnginePacket(MESSAGE, data)), True)  # type: ignore[arg-type]
+
+    def _send_frame(self, payload: bytes, binary: bool) -> None:
+        # (No compression is ever negotiated: the factory keeps Autobahn's
+        # default perMessageCompressionAccept, which refuses every offer.)
+        if (self.send_queue or self.logFrames or self.logOctets or self.autoFragmentSize
+                or 0 < self.maxMessagePayloadSize < len(payload)):
+            self.sendMessage(payload, isBinary=binary)  # Autobahn's general path, and its refusal
+            return
+        self._write(frames.frame(payload, binary))
 
     def close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_OPEN:
