@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from cyphr.changes import ChangeFeed, MemberJoined, MemberLeft, MessageStored, RoleChanged
 from cyphr.clock import now_ms
 from cyphr.errors import (
@@ -281,11 +283,11 @@ class MessagingHandler:
 
     # -- messages -------------------------------------------------------
 
-    async def send(self, user: AuthUser, *, payload: str, message_type: str,
-                   client_message_id: str | None, chat_id: str | None = None,
-                   recipient_id: str | None = None, devices: Sealed | None = None,
-                   envelopes: tuple[SealedFor, ...] | None = None,
-                   attachments: tuple[str, ...] | None = None, origin: Any = None) -> Message:
+    def send(self, user: AuthUser, *, payload: str, message_type: str,
+             client_message_id: str | None, chat_id: str | None = None,
+             recipient_id: str | None = None, devices: Sealed | None = None,
+             envelopes: tuple[SealedFor, ...] | None = None,
+             attachments: tuple[str, ...] | None = None, origin: Any = None) -> Deferred[Message]:
         """Store one message, in a chat the sender belongs to or in the
         direct chat with ``recipient_id`` (created on first use). The REST
         route and the realtime event both come here; MessageStored goes on
@@ -295,7 +297,14 @@ class MessagingHandler:
         before anything is stored or created; so must the devices of
         ``envelopes`` (a message over sessions), one for each device but the
         sending one. ``attachments`` must be finished uploads of the
-        sender's that are still served."""
+        sender's that are still served. Fires with the stored message;
+        raises or fails with ApiError.
+
+        A plain message to a chat, or to a user whose direct chat is known,
+        needs nothing from the database before it is stored: it goes to the
+        send batcher at once, with no coroutine between (about 8 µs of a
+        message's 100 under load). Anything else is checked first
+        (``_send_checked``)."""
         if envelopes is not None:
             for index, sealed in enumerate(envelopes):
                 if (sealed.cyphr_id, sealed.device_id) == (user.cyphr_id, user.device_id):
@@ -303,13 +312,30 @@ class MessagingHandler:
                                   " which keeps what it sent itself")
             devices = frozenset((sealed.cyphr_id, sealed.device_id) for sealed in envelopes)
         self._send_limit.hit(user.user_id)
+        if recipient_id is not None:
+            chat_id = self._known_direct_chat(user.cyphr_id, recipient_id)
+        if attachments or devices is not None or chat_id is None:
+            return Deferred.fromCoroutine(self._send_checked(
+                user, payload=payload, message_type=message_type, client_message_id=client_message_id,
+                chat_id=chat_id, recipient_id=recipient_id, devices=devices, envelopes=envelopes,
+                attachments=attachments, origin=origin))
+        return self._submit(user, chat_id, payload, message_type, client_message_id,
+                            now_ms(self._clock), envelopes, attachments, origin)
+
+    async def _send_checked(self, user: AuthUser, *, payload: str, message_type: str,
+                            client_message_id: str | None, chat_id: str | None,
+                            recipient_id: str | None, devices: Sealed | None,
+                            envelopes: tuple[SealedFor, ...] | None,
+                            attachments: tuple[str, ...] | None, origin: Any) -> Message:
+        """The rest of ``send`` when something must be looked up first: the
+        attachments, the devices named, the direct chat (``chat_id`` is the
+        known one, or None)."""
         if attachments:  # before anything is created
             if self._attachments is None:
                 raise invalid("attachments", "This server keeps no attachments")
             await self._attachments.check_named(user, list(attachments))
         now = now_ms(self._clock)
         if recipient_id is not None:
-            chat_id = self._known_direct_chat(user.cyphr_id, recipient_id)
             if devices is not None:
                 if chat_id is None:
                     await self._exists(recipient_id)
@@ -325,11 +351,19 @@ class MessagingHandler:
         assert chat_id is not None
         if devices is not None and recipient_id is None:
             await self._recipients.check(user, devices, chat_id=chat_id)
+        return await self._submit(user, chat_id, payload, message_type, client_message_id, now,
+                                  envelopes, attachments, origin)
 
-        result = await self._batcher.submit(Outgoing(
+    def _submit(self, user: AuthUser, chat_id: str, payload: str, message_type: str,
+                client_message_id: str | None, now: int, envelopes: tuple[SealedFor, ...] | None,
+                attachments: tuple[str, ...] | None, origin: Any) -> Deferred[Message]:
+        stored = self._batcher.submit(Outgoing(
             id=new_uuid(), chat_id=chat_id, sender_id=user.cyphr_id, payload=payload,
             message_type=message_type, client_message_id=client_message_id, created_at=now,
             sender_device=user.device_id, envelopes=envelopes or (), attachments=attachments or ()))
+        return stored.addCallback(self._committed, origin)
+
+    def _committed(self, result: Message | NotAMember, origin: Any) -> Message:
         if isinstance(result, NotAMember):
             raise _no_chat()
         self._changes.publish(MessageStored(result, origin))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -31,11 +32,17 @@ from cyphr.handlers.calls import CALL_TYPES, CallsHandler
 from cyphr.handlers.messaging import MessagingHandler, parse_send
 from cyphr.handlers.receipts import Receipt, ReceiptsHandler
 from cyphr.handlers.validation import Fields, invalid
+from cyphr.realtime.codec import EncodedJson
 from cyphr.realtime.fanout import FanOut
 from cyphr.realtime.socketio import Namespace, RateExceeded, Socket, UnknownEvent
-from cyphr.wire import receipt_json, sent_json
+from cyphr.store.messages import Message
+from cyphr.wire import receipt_json, sent_text
 
 _log = Logger()
+
+
+def _send_ack(message: Message) -> EncodedJson:
+    return EncodedJson(sent_text(message))
 
 
 class Sent:
@@ -116,7 +123,9 @@ class ClientEvents:
     def _signed_in(self, handler: Any) -> Any:
         # One optional argument, as every signed-in event takes: the
         # namespace reads this signature to refuse extra arguments (400).
-        async def guarded(socket: Socket, data: Any = None) -> Any:
+        # Not a coroutine itself: it answers the handler's coroutine or
+        # Deferred, and the namespace runs either.
+        def guarded(socket: Socket, data: Any = None) -> Any:
             user: AuthUser | None = socket.state.user
             if user is None:
                 raise Unauthorized("Authenticate first", code=UNAUTHORIZED)
@@ -124,12 +133,13 @@ class ClientEvents:
                 # Refused whether or not the expiry timer (which ends the
                 # socket) has run yet: a busy reactor may run it late.
                 raise Unauthorized("The session token has expired", code=TOKEN_EXPIRED)
-            return await handler(socket, user, event_body(data))
+            return handler(socket, user, event_body(data))
         return guarded
 
-    async def _send_message(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
-        message = await self._messaging.send(user, origin=socket, **parse_send(body, self._max_payload))
-        return sent_json(message)
+    def _send_message(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> Deferred[EncodedJson]:
+        # A Deferred rather than a coroutine: see MessagingHandler.send.
+        sent = self._messaging.send(user, origin=socket, **parse_send(body, self._max_payload))
+        return sent.addCallback(_send_ack)
 
     async def _message_delivered(self, socket: Socket, user: AuthUser, body: dict[str, Any]) -> dict[str, Any]:
         message_id, chat_id = _message_ref(body)

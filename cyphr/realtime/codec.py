@@ -337,11 +337,40 @@ def encode_packet(packet: SocketPacket) -> list[str | bytes]:
 
 # -- decoding
 
+@dataclass(frozen=True, slots=True)
+class EncodedJson:
+    """A value already written as compact JSON text with no bytes in it,
+    which a handler may answer as its ack (the ack of a send, made once per
+    message): it goes out as it is, not encoded again."""
+
+    text: str
+
+
 def encode_event_json(event: str, json_text: str) -> list[str | bytes]:
     """``encode_packet(SocketPacket(EVENT, "/", [event, data]))`` where
     ``json_text`` is ``data`` already encoded as compact JSON with no bytes
     in it (a stored message on its way out: it is not parsed again)."""
-    return ["2[" + _dumps_plain(event) + "," + json_text + "]"]
+    name = _EVENT_NAMES.get(event)
+    if name is None:
+        name = _dumps_plain(event)
+        if len(_EVENT_NAMES) < 64:  # the server's own few event names
+            _EVENT_NAMES[event] = name
+    return ["2[" + name + "," + json_text + "]"]
+
+
+_EVENT_NAMES: dict[str, str] = {}
+
+
+def encode_ack_json(namespace: str, ack_id: int, value: EncodedJson) -> list[str | bytes]:
+    """``encode_packet(SocketPacket(ACK, namespace, [value], ack_id))`` for
+    a value already encoded (EncodedJson)."""
+    if type(ack_id) is not int or not 0 <= ack_id < _ACK_ID_LIMIT:
+        raise ValueError(f"cannot encode ack id {ack_id!r}")
+    if namespace == "/":
+        return ["3" + str(ack_id) + "[" + value.text + "]"]
+    if not namespace.startswith("/") or "," in namespace:
+        raise ValueError(f"cannot encode namespace {namespace!r}")
+    return ["3" + namespace + "," + str(ack_id) + "[" + value.text + "]"]
 
 
 def _refuse_constant(name: str) -> Any:

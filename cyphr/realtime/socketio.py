@@ -47,11 +47,13 @@ from cyphr.realtime.codec import (
     DISCONNECT,
     EVENT,
     RESERVED_EVENTS,
+    EncodedJson,
     EventTooLarge,
     NestedTooDeep,
     PacketDecoder,
     ProtocolError,
     SocketPacket,
+    encode_ack_json,
     encode_packet,
     peek_event,
 )
@@ -303,10 +305,10 @@ def _run(handler: Handler, *args: Any) -> Deferred[Any]:
         result = handler(*args)
     except Exception:
         return fail()
-    if inspect.isawaitable(result):
-        return ensureDeferred(result)  # type: ignore[arg-type]
     if isinstance(result, Deferred):
         return result
+    if inspect.isawaitable(result):
+        return ensureDeferred(result)  # type: ignore[arg-type]
     d: Deferred[Any] = Deferred()
     d.callback(result)
     return d
@@ -549,6 +551,9 @@ class Connection:
 
     def _ack(self, result: Any, socket: Socket, ack_id: int) -> None:
         if not self.open or not socket.connected:
+            return
+        if type(result) is EncodedJson:
+            socket.send_frames(encode_ack_json(socket.namespace.name, ack_id, result))
             return
         args = list(result) if isinstance(result, tuple) else ([] if result is None else [result])
         socket.send_frames(encode_packet(SocketPacket(ACK, socket.namespace.name, args, ack_id)))
