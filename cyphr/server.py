@@ -43,7 +43,7 @@ from cyphr.api.security import SecurityAPI
 from cyphr.api.rosters import RostersAPI
 from cyphr.api.sessionkeys import SessionKeysAPI
 from cyphr.api.wallet import WalletAPI
-from cyphr.changes import ChangeFeed, IdentityDeleted, MemberLeft, MessageStored
+from cyphr.changes import ChangeFeed, IdentityDeleted, MemberLeft
 from cyphr.clock import now_ms
 from cyphr.config import Config, ConfigError
 from cyphr.connections import ConnectionLimits
@@ -528,7 +528,11 @@ def build_server(
                        config.max_prekeys, clock)
     wallet = WalletHandler(WalletStore(database), identity, clock, origins)
     messages = MessageStore(database)
-    batcher = SendBatcher(messages, reactor)
+    node_id = config.node_id or default_node_id()
+    push, gateway = push_handler(config, secrets, PushStore(database), clock, reactor, node_id, cpu)
+    # Each batch of messages queues the wake-ups of the devices with no
+    # socket, in its own statement.
+    batcher = SendBatcher(messages, reactor, wake_ups=push)
     attachments = AttachmentsHandler(
         AttachmentStore(database), blob_store(config, data_dir, reactor), clock, AttachmentLimits(max_size=config.max_attachment, quota=config.attachment_quota,
                                 max_pending=config.max_pending_uploads,
@@ -553,10 +557,6 @@ def build_server(
         calls.forget_user(change.cyphr_id)
 
     changes.subscribe(IdentityDeleted, identity_deleted)
-    node_id = config.node_id or default_node_id()
-    push, gateway = push_handler(config, secrets, PushStore(database), clock, reactor, node_id, cpu)
-    # Wake-ups for the devices with no socket: queued once a message is stored.
-    changes.subscribe(MessageStored, push.message_stored)
 
     bus: Bus
     if isinstance(database, PostgresDatabase):

@@ -74,7 +74,7 @@ class World:
         items = [Outgoing(id=str(uuid.uuid4()), chat_id=chat_id, sender_id=sender.cyphr_id,
                           payload=json.dumps({"n": n}), message_type="text", client_message_id=None,
                           created_at=now_ms(self.clock)) for n in range(count)]
-        stored = await self.messages.store_batch(items)
+        stored = (await self.messages.store_batch(items)).answers
         assert all(isinstance(m, Message) for m in stored), stored
         return stored  # type: ignore[return-value]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cyphr.client.client import Client
+from cyphr.store.messages import MessageStore, NotAMember, Outgoing
+from cyphr.store.push import WakeUps
 from tests.clients import PASSPHRASE
 from tests.fcmservice import UNREGISTERED, FcmService
 from tests.helpers import PostgresMixin, RealHTTP, SQLiteMixin, cli_in_process, start_server
@@ -69,10 +72,11 @@ class PushMixin(ClusterMixin):
         self.assertEqual(response.code, 201, response.body)
 
     async def drained(self, *nodes: Node) -> None:
-        """Every wake-up queued so far has been sent (or given up)."""
+        """Every wake-up queued so far has been sent (or given up). (A
+        message's wake-ups are queued with it: by its 201, they are.)"""
         for node in nodes or self.nodes:
             push = node.server.push
-            while push._flush is not None or push._tasks or push._draining is not None:
+            while push._tasks or push._draining is not None:
                 await deferLater(reactor, 0.01, lambda: None)
             push.kick()
             while push._draining is not None:
@@ -158,6 +162,44 @@ class PushTests(PushMixin):
         self.assertEqual(len(wakes), 2)
         self.assertEqual(json.loads(wakes[1].plaintext), {"n": 2})
         self.assertEqual(self.service.errors, [])
+
+    async def test_wake_ups_are_queued_with_the_messages(self) -> None:
+        """A batch of messages queues the wake-ups of the messages stored
+        now in its own transaction: the recipient's device, not the sending
+        one; none for a resend or a refused message; none at all when the
+        batch fails."""
+        [node] = await self.serve()
+        alice, bob, carol = [await self.user(node, name) for name in ("alice", "bob", "carol")]
+        await self.registered(node, alice)  # the sending device: never woken by its own send
+        await self.registered(node, bob)
+        await self.send(node, alice, bob)
+        [(chat_id,)] = await node.server.database.run_query("SELECT id FROM chats")
+        database = node.server.database
+        await self.drained()
+        await database.run_query("DELETE FROM push_outbox")  # as if bob's device connected
+
+        store = MessageStore(database)
+        now = int(node.server.clock.seconds() * 1000)
+        wake_ups = WakeUps(now, now - 60_000)
+
+        def outgoing(sender: User, client_id: str, message_type: str = "text") -> Outgoing:
+            return Outgoing(str(uuid.uuid4()), chat_id, sender.cyphr_id, "{}", message_type,
+                            client_id, now, sender_device=1)
+
+        async def outbox() -> list[tuple[Any, ...]]:
+            return list(await database.run_query("SELECT user_id, device_id FROM push_outbox"))
+
+        stored = await store.store_batch([outgoing(alice, "c1"), outgoing(alice, "c2")], wake_ups)
+        self.assertEqual(stored.woken, 1)  # bob's one device, once for the two
+        self.assertEqual([str(user_id) for user_id, _ in await outbox()], [bob.user_id])
+        await database.run_query("DELETE FROM push_outbox")
+        stored = await store.store_batch([outgoing(alice, "c1"), outgoing(carol, "c3")], wake_ups)
+        self.assertEqual(stored.woken, 0)  # a resend, and a sender who is no member
+        self.assertIsInstance(stored.answers[1], NotAMember)
+        self.assertEqual(await outbox(), [])
+        with self.assertRaises(Exception):
+            await store.store_batch([outgoing(alice, "c4"), outgoing(alice, "c5", "bogus")], wake_ups)
+        self.assertEqual(await outbox(), [])
 
     async def _no_outbox(self, node: Node) -> None:
         for _ in range(500):

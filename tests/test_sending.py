@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.errors import DatabaseUnavailable
 from cyphr.handlers.sending import SendBatcher
-from cyphr.store.messages import Outgoing
+from cyphr.store.messages import Outgoing, Stored
 
 
 def outgoing(n: int) -> Outgoing:
@@ -24,10 +24,10 @@ class ControlledStore:
     def __init__(self) -> None:
         self.batches: list[tuple[list[Outgoing], Deferred[list[Any]]]] = []
 
-    async def store_batch(self, items: list[Outgoing]) -> list[Any]:
+    async def store_batch(self, items: list[Outgoing], wake_ups: Any = None) -> Stored:
         d: Deferred[list[Any]] = Deferred()
         self.batches.append((items, d))
-        return await d
+        return Stored(await d)
 
     def commit(self, index: int) -> None:
         items, d = self.batches[index]
@@ -40,7 +40,7 @@ class UnavailableStore:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def store_batch(self, items: list[Outgoing]) -> list[Any]:
+    async def store_batch(self, items: list[Outgoing], wake_ups: Any = None) -> Stored:
         self.calls += 1
         raise DatabaseUnavailable()
 

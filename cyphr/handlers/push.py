@@ -9,10 +9,10 @@ carries the same Topic, so a push service keeps only the newest.
   Push or UnifiedPush endpoint must be https and reach a public address,
   unless it starts with one of the operator's ``push_allow_endpoint``
   prefixes (local distributors, tests).
-- **The outbox** (cyphr.store.push): after a message is committed, one
-  statement per reactor turn (for every chat that got messages in it)
-  queues a wake-up for each registered device of its
-  members that has no live socket and none queued or sent already (a
+- **The outbox** (cyphr.store.push): each batch of messages, in the
+  transaction that stores it (on PostgreSQL the same statement), queues a
+  wake-up for each registered device of the chats' members but the
+  sending device that has no live socket and none queued or sent already (a
   device is woken once, however many messages wait for it, until it
   connects again). The queue is in the database: a process that stops
   before sending leaves it to the next drain, on any node. A device that
@@ -43,13 +43,12 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from cyphr.changes import MessageStored
 from cyphr.clock import now_ms
 from cyphr.db import DatabaseUnavailable
 from cyphr.errors import ApiError, BadRequest, NotFound
 from cyphr.handlers.auth import AuthUser
 from cyphr.push.webpush import PushResult
-from cyphr.store.push import PushStore, Registration
+from cyphr.store.push import PushStore, Registration, WakeUps
 
 _log = Logger()
 
@@ -99,9 +98,6 @@ class PushHandler:
         self._check_endpoint = check_endpoint
         self._public_config = dict(public_config or {})
         self.stats = PushStats(Counter(), Counter())
-        # (chat id, sender, sending device) of the messages stored this turn
-        self._pending: set[tuple[str, str, int | None]] = set()
-        self._flush: Any = None
         self._draining: Deferred[None] | None = None
         self._again = False
         self._tasks: set[Deferred[Any]] = set()
@@ -137,29 +133,17 @@ class PushHandler:
 
     # -- queueing -------------------------------------------------------------
 
-    def message_stored(self, change: MessageStored) -> None:
-        """Subscribed to the change feed: the chats that got messages in this
-        turn are queued for together, in one statement, on the next turn (a
-        batch of sends costs one statement, not one each)."""
-        message = change.message
-        self._pending.add((message.chat_id, message.sender_id, message.sender_device))
-        if self._flush is None:
-            self._flush = self._reactor.callLater(0, self._enqueue_pending)
-
-    def _enqueue_pending(self) -> None:
-        self._flush = None
-        pending, self._pending = self._pending, set()
-        self._spawn(self._enqueue(sorted(pending, key=lambda send: (send[0], send[1], send[2] or 0))))
-
-    async def _enqueue(self, sends: list[tuple[str, str, int | None]]) -> None:
+    def wake_ups(self) -> WakeUps:
+        """What a batch of messages stored now queues its wake-ups with
+        (SendBatcher, in the batch's own statement): the devices of the
+        chats' members that have no socket on a node heard from lately."""
         now = now_ms(self._clock)
-        try:
-            queued = await self._store.enqueue(sends, now, now - NODE_SILENCE)
-        except DatabaseUnavailable:
-            _log.info("Could not queue wake-ups: the database is unavailable")
-            return
-        if queued:
-            self.stats.queued += queued
+        return WakeUps(now, now - NODE_SILENCE)
+
+    def queued(self, count: int) -> None:
+        """A batch of messages queued ``count`` wake-ups: they go now."""
+        if count:
+            self.stats.queued += count
             self.kick()
 
     # -- live sockets ---------------------------------------------------------
@@ -223,9 +207,6 @@ class PushHandler:
         for loop in (self._heartbeat, self._drain_loop):
             if loop.running:
                 loop.stop()
-        if self._flush is not None and self._flush.active():
-            self._flush.cancel()
-            self._enqueue_pending()
         while self._tasks:
             await next(iter(self._tasks))
         if self._draining is not None:

@@ -14,7 +14,7 @@ messages fanned out, so that the database and the reactor work side by side.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -23,15 +23,28 @@ from twisted.python.failure import Failure
 from cyphr.errors import DatabaseUnavailable
 from cyphr.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
+from cyphr.store.push import WakeUps
 
 _log = Logger()
 MAX_BATCH = 500
 
 
+class WakeUpQueue(Protocol):
+    """Who queues push wake-ups with each batch (cyphr.handlers.push.PushHandler)."""
+
+    def wake_ups(self) -> WakeUps:
+        """The wake-ups to queue with a batch stored now."""
+
+    def queued(self, count: int) -> None:
+        """A batch queued ``count`` wake-ups."""
+
+
 class SendBatcher:
-    def __init__(self, store: MessageStore, reactor: Any, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, store: MessageStore, reactor: Any, max_batch: int = MAX_BATCH,
+                 wake_ups: WakeUpQueue | None = None) -> None:
         self._store = store
         self._reactor = reactor
+        self._wake_ups = wake_ups
         self._max_batch = max_batch
         self._pending: list[tuple[Outgoing, Deferred[Message | NotAMember]]] = []
         self._scheduled: Any = None
@@ -96,9 +109,10 @@ class SendBatcher:
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-100:]
         self.size_histogram.observe(len(batch))
         started = self._reactor.seconds()
+        wake_ups = self._wake_ups
         try:
-            results: list[Message | NotAMember | Failure] = list(
-                await self._store.store_batch([item for item, _ in batch]))
+            stored = await self._store.store_batch([item for item, _ in batch],
+                                                   wake_ups.wake_ups() if wake_ups is not None else None)
         except DatabaseUnavailable as e:
             return [Failure(e) for _ in batch]
         except Exception:
@@ -113,7 +127,9 @@ class SendBatcher:
                 results += await self._outcomes([entry])
             return results
         self.commit_histogram.observe(self._reactor.seconds() - started)
-        return results
+        if wake_ups is not None:
+            wake_ups.queued(stored.woken)
+        return list(stored.answers)
 
     async def stop(self) -> None:
         """Write what is pending, then return (the service is stopping)."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from cyphr.db import Database, Transaction
 from cyphr.store.attachments import attach_txn, unattach_txn
 from cyphr.store.envelopes import EnvelopeStore, SealedFor, insert_envelopes
+from cyphr.store.push import WakeUps, queue_wake_ups_txn, wake_ups_sql
 
 _COLUMNS = (
     "m.id, m.chat_id, m.seq, m.sender_id, m.encrypted_content, m.message_type,"
@@ -64,25 +65,39 @@ class NotAMember(Exception):
     """The sender is not (or no longer) a member of the chat."""
 
 
+class Stored(NamedTuple):
+    """What a batch came to: for each message its stored message or
+    NotAMember, and how many push wake-ups were queued with them."""
+
+    answers: list[Message | NotAMember]
+    woken: int = 0
+
+
 class MessageStore:
     def __init__(self, database: Database) -> None:
         self._db = database
         self.envelopes = EnvelopeStore(database)
 
-    async def store_batch(self, items: list[Outgoing]) -> list[Message | NotAMember]:
+    async def store_batch(self, items: list[Outgoing], wake_ups: WakeUps | None = None) -> Stored:
         """
         Store ``items`` in one transaction and answer, for each, its stored
         message or NotAMember. A resent clientMessageId answers the message
-        first stored under it. Raises only for the whole batch (the database
+        first stored under it. With ``wake_ups``, the push wake-ups of the
+        messages stored now are queued in the same transaction (on
+        PostgreSQL in the same statement), so that none is lost to a crash
+        between the two. Raises only for the whole batch (the database
         failed, or a concurrent writer made a constraint refuse it): the
         caller then decides what to retry.
         """
         if self._db.engine == "postgresql":
             if any(item.envelopes or item.attachments for item in items):
-                return await self._db.run_interaction("store_messages", _store_batch_pg_txn, items)
-            # One statement, one round trip: schema 005's store_messages (013's arguments).
-            return _pg_answers(items, await self._db.run_query(_STORE_MESSAGES, _pg_arguments(items)))
-        return await self._db.run_interaction("store_messages", _store_batch_txn, items)
+                return await self._db.run_interaction("store_messages", _store_batch_pg_txn, items,
+                                                      wake_ups)
+            # One statement, one round trip: schema 005's store_messages (013's
+            # arguments), and the wake-ups.
+            return _pg_stored(items, await self._db.run_query(*_pg_statement(items, wake_ups)),
+                              wake_ups is not None)
+        return await self._db.run_interaction("store_messages", _store_batch_txn, items, wake_ups)
 
     async def for_reader(self, messages: list[Message], cyphr_id: str,
                          device: tuple[str, int]) -> list[Message]:
@@ -232,6 +247,21 @@ def _pg_arguments(items: list[Outgoing]) -> tuple[list[Any], ...]:
             [item.created_at for item in items], [item.sender_device for item in items])
 
 
+def _pg_statement(items: list[Outgoing], wake_ups: WakeUps | None) -> tuple[str, tuple[Any, ...]]:
+    if wake_ups is None:
+        return _STORE_MESSAGES, _pg_arguments(items)
+    return _STORE_MESSAGES_WAKING, (*_pg_arguments(items), wake_ups.now, wake_ups.now,
+                                    wake_ups.live_since)
+
+
+def _pg_stored(items: list[Outgoing], rows: list[Any], waking: bool) -> Stored:
+    """The answers from rows of _STORE_MESSAGES, or of _STORE_MESSAGES_WAKING
+    (``waking``), whose every row ends with the number of wake-ups queued."""
+    if waking:
+        return Stored(_pg_answers(items, [row[:-1] for row in rows]), rows[0][-1] if rows else 0)
+    return Stored(_pg_answers(items, rows))
+
+
 def _pg_answers(items: list[Outgoing], rows: list[Any]) -> list[Message | NotAMember]:
     answers: list[Message | NotAMember | None] = [None] * len(items)
     for n, *columns in rows:
@@ -245,14 +275,15 @@ def _pg_answers(items: list[Outgoing], rows: list[Any]) -> list[Message | NotAMe
     return _answer_repeats(items, answers)
 
 
-async def _store_batch_pg_txn(txn: Transaction, items: list[Outgoing]) -> list[Message | NotAMember]:
-    """A batch with envelopes: the messages as always, then the envelopes of
-    those stored now (not a resend's: the first send's stand), in one
-    transaction."""
-    answers = _pg_answers(items, await txn.execute(_STORE_MESSAGES, _pg_arguments(items)))
-    await _store_envelopes(txn, "postgresql", items, answers)
-    await _store_attachments(txn, items, answers)
-    return answers
+async def _store_batch_pg_txn(txn: Transaction, items: list[Outgoing],
+                              wake_ups: WakeUps | None) -> Stored:
+    """A batch with envelopes: the messages (and wake-ups) as always, then
+    the envelopes of those stored now (not a resend's: the first send's
+    stand), in one transaction."""
+    stored = _pg_stored(items, await txn.execute(*_pg_statement(items, wake_ups)), wake_ups is not None)
+    await _store_envelopes(txn, "postgresql", items, stored.answers)
+    await _store_attachments(txn, items, stored.answers)
+    return stored
 
 
 async def _store_envelopes(txn: Transaction, engine: str, items: list[Outgoing],
@@ -275,10 +306,28 @@ async def _store_attachments(txn: Transaction, items: list[Outgoing],
             await attach_txn(txn, answer.chat_id, answer.seq, list(item.attachments))
 
 
+_STORED = ("n, id, chat_id, seq, sender_id, encrypted_content, message_type, client_message_id,"
+           " created_at, edited_at, deleted_at, stream_position, sender_device")
 _STORE_MESSAGES = (
-    "SELECT n, id, chat_id, seq, sender_id, encrypted_content, message_type, client_message_id,"
-    " created_at, edited_at, deleted_at, stream_position, sender_device FROM store_messages("
+    "SELECT " + _STORED + " FROM store_messages("
     "?::uuid[], ?::text[], ?::uuid[], ?::text[], ?::text[], ?::text[], ?::bigint[], ?::integer[])")
+# The same, with the wake-ups of the messages stored now (not a resend's,
+# whose row names the first message; not a refused one's, which names
+# none) queued by the same statement: one round trip a batch, not two. The
+# arguments are named once (``a``); ``stored`` is read twice, so it is
+# computed once.
+_STORE_MESSAGES_WAKING = (
+    "WITH a AS (SELECT ?::uuid[] AS chat_ids, ?::text[] AS sender_ids, ?::uuid[] AS ids,"
+    " ?::text[] AS payloads, ?::text[] AS message_types, ?::text[] AS client_message_ids,"
+    " ?::bigint[] AS created, ?::integer[] AS sender_devices),"
+    " stored AS (SELECT m.* FROM a CROSS JOIN LATERAL store_messages(a.chat_ids, a.sender_ids,"
+    " a.ids, a.payloads, a.message_types, a.client_message_ids, a.created, a.sender_devices) m),"
+    " sent (chat_id, sender, device) AS (SELECT DISTINCT t.chat_id, t.sender, coalesce(t.device, 0)"
+    " FROM a CROSS JOIN LATERAL unnest(a.chat_ids, a.sender_ids, a.ids, a.sender_devices)"
+    " WITH ORDINALITY AS t (chat_id, sender, id, device, n)"
+    " JOIN stored ON stored.n = t.n AND stored.id = t.id),"
+    " woken AS (" + wake_ups_sql("sent") + ")"
+    " SELECT " + _STORED + ", (SELECT count(*) FROM woken) FROM stored")
 
 
 def _answer_repeats(items: list[Outgoing],
@@ -294,7 +343,8 @@ def _answer_repeats(items: list[Outgoing],
             for item, answer in zip(items, answers)]
 
 
-async def _store_batch_txn(txn: Transaction, items: list[Outgoing]) -> list[Message | NotAMember]:
+async def _store_batch_txn(txn: Transaction, items: list[Outgoing],
+                           wake_ups: WakeUps | None) -> Stored:
     """SQLite's batch: a fixed number of statements whatever its size, in
     the order of schema 005's store_messages on PostgreSQL: check
     membership, look for resends, take stream positions, advance the chats'
@@ -373,7 +423,11 @@ async def _store_batch_txn(txn: Transaction, items: list[Outgoing]) -> list[Mess
     answered = _answer_repeats(items, answers)
     await _store_envelopes(txn, "sqlite", items, answered)
     await _store_attachments(txn, items, answered)
-    return answered
+    woken = 0
+    if wake_ups is not None and new:
+        sends = sorted({(item.chat_id, item.sender_id, item.sender_device or 0) for _, item in new})
+        woken = await queue_wake_ups_txn(txn, "sqlite", sends, wake_ups)  # type: ignore[arg-type]
+    return Stored(answered, woken)
 
 
 async def _delete_txn(txn: Transaction, message: Message, now: int) -> Message | None:

@@ -50,6 +50,54 @@ def _live(alias: str) -> str:
             " AND n.seen_at > ?)")
 
 
+@dataclass(frozen=True)
+class WakeUps:
+    """Wake-ups to queue with a batch of messages, in the same statement
+    (MessageStore.store_batch): at ``now`` (ms), for the devices with no
+    socket on a node heard from since ``live_since`` (ms)."""
+
+    now: int
+    live_since: int
+
+
+def wake_ups_sql(sends: str) -> str:
+    """SQL that queues a wake-up for every registered device of the members
+    of each chat in the relation ``sends`` (chat_id, sender: the sender's
+    Cyphr ID, device: the sending device or 0), but the sending device,
+    that has no live socket and none queued or sent already; it answers
+    the devices queued (RETURNING). Its parameters: now, now, live_since."""
+    return ("INSERT INTO push_outbox (user_id, device_id, created_at, due_at)"
+            " SELECT DISTINCT r.user_id, r.device_id, ?, ? FROM " + sends + " s"
+            " JOIN chat_participants p ON p.chat_id = s.chat_id"
+            " JOIN cyphr_identities i ON i.cyphr_id = p.user_id"
+            " JOIN push_registrations r ON r.user_id = i.id"
+            " WHERE NOT (i.cyphr_id = s.sender AND r.device_id = s.device)"
+            " AND NOT " + _live("r") +
+            " ON CONFLICT DO NOTHING RETURNING device_id")
+
+
+def _enqueue_statement(sends: list[tuple[str, str, int | None]], wake_ups: WakeUps,
+                       postgres: bool) -> tuple[str, tuple[Any, ...]]:
+    row = "(?::uuid, ?, ?::integer)" if postgres else "(?, ?, ?)"
+    return ("WITH sent (chat_id, sender, device) AS (VALUES " + ", ".join(row for _ in sends) + ") "
+            + wake_ups_sql("sent"),
+            (*(value for chat_id, sender, device in sends for value in (chat_id, sender, device or 0)),
+             wake_ups.now, wake_ups.now, wake_ups.live_since))
+
+
+async def queue_wake_ups_txn(txn: Transaction, engine: str, sends: list[tuple[str, str, int | None]],
+                             wake_ups: WakeUps) -> int:
+    """In a transaction: the wake-ups for ``sends`` (chat id, sender's
+    Cyphr ID, sending device), ENQUEUE_ROWS sends a statement. Answers how
+    many were queued."""
+    queued = 0
+    for start in range(0, len(sends), ENQUEUE_ROWS):
+        sql, params = _enqueue_statement(sends[start:start + ENQUEUE_ROWS], wake_ups,
+                                         engine == "postgresql")
+        queued += len(await txn.execute(sql, params))
+    return queued
+
+
 class PushStore:
     def __init__(self, database: Database) -> None:
         self._db = database
@@ -92,32 +140,6 @@ class PushStore:
             (r.user_id, r.device_id, r.kind, r.token, r.endpoint))
 
     # -- the outbox -----------------------------------------------------------
-
-    async def enqueue(self, sends: list[tuple[str, str, int | None]], now: int,
-                      live_since: int) -> int:
-        """For each (chat id, sender's Cyphr ID, sending device): a wake-up
-        for every registered device of the chat's members but the sending
-        one, that has no live socket and none queued or sent already; one
-        statement for ENQUEUE_ROWS sends. Answers how many were queued."""
-        queued = 0
-        postgres = self.engine == "postgresql"
-        for start in range(0, len(sends), ENQUEUE_ROWS):
-            chunk = sends[start:start + ENQUEUE_ROWS]
-            row = "(?::uuid, ?, ?::integer)" if postgres else "(?, ?, ?)"
-            rows = await self._db.run_query(
-                "WITH s (chat_id, sender, device) AS (VALUES " + ", ".join(row for _ in chunk) + ")"
-                " INSERT INTO push_outbox (user_id, device_id, created_at, due_at)"
-                " SELECT DISTINCT r.user_id, r.device_id, ?, ? FROM s"
-                " JOIN chat_participants p ON p.chat_id = s.chat_id"
-                " JOIN cyphr_identities i ON i.cyphr_id = p.user_id"
-                " JOIN push_registrations r ON r.user_id = i.id"
-                " WHERE NOT (i.cyphr_id = s.sender AND r.device_id = s.device)"
-                " AND NOT " + _live("r") +
-                " ON CONFLICT DO NOTHING RETURNING device_id",
-                (*(value for chat_id, sender, device in chunk
-                   for value in (chat_id, sender, device or 0)), now, now, live_since))
-            queued += len(rows)
-        return queued
 
     async def claim(self, now: int, live_since: int, batch: int) -> list[tuple[Registration, int]]:
         """Take up to ``batch`` due wake-ups to send, each with its
