@@ -559,7 +559,9 @@ class Realtime:
         members = self.ns.rooms.get("chat:" + chat_id)
         if not members:
             return
-        frames = _new_message_frames(message.text)
+        # Made for the first socket told: often the only socket here is the
+        # sender's, which is not.
+        common: list[str | bytes] | None = None
         # A copy: a socket closed on the way (slow consumer) leaves the room.
         for socket in list(members):
             if socket is origin:
@@ -568,6 +570,10 @@ class Realtime:
             if message.envelopes and client.user is not None:
                 frames = _new_message_frames(
                     message.for_device((client.user.cyphr_id, client.user.device_id)))
+            else:
+                if common is None:
+                    common = _new_message_frames(message.text)
+                frames = common
             if client.catching_up is not None:
                 client.catching_up.append((chat_id, seq, frames))
                 continue
