@@ -80,11 +80,14 @@ MAX_SEALED_DEVICES = 10_000
 MAX_ENVELOPE = 16 * 1024
 
 
+_SEND_FIELDS = frozenset({"recipientId", "chatId", "encryptedPayload", "messageType", "clientMessageId",
+                          "devices", "envelopes", "attachments"})
+
+
 def parse_send(body: dict[str, Any], max_payload: int) -> dict[str, Any]:
     """The arguments of MessagingHandler.send from a send request's JSON
     object (REST body or realtime event), checked; ApiError otherwise."""
-    fields = Fields(body, {"recipientId", "chatId", "encryptedPayload", "messageType", "clientMessageId",
-                           "devices", "envelopes", "attachments"})
+    fields = Fields(body, _SEND_FIELDS)
     recipient = fields.cyphr_id("recipientId", required=False)
     chat_id = fields.uuid("chatId") if fields.present("chatId") else None
     if (recipient is None) == (chat_id is None):

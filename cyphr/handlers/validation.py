@@ -119,9 +119,10 @@ class Fields:
     Fields the route does not know are refused up front."""
 
     def __init__(self, body: Mapping[str, Any], allowed: Iterable[str]) -> None:
-        allowed = set(allowed)
-        unknown = sorted(name for name in body if name not in allowed)
-        if unknown:
+        if not isinstance(allowed, (set, frozenset)):
+            allowed = set(allowed)
+        if not allowed.issuperset(body):  # the common case costs one C call
+            unknown = sorted(name for name in body if name not in allowed)
             # Named as the client sent them, but cut short: the names are
             # the client's, of any length and number.
             shown = [echo(name) for name in unknown[:MAX_ECHOED_NAMES]]
