@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cyphr.client import devicecrypto
+from cyphr.client import devices as client_devices
 from cyphr.client.client import Client
 from cyphr.client.devicecrypto import LinkSeed, LinkSeedError
 from cyphr.client.devices import LinkCode, parse_link_code
@@ -150,6 +151,9 @@ class ClientDevicesTests(SQLiteMixin, ServedClients, TestCase):
         device it joined; the new profile then works as any (whoami)."""
         alice = await self.registered("alice")
         new_dir = os.path.abspath(self.mktemp())
+        # The command asks whether it was approved every POLL_SECONDS (2 s):
+        # the test would wait most of that after approving.
+        self.patch(client_devices, "POLL_SECONDS", FAST_POLL)
         linking = self.cli(new_dir, "link", "--name", "phone", "--prekeys", "2")
         rows: list[Any] = []
         while not rows:

@@ -263,7 +263,7 @@ class ClientSessionsAcrossNodesTests(PostgresMixin, ClusterMixin, TestCase):
         on node B gets alice's message live (node B fetched it with its
         envelopes), both of alice's devices read bob's answer, and every
         message reads the same on each device."""
-        a_node, b_node = await self.cluster(self.database_setting())
+        a_node, b_node = await self.cluster(self.migrated_database_setting())
         directory = os.path.abspath(self.mktemp())
 
         def registered(url: str, name: str) -> Client:

@@ -10,6 +10,7 @@ When one of these fails after an upgrade, follow docs/development.rst.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -124,10 +125,11 @@ def _masked_text_frame(payload: bytes) -> bytes:
 # -- the tables ---------------------------------------------------------------
 
 
-def _assigned_names(cls: type) -> set[str]:
+@functools.cache  # a framework class is the base of several of Cyphr's: read once
+def _assigned_names(cls: type) -> frozenset[str]:
     """The names a class defines: in its body, and as ``self.<name> =``
     (or an annotated assignment) in its methods."""
-    names = set(vars(cls))
+    names = frozenset(vars(cls))
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):

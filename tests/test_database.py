@@ -312,8 +312,7 @@ class MaintainedConnectionTests(TestCase):
         hears it died and of retries, and work fails at once; when the
         server is back, it comes up again and runs work; after stop(),
         nothing more happens and work fails."""
-        cluster = await deferToThread(postgres.new_cluster)
-        self.addCleanup(deferToThread, cluster.destroy)
+        cluster = await deferToThread(postgres.stoppable_cluster)  # the test stops it
         url = await deferToThread(cluster.create_database)
         told = Told()
         conn = self.maintained(url, told)

@@ -723,7 +723,7 @@ class DevicesAcrossNodesTests(PostgresMixin, ClusterMixin, TestCase):
         """With alice's two devices on two nodes, a message bob sends on
         one node reaches each of her devices once, live; both acknowledge
         it, and bob hears of its delivery once."""
-        a_node, b_node = await self.cluster(self.database_setting())
+        a_node, b_node = await self.cluster(self.migrated_database_setting())
         alice, bob = await self.user(a_node, "alice"), await self.user(a_node, "bob")
         response = await alice.recover(a_node.http, new_fingerprint(), keepOtherDevices=True)
         assert response.code == 200, response.body

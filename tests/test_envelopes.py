@@ -302,7 +302,7 @@ class EnvelopesAcrossNodesTests(PostgresMixin, ClusterMixin, TestCase):
         """Bob on node A sends to alice's two devices, one on each node:
         each is given its own envelope live, node B having fetched the
         message with its envelopes."""
-        a_node, b_node = await self.cluster(self.database_setting())
+        a_node, b_node = await self.cluster(self.migrated_database_setting())
         alice, bob = await self.user(a_node, "alice"), await self.user(a_node, "bob")
         response = await alice.recover(a_node.http, new_fingerprint(), keepOtherDevices=True)
         assert response.code == 200, response.body

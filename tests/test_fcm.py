@@ -135,13 +135,15 @@ class SenderTests(TestCase):
         self.assertEqual(self.service.errors, [])
 
     async def test_token_refreshed_before_expiry(self) -> None:
-        """A token that lasts 2 seconds is used for the first, then a new one is got (the stand-in refuses an expired one)."""
-        self.service.expires_in = 2
+        """A token that lasts a second is used for the first pushes, then (past half its life) a new one is got (the stand-in refuses an expired one)."""
+        # Renewed TOKEN_MARGIN before it expires, or at half its life when
+        # that comes first: here after half a second.
+        self.service.expires_in = 1
         token = self.service.device()
         for _ in range(2):
             self.assertEqual((await self.push(registration(token))).outcome, "sent")
         self.assertEqual(self.service.issued, 1)
-        await deferLater(reactor, 1.1, lambda: None)
+        await deferLater(reactor, 0.6, lambda: None)
         self.assertEqual((await self.push(registration(token))).outcome, "sent")
         self.assertEqual(self.service.issued, 2)
         first, second, third = (r.access_token for r in self.service.received)

@@ -226,7 +226,7 @@ class SQLiteMetricsTests(SQLiteMixin, MetricsMixin, TestCase):
 class PostgresMetricsTests(PostgresMixin, MetricsMixin, TestCase):
     async def test_bus_events_between_processes(self) -> None:
         """Two processes on one database: what one sends with NOTIFY the other counts as received."""
-        database = self.database_setting()
+        database = self.migrated_database_setting()
         shared = {"jwt_secret": "j" * 40, "fingerprint_key": "f" * 40, "totp_key": "t" * 40,
                   "push_vapid_key": "v" * 40}
         a, a_port, a_http = await self.serve(database=database, node_id="metrics-a", **shared)

@@ -18,13 +18,13 @@ from tests.helpers import InProcessHTTP, make_config
 
 
 class OutageTests(TestCase):
-    """Each test runs its own cluster, since it stops it."""
+    """Each test stops PostgreSQL: the tests run on the cluster of those
+    that do (postgres.stoppable_cluster), not the shared one."""
 
     timeout = 90
 
     async def setUp(self) -> None:
-        self.cluster = await deferToThread(postgres.new_cluster)
-        self.addCleanup(deferToThread, self.cluster.destroy)
+        self.cluster = await deferToThread(postgres.stoppable_cluster)
         self.url = await deferToThread(self.cluster.create_database)
 
     def build(self) -> Any:

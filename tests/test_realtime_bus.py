@@ -286,6 +286,8 @@ class PostgresBusTests(BusTestsMixin, TestCase):
         connection after a restart) is tried again shortly, in order: every
         event arrives once and nothing is reported dropped."""
         logs = capture_logs(self)
+        # "Shortly": PUBLISH_RETRY_DELAY, a quarter of a second, made short.
+        self.patch(bus_module, "PUBLISH_RETRY_DELAY", 0.02)
         run_query = self.db_a.run_query
         refusals = [2]
 
@@ -434,12 +436,17 @@ class UnreachableTests(BusTestsMixin, TestCase):
         logs errors, the password never reaches the log, and stop() returns
         at once."""
         logs = capture_logs(self)
+        # Its publishes are tried again every PUBLISH_RETRY_DELAY (a quarter
+        # of a second), made short: the test waits for two retries.
+        self.patch(bus_module, "PUBLISH_RETRY_DELAY", 0.02)
         url = "postgresql://postgres:hunter2-secret@/nothing?host=/nonexistent-cyphr-dir"
         db = PostgresDatabase(url, reactor, on_fatal=self.fail, pool_size=1)
         node = self.node(db, url, "lonely")
         for i in range(10):
             node.bus.publish({"i": i})
-        await deferLater(reactor, 0.6, lambda: None)  # a retry or two
+        await wait_until(lambda: node.bus._publish_failures >= 3, "a retry or two")
+        await wait_until(lambda: any("cannot reach" in m for m in messages(logs, "warn")),
+                         "the listener's warning")
         self.assertFalse(node.bus.listening)
         started = reactor.seconds()
         await node.bus.stop()
@@ -497,13 +504,13 @@ class UnreachableTests(BusTestsMixin, TestCase):
 
 
 class OutageTests(BusTestsMixin, TestCase):
-    """Each test runs its own cluster, since it stops it."""
+    """Each test stops PostgreSQL: the tests run on the cluster of those
+    that do (postgres.stoppable_cluster), not the shared one."""
 
     timeout = 90
 
     async def setUp(self) -> None:
-        self.cluster = await deferToThread(postgres.new_cluster)
-        self.addCleanup(deferToThread, self.cluster.destroy)
+        self.cluster = await deferToThread(postgres.stoppable_cluster)
         self.url = await deferToThread(self.cluster.create_database)
 
     async def test_restart(self) -> None:
@@ -554,10 +561,15 @@ class OutageTests(BusTestsMixin, TestCase):
         it was down is tried again for a few seconds (PUBLISH_RETRIES): it
         arrives, once and first, if the other node listens by then."""
         await deferToThread(self.cluster.stop)
+        logs = capture_logs(self)
         db_a, db_b = self.database(self.url), self.database(self.url)
         a, b = self.node(db_a, self.url, "a"), self.node(db_b, self.url, "b")
         a.bus.publish({"lost": True})
-        await deferLater(reactor, 0.5, lambda: None)
+        # Until the publish has been refused once, and a listener's
+        # connection too (not a guessed half second).
+        await wait_until(lambda: a.bus._publish_failures >= 1, "the publish refused")
+        await wait_until(lambda: any("cannot reach" in m for m in messages(logs, "warn")),
+                         "a listener refused")
         self.assertFalse(b.bus.listening)
 
         await deferToThread(self.cluster.start)

@@ -115,7 +115,7 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
     async def two_nodes_and_a_chat(self) -> tuple[Node, Node, User, User, Any]:
         """Nodes A and B, alice on A and bob on B, and alice's first message
         to bob (sent over REST before anyone connects: it makes their chat)."""
-        a_node, b_node = await self.cluster(self.database_setting())
+        a_node, b_node = await self.cluster(self.migrated_database_setting())
         alice = await self.user(a_node, "alice")
         bob = await self.user(b_node, "bob")
         first = await a_node.http.post("/api/messaging/send", {
@@ -224,7 +224,7 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         receipts reach them and go to no other node; node B hears only
         what concerns the nodes (presence, watching) and the test's
         markers."""
-        a_node, b_node = await self.cluster(self.database_setting())
+        a_node, b_node = await self.cluster(self.migrated_database_setting())
         alice = await self.user(a_node, "alice")
         bob = await self.user(a_node, "bob")
         a = await self.connect(a_node, alice)
@@ -261,7 +261,7 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         clock = Clock()
         clock.advance(reactor.seconds())  # the present: tokens work on both nodes
         # Node A reads time from the clock the test moves; no pings meanwhile.
-        a_node, b_node = await self.cluster(self.database_setting(), clock=clock, ping_interval=3600)
+        a_node, b_node = await self.cluster(self.migrated_database_setting(), clock=clock, ping_interval=3600)
         alice = await self.user(a_node, "alice")
         bob = await self.user(b_node, "bob")
         carol = await self.user(b_node, "carol")
@@ -322,7 +322,7 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
     async def test_large_message_is_fetched(self) -> None:
         """A message too large for a notification crosses as ids; the other
         node fetches it, and it keeps its place in the chat's order."""
-        a_node, b_node = await self.cluster(self.database_setting())
+        a_node, b_node = await self.cluster(self.migrated_database_setting())
         alice = await self.user(a_node, "alice")
         bob = await self.user(b_node, "bob")
         a = await self.connect(a_node, alice)
@@ -337,7 +337,7 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
     async def test_ordering_across_nodes(self) -> None:
         """Members on two nodes sending at once: each receives the group's
         messages once each and in seq order, the listener all 75 of them."""
-        nodes = await self.cluster(self.database_setting())
+        nodes = await self.cluster(self.migrated_database_setting())
         users = [await self.user(nodes[n % 2], f"user{n}") for n in range(4)]
         for user in users[1:]:  # a group admin may add only its contacts
             await ChatStore(nodes[0].server.database).direct_chat(users[0].cyphr_id, user.cyphr_id, 0)
@@ -364,11 +364,11 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
 
 
 class RestartTests(ClusterMixin, TestCase):
-    """PostgreSQL restarts mid-conversation: nothing acknowledged is lost."""
+    """PostgreSQL restarts mid-conversation: nothing acknowledged is lost.
+    (On the cluster of the tests that stop PostgreSQL, not the shared one.)"""
 
     async def setUp(self) -> None:
-        self.cluster_pg = await deferToThread(postgres.new_cluster)
-        self.addCleanup(deferToThread, self.cluster_pg.destroy)
+        self.cluster_pg = await deferToThread(postgres.stoppable_cluster)
         self.url = await deferToThread(self.cluster_pg.create_database)
 
     def database_setting(self) -> str:

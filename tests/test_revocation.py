@@ -245,7 +245,7 @@ class ClusterRevocationTests(PostgresMixin, ClusterMixin, TestCase):
     async def test_logout_on_another_node_ends_a_welcoming_socket(self) -> None:
         """A logout on node A ends a socket of that token on node B that is
         still in its welcome: it is disconnected and joins no room there."""
-        a_node, b_node = await self.cluster(self.database_setting())
+        a_node, b_node = await self.cluster(self.migrated_database_setting())
         alice = User("alice")
         await alice.register(a_node.http)
         realtime = b_node.server.realtime

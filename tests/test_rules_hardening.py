@@ -12,7 +12,9 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+import tests
 from cyphr.api import messaging as messaging_api
+from cyphr.db import sqlite
 from cyphr.errors import USER_NOT_FOUND, NotFound
 from cyphr.handlers.auth import AuthUser
 from cyphr.handlers.receipts import ReceiptsHandler
@@ -314,9 +316,13 @@ class SQLiteRulesTests(SQLiteMixin, RulesMixin, TestCase):
     async def test_commits_are_durable(self) -> None:
         """SQLite runs in WAL mode with synchronous = FULL (2): an
         acknowledged commit survives power loss, not only a killed process."""
-        rows = await self.server.database.run_query("PRAGMA synchronous")
+        # The suite's servers skip the fsyncs (tests/__init__.py): this one
+        # runs with what production runs with.
+        self.patch(sqlite, "SYNCHRONOUS", tests.SQLITE_SYNCHRONOUS)
+        server = await start_server(self)
+        rows = await server.database.run_query("PRAGMA synchronous")
         self.assertEqual(rows[0][0], 2)
-        rows = await self.server.database.run_query("PRAGMA journal_mode")
+        rows = await server.database.run_query("PRAGMA journal_mode")
         self.assertEqual(rows[0][0], "wal")
 
 

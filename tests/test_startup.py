@@ -109,13 +109,13 @@ class PostgresReadyBeforeServingTests(PostgresMixin, ReadyBeforeServingMixin, Te
 
 
 class PostgresDownAtStartTests(TestCase):
-    """Runs its own cluster, since it stops it."""
+    """Stops PostgreSQL: runs on the cluster of the tests that do
+    (postgres.stoppable_cluster), not the shared one."""
 
     timeout = 120
 
     async def setUp(self) -> None:
-        self.cluster = await deferToThread(postgres.new_cluster)
-        self.addCleanup(deferToThread, self.cluster.destroy)
+        self.cluster = await deferToThread(postgres.stoppable_cluster)
         url = await deferToThread(self.cluster.create_database)
         # trust authentication ignores it; the log must not show it.
         self.password = "hunter2-not-in-logs"

@@ -317,7 +317,7 @@ def _remove_profile(directory: Path) -> None:
 
 def link(cls: type[Client], directory: str | Path, passphrase: str, server: str, *,
          on_code: Callable[[LinkCode], None], name: str | None = None,
-         prekeys: int = 100, progress: Progress | None = None, poll: float = POLL_SECONDS,
+         prekeys: int = 100, progress: Progress | None = None, poll: float | None = None,
          timeout: float = 600.0, sleep: Callable[[float], None] = time.sleep,
          **kwargs: Any) -> Client:
     """Join an identity as a new device, approved by one of its devices
@@ -342,7 +342,10 @@ def link(cls: type[Client], directory: str | Path, passphrase: str, server: str,
         provisioning_id, secret = answer["provisioningId"], answer["secret"]
         on_code(LinkCode(link_code(provisioning_id, ephemeral.fingerprint), provisioning_id,
                          ephemeral.fingerprint, str(answer.get("expiresAt", ""))))
-        received = _receive(http, provisioning_id, secret, clock() + timeout, poll, sleep, clock)
+        # POLL_SECONDS read now, not when this module was loaded: a test of
+        # the command (which passes none) may make it shorter.
+        received = _receive(http, provisioning_id, secret, clock() + timeout,
+                            POLL_SECONDS if poll is None else poll, sleep, clock)
     finally:
         http.close()
     cyphr_id, device_id = received.get("cyphrId"), received.get("deviceId")

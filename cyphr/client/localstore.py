@@ -75,6 +75,10 @@ FORMAT = 1
 STORE_FILE = "local.sqlite"
 # How long a writer waits for another process's transaction before failing.
 BUSY_TIMEOUT = 30.0
+# SQLite's synchronous setting: FULL, a commit survives a power cut (it may
+# hold a session's only key). The test suite sets NORMAL (tests/__init__.py):
+# its stores go with the test run, and a power cut is not what it tests.
+SYNCHRONOUS = "FULL"
 _LABEL = b"cyphr-client local-store v1"
 _NONCE_BYTES = 24
 _REF_BYTES = 16
@@ -147,7 +151,7 @@ class LocalStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             # A commit survives a power cut: it may hold a session's only key.
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
             store = cls(path, db, profile.subkey(_LABEL))
             store._setup()
         except BaseException:

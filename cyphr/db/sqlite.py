@@ -32,6 +32,12 @@ from cyphr.db.migrations import check_version
 _log = Logger()
 T = TypeVar("T")
 
+# The synchronous setting of every connection (see _open_in_thread). Always
+# FULL, but in the test suite (tests/__init__.py, apart from the test of
+# this setting): its databases go with the test run, a power cut is not
+# what it tests, and an fsync per commit adds up to many seconds there.
+SYNCHRONOUS = "FULL"
+
 # The test switch (as tahoe-lafs: util/cputhreadpool.py): tests of rules
 # run each call at once on the calling thread, so that they need no thread
 # hop and no real time. Never set outside tests.
@@ -158,7 +164,7 @@ class SQLiteDatabase(Database):
             # message acknowledged as stored survives power loss or an OS
             # crash, not only a killed process (NORMAL's promise). Group
             # commit pays one fsync per batch (figures in README.rst).
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
             conn.execute("PRAGMA busy_timeout = 5000")
         except BaseException:
             conn.close()
