@@ -10,6 +10,7 @@ and nothing the server keeps holds a file's content, name or key.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import io
 import json
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cyphr.client import attachments, cli
@@ -454,6 +457,7 @@ class AttachmentTests(SQLiteMixin, ServedFiles, TestCase):
     async def test_command_line(self) -> None:
         """Two people exchange a 20 MiB file with cyphr-client send --file and download."""
         alice, bob = await self.registered("alice"), await self.registered("bob")
+        connections = self.server.site.connections.open
 
         def arguments(client: Client, *args: str) -> list[str]:
             passphrase = Path(f"{client.profile.directory}.passphrase")
@@ -507,6 +511,16 @@ class AttachmentTests(SQLiteMixin, ServedFiles, TestCase):
         self.assertIn('alice ✓: [file] big.bin (20.0 MiB) "twenty MiB"',
                       (await cli(alice, "history", "bob")).stdout)
         self.assertLess(took, 60, "20 MiB up and down through the command line")
+        # The commands leave no connection open once they have ended: what a
+        # command left in a reference cycle (a response and its pooled
+        # connection) closes when it is collected, which is made to happen
+        # now rather than after the test (the server would still hold it).
+        gc.collect()
+        for _ in range(500):
+            if self.server.site.connections.open <= connections:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertLessEqual(self.server.site.connections.open, connections)
 
     async def test_command_line_refusals(self) -> None:
         """send --file and download refuse what they cannot do in one line saying why."""
