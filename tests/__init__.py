@@ -3,6 +3,7 @@
 import functools
 from typing import Any, Callable, TypeVar
 
+from cyphr.blobs import local as _local_blobs
 from cyphr.client import crypto as _crypto
 from cyphr.client import localstore as _localstore
 from cyphr.client import profile as _profile
@@ -22,8 +23,8 @@ _profile.OPSLIMIT, _profile.MEMLIMIT = 1, 64 * 1024
 # names its parameters, so it verifies as any other).
 _security.ARGON2_TIME_COST, _security.ARGON2_MEMORY_KIB = 1, 8 * 1024
 
-# The tests' profiles, local stores and servers' SQLite databases are
-# written as in production, but not waited on until they reach the disk
+# The tests' profiles, local stores, servers' SQLite databases and blobs
+# are written as in production, but not waited on until they reach the disk
 # (fsync): they go with the test run, and a power cut is not what any test
 # makes. A profile save is four fsyncs, a server's SQLite commit one, and
 # the suite makes thousands of each. (A killed process loses nothing either
@@ -32,6 +33,7 @@ SQLITE_SYNCHRONOUS = _sqlite.SYNCHRONOUS
 _sqlite.SYNCHRONOUS = "NORMAL"
 _profile.SYNC_WRITES = False
 _localstore.SYNCHRONOUS = "NORMAL"
+_local_blobs.SYNC = False
 
 
 def _remembered(function: Callable[..., T]) -> Callable[..., T]:
