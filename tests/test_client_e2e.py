@@ -343,7 +343,11 @@ class ClientScenarios:
         self.assertFalse(more)
         self.assertEqual(bob.sync(since=cursor)[0], [])
         # Acknowledged as delivered: a second device session gets nothing again.
-        time.sleep(0.3)
+        # The listener sends a message's receipt after handing it over; one
+        # thread handles what arrives, in order, so once the answer to a
+        # later call is handled every receipt has gone, and stop() waits
+        # for the server to acknowledge them (a barrier, not a sleep).
+        listener.sio.call("no_such_event", {}, timeout=10)
         listener.stop()
         _, again = self.listen(bob)
         self.assertTrue(again.empty())

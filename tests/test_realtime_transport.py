@@ -281,6 +281,13 @@ class TransportTests(SQLiteMixin, TestCase):
         await sleep(wait)
         self.assertEqual(ws.frames.pending, [])
 
+    async def nothing_more(self, ws: WireSocket) -> None:
+        """Nothing came in answer to what was sent before: the session reads
+        and answers frames in order, so whatever it had to send for them
+        comes before its answer to a round trip (a barrier, not a sleep)."""
+        await self.round_trip(ws)
+        self.assertEqual(ws.frames.pending, [])
+
     async def assert_alive(self, ws: WireSocket, ack_id: int = 99) -> None:
         """The socket's session answers an event with an ack (the error ack
         of an unknown event)."""
@@ -342,7 +349,7 @@ class TransportTests(SQLiteMixin, TestCase):
         # (EngineWebSocket._write), not left for the reactor's next turn.
         [protocol] = self.server.engine.websockets
         self.assertIs(protocol._socket, protocol.transport.getHandle())
-        await self.no_frame(ws)
+        await self.nothing_more(ws)
 
     async def test_bad_handshakes(self) -> None:
         """A missing or wrong EIO: 400 code 5; a missing or unknown transport:
@@ -779,7 +786,7 @@ class TransportTests(SQLiteMixin, TestCase):
         ws.send_text('420["no_such_event",1,2]')
         self.assertEqual(await ws.recv(), f"430[{UNKNOWN_EVENT}]")
         ws.send_text('42["no_such_event"]')
-        await self.no_frame(ws)
+        await self.nothing_more(ws)
 
     async def test_leave_namespace(self) -> None:
         """``41`` leaves the namespace; the Engine.IO session stays, its next
@@ -854,7 +861,7 @@ class TransportTests(SQLiteMixin, TestCase):
         self.clock.advance(1)
         await self.assert_alive(ws)
         ws.send_text('42["no_such_event"]')  # no ack asked for: none given
-        await self.no_frame(ws)
+        await self.nothing_more(ws)
 
     # -- 7. server-initiated acks -------------------------------------------------
 
