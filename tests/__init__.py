@@ -1,7 +1,22 @@
 """Cyphr's test suite: ``trial tests``."""
 
+import compileall
 import functools
+import sys
+from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+# Where Python is told not to write its bytecode caches
+# (PYTHONDONTWRITEBYTECODE, as on the machines that run this suite), every
+# Python process the suite starts (twistd, cyphr-admin, the command-line
+# client: some fifty of them) would compile the whole of cyphr from source
+# before doing anything: 0.25 s of the 0.55 s that importing cyphr.server
+# takes. The caches are written here, once per run (a check of each file's
+# time stamp once they are current), and read by every process after.
+if sys.dont_write_bytecode:
+    _ROOT = Path(__file__).resolve().parent.parent
+    for _package in ("cyphr", "tests"):
+        compileall.compile_dir(_ROOT / _package, quiet=2)
 
 from cyphr.blobs import local as _local_blobs
 from cyphr.client import crypto as _crypto
@@ -60,3 +75,4 @@ def _remembered(function: Callable[..., T]) -> Callable[..., T]:
 # one once. Passphrases the tests vary are estimated as before.
 _profile.zxcvbn = _remembered(_profile.zxcvbn)
 _crypto.safety_number = _remembered(_crypto.safety_number)
+
