@@ -122,6 +122,16 @@ class DeliveryTests(TestCase):
         assert bob is not None and alice is not None
         self.assertEqual((bob.last_seen, alice.last_seen), (at, None))
 
+    async def test_went_offline_at_a_given_time(self) -> None:
+        """Going offline at a time given (the one ``user_offline`` told)
+        records that time, not the clock's, and answers it."""
+        self.world.clock.advance(42.5)
+        told = now_ms(self.world.clock) - 7
+        self.assertEqual(await self.handler.went_offline("bob", told), told)
+        bob = await self.world.identities.by_cyphr_id("bob")
+        assert bob is not None
+        self.assertEqual(bob.last_seen, told)
+
     async def test_device_left_records_its_last_seen(self) -> None:
         """A device's socket going records the clock's time as that
         device's last seen, and no other device's (which keeps its time of

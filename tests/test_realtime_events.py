@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cyphr.store.chats import ChatStore
@@ -539,6 +540,24 @@ class TimedRealtimeTests(SQLiteMixin, MemoryRealtimeBase, TestCase):
         profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
         self.assertEqual(profile.json()["user"]["lastSeen"], "2026-09-21T14:14:05.000Z")
 
+    async def test_offline_time_is_the_recorded_last_seen(self) -> None:
+        """The ``lastSeen`` that ``user_offline`` tells is the last_seen the
+        server records, to the millisecond, even when the clock moves
+        between the two (here it moves a millisecond at each reading)."""
+        clock = _TickingClock()
+        clock.advance(1_790_000_000)
+        await self.serve(clock=clock)
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await self.direct_chat(alice, bob)
+        a = await self.connect(alice)
+        b = await self.connect(bob)
+        await a.wait_for("user_online")
+        await b.disconnect()
+        [offline] = await a.wait_for("user_offline")
+        await self.server.realtime.tasks_done()  # last_seen is written
+        profile = await self.http.get("/api/cyphr-id/user/bob", headers=alice.auth())
+        self.assertEqual(profile.json()["user"]["lastSeen"], offline["lastSeen"])
+
     async def test_silent_node_ends_presence(self) -> None:
         """When another node falls silent (no goodbye), the users that were
         online only through it go offline as on their last disconnect:
@@ -690,3 +709,11 @@ class StockClientTimeoutTests(SQLiteMixin, RealtimeBase, TestCase):
         reason = await client.wait_disconnected()
         self.assertIn(reason, (SERVER_DISCONNECT, TRANSPORT_ERROR))
         await sessions_closed(self.server)
+
+
+class _TickingClock(Clock):
+    """A clock that moves a millisecond each time it is read."""
+
+    def seconds(self) -> float:
+        self.rightNow += 0.001
+        return self.rightNow

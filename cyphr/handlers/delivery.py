@@ -77,12 +77,13 @@ class DeliveryHandler:
                                                 CATCH_UP_PAGE, chats)
         return await self._messages.for_reader(page, cyphr_id, device)
 
-    async def went_offline(self, cyphr_id: str) -> int:
+    async def went_offline(self, cyphr_id: str, at: int | None = None) -> int:
         """``cyphr_id``'s last socket went (or its node went silent): its
-        last seen is now. Answers that time (ms), for ``user_offline``."""
-        now = now_ms(self._clock)
-        await self._identities.set_last_seen(cyphr_id, now)
-        return now
+        last seen is ``at`` (ms; now when not given), the time a
+        ``user_offline`` already sent told. Answers that time."""
+        at = now_ms(self._clock) if at is None else at
+        await self._identities.set_last_seen(cyphr_id, at)
+        return at
 
     async def device_left(self, user_id: str, device_id: int) -> None:
         """A socket of the device went: the device was last seen now (what

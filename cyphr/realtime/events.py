@@ -412,8 +412,9 @@ class Realtime:
     def _went_offline(self, me: str, *, here_only: bool) -> None:
         """``me`` has no socket left (here, or on a silent node): record its
         last_seen and, unless it is online elsewhere, say so."""
+        # One reading of the clock: the time recorded is the time told.
         now = now_ms(self._clock)
-        self._spawn(self._delivery.went_offline(me))  # records the same now
+        self._spawn(self._delivery.went_offline(me, now))
         if here_only or not self.presence.elsewhere(me):
             self._spawn(self._announce(me, Sent.USER_OFFLINE, {"userId": me, "lastSeen": iso(now)},
                                        here_only=here_only))
