@@ -180,23 +180,34 @@ class Session:
     def send_many(self, messages: list[str | bytes]) -> None:
         """Send Engine.IO messages (text or binary), in order."""
         for data in messages:
-            ws = self._ws
-            if ws is not None and not self._paused and not self._queue and not self.closed:
-                # The common case, without a packet object (what _send_packet does).
-                ws.send_message(data)
-                if ws.unsent > self.server.buffer_limit:
-                    self._slow_consumer()
+            ws = self._writable()
+            if ws is None:
+                self._send_packet(EnginePacket(MESSAGE, data))
                 continue
-            self._send_packet(EnginePacket(MESSAGE, data))
+            # The common case, without a packet object.
+            ws.send_message(data)
+            self._check_buffer(ws)
+
+    def _writable(self) -> EngineWebSocket | None:
+        """The WebSocket a packet is written to now, or None when it must
+        wait in the queue (polling, the upgrade's pause, packets already
+        waiting) or the session is closed."""
+        ws = self._ws
+        if ws is None or self._paused or self._queue or self.closed:
+            return None
+        return ws
+
+    def _check_buffer(self, ws: EngineWebSocket) -> None:
+        if ws.unsent > self.server.buffer_limit:
+            self._slow_consumer()
 
     def _send_packet(self, packet: EnginePacket) -> None:
         if self.closed:
             return
-        ws = self._ws
-        if ws is not None and not self._paused and not self._queue:
+        ws = self._writable()
+        if ws is not None:
             ws.send_packet(packet)
-            if ws.unsent > self.server.buffer_limit:
-                self._slow_consumer()
+            self._check_buffer(ws)
             return
         self._queue.append(packet)
         self._queued_bytes += len(packet.data) + 1
