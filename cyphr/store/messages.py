@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 from cyphr.db import Database, Transaction
 from cyphr.store.attachments import attach_txn, unattach_txn
 from cyphr.store.envelopes import EnvelopeStore, SealedFor, insert_envelopes
-from cyphr.store.push import WakeUps, queue_wake_ups_txn, wake_ups_sql
+from cyphr.store.push import WakeUps, queue_wake_ups_txn
 
 _COLUMNS = (
     "m.id, m.chat_id, m.seq, m.sender_id, m.encrypted_content, m.message_type,"
@@ -250,8 +250,7 @@ def _pg_arguments(items: list[Outgoing]) -> tuple[list[Any], ...]:
 def _pg_statement(items: list[Outgoing], wake_ups: WakeUps | None) -> tuple[str, tuple[Any, ...]]:
     if wake_ups is None:
         return _STORE_MESSAGES, _pg_arguments(items)
-    return _STORE_MESSAGES_WAKING, (*_pg_arguments(items), wake_ups.now, wake_ups.now,
-                                    wake_ups.live_since)
+    return _STORE_MESSAGES_WAKING, (*_pg_arguments(items), wake_ups.now, wake_ups.live_since)
 
 
 def _pg_stored(items: list[Outgoing], rows: list[Any], waking: bool) -> Stored:
@@ -313,21 +312,12 @@ _STORE_MESSAGES = (
     "?::uuid[], ?::text[], ?::uuid[], ?::text[], ?::text[], ?::text[], ?::bigint[], ?::integer[])")
 # The same, with the wake-ups of the messages stored now (not a resend's,
 # whose row names the first message; not a refused one's, which names
-# none) queued by the same statement: one round trip a batch, not two. The
-# arguments are named once (``a``); ``stored`` is read twice, so it is
-# computed once.
+# none) queued in the same call (schema 020): one round trip a batch, not
+# two. Each row ends with the number of wake-ups queued.
 _STORE_MESSAGES_WAKING = (
-    "WITH a AS (SELECT ?::uuid[] AS chat_ids, ?::text[] AS sender_ids, ?::uuid[] AS ids,"
-    " ?::text[] AS payloads, ?::text[] AS message_types, ?::text[] AS client_message_ids,"
-    " ?::bigint[] AS created, ?::integer[] AS sender_devices),"
-    " stored AS (SELECT m.* FROM a CROSS JOIN LATERAL store_messages(a.chat_ids, a.sender_ids,"
-    " a.ids, a.payloads, a.message_types, a.client_message_ids, a.created, a.sender_devices) m),"
-    " sent (chat_id, sender, device) AS (SELECT DISTINCT t.chat_id, t.sender, coalesce(t.device, 0)"
-    " FROM a CROSS JOIN LATERAL unnest(a.chat_ids, a.sender_ids, a.ids, a.sender_devices)"
-    " WITH ORDINALITY AS t (chat_id, sender, id, device, n)"
-    " JOIN stored ON stored.n = t.n AND stored.id = t.id),"
-    " woken AS (" + wake_ups_sql("sent") + ")"
-    " SELECT " + _STORED + ", (SELECT count(*) FROM woken) FROM stored")
+    "SELECT " + _STORED + ", woken FROM store_messages_waking("
+    "?::uuid[], ?::text[], ?::uuid[], ?::text[], ?::text[], ?::text[], ?::bigint[], ?::integer[],"
+    " ?::bigint, ?::bigint)")
 
 
 def _answer_repeats(items: list[Outgoing],

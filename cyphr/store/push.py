@@ -65,7 +65,9 @@ def wake_ups_sql(sends: str) -> str:
     of each chat in the relation ``sends`` (chat_id, sender: the sender's
     Cyphr ID, device: the sending device or 0), but the sending device,
     that has no live socket and none queued or sent already; it answers
-    the devices queued (RETURNING). Its parameters: now, now, live_since."""
+    the devices queued (RETURNING). Its parameters: now, now, live_since.
+    On PostgreSQL the send batcher's statement is schema 020's
+    store_messages_waking, which holds the same rule: change both."""
     return ("INSERT INTO push_outbox (user_id, device_id, created_at, due_at)"
             " SELECT DISTINCT r.user_id, r.device_id, ?, ? FROM " + sends + " s"
             " JOIN chat_participants p ON p.chat_id = s.chat_id"

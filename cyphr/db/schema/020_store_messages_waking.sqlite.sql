@@ -1,0 +1,4 @@
+-- Nothing for SQLite: its batches and their push wake-ups are stored by
+-- the Python steps in cyphr/store/messages.py and cyphr/store/push.py, in
+-- one transaction, which 020_store_messages_waking.postgres.sql does in one
+-- call on PostgreSQL.
