@@ -313,11 +313,12 @@ _STORE_MESSAGES = (
 # The same, with the wake-ups of the messages stored now (not a resend's,
 # whose row names the first message; not a refused one's, which names
 # none) queued in the same call (schema 020): one round trip a batch, not
-# two. Each row ends with the number of wake-ups queued.
+# two. Each row is a stored_message (the columns of _STORED, in order) and
+# the number of wake-ups queued.
 _STORE_MESSAGES_WAKING = (
-    "SELECT " + _STORED + ", woken FROM store_messages_waking("
+    "SELECT (w.message).*, w.woken FROM store_messages_waking("
     "?::uuid[], ?::text[], ?::uuid[], ?::text[], ?::text[], ?::text[], ?::bigint[], ?::integer[],"
-    " ?::bigint, ?::bigint)")
+    " ?::bigint, ?::bigint) w")
 
 
 def _answer_repeats(items: list[Outgoing],

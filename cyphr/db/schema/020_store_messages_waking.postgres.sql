@@ -13,17 +13,14 @@
 -- a node heard from since ``live_since`` (ms) and has no wake-up queued
 -- already (the outbox holds one a device). A resend (its row names the
 -- message stored first) and a refused message (its row names none) wake
--- nobody. Each row answers the number of wake-ups queued by the call.
+-- nobody. Each row is a message's answer (as store_messages answers it)
+-- and the number of wake-ups queued by the call.
 -- cyphr/store/push.py: wake_ups_sql is the same rule for SQLite.
 CREATE FUNCTION store_messages_waking(
     chat_ids UUID[], sender_ids TEXT[], ids UUID[], payloads TEXT[],
     message_types TEXT[], client_message_ids TEXT[], created BIGINT[],
     sender_devices INTEGER[], now_ms BIGINT, live_since BIGINT)
-RETURNS TABLE (
-    n INTEGER, id UUID, chat_id UUID, seq BIGINT, sender_id TEXT,
-    encrypted_content TEXT, message_type TEXT, client_message_id TEXT,
-    created_at BIGINT, edited_at BIGINT, deleted_at BIGINT, stream_position BIGINT,
-    sender_device INTEGER, woken BIGINT)
+RETURNS TABLE (message stored_message, woken BIGINT)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 AS $$
@@ -55,9 +52,6 @@ BEGIN
         RETURNING 1
     )
     SELECT count(*) INTO queued FROM queued_now;
-    RETURN QUERY SELECT a.n, a.id, a.chat_id, a.seq, a.sender_id, a.encrypted_content,
-                        a.message_type, a.client_message_id, a.created_at, a.edited_at,
-                        a.deleted_at, a.stream_position, a.sender_device, queued
-                 FROM unnest(answers) a;
+    RETURN QUERY SELECT a, queued FROM unnest(answers) a;
 END
 $$;
