@@ -315,6 +315,10 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "cyphr.client.realtime._InOrderEngineIO (override, run_async=False)",
                 "the stock client handles messages in threads, out of order; no option",
                 override=True),
+    PrivateName("engineio.client.Client", "_reset",
+                "cyphr.client.realtime._InOrderEngineIO (override: the send queue reopened)",
+                "the only point where the stock client ends a connection, every way it ends",
+                override=True),
     PrivateName("socketio.client.Client", "_engineio_client_class",
                 "cyphr.client.realtime.OrderedClient (override)",
                 "the only way to give socketio.Client another Engine.IO client",
@@ -383,4 +387,8 @@ COPIED: tuple[Copied, ...] = (
     Copied("engineio.client.Client._receive_packet", "d57e07eba86a6939",
            "cyphr.client.realtime._InOrderEngineIO",
            "messages are triggered with run_async=True, which the override turns off"),
+    Copied("engineio.client.Client._write_loop", "4a231f0491587c3e",
+           "cyphr.client.realtime._EndKeepingQueue",
+           "it drops a None drained behind packets and waits again while connected; "
+           "the queue answers None to that wait"),
 )

@@ -8,14 +8,16 @@ error ("cannot join current thread" was, and listen then hung).
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cyphr.client.client import Client
 from tests.helpers import (CLIENT, SQLiteMixin, cli_in_process, finish, start_server,
@@ -145,3 +147,60 @@ class ListenTests(SQLiteMixin, TestCase):
         self.assertIn("reconnecting", err)
         self.assertIn("reconnected to", err)
         self.assertNoErrorLogged(err)
+
+
+class _Socket:
+    """Stands in for the stock client's websocket-client socket: keeps what
+    is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, data: Any) -> None:
+        self.sent.append(data)
+
+    send_binary = send
+
+
+class EndOfConnectionTests(SynchronousTestCase):
+    """The stock Engine.IO client's write loop ends with its connection,
+    even when the end (a None in its queue) is taken in one batch with
+    packets sent just before (cyphr.client.realtime._EndKeepingQueue)."""
+
+    def test_write_loop_ends_when_the_end_comes_behind_packets(self) -> None:
+        """The stock write loop takes a packet and the None behind it in one
+        batch, sends the packet, and, the client still connected, waits on
+        the queue again: it is answered None at once and ends (the stock
+        queue would keep it waiting max(ping interval, ping timeout) + 5 s)."""
+        from engineio import packet
+
+        from cyphr.client.realtime import _InOrderEngineIO
+
+        client = _InOrderEngineIO()
+        client.state, client.current_transport = "connected", "websocket"
+        client.ws, client.ping_interval, client.ping_timeout = _Socket(), 25, 20
+        client.queue.put(packet.Packet(packet.MESSAGE, "hello"))
+        client.queue.put(None)
+        loop = threading.Thread(target=client._write_loop, daemon=True)
+        loop.start()
+        loop.join(5)
+        self.assertFalse(loop.is_alive(), "the write loop still waits on its queue")
+        self.assertEqual(client.ws.sent, ["4hello"])
+        self.assertEqual(client.queue.unfinished_tasks, 0)
+
+    def test_queue_reopens_with_the_next_connection(self) -> None:
+        """Once the connection is over (the stock client's _reset, which
+        empties the queue without blocking), the queue waits as any queue
+        again."""
+        from cyphr.client.realtime import _EndKeepingQueue
+
+        q = _EndKeepingQueue()
+        q.put("packet")
+        q.put(None)
+        self.assertEqual((q.get(), q.get(block=False)), ("packet", None))
+        self.assertIsNone(q.get(timeout=30))  # ended: answered at once
+        with self.assertRaises(queue.Empty):
+            q.get(block=False)  # what emptying it uses: never answered None
+        q.reopen()
+        with self.assertRaises(queue.Empty):
+            q.get(timeout=0.05)

@@ -94,10 +94,11 @@ class ShutdownMixin:
         database = self.database()
         return ["--data-dir", data_dir, *(["--database", database] if database else []),
                 "--shutdown-timeout", f"{SHUTDOWN_TIMEOUT}s",
-                # python-engineio's client can miss the end of its socket
-                # when a send races the close (its write loop consumes the
-                # wake-up): it then notices after max(ping interval, ping
-                # timeout) + 5 s. Short pings keep that wait short.
+                # python-engineio's client could miss the end of its socket
+                # when a send raced the close (its write loop consumed the
+                # wake-up) and notice only after max(ping interval, ping
+                # timeout) + 5 s; cyphr.client.realtime._EndKeepingQueue now
+                # keeps the end. Short pings bound any wait of that kind.
                 "--ping-interval", "1s", "--ping-timeout", "2s",
                 "--rate-limit-send", "100000/1s", "--realtime-event-rate", "100000/1s"]
 

@@ -44,6 +44,45 @@ CLOSE_TIMEOUT = 10.0  # seconds stop() waits for the stock client to close
 _SESSION_CODES = {"INVALID_TOKEN", "TOKEN_EXPIRED", "TOKEN_REVOKED", "UNAUTHORIZED"}
 
 
+class _EndKeepingQueue(queue.Queue):
+    """
+    The stock client's send queue, in which the end of a connection is not
+    lost. The stock client ends its write loop by putting None in the queue
+    (python-engineio 4.15.1, ``Client._write_loop``); but a write loop that
+    takes packets in a batch drops a None found behind them and, while the
+    client still counts as connected (its read loop sets that only after the
+    write loop has ended), waits for more until max(ping interval, ping
+    timeout) + 5 s: 30 s with the server's defaults, during which a server
+    that closed the connection (a restart) goes unnoticed. Once a None was
+    put, a blocking get on an empty queue answers None at once, until the
+    connection is over (``reopen``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ended = False
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:
+            self._ended = True
+        super().put(item, block, timeout)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block:
+            with self.mutex:
+                if self._ended and not self._qsize():
+                    # The caller marks it done, as a None put.
+                    self.unfinished_tasks += 1
+                    return None
+        return super().get(block, timeout)
+
+    def reopen(self) -> None:
+        """The connection is over (the stock client has emptied the queue):
+        the next one starts afresh."""
+        with self.mutex:
+            self._ended = False
+
+
 class _InOrderEngineIO(engineio.Client):
     # The stock client runs each incoming message's handlers in a thread of
     # its own, so two messages may be handled out of order. A messenger must
@@ -58,6 +97,13 @@ class _InOrderEngineIO(engineio.Client):
         self._inbox: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._handling: threading.Thread | None = None
         self.server_ended = False
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> Any:
+        return _EndKeepingQueue()
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.queue.reopen()
 
     def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
         if event != "message":
