@@ -13,7 +13,13 @@ each size, the PostgreSQL backend's CPU per batch and per message (from
 /proc: the backend runs on this machine) and the wall time per batch; and
 from the sizes, the fixed cost of a statement and the cost of each message
 in it (a least-squares line through CPU per batch against batch size).
-Figures vary with the machine and its load: compare runs made side by side.
+Then what a delivery receipt costs the backend, one after another as a
+recipient acknowledges its messages in order: the message's look-up for
+the member (ReceiptsHandler checks it is visible) and
+ChatStore.mark_delivered (the receipt row and the member's delivered mark,
+one transaction; a device's own mark, which a real receipt also moves, is
+left out). Figures vary with the machine and its load: compare runs made
+side by side.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twisted.internet import defer, task  # noqa: E402
 
 from cyphr.db.postgres import PostgresDatabase  # noqa: E402
+from cyphr.store.chats import ChatStore  # noqa: E402
 from cyphr.store.messages import MessageStore, Outgoing  # noqa: E402
 from cyphr.store.push import WakeUps  # noqa: E402
 from tests import postgres  # noqa: E402
@@ -48,11 +55,13 @@ def _fatal(message: str) -> None:
     raise SystemExit(message)
 
 
-async def _chats(database: PostgresDatabase, count: int) -> list[tuple[str, str]]:
-    """``count`` direct chats of two members each: (chat id, a sender)."""
+async def _chats(database: PostgresDatabase, count: int, prefix: str = "bench"
+                 ) -> list[tuple[str, str]]:
+    """``count`` direct chats of two members each: (chat id, a sender whose
+    Cyphr ID ends in "a"; the other member's ends in "b")."""
     chats = []
     for i in range(count):
-        members = [f"bench{i}a", f"bench{i}b"]
+        members = [f"{prefix}{i}a", f"{prefix}{i}b"]
         for member in members:
             await database.run_operation(
                 "INSERT INTO cyphr_identities (id, cyphr_id, public_key, created_at, updated_at)"
@@ -93,6 +102,31 @@ async def measure(database: PostgresDatabase, backend: int, chats: list[tuple[st
     return _cpu_seconds(backend) - cpu, time.perf_counter() - wall
 
 
+async def receipts(database: PostgresDatabase, backend: int, chat_count: int,
+                   count: int) -> tuple[float, float]:
+    """(backend CPU seconds, wall seconds) for ``count`` delivery receipts
+    in chats of their own, each recipient acknowledging every message in
+    order (its delivered mark moves one message at a time)."""
+    store, chat_store = MessageStore(database), ChatStore(database)
+    chats = await _chats(database, chat_count, "receipts")
+    stored = []
+    for start in range(0, count, 100):
+        items = [Outgoing(str(uuid.uuid4()), chat_id, sender, PAYLOAD, "text", None,
+                          int(time.time() * 1000), 1)
+                 for chat_id, sender in (chats[n % len(chats)] for n in range(start, start + 100))]
+        answers = (await store.store_batch(items)).answers
+        stored += [(answer, sender[:-1] + "b") for answer, (_, sender) in zip(
+            answers, (chats[n % len(chats)] for n in range(start, start + 100)))]
+    stored = stored[:count]
+    cpu, wall = _cpu_seconds(backend), time.perf_counter()
+    for message, recipient in stored:
+        seen = await store.by_id_for_member(message.id, recipient, message.chat_id)
+        assert seen is not None
+        await chat_store.mark_delivered(message.chat_id, message.id, recipient,
+                                        int(time.time() * 1000), seq=message.seq)
+    return _cpu_seconds(backend) - cpu, time.perf_counter() - wall
+
+
 def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
     """Least squares y = a + b x: (a, b)."""
     count = len(points)
@@ -128,6 +162,9 @@ async def main(batches: int, chat_count: int, sizes: list[int]) -> None:
             if len(points) > 1:
                 fixed, each = _line(points)
                 print(f"    fit: {fixed:.0f} µs a statement + {each:.0f} µs a message")
+        cpu, wall = await receipts(database, backend, chat_count, batches * 5)
+        print(f"  a delivery receipt (look-up and mark_delivered), one after another: "
+              f"{cpu / (batches * 5) * 1e6:.0f} µs CPU, {wall / (batches * 5) * 1e6:.0f} µs wall")
         await database.close()
     finally:
         cluster.destroy()

@@ -163,6 +163,27 @@ class HistoryReceiptsMixin:
         self.assertEqual(await self.history("alice", chat), {1: NONE, 2: NONE, 3: {
             "delivered": ["dave"], "read": ["dave"]}})
 
+    async def test_receipt_names_the_chat(self) -> None:
+        """A receipt found by its chat and message id (what clients send:
+        the look-up reads the chat's partition only) or by its message id
+        alone (old clients) is recorded; one naming another chat of the
+        reader's is MESSAGE_NOT_FOUND and records nothing."""
+        from cyphr.errors import MESSAGE_NOT_FOUND, NotFound
+
+        sent = await self.send("alice", recipientId="bob")
+        other = await self.send("bob", recipientId="carol")
+        with self.assertRaises(NotFound) as refused:
+            await self.receipts.delivered(self.who("bob"), sent["messageId"], other["chatId"])
+        self.assertEqual(refused.exception.code, MESSAGE_NOT_FOUND)
+        self.assertEqual(await self.history("alice", sent["chatId"]), {1: NONE})
+        named = await self.receipts.delivered(self.who("bob"), sent["messageId"], sent["chatId"])
+        self.assertEqual((named.chat_id, named.tell), (sent["chatId"], ("alice",)))
+        again = await self.send("alice", chatId=sent["chatId"])
+        unnamed = await self.receipts.read(self.who("bob"), again["messageId"], None)
+        self.assertEqual((unnamed.chat_id, unnamed.tell), (sent["chatId"], ("alice",)))
+        self.assertEqual(await self.history("alice", sent["chatId"]), {
+            1: {"delivered": ["bob"], "read": []}, 2: {"delivered": ["bob"], "read": ["bob"]}})
+
     async def test_deleted_contact(self) -> None:
         """A direct chat whose other member deleted its account still
         answers history and sync, with empty receipts on one's messages."""
