@@ -194,10 +194,10 @@ class MessageStore:
 
         Given its chat, the look-up reads one partition of ``messages``;
         by id alone it probes the id index of each of the hundred (and, on
-        PostgreSQL, plans over all of them): 7.9 ms of backend CPU against
-        0.x ms (benchmarks/store_batch.py, a receipt's look-up and mark).
-        Clients name the chat of what they acknowledge (API: message_delivered
-        {messageId, chatId})."""
+        PostgreSQL, plans over all of them). A delivery receipt, look-up and
+        mark, costs PostgreSQL 0.48 ms of CPU the first way and 7.9 ms the
+        second (benchmarks/store_batch.py). Clients name the chat of what
+        they acknowledge (API: message_delivered {messageId, chatId})."""
         if chat_id is None:
             rows = await self._db.run_query(
                 "SELECT " + _COLUMNS + " FROM messages m JOIN chat_participants p"
