@@ -745,6 +745,7 @@ async def traffic(args: argparse.Namespace) -> None:
                 "bystanders": [[url(q), t] for q, t in bystanders[w::args.workers]],
                 "pairCount": args.pairs, "rate": args.rate, "seconds": args.seconds,
                 "drain": args.drain, "payloadBytes": args.payload_bytes, "byChat": args.by_chat,
+                "acknowledge": args.acknowledge,
                 "connectConcurrency": max(1, args.connect_concurrency // args.workers),
                 "connectTimeout": 60,
             } for w in range(args.workers)])
@@ -818,7 +819,8 @@ async def traffic(args: argparse.Namespace) -> None:
           f"{', the devices named in each send' if args.name_devices else ''}), "
           f"{args.workers} load process(es) of {client_description(args.client)}; "
           f"{args.rate:g} msg/s offered for {args.seconds:g} s, "
-          f"{payload_bytes}-byte encryptedPayload, by {'chatId' if args.by_chat else 'recipientId'}")
+          f"{payload_bytes}-byte encryptedPayload, by {'chatId' if args.by_chat else 'recipientId'}"
+          f"{', each delivery acknowledged' if args.acknowledge else ''}")
     print(f"sent {total['sent']}  acked {total['acked']}  deliveries {total['delivered']}"
           f"/{expected} (one per receiving socket)  lost {lost}  duplicated {total['duplicated']}  "
           f"out-of-order {total['lower'] + total['gaps']} (lower seq {total['lower']}, "
@@ -950,6 +952,10 @@ def main() -> None:
                         help="sends name the chat's devices (the server checks the list)")
     parser.add_argument("--by-chat", action="store_true",
                         help="address messages by chatId rather than recipientId")
+    parser.add_argument("--acknowledge", action="store_true",
+                        help="each receiving socket acknowledges each message it gets "
+                             "(message_delivered {messageId, chatId}), as real clients do "
+                             "(--client js)")
     parser.add_argument("--sqlite", action="store_true",
                         help="one server process on SQLite instead of PostgreSQL")
     parser.add_argument("--server-url", action="append", default=[],
@@ -969,6 +975,8 @@ def main() -> None:
         parser.error("--devices is at least 1")
     if args.idle and args.client == "js":
         parser.error("--client js drives traffic only, not --idle")
+    if args.acknowledge and args.client != "js":
+        parser.error("--acknowledge is for --client js")
     args.workers = args.workers or (2 if args.idle else 1)
     if args.client == "js":
         node_ready()  # before the servers start: npm ci when node_modules is missing

@@ -12,7 +12,8 @@
 // recipientId, chatId, setupSeq, devices (a send's devices list, or null)}],
 // bystanders [[url, token]...], pairCount (all processes' pairs), rate (all
 // processes' messages a second), seconds, drain, payloadBytes, byChat,
-// connectConcurrency, connectTimeout (seconds). Message m (0, 1, 2... over
+// connectConcurrency, connectTimeout (seconds), acknowledge (each receiving
+// socket sends message_delivered for each message it gets). Message m (0, 1, 2... over
 // all processes) is due at start + m / rate and belongs to pair m % pairCount:
 // one timetable whatever the acks do (open loop).
 //
@@ -74,6 +75,15 @@ function countOthers(socket) {
   });
 }
 
+// With spec.acknowledge, a message is acknowledged as a real client does
+// once it has it (message_delivered; no ack asked for): every one, the
+// catch-up's included, so that the receiver's delivered mark moves.
+function acknowledge(socket, message) {
+  if (spec.acknowledge) {
+    socket.emit("message_delivered", { messageId: message.id, chatId: message.chatId });
+  }
+}
+
 // Listener k of a pair: records each message once, and the server's seq order.
 function listen(socket, pair, k) {
   const lastSeq = new Map([[pair.chatId, pair.setupSeq]]);
@@ -82,6 +92,7 @@ function listen(socket, pair, k) {
     const payload = message.encryptedPayload;
     if (typeof payload.seq !== "number") {
       setupSeen += 1;  // the chat's first message, in the catch-up
+      acknowledge(socket, message);
       return;
     }
     const at = payload.seq * fan + k;
@@ -91,6 +102,7 @@ function listen(socket, pair, k) {
     }
     arrivedAt[at] = now;
     nDelivered += 1;
+    acknowledge(socket, message);
     deliveryMs.push(round(now - payload.t));
     if (now <= windowEnd) {
       inWindow += 1;
