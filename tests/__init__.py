@@ -75,4 +75,3 @@ def _remembered(function: Callable[..., T]) -> Callable[..., T]:
 # one once. Passphrases the tests vary are estimated as before.
 _profile.zxcvbn = _remembered(_profile.zxcvbn)
 _crypto.safety_number = _remembered(_crypto.safety_number)
-
