@@ -111,15 +111,12 @@ async def receipts(database: PostgresDatabase, backend: int, chat_count: int,
     chats = await _chats(database, chat_count, "receipts")
     stored = []
     for start in range(0, count, 100):
-        items = [Outgoing(str(uuid.uuid4()), chat_id, sender, PAYLOAD, "text", None,
-                          int(time.time() * 1000), 1)
-                 for chat_id, sender in (chats[n % len(chats)] for n in range(start, start + 100))]
-        answers = (await store.store_batch(items)).answers
-        stored += [(answer, sender[:-1] + "b") for answer, (_, sender) in zip(
-            answers, (chats[n % len(chats)] for n in range(start, start + 100)))]
-    stored = stored[:count]
+        items = [Outgoing(str(uuid.uuid4()), *chats[n % len(chats)], PAYLOAD, "text", None,
+                          int(time.time() * 1000), 1) for n in range(start, min(start + 100, count))]
+        stored += (await store.store_batch(items)).answers
     cpu, wall = _cpu_seconds(backend), time.perf_counter()
-    for message, recipient in stored:
+    for message in stored:
+        recipient = message.sender_id[:-1] + "b"  # the chat's other member
         seen = await store.by_id_for_member(message.id, recipient, message.chat_id)
         assert seen is not None
         await chat_store.mark_delivered(message.chat_id, message.id, recipient,
