@@ -117,19 +117,20 @@ class DatabaseService(Service):
     """Starts the database (connecting, retrying and migrating in the
     background), the bus and the realtime layer with the process; once the
     database is ready, calls ``on_ready`` (the process then listens). At the
-    end, in this order: no new realtime sessions; the messages still waiting
-    for a batch are written (and acknowledged); every socket is closed with
-    a reason; the bus and the database close; the data directory is
-    released (cyphr.datadir.DataDirectory.close)."""
+    end, in this order: no new realtime sessions; the delivery receipts and
+    the messages still waiting for a batch are written (and acknowledged);
+    every socket is closed with a reason; the bus and the database close;
+    the data directory is released (cyphr.datadir.DataDirectory.close)."""
 
-    def __init__(self, database: Database, batcher: SendBatcher, bus: Bus, realtime: Realtime,
-                 engine: EngineServer, data_dir: DataDirectory, blobs: Any, push: PushHandler,
-                 on_ready: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, database: Database, batcher: SendBatcher, receipts: ReceiptsHandler, bus: Bus,
+                 realtime: Realtime, engine: EngineServer, data_dir: DataDirectory, blobs: Any,
+                 push: PushHandler, on_ready: Callable[[], None] = lambda: None) -> None:
         self.data_dir = data_dir
         self.blobs = blobs
         self.push = push
         self.database = database
         self.batcher = batcher
+        self.receipts = receipts
         self.bus = bus
         self.realtime = realtime
         self.engine = engine
@@ -156,6 +157,7 @@ class DatabaseService(Service):
 
     async def _stop(self) -> None:
         self.engine.accepting = False
+        await self.receipts.stop()
         await self.batcher.stop()
         self.engine.close_all("server shutting down")
         # Let each client answer its close frame, so that it hears the code
@@ -165,6 +167,7 @@ class DatabaseService(Service):
         # database: it ends before the database closes, rather than fail
         # with "the database is unavailable".
         await self.realtime.tasks_done()
+        await self.receipts.stop()  # any that came in meanwhile
         self.realtime.stop()
         await self.push.stop()
         await self.bus.stop()
@@ -635,8 +638,8 @@ def build_server(
         if not fatal_messages:
             directory.served()
 
-    DatabaseService(database, batcher, bus, realtime, engine, directory, attachments.blobs, push,
-                    on_ready=ready).setServiceParent(service)
+    DatabaseService(database, batcher, receipts, bus, realtime, engine, directory, attachments.blobs,
+                    push, on_ready=ready).setServiceParent(service)
     def purge_now() -> Deferred[None] | None:
         # Not before the database is up (the pool says so when it is down).
         return Deferred.fromCoroutine(maintenance.run()) if database.ready else None

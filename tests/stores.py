@@ -1,7 +1,8 @@
 """
-Stores on a real SQLite database with no server, socket or HTTP, for the
-handler unit tests: a World is the stores of one fresh database, a
-task.Clock, and the few ways the tests make users, chats and messages.
+Stores on a real database with no server, socket or HTTP, for the handler
+and store unit tests: a World is the stores of one fresh database (SQLite,
+or PostgreSQL in the tests' throwaway cluster), a task.Clock, and the few
+ways the tests make users, chats and messages.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cyphr.clock import now_ms
+from cyphr.db import Database
+from cyphr.db.postgres import PostgresDatabase
 from cyphr.db.sqlite import SQLiteDatabase
 from cyphr.handlers.auth import AuthUser
 from cyphr.store.chats import ChatStore
 from cyphr.store.devices import DeviceStore
 from cyphr.store.identities import Identity, IdentityStore, MainKey
 from cyphr.store.messages import Message, MessageStore, Outgoing
+from tests import postgres
 
 START = 1_790_000_000.0  # seconds: the clock's time when a test begins
 
@@ -34,10 +38,10 @@ def open_sqlite(path: str, on_fatal: Callable[[str], None]) -> SQLiteDatabase:
 
 
 class World:
-    """Stores on one fresh SQLite database, a clock, and the few ways the
-    tests make users, chats and messages (through the stores)."""
+    """Stores on one fresh database, a clock, and the few ways the tests
+    make users, chats and messages (through the stores)."""
 
-    def __init__(self, database: SQLiteDatabase, clock: Clock) -> None:
+    def __init__(self, database: Database, clock: Clock) -> None:
         self.database = database
         self.clock = clock
         self.chats = ChatStore(database)
@@ -93,11 +97,10 @@ class World:
         return {user: (read, delivered) for user, read, delivered in rows}
 
 
-async def open_world(testcase: TestCase) -> World:
-    """A World on a new database in the test's temporary directory, closed
-    when the test ends; the clock starts at START."""
-    directory = testcase.mktemp()
-    os.makedirs(directory)
+async def open_world(testcase: TestCase, engine: str = "sqlite") -> World:
+    """A World on a new database (SQLite in the test's temporary directory,
+    or a migrated PostgreSQL database of the shared cluster), closed when
+    the test ends; the clock starts at START."""
     started: Deferred[None] = Deferred()
 
     def fatal(message: str) -> None:
@@ -105,7 +108,14 @@ async def open_world(testcase: TestCase) -> World:
         if not started.called:
             started.errback(AssertionError(f"the database cannot start: {message}"))
 
-    database = open_sqlite(os.path.join(directory, "cyphr.sqlite"), fatal)
+    database: Database
+    if engine == "postgresql":
+        database = PostgresDatabase(postgres.migrated_database_url(testcase), reactor, on_fatal=fatal,
+                                    pool_size=2)
+    else:
+        directory = testcase.mktemp()
+        os.makedirs(directory)
+        database = open_sqlite(os.path.join(directory, "cyphr.sqlite"), fatal)
     database.when_ready().addCallback(lambda _: None if started.called else started.callback(None))
     database.start()
     testcase.addCleanup(lambda: Deferred.fromCoroutine(database.close()))

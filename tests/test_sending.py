@@ -1,5 +1,6 @@
-"""SendBatcher's scheduling, over a store the test controls (the batches
-themselves are tested against both databases in tests.test_messaging)."""
+"""SendBatcher's and GroupCommit's scheduling, over writes the test
+controls (the batches themselves are tested against both databases in
+tests.test_messaging and tests.test_store_deliveries)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from cyphr.errors import DatabaseUnavailable
+from cyphr.handlers.batching import GroupCommit
 from cyphr.handlers.sending import SendBatcher
 from cyphr.store.messages import Outgoing, Stored
 
@@ -91,3 +94,65 @@ class SendBatcherTests(TestCase):
         for d in pending:
             self.failureResultOf(d, DatabaseUnavailable)
         self.assertEqual(store.calls, 3)
+
+
+class GroupCommitTests(TestCase):
+    """GroupCommit without a reactor (as the receipts handler uses it): a
+    batch begins at once."""
+
+    def writer(self, fail_at_once: bool = False
+               ) -> tuple[GroupCommit[int, int], list[list[int]], list[Deferred[None]]]:
+        """A GroupCommit of at most 3 items a batch whose write records each
+        batch and waits for the test to commit it (or fails at once); each
+        item's outcome is ten times it."""
+        batches: list[list[int]] = []
+        commits: list[Deferred[None]] = []
+
+        async def write(items: list[int]) -> list[int | Failure]:
+            batches.append(items)
+            if fail_at_once:
+                return [Failure(DatabaseUnavailable()) for _ in items]
+            commit: Deferred[None] = Deferred()
+            commits.append(commit)
+            await commit
+            return [item * 10 for item in items]
+        return GroupCommit(write, 3), batches, commits
+
+    def test_alone_at_once_then_together(self) -> None:
+        """A lone item is written at once; those that arrive meanwhile go
+        together in the next batch (at most max_batch), each answered with
+        its own outcome."""
+        group, batches, commits = self.writer()
+        first = group.submit(1)
+        self.assertEqual(batches, [[1]])
+        later = [group.submit(n) for n in (2, 3, 4, 5)]
+        self.assertEqual(batches, [[1]])
+        commits[0].callback(None)
+        self.assertEqual(self.successResultOf(first), 10)
+        self.assertEqual(batches, [[1], [2, 3, 4]])
+        commits[1].callback(None)
+        self.assertEqual(batches, [[1], [2, 3, 4], [5]])
+        commits[2].callback(None)
+        self.assertEqual([self.successResultOf(d) for d in later], [20, 30, 40, 50])
+
+    def test_failed_at_once_with_more_waiting(self) -> None:
+        """Batches failing at once: an item submitted by an answered
+        submitter's callback is written too, not left waiting."""
+        group, batches, _ = self.writer(fail_at_once=True)
+        again: list[Deferred[int]] = []
+        first = group.submit(1)
+        first.addErrback(lambda f: again.append(group.submit(2)))
+        self.assertEqual(batches, [[1], [2]])
+        self.failureResultOf(again[0], DatabaseUnavailable)
+
+    def test_stop_writes_what_is_pending(self) -> None:
+        """stop returns once every item submitted was written."""
+        group, batches, commits = self.writer()
+        pending = [group.submit(n) for n in range(1, 6)]
+        stopped = Deferred.fromCoroutine(group.stop())
+        for n in range(3):
+            self.assertNoResult(stopped)
+            commits[n].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(batches, [[1], [2, 3, 4], [5]])
+        self.assertEqual([self.successResultOf(d) for d in pending], [10, 20, 30, 40, 50])

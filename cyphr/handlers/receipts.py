@@ -19,11 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
 from cyphr.clock import now_ms
-from cyphr.errors import CHAT_NOT_FOUND, MESSAGE_NOT_FOUND, NotFound
+from cyphr.errors import CHAT_NOT_FOUND, MESSAGE_NOT_FOUND, DatabaseUnavailable, NotFound
 from cyphr.handlers.auth import AuthUser
-from cyphr.store.chats import ChatStore
+from cyphr.handlers.batching import GroupCommit
+from cyphr.store.chats import ChatStore, Delivered, Delivery
 from cyphr.store.messages import Message, MessageStore
+
+_log = Logger()
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +44,20 @@ class Receipt:
     tell: tuple[str, ...]       # senders to tell; empty: nobody (own message, or not the first delivery)
 
 
+MAX_BATCH = 500  # delivery receipts recorded in one transaction
+
+
 class ReceiptsHandler:
     def __init__(self, chats: ChatStore, messages: MessageStore, clock: Any) -> None:
         self._chats = chats
         self._messages = messages
         self._clock = clock
+        # Delivery receipts, one for every message every device receives,
+        # are recorded in batches: those that arrive while one is written
+        # go together in the next (one statement on PostgreSQL, schema
+        # 021). A lone receipt goes at once.
+        self._deliveries: GroupCommit[Delivery, Delivered | None] = GroupCommit(
+            self._record_deliveries, MAX_BATCH)
         # For metrics: first delivery receipts and read marks recorded here.
         self.delivered_count = 0
         self.read_count = 0
@@ -62,22 +77,38 @@ class ReceiptsHandler:
         (the others' still do, until they acknowledge it too). The user's
         own message, sent from another of its devices, moves that mark
         only."""
-        message = await self._visible(user, message_id, chat_id)
         now = now_ms(self._clock)
+        recorded = await self._deliveries.submit(
+            Delivery(message_id, chat_id, user.cyphr_id, (user.user_id, user.device_id), now))
+        if recorded is None:
+            raise NotFound("No such message", code=MESSAGE_NOT_FOUND)
         tell: tuple[str, ...] = ()
-        if message.sender_id != user.cyphr_id:
-            first = await self._chats.mark_delivered(message.chat_id, message.id, user.cyphr_id, now,
-                                                     seq=message.seq,
-                                                     device=(user.user_id, user.device_id))
-            if first:
-                self.delivered_count += 1
-                tell = (message.sender_id,)
-        elif message.sender_device is not None and message.sender_device != user.device_id:
-            # The user's own message, from another of its devices.
-            await self._chats.mark_device_delivered(message.chat_id, message.id, user.cyphr_id,
-                                                    message.seq, (user.user_id, user.device_id))
-        return Receipt(chat_id=message.chat_id, reader=user.cyphr_id, at=now, message_id=message.id,
+        if recorded.first:
+            self.delivered_count += 1
+            tell = (recorded.sender_id,)
+        return Receipt(chat_id=recorded.chat_id, reader=user.cyphr_id, at=now, message_id=recorded.message_id,
                        up_to_seq=None, tell=tell)
+
+    async def _record_deliveries(self, batch: list[Delivery]) -> list[Delivered | None | Failure]:
+        try:
+            return list(await self._chats.record_deliveries(batch))
+        except DatabaseUnavailable as e:
+            return [Failure(e) for _ in batch]
+        except Exception:
+            if len(batch) == 1:
+                _log.failure("Recording a delivery receipt failed")
+                return [Failure()]
+            # The whole transaction failed (say a deadlock with another
+            # node's batch): each on its own, so that one receipt's trouble
+            # is its own.
+            results: list[Delivered | None | Failure] = []
+            for delivery in batch:
+                results += await self._record_deliveries([delivery])
+            return results
+
+    async def stop(self) -> None:
+        """Record the delivery receipts still pending (the server is stopping)."""
+        await self._deliveries.stop()
 
     async def read(self, user: AuthUser, message_id: str, chat_id: str | None) -> Receipt:
         """``user`` read the message (which records its delivery too, if

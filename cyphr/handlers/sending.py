@@ -1,7 +1,7 @@
 """
-Group commit: messages that arrive in the same moment are stored together,
-in one transaction and one multi-row statement, and each sender is answered
-after the commit.
+Group commit of messages (cyphr.handlers.batching): messages that arrive
+in the same moment are stored together, in one transaction and one
+multi-row statement, and each sender is answered after the commit.
 
 A batch starts on the next turn of the reactor after the first message
 arrives; while it is being written, newcomers gather for the next one. So a
@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cyphr.errors import DatabaseUnavailable
+from cyphr.handlers.batching import GroupCommit
 from cyphr.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
 from cyphr.store.push import WakeUps
@@ -45,11 +46,8 @@ class SendBatcher:
         self._store = store
         self._reactor = reactor
         self._wake_ups = wake_ups
-        self._max_batch = max_batch
-        self._pending: list[tuple[Outgoing, Deferred[Message | NotAMember]]] = []
-        self._scheduled: Any = None
-        self._writing: Deferred[None] | None = None
-        self._starting = False
+        self._batches: GroupCommit[Outgoing, Message | NotAMember] = GroupCommit(
+            self._outcomes, max_batch, reactor)
         self.batch_sizes: list[int] = []  # the last few, for tests
         # For metrics: counted per batch, not per message.
         self.messages_stored = 0
@@ -58,52 +56,9 @@ class SendBatcher:
 
     def submit(self, item: Outgoing) -> Deferred[Message | NotAMember]:
         """Store ``item`` with whatever else arrives now; fires after the commit."""
-        d: Deferred[Message | NotAMember] = Deferred()
-        self._pending.append((item, d))
-        self._schedule()
-        return d
+        return self._batches.submit(item)
 
-    def _schedule(self) -> None:
-        if self._scheduled is None and self._writing is None and self._pending:
-            self._scheduled = self._reactor.callLater(0, self._start)
-
-    def _start(self) -> None:
-        self._scheduled = None
-        batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
-        self._starting = True
-        try:
-            writing = Deferred.fromCoroutine(self._write(batch))
-        finally:
-            self._starting = False
-        writing.addErrback(lambda f: _log.failure("Writing a batch failed", f))
-        if not writing.called:
-            self._writing = writing
-        else:
-            self._schedule()  # done at once (the database failed it): the rest next turn
-
-    async def _write(self, batch: list[tuple[Outgoing, Deferred[Message | NotAMember]]]) -> None:
-        try:
-            outcomes = await self._outcomes(batch)
-        finally:
-            # The next batch goes to the database now, before this one's
-            # senders are answered: the database works on it meanwhile.
-            self._writing = None
-            if self._pending and not self._starting:
-                if self._scheduled is not None:
-                    self._scheduled.cancel()
-                self._start()
-        stored = 0
-        for (_, d), outcome in zip(batch, outcomes):
-            if isinstance(outcome, Failure):
-                d.errback(outcome)
-                continue
-            if not isinstance(outcome, NotAMember):
-                stored += 1
-            d.callback(outcome)
-        self.messages_stored += stored
-
-    async def _outcomes(self, batch: list[tuple[Outgoing, Deferred[Message | NotAMember]]]
-                     ) -> list[Message | NotAMember | Failure]:
+    async def _outcomes(self, batch: list[Outgoing]) -> list[Message | NotAMember | Failure]:
         """Each message's outcome: its stored message, NotAMember, or the
         failure to answer its sender with."""
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-100:]
@@ -111,8 +66,7 @@ class SendBatcher:
         started = self._reactor.seconds()
         wake_ups = self._wake_ups
         try:
-            stored = await self._store.store_batch([item for item, _ in batch],
-                                                   wake_ups.wake_ups() if wake_ups is not None else None)
+            stored = await self._store.store_batch(batch, wake_ups.wake_ups() if wake_ups is not None else None)
         except DatabaseUnavailable as e:
             return [Failure(e) for _ in batch]
         except Exception:
@@ -123,23 +77,15 @@ class SendBatcher:
             # resend racing on another node): store each on its own, so that
             # every sender gets its own answer and nobody pays for another.
             results = []
-            for entry in batch:
-                results += await self._outcomes([entry])
+            for item in batch:
+                results += await self._outcomes([item])
             return results
         self.commit_histogram.observe(self._reactor.seconds() - started)
         if wake_ups is not None:
             wake_ups.queued(stored.woken)
+        self.messages_stored += sum(not isinstance(answer, NotAMember) for answer in stored.answers)
         return list(stored.answers)
 
     async def stop(self) -> None:
         """Write what is pending, then return (the service is stopping)."""
-        while self._writing is not None or self._pending:
-            if self._scheduled is not None:
-                self._scheduled.cancel()
-                self._scheduled = None
-            if self._writing is None:
-                self._start()
-            if self._writing is not None:
-                await self._writing
-
-
+        await self._batches.stop()

@@ -8,6 +8,7 @@ from typing import Any
 
 from cyphr.db import Database, IntegrityError, Transaction
 from cyphr.store.envelopes import drop_envelope
+from cyphr.store.messages import Message, for_member
 
 _CHAT_COLUMNS = (
     "c.id, c.chat_type, c.encrypted_name, c.encrypted_settings, c.created_by, c.created_at,"
@@ -73,6 +74,31 @@ class ChatPage:
 
     chats: list[ChatSummary]
     next_after: tuple[int, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A delivery receipt to record: ``cyphr_id``'s device (user id, device
+    id) acknowledged the message, of the chat named (None: an old client
+    that names none), at ``at`` (ms)."""
+
+    message_id: str
+    chat_id: str | None
+    cyphr_id: str
+    device: tuple[str, int]
+    at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A delivery receipt recorded: the message's id, chat and sender, and
+    whether this was the member's first receipt for it (False for its own
+    message, which records none)."""
+
+    message_id: str
+    chat_id: str
+    sender_id: str
+    first: bool
 
 
 class AlreadyMember(Exception):
@@ -197,14 +223,42 @@ class ChatStore:
         return await self._db.run_interaction(
             "mark_delivered", _delivered_txn, chat_id, message_id, cyphr_id, now, seq, device)
 
-    async def mark_device_delivered(self, chat_id: str, message_id: str, cyphr_id: str, seq: int,
-                                    device: tuple[str, int]) -> None:
-        """The device (user id, device id) of the member acknowledged one of
-        the member's own messages, sent from another of its devices: only
-        that device's delivery is recorded (no receipt: a sender is not
-        told of reaching itself)."""
-        await self._db.run_interaction("mark_device_delivered", device_delivered, chat_id,
-                                       message_id, cyphr_id, seq, device)
+    async def record_deliveries(self, deliveries: list[Delivery]) -> list[Delivered | None]:
+        """Record delivery receipts, in one transaction: for each, None if
+        the member may not see the message (not a member of its chat, or
+        of the chat named; sent before the member joined; no such message),
+        else what was recorded. Another's message gets the member's receipt
+        (the first one only), moves the member's delivered mark and the
+        device's (ChatStore.mark_delivered); the member's own message, sent
+        from another of its devices, moves that device's mark only (a
+        sender is not told of reaching itself).
+
+        Raises only for the whole batch (the caller decides what to
+        retry). On PostgreSQL one statement (schema 021, whose steps are
+        these). The receipts are recorded in the order of (chat named,
+        member), each's own order kept within: the rows a batch locks are
+        then taken in one order, and two nodes' batches do not wait on each
+        other in a cycle."""
+        if not deliveries:
+            return []
+        order = sorted(range(len(deliveries)),
+                       key=lambda i: (deliveries[i].chat_id or "", deliveries[i].cyphr_id))
+        answers: list[Delivered | None] = [None] * len(deliveries)
+        if self._db.engine != "postgresql":
+            recorded = await self._db.run_interaction("record_deliveries", _deliveries_txn,
+                                                      [deliveries[i] for i in order])
+            for i, answer in zip(order, recorded):
+                answers[i] = answer
+            return answers
+        rows = await self._db.run_query(
+            "SELECT n, message_id, chat_id, sender_id, first_receipt FROM record_deliveries("
+            "?::uuid[], ?::uuid[], ?::text[], ?::uuid[], ?::integer[], ?::bigint[])",
+            ([deliveries[i].message_id for i in order], [deliveries[i].chat_id for i in order],
+             [deliveries[i].cyphr_id for i in order], [deliveries[i].device[0] for i in order],
+             [deliveries[i].device[1] for i in order], [deliveries[i].at for i in order]))
+        for n, message_id, chat_id, sender_id, first in rows:
+            answers[order[n - 1]] = Delivered(str(message_id), str(chat_id), sender_id, first)
+        return answers
 
     async def last_seqs(self, chat_ids: list[str]) -> dict[str, int]:
         """Each existing chat's last seq, by id (up to 100 ids a query)."""
@@ -329,6 +383,25 @@ class ChatStore:
             " WHERE message_receipts.read_at IS NULL",
             (chat_id, message_id, cyphr_id, now, now))
         return changed == 1
+
+
+async def _deliveries_txn(txn: Transaction, deliveries: list[Delivery]) -> list[Delivered | None]:
+    answers: list[Delivered | None] = []
+    for delivery in deliveries:
+        rows = await txn.execute(*for_member(delivery.message_id, delivery.cyphr_id, delivery.chat_id))
+        if not rows:
+            answers.append(None)
+            continue
+        message = Message(*rows[0])
+        first = False
+        if message.sender_id != delivery.cyphr_id:
+            first = await _delivered_txn(txn, message.chat_id, message.id, delivery.cyphr_id, delivery.at,
+                                         message.seq, delivery.device)
+        elif message.sender_device is not None and message.sender_device != delivery.device[1]:
+            await device_delivered(txn, message.chat_id, message.id, delivery.cyphr_id, message.seq,
+                                   delivery.device)
+        answers.append(Delivered(message.id, message.chat_id, message.sender_id, first))
+    return answers
 
 
 async def _delivered_txn(txn: Transaction, chat_id: str, message_id: str, cyphr_id: str, now: int,

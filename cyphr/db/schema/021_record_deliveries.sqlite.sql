@@ -1,0 +1,4 @@
+-- Nothing for SQLite: a batch of delivery receipts is recorded by the
+-- Python steps in cyphr/store/chats.py (ChatStore.record_deliveries), in one
+-- transaction, which 021_record_deliveries.postgres.sql does in one call on
+-- PostgreSQL.
