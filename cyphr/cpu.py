@@ -43,12 +43,18 @@ class CpuPool:
         if self._pool is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name=self._name)
             self._pool.start()
-            self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+            self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._end)
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
 
     def stop(self) -> None:
         """Wait for running work, then end the threads; a later run() starts anew."""
+        if self._pool is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._end()
+
+    def _end(self) -> None:
+        # Also the reactor's shutdown trigger, which is not there to remove
+        # while it runs (removing it then raised, and left the threads).
         pool, self._pool = self._pool, None
         if pool is not None:
-            self._reactor.removeSystemEventTrigger(self._trigger)
             pool.stop()

@@ -13,6 +13,7 @@ import requests
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from cyphr.client.realtime import _OneAtATimeTLS
 from cyphr.signing import LOGIN, REGISTER
 from tests.certificates import self_signed
 from tests.helpers import (
@@ -140,6 +141,9 @@ class TLSTests(SQLiteMixin, TestCase):
             await client.wait_for("sync_complete")
         a, b = clients
         await until(lambda: a.sio.transport() == "websocket", "the upgrade to wss")
+        # Each client's TLS WebSocket is read and written one thread at a
+        # time (cyphr.client.realtime._OneAtATimeTLS; tests.test_client_tls).
+        self.assertEqual([type(c.sio.eio.ws) for c in clients], [_OneAtATimeTLS, _OneAtATimeTLS])
         ack = await a.call("send_message", {"recipientId": "tls_bob", "encryptedPayload": {"c": "over tls"}})
         self.assertTrue(ack["success"], ack)
         [received] = await b.wait_for("new_message")

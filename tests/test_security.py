@@ -623,3 +623,27 @@ class CpuPoolTests(TestCase):
         self.assertFalse(any(t.name.startswith("PoolThread-cyphr-cpu") and t.is_alive()
                              for t in threading.enumerate() if t.ident == ident))
         self.assertEqual(await pool.run(lambda: 42), 42)
+
+    def test_reactor_shutdown_ends_the_threads(self) -> None:
+        """A pool still running when its reactor shuts down is ended by the
+        reactor's shutdown trigger, with no error (the trigger once tried to
+        remove itself while it ran, raised, and left the threads)."""
+        import threading
+
+        from twisted.internet.selectreactor import SelectReactor
+
+        from cyphr.cpu import CpuPool
+
+        other = SelectReactor()  # not run: only its system events are fired
+        self.addCleanup(other.disconnectAll)
+        pool = CpuPool(other, threads=1, name="cyphr-cpu-shutdown")
+        ran = threading.Event()
+        pool.run(ran.set)
+        self.assertTrue(ran.wait(5))
+        threads = pool._pool  # ended here if the trigger fails to: no thread left behind
+        self.addCleanup(lambda: threads.stop() if threads is not None and threads.started else None)
+        other.fireSystemEvent("shutdown")
+        self.assertEqual([t for t in threading.enumerate() if t.name.startswith("PoolThread-cyphr-cpu-shutdown")
+                          and t.is_alive()], [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        pool.stop()  # stopped already: nothing to do

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import logging
 import queue
+import selectors
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import engineio
 import socketio
+import websocket
 
 from cyphr.client import backup
 from cyphr.client.http import ApiError, ClientError
@@ -83,6 +86,66 @@ class _EndKeepingQueue(queue.Queue):
             self._ended = False
 
 
+class _OneAtATimeTLS(websocket.WebSocket):
+    """
+    The stock client's WebSocket, whose TLS connection is used by one thread
+    at a time. The stock client reads on one thread while it writes on
+    another (python-engineio's read and write loops; websocket-client's
+    locks keep reads apart from reads and writes from writes, not one from
+    the other), and an ``ssl.SSLSocket`` used so by two threads at once
+    fails: a read answers b"" while the connection is alive (the client
+    then takes it for closed by the server and drops it), or the
+    connection breaks with a "bad record mac" alert. Seen in 1 of some 25
+    runs of a test that connects over wss and sends at once
+    (tests.test_real_port.TLSTests.test_socketio_over_wss: the server saw
+    the client drop the connection 1 ms after its first packet, each such
+    empty read came while a send was under way on the same socket; 0 in
+    6,495 runs with this class), and within milliseconds of reading and
+    writing at once (tests.test_client_tls).
+
+    Each read or write of the TLS socket is made under one lock, without
+    blocking: a read with nothing to answer yet (no data, part of a record,
+    or a record that is not data, such as TLS 1.3's session tickets) waits
+    for the socket outside the lock, so that a write is never held up by a
+    read. Plain TCP is left as it is.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tls_lock = threading.Lock()
+
+    def _send(self, data: bytes | str) -> int:
+        if not isinstance(self.sock, ssl.SSLSocket):
+            return super()._send(data)
+        with self._tls_lock:
+            return super()._send(data)
+
+    def _recv(self, bufsize: int) -> bytes:
+        sock = self.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            return super()._recv(bufsize)
+        timeout = sock.gettimeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._tls_lock:
+                # The write waiting for the lock uses the socket only once
+                # its timeout is back.
+                sock.settimeout(0)
+                try:
+                    return super()._recv(bufsize)
+                except ssl.SSLWantReadError:
+                    wanted = selectors.EVENT_READ
+                except ssl.SSLWantWriteError:
+                    wanted = selectors.EVENT_WRITE
+                finally:
+                    sock.settimeout(timeout)
+            left = None if deadline is None else deadline - time.monotonic()
+            with selectors.DefaultSelector() as selector:
+                selector.register(sock, wanted)
+                if (left is not None and left <= 0) or not selector.select(left):
+                    raise websocket.WebSocketTimeoutException("Connection timed out waiting for data")
+
+
 class _InOrderEngineIO(engineio.Client):
     # The stock client runs each incoming message's handlers in a thread of
     # its own, so two messages may be handled out of order. A messenger must
@@ -94,6 +157,9 @@ class _InOrderEngineIO(engineio.Client):
     # the pings too.
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Given to websocket.create_connection with the stock client's own
+        # options (its public websocket_extra_options).
+        self.websocket_extra_options.setdefault("class_", _OneAtATimeTLS)
         self._inbox: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._handling: threading.Thread | None = None
         self.server_ended = False
