@@ -12,10 +12,13 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from cyphr.clock import now_ms
 from cyphr.handlers.auth import AuthUser
+from cyphr.handlers.receipts import ReceiptsHandler
 from cyphr.store.chats import Delivered, Delivery
 from cyphr.store.envelopes import SealedFor
 from cyphr.store.identities import MainKey
@@ -144,6 +147,37 @@ class DeliveriesMixin:
         await w.chats.record_deliveries([delivery(w, self.bob2, message)])
         self.assertIsNone(await self.body(message))
         self.assertEqual(await w.database.run_query("SELECT count(*) FROM message_envelopes"), [(0,)])
+
+    async def test_a_failing_receipt_fails_alone(self) -> None:
+        """A batch that the database refuses as a whole (here a receipt from
+        a device the identity does not have: its first mark breaks the
+        foreign key) is recorded again one receipt at a time: the others are
+        recorded and answered, the failing one alone gets its failure."""
+        w = self.world
+        handler = ReceiptsHandler(w.chats, w.messages, w.clock)
+        first, second, third = [await send(w, self.alice, self.direct) for _ in range(3)]
+        ghost = replace(self.bob, device_id=99)
+        sizes: list[int] = []
+        record = w.chats.record_deliveries
+
+        async def counted(batch: list[Delivery]) -> list[Delivered | None]:
+            sizes.append(len(batch))
+            return await record(batch)
+        w.chats.record_deliveries = counted  # type: ignore[method-assign]
+        # The first goes at once, alone; the next two gather meanwhile and
+        # go together.
+        pending = [Deferred.fromCoroutine(handler.delivered(user, message.id, self.direct))
+                   for user, message in ((self.bob, first), (ghost, third), (self.bob, second))]
+        outcomes = [await d.addErrback(lambda f: ("failed", f)) for d in pending]
+        self.assertEqual([receipt.message_id for receipt in outcomes[::2]], [first.id, second.id])
+        self.assertEqual(outcomes[1][0], "failed")
+        self.assertIsInstance(outcomes[1][1], Failure)
+        self.assertEqual(len(self.flushLoggedErrors()), 1)  # "Recording a delivery receipt failed"
+        self.assertEqual([row[:2] for row in await w.receipt_rows()],
+                         sorted([(first.id, "bob"), (second.id, "bob")]))
+        self.assertEqual((await w.marks(self.direct))["bob"], (0, 2))
+        self.assertEqual(handler.delivered_count, 2)
+        self.assertEqual(sizes, [1, 2, 1, 1])  # alone; the two together, refused; each again
 
     async def body(self, message: Message) -> Any:
         [(body,)] = await self.world.database.run_query(
