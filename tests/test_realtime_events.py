@@ -487,6 +487,51 @@ class MessageTextTests(SynchronousTestCase):
                                  EVENT, "/", ["new_message", {"message": json.loads(text)}])))
 
 
+class PayloadTextTests(SynchronousTestCase):
+    """check_payload writes with orjson where it can and json where orjson
+    cannot say the same thing."""
+
+    def test_same_text_or_error_as_json(self) -> None:
+        """For payloads orjson writes (plain ones), those it refuses (an
+        integer past 64 bits, a lone surrogate) and those it would write
+        otherwise (NaN and infinity as null; a real null): the stored text
+        is json's compact text (the same JSON where it holds fractions or
+        exponents: orjson writes 1e-7 where json writes 1e-07), and what
+        json refuses is refused with the same error."""
+        import json
+
+        from cyphr.errors import ApiError
+        from cyphr.handlers.messaging import check_payload
+
+        encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+        payloads = [
+            {"v": 2, "nonce": "n" * 32, "ct": "Y2lwaGVy" * 30},
+            {"nested": {"x": [1, -2.5, 1e16, 1e-7, True, False, {"y": "z"}]}, "e": ""},
+            {"big": 2**70, "neg": -(2**64)},
+            {"null": None, "s": "a null inside"},
+            {"u": "é\u2028\x00\x7f\"\\ 😀"},
+            {"inf": float("inf")},
+            {"nan": float("nan")},
+            {"s": "\ud800"},
+        ]
+        for payload in payloads:
+            try:
+                expected: object = encode(payload)
+                expected.encode("utf-8")  # type: ignore[attr-defined]
+            except (ValueError, UnicodeEncodeError) as e:
+                expected = type(e)
+            try:
+                stored: object = check_payload(payload, 10_000)
+            except ApiError as e:
+                stored = e.code
+            if isinstance(expected, str):
+                self.assertEqual(json.loads(stored), json.loads(expected))  # type: ignore[arg-type]
+                if "nested" not in payload:  # no fraction nor exponent: the same text
+                    self.assertEqual(stored, expected)
+            else:
+                self.assertEqual(stored, "INVALID_FIELD", payload)
+
+
 class RawSocket:
     """A WebSocket that speaks the wire protocol by hand and answers no
     ping: a client whose network went away without a goodbye."""
