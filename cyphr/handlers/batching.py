@@ -23,6 +23,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cyphr.errors import DatabaseUnavailable
+
 _log = Logger()
 Item = TypeVar("Item")
 Outcome = TypeVar("Outcome")
@@ -107,3 +109,24 @@ class GroupCommit(Generic[Item, Outcome]):
                 self._start()
             if self._writing is not None:
                 await self._writing
+
+
+async def each_alone_if_refused(write: Callable[[list[Item]], Awaitable[list[Outcome]]],
+                                batch: list[Item], failed: str) -> list[Outcome | Failure]:
+    """``write(batch)``'s outcomes, one an item. A database that is down
+    fails them all; a batch the database refuses as a whole (a constraint,
+    a deadlock with another node's batch) is written again one item at a
+    time, so that each gets its own answer and none pays for another's
+    trouble; an item refused alone gets its failure, logged as ``failed``."""
+    try:
+        return list(await write(batch))
+    except DatabaseUnavailable as e:
+        return [Failure(e) for _ in batch]
+    except Exception:
+        if len(batch) == 1:
+            _log.failure(failed)
+            return [Failure()]
+        results: list[Outcome | Failure] = []
+        for item in batch:
+            results += await each_alone_if_refused(write, [item], failed)
+        return results

@@ -19,17 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cyphr.clock import now_ms
-from cyphr.errors import CHAT_NOT_FOUND, MESSAGE_NOT_FOUND, DatabaseUnavailable, NotFound
+from cyphr.errors import CHAT_NOT_FOUND, MESSAGE_NOT_FOUND, NotFound
 from cyphr.handlers.auth import AuthUser
-from cyphr.handlers.batching import GroupCommit
+from cyphr.handlers.batching import GroupCommit, each_alone_if_refused
 from cyphr.store.chats import ChatStore, Delivered, Delivery
 from cyphr.store.messages import Message, MessageStore
-
-_log = Logger()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,21 +87,8 @@ class ReceiptsHandler:
                        up_to_seq=None, tell=tell)
 
     async def _record_deliveries(self, batch: list[Delivery]) -> list[Delivered | None | Failure]:
-        try:
-            return list(await self._chats.record_deliveries(batch))
-        except DatabaseUnavailable as e:
-            return [Failure(e) for _ in batch]
-        except Exception:
-            if len(batch) == 1:
-                _log.failure("Recording a delivery receipt failed")
-                return [Failure()]
-            # The whole transaction failed (say a deadlock with another
-            # node's batch): each on its own, so that one receipt's trouble
-            # is its own.
-            results: list[Delivered | None | Failure] = []
-            for delivery in batch:
-                results += await self._record_deliveries([delivery])
-            return results
+        return await each_alone_if_refused(self._chats.record_deliveries, batch,
+                                           "Recording a delivery receipt failed")
 
     async def stop(self) -> None:
         """Record the delivery receipts still pending (the server is stopping)."""

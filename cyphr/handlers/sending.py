@@ -17,16 +17,13 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cyphr.errors import DatabaseUnavailable
-from cyphr.handlers.batching import GroupCommit
+from cyphr.handlers.batching import GroupCommit, each_alone_if_refused
 from cyphr.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram
 from cyphr.store.messages import Message, MessageStore, NotAMember, Outgoing
 from cyphr.store.push import WakeUps
 
-_log = Logger()
 MAX_BATCH = 500
 
 
@@ -60,26 +57,17 @@ class SendBatcher:
 
     async def _outcomes(self, batch: list[Outgoing]) -> list[Message | NotAMember | Failure]:
         """Each message's outcome: its stored message, NotAMember, or the
-        failure to answer its sender with."""
+        failure to answer its sender with. Something in a batch that makes
+        the whole transaction fail (say a resend racing on another node)
+        has each message stored on its own."""
+        return await each_alone_if_refused(self._store_batch, batch, "Storing a message failed")
+
+    async def _store_batch(self, batch: list[Outgoing]) -> list[Message | NotAMember]:
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-100:]
         self.size_histogram.observe(len(batch))
         started = self._reactor.seconds()
         wake_ups = self._wake_ups
-        try:
-            stored = await self._store.store_batch(batch, wake_ups.wake_ups() if wake_ups is not None else None)
-        except DatabaseUnavailable as e:
-            return [Failure(e) for _ in batch]
-        except Exception:
-            if len(batch) == 1:
-                _log.failure("Storing a message failed")
-                return [Failure()]
-            # Something in the batch made the whole transaction fail (say a
-            # resend racing on another node): store each on its own, so that
-            # every sender gets its own answer and nobody pays for another.
-            results = []
-            for item in batch:
-                results += await self._outcomes([item])
-            return results
+        stored = await self._store.store_batch(batch, wake_ups.wake_ups() if wake_ups is not None else None)
         self.commit_histogram.observe(self._reactor.seconds() - started)
         if wake_ups is not None:
             wake_ups.queued(stored.woken)
