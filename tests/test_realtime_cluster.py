@@ -130,10 +130,15 @@ class ClusterTests(PostgresMixin, ClusterMixin, TestCase):
         chat_id = first.json()["chatId"]
         a = await self.connect(a_node, alice)
         b = await self.connect(b_node, bob, transports=["polling", "websocket"])
-        b2 = await self.connect(a_node, bob)  # bob on both nodes
         # Presence crossed: bob's first socket came on node B.
         [online] = await a.wait_for("user_online")
         self.assertEqual(online, {"userId": "bob"})
+        # Node A has heard it too before bob's second socket comes there.
+        # (A node that has not yet heard of another's socket of the user
+        # announces the user online again: a second user_online, which
+        # clients take as the same news.)
+        await until(lambda: a_node.server.realtime.presence.elsewhere("bob"), "node A to hear of bob")
+        b2 = await self.connect(a_node, bob)  # bob on both nodes
 
         ack = await a.call("send_message", {"chatId": chat_id, "encryptedPayload": {"n": 1}})
         self.assertTrue(ack["success"], ack)
