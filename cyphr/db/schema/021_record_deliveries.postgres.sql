@@ -107,17 +107,18 @@ $$;
 -- chat_ids[i]; NULL from old clients that do not name it) at times[i]
 -- (ms). Each is first looked up as the member may see it (a member of its
 -- chat, sent after the member joined: MessageStore.by_id_for_member); one
--- that is not found answers no row. Another's message gets the member's receipt (first_receipt:
--- whether it is the member's first for it), the member's mark moves, and
--- the device's; the member's own message, sent from another of its
--- devices, moves that device's mark only. One row an item found: its
--- place in the arrays (from 1), and the message's id, chat and sender.
+-- that is not found answers no row. Another's message gets the member's
+-- receipt (first_receipt: whether it is the member's first for it), the
+-- member's mark moves, and the device's; the member's own message, sent
+-- from another of its devices, moves that device's mark only. One row an
+-- item found: its place in the arrays (from 1), and the message's id,
+-- chat and sender.
 --
 -- Generic plans, made once per connection (the functions it calls inherit
 -- the setting): PostgreSQL's CPU a receipt fell from 190 to 100 µs with 20
 -- receipts a call and from 340 to 270 µs with one, against planning each
 -- statement for its values (benchmarks/store_batch.py, runs side by side;
--- the steps a round trip each cost 820-930 µs). Named chats are still
+-- the steps a round trip each cost 820-1,010 µs). Named chats are still
 -- read in their partition alone, pruned when the plan is run.
 CREATE FUNCTION record_deliveries(message_ids UUID[], chat_ids UUID[], members TEXT[],
                                   user_ids UUID[], device_ids INTEGER[], times BIGINT[])
