@@ -9,6 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from cyphr.clock import now_ms
 from cyphr.handlers.delivery import CATCH_UP_PAGE, MAX_NAMED_CHATS, DeliveryHandler, Positions
+from cyphr.store.chats import Delivery
 from cyphr.store.messages import Message
 from tests.stores import open_world
 
@@ -30,9 +31,8 @@ class DeliveryTests(TestCase):
     async def deliver(self, cyphr_id: str, *messages: Message) -> None:
         """``cyphr_id``'s device 1 acknowledges ``messages``, its delivered mark moving on."""
         for message in messages:
-            await self.world.chats.mark_delivered(message.chat_id, message.id, cyphr_id,
-                                                  now_ms(self.world.clock), seq=message.seq,
-                                                  device=self.device(cyphr_id))
+            await self.world.chats.record_deliveries([Delivery(
+                message.id, message.chat_id, cyphr_id, self.device(cyphr_id), now_ms(self.world.clock))])
 
     # -- positions ------------------------------------------------------
 
@@ -69,8 +69,7 @@ class DeliveryTests(TestCase):
         deleted = (await self.world.send(self.alice, self.group))[0]
         await self.world.messages.delete(deleted, now_ms(self.world.clock))
         await self.deliver("bob", direct[0])
-        await self.world.chats.mark_delivered(self.group, group[1].id, "bob", now_ms(self.world.clock),
-                                              seq=group[1].seq, device=self.device("bob"))
+        await self.deliver("bob", group[1])
         positions = await self.handler.positions("bob", self.device("bob"))
         page = await self.handler.undelivered_page("bob", self.device("bob"), None, positions.behind)
         expected = sorted([direct[1], direct[2], group[0]], key=lambda m: (m.chat_id, m.seq))

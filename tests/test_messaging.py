@@ -386,12 +386,13 @@ class MessagingTestsMixin:
 
     async def test_message_receipts(self) -> None:
         """Delivered and read receipts are kept per message and recipient, once each."""
-        from cyphr.store.chats import ChatStore
+        from cyphr.store.chats import ChatStore, Delivery
 
         sent = await self.sent(self.alice, recipientId="bob")
         store = ChatStore(self.server.database)
-        await store.mark_delivered(sent["chatId"], sent["messageId"], "bob", 1000)
-        await store.mark_delivered(sent["chatId"], sent["messageId"], "bob", 2000)  # kept: the first
+        for at in (1000, 2000):  # kept: the first
+            await store.record_deliveries([Delivery(sent["messageId"], sent["chatId"], "bob",
+                                                    (self.bob.user_id, 1), at)])
         await store.mark_message_read(sent["chatId"], sent["messageId"], "bob", 3000)
         await store.mark_message_read(sent["chatId"], sent["messageId"], "bob", 4000)
         rows = await self.server.database.run_query(

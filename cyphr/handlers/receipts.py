@@ -61,7 +61,7 @@ class ReceiptsHandler:
 
     async def _visible(self, user: AuthUser, message_id: str, chat_id: str | None) -> Message:
         message = await self._messages.by_id_for_member(message_id, user.cyphr_id, chat_id)
-        if message is None or (chat_id is not None and message.chat_id != chat_id):
+        if message is None:
             raise NotFound("No such message", code=MESSAGE_NOT_FOUND)
         return message
 

@@ -212,24 +212,15 @@ class ChatStore:
             (up_to_seq, up_to_seq, up_to_seq, chat_id, cyphr_id, up_to_seq))
         return moved == 1
 
-    async def mark_delivered(self, chat_id: str, message_id: str, cyphr_id: str, now: int,
-                             seq: int | None = None, device: tuple[str, int] | None = None) -> bool:
-        """A receipt for the message (False if the member had one already);
-        with its ``seq``, the member's delivered mark moves on too when the
-        message is the next one. With ``device`` (user id, device id), that
-        device's delivery is recorded too (its own mark, or a receipt past
-        it): its catch-up does not send the message again, whatever the
-        member's other devices have acknowledged."""
-        return await self._db.run_interaction(
-            "mark_delivered", _delivered_txn, chat_id, message_id, cyphr_id, now, seq, device)
-
     async def record_deliveries(self, deliveries: list[Delivery]) -> list[Delivered | None]:
         """Record delivery receipts, in one transaction: for each, None if
         the member may not see the message (not a member of its chat, or
         of the chat named; sent before the member joined; no such message),
         else what was recorded. Another's message gets the member's receipt
-        (the first one only), moves the member's delivered mark and the
-        device's (ChatStore.mark_delivered); the member's own message, sent
+        (the first one only), moves the member's delivered mark (when the
+        message is the next one, or nothing the member is to receive lies
+        between) and the device's (device_delivered); the member's own
+        message, sent
         from another of its devices, moves that device's mark only (a
         sender is not told of reaching itself).
 
@@ -405,20 +396,21 @@ async def _deliveries_txn(txn: Transaction, deliveries: list[Delivery]) -> list[
 
 
 async def _delivered_txn(txn: Transaction, chat_id: str, message_id: str, cyphr_id: str, now: int,
-                         seq: int | None, device: tuple[str, int] | None) -> bool:
+                         seq: int, device: tuple[str, int]) -> bool:
+    """Another's message with ``seq`` reached the member's ``device``:
+    the member's receipt (True if its first), the member's mark, the
+    device's."""
     await txn.execute(
         "INSERT INTO message_receipts (chat_id, message_id, user_id, delivered_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (chat_id, message_id, user_id) DO NOTHING", (chat_id, message_id, cyphr_id, now))
     first = txn.rowcount == 1
-    if seq is not None:
-        await txn.execute(
-            "UPDATE chat_participants SET delivered_up_to_seq = ?"
-            " WHERE chat_id = ? AND user_id = ? AND delivered_up_to_seq = ?",
-            (seq, chat_id, cyphr_id, seq - 1))
-        if not txn.rowcount:
-            await txn.execute(_MEMBER_MARK_OVER_GAP, (seq, chat_id, cyphr_id, seq, chat_id, seq))
-    if device is not None and seq is not None:
-        await device_delivered(txn, chat_id, message_id, cyphr_id, seq, device)
+    await txn.execute(
+        "UPDATE chat_participants SET delivered_up_to_seq = ?"
+        " WHERE chat_id = ? AND user_id = ? AND delivered_up_to_seq = ?",
+        (seq, chat_id, cyphr_id, seq - 1))
+    if not txn.rowcount:
+        await txn.execute(_MEMBER_MARK_OVER_GAP, (seq, chat_id, cyphr_id, seq, chat_id, seq))
+    await device_delivered(txn, chat_id, message_id, cyphr_id, seq, device)
     return first
 
 

@@ -177,7 +177,7 @@ class MessageStore:
         member's other devices sent; not those this device sent, nor the
         member's own from before schema 013 (no sending device known). A device counts from its mark
         in each chat, or from the member's joined_seq where it has none
-        (store.chats.ChatStore.mark_delivered). Naming the chats lets
+        (store.chats.ChatStore.record_deliveries). Naming the chats lets
         PostgreSQL look into their partitions only."""
         only = ""
         params: list[Any] = [*device, cyphr_id, device[1], *device, after[0], after[0], after[1]]
