@@ -33,26 +33,30 @@ def message_json(message: Message, receipts: MessageReceipts | None = None,
     other members it reached and who read it; with the reader's ``device``
     (Cyphr ID, device id), that device's envelope of a message sent over
     sessions, while the server holds it."""
-    shape = {
-        "id": message.id,
-        "chatId": message.chat_id,
-        "seq": message.seq,
-        "senderId": message.sender_id,
-        "senderDeviceId": message.sender_device,
-        # Stored as the JSON the sender sent; never looked into.
-        "encryptedPayload": json.loads(message.payload) if message.payload is not None else None,
-        "messageType": message.message_type,
-        "clientMessageId": message.client_message_id,
-        "timestamp": iso(message.created_at),
-        "editedAt": iso(message.edited_at),
-        "deletedAt": iso(message.deleted_at),
-    }
+    # Stored as the JSON the sender sent; never looked into.
+    shape = _fields(message, json.loads(message.payload) if message.payload is not None else None)
     if receipts is not None:
         shape["receipts"] = {"delivered": list(receipts.delivered), "read": list(receipts.read)}
     sealed = _envelope_of(message, device)
     if sealed is not None:
         shape["envelope"] = envelope_json(sealed)
     return shape
+
+
+def _fields(message: Message, payload: Any) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "chatId": message.chat_id,
+        "seq": message.seq,
+        "senderId": message.sender_id,
+        "senderDeviceId": message.sender_device,
+        "encryptedPayload": payload,
+        "messageType": message.message_type,
+        "clientMessageId": message.client_message_id,
+        "timestamp": iso(message.created_at),
+        "editedAt": iso(message.edited_at),
+        "deletedAt": iso(message.deleted_at),
+    }
 
 
 def envelope_json(sealed: SealedFor) -> dict[str, Any]:
@@ -106,12 +110,7 @@ def message_text(message: Message, device: tuple[str, int] | None = None) -> str
     if sealed is not None:
         return _with_envelope(message_text(message),
                               json.dumps(envelope_json(sealed), separators=(",", ":")))
-    shape = message_json(Message(
-        message.id, message.chat_id, message.seq, message.sender_id, None, message.message_type,
-        message.client_message_id, message.created_at, message.edited_at, message.deleted_at,
-        message.stream_position, message.sender_device))
-    if message.payload is not None:
-        shape["encryptedPayload"] = _PAYLOAD_MARK
+    shape = _fields(message, _PAYLOAD_MARK if message.payload is not None else None)
     # Every message sent is encoded here once. orjson writes this shape
     # (strings, integers, None) as json.dumps does, compact and in UTF-8, in
     # 0.25 µs rather than 3.9 µs (docs/scaling.rst, "Per-message costs").

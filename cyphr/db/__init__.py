@@ -176,6 +176,33 @@ class Database(ABC):
         self._on_fatal(message)
 
 
+def pg_array(values: Sequence[str | int | None]) -> str:
+    """
+    ``values`` as the text of a PostgreSQL array (``{"a","b\\"c",NULL,3}``),
+    for a parameter cast to an array type (``?::text[]``, ``?::uuid[]``,
+    ``?::bigint[]``). Every string is quoted, with ``\\`` and ``"``
+    escaped (array_in's rules); None is NULL; an int is written as it is.
+
+    psycopg2 adapts a Python list element by element, an adapter object
+    and a quoting call each, into ``ARRAY['a', 'b', ...]``. The eight
+    columns of a batch of 16 messages (200-byte payloads) cost the server
+    83 µs to adapt that way and 39 µs this way, with the quoting of the
+    eight strings: about 2.8 µs of a message's CPU. PostgreSQL's side is
+    the same either way (``benchmarks/store_batch.py``, side by side).
+    """
+    parts = []
+    for value in values:
+        if value is None:
+            parts.append("NULL")
+        elif type(value) is int:
+            parts.append(str(value))
+        elif type(value) is str:
+            parts.append('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        else:
+            raise TypeError(f"pg_array takes str, int or None, not {type(value).__name__}")
+    return "{" + ",".join(parts) + "}"
+
+
 def open_database(
     config: Config,
     reactor: Any,

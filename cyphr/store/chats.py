@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from cyphr.db import Database, IntegrityError, Transaction
+from cyphr.db import Database, IntegrityError, Transaction, pg_array
 from cyphr.store.envelopes import drop_envelope
 from cyphr.store.messages import Message, for_member
 
@@ -244,9 +244,12 @@ class ChatStore:
         rows = await self._db.run_query(
             "SELECT n, message_id, chat_id, sender_id, first_receipt FROM record_deliveries("
             "?::uuid[], ?::uuid[], ?::text[], ?::uuid[], ?::integer[], ?::bigint[])",
-            ([deliveries[i].message_id for i in order], [deliveries[i].chat_id for i in order],
-             [deliveries[i].cyphr_id for i in order], [deliveries[i].device[0] for i in order],
-             [deliveries[i].device[1] for i in order], [deliveries[i].at for i in order]))
+            (pg_array([deliveries[i].message_id for i in order]),
+             pg_array([deliveries[i].chat_id for i in order]),
+             pg_array([deliveries[i].cyphr_id for i in order]),
+             pg_array([deliveries[i].device[0] for i in order]),
+             pg_array([deliveries[i].device[1] for i in order]),
+             pg_array([deliveries[i].at for i in order])))
         for n, message_id, chat_id, sender_id, first in rows:
             answers[order[n - 1]] = Delivered(str(message_id), str(chat_id), sender_id, first)
         return answers

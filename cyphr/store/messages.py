@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
-from cyphr.db import Database, Transaction
+from cyphr.db import Database, Transaction, pg_array
 from cyphr.store.attachments import attach_txn, unattach_txn
 from cyphr.store.envelopes import EnvelopeStore, SealedFor, insert_envelopes
 from cyphr.store.push import WakeUps, queue_wake_ups_txn
@@ -256,11 +256,13 @@ def _values(rows: int, columns: int = 2) -> str:
     return "(VALUES " + ", ".join([row] * rows) + ")"
 
 
-def _pg_arguments(items: list[Outgoing]) -> tuple[list[Any], ...]:
-    return ([item.chat_id for item in items], [item.sender_id for item in items],
-            [item.id for item in items], [item.payload for item in items],
-            [item.message_type for item in items], [item.client_message_id for item in items],
-            [item.created_at for item in items], [item.sender_device for item in items])
+def _pg_arguments(items: list[Outgoing]) -> tuple[str, ...]:
+    return (pg_array([item.chat_id for item in items]), pg_array([item.sender_id for item in items]),
+            pg_array([item.id for item in items]), pg_array([item.payload for item in items]),
+            pg_array([item.message_type for item in items]),
+            pg_array([item.client_message_id for item in items]),
+            pg_array([item.created_at for item in items]),
+            pg_array([item.sender_device for item in items]))
 
 
 def _pg_statement(items: list[Outgoing], wake_ups: WakeUps | None) -> tuple[str, tuple[Any, ...]]:
