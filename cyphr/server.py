@@ -188,15 +188,19 @@ class CyphrService(MultiService):
 
     Its stop is bounded by ``shutdown_timeout``: past it, the connections
     still open are dropped and the stop ends anyway, so that the process
-    exits (twistd stops the reactor once the stop has ended)."""
+    exits (twistd stops the reactor once the stop has ended). The HTTP
+    connections of ``sites`` are closed as the stop begins, each once it
+    has no request in hand (a keep-alive client hears it at once, rather
+    than at its next request); what is left is closed when the stop ends."""
 
-    def __init__(self, config: Config, cpu: CpuPool, engine: EngineServer, clock: Any, *,
-                 on_fatal: Callable[[str], None]) -> None:
+    def __init__(self, config: Config, cpu: CpuPool, engine: EngineServer, clock: Any,
+                 sites: list[CyphrSite], *, on_fatal: Callable[[str], None]) -> None:
         super().__init__()
         self.config = config
         self.cpu = cpu
         self.engine = engine
         self.clock = clock
+        self.sites = sites
         self.held: list[StreamServerEndpointService] = []
         self.on_fatal = on_fatal
 
@@ -220,9 +224,12 @@ class CyphrService(MultiService):
             "sessions (at most {timeout}s)",
             sessions=len(self.engine.sessions), timeout=timeout)
         stopped: Deferred[None] = Deferred()
+        for site in self.sites:
+            site.close_connections(when_idle=True)
 
         def out_of_time() -> None:
-            dropped = self.engine.drop_all()
+            dropped = self.engine.drop_all() + sum(
+                site.close_connections(abort=True) for site in self.sites)
             _log.warn(
                 "Cyphr shutdown took longer than {timeout}s: dropped {dropped} connections "
                 "and exiting anyway", timeout=timeout, dropped=dropped)
@@ -235,6 +242,8 @@ class CyphrService(MultiService):
                 _log.failure("Stopping Cyphr failed", outcome)
             if timer.active():
                 timer.cancel()
+                for site in self.sites:
+                    site.close_connections()  # requests still arriving
                 _log.info("Cyphr shut down in {elapsed:.1f}s", elapsed=self.clock.seconds() - began)
                 stopped.callback(None)
 
@@ -632,7 +641,13 @@ def build_server(
                      on_body_refused=engine.resource.body_refused, connections=connections,
                      uploads=UploadReceiver(attachments, authenticator))
 
-    service = CyphrService(config, cpu, engine, clock, on_fatal=database_fatal)
+    metrics_site = None
+    if config.metrics_listen:
+        # Scrapes there are not counted among the API's requests.
+        metrics_site = CyphrSite(MetricsRoot(metrics_resource), http_policy, reactor)
+
+    service = CyphrService(config, cpu, engine, clock, [site] + ([metrics_site] if metrics_site else []),
+                           on_fatal=database_fatal)
     def ready() -> None:
         service.open_endpoints()
         if not fatal_messages:
@@ -674,10 +689,6 @@ def build_server(
         return endpoint_service
 
     endpoint_services = [serve(description, site, "API") for description in config.listen]
-    metrics_site = None
-    if config.metrics_listen:
-        # Scrapes there are not counted among the API's requests.
-        metrics_site = CyphrSite(MetricsRoot(metrics_resource), http_policy, reactor)
     metrics_services = [serve(description, metrics_site, "metrics")
                         for description in config.metrics_listen]
 

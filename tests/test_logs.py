@@ -85,14 +85,14 @@ class JsonLogTests(TestCase):
     def test_twistd_takes_the_observer(self) -> None:
         """With --log-format json the service gives twistd's application a JSON observer."""
         application = Application("cyphr")
-        CyphrService(make_config(self, log_format="json"), CpuPool(reactor), engine(), reactor,
+        CyphrService(make_config(self, log_format="json"), CpuPool(reactor), engine(), reactor, [],
                      on_fatal=self.fail).setServiceParent(application)
         self.assertIsInstance(application.getComponent(ILogObserver), JsonLogObserver)
 
     def test_text_keeps_twistd_logging(self) -> None:
         """With text logs twistd's own observer is left in place."""
         application = Application("cyphr")
-        CyphrService(make_config(self), CpuPool(reactor), engine(), reactor,
+        CyphrService(make_config(self), CpuPool(reactor), engine(), reactor, [],
                      on_fatal=self.fail).setServiceParent(application)
         self.assertIsNone(application.getComponent(ILogObserver))
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import struct
 import threading
 import time
+from typing import Any
 
 import websocket
 from twisted.internet import reactor
@@ -215,3 +217,61 @@ class PostgresShutdownTests(PostgresMixin, ShutdownMixin, TestCase):
     pass
 
 
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """One whole answer (its Content-Length, or chunks to the last)."""
+    data = b""
+    while True:
+        head, _, body = data.partition(b"\r\n\r\n")
+        if _:
+            lengths = [line.split(b":", 1)[1] for line in head.lower().split(b"\r\n")
+                       if line.startswith(b"content-length:")]
+            if lengths and len(body) >= int(lengths[0]) or body.endswith(b"0\r\n\r\n"):
+                return data
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise AssertionError(f"closed after {data!r}")
+        data += chunk
+
+
+class HttpConnectionsAtStopTests(SQLiteMixin, TestCase):
+    """A stopping server closes its HTTP connections itself, rather than
+    leave them to the idle timeout (75 s) or to the process's exit."""
+
+    async def serving(self) -> tuple[Any, socket.socket]:
+        """A server on a real port, and a client connection to it."""
+        server = build_server(make_config(self, shutdown_timeout=5), reactor)
+        server.service.startService()
+        self.addCleanup(lambda: server.service.stopService() if server.service.running else None)
+        await server.database.when_ready()
+        port = (await server.listening()[0]).getHost().port
+        sock = await deferToThread(socket.create_connection, ("127.0.0.1", port), 10)
+        self.addCleanup(sock.close)
+        return server, sock
+
+    async def test_idle_keep_alive_closed(self) -> None:
+        """A keep-alive connection with no request in hand is closed as the
+        stop begins: the client reads the end of the connection."""
+        server, sock = await self.serving()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = await deferToThread(_answer, sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        self.assertEqual(len(server.site.channels), 1)
+        await server.service.stopService()
+        self.assertEqual(await deferToThread(sock.recv, 1), b"")
+        self.assertEqual(len(server.site.channels), 0)
+
+    async def test_request_still_arriving_closed(self) -> None:
+        """A request whose body has not all arrived when the stop ends is
+        cut: the connection is closed with nothing answered, when the stop
+        ends and not at the request's deadline."""
+        server, sock = await self.serving()
+        sock.sendall(b"POST /api/messaging/send HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        await until(lambda: any(channel.requests for channel in server.site.channels),
+                    "the request to begin")
+        began = time.monotonic()
+        await server.service.stopService()
+        self.assertLess(time.monotonic() - began, 3)
+        self.assertEqual(await deferToThread(sock.recv, 1), b"")

@@ -589,6 +589,7 @@ class _Channel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.site.channels.add(self)
         limits: ConnectionLimits = self.site.connections
         if not limits.admit():
             self._refuse(ApiError("The server has too many connections, try again shortly",
@@ -623,6 +624,7 @@ class _Channel(http.HTTPChannel):
         so that neither the channel nor the request that opened the
         WebSocket live on with it (about 4 KiB a connection, measured with
         tracemalloc over 2,400 idle sockets)."""
+        self.site.channels.discard(self)
         limits: ConnectionLimits = self.site.connections
         claimed, self._claimed = self._claimed, None
         admitted, self._admitted = self._admitted, False
@@ -708,10 +710,26 @@ class _Channel(http.HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._stop_deadline()
+        self.site.channels.discard(self)
         try:
             super().connectionLost(reason)
         finally:
             self.release_connection()
+
+    # -- a stopping server --
+
+    def close_when_idle(self) -> None:
+        """Close now if no request is arriving or being answered; else once
+        the request being answered has been (``Connection: close`` on its
+        answer, if not begun yet). A request still arriving is left to
+        ``CyphrSite.close_connections``."""
+        if not self.requests and self._deadline is None:
+            self.loseConnection()
+            return
+        self.persistent = False
+        for request in self.requests:
+            if not request.startedWriting:
+                request.setHeader(b"Connection", b"close")
 
     def timeoutConnection(self) -> None:
         if self.abortTimeout is not None:
@@ -789,6 +807,26 @@ class CyphrSite(server.Site):
         # What takes upload bodies as they arrive
         # (cyphr.api.attachments.UploadReceiver), if anything.
         self.uploads = uploads
+        # The HTTP connections open on this site, but for those a WebSocket
+        # has taken over (the realtime layer closes those): a server that
+        # stops closes them (close_connections), rather than leave them to
+        # the idle timeout or to the process's exit.
+        self.channels: set[_Channel] = set()
+
+    def close_connections(self, *, when_idle: bool = False, abort: bool = False) -> int:
+        """Close the open HTTP connections: with ``when_idle`` (a stop
+        begins) each as soon as it has no request in hand; else now, what
+        they hold still written first, or with ``abort`` not (the stop ran
+        out of time). Answers how many were open."""
+        channels = list(self.channels)
+        for channel in channels:
+            if when_idle:
+                channel.close_when_idle()
+            elif abort:
+                channel.transport.abortConnection()
+            else:
+                channel.loseConnection()
+        return len(channels)
 
     def log(self, request: Any) -> None:
         # Called once for each request that is answered.
