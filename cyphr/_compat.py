@@ -39,7 +39,6 @@ from typing import Any, Callable
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.web import http
 
 # The versions every accessor, table entry and digest below was checked
 # against (see docs/development.rst before changing one). Klein has no
@@ -138,15 +137,6 @@ def set_aborting_call(channel: Any, call: Any) -> None:
     ``connectionLost``; needed by a channel that re-implements
     ``timeoutConnection`` and ``forceAbortClient`` (see COPIED)."""
     channel._abortingCall = call
-
-
-def generic_http_channel(channel: Any) -> Any:
-    """Wrap an HTTPChannel as Twisted's own HTTPFactory does, so that a
-    TLS connection that negotiates HTTP/2 (ALPN) still gets it.
-
-    Twisted 26.10.0: ``http._GenericHTTPChannelProtocol``: a Site whose
-    channel class is our own has no public way to keep the negotiation."""
-    return http._GenericHTTPChannelProtocol(channel)
 
 
 # -- Twisted: TCP transports ------------------------------------------------
@@ -272,9 +262,6 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("twisted.web.http.HTTPChannel", "_abortingCall",
                 "cyphr.api.http (set_aborting_call)",
                 "_Channel re-implements timeoutConnection and forceAbortClient"),
-    PrivateName("twisted.web.http", "_GenericHTTPChannelProtocol",
-                "cyphr.api.http (generic_http_channel)",
-                "a Site with its own channel class keeps HTTP/2 negotiation"),
     PrivateName("twisted.internet.tcp.Server", "TLS",
                 "cyphr.realtime.engine (plain_tcp_socket)",
                 "from the private twisted.internet._newtls: was startTLS called"),
@@ -352,8 +339,6 @@ COPIED: tuple[Copied, ...] = (
     Copied("twisted.web.http.HTTPChannel.forceAbortClient", "b25893adbb372c94",
            "cyphr.api.http._Channel.forceAbortClient",
            "copied without the line that logs the client's address"),
-    Copied("twisted.web.http._genericHTTPChannelProtocolFactory", "210f382c5b978135",
-           "cyphr.api.http._channel", "copied with our channel class"),
     Copied("klein._resource.KleinResource.render", "ee49fe5f26105e1e",
            "cyphr.api.http.ApiRouter",
            "dispatch as Klein's does (url_map, then execute_endpoint), one map for every app"),

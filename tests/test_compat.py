@@ -32,7 +32,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
@@ -306,28 +306,6 @@ class TwistedTests(TestCase):
         channel.connectionLost(Failure(ConnectionDone()))
         clock.advance(10)
         self.assertEqual(aborted, [])
-
-    def test_generic_http_channel(self) -> None:
-        """A Site whose channels are wrapped as Twisted's own factory wraps
-        them answers HTTP/1.1 requests."""
-
-        class Site(server.Site):
-            protocol = staticmethod(lambda: _compat.generic_http_channel(http.HTTPChannel()))
-
-        class Ok(resource.Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> bytes:
-                return b"ok"
-
-        site = Site(Ok(), reactor=MemoryReactorClock())
-        protocol = site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
-        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"), transport.value())
-        self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
 
     def test_plain_tcp_socket_and_idle_transport(self) -> None:
         """A plain TCP server connection gives its socket, and is idle until

@@ -6,11 +6,13 @@ import base64
 import http.client
 import json
 import os
+import socket
 import ssl
 from typing import Any
 
 import requests
 from twisted.internet.threads import deferToThread
+from twisted.web import http as twisted_http
 from twisted.trial.unittest import TestCase
 
 from cyphr.client.realtime import _OneAtATimeTLS
@@ -88,6 +90,30 @@ class TLSTests(SQLiteMixin, TestCase):
         status, headers, _ = await deferToThread(fetch, tls_port, "/api/nothing", context)
         self.assertEqual(status, 404)
         self.assertIn("strict-transport-security", headers)
+
+    async def test_http2_not_negotiated(self) -> None:
+        """A client offering HTTP/2 by ALPN gets HTTP/1.1 (with its limits and
+        deadlines), even where Twisted could speak HTTP/2 (it can once the
+        ``priority`` package is installed); the connection's place is given
+        back when it closes."""
+        self.patch(twisted_http, "H2_ENABLED", True)
+        server, tls_port, _, cert_path = await self.tls_server()
+        context = ssl.create_default_context(cafile=cert_path)
+        context.set_alpn_protocols(["h2", "http/1.1"])
+
+        def ask() -> tuple[str | None, bytes]:
+            with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    tls.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    answer = b""
+                    while chunk := tls.recv(4096):
+                        answer += chunk
+                    return tls.selected_alpn_protocol(), answer
+
+        protocol, answer = await deferToThread(ask)
+        self.assertEqual(protocol, "http/1.1")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        await until(lambda: server.site.connections.open == 0, "the connection's place given back")
 
     async def test_body_refused_over_tls(self) -> None:
         """A body declared too large is answered 413 at once over TLS, with HSTS."""

@@ -29,7 +29,7 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import Map, RequestRedirect
 
-from cyphr._compat import generic_http_channel, handle_star, request_line, set_aborting_call
+from cyphr._compat import handle_star, request_line, set_aborting_call
 from cyphr.config import Config
 from cyphr.connections import ConnectionLimits, address_key, connection_cap, open_file_limit
 from cyphr.errors import (
@@ -772,15 +772,10 @@ def connection_release(request: Any) -> Callable[[], None]:
     return channel.hand_over_connection()
 
 
-def _channel() -> Any:
-    # As Twisted's own factory does, so that HTTP/2 negotiation still works.
-    return generic_http_channel(_Channel())
-
-
 class CyphrSite(server.Site):
     """The one Site of a server process."""
 
-    protocol = staticmethod(_channel)
+    protocol = _Channel
     requestFactory = CyphrRequest
     displayTracebacks = False
 
@@ -827,6 +822,14 @@ class CyphrSite(server.Site):
             else:
                 channel.loseConnection()
         return len(channels)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """HTTP/1.1 only, offered by ALPN on TLS endpoints, whatever Twisted
+        could speak: its HTTP/2 (offered once the ``priority`` package is
+        installed) would take the connection from ``_Channel``, out of the
+        site's connection caps and request deadlines, and the places it took
+        would never be given back."""
+        return [b"http/1.1"]
 
     def log(self, request: Any) -> None:
         # Called once for each request that is answered.
