@@ -239,6 +239,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
+def kernel_cpu_seconds(pid: int) -> float:
+    """System CPU time of a process so far, the share of cpu_seconds spent
+    in the kernel on its behalf (system calls: socket reads and writes)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return int(fields[12]) / CLOCK_TICK
+
+
 def family_cpu_seconds(parent: int) -> float:
     """CPU time of a process and its children (PostgreSQL's backends)."""
     total = cpu_seconds(parent)

@@ -99,6 +99,7 @@ from common import (  # noqa: E402
     cpu_seconds,
     cyphr_servers,
     family_cpu_seconds,
+    kernel_cpu_seconds,
     percentile,
     recover,
     register,
@@ -782,12 +783,14 @@ async def traffic(args: argparse.Namespace) -> None:
             await asyncio.sleep(max(0.0, t0 - time.monotonic()))
             watched = [p for p in where.pids if p]
             cpu0 = [cpu_seconds(p) for p in watched]
+            kernel0 = [kernel_cpu_seconds(p) for p in watched]
             pg0 = family_cpu_seconds(where.postgres_pid) if where.postgres_pid else 0.0
             machine0 = machine_cpu()
             await asyncio.sleep(max(0.0, t0 + args.seconds - time.monotonic()))
             machine1 = machine_cpu()
             window = time.monotonic() - t0
             cpu1 = [cpu_seconds(p) for p in watched]
+            kernel1 = [kernel_cpu_seconds(p) for p in watched]
             pg1 = family_cpu_seconds(where.postgres_pid) if where.postgres_pid else 0.0
             rss = [rss_bytes(p) for p in watched]
             results = [r[1] for r in await workers.gather(args.seconds + args.drain + 120)]
@@ -859,7 +862,8 @@ async def traffic(args: argparse.Namespace) -> None:
         print(f"server RSS MiB: {', '.join(f'{b / 2**20:.0f}' for b in rss)}")
     if total["sent"]:
         print(f"server CPU per message: "
-              f"{sum(b - a for a, b in zip(cpu0, cpu1)) / total['sent'] * 1e6:.0f} µs"
+              f"{sum(b - a for a, b in zip(cpu0, cpu1)) / total['sent'] * 1e6:.0f} µs "
+              f"(in the kernel {sum(b - a for a, b in zip(kernel0, kernel1)) / total['sent'] * 1e6:.0f})"
               + (f"; PostgreSQL {(pg1 - pg0) / total['sent'] * 1e6:.0f} µs"
                  if where.postgres_pid else ""))
     print(batch_sizes(batches0, batches1))
