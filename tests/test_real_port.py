@@ -12,8 +12,8 @@ from typing import Any
 
 import requests
 from twisted.internet.threads import deferToThread
-from twisted.web import http as twisted_http
 from twisted.trial.unittest import TestCase
+from twisted.web import http as twisted_http
 
 from cyphr.client.realtime import _OneAtATimeTLS
 from cyphr.signing import LOGIN, REGISTER

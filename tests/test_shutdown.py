@@ -217,14 +217,12 @@ class PostgresShutdownTests(PostgresMixin, ShutdownMixin, TestCase):
     pass
 
 
-
-
 def _answer(sock: socket.socket) -> bytes:
     """One whole answer (its Content-Length, or chunks to the last)."""
     data = b""
     while True:
-        head, _, body = data.partition(b"\r\n\r\n")
-        if _:
+        head, ended, body = data.partition(b"\r\n\r\n")
+        if ended:
             lengths = [line.split(b":", 1)[1] for line in head.lower().split(b"\r\n")
                        if line.startswith(b"content-length:")]
             if lengths and len(body) >= int(lengths[0]) or body.endswith(b"0\r\n\r\n"):
