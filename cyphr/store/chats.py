@@ -220,9 +220,8 @@ class ChatStore:
         (the first one only), moves the member's delivered mark (when the
         message is the next one, or nothing the member is to receive lies
         between) and the device's (device_delivered); the member's own
-        message, sent
-        from another of its devices, moves that device's mark only (a
-        sender is not told of reaching itself).
+        message, sent from another of its devices, moves that device's mark
+        only (a sender is not told of reaching itself).
 
         Raises only for the whole batch (the caller decides what to
         retry). On PostgreSQL one statement (schema 021, whose steps are
@@ -234,22 +233,19 @@ class ChatStore:
             return []
         order = sorted(range(len(deliveries)),
                        key=lambda i: (deliveries[i].chat_id or "", deliveries[i].cyphr_id))
+        ordered = [deliveries[i] for i in order]
         answers: list[Delivered | None] = [None] * len(deliveries)
         if self._db.engine != "postgresql":
-            recorded = await self._db.run_interaction("record_deliveries", _deliveries_txn,
-                                                      [deliveries[i] for i in order])
+            recorded = await self._db.run_interaction("record_deliveries", _deliveries_txn, ordered)
             for i, answer in zip(order, recorded):
                 answers[i] = answer
             return answers
         rows = await self._db.run_query(
             "SELECT n, message_id, chat_id, sender_id, first_receipt FROM record_deliveries("
             "?::uuid[], ?::uuid[], ?::text[], ?::uuid[], ?::integer[], ?::bigint[])",
-            (pg_array([deliveries[i].message_id for i in order]),
-             pg_array([deliveries[i].chat_id for i in order]),
-             pg_array([deliveries[i].cyphr_id for i in order]),
-             pg_array([deliveries[i].device[0] for i in order]),
-             pg_array([deliveries[i].device[1] for i in order]),
-             pg_array([deliveries[i].at for i in order])))
+            (pg_array([d.message_id for d in ordered]), pg_array([d.chat_id for d in ordered]),
+             pg_array([d.cyphr_id for d in ordered]), pg_array([d.device[0] for d in ordered]),
+             pg_array([d.device[1] for d in ordered]), pg_array([d.at for d in ordered])))
         for n, message_id, chat_id, sender_id, first in rows:
             answers[order[n - 1]] = Delivered(str(message_id), str(chat_id), sender_id, first)
         return answers
