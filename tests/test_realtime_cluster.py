@@ -428,6 +428,11 @@ class RestartTests(ClusterMixin, TestCase):
         fanout = b_node.server.realtime.fanout
         heard: list[dict[str, Any]] = []
         self.patch(fanout, "bus_event", heard.append)  # deaf, as while reconnecting
+        # What node B began before it went deaf (a recheck of its feed,
+        # answering a WatchNoted, or a fill) reads the database, and would
+        # find there the messages sent next if it ran late (a loaded
+        # machine): let it end first.
+        await b_node.server.realtime.tasks_done()
         for n in range(1, 4):
             acked.append(await a.call("send_message", {"chatId": acked[0]["chatId"],
                                                        "encryptedPayload": {"n": n}}))
