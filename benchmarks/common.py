@@ -229,37 +229,37 @@ async def cyphr_servers(processes: int, pool: int, extra: list[str],
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(path: str) -> list[str] | None:
+    """The fields of a /proc/PID/stat after the command name (which may
+    hold spaces), or None once the process is gone."""
+    try:
+        with open(path) as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """A process's CPU time so far: user plus system, and system alone (the
+    kernel's share on its behalf: system calls, socket reads and writes);
+    (0, 0) once it is gone."""
+    fields = _stat_fields(f"/proc/{pid}/stat")
+    if fields is None:
+        return 0.0, 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK, int(fields[12]) / CLOCK_TICK
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
-
-
-def kernel_cpu_seconds(pid: int) -> float:
-    """System CPU time of a process so far, the share of cpu_seconds spent
-    in the kernel on its behalf (system calls: socket reads and writes)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return int(fields[12]) / CLOCK_TICK
+    return cpu_times(pid)[0]
 
 
 def family_cpu_seconds(parent: int) -> float:
     """CPU time of a process and its children (PostgreSQL's backends)."""
     total = cpu_seconds(parent)
     for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent:
+        fields = _stat_fields(stat)
+        if fields is not None and int(fields[1]) == parent:
             total += (int(fields[11]) + int(fields[12])) / CLOCK_TICK
     return total
 

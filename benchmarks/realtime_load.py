@@ -97,9 +97,9 @@ from common import (  # noqa: E402
     Connection,
     User,
     cpu_seconds,
+    cpu_times,
     cyphr_servers,
     family_cpu_seconds,
-    kernel_cpu_seconds,
     percentile,
     recover,
     register,
@@ -782,15 +782,16 @@ async def traffic(args: argparse.Namespace) -> None:
             workers.tell(("go", t0))
             await asyncio.sleep(max(0.0, t0 - time.monotonic()))
             watched = [p for p in where.pids if p]
-            cpu0 = [cpu_seconds(p) for p in watched]
-            kernel0 = [kernel_cpu_seconds(p) for p in watched]
+            times0 = [cpu_times(p) for p in watched]
             pg0 = family_cpu_seconds(where.postgres_pid) if where.postgres_pid else 0.0
             machine0 = machine_cpu()
             await asyncio.sleep(max(0.0, t0 + args.seconds - time.monotonic()))
             machine1 = machine_cpu()
             window = time.monotonic() - t0
-            cpu1 = [cpu_seconds(p) for p in watched]
-            kernel1 = [kernel_cpu_seconds(p) for p in watched]
+            times1 = [cpu_times(p) for p in watched]
+            # Each server's CPU over the window, and the kernel's share of it.
+            spent = [b[0] - a[0] for a, b in zip(times0, times1)]
+            in_kernel = sum(b[1] - a[1] for a, b in zip(times0, times1))
             pg1 = family_cpu_seconds(where.postgres_pid) if where.postgres_pid else 0.0
             rss = [rss_bytes(p) for p in watched]
             results = [r[1] for r in await workers.gather(args.seconds + args.drain + 120)]
@@ -839,7 +840,7 @@ async def traffic(args: argparse.Namespace) -> None:
     if fan > 1:
         print(ms(complete, "to the last socket"))
     print(ms([x for r in results for x in r["lag_ms"]], "send lag ms"))
-    cpu = [f"{(b - a) / window * 100:.0f}%" for a, b in zip(cpu0, cpu1)]
+    cpu = [f"{seconds / window * 100:.0f}%" for seconds in spent]
     print(f"CPU over the window (100% = one core): servers {', '.join(cpu) or 'unknown'}"
           + (f"; PostgreSQL {(pg1 - pg0) / window * 100:.0f}%" if where.postgres_pid else "")
           + f"; load generator {sum(r['cpu'] for r in results) / window * 100:.0f}%")
@@ -853,7 +854,7 @@ async def traffic(args: argparse.Namespace) -> None:
                  f"{change.get('chats updated', 0) / stored:.2f} chat row updates and "
                  f"{change.get('wal bytes', 0) / stored:.0f} bytes of WAL per message"
                  if stored else f"; {change['transactions']} transactions"))
-    ours = sum(b - a for a, b in zip(cpu0, cpu1)) + pg1 - pg0 + sum(r["cpu"] for r in results)
+    ours = sum(spent) + pg1 - pg0 + sum(r["cpu"] for r in results)
     busy = machine1[0] - machine0[0]
     print(f"machine: {busy / window * 100:.0f}% busy of {os.cpu_count()} cores x 100%, of which "
           f"others (not the processes above) {max(0.0, busy - ours) / window * 100:.0f}%; "
@@ -862,8 +863,8 @@ async def traffic(args: argparse.Namespace) -> None:
         print(f"server RSS MiB: {', '.join(f'{b / 2**20:.0f}' for b in rss)}")
     if total["sent"]:
         print(f"server CPU per message: "
-              f"{sum(b - a for a, b in zip(cpu0, cpu1)) / total['sent'] * 1e6:.0f} µs "
-              f"(in the kernel {sum(b - a for a, b in zip(kernel0, kernel1)) / total['sent'] * 1e6:.0f})"
+              f"{sum(spent) / total['sent'] * 1e6:.0f} µs "
+              f"(in the kernel {in_kernel / total['sent'] * 1e6:.0f})"
               + (f"; PostgreSQL {(pg1 - pg0) / total['sent'] * 1e6:.0f} µs"
                  if where.postgres_pid else ""))
     print(batch_sizes(batches0, batches1))
